@@ -1,0 +1,239 @@
+"""Memory: the mapping table of a task and the segments that hold its content.
+
+Which pages are stored:
+* anonymous private memory (heap, stacks, anon mmaps): pages present or
+  swapped, but not the shared zero page; pages never touched are file holes;
+* private file mappings: only the pages the task copied-on-write (not the
+  file's own pages, which the restorer maps from the file again);
+* shared anonymous memory (MAP_SHARED anon, SysV shm, memfd): its pages, read
+  from the shmem object through /proc/PID/map_files when we may (root), else
+  the pages present in this task;
+* the [vdso] image (gdb unwinds through it); never [vvar]/[vvar_vclock].
+
+Page selection uses the PAGEMAP_SCAN ioctl (Linux 6.7+: ranges, not one entry
+per page), falling back to reading /proc/PID/pagemap.  Restored by
+restorer/restore_memory.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+from dataclasses import dataclass, field
+
+from . import procfs
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+
+
+class pm_scan_arg(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class page_region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("categories", ctypes.c_uint64)]
+
+
+assert ctypes.sizeof(pm_scan_arg) == 96
+PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(pm_scan_arg) << 16) | (ord("f") << 8) | 16
+
+# How many copied-on-write runs a file mapping may have before we store it whole.
+MAX_COW_SEGMENTS = 64
+
+
+def mapping_kind(m: dict) -> str:
+    path, shared = m["path"], m["perms"][3] == "s"
+    if path == "[heap]":
+        return "heap"
+    if path == "[stack]":
+        return "stack"
+    if path == "[vdso]":
+        return "vdso"
+    if path in ("[vvar]", "[vvar_vclock]"):
+        return "vvar"
+    if path == "[vsyscall]":
+        return "vsyscall"
+    if path.startswith("/SYSV") and path.endswith(" (deleted)"):
+        return "sysv-shm"
+    if path.startswith("/memfd:"):
+        return "memfd"
+    if path.startswith("/dev/zero") and shared or path.startswith("[anon_shmem:"):
+        return "anon-shared"
+    if not path or path.startswith("[anon:"):
+        return "anon-shared" if shared else "anon-private"
+    if path.startswith("["):
+        return "special"
+    return "file-shared" if shared else "file-private"
+
+
+@dataclass
+class SegmentPlan:
+    """One program header: where its content comes from and which runs are stored."""
+    pid: int
+    vaddr: int
+    memsz: int
+    flags: str            # rwxp
+    store: bool           # False: p_filesz = 0 (content lives in a file, or none)
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (offset in segment, length)
+    src: str = "mem"      # "mem": /proc/PID/mem at vaddr; "file": src_path at src_offset
+    src_path: str = ""
+    src_offset: int = 0
+    mapping: int = -1     # index in the task's mapping table
+    blob: str = ""        # for PT_CRELF_BLOB segments: what it is
+
+
+class PageScanner:
+    def __init__(self, pid: int):
+        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        self.have_scan = True
+        self.vec = (page_region * 1024)()
+
+    def close(self):
+        os.close(self.fd)
+
+    def runs(self, start: int, end: int, want_anon_only: bool) -> list[tuple[int, int]]:
+        """Absolute [start, end) runs of stored-worthy pages."""
+        if self.have_scan:
+            try:
+                return self._scan(start, end, want_anon_only)
+            except OSError as e:
+                if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self.have_scan = False
+        return self._pagemap(start, end, want_anon_only)
+
+    def _scan(self, start, end, anon_only):
+        out: list[tuple[int, int]] = []
+        inverted = PAGE_IS_PFNZERO | (PAGE_IS_FILE if anon_only else 0)
+        while start < end:
+            a = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), start=start, end=end,
+                            vec=ctypes.addressof(self.vec), vec_len=len(self.vec),
+                            category_inverted=inverted, category_mask=inverted,
+                            category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                            return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+            n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, a)
+            for i in range(n):
+                r = self.vec[i]
+                if out and out[-1][1] == r.start:
+                    out[-1] = (out[-1][0], r.end)
+                else:
+                    out.append((r.start, r.end))
+            if a.walk_end <= start:
+                break
+            start = a.walk_end
+        return out
+
+    def _pagemap(self, start, end, anon_only):
+        out: list[tuple[int, int]] = []
+        chunk = 1 << 16  # pages per read
+        for base in range(start, end, chunk * PAGE):
+            npages = min(chunk, (end - base) // PAGE)
+            data = os.pread(self.fd, npages * 8, (base // PAGE) * 8)
+            for i, (e,) in enumerate(struct.iter_unpack("<Q", data)):
+                present = e >> 63 & 1
+                swapped = e >> 62 & 1
+                filepage = e >> 61 & 1
+                if not (present or swapped) or (anon_only and filepage and not swapped):
+                    continue
+                a = base + i * PAGE
+                if out and out[-1][1] == a:
+                    out[-1] = (out[-1][0], a + PAGE)
+                else:
+                    out.append((a, a + PAGE))
+        return out
+
+
+def _shmem_runs(pid: int, m: dict) -> tuple[str, list[tuple[int, int]]] | None:
+    """Data runs of a shmem-backed mapping from its map_files entry (root only)."""
+    path = f"/proc/{pid}/map_files/{m['start']:x}-{m['end']:x}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = m["end"] - m["start"]
+        lo, hi = m["offset"], m["offset"] + size
+        runs, pos = [], lo
+        while pos < hi:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            if d >= hi:
+                break
+            h = min(os.lseek(fd, d, os.SEEK_HOLE), hi)
+            runs.append((d - lo, h - d))
+            pos = h
+        return path, runs
+    finally:
+        os.close(fd)
+
+
+def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
+    """The mapping table of a task and the segment plans for its memory."""
+    maps = procfs.smaps(pid)
+    scanner = PageScanner(pid)
+    plans: list[SegmentPlan] = []
+    try:
+        for idx, m in enumerate(maps):
+            kind = mapping_kind(m)
+            m["kind"] = kind
+            m["deleted"] = m["path"].endswith(" (deleted)")
+            m["segments"] = []
+            size = m["end"] - m["start"]
+
+            def plan(vaddr, memsz, store, runs, **kw):
+                p = SegmentPlan(pid, vaddr, memsz, m["perms"], store, runs, mapping=idx, **kw)
+                m["segments"].append(len(plans))
+                plans.append(p)
+
+            if kind in ("vvar", "vsyscall", "special") or "io" in m["vmflags"] \
+                    or "pf" in m["vmflags"]:
+                plan(m["start"], size, False, [])
+            elif kind == "vdso":
+                plan(m["start"], size, True, [(0, size)])
+            elif kind in ("anon-shared", "sysv-shm", "memfd") or (
+                    kind == "file-shared" and m["deleted"]):
+                shm = _shmem_runs(pid, m)
+                if shm is not None:
+                    plan(m["start"], size, True, shm[1], src="file", src_path=shm[0],
+                         src_offset=m["offset"])
+                else:
+                    runs = scanner.runs(m["start"], m["end"], False)
+                    plan(m["start"], size, True, [(a - m["start"], b - a) for a, b in runs])
+            elif kind == "file-shared":
+                plan(m["start"], size, False, [])
+            elif kind == "file-private":
+                cow = scanner.runs(m["start"], m["end"], True)
+                m["cow_runs"] = [[a - m["start"], b - a] for a, b in cow]
+                if m["deleted"]:
+                    # The file is gone: keep every page of the mapping.
+                    plan(m["start"], size, True, [(0, size)])
+                elif len(cow) > MAX_COW_SEGMENTS:
+                    plan(m["start"], size, True, [(0, size)])
+                else:
+                    pos = m["start"]
+                    for a, b in cow:
+                        if a > pos:
+                            plan(pos, a - pos, False, [])
+                        plan(a, b - a, True, [(0, b - a)])
+                        pos = b
+                    if pos < m["end"]:
+                        plan(pos, m["end"] - pos, False, [])
+            else:  # anon-private, heap, stack
+                runs = scanner.runs(m["start"], m["end"], False)
+                plan(m["start"], size, True, [(a - m["start"], b - a) for a, b in runs])
+    finally:
+        scanner.close()
+    return maps, plans

@@ -1,0 +1,153 @@
+"""One task: identity, credentials, limits, fs context, mm fields, threads.
+
+Signals live in dump_signals.py, memory in dump_memory.py, fds in
+dump_files.py; this module gathers the rest and drives the injected syscalls.
+Restored by restorer/restore_task.py.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import struct
+
+from . import dump_signals, procfs
+from . import elfcore as ec
+from . import ptrace as pt
+from .freeze import FrozenTask
+from .inject import Injector, find_syscall_insn
+from .notes import ThreadRegs
+
+RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
+           "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
+ERESTART = {512: "ERESTARTSYS", 513: "ERESTARTNOINTR", 514: "ERESTARTNOHAND",
+            516: "ERESTART_RESTARTBLOCK"}
+
+
+def _creds(status: dict) -> dict:
+    ids = lambda k: [int(x) for x in status[k].split()]  # noqa: E731
+    return {
+        "uid": ids("Uid"), "gid": ids("Gid"), "groups": ids("Groups") if status.get("Groups") else [],
+        "cap_inh": int(status["CapInh"], 16), "cap_prm": int(status["CapPrm"], 16),
+        "cap_eff": int(status["CapEff"], 16), "cap_bnd": int(status["CapBnd"], 16),
+        "cap_amb": int(status.get("CapAmb", "0"), 16),
+        "no_new_privs": int(status.get("NoNewPrivs", "0")),
+        "seccomp": int(status.get("Seccomp", "0")),
+    }
+
+
+def _rlimits(pid: int) -> dict:
+    out = {}
+    for i, name in enumerate(RLIMITS):
+        soft, hard = resource.prlimit(pid, i)
+        out[name] = [soft, hard]
+    return out
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def dump_thread_regs(pid: int, tid: int) -> ThreadRegs:
+    regs = pt.getregset(tid, ec.NT_PRSTATUS, 216)
+    fp = pt.getregset(tid, ec.NT_PRFPREG, ec.FXSAVE_SIZE)
+    try:
+        xs = pt.getregset(tid, ec.NT_X86_XSTATE, 1 << 16)
+    except OSError:
+        xs = b""
+    return ThreadRegs(pid, tid, regs, fp, xs)
+
+
+def _in_syscall(regs: ec.user_regs_struct) -> dict | None:
+    orig = regs.orig_rax
+    if orig >= 2**63:
+        return None
+    rax = regs.rax - 2**64 if regs.rax >= 2**63 else regs.rax
+    return {"nr": orig, "restart": ERESTART.get(-rax, "")}
+
+
+def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
+    pid = ft.pid
+    s = procfs.stat(pid)
+    status = procfs.status(pid)
+    task: dict = {
+        "pid": pid, "tgid": int(status["Tgid"]), "ppid": s["ppid"], "pgid": s["pgid"],
+        "sid": s["sid"], "comm": s["comm"], "state": ft.state_before,
+        "group_stopped": any(t.group_stop for t in ft.threads.values()),
+        "nice": s["nice"], "flags": s["flags"], "exit_signal": s["exit_signal"],
+        "tty_nr": s["tty_nr"],
+        "cmdline": [a.decode(errors="surrogateescape") for a in
+                    procfs.read_bytes(f"/proc/{pid}/cmdline").split(b"\0")[:-1]],
+        "environ_size": len(procfs.read_bytes(f"/proc/{pid}/environ")),
+        "exe": _readlink(f"/proc/{pid}/exe"),
+        "cwd": _readlink(f"/proc/{pid}/cwd"), "root": _readlink(f"/proc/{pid}/root"),
+        "umask": int(status.get("Umask", "0022"), 8),
+        "personality": int(procfs.read(f"/proc/{pid}/personality").strip() or "0", 16),
+        "creds": _creds(status), "rlimits": _rlimits(pid),
+        "auxv": procfs.read_bytes(f"/proc/{pid}/auxv").hex(),
+        "mm": {k: s[k] for k in ("start_code", "end_code", "start_data", "end_data",
+                                  "start_brk", "start_stack", "arg_start", "arg_end",
+                                  "env_start", "env_end")},
+        "namespaces": {ns: _readlink(f"/proc/{pid}/ns/{ns}")
+                       for ns in ("pid", "ipc", "uts", "mnt", "net", "user", "cgroup", "time")},
+        "threads": [],
+    }
+    exe_stat = os.stat(f"/proc/{pid}/exe") if task["exe"] else None
+    if exe_stat:
+        task["exe_id"] = {"dev": exe_stat.st_dev, "ino": exe_stat.st_ino,
+                          "size": exe_stat.st_size, "mtime_ns": exe_stat.st_mtime_ns}
+    # Registers first: injection below changes them (and puts them back).
+    regs = {tid: dump_thread_regs(pid, tid) for tid in ft.threads}
+    maps0 = procfs.smaps(pid)
+    leader = pid if pid in ft.threads else min(ft.threads)
+    memfd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+    try:
+        addr = find_syscall_insn(pid, maps0)
+        with Injector(leader, addr, memfd) as inj:
+            scratch = inj.check("mmap", 0, 4096, 3, 0x22, 2**64 - 1, 0)
+            try:
+                task["mm"]["brk"] = inj.check("brk", 0)
+                task["sigactions"] = dump_signals.dump_sigactions(inj, scratch)
+                task["itimers"] = dump_signals.dump_itimers(inj, scratch)
+                task["signals"] = dump_signals.dump_process_signals(pid, leader)
+                for tid in sorted(ft.threads, key=lambda t: (t != pid, t)):
+                    th = _dump_thread(pid, tid, regs[tid], inj if tid == leader else None,
+                                      addr, memfd, scratch, ft.threads[tid].deferred)
+                    task["threads"].append(th)
+            finally:
+                inj.check("munmap", scratch, 4096)
+            ft.threads[leader].deferred += inj.deferred
+    finally:
+        os.close(memfd)
+    # Signals that arrived during the injections are delivered on thaw.
+    for th in task["threads"]:
+        th["deferred_signals"] = list(ft.threads[th["tid"]].deferred)
+    task["fds"] = file_table.dump_fds(pid)
+    return task, list(regs.values())
+
+
+def _dump_thread(pid, tid, regs: ThreadRegs, inj, addr, memfd, scratch, deferred) -> dict:
+    s = procfs.stat(pid, tid)
+    r = regs.user_regs()
+    th = {"tid": tid, "comm": s["comm"], "state": s["state"],
+          "utime": s["utime"], "stime": s["stime"],
+          "fs_base": r.fs_base, "gs_base": r.gs_base, "syscall": _in_syscall(r)}
+    th.update(dump_signals.dump_thread_signals(pid, tid))
+    head, ln = pt.get_robust_list(tid)
+    th["robust_list"] = {"head": head, "len": ln}
+    th["rseq"] = pt.rseq_configuration(tid)
+
+    def per_thread(i: Injector):
+        i.check("prctl", 40, scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
+        th["clear_child_tid"] = struct.unpack("<Q", i.read(scratch, 8))[0]
+        th["sigaltstack"] = dump_signals.dump_sigaltstack(i, scratch)
+    if inj is not None:
+        per_thread(inj)
+    else:
+        with Injector(tid, addr, memfd) as i:
+            per_thread(i)
+        deferred += i.deferred
+    return th

@@ -1,0 +1,181 @@
+"""Read a statefile: headers and segments through pyelftools, notes decoded by
+the table in notes.py.  Segment data is never loaded whole: callers read runs
+(or map them) from the file by offset.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import zlib
+from dataclasses import dataclass, field
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from . import elfcore as ec
+from . import notes as nt
+from .errors import FormatError
+
+
+@dataclass
+class Note:
+    owner: str
+    n_type: int
+    desc: bytes
+
+
+@dataclass
+class Statefile:
+    path: str
+    header: dict
+    tasks: list[dict]                      # CR_TASK payloads, root first
+    regs: dict[int, nt.ThreadRegs]         # by tid (unique inside one tree)
+    files: list[dict]                      # CR_FILES
+    segments: list[dict]                   # CR_SEGMENTS, indexed by phdr-1
+    notes: list[Note] = field(default_factory=list)
+    integrity: dict = field(default_factory=dict)
+    phdrs: list[dict] = field(default_factory=list)
+
+    @property
+    def root(self) -> dict:
+        return self.tasks[0]
+
+    def task(self, pid: int) -> dict:
+        for t in self.tasks:
+            if t["pid"] == pid:
+                return t
+        raise KeyError(pid)
+
+    def segment(self, phdr: int) -> dict:
+        return self.segments[phdr - 1]
+
+    def open(self):
+        return open(self.path, "rb", buffering=0)
+
+    def read_segment(self, f, seg: dict, rel: int, size: int) -> bytes:
+        """Bytes [rel, rel+size) of a segment's memory image (holes read as zeros)."""
+        end = min(rel + size, seg["filesz"])
+        data = os.pread(f.fileno(), max(0, end - rel), seg["offset"] + rel) if end > rel else b""
+        return data + b"\0" * (size - len(data))
+
+
+def load(path: str) -> Statefile:
+    """Parse a statefile; raise FormatError with one clear line when it is not one."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory") from None
+    except PermissionError:
+        raise FormatError(f"{path}: permission denied") from None
+    with f:
+        ident = f.read(16)
+        if ident[:4] != ec.ELFMAG:
+            raise FormatError(f"{path}: not an ELF file")
+        if not ec.has_crelf_marker(ident):
+            raise FormatError(f"{path}: an ELF file but not a crelf statefile "
+                              "(no CRELF marker; a plain core dump?)")
+        f.seek(0)
+        try:
+            elf = ELFFile(f)
+            if elf.header["e_type"] != "ET_CORE":
+                raise FormatError(f"{path}: not an ELF core file")
+            phdrs, raw_notes = [], []
+            size = os.fstat(f.fileno()).st_size
+            for seg in elf.iter_segments():
+                h = seg.header
+                phdrs.append({"type": h["p_type"], "offset": h["p_offset"],
+                              "vaddr": h["p_vaddr"], "filesz": h["p_filesz"],
+                              "memsz": h["p_memsz"], "flags": h["p_flags"]})
+                if h["p_offset"] + h["p_filesz"] > size:
+                    raise FormatError(f"{path}: truncated (segment at {h['p_offset']:#x} "
+                                      f"ends past the end of the file)")
+                if h["p_type"] == "PT_NOTE":
+                    for n in seg.iter_notes():
+                        raw_notes.append(Note(n["n_name"] or "", _ntype(n["n_type"]),
+                                              bytes(n["n_descdata"])))
+        except FormatError:
+            raise
+        except (ELFError, ValueError, KeyError, OSError, AssertionError) as e:
+            raise FormatError(f"{path}: corrupted statefile ({e})") from None
+        except Exception as e:  # pyelftools' construct raises assorted errors on garbage
+            raise FormatError(f"{path}: corrupted statefile ({type(e).__name__})") from None
+    return _decode(path, raw_notes, phdrs)
+
+
+def _ntype(t) -> int:
+    if isinstance(t, int):
+        return t
+    # pyelftools names the standard ones: map back through our table.
+    names = {"NT_PRSTATUS": ec.NT_PRSTATUS, "NT_FPREGSET": ec.NT_PRFPREG,
+             "NT_PRPSINFO": ec.NT_PRPSINFO, "NT_AUXV": ec.NT_AUXV,
+             "NT_SIGINFO": ec.NT_SIGINFO, "NT_FILE": ec.NT_FILE,
+             "NT_X86_XSTATE": ec.NT_X86_XSTATE}
+    return names.get(t, -1)
+
+
+def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
+    header, tasks, regs, files, segments, integrity = None, [], {}, [], [], {}
+    try:
+        for n in raw:
+            if n.owner != "CRELF":
+                continue
+            if n.n_type == nt.CR_HEADER:
+                header = nt.decode_json(n.desc)
+            elif n.n_type == nt.CR_TASK:
+                tasks.append(nt.decode_json(n.desc))
+            elif n.n_type == nt.CR_THREAD_REGS:
+                r = nt.decode_regs(n.desc)
+                regs[r.tid] = r
+            elif n.n_type == nt.CR_FILES:
+                files = nt.decode_json(n.desc)["files"]
+            elif n.n_type == nt.CR_SEGMENTS:
+                segments = nt.decode_json(n.desc)["segments"]
+            elif n.n_type == nt.CR_INTEGRITY:
+                integrity = nt.decode_json(n.desc)
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: corrupted crelf note ({e})") from None
+    if header is None:
+        raise FormatError(f"{path}: no CR_HEADER note (truncated or not a crelf statefile)")
+    if header.get("format") != 1:
+        raise FormatError(f"{path}: statefile format {header.get('format')} is not supported "
+                          "by this crelf")
+    if not tasks or not integrity:
+        raise FormatError(f"{path}: incomplete statefile (missing task or integrity notes)")
+    return Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
+
+
+def verify(sf: Statefile) -> list[str]:
+    """Check every note and segment checksum; return the list of problems."""
+    problems = []
+    listed = sf.integrity.get("notes", [])
+    notes = [n for n in sf.notes if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
+    if len(listed) != len(notes):
+        problems.append(f"integrity note lists {len(listed)} notes, file has {len(notes)}")
+    for i, (n, (owner, ntype, crc)) in enumerate(zip(notes, listed)):
+        if n.owner != owner or n.n_type != ntype or zlib.crc32(n.desc) != crc:
+            problems.append(f"note {i} ({owner} {ntype:#x}) checksum mismatch")
+    with sf.open() as f:
+        for seg in sf.segments:
+            if not seg["filesz"]:
+                continue
+            crc = 0
+            for off, ln in seg["runs"]:
+                pos = 0
+                while pos < ln:
+                    n = min(1 << 20, ln - pos)
+                    data = os.pread(f.fileno(), n, seg["offset"] + off + pos)
+                    if len(data) != n:
+                        problems.append(f"segment {seg['phdr']} truncated")
+                        break
+                    crc = zlib.crc32(data, crc)
+                    pos += n
+            if crc != seg.get("crc32"):
+                problems.append(f"segment {seg['phdr']} (pid {seg['pid']} at "
+                                f"{seg['vaddr']:#x}) checksum mismatch")
+    return problems
+
+
+__all__ = ["Statefile", "load", "verify", "FormatError", "errno"]

@@ -1,0 +1,238 @@
+"""Streaming statefile writer.
+
+Layout of a statefile (docs/FORMAT.md has the details):
+
+    ELF header | program headers | pad to page | segment data (page aligned,
+    sparse) | PT_NOTE data (standard notes of the root task, then CRELF notes)
+
+Memory is copied from /proc/PID/mem (or a shmem/deleted file) into a few reused
+1 MiB buffers by a reader thread that also computes the CRC32 of each segment,
+and written with pwrite by the caller's thread; no page ever becomes a Python
+object.  The file is created as a hidden temporary (mode 0600) beside the final
+name and renamed only once complete; any failure unlinks it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+import time
+import zlib
+
+from . import elfcore as ec
+from . import notes as nt
+from .dump_memory import PAGE, SegmentPlan
+from .errors import OutputError
+
+CHUNK = 1 << 20
+NBUFS = 4
+
+
+def _align(x: int, a: int = PAGE) -> int:
+    return (x + a - 1) // a * a
+
+
+def _pflags(perms: str) -> int:
+    return ((ec.PF_R if perms[0] == "r" else 0) | (ec.PF_W if perms[1] == "w" else 0)
+            | (ec.PF_X if perms[2] == "x" else 0))
+
+
+class _Copier:
+    """Reader thread + writer loop with CRC32 per segment."""
+
+    def __init__(self, out_fd: int, progress=None):
+        self.out = out_fd
+        self.progress = progress
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(NBUFS):
+            self.free.put(bytearray(CHUNK))
+        self.full: queue.Queue = queue.Queue(maxsize=NBUFS)
+        self.error: BaseException | None = None
+        self.crcs: dict[int, int] = {}
+        self.written = 0
+
+    def _reader(self, jobs):
+        try:
+            for seg_idx, src_fd, items in jobs:
+                crc = 0
+                for src_off, out_off, length in items:
+                    done = 0
+                    while done < length:
+                        buf = self.free.get()
+                        if buf is None:
+                            return
+                        n = min(CHUNK, length - done)
+                        mv = memoryview(buf)[:n]
+                        got = os.preadv(src_fd, [mv], src_off + done)
+                        if got != n:
+                            raise OSError(errno.EIO, f"short read at {src_off + done:#x}")
+                        crc = zlib.crc32(mv, crc)
+                        self.full.put((buf, n, out_off + done))
+                        done += n
+                self.crcs[seg_idx] = crc
+        except BaseException as e:  # handed to the writer loop
+            self.error = e
+        finally:
+            self.full.put(None)
+
+    def run(self, jobs) -> None:
+        t = threading.Thread(target=self._reader, args=(jobs,), daemon=True)
+        t.start()
+        try:
+            while True:
+                item = self.full.get()
+                if item is None:
+                    break
+                buf, n, off = item
+                mv = memoryview(buf)[:n]
+                w = 0
+                while w < n:
+                    w += os.pwrite(self.out, mv[w:], off + w)
+                self.written += n
+                if self.progress:
+                    self.progress(n)
+                self.free.put(buf)
+        finally:
+            # Unblock the reader if we stop early.
+            for _ in range(NBUFS + 1):
+                self.free.put(None)
+            t.join()
+        if self.error:
+            raise self.error
+
+
+class StatefileWriter:
+    def __init__(self, path: str, fsync: bool = False):
+        self.path = os.path.abspath(path)
+        self.fsync = fsync
+        d = os.path.dirname(self.path)
+        if not os.path.isdir(d):
+            raise OutputError(f"output directory {d} does not exist")
+        if os.path.isdir(self.path):
+            raise OutputError(f"output path {self.path} is a directory")
+        self.tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{os.getpid()}")
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise OutputError(f"cannot create statefile in {d}: {e.strerror}") from None
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def write(self, *, header: dict, tasks: list[dict], regs: list[nt.ThreadRegs],
+              files: list[dict], segments: list[SegmentPlan], progress=None) -> dict:
+        """Write everything; return statistics.  The caller calls abort() on failure."""
+        root = tasks[0]
+        nph = 1 + len(segments)
+        phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
+        cur = _align(ec.headers_size(nph))
+        jobs, seg_desc, mem_fds = [], [], {}
+        stored = 0
+        for i, p in enumerate(segments, start=1):
+            ph = phdrs[i]
+            ph.p_type = (ec.PT_CRELF_BLOB if p.blob else
+                         ec.PT_LOAD if p.pid == root["pid"] else ec.PT_CRELF_TASKMEM)
+            ph.p_flags = _pflags(p.flags)
+            ph.p_vaddr = p.vaddr
+            ph.p_memsz = p.memsz
+            ph.p_align = PAGE
+            filesz = max((o + n for o, n in p.runs), default=0) if p.store else 0
+            ph.p_offset = cur
+            ph.p_filesz = filesz
+            desc = {"phdr": i, "pid": p.pid, "vaddr": p.vaddr, "memsz": p.memsz,
+                    "offset": cur, "filesz": filesz, "mapping": p.mapping,
+                    "runs": [[o, n] for o, n in p.runs] if p.store else []}
+            if p.blob:
+                desc["blob"] = p.blob
+            seg_desc.append(desc)
+            if filesz:
+                if p.src == "mem":
+                    if p.pid not in mem_fds:
+                        mem_fds[p.pid] = os.open(f"/proc/{p.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+                    src_fd, base = mem_fds[p.pid], p.vaddr
+                else:
+                    src_fd = os.open(p.src_path, os.O_RDONLY | os.O_CLOEXEC)
+                    mem_fds[("f", i)] = src_fd
+                    base = p.src_offset
+                jobs.append((i, src_fd, [(base + o, cur + o, n) for o, n in p.runs]))
+                stored += sum(n for _, n in p.runs)
+                cur = _align(cur + filesz)
+        t0 = time.monotonic()
+        try:
+            copier = _Copier(self.fd, progress)
+            try:
+                os.ftruncate(self.fd, cur)
+                copier.run(jobs)
+            except OSError as e:
+                raise OutputError(_write_error(e, self.path)) from None
+        finally:
+            for fd in mem_fds.values():
+                os.close(fd)
+        copy_seconds = time.monotonic() - t0
+        for d in seg_desc:
+            if d["filesz"]:
+                d["crc32"] = copier.crcs[d["phdr"]]
+
+        # Notes: the gdb baseline for the root task, then ours.
+        regs_by_tid = {r.tid: r for r in regs}
+        root_regs = {t["tid"]: regs_by_tid[t["tid"]] for t in root["threads"]}
+        note_list = nt.standard_notes(root, root_regs, PAGE)
+        crelf = [(nt.OWNER_CRELF, nt.CR_HEADER, nt.encode_json(header))]
+        crelf += [(nt.OWNER_CRELF, nt.CR_TASK, nt.encode_json(t)) for t in tasks]
+        crelf += [(nt.OWNER_CRELF, nt.CR_THREAD_REGS, nt.encode_regs(r)) for r in regs]
+        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json({"files": files})))
+        crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json({"segments": seg_desc})))
+        note_list += crelf
+        integrity = {"notes": [[o.decode(), t, zlib.crc32(d)] for o, t, d in note_list]}
+        note_list.append((nt.OWNER_CRELF, nt.CR_INTEGRITY, nt.encode_json(integrity)))
+        blob = b"".join(ec.pack_note(o, t, d) for o, t, d in note_list)
+        note_off = _align(cur, 8)
+        ph = phdrs[0]
+        ph.p_type = ec.PT_NOTE
+        ph.p_offset = note_off
+        ph.p_filesz = len(blob)
+        ph.p_align = 4
+        try:
+            _pwrite_all(self.fd, blob, note_off)
+            _pwrite_all(self.fd, ec.build_headers(phdrs), 0)
+            if self.fsync:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.tmp, self.path)
+            if self.fsync:
+                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as e:
+            raise OutputError(_write_error(e, self.path)) from None
+        return {"bytes_stored": stored, "file_size": note_off + len(blob),
+                "segments": len(segments), "notes": len(note_list),
+                "copy_seconds": copy_seconds}
+
+
+def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, off)
+        mv, off = mv[n:], off + n
+
+
+def _write_error(e: OSError, path: str) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device for {path}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing {path}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system: cannot write {path}"
+    return f"writing {path} failed: {e.strerror or e}"
