@@ -132,7 +132,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
 def _dump_thread(pid, tid, regs: ThreadRegs, inj, addr, memfd, scratch, deferred) -> dict:
     s = procfs.stat(pid, tid)
     r = regs.user_regs()
-    th = {"tid": tid, "comm": s["comm"], "state": s["state"],
+    th = {"tid": tid, "comm": s["comm"],
           "utime": s["utime"], "stime": s["stime"],
           "fs_base": r.fs_base, "gs_base": r.gs_base, "syscall": _in_syscall(r)}
     th.update(dump_signals.dump_thread_signals(pid, tid))

@@ -181,8 +181,10 @@ def rseq_configuration(tid: int) -> dict | None:
         if e.errno in (errno.EIO, errno.EINVAL):
             return None
         raise
-    ptr, ln, flags, sig = struct.unpack_from("<QQII", buf.raw[:max(n, 24)].ljust(24, b"\0"))
-    return {"ptr": ptr, "len": ln & 0xFFFFFFFF, "sig": sig, "flags": flags}
+    # struct ptrace_rseq_configuration { u64 rseq_abi_pointer; u32 rseq_abi_size;
+    #                                     u32 signature; u32 flags; u32 pad; }
+    ptr, ln, sig, flags = struct.unpack_from("<QIII", buf.raw)
+    return {"ptr": ptr, "len": ln, "sig": sig, "flags": flags}
 
 
 def get_robust_list(tid: int) -> tuple[int, int]:
