@@ -121,6 +121,14 @@ class iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def process_vm_readv(pid: int, local: "iovec", remote: "iovec") -> int:
+    """One-iovec process_vm_readv; returns bytes read or -1 (errno left set)."""
+    return _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+
+
 def getregset(tid: int, note_type: int, size: int = 65536) -> bytes:
     buf = ctypes.create_string_buffer(size)
     iov = iovec(ctypes.addressof(buf), size)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import zlib
 from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError
@@ -15,6 +14,7 @@ from elftools.elf.elffile import ELFFile
 
 from . import elfcore as ec
 from . import notes as nt
+from .checksum import crc32
 from .errors import FormatError
 
 
@@ -155,7 +155,7 @@ def verify(sf: Statefile) -> list[str]:
     if len(listed) != len(notes):
         problems.append(f"integrity note lists {len(listed)} notes, file has {len(notes)}")
     for i, (n, (owner, ntype, crc)) in enumerate(zip(notes, listed)):
-        if n.owner != owner or n.n_type != ntype or zlib.crc32(n.desc) != crc:
+        if n.owner != owner or n.n_type != ntype or crc32(n.desc) != crc:
             problems.append(f"note {i} ({owner} {ntype:#x}) checksum mismatch")
     with sf.open() as f:
         for seg in sf.segments:
@@ -170,7 +170,7 @@ def verify(sf: Statefile) -> list[str]:
                     if len(data) != n:
                         problems.append(f"segment {seg['phdr']} truncated")
                         break
-                    crc = zlib.crc32(data, crc)
+                    crc = crc32(data, crc)
                     pos += n
             if crc != seg.get("crc32"):
                 problems.append(f"segment {seg['phdr']} (pid {seg['pid']} at "

@@ -5,29 +5,31 @@ Layout of a statefile (docs/FORMAT.md has the details):
     ELF header | program headers | pad to page | segment data (page aligned,
     sparse) | PT_NOTE data (standard notes of the root task, then CRELF notes)
 
-Memory is copied from /proc/PID/mem (or a shmem/deleted file) into a few reused
-1 MiB buffers by a reader thread that also computes the CRC32 of each segment,
-and written with pwrite by the caller's thread; no page ever becomes a Python
+Memory is copied with process_vm_readv (or from a shmem/deleted file) into a
+few reused 1 MiB buffers by a reader thread, checksummed (CRC32 per segment) by
+a second thread and written with pwrite by the caller's thread; no page ever becomes a Python
 object.  The file is created as a hidden temporary (mode 0600) beside the final
 name and renamed only once complete; any failure unlinks it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
 import threading
 import time
-import zlib
 
 from . import elfcore as ec
+from . import ptrace
 from . import notes as nt
 from .dump_memory import PAGE, SegmentPlan
 from .errors import OutputError
+from .checksum import crc32
 
 CHUNK = 1 << 20
-NBUFS = 4
+NBUFS = 6
 
 
 def _align(x: int, a: int = PAGE) -> int:
@@ -40,7 +42,11 @@ def _pflags(perms: str) -> int:
 
 
 class _Copier:
-    """Reader thread + writer loop with CRC32 per segment."""
+    """Three-stage pipeline: read (process_vm_readv or pread), CRC32, pwrite.
+
+    Each stage runs in its own thread and releases the GIL in its system call
+    or in zlib, so reading, checksumming and writing overlap on two cores.
+    """
 
     def __init__(self, out_fd: int, progress=None):
         self.out = out_fd
@@ -48,15 +54,15 @@ class _Copier:
         self.free: queue.Queue = queue.Queue()
         for _ in range(NBUFS):
             self.free.put(bytearray(CHUNK))
-        self.full: queue.Queue = queue.Queue(maxsize=NBUFS)
+        self.to_crc: queue.Queue = queue.Queue()
+        self.to_write: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.crcs: dict[int, int] = {}
         self.written = 0
 
     def _reader(self, jobs):
         try:
-            for seg_idx, src_fd, items in jobs:
-                crc = 0
+            for seg_idx, src, items in jobs:
                 for src_off, out_off, length in items:
                     done = 0
                     while done < length:
@@ -64,25 +70,38 @@ class _Copier:
                         if buf is None:
                             return
                         n = min(CHUNK, length - done)
-                        mv = memoryview(buf)[:n]
-                        got = os.preadv(src_fd, [mv], src_off + done)
-                        if got != n:
-                            raise OSError(errno.EIO, f"short read at {src_off + done:#x}")
-                        crc = zlib.crc32(mv, crc)
-                        self.full.put((buf, n, out_off + done))
+                        src.read_into(buf, n, src_off + done)
+                        self.to_crc.put((seg_idx, buf, n, out_off + done))
                         done += n
-                self.crcs[seg_idx] = crc
+                self.to_crc.put((seg_idx, None, 0, 0))  # end of segment
         except BaseException as e:  # handed to the writer loop
             self.error = e
         finally:
-            self.full.put(None)
+            self.to_crc.put(None)
+
+    def _crc(self):
+        crc = 0
+        while True:
+            item = self.to_crc.get()
+            if item is None:
+                self.to_write.put(None)
+                return
+            seg_idx, buf, n, off = item
+            if buf is None:
+                self.crcs[seg_idx] = crc
+                crc = 0
+                continue
+            crc = crc32(memoryview(buf)[:n], crc)
+            self.to_write.put((buf, n, off))
 
     def run(self, jobs) -> None:
-        t = threading.Thread(target=self._reader, args=(jobs,), daemon=True)
-        t.start()
+        threads = [threading.Thread(target=self._reader, args=(jobs,), daemon=True),
+                   threading.Thread(target=self._crc, daemon=True)]
+        for t in threads:
+            t.start()
         try:
             while True:
-                item = self.full.get()
+                item = self.to_write.get()
                 if item is None:
                     break
                 buf, n, off = item
@@ -95,12 +114,55 @@ class _Copier:
                     self.progress(n)
                 self.free.put(buf)
         finally:
-            # Unblock the reader if we stop early.
+            # Unblock the reader if we stop early, and drain the pipeline.
             for _ in range(NBUFS + 1):
                 self.free.put(None)
-            t.join()
+            threads[0].join()
+            while threads[1].is_alive():
+                try:
+                    self.to_write.get(timeout=0.05)
+                except queue.Empty:
+                    pass
         if self.error:
             raise self.error
+
+
+class _MemSource:
+    """A task's memory: process_vm_readv (fastest), /proc/PID/mem for the rest
+    (pages process_vm_readv refuses, such as PROT_NONE ones, FOLL_FORCE reads)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.local = ptrace.iovec()
+        self.remote = ptrace.iovec()
+
+    def read_into(self, buf: bytearray, n: int, addr: int) -> None:
+        cbuf = (ctypes.c_char * n).from_buffer(buf)
+        self.local.iov_base, self.local.iov_len = ctypes.addressof(cbuf), n
+        self.remote.iov_base, self.remote.iov_len = addr, n
+        got = ptrace.process_vm_readv(self.pid, self.local, self.remote)
+        del cbuf
+        if got != n:
+            got = os.preadv(self.fd, [memoryview(buf)[:n]], addr)
+            if got != n:
+                raise OSError(errno.EIO, f"pid {self.pid}: cannot read memory at {addr:#x}")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _FileSource:
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read_into(self, buf: bytearray, n: int, off: int) -> None:
+        got = os.preadv(self.fd, [memoryview(buf)[:n]], off)
+        if got != n:
+            raise OSError(errno.EIO, f"short read from a file source at {off:#x}")
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class StatefileWriter:
@@ -134,7 +196,7 @@ class StatefileWriter:
         nph = 1 + len(segments)
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
         cur = _align(ec.headers_size(nph))
-        jobs, seg_desc, mem_fds = [], [], {}
+        jobs, seg_desc, sources = [], [], {}
         stored = 0
         for i, p in enumerate(segments, start=1):
             ph = phdrs[i]
@@ -155,14 +217,13 @@ class StatefileWriter:
             seg_desc.append(desc)
             if filesz:
                 if p.src == "mem":
-                    if p.pid not in mem_fds:
-                        mem_fds[p.pid] = os.open(f"/proc/{p.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-                    src_fd, base = mem_fds[p.pid], p.vaddr
+                    if p.pid not in sources:
+                        sources[p.pid] = _MemSource(p.pid)
+                    src, base = sources[p.pid], p.vaddr
                 else:
-                    src_fd = os.open(p.src_path, os.O_RDONLY | os.O_CLOEXEC)
-                    mem_fds[("f", i)] = src_fd
+                    src = sources[("file", i)] = _FileSource(p.src_path)
                     base = p.src_offset
-                jobs.append((i, src_fd, [(base + o, cur + o, n) for o, n in p.runs]))
+                jobs.append((i, src, [(base + o, cur + o, n) for o, n in p.runs]))
                 stored += sum(n for _, n in p.runs)
                 cur = _align(cur + filesz)
         t0 = time.monotonic()
@@ -174,8 +235,8 @@ class StatefileWriter:
             except OSError as e:
                 raise OutputError(_write_error(e, self.path)) from None
         finally:
-            for fd in mem_fds.values():
-                os.close(fd)
+            for src in sources.values():
+                src.close()
         copy_seconds = time.monotonic() - t0
         for d in seg_desc:
             if d["filesz"]:
@@ -191,7 +252,7 @@ class StatefileWriter:
         crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json({"files": files})))
         crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json({"segments": seg_desc})))
         note_list += crelf
-        integrity = {"notes": [[o.decode(), t, zlib.crc32(d)] for o, t, d in note_list]}
+        integrity = {"notes": [[o.decode(), t, crc32(d)] for o, t, d in note_list]}
         note_list.append((nt.OWNER_CRELF, nt.CR_INTEGRITY, nt.encode_json(integrity)))
         blob = b"".join(ec.pack_note(o, t, d) for o, t, d in note_list)
         note_off = _align(cur, 8)
