@@ -1,0 +1,15 @@
+#!/bin/sh
+# Build the C samples (and copy pyworker.py) into DIR (default samples/bin).
+#   samples/build.sh [DIR]
+# Idempotent; exits non-zero on the first failure.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-"$here/bin"}
+mkdir -p "$out"
+for name in mt_values ticker tree bigheap; do
+    gcc -O1 -g -pthread -Wall -o "$out/$name.tmp" "$here/$name.c"
+    mv -f "$out/$name.tmp" "$out/$name"
+done
+cp -f "$here/pyworker.py" "$out/pyworker.py"
+chmod +x "$out/pyworker.py"
+echo "samples built in $out"
