@@ -4,7 +4,9 @@ Which pages are stored:
 * anonymous private memory (heap, stacks, anon mmaps): pages present or
   swapped, but not the shared zero page; pages never touched are file holes;
 * private file mappings: only the pages the task copied-on-write (not the
-  file's own pages, which the restorer maps from the file again);
+  file's own pages, which the restorer maps from the file again), plus the
+  ELF header page of each mapped ELF file as the kernel's core dump does
+  (elfutils identifies modules by it; `cow_runs` says what really changed);
 * shared anonymous memory (MAP_SHARED anon, SysV shm, memfd): its pages, read
   from the shmem object through /proc/PID/map_files when we may (root), else
   the pages present in this task;
@@ -180,6 +182,25 @@ def _shmem_runs(pid: int, m: dict) -> tuple[str, list[tuple[int, int]]] | None:
         os.close(fd)
 
 
+def _is_elf(pid: int, addr: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+            f.seek(addr)
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if out and out[-1][1] >= a:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
     """The mapping table of a task and the segment plans for its memory."""
     maps = procfs.smaps(pid)
@@ -217,6 +238,12 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
             elif kind == "file-private":
                 cow = scanner.runs(m["start"], m["end"], True)
                 m["cow_runs"] = [[a - m["start"], b - a] for a, b in cow]
+                if m["offset"] == 0 and _is_elf(pid, m["start"]) and \
+                        not (cow and cow[0][0] == m["start"]):
+                    # Like the kernel's core dump (coredump_filter bit 4): keep
+                    # the ELF header page, elfutils finds modules by it.
+                    cow.insert(0, (m["start"], m["start"] + PAGE))
+                    cow = _merge(cow)
                 if m["deleted"]:
                     # The file is gone: keep every page of the mapping.
                     plan(m["start"], size, True, [(0, size)])

@@ -1,0 +1,279 @@
+"""crcheckpoint on real processes: gdb/eu-stack/readelf read the statefile, the
+targets run on unchanged, and bad input fails cleanly with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from helpers import read_lines, require_root, require_tool, wait_for_line
+
+from statefile import reader
+from statefile.elfcore import CRELF_IDENT_PAD
+
+BIN = Path(sys.executable).parent
+CRCHECKPOINT = str(BIN / "crcheckpoint")
+
+
+def checkpoint(pid, out, *extra, check=True, user=None):
+    argv = [CRCHECKPOINT, str(pid), "-o", str(out), "--json", *extra]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if check:
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+    return res
+
+
+def assert_clean_failure(res, pattern):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def assert_keeps_ticking(out, proc, pattern=r"tick (\d+)"):
+    """The target's output goes on after the checkpoint, with consecutive ticks."""
+    before = len(read_lines(out))
+    deadline = time.monotonic() + 10
+    while len(read_lines(out)) < before + 3:
+        assert proc.poll() is None, f"target exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "target stopped producing output"
+        time.sleep(0.05)
+    ticks = [int(m[1]) for line in read_lines(out) if (m := re.search(pattern, line))]
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), ticks
+
+
+def gdb(prog, core, *cmds):
+    require_tool("gdb")
+    argv = ["gdb", "-nx", "-batch"]
+    for c in cmds:
+        argv += ["-ex", c]
+    res = subprocess.run(argv + [str(prog), "-c", str(core)], capture_output=True,
+                         text=True, timeout=120)
+    return res.stdout + res.stderr
+
+
+@pytest.fixture
+def mt(sample_bin, procs, tmp_path):
+    out = tmp_path / "mt.out"
+    proc = procs.spawn([sample_bin / "mt_values"], stdout=out)
+    wait_for_line(out, r"tick 3 ", proc=proc)
+    return proc, out
+
+
+def test_multithreaded_gdb_reads_threads_backtraces_and_values(mt, sample_bin, tmp_path):
+    require_root()
+    proc, out = mt
+    cr = tmp_path / "mt.cr"
+    summary = checkpoint(proc.pid, cr)
+    assert summary["threads"] == 4 and summary["pids"] == [proc.pid]
+    st = os.stat(cr)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert cr.read_bytes()[9:16] == CRELF_IDENT_PAD
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp file left"
+
+    text = gdb(sample_bin / "mt_values", cr,
+               "info threads", "thread apply all bt",
+               "p/x crelf_magic", "p crelf_banner", "x/s crelf_heap",
+               "p crelf_counter_global", "info sharedlibrary")
+    assert len(re.findall(r"^\*?\s+\d+\s+Thread ", text, re.M)) == 4, text
+    for fn in ("worker_alpha", "worker_beta", "worker_gamma", "crelf_wait_point", "main"):
+        assert re.search(rf"in {fn} \(", text), f"{fn} missing from backtraces:\n{text}"
+    assert "0x1234abcd5678ef00" in text
+    assert '"crelf-banner-v1"' in text
+    assert '"HEAPSTART' in text
+    assert "libc.so.6" in text
+    counter = int(re.search(r"^\$3 = (\d+)", text, re.M)[1])  # x/s makes no $ value
+    assert counter >= 3
+    # A local on main's stack.
+    text = gdb(sample_bin / "mt_values", cr, "thread 1", "bt", "frame function main",
+               "p/x stack_marker")
+    assert "0x5ca1ab1e" in text, text
+    assert_keeps_ticking(out, proc)
+
+
+def test_eu_stack_and_readelf_read_the_statefile(mt, tmp_path):
+    require_root()
+    proc, _ = mt
+    cr = tmp_path / "mt.cr"
+    checkpoint(proc.pid, cr)
+    require_tool("eu-stack")
+    res = subprocess.run(["eu-stack", "--core", str(cr)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.count("TID ") == 4, res.stdout + res.stderr
+    assert "worker_beta" in res.stdout and "main" in res.stdout
+    notes = subprocess.run(["readelf", "-n", "-W", str(cr)], capture_output=True,
+                           text=True).stdout
+    for name in ("NT_PRSTATUS", "NT_PRPSINFO", "NT_SIGINFO", "NT_AUXV", "NT_FILE",
+                 "NT_FPREGSET", "NT_X86_XSTATE"):
+        assert name in notes, name
+    assert notes.count("NT_PRSTATUS") == 4
+    assert "CRELF" in notes and "0x43520001" in notes
+
+
+def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "py.out"
+    proc = procs.spawn([sys.executable, sample_bin / "pyworker.py"], stdout=out)
+    wait_for_line(out, r"py tick 3 ", proc=proc)
+    cr = tmp_path / "py.cr"
+    summary = checkpoint(proc.pid, cr)
+    assert summary["threads"] == 3
+    sf = reader.load(str(cr))
+    assert reader.verify(sf) == []
+    assert sf.root["exe"] == os.path.realpath(sys.executable)
+    text = gdb(os.path.realpath(sys.executable), cr, "info threads")
+    assert len(re.findall(r"^\*?\s+\d+\s+Thread ", text, re.M)) == 3, text
+    assert_keeps_ticking(out, proc, r"py tick (\d+)")
+
+
+def test_parent_with_two_children(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "tree.out"
+    proc = procs.spawn([sample_bin / "tree", "30"], stdout=out)
+    wait_for_line(out, r"child 2 tick 3", proc=proc)
+    cr = tmp_path / "tree.cr"
+    summary = checkpoint(proc.pid, cr)
+    assert len(summary["pids"]) == 3 and summary["pids"][0] == proc.pid
+    sf = reader.load(str(cr))
+    assert [t["ppid"] for t in sf.tasks[1:]] == [proc.pid, proc.pid]
+    assert reader.verify(sf) == []
+    # Every task's memory is in the file: the children have their own segments.
+    owners = {s["pid"] for s in sf.segments if s["filesz"]}
+    assert owners == set(summary["pids"])
+    # The tree runs on unharmed: the parent still reaps both children normally.
+    assert proc.wait(timeout=20) == 0
+    lines = read_lines(out)
+    assert lines[-2:] == ["child 1 exited 11", "child 2 exited 12"], lines[-5:]
+    for who in ("parent", "child 1", "child 2"):
+        ticks = [int(line.rsplit(" ", 1)[1]) for line in lines
+                 if line.startswith(f"{who} tick")]
+        assert ticks == list(range(1, 31)), (who, ticks)
+
+
+def test_kill_terminates_the_tree_after_writing(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "tree.out"
+    proc = procs.spawn([sample_bin / "tree"], stdout=out)
+    wait_for_line(out, r"child 2 tick 2", proc=proc)
+    cr = tmp_path / "tree.cr"
+    summary = checkpoint(proc.pid, cr, "--kill")
+    assert summary["killed"]
+    assert proc.wait(timeout=10) == -9
+    for pid in summary["pids"][1:]:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and \
+                Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX":
+            assert time.monotonic() < deadline, f"child {pid} survived --kill"
+            time.sleep(0.05)
+    assert reader.verify(reader.load(str(cr))) == []
+
+
+def test_untouched_memory_is_a_hole(sample_bin, procs, tmp_path):
+    """1 GiB touched + 10 GiB reserved: about 1 GiB on disk, not 11."""
+    require_root()
+    out = tmp_path / "big.out"
+    proc = procs.spawn([sample_bin / "bigheap", "1024", "10240"], stdout=out)
+    wait_for_line(out, "ready", timeout=60, proc=proc)
+    cr = tmp_path / "big.cr"
+    summary = checkpoint(proc.pid, cr)
+    on_disk = os.stat(cr).st_blocks * 512
+    assert 1024 * 2**20 <= on_disk < 1100 * 2**20, on_disk
+    assert summary["bytes_stored"] < 1100 * 2**20
+    text = gdb(sample_bin / "bigheap", cr, "p 1")  # gdb opens it without complaint
+    assert "$1 = 1" in text
+    os.unlink(cr)
+
+
+# --- bad input: one line, non-zero exit, target untouched, nothing left -------
+
+def test_missing_pid(tmp_path):
+    pid = 4194303  # above any pid this machine hands out by default
+    res = checkpoint(pid, tmp_path / "x.cr", check=False)
+    assert_clean_failure(res, rf"no process with pid {pid}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_thread(tmp_path):
+    res = checkpoint(2, tmp_path / "x.cr", check=False)
+    assert_clean_failure(res, r"kernel thread")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_already_traced(mt, procs, tmp_path):
+    require_root()
+    proc, out = mt
+    tracer = procs.spawn([sys.executable, "-c", (
+        "import ctypes,sys,time\n"
+        "libc=ctypes.CDLL(None,use_errno=True)\n"
+        f"assert libc.ptrace(0x4206,{proc.pid},0,0)==0\n"
+        "print('seized',flush=True)\n"
+        "time.sleep(60)\n")], stdout=tmp_path / "tracer.out")
+    wait_for_line(tmp_path / "tracer.out", "seized", proc=tracer)
+    cr = tmp_path / "x.cr"
+    res = checkpoint(proc.pid, cr, check=False)
+    assert_clean_failure(res, rf"already traced by pid {tracer.pid}")
+    assert not cr.exists() and not list(tmp_path.glob(".*"))
+    assert_keeps_ticking(out, proc)
+
+
+def test_not_our_process(mt):
+    """An unprivileged user cannot checkpoint root's process."""
+    require_root()
+    proc, out = mt
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o777)
+        res = checkpoint(proc.pid, Path(d) / "x.cr", check=False, user=65534)
+        assert_clean_failure(res, r"belongs to uid 0, not to you \(uid 65534\)")
+        assert os.listdir(d) == []
+    assert_keeps_ticking(out, proc)
+
+
+def test_missing_output_directory(mt, tmp_path):
+    proc, out = mt
+    res = checkpoint(proc.pid, tmp_path / "nope" / "x.cr", check=False)
+    assert_clean_failure(res, r"output directory .*nope does not exist")
+    assert_keeps_ticking(out, proc)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    require_root()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_read_only_directory(mt, small_tmpfs):
+    proc, out = mt
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(small_tmpfs)],
+                   check=True)
+    res = checkpoint(proc.pid, small_tmpfs / "x.cr", check=False)
+    assert_clean_failure(res, r"cannot create statefile .*Read-only file system")
+    assert os.listdir(small_tmpfs) == []
+    assert_keeps_ticking(out, proc)
+
+
+def test_full_disk(mt, small_tmpfs):
+    proc, out = mt
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small_tmpfs)],
+                   check=True)
+    res = checkpoint(proc.pid, small_tmpfs / "x.cr", check=False)
+    assert_clean_failure(res, r"no space left on the device")
+    assert os.listdir(small_tmpfs) == [], "half-written statefile left behind"
+    assert_keeps_ticking(out, proc)
+    # The task is not left stopped or traced.
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    assert "TracerPid:\t0" in status
