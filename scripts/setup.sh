@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up crelf in ./.venv: system tools (gdb, elfutils, gcc) when missing and we
+# are root, then an editable install with the test extras.  Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v gcc >/dev/null || need+=(gcc)
+command -v gdb >/dev/null || need+=(gdb)
+command -v eu-stack >/dev/null || need+=(elfutils)
+command -v setpriv >/dev/null || need+=(util-linux)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing ${need[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "setup: missing ${need[*]}; install them (as root: apt-get install ${need[*]})" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
