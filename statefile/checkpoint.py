@@ -58,6 +58,9 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             "kernel": uname.release, "machine": uname.machine, "page_size": PAGE,
             "root_pid": pid,
             "tree": [{"pid": t["pid"], "ppid": t["ppid"]} for t in tasks],
+            "zombies": [{"pid": z["pid"], "ppid": z["ppid"], "pgid": z["pgid"],
+                         "sid": z["sid"], "comm": z["comm"], "exit_code": z["exit_code"]}
+                        for z in freezer.zombies.values()],
             "checkpoint_uid": os.geteuid(),
             "skipped": [],
             "leave_running": not kill,

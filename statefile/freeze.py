@@ -64,6 +64,9 @@ class Freezer:
     def __init__(self, root: int):
         self.root = root
         self.tasks: dict[int, FrozenTask] = {}
+        # Children that exited and were not reaped yet: nothing to seize, their
+        # exit status is recorded (pid -> /proc/PID/stat).
+        self.zombies: dict[int, dict] = {}
 
     # -- freeze ---------------------------------------------------------
     def freeze(self) -> None:
@@ -82,9 +85,13 @@ class Freezer:
         new: list[int] = []
         for pid in procfs.descendants(self.root):
             try:
-                state = procfs.stat(pid)["state"]
+                st = procfs.stat(pid)
+                state = st["state"]
                 tids = procfs.threads(pid)
             except (FileNotFoundError, ProcessLookupError):
+                continue
+            if state in ("Z", "X") and pid != self.root:
+                self.zombies[pid] = st
                 continue
             if pid != self.root:
                 try:

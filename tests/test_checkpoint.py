@@ -277,3 +277,27 @@ def test_full_disk(mt, small_tmpfs):
     # The task is not left stopped or traced.
     status = Path(f"/proc/{proc.pid}/status").read_text()
     assert "TracerPid:\t0" in status
+
+
+def test_real_pipeline_output_unchanged_by_leave_running_checkpoints(procs, tmp_path):
+    """sh + seq + awk + gzip, checkpointed three times mid-stream: the output is
+    byte for byte the one of an uninterrupted run."""
+    require_root()
+    script = ("seq 1 4000000 | awk '{ s += $1; if ($1 % 1000 == 0) print $1, s }' "
+              "| gzip -1 -c")
+    ref = subprocess.run(["sh", "-c", script], capture_output=True, timeout=120).stdout
+    out = tmp_path / "p.gz"
+    proc = procs.spawn(["sh", "-c", script], stdout=out)
+    done = 0
+    while proc.poll() is None and done < 3:
+        time.sleep(0.15)
+        res = checkpoint(proc.pid, tmp_path / f"p{done}.cr", check=False)
+        if proc.poll() is not None:
+            break
+        assert res.returncode == 0, res.stderr
+        done += 1
+    assert done >= 1, "the pipeline finished before a checkpoint could be taken"
+    assert proc.wait(timeout=120) == 0
+    assert out.read_bytes() == ref
+    sf = reader.load(str(tmp_path / "p0.cr"))
+    assert {t["comm"] for t in sf.tasks} >= {"sh", "seq", "awk", "gzip"}
