@@ -1,4 +1,5 @@
-"""Checkpoint a process tree: freeze, gather every task's state, write, thaw."""
+"""Checkpoint a process tree: freeze, gather every task's state, check it
+against the support table and the policy, write, thaw."""
 
 from __future__ import annotations
 
@@ -7,18 +8,57 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, procfs
+from . import FORMAT_VERSION, __version__, flags, procfs, support
 from .dump_files import FileTable
 from .dump_memory import PAGE, dump_mappings
 from .dump_task import dump_task
-from .errors import TargetError
+from .errors import CrelfError, TargetError
 from .freeze import Freezer, check_target
+from .policy import Policy
 from .writer import StatefileWriter
 
 
+class NotCheckpointable(CrelfError):
+    """The tree holds resources crelf cannot restore and no policy covers them."""
+
+    exit_code = 6
+
+    def __init__(self, pid: int, bad: list[support.Finding]):
+        self.findings = bad
+        lines = [f"pid {pid} cannot be checkpointed ({len(bad)} problem(s); "
+                 "nothing was written, the tree runs on):"]
+        lines += [f"  CR: {f.line()}" for f in bad]
+        super().__init__("\n".join(lines))
+
+
+def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTable) -> list[dict]:
+    """Carry out what the policy skips; return the CR_HEADER "skipped" list."""
+    skipped = []
+    for f in findings:
+        if not f.skipped:
+            continue
+        skipped.append({"what": f.detail, "where": f.where, "why": f.policy,
+                        "key": f.key})
+        if f.key.startswith("fd:"):
+            task = next(t for t in tasks if t["pid"] == f.pid)
+            fd = int(f.where.rsplit(" ", 1)[1])
+            entry = files.files[next(d["file"] for d in task["fds"] if d["fd"] == fd)]
+            entry["skipped"] = f.policy
+    if "scratch" in policy.skip:
+        for task, plans in zip(tasks, plans_by_task):
+            for m in task["mappings"]:
+                if m["path"] == support.SCRATCH_NAME:
+                    m["skipped"] = "scratch"
+                    for j in m["segments"]:
+                        plans[j].store = False
+                        plans[j].runs = []
+    return skipped
+
+
 def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False,
-               progress=None) -> dict:
+               policy: Policy | None = None, progress=None) -> dict:
     """Write the statefile of the tree rooted at pid; return a summary."""
+    policy = policy or Policy()
     check_target(pid)
     writer = StatefileWriter(output, fsync=fsync)
     freezer = Freezer(pid)
@@ -39,6 +79,20 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             tasks.append(task)
             regs += task_regs
             plans_by_task.append(plans)
+        zombies = [{"pid": z["pid"], "ppid": z["ppid"], "pgid": z["pgid"], "sid": z["sid"],
+                    "comm": z["comm"], "exit_code": z["exit_code"]}
+                   for z in freezer.zombies.values()]
+
+        findings = support.assess(tasks, files.files, zombies,
+                                  {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip)
+        skipped = _apply_policy(policy, findings, tasks, plans_by_task, files)
+        bad = support.problems(findings)
+        # A snapshot-only statefile is for debugging: never kill the tree for one.
+        if bad and (kill or not policy.snapshot):
+            raise NotCheckpointable(pid, bad)
+        if policy.dump_tmpfs:
+            files.dump_tmpfs_contents()
+
         # Segment order: the root task (PT_LOAD), the other tasks, then blobs.
         segments = []
         for task, plans in zip(tasks, plans_by_task):
@@ -58,11 +112,12 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             "kernel": uname.release, "machine": uname.machine, "page_size": PAGE,
             "root_pid": pid,
             "tree": [{"pid": t["pid"], "ppid": t["ppid"]} for t in tasks],
-            "zombies": [{"pid": z["pid"], "ppid": z["ppid"], "pgid": z["pgid"],
-                         "sid": z["sid"], "comm": z["comm"], "exit_code": z["exit_code"]}
-                        for z in freezer.zombies.values()],
+            "zombies": zombies,
             "checkpoint_uid": os.geteuid(),
-            "skipped": [],
+            "policy": policy.as_dict(),
+            "skipped": skipped,
+            "restartable": not bad,
+            "not_restartable": [f.line() for f in bad],
             "leave_running": not kill,
         }
         stats = writer.write(header=header, tasks=tasks, regs=regs, files=files.files,
@@ -80,6 +135,9 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         "pids": [t["pid"] for t in tasks],
         "threads": sum(len(t["threads"]) for t in tasks),
         "killed": kill,
+        "restartable": not bad,
+        "not_restartable": [f.line() for f in bad],
+        "skipped": skipped,
         "bytes_stored": stats["bytes_stored"], "file_size": stats["file_size"],
         "segments": stats["segments"],
         "frozen_seconds": round(t_end - t_frozen, 6),

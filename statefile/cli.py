@@ -51,6 +51,17 @@ def run_cli(fn, *, json_errors: bool = False, prog: str):
         sys.exit(1)
 
 
+def _policy_options(fn):
+    from .support import POLICY_CLASSES
+    fn = click.option("--dump-tmpfs", is_flag=True,
+                      help="Keep the content of open files on tmpfs (/dev/shm, /tmp on tmpfs).")(fn)
+    fn = click.option("--skip", multiple=True, metavar="CLASS",
+                      help=f"Leave out a resource class: {', '.join(POLICY_CLASSES)}.")(fn)
+    fn = click.option("--policy", "policy_file", type=click.Path(dir_okay=False),
+                      help="TOML policy file (skip, dump_tmpfs, on_unsupported).")(fn)
+    return fn
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("pid", type=int)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -58,19 +69,29 @@ def run_cli(fn, *, json_errors: bool = False, prog: str):
 @click.option("--kill", is_flag=True, help="Terminate the whole tree after a successful write.")
 @click.option("--fsync", is_flag=True, help="Flush the statefile to disk before renaming it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@_policy_options
+@click.option("--snapshot", is_flag=True,
+              help="Write a debug-only statefile (marked not restartable) instead of "
+                   "refusing when something cannot be restored.")
 @click.version_option(__version__, prog_name="crcheckpoint")
-def main(pid: int, output: str, kill: bool, fsync: bool, as_json: bool) -> None:
+def main(pid: int, output: str, kill: bool, fsync: bool, as_json: bool, policy_file,
+         skip, dump_tmpfs, snapshot) -> None:
     """Checkpoint process PID and all its descendants into one ELF statefile.
 
     The tree is frozen while its state is written, then runs on unharmed
-    (or is killed with --kill).  Exit codes: 0 success, 3 target cannot be
-    checkpointed, 4 statefile cannot be written, 1 other errors.
+    (or is killed with --kill).  Resources crelf cannot restore make it
+    refuse, listing each one, unless a policy skips them (--skip CLASS,
+    --policy FILE) or --snapshot is given.  Exit codes: 0 success, 2 bad
+    policy, 3 target cannot be checkpointed, 4 statefile cannot be written,
+    6 not checkpointable (reasons listed), 1 other errors.
     """
+    from . import policy as pol
     from .checkpoint import checkpoint
 
     progress = _Progress()
-    summary = run_cli(lambda: checkpoint(pid, output, kill=kill, fsync=fsync,
-                                         progress=progress), prog="crcheckpoint")
+    summary = run_cli(lambda: checkpoint(
+        pid, output, kill=kill, fsync=fsync, progress=progress,
+        policy=pol.build(policy_file, skip, dump_tmpfs, snapshot)), prog="crcheckpoint")
     progress.finish()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -80,6 +101,48 @@ def main(pid: int, output: str, kill: bool, fsync: bool, as_json: bool) -> None:
                    f"stored in {summary['statefile']} "
                    f"(frozen {summary['frozen_seconds'] * 1000:.0f} ms)"
                    + ("; tree killed" if kill else ""))
+        for s in summary["skipped"]:
+            click.echo(f"crcheckpoint: skipped by policy '{s['why']}': {s['where']}: {s['what']}")
+        if not summary["restartable"]:
+            click.echo("crcheckpoint: snapshot only, NOT restartable:", err=True)
+            for line in summary["not_restartable"]:
+                click.echo(f"  CR: {line}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("pid", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@click.option("-v", "--verbose", is_flag=True, help="List supported resources too.")
+@_policy_options
+@click.version_option(__version__, prog_name="crcheck")
+def crcheck_main(pid: int, as_json: bool, verbose: bool, policy_file, skip, dump_tmpfs) -> None:
+    """Tell whether the tree rooted at PID can be checkpointed and restarted.
+
+    Every resource gets a verdict: supported, skippable by policy, or
+    unsupported with the reason and where (task, fd, mapping).  The tree is
+    not stopped.  Exit 0 only when a checkpoint would succeed, 6 when it
+    would be refused, 2 bad policy, 3 bad pid.
+    """
+    from . import policy as pol
+    from .crcheck import check
+
+    report = run_cli(lambda: check(pid, pol.build(policy_file, skip, dump_tmpfs)),
+                     prog="crcheck")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for t in report["tasks"]:
+            click.echo(f"pid {t['pid']} ({t['comm']}): {t['threads']} thread(s), "
+                       f"{t['fds']} fd(s), {t['mappings']} mapping(s)")
+        for f in report["findings"]:
+            if verbose or f["status"] != "supported" or f["skipped"]:
+                click.echo(f"  {f['line']}")
+        if report["checkpointable"]:
+            click.echo(f"crcheck: pid {pid} can be checkpointed")
+        else:
+            click.echo(f"crcheck: pid {pid} cannot be checkpointed: "
+                       f"{len(report['problems'])} problem(s)")
+    sys.exit(0 if report["checkpointable"] else 6)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ blob segment.  Restored by restorer/restore_files.py.
 from __future__ import annotations
 
 import os
+import socket
 import stat as st
 
 from . import procfs
@@ -39,6 +40,46 @@ def _kind(target: str, mode: int, rdev: int) -> str:
     if st.S_ISREG(mode):
         return "regular"
     return "other"
+
+
+_FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "inet6",
+             socket.AF_NETLINK: "netlink", 17: "packet"}
+_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
+          socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_RAW: "raw"}
+
+
+def socket_info(pid: int, fd: int) -> dict:
+    """Family, type and addresses of a task's socket, from a duplicate of its fd
+    (pidfd_getfd): nothing is read from or written to the socket."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return {"family": "unknown"}
+    try:
+        dup = pt.syscall(pt.NR_pidfd_getfd, pidfd, fd, 0)
+    except OSError:
+        return {"family": "unknown"}
+    finally:
+        os.close(pidfd)
+    sock = socket.socket(fileno=dup)
+    try:
+        info = {"family": _FAMILIES.get(sock.family, str(int(sock.family))),
+                "type": _TYPES.get(sock.type, str(int(sock.type))),
+                "protocol": sock.proto}
+        for key, getter in (("local", sock.getsockname), ("peer", sock.getpeername)):
+            try:
+                addr = getter()
+            except OSError:
+                continue
+            if isinstance(addr, bytes):
+                addr = addr.decode(errors="replace")
+            info[key] = list(addr) if isinstance(addr, tuple) else addr
+        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        return info
+    finally:
+        sock.detach()
+        os.close(dup)
 
 
 class FileTable:
@@ -90,15 +131,18 @@ class FileTable:
                          if k not in ("pos", "flags", "mnt_id", "ino")}
                 if extra:
                     entry["fdinfo"] = extra
+                if kind == "socket":
+                    entry["socket"] = socket_info(pid, fd)
                 if kind == "regular" and deleted:
-                    self._blob_deleted(pid, fd, entry)
+                    self.add_blob(entry, f"content of deleted file {entry['path']}")
                 self.files.append(entry)
                 self._by_ident.setdefault(ident, []).append(fid)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
         return fds
 
-    def _blob_deleted(self, pid: int, fd: int, entry: dict) -> None:
-        """Keep the content of a deleted-but-open file (sparse, by SEEK_DATA)."""
+    def add_blob(self, entry: dict, what: str) -> None:
+        """Keep the content of an open file (sparse, by SEEK_DATA) in a blob segment."""
+        pid, fd = entry["owner_pid"], entry["owner_fd"]
         path = f"/proc/{pid}/fd/{fd}"
         size = entry["size"]
         runs, pos = [], 0
@@ -114,4 +158,20 @@ class FileTable:
         entry["blob"] = len(self.blobs)
         self.blobs.append(SegmentPlan(pid, 0, size, "r--p", True, runs, src="file",
                                       src_path=path, src_offset=0,
-                                      blob=f"content of deleted file {entry['path']}"))
+                                      blob=what))
+
+    def dump_tmpfs_contents(self) -> None:
+        """Policy dump_tmpfs: keep the content of regular files on tmpfs (/dev/shm...)."""
+        for entry in self.files:
+            if entry["kind"] == "regular" and "blob" not in entry and \
+                    fstype(entry["owner_pid"], entry["mnt_id"]) in ("tmpfs", "ramfs"):
+                self.add_blob(entry, f"content of tmpfs file {entry['path']}")
+
+
+def fstype(pid: int, mnt_id: int) -> str:
+    """File system type of mount mnt_id as task pid sees it (/proc/PID/mountinfo)."""
+    for line in procfs.read(f"/proc/{pid}/mountinfo").splitlines():
+        fields = line.split()
+        if fields and int(fields[0]) == mnt_id and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return ""

@@ -93,6 +93,8 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
                                   "env_start", "env_end")},
         "namespaces": {ns: _readlink(f"/proc/{pid}/ns/{ns}")
                        for ns in ("pid", "ipc", "uts", "mnt", "net", "user", "cgroup", "time")},
+        "posix_timers": sum(1 for line in procfs.read(f"/proc/{pid}/timers").splitlines()
+                            if line.startswith("ID:")),
         "threads": [],
     }
     exe_stat = os.stat(f"/proc/{pid}/exe") if task["exe"] else None

@@ -1,0 +1,66 @@
+"""crcheck: can this tree be checkpointed (and restarted), and if not, why?
+
+The tree is surveyed from /proc without being stopped: fds (kcmp and
+pidfd_getfd, to tell sockets apart), mappings, credentials, namespaces,
+timers, tracers, and the flags crrun recorded.  The verdicts come from the
+same table and the same assessment crcheckpoint applies to a frozen tree.
+"""
+
+from __future__ import annotations
+
+from . import flags, procfs, support
+from .dump_files import FileTable
+from .dump_memory import mapping_kind
+from .dump_task import _creds, _readlink
+from .errors import TargetError
+from .freeze import check_target
+from .policy import Policy
+
+
+def survey_task(pid: int, files: FileTable) -> dict:
+    s = procfs.stat(pid)
+    status = procfs.status(pid)
+    maps = procfs.smaps(pid)
+    for m in maps:
+        m["kind"] = mapping_kind(m)
+        m["deleted"] = m["path"].endswith(" (deleted)")
+    return {
+        "pid": pid, "ppid": s["ppid"], "comm": s["comm"], "creds": _creds(status),
+        "tracer": int(status.get("TracerPid", "0")),
+        "namespaces": {ns: _readlink(f"/proc/{pid}/ns/{ns}")
+                       for ns in ("pid", "ipc", "uts", "mnt", "net")},
+        "posix_timers": sum(1 for line in procfs.read(f"/proc/{pid}/timers").splitlines()
+                            if line.startswith("ID:")),
+        "threads": procfs.threads(pid), "fds": files.dump_fds(pid), "mappings": maps,
+    }
+
+
+def check(pid: int, policy: Policy | None = None) -> dict:
+    policy = policy or Policy()
+    try:
+        check_target(pid)
+    except TargetError as e:
+        if "already traced" not in str(e):
+            raise
+    files = FileTable()
+    tasks, zombies = [], []
+    for p in procfs.descendants(pid):
+        try:
+            st = procfs.stat(p)
+            if st["state"] in ("Z", "X") and p != pid:
+                zombies.append(st)
+                continue
+            tasks.append(survey_task(p, files))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    if not tasks:
+        raise TargetError(f"pid {pid} exited")
+    findings = support.assess(tasks, files.files, zombies,
+                              {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip)
+    bad = support.problems(findings)
+    return {"pid": pid, "checkpointable": not bad, "policy": policy.as_dict(),
+            "tasks": [{"pid": t["pid"], "ppid": t["ppid"], "comm": t["comm"],
+                       "threads": len(t["threads"]), "fds": len(t["fds"]),
+                       "mappings": len(t["mappings"])} for t in tasks],
+            "findings": [f.as_dict() | {"line": f.line()} for f in findings],
+            "problems": [f.line() for f in bad]}

@@ -1,0 +1,232 @@
+"""What crelf can checkpoint and restart: the one table.
+
+Every kind of resource a task can hold has one row here: whether this version
+of crelf saves *and restores* it (``supported``), cannot restore it but a
+policy may leave it out (``skippable``, with the policy class that does), or
+cannot handle it at all (``unsupported``), and why.  crcheck, crcheckpoint
+and docs/SUPPORT.md (generated from this table: ``python -m
+statefile.support``) all read it, so supporting a new resource is one change
+here plus its dump/restore modules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+SUPPORTED, SKIPPABLE, UNSUPPORTED = "supported", "skippable", "unsupported"
+
+
+@dataclass(frozen=True)
+class Resource:
+    key: str
+    what: str
+    status: str
+    reason: str = ""
+    policy: str | None = None  # the policy class that may skip it
+
+
+_NOT_YET = "not restored by this version of crelf yet"
+
+TABLE: tuple[Resource, ...] = (
+    # --- tasks ---------------------------------------------------------------
+    Resource("task:process", "a single process, any number of threads", SUPPORTED),
+    Resource("task:tree", "more than one process (a process tree)", UNSUPPORTED,
+             f"process trees are {_NOT_YET}"),
+    Resource("task:zombie", "an exited child not reaped yet", UNSUPPORTED,
+             f"zombies are {_NOT_YET}"),
+    Resource("task:seccomp", "a seccomp filter", UNSUPPORTED,
+             f"seccomp filters are {_NOT_YET}"),
+    Resource("task:namespace", "a namespace other than crelf's own", UNSUPPORTED,
+             f"tasks in their own namespaces are {_NOT_YET}"),
+    Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
+             f"POSIX timers are {_NOT_YET}"),
+    Resource("task:traced", "a task traced by another tracer (debugger, strace)", UNSUPPORTED,
+             "a traced task cannot be frozen by crelf; detach the other tracer first"),
+    Resource("task:flagged", "state crrun saw being created", UNSUPPORTED,
+             "crrun flagged it when it was created"),
+    # --- file descriptors ----------------------------------------------------
+    Resource("fd:regular", "regular file (path, flags, offset)", SUPPORTED),
+    Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED),
+    Resource("fd:directory", "directory", SUPPORTED),
+    Resource("fd:dev", "/dev/null, /dev/zero, /dev/random, /dev/urandom", SUPPORTED),
+    Resource("fd:tty", "terminal (restored on crrestart's terminal)", SUPPORTED),
+    Resource("fd:chr", "other character or block device", UNSUPPORTED,
+             "device files other than null/zero/random/urandom/tty cannot be restored"),
+    Resource("fd:pipe", "pipe", UNSUPPORTED, f"pipes are {_NOT_YET}"),
+    Resource("fd:fifo", "FIFO", UNSUPPORTED, f"FIFOs are {_NOT_YET}"),
+    Resource("fd:socket:unix", "unix socket", UNSUPPORTED, f"unix sockets are {_NOT_YET}"),
+    Resource("fd:socket:inet", "TCP/UDP socket", SKIPPABLE,
+             f"network sockets are {_NOT_YET}; policy 'network' restores them closed",
+             "network"),
+    Resource("fd:socket:netlink", "netlink socket", SKIPPABLE,
+             f"netlink sockets are {_NOT_YET}; policy 'network' restores them closed",
+             "network"),
+    Resource("fd:socket:other", "socket of another family", UNSUPPORTED,
+             "this socket family cannot be checkpointed"),
+    Resource("fd:eventfd", "eventfd", UNSUPPORTED, f"eventfds are {_NOT_YET}"),
+    Resource("fd:epoll", "epoll instance", UNSUPPORTED, f"epoll instances are {_NOT_YET}"),
+    Resource("fd:timerfd", "timerfd", UNSUPPORTED, f"timerfds are {_NOT_YET}"),
+    Resource("fd:signalfd", "signalfd", UNSUPPORTED, f"signalfds are {_NOT_YET}"),
+    Resource("fd:inotify", "inotify instance", UNSUPPORTED, f"inotify is {_NOT_YET}"),
+    Resource("fd:io_uring", "io_uring instance", SKIPPABLE,
+             "io_uring instances cannot be checkpointed (in-flight requests live in the "
+             "kernel); policy 'io_uring' restores the fd closed", "io_uring"),
+    Resource("fd:perf_event", "perf event", SKIPPABLE,
+             "perf events cannot be checkpointed; policy 'perf' restores the fd closed", "perf"),
+    Resource("fd:bpf", "BPF map or program", UNSUPPORTED, "BPF objects cannot be checkpointed"),
+    Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
+             "a userfaultfd owned by the application cannot be checkpointed"),
+    Resource("fd:pidfd", "pidfd", UNSUPPORTED, f"pidfds are {_NOT_YET}"),
+    Resource("fd:other", "other anonymous-inode file", UNSUPPORTED,
+             "this kind of file cannot be checkpointed"),
+    # --- memory ----------------------------------------------------------------
+    Resource("mem:private", "private memory (anonymous, heap, stack, file-backed)", SUPPORTED),
+    Resource("mem:file-shared", "shared file mapping (content stays in the file)", SUPPORTED),
+    Resource("mem:vdso", "vDSO", SUPPORTED),
+    Resource("mem:scratch", "memory the application named 'crelf-scratch'", SUPPORTED,
+             "policy 'scratch' leaves its content out (restored as zeros)", "scratch"),
+    Resource("mem:shared-anon", "shared anonymous memory, memfd or SysV shm mapping",
+             UNSUPPORTED, f"shared anonymous memory is {_NOT_YET}"),
+    Resource("mem:device", "device (I/O or PFN) mapping", UNSUPPORTED,
+             "device mappings cannot be checkpointed"),
+)
+BY_KEY = {r.key: r for r in TABLE}
+POLICY_CLASSES = sorted({r.policy for r in TABLE if r.policy})
+SCRATCH_NAME = "[anon:crelf-scratch]"
+DEV_FILES = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+
+_ANON = {"eventfd": "fd:eventfd", "eventpoll": "fd:epoll", "timerfd": "fd:timerfd",
+         "signalfd": "fd:signalfd", "inotify": "fd:inotify", "io_uring": "fd:io_uring",
+         "perf_event": "fd:perf_event", "userfaultfd": "fd:userfaultfd",
+         "pidfd": "fd:pidfd"}
+
+
+def fd_key(f: dict) -> str:
+    kind = f["kind"]
+    if kind == "regular":
+        return "fd:deleted" if f.get("deleted") else "fd:regular"
+    if kind == "directory":
+        return "fd:directory"
+    if kind == "tty":
+        return "fd:tty"
+    if kind in ("chr", "blk"):
+        return "fd:dev" if f["path"] in DEV_FILES else "fd:chr"
+    if kind in ("pipe", "fifo"):
+        return f"fd:{kind}"
+    if kind == "socket":
+        fam = f.get("socket", {}).get("family")
+        return {"unix": "fd:socket:unix", "inet": "fd:socket:inet", "inet6": "fd:socket:inet",
+                "netlink": "fd:socket:netlink"}.get(fam, "fd:socket:other")
+    if kind.startswith("anon:"):
+        name = kind[5:]
+        if name.startswith("bpf"):
+            return "fd:bpf"
+        return _ANON.get(name, "fd:other")
+    return "fd:other"
+
+
+def mapping_key(m: dict) -> str:
+    if m["kind"] in ("vdso", "vvar", "vsyscall"):
+        return "mem:vdso"
+    if "io" in m.get("vmflags", []) or "pf" in m.get("vmflags", []):
+        return "mem:device"
+    if m["path"] == SCRATCH_NAME:
+        return "mem:scratch"
+    kind = m["kind"]
+    if kind in ("anon-shared", "sysv-shm", "memfd") or (kind == "file-shared" and m.get("deleted")):
+        return "mem:shared-anon"
+    if kind == "file-shared":
+        return "mem:file-shared"
+    return "mem:private"
+
+
+@dataclass
+class Finding:
+    key: str
+    where: str
+    detail: str
+    status: str
+    reason: str
+    policy: str | None
+    pid: int
+    skipped: bool = False
+
+    def line(self) -> str:
+        verdict = "skipped by policy" if self.skipped else self.status
+        text = f"{self.where}: {self.detail} — {verdict}"
+        if self.status != SUPPORTED and not self.skipped:
+            text += f" ({self.reason})"
+        return text
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
+           flags_by_pid: dict[int, list[dict]], skip: set[str]) -> list[Finding]:
+    """One finding per resource of the tree, with its verdict under `skip`."""
+    out: list[Finding] = []
+
+    def add(key, pid, where, detail):
+        r = BY_KEY[key]
+        reason = r.reason
+        out.append(Finding(key, where, detail, r.status, reason, r.policy, pid,
+                           skipped=bool(r.policy and r.policy in skip)))
+
+    own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "ipc", "uts", "mnt", "net")}
+    for t in tasks:
+        pid = t["pid"]
+        add("task:process", pid, f"pid {pid}", f"{t['comm']} ({len(t['threads'])} threads)")
+        if t is not tasks[0]:
+            add("task:tree", pid, f"pid {pid}", f"child of pid {t['ppid']}")
+        if t.get("tracer"):
+            add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}")
+        if t["creds"].get("seccomp") == 2:
+            add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
+        for ns, link in t.get("namespaces", {}).items():
+            if ns in own_ns and link and own_ns[ns] and link != own_ns[ns]:
+                add("task:namespace", pid, f"pid {pid}", f"own {ns} namespace {link}")
+        if t.get("posix_timers"):
+            add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
+        for fl in flags_by_pid.get(pid, []):
+            f = Finding("task:flagged", f"pid {pid}", f"{fl.get('syscall')}", UNSUPPORTED,
+                        fl.get("reason", ""), None, pid)
+            out.append(f)
+        for fd in t["fds"]:
+            f = files[fd["file"]]
+            add(fd_key(f), pid, f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})")
+        for m in t["mappings"]:
+            key = mapping_key(m)
+            if key in ("mem:private", "mem:file-shared", "mem:vdso"):
+                continue  # not worth a line each; counted in the summary
+            add(key, pid, f"pid {pid} {m['start']:#x}-{m['end']:#x}",
+                f"{m['path'] or 'anonymous'} ({m['kind']})")
+    for z in zombies:
+        add("task:zombie", z["pid"], f"pid {z['pid']}", f"{z['comm']} (exited, not reaped)")
+    return out
+
+
+def problems(findings: list[Finding]) -> list[Finding]:
+    """Findings that stop a checkpoint: not supported and not skipped."""
+    return [f for f in findings if f.status != SUPPORTED and not f.skipped]
+
+
+def _readlink(p: str) -> str:
+    try:
+        return os.readlink(p)
+    except OSError:
+        return ""
+
+
+def markdown() -> str:
+    lines = ["# What crelf can checkpoint", "",
+             "Generated from `statefile/support.py` (`python -m statefile.support`).", "",
+             "| resource | key | verdict | policy class | why |", "|---|---|---|---|---|"]
+    for r in TABLE:
+        lines.append(f"| {r.what} | `{r.key}` | {r.status} | {r.policy or ''} | {r.reason} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
