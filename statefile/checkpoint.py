@@ -47,7 +47,7 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
     if "scratch" in policy.skip:
         for task, plans in zip(tasks, plans_by_task):
             for m in task["mappings"]:
-                if m["path"] == support.SCRATCH_NAME:
+                if support.is_scratch(m):
                     m["skipped"] = "scratch"
                     for j in m["segments"]:
                         plans[j].store = False

@@ -84,7 +84,8 @@ TABLE: tuple[Resource, ...] = (
     Resource("mem:private", "private memory (anonymous, heap, stack, file-backed)", SUPPORTED),
     Resource("mem:file-shared", "shared file mapping (content stays in the file)", SUPPORTED),
     Resource("mem:vdso", "vDSO", SUPPORTED),
-    Resource("mem:scratch", "memory the application named 'crelf-scratch'", SUPPORTED,
+    Resource("mem:scratch", "scratch memory: marked MADV_DONTDUMP, or named 'crelf-scratch'",
+             SUPPORTED,
              "policy 'scratch' leaves its content out (restored as zeros)", "scratch"),
     Resource("mem:shared-anon", "shared anonymous memory, memfd or SysV shm mapping",
              UNSUPPORTED, f"shared anonymous memory is {_NOT_YET}"),
@@ -126,12 +127,20 @@ def fd_key(f: dict) -> str:
     return "fd:other"
 
 
+def is_scratch(m: dict) -> bool:
+    """Memory the application marked as not worth saving: MADV_DONTDUMP (the
+    kernel's own "leave out of core dumps" mark) or an anonymous mapping named
+    'crelf-scratch' with PR_SET_VMA_ANON_NAME (kernels with ANON_VMA_NAME)."""
+    return m["path"] == SCRATCH_NAME or (
+        "dd" in m.get("vmflags", []) and m["kind"] in ("anon-private", "heap"))
+
+
 def mapping_key(m: dict) -> str:
     if m["kind"] in ("vdso", "vvar", "vsyscall"):
         return "mem:vdso"
     if "io" in m.get("vmflags", []) or "pf" in m.get("vmflags", []):
         return "mem:device"
-    if m["path"] == SCRATCH_NAME:
+    if is_scratch(m):
         return "mem:scratch"
     kind = m["kind"]
     if kind in ("anon-shared", "sysv-shm", "memfd") or (kind == "file-shared" and m.get("deleted")):

@@ -1,0 +1,142 @@
+"""crcheck and crcheckpoint refusals with real unsupported resources, and
+policies that skip them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import require_root, wait_for_line
+from test_checkpoint import assert_keeps_ticking, checkpoint
+
+from statefile import reader
+
+BIN = Path(sys.executable).parent
+
+
+def crcheck(pid, *extra):
+    res = subprocess.run([str(BIN / "crcheck"), str(pid), "--json", *extra],
+                         capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, json.loads(res.stdout) if res.stdout else None, res.stderr
+
+
+INET_PROGRAM = """
+import socket, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+print("ready fd=%d" % srv.fileno(), flush=True)
+n = 0
+while True:
+    n += 1; time.sleep(0.1); print("tick %d" % n, flush=True)
+"""
+
+
+@pytest.fixture(params=["uring", "perf", "inet"])
+def unsupported(request, sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "u.out"
+    if request.param == "inet":
+        proc = procs.spawn([sys.executable, "-c", INET_PROGRAM], stdout=out)
+    else:
+        proc = procs.spawn([sample_bin / "unsupported", request.param], stdout=out)
+    fd = int(wait_for_line(out, r"ready fd=", proc=proc).split("=")[1])
+    assert fd >= 0, f"could not create the {request.param} resource: errno {-fd}"
+    expect = {"uring": ("fd:io_uring", "io_uring", "io_uring instances cannot be checkpointed"),
+              "perf": ("fd:perf_event", "perf", "perf events cannot be checkpointed"),
+              "inet": ("fd:socket:inet", "network", "network sockets are not restored")}
+    return proc, out, fd, expect[request.param]
+
+
+def test_crcheck_names_it_and_crcheckpoint_refuses(unsupported, tmp_path):
+    proc, out, fd, (key, policy_class, reason) = unsupported
+    rc, report, _ = crcheck(proc.pid)
+    assert rc == 6 and not report["checkpointable"]
+    hits = [f for f in report["findings"] if f["key"] == key]
+    assert len(hits) == 1 and hits[0]["where"] == f"pid {proc.pid} fd {fd}"
+    assert hits[0]["status"] == "skippable" and hits[0]["policy"] == policy_class
+    assert reason in hits[0]["reason"]
+    assert report["problems"] == [hits[0]["line"]]
+
+    cr = tmp_path / "u.cr"
+    res = checkpoint(proc.pid, cr, check=False)
+    assert res.returncode == 6
+    assert f"CR: pid {proc.pid} fd {fd}:" in res.stderr and reason in res.stderr
+    assert not cr.exists() and not list(tmp_path.glob(".u.cr*"))
+    assert_keeps_ticking(out, proc)
+
+
+def test_policy_skips_it_and_the_statefile_says_so(unsupported, tmp_path):
+    proc, out, fd, (key, policy_class, _) = unsupported
+    rc, report, _ = crcheck(proc.pid, "--skip", policy_class)
+    assert rc == 0 and report["checkpointable"]
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'skip = ["{policy_class}"]\n')
+    cr = tmp_path / "u.cr"
+    summary = checkpoint(proc.pid, cr, "--policy", str(policy))
+    assert summary["restartable"]
+    assert [s["where"] for s in summary["skipped"]] == [f"pid {proc.pid} fd {fd}"]
+    sf = reader.load(str(cr))
+    assert sf.header["skipped"][0]["why"] == policy_class
+    entry = sf.files[next(d["file"] for d in sf.root["fds"] if d["fd"] == fd)]
+    assert entry["skipped"] == policy_class
+    assert_keeps_ticking(out, proc)
+
+
+def test_traced_process_is_named(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "mt.out"
+    proc = procs.spawn([sample_bin / "mt_values"], stdout=out)
+    wait_for_line(out, r"tick 2 ", proc=proc)
+    tracer = procs.spawn([sys.executable, "-c", (
+        "import ctypes,time\n"
+        "libc=ctypes.CDLL(None,use_errno=True)\n"
+        f"assert libc.ptrace(0x4206,{proc.pid},0,0)==0\n"
+        "print('seized',flush=True)\n"
+        "time.sleep(60)\n")], stdout=tmp_path / "tracer.out")
+    wait_for_line(tmp_path / "tracer.out", "seized", proc=tracer)
+    rc, report, _ = crcheck(proc.pid)
+    assert rc == 6
+    assert report["problems"] == [f"pid {proc.pid}: traced by pid {tracer.pid} — unsupported "
+                                  "(a traced task cannot be frozen by crelf; detach the "
+                                  "other tracer first)"]
+
+
+def test_supported_program_passes_and_bad_policy_is_one_line(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "mt.out"
+    proc = procs.spawn([sample_bin / "mt_values"], stdout=out)
+    wait_for_line(out, r"tick 2 ", proc=proc)
+    rc, report, _ = crcheck(proc.pid)
+    assert rc == 0 and report["checkpointable"] and report["problems"] == []
+    assert report["tasks"][0]["threads"] == 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('skip = ["everything"]\n')
+    res = subprocess.run([str(BIN / "crcheck"), str(proc.pid), "--policy", str(bad)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "unknown policy class 'everything'" in res.stderr
+
+
+def test_scratch_memory_is_left_out_by_policy(procs, tmp_path):
+    """Memory an application marks MADV_DONTDUMP is not stored under --skip scratch."""
+    require_root()
+    out = tmp_path / "s.out"
+    prog = (
+        "import mmap, time\n"
+        "m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+        "m.write(b'x' * (64 << 20))\n"
+        "m.madvise(mmap.MADV_DONTDUMP)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")
+    proc = procs.spawn([sys.executable, "-c", prog], stdout=out)
+    wait_for_line(out, "ready", proc=proc)
+    full = checkpoint(proc.pid, tmp_path / "full.cr")
+    lean = checkpoint(proc.pid, tmp_path / "lean.cr", "--skip", "scratch")
+    assert full["bytes_stored"] - lean["bytes_stored"] >= 64 << 20
+    sf = reader.load(str(tmp_path / "lean.cr"))
+    scratch = [m for m in sf.root["mappings"] if m.get("skipped")]
+    assert len(scratch) == 1 and scratch[0]["skipped"] == "scratch"
+    assert sf.header["skipped"][0]["why"] == "scratch"
