@@ -1,0 +1,216 @@
+"""crinspect: show what a crelf statefile holds, check it, extract gdb cores.
+
+Exit codes: 0 success; 1 verify found problems (or another failure);
+2 bad usage; 4 output cannot be written; 5 not a readable statefile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import click
+
+from statefile import __version__, reader
+from statefile.errors import CrelfError
+
+from . import model, render
+from .corefile import write_core
+
+PROG = "crinspect"
+
+
+class _DefaultGroup(click.Group):
+    """`crinspect FILE ...` is `crinspect summary FILE ...`."""
+
+    def parse_args(self, ctx, args):
+        first = next((a for a in args if not a.startswith("-")), None)
+        if first is not None and first not in self.commands:
+            args = ["summary", *args]
+        return super().parse_args(ctx, args)
+
+
+def _load(path: str):
+    sf = reader.load(path)
+    problems = model.note_problems(sf)
+    if problems:
+        click.echo(f"{PROG}: warning: {path}: {problems[0]}"
+                   + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                   + f"; run `{PROG} verify`", err=True)
+    return sf
+
+
+def _emit(obj: dict, as_json: bool, lines) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        for line in lines():
+            click.echo(line)
+
+
+def _common(fn):
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="Print machine-readable JSON on stdout.")(fn)
+    return click.argument("statefile", metavar="STATEFILE")(fn)
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
+def cli() -> None:
+    """Show what a crelf statefile holds, without gdb.
+
+    `crinspect STATEFILE` prints the summary; the subcommands show one part.
+    Every reporting command takes --json.  Exit codes: 0 success, 1 problems
+    found (verify) or other failure, 2 bad usage, 4 output not writable,
+    5 not a readable statefile.
+    """
+
+
+@cli.command()
+@_common
+def summary(statefile: str, as_json: bool) -> None:
+    """Everything: header, process tree, threads, memory, fds (the default)."""
+    sf = _load(statefile)
+    s = model.summary(sf)
+
+    def lines():
+        yield from render.header(s["header"], statefile)
+        for title, part in (("process tree", render.ps(s["tasks"])),
+                            ("threads", render.threads(s["threads"])),
+                            ("memory", render.memory(s["memory"])),
+                            ("files", render.files(s["files"]))):
+            yield ""
+            yield title
+            yield from part
+
+    _emit({"statefile": statefile, **s}, as_json, lines)
+
+
+@cli.command()
+@_common
+def ps(statefile: str, as_json: bool) -> None:
+    """The process tree: pid, ppid, pgid, sid, uid, command line."""
+    tasks = model.ps(_load(statefile))
+    _emit({"statefile": statefile, "tasks": tasks}, as_json, lambda: render.ps(tasks))
+
+
+@cli.command()
+@_common
+def threads(statefile: str, as_json: bool) -> None:
+    """Every thread: the symbol its instruction pointer is in, its syscall."""
+    ths = model.threads(_load(statefile))
+    _emit({"statefile": statefile, "threads": ths}, as_json, lambda: render.threads(ths))
+
+
+@cli.command()
+@_common
+def mem(statefile: str, as_json: bool) -> None:
+    """Every mapping of every task: range, perms, kind, size and bytes stored."""
+    maps = model.memory(_load(statefile))
+    _emit({"statefile": statefile, "memory": maps}, as_json, lambda: render.memory(maps))
+
+
+@cli.command()
+@_common
+def files(statefile: str, as_json: bool) -> None:
+    """The fd table of every task: kind, path or target, flags, offset."""
+    fds = model.files(_load(statefile))
+    _emit({"statefile": statefile, "files": fds}, as_json, lambda: render.files(fds))
+
+
+@cli.command()
+@_common
+def notes(statefile: str, as_json: bool) -> None:
+    """Every ELF note: owner, type name and size."""
+    ns = model.note_list(_load(statefile))
+    _emit({"statefile": statefile, "notes": ns}, as_json, lambda: render.notes(ns))
+
+
+@cli.command()
+@_common
+def verify(statefile: str, as_json: bool) -> None:
+    """Check every note and segment checksum; exit 1 when anything is wrong."""
+    try:
+        sf = reader.load(statefile)
+    except CrelfError as e:
+        if as_json:
+            click.echo(json.dumps({"statefile": statefile, "ok": False, "problems": [str(e)]},
+                                  indent=2))
+        raise click.exceptions.Exit(_fail(str(e), 1))
+    problems = reader.verify(sf)
+    result = {"statefile": statefile, "ok": not problems, "problems": problems,
+              "notes": len(sf.notes), "segments": len(sf.segments)}
+    _emit(result, as_json, lambda: (
+        [f"{statefile}: OK ({len(sf.notes)} notes, {len(sf.segments)} segments checked)"]
+        if not problems else [f"{statefile}: {len(problems)} problem(s):"]
+        + [f"  {p}" for p in problems]))
+    if problems:
+        raise click.exceptions.Exit(_fail(f"{statefile}: {len(problems)} problem(s) found", 1))
+
+
+@cli.command()
+@_common
+@click.option("--pid", type=int, help="Task to extract (default: the root task).")
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="Core file to write (mode 0600).")
+def core(statefile: str, as_json: bool, pid: int | None, output: str) -> None:
+    """Write a standalone gdb core file of one task of the tree."""
+    sf = _load(statefile)
+    res = write_core(sf, sf.root["pid"] if pid is None else pid, output)
+    _emit(res, as_json, lambda: [
+        f"{output}: core of pid {res['pid']} ({res['threads']} thread(s), "
+        f"{res['segments']} segments, {render.size(res['bytes_stored'])} stored); "
+        f"open it with: gdb {res['exe'] or 'PROGRAM'} -c {output}"])
+
+
+@cli.command("gdb", context_settings={"ignore_unknown_options": True})
+@click.argument("statefile", metavar="STATEFILE")
+@click.option("--pid", type=int, help="Task to debug (default: the root task).")
+@click.argument("gdb_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- GDB ARGS]")
+def gdb(statefile: str, pid: int | None, gdb_args: tuple[str, ...]) -> None:
+    """Run gdb on the task's executable with the statefile (or its core) as core."""
+    sf = _load(statefile)
+    gdb_bin = shutil.which("gdb")
+    if gdb_bin is None:
+        raise CrelfError("gdb is not installed")
+    task = sf.root if pid is None else next((t for t in sf.tasks if t["pid"] == pid), None)
+    if task is None:
+        raise CrelfError(f"no task {pid} in {statefile}")
+    exe = [task["exe"]] if task.get("exe") and os.path.isfile(task["exe"]) else []
+    if task is sf.root:
+        sys.stdout.flush()
+        os.execv(gdb_bin, ["gdb", *exe, "-c", statefile, *gdb_args])
+    with tempfile.TemporaryDirectory(prefix="crinspect-") as tmp:
+        path = os.path.join(tmp, f"{task['pid']}.core")
+        write_core(sf, task["pid"], path)
+        rc = subprocess.call([gdb_bin, *exe, "-c", path, *gdb_args])
+    raise click.exceptions.Exit(rc)
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"{PROG}: error: {message}", err=True)
+    return code
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name=PROG, standalone_mode=True)
+    except CrelfError as e:
+        sys.exit(_fail(str(e), e.exit_code))
+    except KeyboardInterrupt:
+        sys.exit(_fail("interrupted", 130))
+    except OSError as e:
+        sys.exit(_fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""), 1))
+    except Exception as e:  # a corrupted but loadable statefile: no traceback
+        if os.environ.get("CRINSPECT_DEBUG"):
+            raise
+        sys.exit(_fail(f"cannot read the statefile ({type(e).__name__}: {e}); "
+                       f"try `{PROG} verify`", 5))
+
+
+if __name__ == "__main__":
+    main()
