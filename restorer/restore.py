@@ -1,0 +1,267 @@
+"""Top level of a restart: validate, fork the task with its pid (or in a new
+pid namespace), let it set up its files, rebuild it by ptrace, release it, and
+wait for it in the foreground."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from statefile.errors import FormatError
+from statefile.reader import load
+
+from .errors import RestoreError
+from .kernel import CLONE_NEWPID, CLONE_NEWUSER, fork_with_pid, unshare
+from .restore_files import ChildPlan, run_child
+from .restore_memory import plan_extras
+from .restore_task import TaskRestorer
+from .validate import validate
+
+
+@dataclass
+class Options:
+    detach: bool = False
+    pidns: bool = False
+    force_files: bool = False
+    lazy: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class Result:
+    pid: int = 0                  # tracer-view pid of the restored root
+    vpid: int = 0                 # its pid in its own namespace
+    init_pid: int = 0             # the pid namespace's init (with --pidns)
+    restore_seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    bytes_copied: int = 0
+    injections: int = 0
+    lazy_server: object = None
+
+
+def _tty_fd() -> int | None:
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                return fd
+        except OSError:
+            pass
+    return None
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _enter_user_pidns() -> None:
+    """Unprivileged: a user namespace (our uid mapped to itself) + pid namespace;
+    inside it we may choose pids (clone3 set_tid) and set exe_fd."""
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER | CLONE_NEWPID)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+
+
+def _init_main(plan: ChildPlan, status_w: int, vpid: int) -> None:
+    """pid 1 of the new pid namespace: create the task with its pid, then reap
+    until it exits and exit with its status.  Never returns."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if vpid == 1:
+            raise RestoreError("pid", "the process was pid 1 of its namespace")
+        child = fork_with_pid(vpid)
+        if child == 0:
+            run_child(plan, status_w)
+        os.close(status_w)
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+        code = 1
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            if pid == child:
+                code = os.waitstatus_to_exitcode(status)
+                code = 128 - code if code < 0 else code
+        os._exit(code)
+    except BaseException as e:  # noqa: BLE001
+        try:
+            os.write(status_w, f"ERR pid namespace: {e}\n".encode())
+        except OSError:
+            pass
+        os._exit(1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _read_status(fd: int) -> str:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace").strip()
+
+
+def restore(path: str, opts: Options, log=None) -> Result:
+    """Restore the statefile at `path`; returns once the task runs again."""
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    res = Result()
+    try:
+        sf = load(path)
+    except FormatError as e:
+        raise RestoreError("load", str(e)) from None
+    res.warnings = validate(sf, opts.force_files)
+    task = sf.root
+    vpid = task["pid"]
+    res.vpid = vpid
+    unpriv = os.geteuid() != 0
+    pidns = opts.pidns or unpriv
+    # plan what the task does itself
+    target_fds = [d["fd"] for d in task["fds"]]
+    extras = plan_extras(task, max(target_fds + [2]) + 1)
+    blobs = {}
+    for f in sf.files:
+        if "blob" in f:
+            seg = sf.segment(f["blob"])
+            blobs[f["id"]] = [(seg["offset"] + rel, ln, rel) for rel, ln in seg["runs"]]
+    has_tty = any(sf.files[d["file"]]["kind"] == "tty" for d in task["fds"])
+    tty = _tty_fd()
+    if has_tty and tty is None:
+        res.warnings.append("the process used a terminal and crrestart has none: "
+                            "its terminal fds now point to /dev/null")
+    plan = ChildPlan(task=task, files=sf.files, statefile=os.path.abspath(path), blobs=blobs,
+                     extras=extras, tty_fd=tty if has_tty else None,
+                     shell_job=has_tty and tty is not None, force_files=opts.force_files,
+                     in_pidns=pidns)
+    status_r, status_w = os.pipe()
+    created: list[int] = []
+    tr = None
+    try:
+        # --- the task, with its pid ---------------------------------------------------
+        if pidns:
+            if unpriv:
+                try:
+                    _enter_user_pidns()
+                except OSError as e:
+                    raise RestoreError("user namespace", f"{e} (unprivileged restore needs "
+                                       "user namespaces)") from None
+            else:
+                unshare(CLONE_NEWPID)
+            init = os.fork()
+            if init == 0:
+                os.close(status_r)
+                _init_main(plan, status_w, vpid)
+            created.append(init)
+            res.init_pid = init
+        else:
+            try:
+                child = fork_with_pid(vpid)
+            except OSError as e:
+                if e.errno == 17:
+                    raise RestoreError("pid", f"pid {vpid} is in use by another process "
+                                       "(--pidns restores into a new pid namespace)") from None
+                raise RestoreError("pid", f"cannot create pid {vpid}: {e.strerror}") from None
+            if child == 0:
+                os.close(status_r)
+                run_child(plan, status_w)
+            created.append(child)
+        os.close(status_w)
+        status_w = -1
+        msg = _read_status(status_r)
+        if msg != "OK":
+            if msg.startswith("ERR "):
+                step, _, what = msg[4:].partition(": ")
+                raise RestoreError(step, what)
+            raise RestoreError("setup", f"the new task died before it was ready ({msg!r})")
+        if pidns:
+            kids = _children(res.init_pid)
+            if len(kids) != 1:
+                raise RestoreError("pid namespace", f"cannot find the task (children {kids})")
+            rpid = kids[0]
+            created.insert(0, rpid)
+        else:
+            rpid = created[0]
+        res.pid = rpid
+        t1 = time.perf_counter()
+        res.timings["fork+files"] = t1 - t0
+        # --- rebuild it -------------------------------------------------------------------
+        sfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(sfd).st_size
+            data = mmap.mmap(sfd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
+        finally:
+            os.close(sfd)
+        fds = {e.key: e.fd for e in extras}
+        tr = TaskRestorer(sf, task, rpid, data, fds, lazy=opts.lazy, log=log)
+        tr.run()
+        tr.release()
+        res.lazy_server = tr.lazy_server
+        res.timings.update(tr.timings)
+        res.bytes_copied = tr.mem.bytes_written
+        from .injector import RestoreInjector
+        res.injections = RestoreInjector.count
+    except BaseException:
+        if tr is not None:
+            tr.kill()
+        for pid in created:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in created:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        raise
+    finally:
+        os.close(status_r)
+        if status_w >= 0:
+            os.close(status_w)
+    res.restore_seconds = time.perf_counter() - t0
+    return res
+
+
+def wait_root(res: Result) -> int:
+    """Foreground: wait for the restored root (or the namespace's init) and
+    return its exit code (128+N when killed by signal N)."""
+    pid = res.init_pid or res.pid
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 0
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+__all__ = ["Options", "Result", "restore", "wait_root", "RestoreError", "sys"]

@@ -1,0 +1,259 @@
+"""Per-process state a restored task sets up itself before it is parked:
+open files at their fd numbers, mapped files (for the injected mmaps), cwd,
+root, umask, session, personality and rlimits.
+
+This runs in the freshly forked task (a copy of crrestart), before ptrace
+replaces its memory.  It must not raise: every failure is reported through
+the status pipe as "ERR <step>: <message>" and the task exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import resource
+import stat as st
+from dataclasses import dataclass, field
+
+from .kernel import personality
+
+RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
+           "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
+O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE (O_TMPFILE = __O_TMPFILE | O_DIRECTORY)
+OPEN_FLAG_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | O_TMPFILE_BIT)
+REG_FLAG_MASK = OPEN_FLAG_MASK & ~os.O_DIRECTORY
+RLIM_INF = 2**64 - 1
+
+
+@dataclass
+class ExtraOpen:
+    """A file the injected code needs an fd for (mapped file, executable)."""
+    key: str
+    path: str
+    flags: int
+    fd: int
+    dev: int | None = None       # expected identity (None: do not check)
+    ino: int | None = None
+
+
+@dataclass
+class ChildPlan:
+    """What the forked task does before it parks (all plain data: built before fork)."""
+    task: dict
+    files: list[dict]
+    statefile: str
+    blobs: dict = field(default_factory=dict)   # file id -> list of (file offset, size, pos in file)
+    extras: list[ExtraOpen] = field(default_factory=list)
+    tty_fd: int | None = None                   # crrestart's terminal, for tty fds
+    shell_job: bool = False                     # stay in crrestart's session/group
+    force_files: bool = False
+    in_pidns: bool = False
+
+
+class ChildError(Exception):
+    def __init__(self, step: str, msg: str):
+        super().__init__(f"{step}: {msg}")
+
+
+def _rl(v: int) -> int:
+    return resource.RLIM_INFINITY if v in (-1, RLIM_INF) else v
+
+
+def _same(fd: int, dev: int | None, ino: int | None) -> bool:
+    if ino is None:
+        return True
+    s = os.fstat(fd)
+    return s.st_ino == ino and (dev is None or s.st_dev == dev)
+
+
+def _place(fd: int, target: int, cloexec: bool) -> None:
+    """Put open fd at number target (closing fd if moved)."""
+    if fd != target:
+        os.dup2(fd, target, inheritable=not cloexec)
+        os.close(fd)
+    else:
+        os.set_inheritable(fd, not cloexec)
+
+
+def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
+    """A deleted-but-open file: write its saved content into a new file in the
+    same directory (or /tmp), open it with the saved flags, unlink it."""
+    path = f["path"]
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
+    d = os.path.dirname(path) or "/"
+    base = os.path.basename(path)
+    tmp = None
+    for where in (d, "/tmp"):
+        cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
+        try:
+            wfd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL, f.get("mode", 0o600) & 0o7777)
+            tmp = cand
+            break
+        except OSError:
+            continue
+    if tmp is None:
+        raise ChildError("files", f"cannot recreate deleted file {path}: no writable directory")
+    try:
+        size = f.get("size", 0)
+        if "blob" in f:
+            with open(plan.statefile, "rb", buffering=0) as sf:
+                for off, ln, pos in plan.blobs.get(f["id"], []):
+                    done = 0
+                    while done < ln:
+                        n = min(1 << 20, ln - done)
+                        data = os.pread(sf.fileno(), n, off + done)
+                        if not data:
+                            raise ChildError("files", f"statefile truncated in blob of {path}")
+                        os.pwrite(wfd, data, pos + done)
+                        done += len(data)
+        os.ftruncate(wfd, size)
+        fd = os.open(tmp, f["flags"] & REG_FLAG_MASK)
+    finally:
+        os.close(wfd)
+        os.unlink(tmp)
+    return fd
+
+
+def _open_file(plan: ChildPlan, f: dict) -> int:
+    kind = f["kind"]
+    flags = f["flags"] & OPEN_FLAG_MASK
+    path = f["path"]
+    if kind == "tty":
+        if plan.tty_fd is None:
+            return os.open("/dev/null", os.O_RDWR)
+        return os.dup(plan.tty_fd)
+    if kind == "regular":
+        if f.get("deleted"):
+            fd = _recreate_deleted(plan, f)
+        else:
+            fd = os.open(path, flags & REG_FLAG_MASK)
+            if not plan.force_files and not _same(fd, f.get("dev"), f.get("ino")):
+                raise ChildError("files", f"{path} is not the file that was open "
+                                 "(inode changed; --force-files accepts it)")
+        if f.get("pos"):
+            os.lseek(fd, f["pos"], os.SEEK_SET)
+        return fd
+    if kind == "directory":
+        fd = os.open(path, flags | os.O_DIRECTORY)
+        if f.get("pos"):
+            try:
+                os.lseek(fd, f["pos"], os.SEEK_SET)
+            except OSError:
+                pass
+        return fd
+    if kind == "chr":
+        fd = os.open(path, flags)
+        s = os.fstat(fd)
+        if not st.S_ISCHR(s.st_mode) or (f.get("rdev") is not None and s.st_rdev != f["rdev"]):
+            raise ChildError("files", f"{path} is not the same character device")
+        return fd
+    raise ChildError("files", f"fd kind {kind} ({path}) is not restored by this crelf")
+
+
+def child_setup(plan: ChildPlan, status_fd: int) -> None:
+    """Everything the task does itself; the caller reports and parks."""
+    task = plan.task
+    targets = {d["fd"] for d in task["fds"]} | {e.fd for e in plan.extras}
+    high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
+    # Move our own fds out of the way of the target numbers.
+    keep = {}
+    for name, fd in (("status", status_fd), ("tty", plan.tty_fd)):
+        if fd is None:
+            continue
+        nfd = os.dup(fd) if fd >= high else _dup_above(fd, high)
+        keep[name] = nfd
+        high = max(high, nfd + 1)
+    plan.tty_fd = keep.get("tty")
+    plan._status_fd = keep["status"]
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if high + 16 > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, high + 64), hard))
+        except (OSError, ValueError):
+            pass
+    step = "files"
+    try:
+        opened: dict[int, int] = {}   # file id -> fd number where it was placed
+        for d in sorted(task["fds"], key=lambda d: d["fd"]):
+            fid = d["file"]
+            if fid in opened:
+                os.dup2(opened[fid], d["fd"], inheritable=not d["cloexec"])
+                continue
+            fd = _open_file(plan, plan.files[fid])
+            _place(fd, d["fd"], d["cloexec"])
+            opened[fid] = d["fd"]
+        step = "mapped files"
+        for e in plan.extras:
+            try:
+                fd = os.open(e.path, e.flags)
+            except OSError as ex:
+                raise ChildError(step, f"cannot open {e.path}: {ex.strerror}") from None
+            if not plan.force_files and not _same(fd, e.dev, e.ino):
+                raise ChildError(step, f"{e.path} changed since the checkpoint "
+                                 "(different inode; --force-files accepts it)")
+            _place(fd, e.fd, True)
+        if "tty" in keep:
+            os.close(keep.pop("tty"))
+        step = "cwd"
+        os.chdir(task.get("cwd") or "/")
+        if task.get("root", "/") not in ("/", ""):
+            step = "root"
+            os.chroot(task["root"])
+        step = "umask"
+        os.umask(task.get("umask", 0o022))
+        step = "session"
+        if not plan.shell_job:
+            pid = os.getpid()
+            if task["sid"] == task["pid"] and os.getsid(0) != pid:
+                os.setsid()
+            elif task["pgid"] == task["pid"] and os.getpgid(0) != pid:
+                os.setpgid(0, 0)
+        step = "personality"
+        if task.get("personality"):
+            personality(task["personality"])
+        step = "rlimits"
+        for i, name in enumerate(RLIMITS):
+            if name in task.get("rlimits", {}):
+                soft, hard = task["rlimits"][name]
+                want = (_rl(soft), _rl(hard))
+                if resource.getrlimit(i) != want:
+                    try:
+                        resource.setrlimit(i, want)
+                    except (OSError, ValueError) as ex:
+                        raise ChildError(step, f"RLIMIT_{name.upper()} {want}: {ex}") from None
+    except ChildError:
+        raise
+    except OSError as ex:
+        raise ChildError(step, f"{ex.strerror or ex}" + (f" ({ex.filename})" if ex.filename else ""))
+
+
+def _dup_above(fd: int, low: int) -> int:
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
+
+
+def run_child(plan: ChildPlan, status_fd: int) -> None:
+    """Entry point of the forked task: set up, report, park.  Never returns."""
+    try:
+        child_setup(plan, status_fd)
+        fd = plan._status_fd
+        os.write(fd, b"OK\n")
+        os.close(fd)
+    except BaseException as ex:  # noqa: BLE001 - must report anything
+        msg = str(ex) if isinstance(ex, ChildError) else f"setup: {type(ex).__name__}: {ex}"
+        try:
+            os.write(getattr(plan, "_status_fd", status_fd), f"ERR {msg}\n".encode())
+        except OSError:
+            pass
+        os._exit(1)
+    # Parked: the restorer seizes us here and replaces everything.
+    while True:
+        signal.pause()

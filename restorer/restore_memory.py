@@ -1,0 +1,225 @@
+"""Memory of a restored task: unmap the restorer's copy, put the vDSO back at
+its saved address, map every saved mapping, and copy the content in (eager) or
+leave it to the userfaultfd server (lazy).  Memory stays anonymous: the
+statefile is never mapped into the task (NOTES.md: MADV_DONTNEED would refill
+pages from the file)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from .errors import RestoreError
+from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE,
+                     MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PROT_EXEC,
+                     PROT_READ, PROT_WRITE, TASK_SIZE)
+from .restore_files import ExtraOpen
+
+VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
+CHUNK = 1 << 20
+SKIP_KINDS = ("vvar", "vdso", "vsyscall")
+
+
+def parse_maps(pid: int) -> list[dict]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            out.append({"start": a, "end": b, "perms": parts[1],
+                        "path": parts[5].strip() if len(parts) > 5 else ""})
+    return out
+
+
+def vdso_layout(maps: list[dict]) -> dict[str, tuple[int, int]]:
+    """{name: (start, size)} of [vvar], [vvar_vclock], [vdso]."""
+    return {m["path"]: (m["start"], m["end"] - m["start"]) for m in maps
+            if m["path"] in VDSO_NAMES}
+
+
+def prot_of(perms: str) -> int:
+    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
+
+
+def file_path(m: dict) -> str:
+    p = m["path"]
+    return p[: -len(" (deleted)")] if m.get("deleted") and p.endswith(" (deleted)") else p
+
+
+def _dev(devstr: str) -> tuple[int, int]:
+    maj, mnr = devstr.split(":")
+    return int(maj, 16), int(mnr, 16)
+
+
+def plan_extras(task: dict, first_fd: int) -> list[ExtraOpen]:
+    """The files the task must hold open while its mappings are rebuilt."""
+    extras: dict[tuple[str, int], ExtraOpen] = {}
+    fd = first_fd
+    for m in task["mappings"]:
+        if m["kind"] not in ("file-private", "file-shared") or m.get("deleted"):
+            continue
+        rw = m["kind"] == "file-shared" and "mw" in m.get("vmflags", [])
+        flags = os.O_RDWR if rw else os.O_RDONLY
+        key = (file_path(m), flags)
+        if key not in extras:
+            extras[key] = ExtraOpen(f"map:{key[0]}:{flags}", key[0], flags, fd, None,
+                                    m.get("inode") or None)
+            fd += 1
+    if task.get("exe"):
+        exe = task["exe"]
+        exe_id = task.get("exe_id") or {}
+        if exe.endswith(" (deleted)"):
+            raise RestoreError("validation", f"the executable {exe} was deleted")
+        extras[("exe", 0)] = ExtraOpen("exe", exe, os.O_RDONLY, fd, exe_id.get("dev"),
+                                       exe_id.get("ino"))
+    return list(extras.values())
+
+
+class Memory:
+    """Builds one task's address space through an injector."""
+
+    def __init__(self, sf, task: dict, data: mmap.mmap | None, memfd: int, fds: dict[str, int]):
+        self.sf = sf
+        self.task = task
+        self.data = data              # the statefile, mapped read-only in the restorer
+        self.memfd = memfd            # /proc/PID/mem of the task, O_RDWR
+        self.fds = fds                # ExtraOpen.key -> fd number in the task
+        self.bytes_written = 0
+        self.mprotect_after: list[tuple[int, int, int]] = []
+
+    # --- the restorer's own mappings out, the vDSO to its place --------------------
+    def clear_and_move_vdso(self, inj, rpid: int) -> None:
+        cur = vdso_layout(parse_maps(rpid))
+        saved = {m["path"]: (m["start"], m["end"] - m["start"]) for m in self.task["mappings"]
+                 if m["path"] in VDSO_NAMES}
+        lo = min(s for s, _ in cur.values())
+        hi = max(s + n for s, n in cur.values())
+        # Everything but the vDSO area goes.
+        if lo > 0:
+            inj.check("munmap", 0, lo)
+        if hi < TASK_SIZE:
+            inj.check("munmap", hi, TASK_SIZE - hi)
+        if not saved:
+            return
+        tlo = min(s for s, _ in saved.values())
+        thi = max(s + n for s, n in saved.values())
+        if tlo == lo and all(cur.get(k) == v for k, v in saved.items()):
+            return
+        moves = cur
+        if tlo < hi and lo < thi:  # overlapping: bounce through a free range first
+            bounce = self._free_range(thi - tlo + (hi - lo), avoid=[(lo, hi), (tlo, thi)])
+            moves = self._mremap_all(inj, moves, {k: bounce + (s - lo) for k, (s, _) in
+                                                  cur.items()})
+        self._mremap_all(inj, moves, {k: s for k, (s, _) in saved.items()})
+
+    def _mremap_all(self, inj, cur: dict, target: dict) -> dict:
+        out = {}
+        for name in VDSO_NAMES:
+            if name not in cur:
+                continue
+            start, size = cur[name]
+            dst = target[name]
+            if dst != start:
+                off = inj.addr - start
+                res = inj.check("mremap", start, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, dst)
+                if res != dst:
+                    raise RestoreError("vdso", f"{name} moved to {res:#x}, not {dst:#x}")
+                if name == "[vdso]":
+                    inj.addr = dst + off
+            out[name] = (dst, size)
+        return out
+
+    def _free_range(self, size: int, avoid: list[tuple[int, int]]) -> int:
+        used = [(m["start"], m["end"]) for m in self.task["mappings"]] + avoid
+        for cand in (0x100000000000, 0x200000000000, 0x300000000000, 0x500000000000,
+                     0x10000000000):
+            if all(cand + size <= a or b <= cand for a, b in used):
+                return cand
+        raise RestoreError("vdso", "no free address range to move the vDSO through")
+
+    # --- mappings ------------------------------------------------------------------
+    def map_all(self, inj, lazy: bool = False) -> list[tuple[int, int]]:
+        """mmap every saved mapping; returns the anonymous ranges with saved content."""
+        anon_ranges = []
+        for m in self.task["mappings"]:
+            kind = m["kind"]
+            if kind in SKIP_KINDS:
+                continue
+            start, size = m["start"], m["end"] - m["start"]
+            prot = prot_of(m["perms"])
+            vmf = m.get("vmflags", [])
+            if kind in ("file-private", "file-shared") and not m.get("deleted"):
+                rw = kind == "file-shared" and "mw" in vmf
+                fd = self.fds[f"map:{file_path(m)}:{os.O_RDWR if rw else os.O_RDONLY}"]
+                flags = (MAP_SHARED if kind == "file-shared" else MAP_PRIVATE) | MAP_FIXED
+                res = inj.check("mmap", start, size, prot, flags, fd, m["offset"])
+            elif kind == "special":
+                raise RestoreError("memory", f"special mapping {m['path']} at {start:#x} "
+                                   "cannot be restored")
+            else:
+                shared = m["perms"][3] == "s"
+                flags = (MAP_SHARED if shared else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED
+                if "gd" in vmf:
+                    flags |= MAP_GROWSDOWN
+                if "nr" in vmf:
+                    flags |= MAP_NORESERVE
+                has_data = any(self.sf.segment(p)["filesz"] for p in m["segments"])
+                map_prot = prot
+                if has_data and shared and not (prot & PROT_WRITE) and not lazy:
+                    # /proc/PID/mem cannot write through a read-only shared mapping
+                    map_prot = prot | PROT_READ | PROT_WRITE
+                    self.mprotect_after.append((start, size, prot))
+                res = inj.check("mmap", start, size, map_prot, flags, 2**64 - 1, 0)
+                if has_data and not shared:
+                    anon_ranges.append((start, m["end"]))
+            if res != start:
+                raise RestoreError("memory", f"mapping {start:#x} landed at {res:#x}")
+            for flag, advice in MADV.items():
+                if flag in vmf:
+                    inj.call("madvise", start, size, advice)
+        return anon_ranges
+
+    def finish(self, inj) -> None:
+        for start, size, prot in self.mprotect_after:
+            inj.check("mprotect", start, size, prot)
+
+    # --- content -------------------------------------------------------------------
+    def copy_all(self, skip_anon: bool = False) -> None:
+        """Write every saved page into the task (anonymous private memory too
+        unless skip_anon: the lazy server brings it then)."""
+        for m in self.task["mappings"]:
+            kind = m["kind"]
+            if kind in SKIP_KINDS:
+                continue
+            if kind in ("file-private", "file-shared") and not m.get("deleted"):
+                for rel, ln in m.get("cow_runs", []):
+                    self.copy_range(m, m["start"] + rel, m["start"] + rel + ln)
+                continue
+            if skip_anon and m["perms"][3] == "p":
+                continue
+            for p in m["segments"]:
+                seg = self.sf.segment(p)
+                for rel, ln in seg["runs"]:
+                    self._write(seg, rel, ln)
+
+    def copy_range(self, m: dict, a: int, b: int) -> None:
+        for p in m["segments"]:
+            seg = self.sf.segment(p)
+            lo = max(a, seg["vaddr"])
+            hi = min(b, seg["vaddr"] + seg["filesz"])
+            if lo < hi:
+                self._write(seg, lo - seg["vaddr"], hi - lo)
+
+    def _write(self, seg: dict, rel: int, ln: int) -> None:
+        src = seg["offset"] + rel
+        dst = seg["vaddr"] + rel
+        mv = memoryview(self.data)
+        pos = 0
+        while pos < ln:
+            n = min(CHUNK, ln - pos)
+            w = os.pwrite(self.memfd, mv[src + pos: src + pos + n], dst + pos)
+            if w <= 0:
+                raise RestoreError("memory", f"short write at {dst + pos:#x}")
+            pos += w
+        self.bytes_written += ln

@@ -1,0 +1,311 @@
+"""Restore one task (any number of threads) into a parked, restorer-forked
+process: everything after the task set up its own files is done here, from the
+tracer, by ptrace and injected syscalls."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import struct
+import time
+
+from statefile import elfcore as ec
+from statefile import ptrace as pt
+from statefile.inject import InjectError, find_syscall_insn
+
+from . import restore_signals as rs
+from .errors import RestoreError
+from .injector import RestoreInjector
+from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS,
+                     MAP_ANONYMOUS, MAP_PRIVATE, NR, PAGE, PR_CAPBSET_DROP, PR_SET_KEEPCAPS,
+                     PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS, PROT_READ, PROT_WRITE,
+                     RSEQ_FLAG_UNREGISTER, THREAD_FLAGS, TIMER_ABSTIME, clone_args,
+                     prctl_mm_map)
+from .restore_memory import Memory, parse_maps
+
+PTRACE_EVENT_STOP = 128
+EINTR = 4
+SCRATCH_PAGES = 4
+ALL_SIGNALS = 2**64 - 1
+
+
+def seize_stopped(tid: int, options: int) -> None:
+    pt.seize(tid, options)
+    pt.interrupt(tid)
+    while True:
+        status = pt.wait(tid)
+        if not os.WIFSTOPPED(status):
+            raise RestoreError("seize", f"task {tid} exited while being seized (status {status:#x})")
+        if status >> 16 == PTRACE_EVENT_STOP:
+            return
+        # a signal-delivery stop: suppress the signal and wait for the interrupt
+        pt.cont(tid, 0)
+
+
+def fixup_restart(r: ec.user_regs_struct, sysinfo: dict | None) -> None:
+    """Turn "stopped inside a syscall" into registers that re-enter it (NOTES.md:
+    syscall-restart fixup; the kernel's own restart logic is disabled with
+    orig_rax = -1)."""
+    orig = r.orig_rax
+    if orig < 2**63 and sysinfo is not None:
+        rax = r.rax - 2**64 if r.rax >= 2**63 else r.rax
+        if -rax in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+            r.rax, r.rip = orig, r.rip - 2
+        elif -rax == ERESTART_RESTARTBLOCK:
+            # The restart block is gone with the old task.  Sleeps wrote the time
+            # left into their rem argument: sleep that long again.
+            if orig == NR["nanosleep"] and r.rsi:
+                r.rax, r.rip, r.rdi = orig, r.rip - 2, r.rsi
+            elif orig == NR["clock_nanosleep"] and (r.rsi & TIMER_ABSTIME):
+                r.rax, r.rip = orig, r.rip - 2
+            elif orig == NR["clock_nanosleep"] and r.r10:
+                r.rax, r.rip, r.rdx = orig, r.rip - 2, r.r10
+            else:
+                r.rax = (-EINTR) & (2**64 - 1)
+    r.orig_rax = 2**64 - 1
+
+
+def _status_caps(rpid: int, tid: int) -> dict:
+    out = {}
+    with open(f"/proc/{rpid}/task/{tid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+class TaskRestorer:
+    def __init__(self, sf, task: dict, rpid: int, data, fds: dict[str, int],
+                 lazy: bool = False, log=None):
+        self.sf = sf
+        self.task = task
+        self.rpid = rpid                  # pid as the tracer sees it
+        self.vpid = task["pid"]           # pid inside the task's namespace
+        self.data = data
+        self.fds = fds
+        self.lazy = lazy
+        self.log = log or (lambda *a: None)
+        self.step = "seize"
+        self.tids: dict[int, int] = {}    # saved tid -> tracer-view tid
+        self.memfd = -1
+        self.scratch = 0
+        self.timings: dict[str, float] = {}
+        self.lazy_server = None
+
+    def _t(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0) + t - t0
+        return t
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except InjectError as e:
+            raise RestoreError(self.step, str(e)) from None
+        except OSError as e:
+            raise RestoreError(self.step, str(e)) from None
+
+    def _run(self) -> None:
+        task, rpid = self.task, self.rpid
+        t = time.perf_counter()
+        self.step = "seize"
+        seize_stopped(rpid, pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_EXITKILL)
+        self.tids[task["threads"][0]["tid"]] = rpid
+        pt.setsigmask(rpid, ALL_SIGNALS)
+        self.memfd = os.open(f"/proc/{rpid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        inj = RestoreInjector(rpid, find_syscall_insn(rpid, parse_maps(rpid)), self.memfd)
+        self.inj = inj
+        self.step = "inherited state"
+        cfg = pt.rseq_configuration(rpid)
+        if cfg and cfg["ptr"]:
+            inj.check("rseq", cfg["ptr"], cfg["len"], RSEQ_FLAG_UNREGISTER, cfg["sig"])
+        inj.check("set_robust_list", 0, 24)
+        inj.call("set_tid_address", 0)
+        t = self._t("seize", t)
+        self.step = "vdso"
+        mem = Memory(self.sf, task, self.data, self.memfd, self.fds)
+        self.mem = mem
+        mem.clear_and_move_vdso(inj, rpid)
+        self.step = "mmap"
+        anon = mem.map_all(inj, lazy=self.lazy)
+        self.scratch = inj.check("mmap", 0, SCRATCH_PAGES * PAGE, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS, 2**64 - 1, 0)
+        t = self._t("mmap", t)
+        self.step = "memory"
+        if self.lazy:
+            from .lazy import start_lazy
+            mem.copy_all(skip_anon=True)
+            self.lazy_server = start_lazy(self, inj, anon)
+        else:
+            mem.copy_all()
+        mem.finish(inj)
+        t = self._t("memory", t)
+        self.step = "mm (PR_SET_MM_MAP)"
+        self._set_mm(inj)
+        self.step = "signals"
+        rs.restore_sigactions(inj, rpid, task, self.scratch)
+        rs.restore_itimers(inj, task, self.scratch)
+        self.step = "threads"
+        injs = {task["threads"][0]["tid"]: inj}
+        for th in task["threads"][1:]:
+            injs[th["tid"]] = self._clone_thread(inj, th)
+        self.step = "thread state"
+        for th in task["threads"]:
+            self._thread_state(injs[th["tid"]], th)
+        self.step = "pending signals"
+        sig = task.get("signals", {})
+        rs.queue_signals(inj, self.vpid, None, sig.get("shared_pending", []), self.scratch)
+        for th in task["threads"]:
+            rs.queue_signals(injs[th["tid"]], self.vpid, th["tid"], th.get("pending", []),
+                             self.scratch)
+        self.step = "credentials"
+        for th in task["threads"]:
+            self._creds(injs[th["tid"]], th["tid"])
+        self.step = "cleanup"
+        for fd in sorted(set(self.fds.values())):
+            inj.call("close", fd)
+        inj.check("munmap", self.scratch, SCRATCH_PAGES * PAGE)
+        self.scratch = 0
+        t = self._t("state", t)
+        self.step = "registers"
+        for th in task["threads"]:
+            self._registers(th)
+        os.close(self.memfd)
+        self.memfd = -1
+        self._t("registers", t)
+
+    def release(self) -> None:
+        """Detach every thread: the task runs from here."""
+        self.step = "detach"
+        for vtid, rtid in sorted(self.tids.items(), key=lambda kv: kv[1] == self.rpid):
+            pt.detach(rtid, 0)
+        if self.task.get("group_stopped"):
+            os.kill(self.rpid, signal.SIGSTOP)
+
+    # --- pieces ------------------------------------------------------------------------
+    def _set_mm(self, inj) -> None:
+        task = self.task
+        mm = task["mm"]
+        auxv = bytes.fromhex(task.get("auxv", ""))
+        m = prctl_mm_map(**{k: mm[k] for k in (
+            "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+            "start_stack", "arg_start", "arg_end", "env_start", "env_end")})
+        m.auxv = self.scratch + 512
+        m.auxv_size = len(auxv)
+        m.exe_fd = self.fds.get("exe", 2**32 - 1)
+        inj.write(self.scratch, bytes(m))
+        inj.write(self.scratch + 512, auxv)
+        inj.check("prctl", PR_SET_MM, PR_SET_MM_MAP, self.scratch, ctypes.sizeof(m), 0)
+
+    def _clone_thread(self, inj, th: dict) -> RestoreInjector:
+        vtid = th["tid"]
+        args = clone_args(flags=THREAD_FLAGS, exit_signal=0, set_tid=self.scratch + 256,
+                          set_tid_size=1)
+        inj.write(self.scratch + 256, struct.pack("<i", vtid))
+        inj.write(self.scratch, bytes(args))
+        inj.new_threads.clear()
+        try:
+            res = inj.check("clone3", self.scratch, ctypes.sizeof(args))
+        except InjectError as e:
+            if e.errno == 17:
+                raise RestoreError("threads", f"tid {vtid} is in use (restore with --pidns "
+                                   "to get a fresh pid namespace)") from None
+            raise
+        if res != vtid or not inj.new_threads:
+            raise RestoreError("threads", f"clone3 gave tid {res}, wanted {vtid}")
+        rtid = inj.new_threads[-1]
+        self.tids[vtid] = rtid
+        while True:
+            status = pt.wait(rtid)
+            if not os.WIFSTOPPED(status):
+                raise RestoreError("threads", f"new thread {vtid} died")
+            if status >> 16 == PTRACE_EVENT_STOP:
+                break
+            pt.cont(rtid, 0)
+        pt.setsigmask(rtid, ALL_SIGNALS)
+        return RestoreInjector(rtid, inj.addr, self.memfd)
+
+    def _thread_state(self, inj, th: dict) -> None:
+        sc = self.scratch
+        r = th.get("rseq")
+        if r and r.get("ptr"):
+            inj.check("rseq", r["ptr"], r["len"], 0, r["sig"])
+        rl = th.get("robust_list") or {}
+        if rl.get("head"):
+            inj.check("set_robust_list", rl["head"], rl["len"])
+        inj.call("set_tid_address", th.get("clear_child_tid", 0))
+        ss = th.get("sigaltstack")
+        if ss:
+            inj.write(sc + 1024, struct.pack("<Qi4xQ", ss["sp"], ss["flags"] & ~1, ss["size"]))
+            inj.check("sigaltstack", sc + 1024, 0)
+        comm = th.get("comm")
+        if comm:
+            try:
+                with open(f"/proc/{self.rpid}/task/{inj.tid}/comm", "w") as f:
+                    f.write(comm)
+            except OSError:
+                pass
+
+    def _creds(self, inj, vtid: int) -> None:
+        c = self.task.get("creds")
+        if not c:
+            return
+        cur = _status_caps(self.rpid, inj.tid)
+        ids = lambda k: [int(x) for x in cur[k].split()]  # noqa: E731
+        sc = self.scratch + 2048
+        cap = lambda k: int(cur[k], 16)  # noqa: E731
+        if c.get("groups") is not None and sorted(ids("Groups") if cur.get("Groups") else []) \
+                != sorted(c["groups"]):
+            inj.write(sc, struct.pack(f"<{len(c['groups'])}I", *c["groups"]))
+            inj.check("setgroups", len(c["groups"]), sc)
+        for bit in range(64):
+            if cap("CapBnd") >> bit & 1 and not c["cap_bnd"] >> bit & 1:
+                inj.check("prctl", PR_CAPBSET_DROP, bit, 0, 0, 0)
+        if ids("Gid")[:3] != c["gid"][:3]:
+            inj.check("setresgid", *c["gid"][:3])
+        uid_change = ids("Uid")[:3] != c["uid"][:3]
+        if uid_change:
+            if c["cap_prm"]:
+                inj.check("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
+            inj.check("setresuid", *c["uid"][:3])
+            if c["cap_prm"]:
+                inj.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0)
+        cur = _status_caps(self.rpid, inj.tid)
+        if (cap("CapEff"), cap("CapPrm"), cap("CapInh")) != (c["cap_eff"], c["cap_prm"],
+                                                             c["cap_inh"]):
+            lo = lambda v: v & 0xFFFFFFFF  # noqa: E731
+            data = struct.pack("<IIIIII", lo(c["cap_eff"]), lo(c["cap_prm"]), lo(c["cap_inh"]),
+                               c["cap_eff"] >> 32, c["cap_prm"] >> 32, c["cap_inh"] >> 32)
+            inj.write(sc, struct.pack("<Ii", 0x20080522, 0) + data)
+            inj.check("capset", sc, sc + 8)
+        if c.get("no_new_privs"):
+            inj.check("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+    def _registers(self, th: dict) -> None:
+        rtid = self.tids[th["tid"]]
+        saved = self.sf.regs.get(th["tid"])
+        if saved is None:
+            raise RestoreError("registers", f"no registers saved for thread {th['tid']}")
+        r = saved.user_regs()
+        fixup_restart(r, th.get("syscall"))
+        pt.setregs(rtid, r)
+        if saved.xstate:
+            pt.setregset(rtid, ec.NT_X86_XSTATE, saved.xstate)
+        elif saved.fpregs:
+            pt.setregset(rtid, ec.NT_PRFPREG, saved.fpregs)
+        pt.setsigmask(rtid, th.get("sigmask", 0))
+
+    def kill(self) -> None:
+        for rtid in self.tids.values():
+            try:
+                os.kill(rtid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.kill(self.rpid, signal.SIGKILL)
+        except OSError:
+            pass
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1

@@ -1,0 +1,131 @@
+"""Checks made before anything is created: the statefile is restartable here,
+its files are still there and unchanged, the executable and libraries are the
+same, and this kernel's vDSO matches the checkpointed one."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ValidationError
+from .restore_memory import VDSO_NAMES, file_path, parse_maps
+
+SUPPORTED_FD_KINDS = ("regular", "directory", "chr", "tty")
+
+
+def _ident_problem(path: str, want: dict, what: str, check_size_mtime: bool = True) -> str | None:
+    try:
+        s = os.stat(path)
+    except FileNotFoundError:
+        return f"{what} {path} no longer exists"
+    except OSError as e:
+        return f"{what} {path}: {e.strerror}"
+    if want.get("ino") is not None and s.st_ino != want["ino"]:
+        return f"{what} {path} was replaced (inode {want['ino']} -> {s.st_ino})"
+    if want.get("dev") is not None and s.st_dev != want["dev"]:
+        return f"{what} {path} is on another device now"
+    if check_size_mtime:
+        if want.get("size") is not None and s.st_size != want["size"]:
+            return f"{what} {path} changed size ({want['size']} -> {s.st_size} bytes)"
+        if want.get("mtime_ns") is not None and s.st_mtime_ns != want["mtime_ns"]:
+            return f"{what} {path} was modified since the checkpoint"
+    return None
+
+
+def vdso_problem(task: dict, sf) -> str | None:
+    mine = {m["path"]: m["end"] - m["start"] for m in parse_maps(os.getpid())
+            if m["path"] in VDSO_NAMES}
+    saved = {m["path"]: m["end"] - m["start"] for m in task["mappings"]
+             if m["path"] in VDSO_NAMES}
+    if not saved:
+        return None
+    if mine != saved:
+        fmt = lambda d: ", ".join(f"{k} {v // 4096}p" for k, v in sorted(d.items()))  # noqa
+        return (f"this kernel's vDSO layout ({fmt(mine)}) differs from the checkpointed one "
+                f"({fmt(saved)}); restoring on another kernel is not supported yet")
+    # Same layout: the code must be the same too (glibc keeps pointers into it).
+    vd = next(m for m in task["mappings"] if m["path"] == "[vdso]")
+    seg = next((sf.segment(p) for p in vd["segments"] if sf.segment(p)["filesz"]), None)
+    if seg is None:
+        return None
+    own = next(m for m in parse_maps(os.getpid()) if m["path"] == "[vdso]")
+    with open("/proc/self/mem", "rb", buffering=0) as f:
+        f.seek(own["start"])
+        image = f.read(own["end"] - own["start"])
+    with sf.open() as f:
+        saved_image = sf.read_segment(f, seg, 0, seg["memsz"])
+    if image != saved_image:
+        return ("this kernel's vDSO code differs from the checkpointed one (another kernel "
+                "build); restoring across kernels is not supported yet")
+    return None
+
+
+def validate(sf, force_files: bool = False) -> list[str]:
+    """Return warnings; raise ValidationError (one line) on the first refusal."""
+    warnings: list[str] = []
+    h = sf.header
+    if h.get("machine", "x86_64") != "x86_64":
+        raise ValidationError(f"statefile is for {h.get('machine')}, this is x86_64")
+    if h.get("restartable") is False:
+        why = "; ".join(str(x) for x in h.get("not_restartable", [])) or "see crinspect"
+        raise ValidationError(f"the statefile is marked not restartable: {why}")
+    if len(sf.tasks) != 1:
+        raise ValidationError(f"the statefile holds a tree of {len(sf.tasks)} processes; this "
+                              "crrestart restores single processes (with threads) only")
+    task = sf.root
+    uid = os.geteuid()
+    creds = task.get("creds", {})
+    if uid != 0:
+        ids = set(creds.get("uid", [uid])) | {None}
+        if ids - {None} != {uid}:
+            raise ValidationError(f"the process ran as uid {creds.get('uid')}; only root can "
+                                  f"restore a process of another user (you are uid {uid})")
+        if set(creds.get("gid", [os.getegid()])) != {os.getegid()}:
+            raise ValidationError(f"the process ran with gids {creds.get('gid')}; only root "
+                                  "can restore it")
+    p = vdso_problem(task, sf)
+    if p:
+        raise ValidationError(p)
+    # executable and mapped files
+    if task.get("exe"):
+        p = _ident_problem(task["exe"], task.get("exe_id", {}), "the executable")
+        if p:
+            raise ValidationError(p + " (the program must be the same)")
+    for m in task["mappings"]:
+        if m["kind"] in ("file-private", "file-shared") and not m.get("deleted"):
+            try:
+                s = os.stat(file_path(m))
+            except OSError:
+                raise ValidationError(f"mapped file {file_path(m)} no longer exists") from None
+            maj, mnr = (int(x, 16) for x in m["dev"].split(":"))
+            if s.st_ino != m["inode"] or (os.major(s.st_dev), os.minor(s.st_dev)) != (maj, mnr):
+                raise ValidationError(f"mapped file {file_path(m)} was replaced since the "
+                                      "checkpoint (a library or the program was updated)")
+        if m["kind"] == "special":
+            raise ValidationError(f"special mapping {m['path']} cannot be restored")
+    # open files
+    used = {d["file"] for d in task["fds"]}
+    for f in sf.files:
+        if f["id"] not in used:
+            continue
+        kind = f["kind"]
+        if kind not in SUPPORTED_FD_KINDS:
+            raise ValidationError(f"open file {f['path']} ({kind}) is not restored by this "
+                                  "crrestart")
+        if kind == "regular" and f.get("deleted"):
+            if "blob" not in f and f.get("size"):
+                raise ValidationError(f"deleted file {f['path']} has no saved content")
+            continue
+        if kind == "regular":
+            p = _ident_problem(f["path"], f, "file")
+            if p and not force_files:
+                raise ValidationError(p + " (--force-files restores anyway)")
+            if p:
+                warnings.append(p)
+        elif kind in ("directory", "chr"):
+            if not os.path.exists(f["path"]):
+                raise ValidationError(f"{f['path']} no longer exists")
+    if task.get("cwd") and not os.path.isdir(task["cwd"]):
+        raise ValidationError(f"working directory {task['cwd']} no longer exists")
+    if task.get("creds", {}).get("seccomp"):
+        raise ValidationError("the process had a seccomp filter; not restored by this crrestart")
+    return warnings
