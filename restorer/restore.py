@@ -106,6 +106,28 @@ def _init_main(plan: ChildPlan, status_w: int, vpid: int) -> None:
         os._exit(1)
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2:][:1] in (b"Z", b"X")
+    except OSError:
+        return True   # gone (or going): worth another try
+
+
+def _fork_pid_waiting_zombie(pid: int) -> int:
+    """fork_with_pid, waiting up to 2 s while the pid belongs to a dying
+    process (the checkpointed original, killed and not yet reaped)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            return fork_with_pid(pid)
+        except OSError as e:
+            if e.errno != 17 or time.monotonic() > deadline or not _is_zombie(pid):
+                raise
+            time.sleep(0.01)
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -181,7 +203,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
             res.init_pid = init
         else:
             try:
-                child = fork_with_pid(vpid)
+                child = _fork_pid_waiting_zombie(vpid)
             except OSError as e:
                 if e.errno == 17:
                     raise RestoreError("pid", f"pid {vpid} is in use by another process "
