@@ -194,6 +194,15 @@ class TaskRestorer:
         m.auxv = self.scratch + 512
         m.auxv_size = len(auxv)
         m.exe_fd = self.fds.get("exe", 2**32 - 1)
+        try:
+            cur = os.stat(f"/proc/{self.rpid}/exe")
+            want = os.stat(f"/proc/{self.rpid}/fd/{m.exe_fd}") if "exe" in self.fds else None
+            if want and (cur.st_dev, cur.st_ino) == (want.st_dev, want.st_ino):
+                # Same program as the restorer's (a Python script restored by a
+                # Python crrestart): the kernel refuses to "change" it (EBUSY).
+                m.exe_fd = 2**32 - 1
+        except OSError:
+            pass
         inj.write(self.scratch, bytes(m))
         inj.write(self.scratch + 512, auxv)
         inj.check("prctl", PR_SET_MM, PR_SET_MM_MAP, self.scratch, ctypes.sizeof(m), 0)

@@ -63,3 +63,240 @@ def test_ticker_output_identical(sample_bin, procs, tmp_path, mode):
     code, err = finish(r)
     assert code == 0, err
     assert out.read_bytes() == reference([sample_bin / "ticker", 25, 4, 0], tmp_path)
+
+
+# ------------------------------------------------------------------ helpers
+
+def build_c(tmp_path: Path, name: str, source: str) -> Path:
+    src = tmp_path / f"{name}.c"
+    src.write_text(source)
+    exe = tmp_path / name
+    subprocess.run(["gcc", "-O1", "-pthread", "-Wall", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def reap(pid: int) -> None:
+    """Reap a checkpointed-and-killed process that re-parented to us (procs is a
+    subreaper); a zombie keeps its pid."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+
+
+CLOCK_MALLOC = r"""
+#define _GNU_SOURCE
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    long ticks = atol(argv[1]);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    struct timespec prev; clock_gettime(CLOCK_MONOTONIC, &prev);
+    void *keep[64] = {0};
+    long ncpu = sysconf(_SC_NPROCESSORS_CONF);
+    for (long n = 1; n <= ticks; n++) {
+        struct timespec now, rt; clock_gettime(CLOCK_MONOTONIC, &now);
+        clock_gettime(CLOCK_REALTIME, &rt);
+        int mono_ok = (now.tv_sec > prev.tv_sec) ||
+                      (now.tv_sec == prev.tv_sec && now.tv_nsec >= prev.tv_nsec);
+        int rt_ok = rt.tv_sec > 1600000000;
+        prev = now;
+        /* small (brk heap) and large (mmap) allocations, some kept, some freed */
+        size_t sz = (n % 3 == 0) ? (size_t)(256 << 10) + n * 4096 : 32 + n * 40;
+        unsigned char *p = malloc(sz);
+        for (size_t i = 0; i < sz; i++) p[i] = (unsigned char)(i * n + 7);
+        uint64_t sum = 0;
+        for (size_t i = 0; i < sz; i += 61) sum += p[i];
+        int slot = n % 64;
+        free(keep[slot]); keep[slot] = p;
+        int cpu = sched_getcpu();
+        printf("tick %ld mono_ok=%d rt_ok=%d cpu_ok=%d sum=%llu\n", n, mono_ok, rt_ok,
+               cpu >= 0 && cpu < ncpu, (unsigned long long)sum);
+        struct timespec ts = {0, 40 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    printf("done\n");
+    return 0;
+}
+"""
+
+UNLINKED = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    long ticks = atol(argv[1]);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int fd = open(argv[2], O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0 || unlink(argv[2]) != 0) { perror("tmp"); return 1; }
+    char buf[128];
+    for (long n = 1; n <= ticks; n++) {
+        int len = snprintf(buf, sizeof buf, "line %ld of the unlinked file\n", n);
+        if (write(fd, buf, len) != len) { perror("write"); return 1; }
+        printf("tick %ld\n", n);
+        struct timespec ts = {0, 30 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    off_t size = lseek(fd, 0, SEEK_CUR);
+    char *all = malloc(size + 1);
+    if (pread(fd, all, size, 0) != size) { perror("pread"); return 1; }
+    unsigned long h = 5381;
+    for (off_t i = 0; i < size; i++) h = h * 33 + (unsigned char)all[i];
+    printf("size=%ld hash=%lx\n", (long)size, h);
+    return 0;
+}
+"""
+
+
+# ------------------------------------------------------------------- tests
+
+def test_mt_values_threads_join(sample_bin, procs, tmp_path):
+    """Main + 3 pthreads with mutex/condvar and nanosleep; pthread_join after restart."""
+    require_root()
+    out, cr = tmp_path / "mt.out", tmp_path / "mt.cr"
+    p = procs.spawn([sample_bin / "mt_values", 30], stdout=out, stderr=tmp_path / "mt.err")
+    wait_for_line(out, r"^tick 8 ", proc=p)
+    checkpoint(p.pid, cr, proc=p)
+    code, err = finish(restart(procs, cr))
+    assert code == 0, err + (tmp_path / "mt.err").read_text()
+    assert out.read_bytes() == reference([sample_bin / "mt_values", 30], tmp_path)
+    assert out.read_text().endswith("joined\n")
+
+
+def test_python_threads(sample_bin, procs, tmp_path):
+    require_root()
+    out, cr = tmp_path / "py.out", tmp_path / "py.cr"
+    argv = [sys.executable, sample_bin / "pyworker.py", 25]
+    p = procs.spawn(argv, stdout=out, stderr=tmp_path / "py.err")
+    wait_for_line(out, r"^py tick 6 ", proc=p)
+    checkpoint(p.pid, cr, proc=p)
+    code, err = finish(restart(procs, cr))
+    assert code == 0, err + (tmp_path / "py.err").read_text()
+    assert out.read_bytes() == reference(argv, tmp_path)
+
+
+def test_clock_gettime_and_malloc_after_restart(procs, tmp_path):
+    require_root()
+    exe = build_c(tmp_path, "clockmalloc", CLOCK_MALLOC)
+    out, cr = tmp_path / "cm.out", tmp_path / "cm.cr"
+    p = procs.spawn([exe, 30], stdout=out, stderr=tmp_path / "cm.err")
+    wait_for_line(out, r"^tick 7 ", proc=p)
+    checkpoint(p.pid, cr, proc=p)
+    code, err = finish(restart(procs, cr))
+    assert code == 0, err
+    assert out.read_bytes() == reference([exe, 30], tmp_path)
+    assert "ok=0" not in out.read_text()
+
+
+def test_unlinked_temp_file(procs, tmp_path):
+    require_root()
+    exe = build_c(tmp_path, "unlinked", UNLINKED)
+    out, cr = tmp_path / "ul.out", tmp_path / "ul.cr"
+    p = procs.spawn([exe, 40, tmp_path / "scratch.tmp"], stdout=out, stderr=tmp_path / "ul.err")
+    wait_for_line(out, r"^tick 10$", proc=p)
+    checkpoint(p.pid, cr, proc=p)
+    assert not (tmp_path / "scratch.tmp").exists()
+    code, err = finish(restart(procs, cr))
+    assert code == 0, err
+    assert out.read_bytes() == reference([exe, 40, tmp_path / "ref.tmp"], tmp_path)
+    # nothing left behind by the re-creation of the deleted file
+    assert not [f for f in os.listdir(tmp_path) if "crelf" in f]
+
+
+def test_gzip_mid_stream(procs, tmp_path):
+    require_root()
+    import random
+    r = random.Random(7)
+    words = ["".join(r.choice("abcdefghijklmnop") for _ in range(r.randint(2, 9)))
+             for _ in range(4000)]
+    src = tmp_path / "in.txt"
+    with open(src, "w") as f:
+        for _ in range(40000):
+            f.write(" ".join(r.choices(words, k=10)) + "\n")
+    data = src.read_bytes()
+    src.write_bytes(data * 12)       # ~27 MB: gzip -9 takes a few seconds
+    gz = tmp_path / "out.gz"
+    with open(src, "rb") as fin:
+        p = procs.spawn(["gzip", "-9", "-n"], stdin=fin, stdout=gz, stderr=tmp_path / "gz.err")
+    deadline = time.monotonic() + 20
+    while gz.stat().st_size < 64 << 10:
+        assert p.poll() is None and time.monotonic() < deadline, "gzip finished too early"
+        time.sleep(0.02)
+    checkpoint(p.pid, tmp_path / "gzip.cr", proc=p)
+    mid = gz.stat().st_size
+    code, err = finish(restart(procs, tmp_path / "gzip.cr"), timeout=120)
+    assert code == 0, err
+    assert gz.stat().st_size > mid
+    with open(src, "rb") as fin:
+        ref = subprocess.run(["gzip", "-9", "-n"], stdin=fin, capture_output=True,
+                             check=True).stdout
+    assert gz.read_bytes() == ref
+
+
+def test_three_rounds(sample_bin, procs, tmp_path):
+    """Checkpoint, restart (--detach), checkpoint the restarted one ... 3 times."""
+    require_root()
+    out = tmp_path / "tick.out"
+    p = procs.spawn([sample_bin / "ticker", 40, 4, 50], stdout=out)
+    pid = p.pid
+    for rnd in range(1, 4):
+        wait_for_line(out, rf"^tick {rnd * 8} ", timeout=20)
+        cr = tmp_path / f"round{rnd}.cr"
+        checkpoint(pid, cr, proc=p if rnd == 1 else None)
+        reap(pid)
+        code, err = finish(restart(procs, cr, "--detach"))
+        assert code == 0, f"round {rnd}: {err}"
+    wait_for_line(out, r"^done$", timeout=30)
+    reap(pid)
+    assert out.read_bytes() == reference([sample_bin / "ticker", 40, 4, 0], tmp_path)
+
+
+def test_pid_busy_error_and_pidns(sample_bin, procs, tmp_path):
+    """Without --kill the original keeps its pid: a clear refusal naming the pid;
+    --pidns restores the copy beside it in a new pid namespace."""
+    require_root()
+    out = tmp_path / "tick.out"
+    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
+    wait_for_line(out, r"^tick 3 ", proc=p)
+    cr = tmp_path / "live.cr"
+    checkpoint(p.pid, cr, kill=False)
+    code, err = finish(restart(procs, cr, "--force-files"))
+    assert code == 3
+    assert f"pid {p.pid} is in use" in err and "--pidns" in err
+    r = restart(procs, cr, "--force-files", "--pidns", "--detach", "--json")
+    code, err = finish(r)
+    assert code == 0, err
+    import json
+    info = json.loads(err.strip().splitlines()[-1])
+    assert info["pid"] == p.pid and info["tracer_pid"] != p.pid
+    with open(f"/proc/{info['tracer_pid']}/status") as f:
+        nspid = [line.split()[1:] for line in f if line.startswith("NSpid:")][0]
+    assert int(nspid[-1]) == p.pid          # same pid inside its namespace
+    assert os.readlink(f"/proc/{info['tracer_pid']}/exe") == str(sample_bin / "ticker")
+
+
+def test_changed_file_refused(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "tick.out"
+    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
+    wait_for_line(out, r"^tick 3 ", proc=p)
+    cr = tmp_path / "t.cr"
+    checkpoint(p.pid, cr, proc=p)
+    with open(out, "a") as f:
+        f.write("changed\n")
+    code, err = finish(restart(procs, cr))
+    assert code == 3
+    assert "validation" in err and str(out) in err and "--force-files" in err
+    assert len(err.strip().splitlines()) == 1
