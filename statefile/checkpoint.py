@@ -8,7 +8,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, flags, procfs, support
+from . import FORMAT_VERSION, __version__, flags, procfs, snapshot, support
 from .dump_files import FileTable
 from .dump_memory import PAGE, dump_mappings
 from .dump_task import dump_task
@@ -55,14 +55,49 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
     return skipped
 
 
+def _make_snapshots(freezer: Freezer, tasks: list[dict]) -> dict[int, int]:
+    """A copy-on-write snapshot per task; {} (copy while frozen) if one fails."""
+    snaps: dict[int, int] = {}
+    try:
+        for t in tasks:
+            ft = freezer.tasks[t["pid"]]
+            leader = t["pid"] if t["pid"] in ft.threads else min(ft.threads)
+            snaps[t["pid"]] = snapshot.fork_snapshot(leader, ft.syscall_addr)
+    except OSError:
+        _release_snapshots(freezer, snaps)
+        return {}
+    return snaps
+
+
+def _release_snapshots(freezer: Freezer, snaps: dict[int, int], addrs=None) -> None:
+    addrs = addrs or {p: ft.syscall_addr for p, ft in freezer.tasks.items()}
+    for pid, child in snaps.items():
+        snapshot.release_snapshot(pid, child, addrs[pid])
+    snaps.clear()
+
+
 def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False,
-               policy: Policy | None = None, progress=None) -> dict:
-    """Write the statefile of the tree rooted at pid; return a summary."""
+               policy: Policy | None = None, progress=None, cow: bool = True) -> dict:
+    """Write the statefile of the tree rooted at pid; return a summary.
+
+    With `cow` (the default when the tree runs on), the tree is released as
+    soon as copy-on-write snapshots of its tasks exist, and its memory is
+    written from them while it runs (statefile/snapshot.py).
+    """
     policy = policy or Policy()
     check_target(pid)
     writer = StatefileWriter(output, fsync=fsync)
     freezer = Freezer(pid)
+    snaps: dict[int, int] = {}
+    addrs: dict[int, int] = {}
     t_start = time.monotonic()
+    t_thawed = None
+
+    def thaw():
+        nonlocal t_thawed
+        freezer.thaw()
+        t_thawed = time.monotonic()
+
     try:
         freezer.freeze()
         t_frozen = time.monotonic()
@@ -120,15 +155,24 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             "not_restartable": [f.line() for f in bad],
             "leave_running": not kill,
         }
+        if cow and not kill:
+            addrs = {p: ft.syscall_addr for p, ft in freezer.tasks.items()}
+            snaps = _make_snapshots(freezer, tasks)
+        header["copy_on_write"] = bool(snaps)
         stats = writer.write(header=header, tasks=tasks, regs=regs, files=files.files,
-                             segments=segments, progress=progress)
+                             segments=segments, progress=progress,
+                             snapshots=snaps, thaw=thaw if snaps else None)
     except BaseException:
         # Nothing is lost: no half-written file, the tree runs on.
         writer.abort()
         freezer.thaw()
+        _release_snapshots(freezer, snaps, addrs)
         raise
     t_written = time.monotonic()
-    freezer.thaw(kill=kill)
+    if t_thawed is None:
+        freezer.thaw(kill=kill)
+        t_thawed = time.monotonic()
+    _release_snapshots(freezer, snaps, addrs)
     t_end = time.monotonic()
     return {
         "statefile": os.path.abspath(output), "root_pid": pid,
@@ -140,7 +184,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         "skipped": skipped,
         "bytes_stored": stats["bytes_stored"], "file_size": stats["file_size"],
         "segments": stats["segments"],
-        "frozen_seconds": round(t_end - t_frozen, 6),
+        "copy_on_write": header["copy_on_write"],
+        "frozen_seconds": round(t_thawed - t_frozen, 6),
         "freeze_seconds": round(t_frozen - t_start, 6),
         "write_seconds": round(t_written - t_frozen, 6),
         "total_seconds": round(t_end - t_start, 6),

@@ -68,14 +68,17 @@ def _policy_options(fn):
               help="Statefile to write (created atomically, mode 0600).")
 @click.option("--kill", is_flag=True, help="Terminate the whole tree after a successful write.")
 @click.option("--fsync", is_flag=True, help="Flush the statefile to disk before renaming it.")
+@click.option("--no-cow", is_flag=True,
+              help="Keep the tree frozen while its memory is written, instead of releasing "
+                   "it once copy-on-write snapshots are taken.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_policy_options
 @click.option("--snapshot", is_flag=True,
               help="Write a debug-only statefile (marked not restartable) instead of "
                    "refusing when something cannot be restored.")
 @click.version_option(__version__, prog_name="crcheckpoint")
-def main(pid: int, output: str, kill: bool, fsync: bool, as_json: bool, policy_file,
-         skip, dump_tmpfs, snapshot) -> None:
+def main(pid: int, output: str, kill: bool, fsync: bool, no_cow: bool, as_json: bool,
+         policy_file, skip, dump_tmpfs, snapshot) -> None:
     """Checkpoint process PID and all its descendants into one ELF statefile.
 
     The tree is frozen while its state is written, then runs on unharmed
@@ -90,7 +93,7 @@ def main(pid: int, output: str, kill: bool, fsync: bool, as_json: bool, policy_f
 
     progress = _Progress()
     summary = run_cli(lambda: checkpoint(
-        pid, output, kill=kill, fsync=fsync, progress=progress,
+        pid, output, kill=kill, fsync=fsync, progress=progress, cow=not no_cow,
         policy=pol.build(policy_file, skip, dump_tmpfs, snapshot)), prog="crcheckpoint")
     progress.finish()
     if as_json:

@@ -93,6 +93,7 @@ class SegmentPlan:
     src_offset: int = 0
     mapping: int = -1     # index in the task's mapping table
     blob: str = ""        # for PT_CRELF_BLOB segments: what it is
+    frozen_only: bool = False  # must be read while the tree is frozen (no snapshot copy)
 
 
 class PageScanner:
@@ -214,8 +215,13 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
             m["segments"] = []
             size = m["end"] - m["start"]
 
+            # A fork()ed snapshot lacks MADV_DONTFORK memory, sees MADV_WIPEONFORK
+            # memory as zeros and shares shared memory: read those while frozen.
+            frozen_only = m["perms"][3] == "s" or "dc" in m["vmflags"] or "wf" in m["vmflags"]
+
             def plan(vaddr, memsz, store, runs, **kw):
-                p = SegmentPlan(pid, vaddr, memsz, m["perms"], store, runs, mapping=idx, **kw)
+                p = SegmentPlan(pid, vaddr, memsz, m["perms"], store, runs, mapping=idx,
+                                frozen_only=frozen_only, **kw)
                 m["segments"].append(len(plans))
                 plans.append(p)
 

@@ -107,7 +107,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
     leader = pid if pid in ft.threads else min(ft.threads)
     memfd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
     try:
-        addr = find_syscall_insn(pid, maps0)
+        addr = ft.syscall_addr = find_syscall_insn(pid, maps0)
         with Injector(leader, addr, memfd) as inj:
             scratch = inj.check("mmap", 0, 4096, 3, 0x22, 2**64 - 1, 0)
             try:

@@ -33,6 +33,7 @@ class FrozenTask:
     pid: int
     state_before: str
     threads: dict[int, FrozenThread] = field(default_factory=dict)
+    syscall_addr: int = 0  # a `syscall` instruction in its vDSO, for injection
 
 
 def check_target(pid: int) -> None:

@@ -22,6 +22,7 @@ SYSCALL_INSN = b"\x0f\x05"
 NR = {
     "mmap": 9, "munmap": 11, "brk": 12, "rt_sigaction": 13, "getitimer": 36,
     "sigaltstack": 131, "prctl": 157, "arch_prctl": 158, "timer_gettime": 224,
+    "clone": 56, "wait4": 61,
 }
 PR_GET_TID_ADDRESS = 40
 
@@ -52,6 +53,7 @@ class Injector:
         self.memfd = memfd
         self.saved = pt.getregs(tid)
         self.deferred: list[int] = []
+        self.clone_child = 0  # tracer-side pid of a child an injected clone made
 
     def __enter__(self):
         return self
@@ -77,6 +79,9 @@ class Injector:
             if not os.WIFSTOPPED(status):
                 raise InjectError(0, f"thread {self.tid} died during syscall injection")
             s = os.WSTOPSIG(status)
+            if (status >> 16) == pt.PTRACE_EVENT_CLONE:
+                self.clone_child = pt.geteventmsg(self.tid)
+                continue
             if s == signal.SIGTRAP and (status >> 16) == 0:
                 break
             if (status >> 16) == 0:
@@ -87,6 +92,15 @@ class Injector:
         if res >= 2**63:
             res -= 2**64
         return res
+
+    def call_clone(self, flags: int) -> int:
+        """fork()-like clone (same stack, no exit signal) under PTRACE_O_TRACECLONE;
+        returns the new child's pid as the tracer sees it."""
+        self.clone_child = 0
+        self.check("clone", flags, 0, 0, 0, 0)
+        if not self.clone_child:
+            raise InjectError(0, f"clone in {self.tid} made no traced child")
+        return self.clone_child
 
     def check(self, name: str, *args: int) -> int:
         res = self.call(name, *args)

@@ -190,13 +190,22 @@ class StatefileWriter:
             pass
 
     def write(self, *, header: dict, tasks: list[dict], regs: list[nt.ThreadRegs],
-              files: list[dict], segments: list[SegmentPlan], progress=None) -> dict:
-        """Write everything; return statistics.  The caller calls abort() on failure."""
+              files: list[dict], segments: list[SegmentPlan], progress=None,
+              snapshots: dict[int, int] | None = None, thaw=None) -> dict:
+        """Write everything; return statistics.  The caller calls abort() on failure.
+
+        With `snapshots` (task pid -> pid of its copy-on-write snapshot) the
+        segments that must be read while the tree is frozen (shared memory,
+        MADV_DONTFORK/WIPEONFORK memory, file contents) are copied first, then
+        `thaw()` releases the tree, and private memory is read from the
+        snapshots while the tree runs on.
+        """
+        snapshots = snapshots or {}
         root = tasks[0]
         nph = 1 + len(segments)
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
         cur = _align(ec.headers_size(nph))
-        jobs, seg_desc, sources = [], [], {}
+        frozen_jobs, later_jobs, seg_desc, sources = [], [], [], {}
         stored = 0
         for i, p in enumerate(segments, start=1):
             ph = phdrs[i]
@@ -216,22 +225,30 @@ class StatefileWriter:
                 desc["blob"] = p.blob
             seg_desc.append(desc)
             if filesz:
+                later = p.src == "mem" and not p.frozen_only and p.pid in snapshots
                 if p.src == "mem":
-                    if p.pid not in sources:
-                        sources[p.pid] = _MemSource(p.pid)
-                    src, base = sources[p.pid], p.vaddr
+                    read_pid = snapshots[p.pid] if later else p.pid
+                    if read_pid not in sources:
+                        sources[read_pid] = _MemSource(read_pid)
+                    src, base = sources[read_pid], p.vaddr
                 else:
                     src = sources[("file", i)] = _FileSource(p.src_path)
                     base = p.src_offset
-                jobs.append((i, src, [(base + o, cur + o, n) for o, n in p.runs]))
+                (later_jobs if later else frozen_jobs).append(
+                    (i, src, [(base + o, cur + o, n) for o, n in p.runs]))
                 stored += sum(n for _, n in p.runs)
                 cur = _align(cur + filesz)
         t0 = time.monotonic()
+        crcs: dict[int, int] = {}
         try:
-            copier = _Copier(self.fd, progress)
             try:
                 os.ftruncate(self.fd, cur)
-                copier.run(jobs)
+                for phase, jobs in enumerate((frozen_jobs, later_jobs)):
+                    if phase == 1 and thaw is not None:
+                        thaw()
+                    copier = _Copier(self.fd, progress)
+                    copier.run(jobs)
+                    crcs.update(copier.crcs)
             except OSError as e:
                 raise OutputError(_write_error(e, self.path)) from None
         finally:
@@ -240,7 +257,7 @@ class StatefileWriter:
         copy_seconds = time.monotonic() - t0
         for d in seg_desc:
             if d["filesz"]:
-                d["crc32"] = copier.crcs[d["phdr"]]
+                d["crc32"] = crcs[d["phdr"]]
 
         # Notes: the gdb baseline for the root task, then ours.
         regs_by_tid = {r.tid: r for r in regs}

@@ -311,3 +311,65 @@ def test_real_pipeline_output_unchanged_by_leave_running_checkpoints(procs, tmp_
     assert out.read_bytes() == ref
     sf = reader.load(str(tmp_path / "p0.cr"))
     assert {t["comm"] for t in sf.tasks} >= {"sh", "seq", "awk", "gzip"}
+
+
+GEN_PROGRAM = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#define PAGES 8192
+volatile unsigned long gen;
+unsigned long *buf;
+int main(void) {
+    buf = aligned_alloc(4096, PAGES * 4096UL);
+    memset(buf, 0, PAGES * 4096UL);
+    printf("buf %p gen %p\n", (void *)buf, (void *)&gen); fflush(stdout);
+    for (;;) {
+        gen++;
+        for (unsigned long p = 0; p < PAGES; p++) buf[p * 512] = gen;
+    }
+}
+"""
+
+
+def _read_mem(sf, f, pid, addr, size):
+    for seg in sf.segments:
+        if seg["pid"] == pid and seg["vaddr"] <= addr < seg["vaddr"] + seg["memsz"]:
+            return sf.read_segment(f, seg, addr - seg["vaddr"], size)
+    raise AssertionError(f"{addr:#x} not in the statefile")
+
+
+@pytest.mark.parametrize("mode", ["cow", "frozen"])
+def test_memory_is_a_consistent_snapshot_while_the_target_writes(mode, procs, tmp_path):
+    """The target rewrites 32 MiB as fast as it can; the statefile must hold the
+    memory of one instant: page values non-increasing, at most one step apart,
+    and equal to the generation counter saved in the same file."""
+    require_root()
+    src = tmp_path / "gen.c"
+    src.write_text(GEN_PROGRAM)
+    subprocess.run(["gcc", "-O1", "-o", tmp_path / "gen", src], check=True)
+    out = tmp_path / "gen.out"
+    proc = procs.spawn([tmp_path / "gen"], stdout=out)
+    line = wait_for_line(out, r"^buf ", proc=proc)
+    buf, gen = (int(x, 16) for x in line.split()[1::2])
+    time.sleep(0.3)
+    cr = tmp_path / "gen.cr"
+    summary = checkpoint(proc.pid, cr, *(["--no-cow"] if mode == "frozen" else []))
+    assert summary["copy_on_write"] == (mode == "cow")
+    assert proc.poll() is None
+    assert children_of(proc.pid) == [], "the snapshot copy was not reaped"
+    sf = reader.load(str(cr))
+    with sf.open() as f:
+        g = int.from_bytes(_read_mem(sf, f, proc.pid, gen, 8), "little")
+        mem = _read_mem(sf, f, proc.pid, buf, 8192 * 4096)
+    values = [int.from_bytes(mem[p * 4096:p * 4096 + 8], "little") for p in range(8192)]
+    assert values[0] == g and g > 1
+    assert all(a >= b for a, b in zip(values, values[1:])), "torn snapshot"
+    assert set(values) <= {g, g - 1}
+
+
+def children_of(pid):
+    kids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        kids += Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+    return kids
