@@ -4,7 +4,6 @@ wait for it in the foreground."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import sys
@@ -233,14 +232,8 @@ def restore(path: str, opts: Options, log=None) -> Result:
         t1 = time.perf_counter()
         res.timings["fork+files"] = t1 - t0
         # --- rebuild it -------------------------------------------------------------------
-        sfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(sfd).st_size
-            data = mmap.mmap(sfd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
-        finally:
-            os.close(sfd)
         fds = {e.key: e.fd for e in extras}
-        tr = TaskRestorer(sf, task, rpid, data, fds, lazy=opts.lazy, log=log)
+        tr = TaskRestorer(sf, task, rpid, fds, lazy=opts.lazy, log=log)
         tr.run()
         tr.release()
         res.lazy_server = tr.lazy_server

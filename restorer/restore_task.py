@@ -76,13 +76,12 @@ def _status_caps(rpid: int, tid: int) -> dict:
 
 
 class TaskRestorer:
-    def __init__(self, sf, task: dict, rpid: int, data, fds: dict[str, int],
+    def __init__(self, sf, task: dict, rpid: int, fds: dict[str, int],
                  lazy: bool = False, log=None):
         self.sf = sf
         self.task = task
         self.rpid = rpid                  # pid as the tracer sees it
         self.vpid = task["pid"]           # pid inside the task's namespace
-        self.data = data
         self.fds = fds
         self.lazy = lazy
         self.log = log or (lambda *a: None)
@@ -124,7 +123,7 @@ class TaskRestorer:
         inj.call("set_tid_address", 0)
         t = self._t("seize", t)
         self.step = "vdso"
-        mem = Memory(self.sf, task, self.data, self.memfd, self.fds)
+        mem = Memory(self.sf, task, self.memfd, self.fds)
         self.mem = mem
         mem.clear_and_move_vdso(inj, rpid)
         self.step = "mmap"
@@ -173,6 +172,7 @@ class TaskRestorer:
             self._registers(th)
         os.close(self.memfd)
         self.memfd = -1
+        mem.close()
         self._t("registers", t)
 
     def release(self) -> None:
@@ -318,3 +318,7 @@ class TaskRestorer:
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1
+        if getattr(self, "mem", None) is not None:
+            self.mem.close()
+        if self.lazy_server is not None:
+            self.lazy_server.stop()
