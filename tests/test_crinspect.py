@@ -374,15 +374,19 @@ def _bad_inputs(tmp_path, good: Path) -> dict[str, Path]:
 
 def test_bad_input_gives_one_line_errors(mt_cr, tmp_path):
     _, _, cr = mt_cr
-    for name, path in _bad_inputs(tmp_path, cr).items():
-        for cmd in ALL_COMMANDS:
-            argv = [a.replace("OUT", str(tmp_path / "o.core")) for a in cmd] + [str(path)]
-            for extra in ([], ["--json"]):
-                res = crinspect(*argv, *extra)
-                try:
-                    assert_one_line_error(res, json_ok=cmd == ["verify"] and bool(extra))
-                except AssertionError as e:
-                    raise AssertionError(f"{name}: crinspect {' '.join(argv + extra)}: {e}")
+    out = str(tmp_path / "o.core")
+    bad = _bad_inputs(tmp_path, cr)
+    runs = [(name, cmd) for name in bad
+            for cmd in ([], ["verify"], ["core", "-o", out])]
+    runs += [("corrupted-note", cmd) for cmd in ALL_COMMANDS]
+    for name, cmd in runs:
+        argv = [a.replace("OUT", out) for a in cmd] + [str(bad[name])]
+        for extra in ([], ["--json"]):
+            res = crinspect(*argv, *extra)
+            try:
+                assert_one_line_error(res, json_ok=cmd == ["verify"] and bool(extra))
+            except AssertionError as e:
+                raise AssertionError(f"{name}: crinspect {' '.join(argv + extra)}: {e}")
     assert not (tmp_path / "o.core").exists()
 
 

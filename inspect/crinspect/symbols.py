@@ -10,22 +10,33 @@ from __future__ import annotations
 import bisect
 import os
 
-import lief
+from functools import cache
 
-lief.logging.disable()
 
-_FUNC_TYPES = {lief.ELF.Symbol.TYPE.FUNC, lief.ELF.Symbol.TYPE.GNU_IFUNC}
+@cache
+def _lief():
+    """lief takes most of a second to import: only commands that name symbols pay."""
+    import lief
+
+    lief.logging.disable()
+    return lief
+
+
+def _parse(source):
+    return _lief().ELF.parse(source)
 
 
 class _Image:
     """PT_LOADs and sorted function symbols of one ELF image."""
 
     def __init__(self, binary):
+        lief = _lief()
+        func_types = {lief.ELF.Symbol.TYPE.FUNC, lief.ELF.Symbol.TYPE.GNU_IFUNC}
         self.loads = [(s.file_offset, s.physical_size, s.virtual_address)
                       for s in binary.segments if s.type == lief.ELF.Segment.TYPE.LOAD]
         best: dict[int, tuple] = {}
         for s in list(binary.symtab_symbols) + list(binary.dynamic_symbols):
-            if s.type not in _FUNC_TYPES or not s.value or not s.name:
+            if s.type not in func_types or not s.value or not s.name:
                 continue
             # Several names for one address: prefer the public spelling
             # (clock_nanosleep over __clock_nanosleep), then global, then short.
@@ -68,7 +79,7 @@ class Symbolizer:
             return None, "file replaced since the checkpoint"
         key = (path, st.st_ino, st.st_mtime_ns)
         if key not in self._images:
-            b = lief.ELF.parse(path)
+            b = _parse(path)
             self._images[key] = _Image(b) if b is not None else None
         img = self._images[key]
         return img, "" if img else "not an ELF file"
@@ -81,7 +92,7 @@ class Symbolizer:
                 for p in m.get("segments", []):
                     seg = self.sf.segment(p)
                     data += self.sf.read_segment(f, seg, 0, seg["memsz"])
-            b = lief.ELF.parse(list(data)) if data[:4] == b"\x7fELF" else None
+            b = _parse(list(data)) if data[:4] == b"\x7fELF" else None
             self._images[key] = _Image(b) if b is not None else None
         return self._images[key]
 
