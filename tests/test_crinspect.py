@@ -239,6 +239,22 @@ def test_symbols_in_the_executable_and_the_vdso(mt_cr, sample_bin):
     assert symbolizer.locate(task, anon["start"])["symbol"] is None
 
 
+def test_python_program_threads_and_syscalls(sample_bin, procs, tmp_path):
+    require_root()
+    out = tmp_path / "py.out"
+    proc = procs.spawn([sys.executable, sample_bin / "pyworker.py"], stdout=out)
+    wait_for_line(out, r"py tick 3 ", proc=proc)
+    cr = tmp_path / "py.cr"
+    checkpoint(proc.pid, cr, *snapshot_flag())
+    ths = crinspect_json("threads", cr)["threads"]
+    assert len(ths) == 3 and all(t["pid"] == proc.pid for t in ths)
+    main = next(t for t in ths if t["tid"] == proc.pid)
+    assert main["syscall"]["name"] in WAIT_SYMBOLS | {"select", "pselect6", "futex"}, main
+    workers = [t for t in ths if t["tid"] != proc.pid]
+    assert all(t["syscall"]["name"] == "futex" for t in workers), workers  # queue.get()
+    assert all("libc" in t["object"] for t in ths), ths
+
+
 # -------------------------------------------------------------------- verify
 
 def test_verify_passes_on_a_good_file(mt_cr):
@@ -328,6 +344,12 @@ def test_core_of_the_root_is_sparse_and_readable(mt_cr, sample_bin, tmp_path):
     assert len(re.findall(r"^[* ] +\d+ +Thread ", out, re.M)) == 4, out
     assert "0x1234abcd5678ef00" in out or str(0x1234abcd5678ef00) in out, out
     assert "crelf-banner-v1" in out, out
+
+    # crinspect gdb on the root task opens the statefile itself
+    res = subprocess.run([CRINSPECT, "gdb", str(cr), "--", "-nx", "-batch", "-ex",
+                          "info threads"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert len(re.findall(r"^[* ] +\d+ +Thread ", res.stdout, re.M)) == 4, res.stdout
 
 
 def test_core_of_a_pid_not_in_the_tree(mt_cr, tmp_path):

@@ -133,7 +133,7 @@ def files(sf) -> list[dict]:
                 "flags": f.get("flags", 0), "flags_text": open_flags(f.get("flags", 0)),
                 "offset": f.get("pos", 0), "cloexec": bool(fd.get("cloexec")),
                 "deleted": bool(f.get("deleted")), "size": f.get("size"),
-                "shared_with": [(o["pid"], o["fd"]) for o in _users(sf, fd["file"])
+                "shared_with": [o for o in _users(sf, fd["file"])
                                 if (o["pid"], o["fd"]) != (t["pid"], fd["fd"])],
             }
             if "socket" in f:

@@ -12,6 +12,8 @@ import os
 
 from functools import cache
 
+DEBUG_DIR = "/usr/lib/debug"
+
 
 @cache
 def _lief():
@@ -26,16 +28,30 @@ def _parse(source):
     return _lief().ELF.parse(source)
 
 
+def _debug_file(binary):
+    """The separate debug file of a stripped library, found by build-id as gdb does."""
+    lief = _lief()
+    note = binary.get(lief.ELF.Note.TYPE.GNU_BUILD_ID)
+    if note is None:
+        return None
+    h = bytes(note.description).hex()
+    path = os.path.join(DEBUG_DIR, ".build-id", h[:2], h[2:] + ".debug")
+    return _parse(path) if len(h) > 2 and os.path.isfile(path) else None
+
+
 class _Image:
     """PT_LOADs and sorted function symbols of one ELF image."""
 
-    def __init__(self, binary):
+    def __init__(self, binary, debug=None):
         lief = _lief()
         func_types = {lief.ELF.Symbol.TYPE.FUNC, lief.ELF.Symbol.TYPE.GNU_IFUNC}
         self.loads = [(s.file_offset, s.physical_size, s.virtual_address)
                       for s in binary.segments if s.type == lief.ELF.Segment.TYPE.LOAD]
         best: dict[int, tuple] = {}
-        for s in list(binary.symtab_symbols) + list(binary.dynamic_symbols):
+        symbols = list(binary.symtab_symbols) + list(binary.dynamic_symbols)
+        if debug is not None:  # a separate debug file has the full .symtab
+            symbols += list(debug.symtab_symbols)
+        for s in symbols:
             if s.type not in func_types or not s.value or not s.name:
                 continue
             # Several names for one address: prefer the public spelling
@@ -80,7 +96,7 @@ class Symbolizer:
         key = (path, st.st_ino, st.st_mtime_ns)
         if key not in self._images:
             b = _parse(path)
-            self._images[key] = _Image(b) if b is not None else None
+            self._images[key] = _Image(b, _debug_file(b)) if b is not None else None
         img = self._images[key]
         return img, "" if img else "not an ELF file"
 
