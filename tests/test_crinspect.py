@@ -307,6 +307,12 @@ def test_core_of_a_forked_child_loads_in_gdb(tree_cr, sample_bin, tmp_path):
     assert len(kids) == 2 and all(t["depth"] == 1 for t in kids)
     assert tasks[0]["children"] == sorted(t["pid"] for t in kids)
     child = kids[-1]["pid"]
+    # the children inherited the parent's stdout: one open file description
+    fds = crinspect_json("files", cr)["files"]
+    child_out = next(f for f in fds if f["pid"] == child and f["fd"] == 1)
+    assert {"pid": proc.pid, "fd": 1} in child_out["shared_with"]
+    tree_text = crinspect("ps", cr).stdout
+    assert "├─ " in tree_text and "└─ " in tree_text
 
     core = tmp_path / f"{child}.core"
     res = crinspect_json("core", cr, "--pid", child, "-o", core)

@@ -123,6 +123,10 @@ def memory(sf) -> list[dict]:
 
 def files(sf) -> list[dict]:
     by_id = {f["id"]: f for f in sf.files}
+    users: dict[int, list[dict]] = {}
+    for t in sf.tasks:
+        for fd in t.get("fds", []):
+            users.setdefault(fd["file"], []).append({"pid": t["pid"], "fd": fd["fd"]})
     out = []
     for t in sf.tasks:
         for fd in t.get("fds", []):
@@ -133,7 +137,7 @@ def files(sf) -> list[dict]:
                 "flags": f.get("flags", 0), "flags_text": open_flags(f.get("flags", 0)),
                 "offset": f.get("pos", 0), "cloexec": bool(fd.get("cloexec")),
                 "deleted": bool(f.get("deleted")), "size": f.get("size"),
-                "shared_with": [o for o in _users(sf, fd["file"])
+                "shared_with": [o for o in users[fd["file"]]
                                 if (o["pid"], o["fd"]) != (t["pid"], fd["fd"])],
             }
             if "socket" in f:
@@ -142,11 +146,6 @@ def files(sf) -> list[dict]:
                 entry["skipped"] = f["skipped"]
             out.append(entry)
     return out
-
-
-def _users(sf, file_id: int) -> list[dict]:
-    return [{"pid": t["pid"], "fd": fd["fd"]} for t in sf.tasks
-            for fd in t.get("fds", []) if fd["file"] == file_id]
 
 
 def note_list(sf) -> list[dict]:

@@ -35,17 +35,23 @@ def header(h: dict, path: str) -> list[str]:
 
 
 def ps(tasks: list[dict]) -> list[str]:
+    """The tree drawn in the COMMAND column (tasks come depth-first from model.ps)."""
+    by_pid = {t["pid"]: t for t in tasks}
     rows = [["PID", "PPID", "PGID", "SID", "UID", "THR", "COMMAND"]]
-    for i, t in enumerate(tasks):
-        prefix = ""
-        if t["depth"]:
-            later = tasks[i + 1:]
-            last = not any(o["ppid"] == t["ppid"] for o in later
-                           if o["depth"] == t["depth"])
-            prefix = "   " * (t["depth"] - 1) + ("└─ " if last else "├─ ")
+
+    def walk(t: dict, lead: str, branch: str) -> None:
         cmd = shlex.join(t["cmdline"]) if t["cmdline"] else f"[{t['comm']}]"
         rows.append([str(t["pid"]), str(t["ppid"]), str(t["pgid"]), str(t["sid"]),
-                     str(t["uid"]), str(t["threads"]), prefix + cmd])
+                     str(t["uid"]), str(t["threads"]), lead + branch + cmd])
+        kids = [by_pid[k] for k in t["children"] if k in by_pid]
+        for i, k in enumerate(kids):
+            last = i == len(kids) - 1
+            walk(k, lead + ("" if not branch else "   " if branch == "└─ " else "│  "),
+                 "└─ " if last else "├─ ")
+
+    for t in tasks:
+        if t["depth"] == 0:
+            walk(t, "", "")
     return table(rows)
 
 
