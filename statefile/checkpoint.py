@@ -118,8 +118,9 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
                     "comm": z["comm"], "exit_code": z["exit_code"]}
                    for z in freezer.zombies.values()]
 
-        findings = support.assess(tasks, files.files, zombies,
-                                  {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip)
+        for t in tasks:
+            t["crrun_flags"] = flags.read(t["pid"])  # what crrun saw being created
+        findings = support.assess(tasks, files.files, zombies, {}, policy.skip)
         skipped = _apply_policy(policy, findings, tasks, plans_by_task, files)
         bad = support.problems(findings)
         # A snapshot-only statefile is for debugging: never kill the tree for one.

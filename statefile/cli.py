@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -49,6 +50,12 @@ def run_cli(fn, *, json_errors: bool = False, prog: str):
         click.echo(f"{prog}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
                    err=True)
         sys.exit(1)
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("CRELF_DEBUG"):
+            raise
+        click.echo(f"{prog}: internal error: {type(e).__name__}: {e} "
+                   "(set CRELF_DEBUG=1 for a traceback)", err=True)
+        sys.exit(70)
 
 
 def _policy_options(fn):

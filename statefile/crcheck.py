@@ -26,6 +26,7 @@ def survey_task(pid: int, files: FileTable) -> dict:
         m["deleted"] = m["path"].endswith(" (deleted)")
     return {
         "pid": pid, "ppid": s["ppid"], "comm": s["comm"], "creds": _creds(status),
+        "crrun": procfs.crrun_monitored(pid),
         "tracer": int(status.get("TracerPid", "0")),
         "namespaces": {ns: _readlink(f"/proc/{pid}/ns/{ns}")
                        for ns in ("pid", "ipc", "uts", "mnt", "net")},

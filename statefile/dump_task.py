@@ -87,6 +87,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
         "umask": int(status.get("Umask", "0022"), 8),
         "personality": int(procfs.read(f"/proc/{pid}/personality").strip() or "0", 16),
         "creds": _creds(status), "rlimits": _rlimits(pid),
+        "crrun": procfs.crrun_monitored(pid),
         "auxv": procfs.read_bytes(f"/proc/{pid}/auxv").hex(),
         "mm": {k: s[k] for k in ("start_code", "end_code", "start_data", "end_data",
                                   "start_brk", "start_stack", "arg_start", "arg_end",

@@ -117,3 +117,16 @@ def fdinfo(pid: int, fd: int) -> dict[str, str]:
 
 def is_kernel_thread(pid: int) -> bool:
     return bool(stat(pid)["flags"] & PF_KTHREAD)
+
+
+def crrun_monitored(pid: int) -> bool:
+    """True when the task's only seccomp filter is crrun's monitor (crrun marks
+    the programs it starts with CRELF_CRRUN in their environment)."""
+    st = status(pid)
+    if st.get("Seccomp") != "2" or st.get("Seccomp_filters") != "1":
+        return False
+    try:
+        env = read_bytes(f"/proc/{pid}/environ")
+    except OSError:
+        return False
+    return any(v.startswith(b"CRELF_CRRUN=") for v in env.split(b"\0"))

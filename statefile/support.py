@@ -35,8 +35,8 @@ TABLE: tuple[Resource, ...] = (
              f"process trees are {_NOT_YET}"),
     Resource("task:zombie", "an exited child not reaped yet", UNSUPPORTED,
              f"zombies are {_NOT_YET}"),
-    Resource("task:seccomp", "a seccomp filter", UNSUPPORTED,
-             f"seccomp filters are {_NOT_YET}"),
+    Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
+             "restart leaves out)", UNSUPPORTED, f"seccomp filters are {_NOT_YET}"),
     Resource("task:namespace", "a namespace other than crelf's own", UNSUPPORTED,
              f"tasks in their own namespaces are {_NOT_YET}"),
     Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
@@ -191,17 +191,23 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             add("task:tree", pid, f"pid {pid}", f"child of pid {t['ppid']}")
         if t.get("tracer"):
             add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}")
-        if t["creds"].get("seccomp") == 2:
+        if t["creds"].get("seccomp") == 2 and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
         for ns, link in t.get("namespaces", {}).items():
             if ns in own_ns and link and own_ns[ns] and link != own_ns[ns]:
                 add("task:namespace", pid, f"pid {pid}", f"own {ns} namespace {link}")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
-        for fl in flags_by_pid.get(pid, []):
-            f = Finding("task:flagged", f"pid {pid}", f"{fl.get('syscall')}", UNSUPPORTED,
-                        fl.get("reason", ""), None, pid)
-            out.append(f)
+        for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):
+            if fl.get("action") == "denied":
+                continue  # crrun --strict refused it: the state never existed
+            row = BY_KEY.get(fl.get("resource", ""))
+            policy = row.policy if row else None
+            out.append(Finding("task:flagged", f"pid {pid}",
+                               f"{fl.get('syscall')} (crrun flagged it)",
+                               SKIPPABLE if policy else UNSUPPORTED,
+                               fl.get("reason", ""), policy, pid,
+                               skipped=bool(policy and policy in skip)))
         for fd in t["fds"]:
             f = files[fd["file"]]
             add(fd_key(f), pid, f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})")

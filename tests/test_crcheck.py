@@ -140,3 +140,27 @@ def test_scratch_memory_is_left_out_by_policy(procs, tmp_path):
     scratch = [m for m in sf.root["mappings"] if m.get("skipped")]
     assert len(scratch) == 1 and scratch[0]["skipped"] == "scratch"
     assert sf.header["skipped"][0]["why"] == "scratch"
+
+
+def test_crrun_flag_is_seen_by_crcheck_and_skippable(sample_bin, procs, tmp_path):
+    """A program started under crrun that creates an io_uring: crcheck names the
+    flag (crrun's own seccomp filter is not a problem), a policy skips it, and
+    the statefile keeps the flag."""
+    require_root()
+    out = tmp_path / "u.out"
+    crrun = procs.spawn([BIN / "crrun", "--", sample_bin / "unsupported", "uring"], stdout=out,
+                        stderr=tmp_path / "crrun.err")
+    wait_for_line(out, r"ready fd=3", proc=crrun)
+    pid = int(subprocess.run(["pgrep", "-P", str(crrun.pid), "unsupported"],
+                             capture_output=True, text=True).stdout.split()[0])
+    rc, report, _ = crcheck(pid)
+    assert rc == 6
+    assert [f["key"] for f in report["findings"] if f["status"] != "supported"] == \
+        ["task:flagged", "fd:io_uring"]
+    rc, report, _ = crcheck(pid, "--skip", "io_uring")
+    assert rc == 0
+    summary = checkpoint(pid, tmp_path / "u.cr", "--skip", "io_uring")
+    assert len(summary["skipped"]) == 2
+    sf = reader.load(str(tmp_path / "u.cr"))
+    assert sf.root["crrun"] is True
+    assert [f["syscall"] for f in sf.root["crrun_flags"]] == ["io_uring_setup"]
