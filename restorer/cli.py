@@ -29,9 +29,11 @@ EXIT_FAILED = 3
                    "the original pid is taken.")
 @click.option("--force-files", is_flag=True,
               help="Restore even if open files changed since the checkpoint.")
-@click.option("--lazy/--eager", default=False, show_default=True,
-              help="Lazy: memory arrives on first touch (userfaultfd); eager: copied in "
-                   "before the process runs.")
+@click.option("--lazy/--eager", default=None,
+              help="Lazy: memory arrives on first touch (userfaultfd, root only) and is "
+                   "served by crrestart (a small daemon with --detach) until all is in; "
+                   "eager: copied in before the process runs.  Default: lazy when root and "
+                   "the image holds 256 MiB or more of anonymous memory, else eager.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was restored as JSON "
               "(stderr).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings.")
@@ -76,7 +78,7 @@ def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register
     if verbose or as_json:
         info = {"pid": res.vpid, "tracer_pid": res.pid, "init_pid": res.init_pid,
                 "seconds": round(res.restore_seconds, 6), "bytes_copied": res.bytes_copied,
-                "injections": res.injections, "mode": "lazy" if lazy else "eager",
+                "injections": res.injections, "mode": "lazy" if res.lazy else "eager",
                 "timings": {k: round(v, 6) for k, v in res.timings.items()}}
         click.echo(json.dumps(info) if as_json else
                    f"crrestart: pid {res.vpid} restored in {res.restore_seconds * 1000:.1f} ms "

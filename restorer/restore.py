@@ -26,8 +26,23 @@ class Options:
     detach: bool = False
     pidns: bool = False
     force_files: bool = False
-    lazy: bool = False
+    lazy: bool | None = None      # None: lazy for big images when root (see AUTO_LAZY_BYTES)
     verbose: bool = False
+
+
+# Measured here (bench/restore.py): eager costs ~1 s per GiB (page faults of the
+# copy), lazy returns in ~20-50 ms whatever the size, but the process then
+# depends on crrestart's page server until every page is in.  Small images
+# restore eagerly in milliseconds, so lazy only pays off for big ones.
+AUTO_LAZY_BYTES = 256 << 20
+
+
+def stored_anon_bytes(sf, task: dict) -> int:
+    total = 0
+    for m in task["mappings"]:
+        if m["kind"] in ("heap", "stack", "anon-private"):
+            total += sum(sf.segment(p)["filesz"] for p in m["segments"])
+    return total
 
 
 @dataclass
@@ -41,6 +56,7 @@ class Result:
     bytes_copied: int = 0
     injections: int = 0
     lazy_server: object = None
+    lazy: bool = False
 
 
 def _tty_fd() -> int | None:
@@ -162,6 +178,10 @@ def restore(path: str, opts: Options, log=None) -> Result:
     vpid = task["pid"]
     res.vpid = vpid
     unpriv = os.geteuid() != 0
+    lazy = opts.lazy
+    if lazy is None:
+        lazy = not unpriv and stored_anon_bytes(sf, task) >= AUTO_LAZY_BYTES
+    res.lazy = lazy
     pidns = opts.pidns or unpriv
     # plan what the task does itself
     target_fds = [d["fd"] for d in task["fds"]]
@@ -233,7 +253,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
         res.timings["fork+files"] = t1 - t0
         # --- rebuild it -------------------------------------------------------------------
         fds = {e.key: e.fd for e in extras}
-        tr = TaskRestorer(sf, task, rpid, fds, lazy=opts.lazy, log=log)
+        tr = TaskRestorer(sf, task, rpid, fds, lazy=lazy, log=log)
         tr.run()
         tr.release()
         res.lazy_server = tr.lazy_server
@@ -250,10 +270,15 @@ def restore(path: str, opts: Options, log=None) -> Result:
             except OSError:
                 pass
         for pid in created:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+            while True:
+                try:
+                    _, st = os.waitpid(pid, 0x40000000)  # __WALL: traced, or our child
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                    break
         raise
     finally:
         os.close(status_r)
@@ -265,8 +290,19 @@ def restore(path: str, opts: Options, log=None) -> Result:
 
 def wait_root(res: Result) -> int:
     """Foreground: wait for the restored root (or the namespace's init) and
-    return its exit code (128+N when killed by signal N)."""
+    return its exit code (128+N when killed by signal N).  SIGINT, SIGTERM and
+    SIGHUP sent to crrestart are passed on to the restored process (unless it
+    shares our process group and so got them from the terminal already)."""
     pid = res.init_pid or res.pid
+
+    def forward(sig, _frame):
+        try:
+            if os.getpgid(res.pid) != os.getpgrp() or sig != signal.SIGINT:
+                os.kill(res.pid, sig)
+        except OSError:
+            pass
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, forward)
     while True:
         try:
             _, status = os.waitpid(pid, 0)

@@ -25,9 +25,12 @@ from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERES
 from .restore_memory import Memory, parse_maps
 
 PTRACE_EVENT_STOP = 128
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
 EINTR = 4
 SCRATCH_PAGES = 4
 ALL_SIGNALS = 2**64 - 1
+_FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
 
 
 def seize_stopped(tid: int, options: int) -> None:
@@ -92,6 +95,17 @@ class TaskRestorer:
         self.timings: dict[str, float] = {}
         self.lazy_server = None
 
+    @property
+    def step(self) -> str:
+        return self._step
+
+    @step.setter
+    def step(self, value: str) -> None:
+        self._step = value
+        if _FAIL_AT and value == _FAIL_AT:
+            # test hook: fail here, to prove nothing half-restored is left behind
+            raise RestoreError(value, "failure injected by CRELF_RESTORE_FAIL_AT")
+
     def _t(self, name: str, t0: float) -> float:
         t = time.perf_counter()
         self.timings[name] = self.timings.get(name, 0) + t - t0
@@ -142,6 +156,8 @@ class TaskRestorer:
         t = self._t("memory", t)
         self.step = "mm (PR_SET_MM_MAP)"
         self._set_mm(inj)
+        self.step = "xstate permissions"
+        self._amx(inj)
         self.step = "signals"
         rs.restore_sigactions(inj, rpid, task, self.scratch)
         rs.restore_itimers(inj, task, self.scratch)
@@ -206,6 +222,17 @@ class TaskRestorer:
         inj.write(self.scratch, bytes(m))
         inj.write(self.scratch + 512, auxv)
         inj.check("prctl", PR_SET_MM, PR_SET_MM_MAP, self.scratch, ctypes.sizeof(m), 0)
+
+    def _amx(self, inj) -> None:
+        """A thread with AMX tile data in its saved XSAVE area needs the
+        permission (ARCH_REQ_XCOMP_PERM) before PTRACE_SETREGSET accepts it."""
+        for th in self.task["threads"]:
+            regs = self.sf.regs.get(th["tid"])
+            if regs and len(regs.xstate) >= 520:
+                (xstate_bv,) = struct.unpack_from("<Q", regs.xstate, 512)
+                if xstate_bv & (1 << XFEATURE_XTILEDATA):
+                    inj.check("arch_prctl", ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+                    return
 
     def _clone_thread(self, inj, th: dict) -> RestoreInjector:
         vtid = th["tid"]
@@ -306,15 +333,22 @@ class TaskRestorer:
         pt.setsigmask(rtid, th.get("sigmask", 0))
 
     def kill(self) -> None:
-        for rtid in self.tids.values():
-            try:
-                os.kill(rtid, signal.SIGKILL)
-            except OSError:
-                pass
+        """SIGKILL the task and reap every thread we trace (a traced thread must
+        be reaped by its tracer before the leader can be waited for)."""
         try:
             os.kill(self.rpid, signal.SIGKILL)
         except OSError:
             pass
+        for rtid in [t for t in self.tids.values() if t != self.rpid]:
+            while True:
+                try:
+                    _, st = os.waitpid(rtid, 0x40000000)  # __WALL
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                    break
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1

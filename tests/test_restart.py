@@ -302,3 +302,27 @@ def test_changed_file_refused(sample_bin, procs, tmp_path):
     assert code == 3
     assert "validation" in err and str(out) in err and "--force-files" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("step,extra", [("mmap", []), ("registers", []),
+                                        ("threads", ["--pidns"]), ("memory", ["--lazy"])])
+def test_failure_leaves_nothing(sample_bin, procs, tmp_path, step, extra):
+    """A failure at any step kills everything crrestart created, and says which
+    step failed in one line."""
+    require_root()
+    out = tmp_path / "mt.out"
+    p = procs.spawn([sample_bin / "mt_values", 0], stdout=out)
+    wait_for_line(out, r"^tick 3 ", proc=p)
+    cr = tmp_path / "mt.cr"
+    checkpoint(p.pid, cr, proc=p)
+    env = dict(os.environ, CRELF_RESTORE_FAIL_AT=step)
+    r = procs.spawn([*CRRESTART, *extra, str(cr)], stderr=subprocess.PIPE, env=env, cwd=REPO)
+    code, err = finish(r)
+    assert code == 3
+    assert err.strip().splitlines() == [f"crrestart: failed at {step}: failure injected by "
+                                        "CRELF_RESTORE_FAIL_AT"]
+    time.sleep(0.2)
+    from helpers import children, pid_alive
+    # Anything crrestart left behind would have re-parented to us (procs makes
+    # pytest a child subreaper).
+    assert [c for c in children(os.getpid()) if pid_alive(c)] == []
