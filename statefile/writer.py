@@ -5,9 +5,9 @@ Layout of a statefile (docs/FORMAT.md has the details):
     ELF header | program headers | pad to page | segment data (page aligned,
     sparse) | PT_NOTE data (standard notes of the root task, then CRELF notes)
 
-Memory is copied with process_vm_readv (or from a shmem/deleted file) into a
-few reused 1 MiB buffers by a reader thread, checksummed (CRC32 per segment) by
-a second thread and written with pwrite by the caller's thread; no page ever becomes a Python
+Memory is copied with process_vm_readv or /proc/PID/mem (or from a shmem or
+deleted file) into a few reused 1 MiB buffers and checksummed (CRC32 per
+segment) by a reader thread, and written with pwrite by the caller's thread; no page ever becomes a Python
 object.  The file is created as a hidden temporary (mode 0600) beside the final
 name and renamed only once complete; any failure unlinks it.
 """
@@ -42,10 +42,9 @@ def _pflags(perms: str) -> int:
 
 
 class _Copier:
-    """Three-stage pipeline: read (process_vm_readv or pread), CRC32, pwrite.
-
-    Each stage runs in its own thread and releases the GIL in its system call
-    or in zlib, so reading, checksumming and writing overlap on two cores.
+    """Two-stage pipeline: a reader thread (read + CRC32, zlib-ng is fast enough
+    to ride along) and the caller's thread writing with pwrite.  Both release
+    the GIL in their system calls, so reading and writing overlap on two cores.
     """
 
     def __init__(self, out_fd: int, progress=None):
@@ -54,15 +53,14 @@ class _Copier:
         self.free: queue.Queue = queue.Queue()
         for _ in range(NBUFS):
             self.free.put(bytearray(CHUNK))
-        self.to_crc: queue.Queue = queue.Queue()
         self.to_write: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.crcs: dict[int, int] = {}
-        self.written = 0
 
     def _reader(self, jobs):
         try:
             for seg_idx, src, items in jobs:
+                crc = 0
                 for src_off, out_off, length in items:
                     done = 0
                     while done < length:
@@ -71,34 +69,18 @@ class _Copier:
                             return
                         n = min(CHUNK, length - done)
                         src.read_into(buf, n, src_off + done)
-                        self.to_crc.put((seg_idx, buf, n, out_off + done))
+                        crc = crc32(memoryview(buf)[:n], crc)
+                        self.to_write.put((buf, n, out_off + done))
                         done += n
-                self.to_crc.put((seg_idx, None, 0, 0))  # end of segment
+                self.crcs[seg_idx] = crc
         except BaseException as e:  # handed to the writer loop
             self.error = e
         finally:
-            self.to_crc.put(None)
-
-    def _crc(self):
-        crc = 0
-        while True:
-            item = self.to_crc.get()
-            if item is None:
-                self.to_write.put(None)
-                return
-            seg_idx, buf, n, off = item
-            if buf is None:
-                self.crcs[seg_idx] = crc
-                crc = 0
-                continue
-            crc = crc32(memoryview(buf)[:n], crc)
-            self.to_write.put((buf, n, off))
+            self.to_write.put(None)
 
     def run(self, jobs) -> None:
-        threads = [threading.Thread(target=self._reader, args=(jobs,), daemon=True),
-                   threading.Thread(target=self._crc, daemon=True)]
-        for t in threads:
-            t.start()
+        reader = threading.Thread(target=self._reader, args=(jobs,), daemon=True)
+        reader.start()
         try:
             while True:
                 item = self.to_write.get()
@@ -109,40 +91,41 @@ class _Copier:
                 w = 0
                 while w < n:
                     w += os.pwrite(self.out, mv[w:], off + w)
-                self.written += n
                 if self.progress:
                     self.progress(n)
                 self.free.put(buf)
         finally:
-            # Unblock the reader if we stop early, and drain the pipeline.
+            # Unblock the reader if we stop early.
             for _ in range(NBUFS + 1):
                 self.free.put(None)
-            threads[0].join()
-            while threads[1].is_alive():
-                try:
-                    self.to_write.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            reader.join()
         if self.error:
             raise self.error
 
 
 class _MemSource:
     """A task's memory: process_vm_readv (fastest), /proc/PID/mem for the rest
-    (pages process_vm_readv refuses, such as PROT_NONE ones, FOLL_FORCE reads)."""
+    (pages process_vm_readv refuses, such as PROT_NONE ones, FOLL_FORCE reads).
 
-    def __init__(self, pid: int):
+    A copy-on-write snapshot is read through /proc/PID/mem only: process_vm_readv
+    pins pages (FOLL_PIN), and pinning an anonymous page shared after fork makes
+    the kernel copy it first ("unshare"), which would duplicate every page."""
+
+    def __init__(self, pid: int, snapshot: bool = False):
         self.pid = pid
+        self.snapshot = snapshot
         self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.local = ptrace.iovec()
         self.remote = ptrace.iovec()
 
     def read_into(self, buf: bytearray, n: int, addr: int) -> None:
-        cbuf = (ctypes.c_char * n).from_buffer(buf)
-        self.local.iov_base, self.local.iov_len = ctypes.addressof(cbuf), n
-        self.remote.iov_base, self.remote.iov_len = addr, n
-        got = ptrace.process_vm_readv(self.pid, self.local, self.remote)
-        del cbuf
+        got = -1
+        if not self.snapshot:
+            cbuf = (ctypes.c_char * n).from_buffer(buf)
+            self.local.iov_base, self.local.iov_len = ctypes.addressof(cbuf), n
+            self.remote.iov_base, self.remote.iov_len = addr, n
+            got = ptrace.process_vm_readv(self.pid, self.local, self.remote)
+            del cbuf
         if got != n:
             got = os.preadv(self.fd, [memoryview(buf)[:n]], addr)
             if got != n:
@@ -229,7 +212,7 @@ class StatefileWriter:
                 if p.src == "mem":
                     read_pid = snapshots[p.pid] if later else p.pid
                     if read_pid not in sources:
-                        sources[read_pid] = _MemSource(read_pid)
+                        sources[read_pid] = _MemSource(read_pid, snapshot=later)
                     src, base = sources[read_pid], p.vaddr
                 else:
                     src = sources[("file", i)] = _FileSource(p.src_path)
