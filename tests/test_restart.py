@@ -326,3 +326,48 @@ def test_failure_leaves_nothing(sample_bin, procs, tmp_path, step, extra):
     # Anything crrestart left behind would have re-parented to us (procs makes
     # pytest a child subreaper).
     assert [c for c in children(os.getpid()) if pid_alive(c)] == []
+
+
+def _drain(master: int, sink: bytearray, until: bytes, timeout: float = 30) -> None:
+    import select
+    deadline = time.monotonic() + timeout
+    while until not in sink:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {until!r} on the terminal; got {bytes(sink[-300:])!r}"
+        r, _, _ = select.select([master], [], [], min(left, 0.2))
+        if r:
+            try:
+                sink += os.read(master, 65536)
+            except OSError:
+                break
+
+
+def test_terminal_becomes_crrestarts_terminal(sample_bin, procs, tmp_path):
+    """A process writing to a terminal writes, once restarted, to the terminal
+    crrestart runs in (like CRIU's shell-job)."""
+    require_root()
+    m1, s1 = os.openpty()
+    p = procs.spawn([sample_bin / "ticker", 20, 1, 50], stdin=s1, stdout=s1, stderr=s1)
+    os.close(s1)
+    first = bytearray()
+    _drain(m1, first, b"tick 5 ")
+    checkpoint(p.pid, tmp_path / "tty.cr", proc=p)
+    import select
+    while select.select([m1], [], [], 0.3)[0]:     # what it wrote before the freeze
+        try:
+            first += os.read(m1, 65536)
+        except OSError:
+            break
+    os.close(m1)
+    m2, s2 = os.openpty()
+    r = procs.spawn([*CRRESTART, str(tmp_path / "tty.cr")], stdin=s2, stdout=s2, stderr=s2,
+                    cwd=REPO)
+    os.close(s2)
+    second = bytearray()
+    _drain(m2, second, b"done")
+    assert r.wait(timeout=30) == 0, bytes(second)
+    os.close(m2)
+    got = (bytes(first) + bytes(second)).replace(b"\r\n", b"\n")
+    got = got[:got.index(b"done\n") + 5]
+    ref = reference([sample_bin / "ticker", 20, 1, 0], tmp_path)
+    assert got == ref
