@@ -25,7 +25,8 @@ EXIT_FAILED = 3
               help="Return as soon as the process runs again (default: wait for it and "
                    "exit with its status).")
 @click.option("--pidns", is_flag=True,
-              help="Restore into a new pid namespace (crrestart stays as its init): use when "
+              help="Restore into a new pid namespace (a child of crrestart is its init and "
+                   "reaps): use when "
                    "the original pid is taken.")
 @click.option("--force-files", is_flag=True,
               help="Restore even if open files changed since the checkpoint.")
