@@ -126,6 +126,9 @@ def validate(sf, force_files: bool = False) -> list[str]:
                 raise ValidationError(f"{f['path']} no longer exists")
     if task.get("cwd") and not os.path.isdir(task["cwd"]):
         raise ValidationError(f"working directory {task['cwd']} no longer exists")
+    if task.get("posix_timers"):
+        raise ValidationError(f"the process had {task['posix_timers']} POSIX timer(s) "
+                              "(timer_create); their state is not in the statefile yet")
     if task.get("creds", {}).get("seccomp"):
         raise ValidationError("the process had a seccomp filter; not restored by this crrestart")
     return warnings
