@@ -144,19 +144,60 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
                           "by this crelf")
     if not tasks or not integrity:
         raise FormatError(f"{path}: incomplete statefile (missing task or integrity notes)")
+    problem = _structure_problem(tasks, regs, files, segments, phdrs)
+    if problem:
+        raise FormatError(f"{path}: corrupted statefile ({problem})")
     return Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
+
+
+_TASK_KEYS = ("pid", "ppid", "pgid", "sid", "comm", "creds", "mm", "threads", "mappings", "fds")
+_SEG_KEYS = ("phdr", "pid", "vaddr", "memsz", "offset", "filesz", "runs", "mapping")
+
+
+def _structure_problem(tasks, regs, files, segments, phdrs) -> str:
+    """The first inconsistency between notes and program headers, or ''."""
+    if len(segments) != len(phdrs) - 1:
+        return f"{len(segments)} segment entries for {len(phdrs) - 1} data program headers"
+    for i, seg in enumerate(segments, start=1):
+        if not isinstance(seg, dict) or any(k not in seg for k in _SEG_KEYS):
+            return f"segment entry {i} lacks a field"
+        ph = phdrs[i]
+        if (seg["phdr"], seg["offset"], seg["filesz"]) != (i, ph["offset"], ph["filesz"]):
+            return f"segment entry {i} does not match its program header"
+        if seg["filesz"] and seg["offset"] % 4096:
+            return f"segment {i} is not page aligned"
+        if any(o < 0 or n < 0 or o + n > seg["filesz"] for o, n in seg["runs"]):
+            return f"segment {i} has a run outside its data"
+    for t in tasks:
+        missing = [k for k in _TASK_KEYS if k not in t]
+        if missing:
+            return f"task note lacks {missing[0]!r}"
+        for th in t["threads"]:
+            if th.get("tid") not in regs:
+                return f"no registers for thread {th.get('tid')} of pid {t['pid']}"
+        for m in t["mappings"]:
+            if any(not 1 <= j < len(phdrs) for j in m.get("segments", [])):
+                return f"pid {t['pid']} mapping at {m.get('start', 0):#x} names a missing segment"
+        for fd in t["fds"]:
+            if not 0 <= fd.get("file", -1) < len(files):
+                return f"pid {t['pid']} fd {fd.get('fd')} names a missing file"
+    return ""
+
+
+def verify_notes(sf: Statefile) -> list[str]:
+    """Check the note checksums only (cheap: no segment data is read)."""
+    listed = sf.integrity.get("notes", [])
+    notes = [n for n in sf.notes if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
+    if len(listed) != len(notes):
+        return [f"integrity note lists {len(listed)} notes, file has {len(notes)}"]
+    return [f"note {i} ({owner} {ntype:#x}) checksum mismatch"
+            for i, (n, (owner, ntype, crc)) in enumerate(zip(notes, listed))
+            if n.owner != owner or n.n_type != ntype or crc32(n.desc) != crc]
 
 
 def verify(sf: Statefile) -> list[str]:
     """Check every note and segment checksum; return the list of problems."""
-    problems = []
-    listed = sf.integrity.get("notes", [])
-    notes = [n for n in sf.notes if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
-    if len(listed) != len(notes):
-        problems.append(f"integrity note lists {len(listed)} notes, file has {len(notes)}")
-    for i, (n, (owner, ntype, crc)) in enumerate(zip(notes, listed)):
-        if n.owner != owner or n.n_type != ntype or crc32(n.desc) != crc:
-            problems.append(f"note {i} ({owner} {ntype:#x}) checksum mismatch")
+    problems = verify_notes(sf)
     with sf.open() as f:
         for seg in sf.segments:
             if not seg["filesz"]:

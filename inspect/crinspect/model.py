@@ -7,7 +7,7 @@ lists/dicts; render.py turns them into text, cli.py into JSON.
 from __future__ import annotations
 
 from statefile import notes as nt
-from statefile.checksum import crc32
+from statefile import reader
 
 from .symbols import Symbolizer
 
@@ -159,13 +159,7 @@ def note_list(sf) -> list[dict]:
 
 def note_problems(sf) -> list[str]:
     """Cheap check of the note checksums only (no segment data is read)."""
-    listed = sf.integrity.get("notes", [])
-    notes = [n for n in sf.notes if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
-    if len(listed) != len(notes):
-        return [f"integrity note lists {len(listed)} notes, file has {len(notes)}"]
-    return [f"note {i} ({owner} {ntype:#x}) checksum mismatch"
-            for i, (n, (owner, ntype, crc)) in enumerate(zip(notes, listed))
-            if n.owner != owner or n.n_type != ntype or crc32(n.desc) != crc]
+    return reader.verify_notes(sf)
 
 
 def summary(sf) -> dict:
