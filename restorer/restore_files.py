@@ -10,6 +10,7 @@ the status pipe as "ERR <step>: <message>" and the task exits.
 from __future__ import annotations
 
 import os
+import socket
 import signal
 import resource
 import stat as st
@@ -75,6 +76,63 @@ def _place(fd: int, target: int, cloexec: bool) -> None:
         os.set_inheritable(fd, not cloexec)
 
 
+_FAMILY = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "netlink": socket.AF_NETLINK}
+_SOCKTYPE = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM,
+             "seqpacket": socket.SOCK_SEQPACKET, "raw": socket.SOCK_RAW}
+
+
+def _skipped_socket(f: dict) -> int:
+    """A network socket the checkpoint policy skipped.  Listening sockets and
+    bound UDP sockets hold no connection state: they are bound again to their
+    address.  A connected socket comes back as a fresh unconnected socket of the
+    same family and type: the application sees the connection as broken
+    (ENOTCONN/EPIPE), as after a network failure."""
+    info = f.get("socket", {})
+    fam = _FAMILY.get(info.get("family"), socket.AF_INET)
+    typ = _SOCKTYPE.get(info.get("type"), socket.SOCK_STREAM)
+    proto = info.get("protocol", 0) if fam == socket.AF_NETLINK else 0
+    sock = socket.socket(fam, typ, proto)
+    local = info.get("local")
+    rebind = fam in (socket.AF_INET, socket.AF_INET6) and local and (
+        info.get("listening") or (typ == socket.SOCK_DGRAM and "peer" not in info))
+    if rebind:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(tuple(local))
+            if info.get("listening"):
+                sock.listen(128)
+        except OSError:
+            sock.close()
+            sock = socket.socket(fam, typ, proto)
+    if f.get("flags", 0) & os.O_NONBLOCK:
+        sock.setblocking(False)
+    return sock.detach()
+
+
+def _recreate_from_blob(plan: ChildPlan, f: dict) -> None:
+    """Policy dump_tmpfs: a file on tmpfs missing here is recreated at its path."""
+    path = f["path"]
+    wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, f.get("mode", 0o600) & 0o7777)
+    try:
+        _write_blob(plan, f, wfd, path)
+        os.ftruncate(wfd, f.get("size", 0))
+    finally:
+        os.close(wfd)
+
+
+def _write_blob(plan: ChildPlan, f: dict, wfd: int, path: str) -> None:
+    with open(plan.statefile, "rb", buffering=0) as sf:
+        for off, ln, pos in plan.blobs.get(f["id"], []):
+            done = 0
+            while done < ln:
+                n = min(1 << 20, ln - done)
+                data = os.pread(sf.fileno(), n, off + done)
+                if not data:
+                    raise ChildError("files", f"statefile truncated in blob of {path}")
+                os.pwrite(wfd, data, pos + done)
+                done += len(data)
+
+
 def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
     """A deleted-but-open file: write its saved content into a new file in the
     same directory (or /tmp), open it with the saved flags, unlink it."""
@@ -97,16 +155,7 @@ def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
     try:
         size = f.get("size", 0)
         if "blob" in f:
-            with open(plan.statefile, "rb", buffering=0) as sf:
-                for off, ln, pos in plan.blobs.get(f["id"], []):
-                    done = 0
-                    while done < ln:
-                        n = min(1 << 20, ln - done)
-                        data = os.pread(sf.fileno(), n, off + done)
-                        if not data:
-                            raise ChildError("files", f"statefile truncated in blob of {path}")
-                        os.pwrite(wfd, data, pos + done)
-                        done += len(data)
+            _write_blob(plan, f, wfd, path)
         os.ftruncate(wfd, size)
         fd = os.open(tmp, f["flags"] & REG_FLAG_MASK)
     finally:
@@ -115,10 +164,16 @@ def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
     return fd
 
 
-def _open_file(plan: ChildPlan, f: dict) -> int:
+def _open_file(plan: ChildPlan, f: dict) -> int | None:
+    """The restored fd for open file description f, or None to leave it closed."""
     kind = f["kind"]
     flags = f["flags"] & OPEN_FLAG_MASK
     path = f["path"]
+    skipped = f.get("skipped")
+    if skipped == "network" and kind == "socket":
+        return _skipped_socket(f)
+    if skipped and kind != "regular":
+        return None  # io_uring, perf event...: the policy restores them closed
     if kind == "tty":
         if plan.tty_fd is None:
             return os.open("/dev/null", os.O_RDWR)
@@ -127,8 +182,11 @@ def _open_file(plan: ChildPlan, f: dict) -> int:
         if f.get("deleted"):
             fd = _recreate_deleted(plan, f)
         else:
+            recreated = "blob" in f and not os.path.exists(path)
+            if recreated:
+                _recreate_from_blob(plan, f)
             fd = os.open(path, flags & REG_FLAG_MASK)
-            if not plan.force_files and not _same(fd, f.get("dev"), f.get("ino")):
+            if not (plan.force_files or recreated) and not _same(fd, f.get("dev"), f.get("ino")):
                 raise ChildError("files", f"{path} is not the file that was open "
                                  "(inode changed; --force-files accepts it)")
         if f.get("pos"):
@@ -188,6 +246,8 @@ def child_setup(plan: ChildPlan, status_fd: int) -> None:
                 os.dup2(opened[fid], d["fd"], inheritable=not d["cloexec"])
                 continue
             fd = _open_file(plan, plan.files[fid])
+            if fd is None:
+                continue
             _place(fd, d["fd"], d["cloexec"])
             opened[fid] = d["fd"]
         step = "mapped files"

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 
+from statefile import support
+
 from .errors import ValidationError
 from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
-SUPPORTED_FD_KINDS = ("regular", "directory", "chr", "tty")
 
 
 def _ident_problem(path: str, want: dict, what: str, check_size_mtime: bool = True) -> str | None:
@@ -103,17 +104,26 @@ def validate(sf, force_files: bool = False) -> list[str]:
         if m["kind"] == "special":
             raise ValidationError(f"special mapping {m['path']} cannot be restored")
     # open files
-    used = {d["file"] for d in task["fds"]}
+    used = {d["file"]: d["fd"] for d in task["fds"]}
     for f in sf.files:
         if f["id"] not in used:
             continue
         kind = f["kind"]
-        if kind not in SUPPORTED_FD_KINDS:
-            raise ValidationError(f"open file {f['path']} ({kind}) is not restored by this "
-                                  "crrestart")
+        skipped = f.get("skipped")
+        if skipped:
+            warnings.append(_skip_note(used[f["id"]], f))
+            if kind != "regular":
+                continue
+        row = support.BY_KEY[support.fd_key(f)]
+        if row.status != support.SUPPORTED:
+            raise ValidationError(f"open file {f['path']} ({kind}): {row.reason}")
         if kind == "regular" and f.get("deleted"):
             if "blob" not in f and f.get("size"):
                 raise ValidationError(f"deleted file {f['path']} has no saved content")
+            continue
+        if kind == "regular" and "blob" in f and not os.path.exists(f["path"]):
+            warnings.append(f"fd {used[f['id']]}: {f['path']} (tmpfs) is missing here; "
+                            "recreated from the content saved in the statefile")
             continue
         if kind == "regular":
             p = _ident_problem(f["path"], f, "file")
@@ -130,5 +140,31 @@ def validate(sf, force_files: bool = False) -> list[str]:
         raise ValidationError(f"the process had {task['posix_timers']} POSIX timer(s) "
                               "(timer_create); their state is not in the statefile yet")
     if task.get("creds", {}).get("seccomp"):
-        raise ValidationError("the process had a seccomp filter; not restored by this crrestart")
+        if not task.get("crrun"):
+            raise ValidationError("the process had a seccomp filter; not restored by this "
+                                  "crrestart")
+        warnings.append("the process ran under crrun's monitor; it runs on unmonitored "
+                        "(start it again under crrun to be told of new unsupported state)")
+    for m in task["mappings"]:
+        if m.get("skipped") == "scratch":
+            warnings.append(f"scratch memory {m['start']:#x}-{m['end']:#x} was left out by "
+                            "policy: restored as zeros")
     return warnings
+
+
+def _skip_note(fd: int, f: dict) -> str:
+    """What crrestart does about a file the checkpoint policy skipped."""
+    why = f["skipped"]
+    if why == "network":
+        info = f.get("socket", {})
+        if info.get("listening") or (info.get("type") == "dgram" and "peer" not in info
+                                     and info.get("local")):
+            return (f"fd {fd}: {info.get('family')} socket on {info.get('local')} was skipped "
+                    "by policy 'network': bound again to its address")
+        return (f"fd {fd}: {info.get('family', '')} {info.get('type', '')} socket "
+                f"{info.get('local', '')} -> {info.get('peer', '')} was skipped by policy "
+                "'network': restored unconnected (the connection looks broken)")
+    if why == "file-contents":
+        return (f"fd {fd}: content of deleted file {f['path']} was skipped by policy "
+                "'file-contents': restored as zeros")
+    return f"fd {fd}: {f['kind']} was skipped by policy '{why}': restored closed"

@@ -47,7 +47,9 @@ TABLE: tuple[Resource, ...] = (
              "crrun flagged it when it was created"),
     # --- file descriptors ----------------------------------------------------
     Resource("fd:regular", "regular file (path, flags, offset)", SUPPORTED),
-    Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED),
+    Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED,
+             "policy 'file-contents' leaves the content out (restored as zeros)",
+             "file-contents"),
     Resource("fd:directory", "directory", SUPPORTED),
     Resource("fd:dev", "/dev/null, /dev/zero, /dev/random, /dev/urandom", SUPPORTED),
     Resource("fd:tty", "terminal (restored on crrestart's terminal)", SUPPORTED),

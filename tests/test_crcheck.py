@@ -4,12 +4,16 @@ policies that skip them."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import require_root, wait_for_line
+from helpers import read_lines, require_root, wait_for_line
 from test_checkpoint import assert_keeps_ticking, checkpoint
 
 from statefile import reader
@@ -164,3 +168,80 @@ def test_crrun_flag_is_seen_by_crcheck_and_skippable(sample_bin, procs, tmp_path
     sf = reader.load(str(tmp_path / "u.cr"))
     assert sf.root["crrun"] is True
     assert [f["syscall"] for f in sf.root["crrun_flags"]] == ["io_uring_setup"]
+
+
+# --- skipped resources come back as the policy says --------------------------
+
+def _restart_detached(statefile):
+    res = subprocess.run([str(BIN / "crrestart"), "--detach", str(statefile)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stderr
+
+
+def test_restart_after_skipping(unsupported, tmp_path):
+    """Checkpoint (--kill) with the policy that skips the resource, crinspect
+    lists what was skipped, crrestart says what it did about it, and the rest
+    of the program comes back and ticks on where it stopped."""
+    proc, out, fd, (key, policy_class, _) = unsupported
+    cr = tmp_path / "u.cr"
+    summary = checkpoint(proc.pid, cr, "--kill", "--skip", policy_class)
+    assert summary["killed"] and summary["restartable"]
+    proc.wait(timeout=10)
+    last = int(read_lines(out)[-1].split()[1]) if read_lines(out)[-1].startswith("tick") else 0
+    shown = subprocess.run([str(BIN / "crinspect"), "--json", str(cr)], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    skipped = json.loads(shown.stdout)["header"]["skipped"]
+    assert [s["where"] for s in skipped] == [f"pid {proc.pid} fd {fd}"]
+    said = _restart_detached(cr)
+    assert f"fd {fd}:" in said and f"policy '{policy_class}'" in said
+    wait_for_line(out, rf"^tick {last + 3}$", timeout=20)
+    ticks = [int(line.split()[1]) for line in read_lines(out) if line.startswith("tick")]
+    assert ticks == list(range(1, len(ticks) + 1))
+    fds = os.listdir(f"/proc/{proc.pid}/fd")
+    if policy_class == "network":
+        # A listening socket is bound again to its address: connect to it.
+        link = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+        assert link.startswith("socket:")
+        info = reader.load(str(cr)).files[
+            next(d["file"] for d in reader.load(str(cr)).root["fds"] if d["fd"] == fd)]["socket"]
+        socket.create_connection(tuple(info["local"]), timeout=5).close()
+    else:
+        assert str(fd) not in fds, "a skipped io_uring/perf fd must be restored closed"
+
+
+def test_file_contents_and_tmpfs_policies(procs, tmp_path):
+    """file-contents: a deleted file's content is left out (restored as zeros);
+    dump_tmpfs: a file on tmpfs that is gone at restart is recreated from the
+    statefile."""
+    require_root()
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        prog = tmp_path / "files.py"
+        prog.write_text(
+            "import os, sys, time\n"
+            f"keep = open({str(shm / 'data')!r}, 'w+'); keep.write('tmpfs says hello\\n'); keep.flush()\n"
+            f"gone = open({str(tmp_path / 'gone')!r}, 'w+'); gone.write('secret' * 100); gone.flush()\n"
+            f"os.unlink({str(tmp_path / 'gone')!r})\n"
+            "print('ready', flush=True)\n"
+            "n = 0\n"
+            "while True:\n"
+            "    n += 1; time.sleep(0.1)\n"
+            "    keep.seek(0); gone.seek(0)\n"
+            "    print('tick', n, keep.read().strip(), repr(gone.read(6)), flush=True)\n")
+        out = tmp_path / "f.out"
+        proc = procs.spawn([sys.executable, prog], stdout=out, stderr=tmp_path / "f.err")
+        wait_for_line(out, r"^tick 2 ", proc=proc)
+        cr = tmp_path / "f.cr"
+        summary = checkpoint(proc.pid, cr, "--kill", "--dump-tmpfs", "--skip", "file-contents")
+        proc.wait(timeout=10)
+        assert [s["why"] for s in summary["skipped"]] == ["file-contents"], summary["skipped"]
+        os.unlink(shm / "data")  # as on another host
+        said = _restart_detached(cr)
+        assert "recreated from the content saved" in said and "restored as zeros" in said
+        line = wait_for_line(out, r"tick \d+ tmpfs says hello '\\x00", timeout=20)
+        assert "'\\x00\\x00\\x00\\x00\\x00\\x00'" in line
+        assert (shm / "data").read_text() == "tmpfs says hello\n"
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
