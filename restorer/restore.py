@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from statefile import ptrace as pt
 from statefile.errors import FormatError
 from statefile.reader import load
 
@@ -270,15 +271,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
             except OSError:
                 pass
         for pid in created:
-            while True:
-                try:
-                    _, st = os.waitpid(pid, 0x40000000)  # __WALL: traced, or our child
-                except ChildProcessError:
-                    break
-                except InterruptedError:
-                    continue
-                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                    break
+            pt.wait_exit(pid)  # traced, or our child
         raise
     finally:
         os.close(status_r)

@@ -340,15 +340,7 @@ class TaskRestorer:
         except OSError:
             pass
         for rtid in [t for t in self.tids.values() if t != self.rpid]:
-            while True:
-                try:
-                    _, st = os.waitpid(rtid, 0x40000000)  # __WALL
-                except ChildProcessError:
-                    break
-                except InterruptedError:
-                    continue
-                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
-                    break
+            pt.wait_exit(rtid)
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1

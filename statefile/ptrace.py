@@ -211,3 +211,17 @@ def wait(tid: int) -> int:
     """waitpid(tid, __WALL); returns the raw status."""
     _, status = os.waitpid(tid, 0x40000000)
     return status
+
+
+def wait_exit(tid: int) -> None:
+    """Wait (__WALL) until a traced thread or a child has exited; stops on the
+    way are passed over, a tid that is not ours (any more) returns at once."""
+    while True:
+        try:
+            status = wait(tid)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return

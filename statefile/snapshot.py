@@ -55,12 +55,9 @@ def release_snapshot(task_pid: int, child: int, syscall_addr: int) -> None:
     """Kill the copy, and have the task reap it (it is the task's child)."""
     try:
         os.kill(child, signal.SIGKILL)
-        while True:  # as its tracer we see it die first
-            status = pt.wait(child)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                break
-    except (ProcessLookupError, ChildProcessError):
+    except ProcessLookupError:
         pass
+    pt.wait_exit(child)  # as its tracer we see it die first
     # The zombie now waits for its real parent: reap it from inside the task.
     try:
         pt.seize(task_pid)

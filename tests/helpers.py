@@ -267,3 +267,18 @@ class ProcessManager:
             f.close()
         self.started.clear()
         self._files.clear()
+
+
+def trace_with_another_tracer(procs, pid: int, tmp_path):
+    """Start a process that PTRACE_SEIZEs `pid` and holds it (like a debugger
+    would); returns its Popen once the seize succeeded."""
+    import sys
+    out = Path(tmp_path) / f"tracer-{pid}.out"
+    tracer = procs.spawn([sys.executable, "-c", (
+        "import ctypes, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"assert libc.ptrace(0x4206, {pid}, 0, 0) == 0\n"  # PTRACE_SEIZE
+        "print('seized', flush=True)\n"
+        "time.sleep(60)\n")], stdout=out)
+    wait_for_line(out, "seized", proc=tracer)
+    return tracer

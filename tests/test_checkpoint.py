@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import read_lines, require_root, require_tool, wait_for_line
+from helpers import (read_lines, require_root, require_tool, trace_with_another_tracer,
+                     wait_for_line)
 
 from statefile import reader
 from statefile.elfcore import CRELF_IDENT_PAD
@@ -224,13 +225,7 @@ def test_kernel_thread(tmp_path):
 def test_already_traced(mt, procs, tmp_path):
     require_root()
     proc, out = mt
-    tracer = procs.spawn([sys.executable, "-c", (
-        "import ctypes,sys,time\n"
-        "libc=ctypes.CDLL(None,use_errno=True)\n"
-        f"assert libc.ptrace(0x4206,{proc.pid},0,0)==0\n"
-        "print('seized',flush=True)\n"
-        "time.sleep(60)\n")], stdout=tmp_path / "tracer.out")
-    wait_for_line(tmp_path / "tracer.out", "seized", proc=tracer)
+    tracer = trace_with_another_tracer(procs, proc.pid, tmp_path)
     cr = tmp_path / "x.cr"
     res = checkpoint(proc.pid, cr, check=False)
     assert_clean_failure(res, rf"already traced by pid {tracer.pid}")

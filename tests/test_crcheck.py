@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import read_lines, require_root, wait_for_line
+from helpers import read_lines, require_root, trace_with_another_tracer, wait_for_line
 from test_checkpoint import assert_keeps_ticking, checkpoint
 
 from statefile import reader
@@ -94,13 +94,7 @@ def test_traced_process_is_named(sample_bin, procs, tmp_path):
     out = tmp_path / "mt.out"
     proc = procs.spawn([sample_bin / "mt_values"], stdout=out)
     wait_for_line(out, r"tick 2 ", proc=proc)
-    tracer = procs.spawn([sys.executable, "-c", (
-        "import ctypes,time\n"
-        "libc=ctypes.CDLL(None,use_errno=True)\n"
-        f"assert libc.ptrace(0x4206,{proc.pid},0,0)==0\n"
-        "print('seized',flush=True)\n"
-        "time.sleep(60)\n")], stdout=tmp_path / "tracer.out")
-    wait_for_line(tmp_path / "tracer.out", "seized", proc=tracer)
+    tracer = trace_with_another_tracer(procs, proc.pid, tmp_path)
     rc, report, _ = crcheck(proc.pid)
     assert rc == 6
     assert report["problems"] == [f"pid {proc.pid}: traced by pid {tracer.pid} — unsupported "
