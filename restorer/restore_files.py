@@ -16,6 +16,7 @@ import resource
 import stat as st
 from dataclasses import dataclass, field
 
+from . import restore_anon
 from .kernel import personality
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
@@ -174,6 +175,8 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return _skipped_socket(f)
     if skipped and kind != "regular":
         return None  # io_uring, perf event...: the policy restores them closed
+    if kind in restore_anon.KINDS:
+        return restore_anon.open_anon(f)
     if kind == "tty":
         if plan.tty_fd is None:
             return os.open("/dev/null", os.O_RDWR)
@@ -250,6 +253,8 @@ def child_setup(plan: ChildPlan, status_fd: int) -> None:
                 continue
             _place(fd, d["fd"], d["cloexec"])
             opened[fid] = d["fd"]
+        step = "epoll"
+        restore_anon.finish_epoll(task["fds"], plan.files)
         step = "mapped files"
         for e in plan.extras:
             try:

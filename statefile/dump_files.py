@@ -14,7 +14,7 @@ import os
 import socket
 import stat as st
 
-from . import procfs
+from . import dump_anon, procfs
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -133,6 +133,11 @@ class FileTable:
                     entry["fdinfo"] = extra
                 if kind == "socket":
                     entry["socket"] = socket_info(pid, fd)
+                if kind.startswith("anon:"):
+                    anon = dump_anon.parse(
+                        kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid)
+                    if anon is not None:
+                        entry["anon"] = anon
                 if kind == "regular" and deleted:
                     self.add_blob(entry, f"content of deleted file {entry['path']}")
                 self.files.append(entry)

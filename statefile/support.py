@@ -66,11 +66,16 @@ TABLE: tuple[Resource, ...] = (
              "network"),
     Resource("fd:socket:other", "socket of another family", UNSUPPORTED,
              "this socket family cannot be checkpointed"),
-    Resource("fd:eventfd", "eventfd", UNSUPPORTED, f"eventfds are {_NOT_YET}"),
-    Resource("fd:epoll", "epoll instance", UNSUPPORTED, f"epoll instances are {_NOT_YET}"),
-    Resource("fd:timerfd", "timerfd", UNSUPPORTED, f"timerfds are {_NOT_YET}"),
-    Resource("fd:signalfd", "signalfd", UNSUPPORTED, f"signalfds are {_NOT_YET}"),
-    Resource("fd:inotify", "inotify instance", UNSUPPORTED, f"inotify is {_NOT_YET}"),
+    Resource("fd:eventfd", "eventfd (counter, semaphore mode)", SUPPORTED),
+    Resource("fd:epoll", "epoll instance (watched fds with events and data)", SUPPORTED),
+    Resource("fd:timerfd", "timerfd (clock, remaining time, interval)", SUPPORTED),
+    Resource("fd:signalfd", "signalfd (mask)", SUPPORTED),
+    Resource("fd:inotify", "inotify instance (watches by path, same watch numbers)", SUPPORTED),
+    Resource("fd:anon-shared", "eventfd/epoll/timerfd/signalfd/inotify shared by several "
+             "processes", UNSUPPORTED, f"sharing these between processes is {_NOT_YET}"),
+    Resource("fd:inotify-lost", "inotify watch whose file cannot be found", UNSUPPORTED,
+             "an inotify watch names a file crelf could not find (deleted, or no "
+             "permission to resolve its handle)"),
     Resource("fd:io_uring", "io_uring instance", SKIPPABLE,
              "io_uring instances cannot be checkpointed (in-flight requests live in the "
              "kernel); policy 'io_uring' restores the fd closed", "io_uring"),
@@ -103,6 +108,9 @@ _ANON = {"eventfd": "fd:eventfd", "eventpoll": "fd:epoll", "timerfd": "fd:timerf
          "signalfd": "fd:signalfd", "inotify": "fd:inotify", "io_uring": "fd:io_uring",
          "perf_event": "fd:perf_event", "userfaultfd": "fd:userfaultfd",
          "pidfd": "fd:pidfd"}
+
+
+_ANON_KEYS = {"fd:eventfd", "fd:epoll", "fd:timerfd", "fd:signalfd", "fd:inotify"}
 
 
 def fd_key(f: dict) -> str:
@@ -185,6 +193,10 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
         out.append(Finding(key, where, detail, r.status, reason, r.policy, pid,
                            skipped=bool(r.policy and r.policy in skip)))
 
+    holders: dict[int, set[int]] = {}
+    for t in tasks:
+        for fd in t["fds"]:
+            holders.setdefault(fd["file"], set()).add(t["pid"])
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "ipc", "uts", "mnt", "net")}
     for t in tasks:
         pid = t["pid"]
@@ -212,7 +224,14 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                                skipped=bool(policy and policy in skip)))
         for fd in t["fds"]:
             f = files[fd["file"]]
-            add(fd_key(f), pid, f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})")
+            where, detail = f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})"
+            key = fd_key(f)
+            add(key, pid, where, detail)
+            if key in _ANON_KEYS and len(holders.get(fd["file"], ())) > 1:
+                add("fd:anon-shared", pid, where, detail)
+            if key == "fd:inotify" and any(not w.get("path")
+                                           for w in f.get("anon", {}).get("watches", [])):
+                add("fd:inotify-lost", pid, where, detail)
         for m in t["mappings"]:
             key = mapping_key(m)
             if key in ("mem:private", "mem:file-shared", "mem:vdso"):

@@ -1,0 +1,107 @@
+"""Anonymous-inode files: eventfd, epoll, timerfd, signalfd, inotify.
+
+Created by the restored task itself (in child_setup, before it parks) from the
+`anon` field statefile/dump_anon.py saved:
+
+* eventfd: the counter value and semaphore mode;
+* timerfd: clock, remaining time and interval (relative: the remaining time
+  counts from the restart); expirations not yet read come back as one
+  expiration due at once;
+* signalfd: its signal mask;
+* epoll: created empty; once every fd of the task is in place, each watched
+  fd is added back with its events and data (finish_epoll);
+* inotify: each watch added again on its path with its mask, with the same
+  watch descriptor numbers (the counter is advanced with throw-away watches
+  where the original had gaps).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+KINDS = ("anon:eventfd", "anon:eventpoll", "anon:timerfd", "anon:signalfd", "anon:inotify")
+EPOLL_CTL_ADD = 1
+
+
+class AnonError(OSError):
+    pass
+
+
+def _check(res: int, what: str) -> int:
+    if res < 0:
+        e = ctypes.get_errno()
+        raise AnonError(e, f"{what}: {os.strerror(e)}")
+    return res
+
+
+class itimerspec(ctypes.Structure):
+    _fields_ = [("i_sec", ctypes.c_long), ("i_nsec", ctypes.c_long),
+                ("v_sec", ctypes.c_long), ("v_nsec", ctypes.c_long)]
+
+
+class epoll_event(ctypes.Structure):
+    _pack_ = 1  # x86-64 packs struct epoll_event (12 bytes)
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+assert ctypes.sizeof(epoll_event) == 12
+
+
+def open_anon(f: dict) -> int:
+    kind, a = f["kind"], f.get("anon")
+    if a is None:
+        raise AnonError(0, f"{kind}: no saved state")
+    nonblock = f.get("flags", 0) & os.O_NONBLOCK
+    if kind == "anon:eventfd":
+        flags = (os.EFD_SEMAPHORE if a["semaphore"] else 0) | (os.EFD_NONBLOCK if nonblock else 0)
+        return os.eventfd(a["count"], flags)
+    if kind == "anon:timerfd":
+        fd = _check(_libc.timerfd_create(a["clockid"], os.O_NONBLOCK if nonblock else 0),
+                    "timerfd_create")
+        value = a["value"]
+        if a["ticks"] and value == [0, 0]:
+            value = [0, 1]  # unread expirations: due at once
+        elif a["ticks"]:
+            value = [0, 1]
+        spec = itimerspec(a["interval"][0], a["interval"][1], value[0], value[1])
+        _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "timerfd_settime")
+        return fd
+    if kind == "anon:signalfd":
+        mask = ctypes.c_uint64(a["sigmask"])
+        return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_NONBLOCK if nonblock else 0),
+                      "signalfd")
+    if kind == "anon:eventpoll":
+        return _check(_libc.epoll_create1(0), "epoll_create1")
+    if kind == "anon:inotify":
+        fd = _check(_libc.inotify_init1(os.O_NONBLOCK if nonblock else 0), "inotify_init1")
+        next_wd = 1
+        for w in sorted(a["watches"], key=lambda w: w["wd"]):
+            if not w.get("path"):
+                raise AnonError(0, f"inotify watch {w['wd']}: its file was not found at "
+                                "checkpoint")
+            while next_wd < w["wd"]:  # the original had removed watches here
+                tmp = _check(_libc.inotify_add_watch(fd, b"/", 0x100), "inotify_add_watch")
+                _libc.inotify_rm_watch(fd, tmp)
+                next_wd = tmp + 1
+            wd = _check(_libc.inotify_add_watch(fd, w["path"].encode(), w["mask"]),
+                        f"inotify_add_watch {w['path']}")
+            if wd != w["wd"]:
+                raise AnonError(0, f"inotify watch on {w['path']} got wd {wd}, not {w['wd']}")
+            next_wd = wd + 1
+        return fd
+    raise AnonError(0, f"{kind} is not restored")
+
+
+def finish_epoll(fds: list[dict], files: list[dict]) -> None:
+    """Add every epoll instance's watched fds back, now that all fds are in place."""
+    for d in fds:
+        f = files[d["file"]]
+        if f["kind"] != "anon:eventpoll":
+            continue
+        for t in f["anon"]["targets"]:
+            ev = epoll_event(t["events"], t["data"])
+            _check(_libc.epoll_ctl(d["fd"], EPOLL_CTL_ADD, t["tfd"], ctypes.byref(ev)),
+                   f"epoll_ctl(ADD fd {t['tfd']})")

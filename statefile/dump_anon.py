@@ -1,0 +1,98 @@
+"""Anonymous-inode files: eventfd, epoll, timerfd, signalfd, inotify.
+
+Their whole state is in /proc/PID/fdinfo, which this module parses into the
+`anon` field of the file's CR_FILES entry.  inotify watches are named there by
+file handle; they are turned back into paths here (open_by_handle_at, root
+only), since a path is what a restart can watch again.  Restored by
+restorer/restore_anon.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+from . import procfs
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _fields(line: str) -> dict[str, str]:
+    """'tfd:  3 events: 19 data: 3 ...' -> {'tfd': '3', 'events': '19', ...}"""
+    return dict(re.findall(r"([\w-]+):\s*(\S+)", line))
+
+
+def parse(kind: str, lines: list[str], pid: int) -> dict | None:
+    kv = {}
+    for line in lines:
+        k, _, v = line.partition(":")
+        kv.setdefault(k.strip(), v.strip())
+    if kind == "anon:eventfd":
+        return {"count": int(kv.get("eventfd-count", "0")),
+                "semaphore": kv.get("eventfd-semaphore", "0") == "1"}
+    if kind == "anon:eventpoll":
+        targets = []
+        for line in lines:
+            if line.startswith("tfd:"):
+                f = _fields(line)
+                targets.append({"tfd": int(f["tfd"]), "events": int(f["events"], 16),
+                                "data": int(f["data"], 16)})
+        return {"targets": targets}
+    if kind == "anon:timerfd":
+        def pair(text):
+            a, b = (int(x) for x in text.strip("()").split(","))
+            return [a, b]
+        return {"clockid": int(kv.get("clockid", "1")), "ticks": int(kv.get("ticks", "0")),
+                "settime_flags": int(kv.get("settime flags", "0"), 8),
+                "value": pair(kv.get("it_value", "(0, 0)")),
+                "interval": pair(kv.get("it_interval", "(0, 0)"))}
+    if kind == "anon:signalfd":
+        return {"sigmask": int(kv.get("sigmask", "0"), 16)}
+    if kind == "anon:inotify":
+        watches = []
+        for line in lines:
+            if line.startswith("inotify "):
+                f = _fields(line[len("inotify "):])
+                w = {"wd": int(f["wd"], 16), "ino": int(f["ino"], 16),
+                     "mask": int(f["mask"], 16), "ignored_mask": int(f["ignored_mask"], 16)}
+                w["path"] = _handle_path(pid, int(f["sdev"], 16), int(f["fhandle-type"], 16),
+                                         bytes.fromhex(f["f_handle"]))
+                watches.append(w)
+        return {"watches": watches}
+    return None
+
+
+class _file_handle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+def _handle_path(pid: int, sdev: int, htype: int, handle: bytes) -> str | None:
+    """Path of the inode an inotify watch names (None when it cannot be found)."""
+    major, minor = sdev >> 20, sdev & 0xFFFFF
+    mount = None
+    for line in procfs.read(f"/proc/{pid}/mountinfo").splitlines():
+        f = line.split()
+        if f[2] == f"{major}:{minor}":
+            mount = f"/proc/{pid}/root{f[4]}"
+            break
+    if mount is None:
+        return None
+    try:
+        mfd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fh = _file_handle(len(handle), htype)
+        ctypes.memmove(fh.f_handle, handle, len(handle))
+        fd = _libc.open_by_handle_at(mfd, ctypes.byref(fh), os.O_PATH)
+        if fd < 0:
+            return None
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return None if path.endswith(" (deleted)") else path
+    finally:
+        os.close(mfd)
