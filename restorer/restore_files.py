@@ -16,7 +16,7 @@ import resource
 import stat as st
 from dataclasses import dataclass, field
 
-from . import restore_anon
+from . import restore_anon, restore_sockets
 from .kernel import personality
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
@@ -177,6 +177,8 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return None  # io_uring, perf event...: the policy restores them closed
     if kind in restore_anon.KINDS:
         return restore_anon.open_anon(f)
+    if kind == "socket" and f.get("socket", {}).get("family") == "unix":
+        return restore_sockets.open_unix(f, plan.files)
     if kind == "tty":
         if plan.tty_fd is None:
             return os.open("/dev/null", os.O_RDWR)

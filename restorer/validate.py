@@ -13,6 +13,10 @@ from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
 
 
+# Trees are checked below with their own message.
+_TREE_KEYS = {"task:tree", "task:zombie"}
+
+
 def _ident_problem(path: str, want: dict, what: str, check_size_mtime: bool = True) -> str | None:
     try:
         s = os.stat(path)
@@ -69,6 +73,13 @@ def validate(sf, force_files: bool = False) -> list[str]:
     if h.get("restartable") is False:
         why = "; ".join(str(x) for x in h.get("not_restartable", [])) or "see crinspect"
         raise ValidationError(f"the statefile is marked not restartable: {why}")
+    # The same assessment crcheck and crcheckpoint make (statefile/support.py),
+    # on what the statefile holds, with the policy it was written under.
+    skip = set(h.get("policy", {}).get("skip", []))
+    bad = support.problems(support.assess(sf.tasks, sf.files, h.get("zombies", []), {}, skip))
+    bad = [b for b in bad if b.key not in _TREE_KEYS]
+    if bad:
+        raise ValidationError(f"{bad[0].where}: {bad[0].detail}: {bad[0].reason}")
     if len(sf.tasks) != 1:
         raise ValidationError(f"the statefile holds a tree of {len(sf.tasks)} processes; this "
                               "crrestart restores single processes (with threads) only")
@@ -114,9 +125,6 @@ def validate(sf, force_files: bool = False) -> list[str]:
             warnings.append(_skip_note(used[f["id"]], f))
             if kind != "regular":
                 continue
-        row = support.BY_KEY[support.fd_key(f)]
-        if row.status != support.SUPPORTED:
-            raise ValidationError(f"open file {f['path']} ({kind}): {row.reason}")
         if kind == "regular" and f.get("deleted"):
             if "blob" not in f and f.get("size"):
                 raise ValidationError(f"deleted file {f['path']} has no saved content")

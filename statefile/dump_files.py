@@ -14,7 +14,7 @@ import os
 import socket
 import stat as st
 
-from . import dump_anon, procfs
+from . import dump_anon, dump_sockets, procfs
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -48,7 +48,7 @@ _TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
           socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_RAW: "raw"}
 
 
-def socket_info(pid: int, fd: int) -> dict:
+def socket_info(pid: int, fd: int, unix_diag=None) -> dict:
     """Family, type and addresses of a task's socket, from a duplicate of its fd
     (pidfd_getfd): nothing is read from or written to the socket."""
     try:
@@ -76,6 +76,8 @@ def socket_info(pid: int, fd: int) -> dict:
             info[key] = list(addr) if isinstance(addr, tuple) else addr
         if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
             info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if sock.family == socket.AF_UNIX and unix_diag is not None:
+            info.update(dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag()))
         return info
     finally:
         sock.detach()
@@ -89,6 +91,13 @@ class FileTable:
         self.files: list[dict] = []
         self._by_ident: dict[tuple, list[int]] = {}
         self.blobs: list[SegmentPlan] = []
+        self._diag: dict | None = None
+
+    def unix_diag(self) -> dict:
+        """sock_diag's view of every unix socket, taken once per checkpoint."""
+        if self._diag is None:
+            self._diag = dump_sockets.unix_diag()
+        return self._diag
 
     def _same_as(self, pid: int, fd: int, ident: tuple) -> int | None:
         for fid in self._by_ident.get(ident, []):
@@ -132,7 +141,7 @@ class FileTable:
                 if extra:
                     entry["fdinfo"] = extra
                 if kind == "socket":
-                    entry["socket"] = socket_info(pid, fd)
+                    entry["socket"] = socket_info(pid, fd, self.unix_diag)
                 if kind.startswith("anon:"):
                     anon = dump_anon.parse(
                         kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid)

@@ -57,7 +57,14 @@ TABLE: tuple[Resource, ...] = (
              "device files other than null/zero/random/urandom/tty cannot be restored"),
     Resource("fd:pipe", "pipe", UNSUPPORTED, f"pipes are {_NOT_YET}"),
     Resource("fd:fifo", "FIFO", UNSUPPORTED, f"FIFOs are {_NOT_YET}"),
-    Resource("fd:socket:unix", "unix socket", UNSUPPORTED, f"unix sockets are {_NOT_YET}"),
+    Resource("fd:socket:unix-pair", "unix socket pair with both ends in one process "
+             "(queued data and shutdown state)", SUPPORTED),
+    Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name)",
+             SUPPORTED),
+    Resource("fd:socket:unix-dgram", "unconnected unix datagram socket", SUPPORTED),
+    Resource("fd:socket:unix", "other unix socket", UNSUPPORTED,
+             f"unix sockets connected across processes, with file descriptors in flight or "
+             f"with connections waiting to be accepted are {_NOT_YET}"),
     Resource("fd:socket:inet", "TCP/UDP socket", SKIPPABLE,
              f"network sockets are {_NOT_YET}; policy 'network' restores them closed",
              "network"),
@@ -111,6 +118,22 @@ _ANON = {"eventfd": "fd:eventfd", "eventpoll": "fd:epoll", "timerfd": "fd:timerf
 
 
 _ANON_KEYS = {"fd:eventfd", "fd:epoll", "fd:timerfd", "fd:signalfd", "fd:inotify"}
+
+
+def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
+    info = f.get("socket", {})
+    if info.get("listening"):
+        return "fd:socket:unix-listen" if not info.get("backlog_queued") else "fd:socket:unix"
+    if info.get("fds_in_flight"):
+        return "fd:socket:unix"
+    if not info.get("peer_ino"):
+        return "fd:socket:unix-dgram" if info.get("type") == "dgram" else "fd:socket:unix"
+    peer = next((i for i, g in enumerate(files)
+                 if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
+    if peer is None or files[peer].get("socket", {}).get("fds_in_flight"):
+        return "fd:socket:unix"
+    mine, theirs = holders.get(fid, set()), holders.get(peer, set())
+    return "fd:socket:unix-pair" if len(mine) == 1 and mine == theirs else "fd:socket:unix"
 
 
 def fd_key(f: dict) -> str:
@@ -226,6 +249,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             f = files[fd["file"]]
             where, detail = f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})"
             key = fd_key(f)
+            if key == "fd:socket:unix":
+                key = _unix_key(f, files, holders, fd["file"])
             add(key, pid, where, detail)
             if key in _ANON_KEYS and len(holders.get(fd["file"], ())) > 1:
                 add("fd:anon-shared", pid, where, detail)
