@@ -76,6 +76,7 @@ def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register
         sys.exit(130)
     for w in res.warnings:
         click.echo(f"crrestart: warning: {w}", err=True)
+    _restart_hook(statefile)
     if verbose or as_json:
         info = {"pid": res.vpid, "tracer_pid": res.pid, "init_pid": res.init_pid,
                 "seconds": round(res.restore_seconds, 6), "bytes_copied": res.bytes_copied,
@@ -93,6 +94,21 @@ def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register
     if res.lazy_server is not None:
         res.lazy_server.stop()
     sys.exit(code)
+
+
+def _restart_hook(statefile: str) -> None:
+    """Tell a restored application that opted in to hooks that it was restarted."""
+    from statefile import hooks
+    from statefile.reader import load
+    for task in load(statefile).tasks:
+        try:
+            reply = hooks.notify(task["pid"], "restart")
+        except (hooks.HookError, OSError) as e:
+            click.echo(f"crrestart: warning: restart hook of pid {task['pid']}: {e}", err=True)
+            continue
+        if reply is not None and reply != "ok":
+            click.echo(f"crrestart: warning: restart hook of pid {task['pid']}: {reply}",
+                       err=True)
 
 
 if __name__ == "__main__":

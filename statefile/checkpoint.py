@@ -8,7 +8,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, flags, procfs, snapshot, support
+from . import FORMAT_VERSION, __version__, flags, hooks, procfs, snapshot, support
 from .dump_files import FileTable
 from .dump_memory import PAGE, dump_mappings
 from .dump_task import dump_task
@@ -79,8 +79,38 @@ def _release_snapshots(freezer: Freezer, snaps: dict[int, int], addrs=None) -> N
     snaps.clear()
 
 
+def _hooks_before(pid: int, timeout: float) -> list[int]:
+    """Tell every task that opted in (hooks/crelf_hooks.*) that a checkpoint is
+    coming, and wait for each to be ready; return the pids told."""
+    told: list[int] = []
+    try:
+        for p in procfs.descendants(pid):
+            if not hooks.has_hooks(p):
+                continue
+            reply = hooks.notify(p, "checkpoint", timeout)
+            if reply is None:
+                continue
+            told.append(p)
+            if reply != "ok":
+                raise hooks.HookError(f"pid {p}: its checkpoint hook failed ({reply}); "
+                                      "nothing was written")
+    except BaseException:
+        _hooks_after(told, timeout)
+        raise
+    return told
+
+
+def _hooks_after(told: list[int], timeout: float) -> None:
+    for p in told:
+        try:
+            hooks.notify(p, "resume", timeout)
+        except (hooks.HookError, OSError):
+            pass
+
+
 def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False,
-               policy: Policy | None = None, progress=None, cow: bool = True) -> dict:
+               policy: Policy | None = None, progress=None, cow: bool = True,
+               hook_timeout: float = 10.0) -> dict:
     """Write the statefile of the tree rooted at pid; return a summary.
 
     With `cow` (the default when the tree runs on), the tree is released as
@@ -93,6 +123,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
     freezer = Freezer(pid)
     snaps: dict[int, int] = {}
     addrs: dict[int, int] = {}
+    told: list[int] = []
     t_start = time.monotonic()
     t_thawed = None
 
@@ -102,6 +133,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         t_thawed = time.monotonic()
 
     try:
+        told = _hooks_before(pid, hook_timeout)
         freezer.freeze()
         t_frozen = time.monotonic()
         tasks, regs, plans_by_task = [], [], []
@@ -171,6 +203,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         writer.abort()
         freezer.thaw()
         _release_snapshots(freezer, snaps, addrs)
+        _hooks_after(told, hook_timeout)
         raise
     t_written = time.monotonic()
     if t_thawed is None:
@@ -178,11 +211,14 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         t_thawed = time.monotonic()
     _release_snapshots(freezer, snaps, addrs)
     t_end = time.monotonic()
+    if not kill:
+        _hooks_after(told, hook_timeout)
     return {
         "statefile": os.path.abspath(output), "root_pid": pid,
         "pids": [t["pid"] for t in tasks],
         "threads": sum(len(t["threads"]) for t in tasks),
         "killed": kill,
+        "hooks_told": told,
         "restartable": not bad,
         "not_restartable": [f.line() for f in bad],
         "skipped": skipped,

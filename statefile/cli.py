@@ -79,13 +79,15 @@ def _policy_options(fn):
               help="Keep the tree frozen while its memory is written, instead of releasing "
                    "it once copy-on-write snapshots are taken.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--hook-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for applications' checkpoint hooks (hooks/crelf_hooks.*).")
 @_policy_options
 @click.option("--snapshot", is_flag=True,
               help="Write a debug-only statefile (marked not restartable) instead of "
                    "refusing when something cannot be restored.")
 @click.version_option(__version__, prog_name="crcheckpoint")
 def main(pid: int, output: str, kill: bool, fsync: bool, no_cow: bool, as_json: bool,
-         policy_file, skip, dump_tmpfs, snapshot) -> None:
+         hook_timeout: float, policy_file, skip, dump_tmpfs, snapshot) -> None:
     """Checkpoint process PID and all its descendants into one ELF statefile.
 
     The tree is frozen while its state is written, then runs on unharmed
@@ -101,6 +103,7 @@ def main(pid: int, output: str, kill: bool, fsync: bool, no_cow: bool, as_json: 
     progress = _Progress()
     summary = run_cli(lambda: checkpoint(
         pid, output, kill=kill, fsync=fsync, progress=progress, cow=not no_cow,
+        hook_timeout=hook_timeout,
         policy=pol.build(policy_file, skip, dump_tmpfs, snapshot)), prog="crcheckpoint")
     progress.finish()
     if as_json:

@@ -1,0 +1,137 @@
+"""Application hooks: a network client closes its connection before the
+checkpoint and reconnects after it resumes, or after it is restarted."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import require_root, wait_for_line
+from test_checkpoint import checkpoint
+
+BIN = Path(sys.executable).parent
+
+
+class LineServer:
+    """A TCP server on 127.0.0.1 recording the lines of each connection."""
+
+    def __init__(self):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.conns: list[list[str]] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            lines: list[str] = []
+            self.conns.append(lines)
+            threading.Thread(target=self._read, args=(c, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(c, lines):
+        with c, c.makefile() as f:
+            for line in f:
+                lines.append(line.strip())
+
+    def wait_for(self, text, timeout=20):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(text in c for c in self.conns):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"server never got {text!r}: {self.conns}")
+
+    def close(self):
+        self.srv.close()
+
+
+@pytest.fixture
+def server():
+    s = LineServer()
+    yield s
+    s.close()
+
+
+def _ticks(conns):
+    return [int(line.split()[1]) for c in conns for line in c if line.startswith("tick")]
+
+
+def test_leave_running_checkpoint_runs_the_hooks(sample_bin, procs, tmp_path, server):
+    require_root()
+    out = tmp_path / "r.out"
+    proc = procs.spawn([sys.executable, sample_bin / "reconnect.py", server.port, 30],
+                       stdout=out, stderr=tmp_path / "r.err")
+    wait_for_line(out, r"^tick 5$", proc=proc)
+    summary = checkpoint(proc.pid, tmp_path / "r.cr")
+    assert summary["hooks_told"] == [proc.pid] and summary["restartable"]
+    assert proc.wait(timeout=30) == 0
+    server.wait_for("bye")
+    assert len(server.conns) == 2
+    assert server.conns[0][0] == "hello first" and server.conns[0][-1] == "bye"
+    assert server.conns[1][0] == "hello again after resume"
+    assert _ticks(server.conns) == list(range(1, 31))
+
+
+def test_restart_runs_the_restart_hook(sample_bin, procs, tmp_path, server):
+    require_root()
+    out = tmp_path / "r.out"
+    proc = procs.spawn([sys.executable, sample_bin / "reconnect.py", server.port, 30],
+                       stdout=out, stderr=tmp_path / "r.err")
+    wait_for_line(out, r"^tick 5$", proc=proc)
+    cr = tmp_path / "r.cr"
+    summary = checkpoint(proc.pid, cr, "--kill")
+    assert summary["hooks_told"] == [proc.pid]
+    proc.wait(timeout=10)
+    res = subprocess.run([str(BIN / "crrestart"), str(cr)], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    server.wait_for("hello again after restart")
+    server.wait_for("tick 30")
+    assert server.conns[0][-1] == "bye"
+    assert server.conns[1][0] == "hello again after restart"
+    assert _ticks(server.conns) == list(range(1, 31))
+    assert out.read_text().splitlines()[-1] == "done"
+
+
+def test_c_header_hooks(procs, tmp_path):
+    """hooks/crelf_hooks.h: a C program is told before the checkpoint and after
+    the restart."""
+    require_root()
+    src = tmp_path / "hooked.c"
+    src.write_text(r'''
+#include "crelf_hooks.h"
+#include <stdio.h>
+#include <time.h>
+static void before(void *a) { (void)a; printf("before checkpoint\n"); fflush(stdout); }
+static void after(void *a) { (void)a; printf("after restart\n"); fflush(stdout); }
+int main(void) {
+    if (crelf_hooks_install(before, after, NULL, NULL)) return 1;
+    struct timespec ts = {0, 100000000};
+    for (int n = 1; n <= 30; n++) { nanosleep(&ts, NULL); printf("tick %d\n", n); fflush(stdout); }
+    return 0;
+}
+''')
+    hooks_dir = Path(__file__).resolve().parent.parent / "hooks"
+    subprocess.run(["gcc", "-O1", "-pthread", "-I", str(hooks_dir), "-o", tmp_path / "hooked",
+                    src], check=True)
+    out = tmp_path / "h.out"
+    proc = procs.spawn([tmp_path / "hooked"], stdout=out, stderr=tmp_path / "h.err")
+    wait_for_line(out, r"^tick 3$", proc=proc)
+    cr = tmp_path / "h.cr"
+    checkpoint(proc.pid, cr, "--kill")
+    proc.wait(timeout=10)
+    res = subprocess.run([str(BIN / "crrestart"), str(cr)], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = out.read_text().splitlines()
+    assert "before checkpoint" in lines and "after restart" in lines
+    assert lines.index("before checkpoint") < lines.index("after restart")
+    assert [int(x.split()[1]) for x in lines if x.startswith("tick")] == list(range(1, 31))
