@@ -100,14 +100,27 @@ class FileTable:
         return self._diag
 
     def _same_as(self, pid: int, fd: int, ident: tuple) -> int | None:
-        for fid in self._by_ident.get(ident, []):
-            f = self.files[fid]
+        """The entry fd's open file description already has, or None.
+
+        Entries of one inode are kept sorted in kcmp's order (kcmp also says
+        less/greater), so a binary search finds a match: 10000 opens of one
+        file cost 10000 log 10000 kcmp calls, not 10000 squared."""
+        fids = self._by_ident.setdefault(ident, [])
+        lo, hi = 0, len(fids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            f = self.files[fids[mid]]
             try:
-                if pt.kcmp_file(f["owner_pid"], pid, f["owner_fd"], fd) == 0:
-                    return fid
+                r = pt.kcmp_file(f["owner_pid"], pid, f["owner_fd"], fd)
             except OSError:
-                # kcmp unavailable: fall back to identity + offset + flags.
-                return None
+                r = 1  # kcmp unavailable: treat as a description of its own
+            if r == 0:
+                return fids[mid]
+            if r == 1:  # the saved one sorts before fd's
+                lo = mid + 1
+            else:
+                hi = mid
+        self._insert_at = lo
         return None
 
     def dump_fds(self, pid: int) -> list[dict]:
@@ -150,7 +163,7 @@ class FileTable:
                 if kind == "regular" and deleted:
                     self.add_blob(entry, f"content of deleted file {entry['path']}")
                 self.files.append(entry)
-                self._by_ident.setdefault(ident, []).append(fid)
+                self._by_ident[ident].insert(self._insert_at, fid)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
         return fds
 
