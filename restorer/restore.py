@@ -1,6 +1,7 @@
-"""Top level of a restart: validate, fork the task with its pid (or in a new
-pid namespace), let it set up its files, rebuild it by ptrace, release it, and
-wait for it in the foreground."""
+"""Top level of a restart: validate, create the shared resources, fork the
+tree with its pids (or in a new pid namespace), let every task set up its
+files, rebuild every task by ptrace, release them all at once, and wait for
+the root in the foreground (docs/TREE.md)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from statefile.reader import load
 
 from .errors import RestoreError
 from .kernel import CLONE_NEWPID, CLONE_NEWUSER, fork_with_pid, unshare
-from .restore_files import ChildPlan, run_child
+from .restore_files import ChildPlan
 from .restore_memory import plan_extras
 from .restore_task import TaskRestorer
+from .restore_tree import (Node, close_all, fork_pid_waiting_zombie, host_pids, open_shared,
+                           plan_tree, read_status, task_main)
 from .validate import validate
 
 
@@ -85,17 +88,19 @@ def _enter_user_pidns() -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
 
 
-def _init_main(plan: ChildPlan, status_w: int, vpid: int) -> None:
-    """pid 1 of the new pid namespace: create the task with its pid, then reap
-    until it exits and exit with its status.  Never returns."""
+def _init_main(root: Node, status_w: int, inherited: dict[int, int]) -> None:
+    """pid 1 of the new pid namespace: create the root task with its pid (it
+    forks the rest of the tree), then reap until it exits and exit with its
+    status.  Never returns."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        vpid = root.pid
         if vpid == 1:
             raise RestoreError("pid", "the process was pid 1 of its namespace")
         child = fork_with_pid(vpid)
         if child == 0:
-            run_child(plan, status_w)
+            task_main(root, status_w, inherited)
         os.close(status_w)
         for name in os.listdir("/proc/self/fd"):
             try:
@@ -122,51 +127,19 @@ def _init_main(plan: ChildPlan, status_w: int, vpid: int) -> None:
         os._exit(1)
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return st[st.rindex(b")") + 2:][:1] in (b"Z", b"X")
-    except OSError:
-        return True   # gone (or going): worth another try
-
-
-def _fork_pid_waiting_zombie(pid: int) -> int:
-    """fork_with_pid, waiting up to 2 s while the pid belongs to a dying
-    process (the checkpointed original, killed and not yet reaped)."""
-    deadline = time.monotonic() + 2.0
-    while True:
-        try:
-            return fork_with_pid(pid)
-        except OSError as e:
-            if e.errno != 17 or time.monotonic() > deadline or not _is_zombie(pid):
-                raise
-            time.sleep(0.01)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def _read_status(fd: int) -> str:
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
-        out += chunk
-    return out.decode(errors="replace").strip()
+def _blobs(sf) -> dict:
+    """file id -> [(statefile offset, size, position in the file)]."""
+    blobs = {}
+    for f in sf.files:
+        if "blob" in f:
+            seg = sf.segment(f["blob"])
+            blobs[f["id"]] = [(seg["offset"] + rel, ln, rel) for rel, ln in seg["runs"]]
+    return blobs
 
 
 def restore(path: str, opts: Options, log=None) -> Result:
-    """Restore the statefile at `path`; returns once the task runs again."""
+    """Restore the tree in the statefile at `path`; returns once every task
+    runs again (docs/TREE.md)."""
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     res = Result()
@@ -175,37 +148,45 @@ def restore(path: str, opts: Options, log=None) -> Result:
     except FormatError as e:
         raise RestoreError("load", str(e)) from None
     res.warnings = validate(sf, opts.force_files)
-    task = sf.root
-    vpid = task["pid"]
-    res.vpid = vpid
+    tasks = sf.tasks
+    res.vpid = sf.root["pid"]
     unpriv = os.geteuid() != 0
     lazy = opts.lazy
+    if len(tasks) > 1 and lazy:
+        res.warnings.append("lazy restore of process trees comes later: restored eagerly")
+        lazy = False
     if lazy is None:
-        lazy = not unpriv and stored_anon_bytes(sf, task) >= AUTO_LAZY_BYTES
+        lazy = (len(tasks) == 1 and not unpriv
+                and stored_anon_bytes(sf, sf.root) >= AUTO_LAZY_BYTES)
     res.lazy = lazy
     pidns = opts.pidns or unpriv
-    # plan what the task does itself
-    target_fds = [d["fd"] for d in task["fds"]]
-    extras = plan_extras(task, max(target_fds + [2]) + 1)
-    blobs = {}
-    for f in sf.files:
-        if "blob" in f:
-            seg = sf.segment(f["blob"])
-            blobs[f["id"]] = [(seg["offset"] + rel, ln, rel) for rel, ln in seg["runs"]]
-    has_tty = any(sf.files[d["file"]]["kind"] == "tty" for d in task["fds"])
+    # plan what every task does itself
+    blobs = _blobs(sf)
+    has_tty = any(sf.files[d["file"]]["kind"] == "tty" for t in tasks for d in t["fds"])
     tty = _tty_fd()
     if has_tty and tty is None:
         res.warnings.append("the process used a terminal and crrestart has none: "
                             "its terminal fds now point to /dev/null")
-    plan = ChildPlan(task=task, files=sf.files, statefile=os.path.abspath(path), blobs=blobs,
-                     extras=extras, tty_fd=tty if has_tty else None,
-                     shell_job=has_tty and tty is not None, force_files=opts.force_files,
-                     in_pidns=pidns)
+    shell_job = has_tty and tty is not None
+    plans: dict[int, ChildPlan] = {}
+    extras_of: dict[int, list] = {}
+    for t in tasks:
+        target_fds = [d["fd"] for d in t["fds"]]
+        extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1)
+        plans[t["pid"]] = ChildPlan(
+            task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs,
+            extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
+            shell_job=shell_job and t is sf.root, force_files=opts.force_files,
+            in_pidns=pidns)
+    root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
+                            root_keeps_session=shell_job)
     status_r, status_w = os.pipe()
     created: list[int] = []
-    tr = None
+    trs: list[TaskRestorer] = []
+    shared: dict[int, int] = {}
     try:
-        # --- the task, with its pid ---------------------------------------------------
+        # --- shared resources, then the tree with its pids ---------------------------------
+        shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
         if pidns:
             if unpriv:
                 try:
@@ -218,52 +199,59 @@ def restore(path: str, opts: Options, log=None) -> Result:
             init = os.fork()
             if init == 0:
                 os.close(status_r)
-                _init_main(plan, status_w, vpid)
+                _init_main(root, status_w, shared)
             created.append(init)
             res.init_pid = init
         else:
             try:
-                child = _fork_pid_waiting_zombie(vpid)
+                child = fork_pid_waiting_zombie(root.pid)
             except OSError as e:
                 if e.errno == 17:
-                    raise RestoreError("pid", f"pid {vpid} is in use by another process "
+                    raise RestoreError("pid", f"pid {root.pid} is in use by another process "
                                        "(--pidns restores into a new pid namespace)") from None
-                raise RestoreError("pid", f"cannot create pid {vpid}: {e.strerror}") from None
+                raise RestoreError("pid", f"cannot create pid {root.pid}: "
+                                   f"{e.strerror}") from None
             if child == 0:
                 os.close(status_r)
-                run_child(plan, status_w)
+                task_main(root, status_w, shared)
             created.append(child)
+        close_all(shared)     # else a reader would never see EOF
+        shared = {}
         os.close(status_w)
         status_w = -1
-        msg = _read_status(status_r)
+        msg = read_status(status_r)
         if msg != "OK":
             if msg.startswith("ERR "):
                 step, _, what = msg[4:].partition(": ")
                 raise RestoreError(step, what)
             raise RestoreError("setup", f"the new task died before it was ready ({msg!r})")
-        if pidns:
-            kids = _children(res.init_pid)
-            if len(kids) != 1:
-                raise RestoreError("pid namespace", f"cannot find the task (children {kids})")
-            rpid = kids[0]
-            created.insert(0, rpid)
-        else:
-            rpid = created[0]
-        res.pid = rpid
-        t1 = time.perf_counter()
-        res.timings["fork+files"] = t1 - t0
-        # --- rebuild it -------------------------------------------------------------------
-        fds = {e.key: e.fd for e in extras}
-        tr = TaskRestorer(sf, task, rpid, fds, lazy=lazy, log=log)
-        tr.run()
-        tr.release()
-        res.lazy_server = tr.lazy_server
-        res.timings.update(tr.timings)
-        res.bytes_copied = tr.mem.bytes_written
+        # --- barrier 1: every task is parked -------------------------------------------------
+        rpids = host_pids(res.init_pid) if pidns else {n.pid: n.pid for n in order}
+        missing = [n.pid for n in order if n.pid not in rpids]
+        if missing:
+            raise RestoreError("tree", f"cannot find the restored task(s) {missing}")
+        created[0:0] = [rpids[n.pid] for n in order if rpids[n.pid] not in created]
+        res.pid = rpids[root.pid]
+        res.timings["fork+files"] = time.perf_counter() - t0
+        # --- every task rebuilt by injection ---------------------------------------------------
+        for n in order:
+            fds = {e.key: e.fd for e in extras_of[n.pid]}
+            tr = TaskRestorer(sf, n.task, rpids[n.pid], fds, lazy=lazy, log=log)
+            trs.append(tr)
+            tr.run()
+        # --- barrier 2: release them all at once -----------------------------------------------
+        for tr in trs:
+            tr.release()
+        for tr in trs:
+            for k, v in tr.timings.items():
+                res.timings[k] = res.timings.get(k, 0) + v
+            res.bytes_copied += tr.mem.bytes_written
+        res.lazy_server = trs[0].lazy_server
         from .injector import RestoreInjector
         res.injections = RestoreInjector.count
     except BaseException:
-        if tr is not None:
+        close_all(shared)
+        for tr in trs:
             tr.kill()
         for pid in created:
             try:

@@ -214,34 +214,41 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
     raise ChildError("files", f"fd kind {kind} ({path}) is not restored by this crelf")
 
 
-def child_setup(plan: ChildPlan, status_fd: int) -> None:
-    """Everything the task does itself; the caller reports and parks."""
+def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | None = None) -> None:
+    """Everything the task does itself; the caller reports and parks.
+
+    `inherited` ({file id: fd}) are the open file descriptions the initiator
+    created for the whole tree (pipes, FIFOs, files several tasks share): the
+    task places the ones it uses at their numbers and closes all the others."""
     task = plan.task
+    inherited = inherited or {}
     targets = {d["fd"] for d in task["fds"]} | {e.fd for e in plan.extras}
     high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
-    # Move our own fds out of the way of the target numbers.
+    need = {d["file"] for d in task["fds"]} & set(inherited)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if high + len(need) + 16 > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (min(hard, high + len(need) + 64), hard))
+        except (OSError, ValueError):
+            pass
+    # Move our own fds (and the inherited ones we use) out of the way of the
+    # target numbers.
     keep = {}
     for name, fd in (("status", status_fd), ("tty", plan.tty_fd)):
         if fd is None:
             continue
-        nfd = os.dup(fd) if fd >= high else _dup_above(fd, high)
-        keep[name] = nfd
-        high = max(high, nfd + 1)
+        keep[name] = _dup_above(fd, high)
     plan.tty_fd = keep.get("tty")
     plan._status_fd = keep["status"]
+    mine = {fid: _dup_above(inherited[fid], high) for fid in sorted(need)}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd not in keep.values():
+        if fd not in keep.values() and fd not in mine.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if high + 16 > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, high + 64), hard))
-        except (OSError, ValueError):
-            pass
     step = "files"
     try:
         opened: dict[int, int] = {}   # file id -> fd number where it was placed
@@ -250,11 +257,17 @@ def child_setup(plan: ChildPlan, status_fd: int) -> None:
             if fid in opened:
                 os.dup2(opened[fid], d["fd"], inheritable=not d["cloexec"])
                 continue
+            if fid in mine:     # created by the initiator: the same open file description
+                os.dup2(mine[fid], d["fd"], inheritable=not d["cloexec"])
+                opened[fid] = d["fd"]
+                continue
             fd = _open_file(plan, plan.files[fid])
             if fd is None:
                 continue
             _place(fd, d["fd"], d["cloexec"])
             opened[fid] = d["fd"]
+        for fd in mine.values():
+            os.close(fd)
         step = "epoll"
         restore_anon.finish_epoll(task["fds"], plan.files)
         step = "mapped files"

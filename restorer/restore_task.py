@@ -19,8 +19,8 @@ from .errors import RestoreError
 from .injector import RestoreInjector
 from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS,
                      MAP_ANONYMOUS, MAP_PRIVATE, NR, PAGE, PR_CAPBSET_DROP, PR_SET_KEEPCAPS,
-                     PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS, PROT_READ, PROT_WRITE,
-                     RSEQ_FLAG_UNREGISTER, THREAD_FLAGS, TIMER_ABSTIME, clone_args,
+                     PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PROT_READ,
+                     PROT_WRITE, RSEQ_FLAG_UNREGISTER, THREAD_FLAGS, TIMER_ABSTIME, clone_args,
                      prctl_mm_map)
 from .restore_memory import Memory, parse_maps
 
@@ -178,6 +178,7 @@ class TaskRestorer:
         for th in task["threads"]:
             self._creds(injs[th["tid"]], th["tid"])
         self.step = "cleanup"
+        inj.check("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)   # set while the tree was forked
         for fd in sorted(set(self.fds.values())):
             inj.call("close", fd)
         inj.check("munmap", self.scratch, SCRATCH_PAGES * PAGE)

@@ -5,6 +5,7 @@ same, and this kernel's vDSO matches the checkpointed one."""
 from __future__ import annotations
 
 import os
+import stat
 
 from statefile import support
 
@@ -80,10 +81,16 @@ def validate(sf, force_files: bool = False) -> list[str]:
     bad = [b for b in bad if b.key not in _TREE_KEYS]
     if bad:
         raise ValidationError(f"{bad[0].where}: {bad[0].detail}: {bad[0].reason}")
-    if len(sf.tasks) != 1:
-        raise ValidationError(f"the statefile holds a tree of {len(sf.tasks)} processes; this "
-                              "crrestart restores single processes (with threads) only")
-    task = sf.root
+    seen: set[int] = set()
+    for task in sf.tasks:
+        _check_task(sf, task, force_files, warnings, seen, task is sf.root)
+    return warnings
+
+
+def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: set[int],
+                first: bool) -> None:
+    """The checks of one task of the tree; files already checked (shared with
+    a task checked before) are in `seen`."""
     uid = os.geteuid()
     creds = task.get("creds", {})
     if uid != 0:
@@ -94,7 +101,7 @@ def validate(sf, force_files: bool = False) -> list[str]:
         if set(creds.get("gid", [os.getegid()])) != {os.getegid()}:
             raise ValidationError(f"the process ran with gids {creds.get('gid')}; only root "
                                   "can restore it")
-    p = vdso_problem(task, sf)
+    p = vdso_problem(task, sf) if first else None
     if p:
         raise ValidationError(p)
     # executable and mapped files
@@ -117,8 +124,9 @@ def validate(sf, force_files: bool = False) -> list[str]:
     # open files
     used = {d["file"]: d["fd"] for d in task["fds"]}
     for f in sf.files:
-        if f["id"] not in used:
+        if f["id"] not in used or f["id"] in seen:
             continue
+        seen.add(f["id"])
         kind = f["kind"]
         skipped = f.get("skipped")
         if skipped:
@@ -142,6 +150,9 @@ def validate(sf, force_files: bool = False) -> list[str]:
         elif kind in ("directory", "chr"):
             if not os.path.exists(f["path"]):
                 raise ValidationError(f"{f['path']} no longer exists")
+        elif kind == "fifo" and os.path.exists(f["path"]) and \
+                not stat.S_ISFIFO(os.stat(f["path"]).st_mode):
+            raise ValidationError(f"{f['path']} is no longer a FIFO")
     if task.get("cwd") and not os.path.isdir(task["cwd"]):
         raise ValidationError(f"working directory {task['cwd']} no longer exists")
     if task.get("posix_timers"):
@@ -157,7 +168,6 @@ def validate(sf, force_files: bool = False) -> list[str]:
         if m.get("skipped") == "scratch":
             warnings.append(f"scratch memory {m['start']:#x}-{m['end']:#x} was left out by "
                             "policy: restored as zeros")
-    return warnings
 
 
 def _skip_note(fd: int, f: dict) -> str:

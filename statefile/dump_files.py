@@ -14,7 +14,7 @@ import os
 import socket
 import stat as st
 
-from . import dump_anon, dump_sockets, procfs
+from . import dump_anon, dump_pipes, dump_sockets, procfs
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -91,6 +91,7 @@ class FileTable:
         self.files: list[dict] = []
         self._by_ident: dict[tuple, list[int]] = {}
         self.blobs: list[SegmentPlan] = []
+        self.pipes = dump_pipes.PipeTable()   # pipe/FIFO records, bytes in flight
         self._diag: dict | None = None
 
     def unix_diag(self) -> dict:
@@ -155,6 +156,8 @@ class FileTable:
                     entry["fdinfo"] = extra
                 if kind == "socket":
                     entry["socket"] = socket_info(pid, fd, self.unix_diag)
+                if kind in ("pipe", "fifo"):
+                    self.pipes.add(self, entry, pid, fd)
                 if kind.startswith("anon:"):
                     anon = dump_anon.parse(
                         kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid)

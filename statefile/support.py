@@ -31,10 +31,10 @@ _NOT_YET = "not restored by this version of crelf yet"
 TABLE: tuple[Resource, ...] = (
     # --- tasks ---------------------------------------------------------------
     Resource("task:process", "a single process, any number of threads", SUPPORTED),
-    Resource("task:tree", "more than one process (a process tree)", UNSUPPORTED,
-             f"process trees are {_NOT_YET}"),
-    Resource("task:zombie", "an exited child not reaped yet", UNSUPPORTED,
-             f"zombies are {_NOT_YET}"),
+    Resource("task:tree", "more than one process (a process tree: original pids, "
+             "parent/child links, sessions and process groups)", SUPPORTED),
+    Resource("task:zombie", "an exited child not reaped yet (recreated with its exit status)",
+             SUPPORTED),
     Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
              "restart leaves out)", UNSUPPORTED, f"seccomp filters are {_NOT_YET}"),
     Resource("task:namespace", "a namespace other than crelf's own", UNSUPPORTED,
@@ -55,8 +55,12 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:tty", "terminal (restored on crrestart's terminal)", SUPPORTED),
     Resource("fd:chr", "other character or block device", UNSUPPORTED,
              "device files other than null/zero/random/urandom/tty cannot be restored"),
-    Resource("fd:pipe", "pipe", UNSUPPORTED, f"pipes are {_NOT_YET}"),
-    Resource("fd:fifo", "FIFO", UNSUPPORTED, f"FIFOs are {_NOT_YET}"),
+    Resource("fd:pipe", "pipe (size, O_NONBLOCK, bytes in flight)", SUPPORTED),
+    Resource("fd:fifo", "FIFO (by path; size, O_NONBLOCK, bytes in flight)", SUPPORTED),
+    Resource("fd:pipe-external", "pipe or FIFO also open in a process outside the tree",
+             UNSUPPORTED, "a restart cannot reconnect a pipe to a process outside the tree "
+             "(and cannot read the bytes in flight without consuming them when that process "
+             "holds the read end)"),
     Resource("fd:socket:unix-pair", "unix socket pair with both ends in one process "
              "(queued data and shutdown state)", SUPPORTED),
     Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name)",
@@ -220,6 +224,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
+    from .dump_pipes import external
+    external_pipes = external(tasks, files)
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "ipc", "uts", "mnt", "net")}
     for t in tasks:
         pid = t["pid"]
@@ -252,6 +258,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
             add(key, pid, where, detail)
+            if fd["file"] in external_pipes:
+                add("fd:pipe-external", pid, where, external_pipes[fd["file"]])
             if key in _ANON_KEYS and len(holders.get(fd["file"], ())) > 1:
                 add("fd:anon-shared", pid, where, detail)
             if key == "fd:inotify" and any(not w.get("path")

@@ -145,13 +145,8 @@ def test_parent_with_two_children(sample_bin, procs, tmp_path):
     proc = procs.spawn([sample_bin / "tree", "30"], stdout=out)
     wait_for_line(out, r"child 2 tick 3", proc=proc)
     cr = tmp_path / "tree.cr"
-    # Restoring trees comes later: today a tree checkpoint is refused, or
-    # written as a snapshot marked not restartable.
-    res = checkpoint(proc.pid, cr, check=False)
-    assert res.returncode == 6 and "process trees are not restored" in res.stderr
-    assert not cr.exists()
-    summary = checkpoint(proc.pid, cr, "--snapshot")
-    assert not summary["restartable"] and len(summary["not_restartable"]) == 2
+    summary = checkpoint(proc.pid, cr)
+    assert summary["restartable"] and summary["not_restartable"] == []
     assert len(summary["pids"]) == 3 and summary["pids"][0] == proc.pid
     sf = reader.load(str(cr))
     assert [t["ppid"] for t in sf.tasks[1:]] == [proc.pid, proc.pid]
@@ -182,13 +177,23 @@ def test_kill_terminates_the_target_after_writing(mt, tmp_path):
 def test_kill_never_applies_to_a_snapshot_that_cannot_restart(sample_bin, procs, tmp_path):
     require_root()
     out = tmp_path / "tree.out"
-    proc = procs.spawn([sample_bin / "tree"], stdout=out)
-    wait_for_line(out, r"child 2 tick 2", proc=proc)
-    cr = tmp_path / "tree.cr"
-    res = checkpoint(proc.pid, cr, "--kill", "--snapshot", check=False)
-    assert res.returncode == 6 and "cannot be checkpointed" in res.stderr
-    assert not cr.exists()
-    assert_keeps_ticking(out, proc, r"parent tick (\d+)")
+    # A FIFO held by a process outside the tree: the checkpoint cannot be restarted.
+    fifo = tmp_path / "outside.fifo"
+    os.mkfifo(fifo)
+    keeper = os.open(fifo, os.O_RDWR)
+    try:
+        rfd = os.open(fifo, os.O_RDONLY)
+        proc = procs.spawn([sample_bin / "tree"], stdout=out, stdin=rfd)
+        os.close(rfd)
+        wait_for_line(out, r"child 2 tick 2", proc=proc)
+        cr = tmp_path / "tree.cr"
+        res = checkpoint(proc.pid, cr, "--kill", "--snapshot", check=False)
+        assert res.returncode == 6 and "cannot be checkpointed" in res.stderr
+        assert "outside the tree" in res.stderr
+        assert not cr.exists()
+        assert_keeps_ticking(out, proc, r"parent tick (\d+)")
+    finally:
+        os.close(keeper)
 
 
 def test_untouched_memory_is_a_hole(sample_bin, procs, tmp_path):
@@ -296,10 +301,11 @@ def test_real_pipeline_output_unchanged_by_leave_running_checkpoints(procs, tmp_
     done = 0
     while proc.poll() is None and done < 3:
         time.sleep(0.15)
-        res = checkpoint(proc.pid, tmp_path / f"p{done}.cr", "--snapshot", check=False)
+        res = checkpoint(proc.pid, tmp_path / f"p{done}.cr", check=False)
         if proc.poll() is not None:
             break
         assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["restartable"]
         done += 1
     assert done >= 1, "the pipeline finished before a checkpoint could be taken"
     assert proc.wait(timeout=120) == 0

@@ -1,0 +1,467 @@
+"""Process trees: the fork plan, the shared resources the initiator creates,
+and the code every restored task runs (still crrestart's Python) before it
+parks.  The protocol is in docs/TREE.md.
+
+1. The initiator (crrestart) plans the tree: parents before children, a
+   session leader before its members, a process group's leader before the
+   tasks that join it (trees that cannot be ordered so are refused before
+   anything is created).
+2. It creates what tasks share: every pipe (size, bytes in flight,
+   O_NONBLOCK per end), every FIFO (opened by path, bytes in flight), every
+   other open file description used by more than one task (a shared offset:
+   the stdout file of a whole pipeline).
+3. It forks the root with its original pid; every task sets its session and
+   process group, forks its children with their original pids (one after the
+   other, each child's whole subtree ready before the next), recreates its
+   zombies (a child that exits at once with the saved status), then sets up
+   its own files from the inherited ones (dup within the task: the same open
+   file description), closes every other inherited fd, reports up and parks.
+4. The initiator seizes every parked task and rebuilds it by injection
+   (restore_task.TaskRestorer), then releases all of them at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import stat as st
+import time
+from dataclasses import dataclass, field
+
+from .errors import RestoreError, ValidationError
+from .kernel import PR_SET_PDEATHSIG, fork_with_pid, prctl
+from .restore_files import ChildError, ChildPlan, _open_file, child_setup
+
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+O_ACCMODE = 3
+O_DIRECT = 0o40000
+_FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
+SETFL_MASK = os.O_NONBLOCK | os.O_APPEND | 0o20000  # O_NONBLOCK, O_APPEND, O_ASYNC
+
+
+@dataclass
+class Node:
+    """One task of the tree, as its parent forks it."""
+    task: dict
+    plan: ChildPlan
+    session: str = ""             # "setsid", "setpgid" (own group), "join" (pgid), ""
+    children: list["Node"] = field(default_factory=list)
+    zombies: list[dict] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.task["pid"]
+
+
+def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan],
+              root_keeps_session: bool) -> tuple[Node, list[Node]]:
+    """The fork tree (root node, and every node in fork order).  Raises
+    ValidationError, naming the task, for trees this crrestart cannot rebuild."""
+    by_pid = {t["pid"]: t for t in tasks}
+    root = tasks[0]
+    kids: dict[int, list[dict]] = {}
+    for t in tasks[1:]:
+        if t["ppid"] not in by_pid:
+            raise ValidationError(f"pid {t['pid']} has parent {t['ppid']}, which is not in the "
+                                  "tree (orphans reparented to a subreaper outside the tree are "
+                                  "not restored yet)")
+        kids.setdefault(t["ppid"], []).append(t)
+    dead: dict[int, list[dict]] = {}
+    for z in zombies:
+        if z["ppid"] not in by_pid:
+            raise ValidationError(f"zombie pid {z['pid']} has parent {z['ppid']}, which is not "
+                                  "in the tree")
+        dead.setdefault(z["ppid"], []).append(z)
+
+    def leads_group(t: dict) -> bool:
+        return t["pgid"] == t["pid"] or any(leads_group(c) for c in kids.get(t["pid"], []))
+
+    groups: dict[int, int] = {}   # pgid created by a task forked earlier -> its session
+
+    def session_of(t: dict, parent: dict | None) -> str:
+        pid, sid, pgid = t["pid"], t["sid"], t["pgid"]
+        if parent is None:
+            if root_keeps_session:
+                return ""
+            if sid == pid:
+                groups[pgid] = sid
+                return "setsid"
+            if pgid == pid:
+                groups[pgid] = sid
+                return "setpgid"
+            return ""
+        if sid == pid:
+            if pgid != pid:
+                raise ValidationError(f"pid {pid} leads session {sid} but is in process group "
+                                      f"{pgid}; not restored by this version")
+            groups[pgid] = sid
+            return "setsid"
+        if sid != parent["sid"]:
+            raise ValidationError(f"pid {pid} is in session {sid}, neither its own nor its "
+                                  f"parent's ({parent['sid']}): its session leader is gone; "
+                                  "not restored by this version")
+        if pgid == parent["pgid"]:
+            return ""
+        if pgid == pid:
+            groups[pgid] = sid
+            return "setpgid"
+        if groups.get(pgid) == sid:
+            return "join"
+        raise ValidationError(f"pid {pid} is in process group {pgid}, whose leader is gone "
+                              "(or is not restored before it); not restored by this version")
+
+    order: list[Node] = []
+
+    def build(t: dict, parent: dict | None) -> Node:
+        node = Node(t, plans[t["pid"]], session_of(t, parent))
+        order.append(node)
+        for c in sorted(kids.get(t["pid"], []), key=lambda c: (not leads_group(c), c["pid"])):
+            node.children.append(build(c, t))
+        for z in dead.get(t["pid"], []):
+            z = dict(z)
+            try:
+                z["session"] = session_of(z, t)
+            except ValidationError:
+                z["session"] = ""     # best effort: a zombie keeps only its status
+            node.zombies.append(z)
+        return node
+
+    return build(root, None), order
+
+
+# --------------------------------------------------------------- shared resources
+
+def _pipe_key(f: dict) -> tuple:
+    return ("pipe", 0, f["ino"]) if f["kind"] == "pipe" else ("fifo", f["dev"], f["ino"])
+
+
+def _read_blob(statefile: str, runs) -> bytes:
+    out = bytearray()
+    with open(statefile, "rb", buffering=0) as sf:
+        for off, ln, pos in runs:
+            data = os.pread(sf.fileno(), ln, off)
+            if len(data) != ln:
+                raise RestoreError("pipes", "statefile truncated in the bytes of a pipe")
+            out[pos:pos + ln] = data
+    return bytes(out)
+
+
+def _setfl(fd: int, flags: int) -> None:
+    cur = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = (cur & ~SETFL_MASK) | (flags & SETFL_MASK)
+    if want != cur:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
+
+
+def _write_all(fd: int, data: bytes, what: str) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, data[done:])
+        except BlockingIOError:
+            raise RestoreError("pipes", f"{what}: the saved bytes in flight do not fit in "
+                               "the pipe") from None
+
+
+def _reopen(fd: int, flags: int) -> int:
+    """Another open file description of the same pipe (as /proc/PID/fd/N does)."""
+    return os.open(f"/proc/self/fd/{fd}", (flags & (O_ACCMODE | os.O_NONBLOCK)) | os.O_CLOEXEC)
+
+
+def _make_pipe(group: list[dict], data: bytes, size: int) -> dict[int, int]:
+    direct = any(f["flags"] & O_DIRECT for f in group)
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK | (O_DIRECT if direct else 0))
+    out: dict[int, int] = {}
+    try:
+        if size and fcntl.fcntl(w, F_GETPIPE_SZ) != size:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            except OSError as e:
+                if len(data) > fcntl.fcntl(w, F_GETPIPE_SZ):
+                    raise RestoreError("pipes", f"{group[0]['path']}: cannot set the pipe size "
+                                       f"to {size} ({e.strerror})") from None
+        _write_all(w, data, group[0]["path"])
+        used: set[int] = set()
+        for f in group:
+            mode = f["flags"] & O_ACCMODE
+            end = r if mode == os.O_RDONLY else w if mode == os.O_WRONLY else None
+            if end is not None and end not in used:
+                fd = end
+                used.add(end)
+            else:
+                fd = _reopen(r, f["flags"])
+            _setfl(fd, f["flags"])
+            out[f["id"]] = fd
+        for end in (r, w):
+            if end not in used:
+                os.close(end)   # an end nobody in the tree held (writers get EPIPE, as before)
+    except BaseException:
+        for fd in set(out.values()) | {r, w}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+    return out
+
+
+def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -> dict[int, int]:
+    path = group[0]["path"]
+    if path.endswith(" (deleted)"):
+        raise RestoreError("fifos", f"FIFO {path} was deleted; not restored by this version")
+    if not os.path.exists(path):
+        os.mkfifo(path, group[0].get("mode", 0o600) & 0o7777)
+        warnings.append(f"FIFO {path} was missing: created again")
+    helper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    out: dict[int, int] = {}
+    try:
+        s = os.fstat(helper)
+        if not st.S_ISFIFO(s.st_mode):
+            raise RestoreError("fifos", f"{path} is no longer a FIFO")
+        if size and fcntl.fcntl(helper, F_GETPIPE_SZ) != size:
+            try:
+                fcntl.fcntl(helper, F_SETPIPE_SZ, size)
+            except OSError:
+                pass
+        _write_all(helper, data, path)
+        for f in group:
+            fd = os.open(path, (f["flags"] & (O_ACCMODE | os.O_NONBLOCK)) | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
+            _setfl(fd, f["flags"])
+            out[f["id"]] = fd
+    except BaseException:
+        for fd in out.values():
+            os.close(fd)
+        raise
+    finally:
+        os.close(helper)
+    return out
+
+
+def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
+                warnings: list[str]) -> dict[int, int]:
+    """Create, in the initiator, every open file description the tasks will
+    inherit: pipes and FIFOs (with their bytes in flight), and every other
+    description used by more than one task.  Returns {file id: fd}."""
+    users: dict[int, set[int]] = {}
+    for t in tasks:
+        for d in t["fds"]:
+            users.setdefault(d["file"], set()).add(t["pid"])
+    out: dict[int, int] = {}
+    try:
+        groups: dict[tuple, list[dict]] = {}
+        for f in files:
+            if f["id"] in users and f["kind"] in ("pipe", "fifo") and not f.get("skipped"):
+                groups.setdefault(_pipe_key(f), []).append(f)
+        for key, group in groups.items():
+            info = next((f["pipe"] for f in group if "pipe" in f), {})
+            holder = next((f for f in files if f["id"] == info.get("data_file")), None)
+            data = b""
+            if holder is not None and "blob" in holder:
+                data = _read_blob(plan.statefile, plan.blobs.get(holder["id"], []))
+            try:
+                if key[0] == "pipe":
+                    out.update(_make_pipe(group, data, info.get("size", 0)))
+                else:
+                    out.update(_open_fifo(group, data, info.get("size", 0), warnings))
+            except OSError as e:
+                raise RestoreError("pipes", f"{group[0]['path']}: {e.strerror or e}") from None
+        for f in files:
+            if f["id"] in out or len(users.get(f["id"], ())) < 2:
+                continue
+            try:
+                fd = _open_file(plan, f)
+            except ChildError as e:
+                raise RestoreError("files", str(e).partition(": ")[2] or str(e)) from None
+            except OSError as e:
+                raise RestoreError("files", f"{f['path']}: {e.strerror or e}") from None
+            if fd is not None:
+                out[f["id"]] = fd
+    except BaseException:
+        close_all(out)
+        raise
+    return out
+
+
+def close_all(fds: dict[int, int]) -> None:
+    for fd in set(fds.values()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------- in every task
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            s = f.read()
+        return s[s.rindex(b")") + 2:][:1] in (b"Z", b"X")
+    except OSError:
+        return True   # gone (or going): worth another try
+
+
+def fork_pid_waiting_zombie(pid: int) -> int:
+    """fork_with_pid, waiting up to 2 s while the pid belongs to a dying
+    process (the checkpointed original, killed and not yet reaped)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            return fork_with_pid(pid)
+        except OSError as e:
+            if e.errno != errno.EEXIST or time.monotonic() > deadline or not _is_zombie(pid):
+                raise
+            time.sleep(0.01)
+
+
+def read_status(fd: int) -> str:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace").strip()
+
+
+class _Forwarded(Exception):
+    """A child's ERR line, passed up unchanged."""
+
+
+def _set_session(how: str, pgid: int) -> None:
+    if how == "setsid":
+        os.setsid()
+    elif how == "setpgid":
+        os.setpgid(0, 0)
+    elif how == "join":
+        os.setpgid(0, pgid)
+
+
+def _fork_child(pid: int) -> int:
+    try:
+        return fork_pid_waiting_zombie(pid)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise ChildError("pid", f"pid {pid} is in use by another process (--pidns "
+                             "restores into a new pid namespace)") from None
+        raise ChildError("pid", f"cannot create pid {pid}: {e.strerror}") from None
+
+
+def _zombie_main(z: dict) -> None:
+    """A child that exits at once with the saved wait status, never reaped
+    until the restored parent wait()s for it."""
+    try:
+        _set_session(z.get("session", ""), z["pgid"])
+    except OSError:
+        pass
+    status = z.get("exit_code", 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # no core file for the replay
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        except (OSError, ValueError):
+            pass
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128)
+
+
+def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
+    """Entry point of every forked task: session, children, zombies, own
+    files, report "OK" (or "ERR step: message") on status_w, park.  Never
+    returns."""
+    forked: list[int] = []
+    try:
+        step = "pdeathsig"
+        # Die with the parent while being restored (cleared by injection
+        # before the tree runs: restore_task.py, step "cleanup").
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        step = "session"
+        try:
+            _set_session(node.session, node.task["pgid"])
+        except OSError as e:
+            raise ChildError(step, f"{e.strerror} ({node.session} "
+                             f"pgid {node.task['pgid']})") from None
+        for child in node.children:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            pid = _fork_child(child.pid)
+            if pid == 0:
+                os.close(r)
+                task_main(child, w, inherited)
+            forked.append(pid)
+            os.close(w)
+            msg = read_status(r)
+            os.close(r)
+            if msg != "OK":
+                if msg.startswith("ERR "):
+                    raise _Forwarded(msg)
+                raise ChildError("setup", f"task {child.pid} died before it was ready "
+                                 f"({msg!r})")
+        for z in node.zombies:
+            pid = _fork_child(z["pid"])
+            if pid == 0:
+                _zombie_main(z)
+            forked.append(pid)
+        if _FAIL_AT == "task setup" and not node.children:
+            # test hook: a leaf task fails after its parents forked it
+            raise ChildError("task setup", "failure injected by CRELF_RESTORE_FAIL_AT")
+        child_setup(node.plan, status_w, inherited)
+        fd = node.plan._status_fd
+        os.write(fd, b"OK\n")
+        os.close(fd)
+    except BaseException as ex:  # noqa: BLE001 - must report anything
+        for pid in forked:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if isinstance(ex, _Forwarded):
+            msg = str(ex)[4:]
+        elif isinstance(ex, ChildError):
+            msg = str(ex)
+        else:
+            msg = f"setup: {type(ex).__name__}: {ex}"
+        try:
+            os.write(getattr(node.plan, "_status_fd", status_w), f"ERR {msg}\n".encode())
+        except OSError:
+            pass
+        os._exit(1)
+    # Parked: the restorer seizes us here and replaces everything.
+    while True:
+        signal.pause()
+
+
+def host_pids(init_pid: int) -> dict[int, int]:
+    """{pid inside the new pid namespace: pid as crrestart sees it} for every
+    descendant of the namespace's init."""
+    out: dict[int, int] = {}
+    todo = [init_pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            for k in kids:
+                try:
+                    with open(f"/proc/{k}/status") as f:
+                        ns = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+                except (OSError, StopIteration):
+                    continue
+                out[int(ns[-1])] = k
+                todo.append(k)
+    return out
