@@ -62,7 +62,10 @@ def tee_copy(fd: int, size: int) -> bytes:
     them: tee() into a pipe of our own at least as big, then read the copy."""
     r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        cap = fcntl.fcntl(w, F_SETPIPE_SZ, max(size, 4096))
+        try:
+            cap = fcntl.fcntl(w, F_SETPIPE_SZ, max(size, 4096))
+        except OSError:   # bigger than this user may make a pipe: copy what fits
+            cap = fcntl.fcntl(w, F_GETPIPE_SZ)
         out = bytearray()
         res = _libc.tee(fd, w, cap, SPLICE_F_NONBLOCK)
         if res < 0:
@@ -109,7 +112,15 @@ class PipeTable:
                 self.by_inode[key] = info
             entry["pipe"] = info
             if info["unread"] == "unknown" and readable(entry["flags"]):
-                data = tee_copy(dup, info["size"])
+                want = in_flight(dup)
+                try:
+                    data = tee_copy(dup, info["size"])
+                except OSError as e:
+                    info["error"] = f"tee: {e.strerror}"
+                    return
+                if len(data) != want:
+                    info["error"] = f"tee copied {len(data)} of {want} bytes in flight"
+                    return
                 info["unread"] = len(data)
                 info["bytes"] = len(data)
                 if data:

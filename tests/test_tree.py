@@ -287,3 +287,124 @@ def test_tree_failure_leaves_nothing(sample_bin, procs, tmp_path, step):
                                         "CRELF_RESTORE_FAIL_AT"]
     time.sleep(0.3)
     assert [c for c in children(os.getpid()) if pid_alive(c)] == []
+
+
+CHANNEL = r"""
+import fcntl, os, select, sys, time
+mode, fifo, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "fifo":
+    os.mkfifo(fifo)
+    r = os.open(fifo, os.O_RDWR)            # does not block; reopened read-only below
+else:
+    r, w = os.pipe()
+fcntl.fcntl(r, 1031, 1 << 17)               # F_SETPIPE_SZ: 128 KiB
+kid = os.fork()
+if kid == 0:                                # writer: as fast as the pipe takes it
+    if mode == "fifo":
+        os.close(r)
+        w = os.open(fifo, os.O_WRONLY)
+    else:
+        os.close(r)
+    for i in range(1, n + 1):
+        os.write(w, f"{i}\n".encode())
+    os._exit(0)
+if mode == "fifo":
+    rr = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    os.close(r)
+    r = rr
+else:
+    os.close(w)
+    fl = fcntl.fcntl(r, fcntl.F_GETFL)
+    fcntl.fcntl(r, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+os.write(2, f"reader fd {r}\n".encode())
+while True:                                 # reader: slow, non-blocking
+    select.select([r], [], [])
+    try:
+        data = os.read(r, 2048)
+    except BlockingIOError:
+        continue
+    if not data:
+        break
+    os.write(1, data)
+    time.sleep(0.005)
+os.waitpid(kid, 0)
+"""
+
+
+def _fd_flags(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("flags:")), 8)
+
+
+def _pipe_size(pid: int, fd: int) -> int:
+    import fcntl
+    pidfd = os.pidfd_open(pid)
+    try:
+        from statefile import ptrace as pt
+        dup = pt.syscall(pt.NR_pidfd_getfd, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    try:
+        return fcntl.fcntl(dup, 1032)           # F_GETPIPE_SZ
+    finally:
+        os.close(dup)
+
+
+@pytest.mark.parametrize("mode", ["pipe", "fifo"])
+def test_pipe_or_fifo_size_nonblock_and_bytes_in_flight(procs, tmp_path, mode):
+    """A writer child filling a 128 KiB pipe (or FIFO) and a slow non-blocking
+    reader: after --kill and restart the pipe has its size, the reader end
+    is still O_NONBLOCK, and the output is that of an uninterrupted run."""
+    require_root()
+    prog = tmp_path / "channel.py"
+    prog.write_text(CHANNEL)
+    n = 120000
+    ref = subprocess.run([sys.executable, prog, mode, tmp_path / "ref.fifo", str(n)],
+                         capture_output=True, timeout=120).stdout
+    assert ref == b"".join(f"{i}\n".encode() for i in range(1, n + 1))
+    out, err = tmp_path / "c.out", tmp_path / "c.err"
+    proc = procs.spawn([sys.executable, prog, mode, tmp_path / "c.fifo", str(n)], stdout=out,
+                       stderr=err)
+    rfd = int(wait_for_line(err, r"^reader fd ", proc=proc).split()[2])
+    time.sleep(0.5)
+    assert proc.poll() is None
+    checkpoint_tree(proc, tmp_path / "c.cr")
+    sf = reader.load(str(tmp_path / "c.cr"))
+    chan = [f for f in sf.files if f["kind"] == mode]
+    assert chan and all(f["pipe"]["size"] == 1 << 17 for f in chan)
+    held = next(f for f in chan if "blob" in f)
+    assert held["pipe"]["unread"] > 65536          # more than a default pipe holds
+    r = restart(procs, tmp_path / "c.cr", "--detach")
+    code, e = finish(r)
+    assert code == 0, e
+    assert _fd_flags(proc.pid, rfd) & os.O_NONBLOCK
+    assert _pipe_size(proc.pid, rfd) == 1 << 17
+    deadline = time.monotonic() + 60
+    while pid_alive(proc.pid):
+        assert time.monotonic() < deadline, "the restored reader did not finish"
+        time.sleep(0.05)
+    assert out.read_bytes() == ref
+
+
+def test_restarted_tree_checkpointed_again(sample_bin, procs, tmp_path):
+    """Checkpoint, restart (--detach), checkpoint the restarted tree again,
+    restart: the parent still gets both children's statuses."""
+    require_root()
+    out = tmp_path / "tree.out"
+    proc = procs.spawn([sample_bin / "tree", 30], stdout=out)
+    wait_for_line(out, r"child 2 tick 5", proc=proc)
+    first = checkpoint_tree(proc, tmp_path / "r1.cr")
+    code, err = finish(restart(procs, tmp_path / "r1.cr", "--detach"))
+    assert code == 0, err
+    wait_for_line(out, r"child 2 tick 12", timeout=20)
+    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(tmp_path / "r2.cr"), "--kill"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    reap(first["pids"])
+    code, err = finish(restart(procs, tmp_path / "r2.cr"))
+    assert code == 0, err
+    lines = read_lines(out)
+    assert lines[-2:] == ["child 1 exited 11", "child 2 exited 12"]
+    for who in ("parent", "child 1", "child 2"):
+        assert [line for line in lines if line.startswith(f"{who} tick")] == \
+            [f"{who} tick {i}" for i in range(1, 31)], who
