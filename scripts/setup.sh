@@ -10,6 +10,11 @@ command -v gdb >/dev/null || need+=(gdb)
 command -v eu-stack >/dev/null || need+=(elfutils)
 command -v setpriv >/dev/null || need+=(util-linux)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+# Real programs the tests checkpoint and restart.
+for tool in xz:xz-utils bzip2:bzip2 zstd:zstd sqlite3:sqlite3 perl:perl node:nodejs \
+            gzip:gzip; do
+    command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
+done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "setup: installing ${need[*]}" >&2
