@@ -408,3 +408,39 @@ def test_restarted_tree_checkpointed_again(sample_bin, procs, tmp_path):
     for who in ("parent", "child 1", "child 2"):
         assert [line for line in lines if line.startswith(f"{who} tick")] == \
             [f"{who} tick {i}" for i in range(1, 31)], who
+
+
+def test_pipeline_unprivileged(procs):
+    """User 65534 checkpoints its own pipeline and restarts it (crrestart
+    then works inside its own user + pid namespace)."""
+    require_root()
+    import shutil
+    import tempfile
+    from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody
+    py, env = _python_for_nobody()
+    d = Path(tempfile.mkdtemp(prefix="crelf-tree-unpriv-"))
+    try:
+        os.chmod(d, 0o755)
+        os.chown(d, NOBODY, NOBODY)
+        out, errf = d / "p.gz", d / "p.err"
+        for f in (out, errf):
+            f.touch()
+            os.chown(f, NOBODY, NOBODY)
+        ref = subprocess.run(["sh", "-c", PIPELINE], capture_output=True, timeout=120).stdout
+        proc = procs.spawn(as_nobody("sh", "-c", PIPELINE), stdout=out, stderr=errf, cwd=d)
+        time.sleep(0.3)
+        assert proc.poll() is None
+        cr = d / "p.cr"
+        pids = [proc.pid, *descendants(proc.pid)]
+        r = subprocess.run(as_nobody(py, "-m", "statefile.cli", proc.pid, "-o", cr, "--kill"),
+                           capture_output=True, text=True, env=env, cwd=d, timeout=120)
+        assert r.returncode == 0, r.stderr
+        proc.wait(timeout=10)
+        reap(pids)
+        rr = procs.spawn(as_nobody(py, "-m", "restorer.cli", cr), stderr=subprocess.PIPE,
+                         env=env, cwd=d)
+        code, err = finish(rr)
+        assert code == 0, err
+        assert out.read_bytes() == ref
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
