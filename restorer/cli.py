@@ -79,11 +79,14 @@ def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register
     _restart_hook(statefile)
     if verbose or as_json:
         info = {"pid": res.vpid, "tracer_pid": res.pid, "init_pid": res.init_pid,
+                "tasks": {str(k): v for k, v in res.pids.items()},
                 "seconds": round(res.restore_seconds, 6), "bytes_copied": res.bytes_copied,
                 "injections": res.injections, "mode": "lazy" if res.lazy else "eager",
                 "timings": {k: round(v, 6) for k, v in res.timings.items()}}
         click.echo(json.dumps(info) if as_json else
-                   f"crrestart: pid {res.vpid} restored in {res.restore_seconds * 1000:.1f} ms "
+                   f"crrestart: pid {res.vpid}"
+                   + (f" and {len(res.pids) - 1} descendant(s)" if len(res.pids) > 1 else "")
+                   + f" restored in {res.restore_seconds * 1000:.1f} ms "
                    f"({res.bytes_copied / 2**20:.1f} MiB copied, {res.injections} injected "
                    f"syscalls)", err=True)
     if res.lazy_server is not None and detach:

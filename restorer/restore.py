@@ -61,6 +61,7 @@ class Result:
     injections: int = 0
     lazy_server: object = None
     lazy: bool = False
+    pids: dict = field(default_factory=dict)   # every task: saved pid -> tracer-view pid
 
 
 def _tty_fd() -> int | None:
@@ -232,6 +233,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
             raise RestoreError("tree", f"cannot find the restored task(s) {missing}")
         created[0:0] = [rpids[n.pid] for n in order if rpids[n.pid] not in created]
         res.pid = rpids[root.pid]
+        res.pids = {n.pid: rpids[n.pid] for n in order}
         res.timings["fork+files"] = time.perf_counter() - t0
         # --- every task rebuilt by injection ---------------------------------------------------
         for n in order:

@@ -261,10 +261,21 @@ def test_leave_running_tree_restored_beside_it_in_a_pid_namespace(sample_bin, pr
     proc = procs.spawn([sample_bin / "tree", 20], stdout=open(out, "ab"))  # both copies append
     wait_for_line(out, r"child 2 tick 3", proc=proc)
     checkpoint_tree(proc, tmp_path / "tree.cr", kill=False)
-    r = restart(procs, tmp_path / "tree.cr", "--pidns", "--force-files", "--json")
+    r = restart(procs, tmp_path / "tree.cr", "--pidns", "--force-files", "--json", "--detach")
     code, err = finish(r)
     assert code == 0, err
+    info = json.loads(err.strip().splitlines()[-1])
+    pids = [proc.pid, *children(proc.pid)]
+    assert sorted(int(p) for p in info["tasks"]) == sorted(pids)
+    for saved, host in info["tasks"].items():
+        with open(f"/proc/{host}/status") as f:
+            nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+        assert int(nspid[-1]) == int(saved) and host != int(saved)
     assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 30
+    while pid_alive(info["init_pid"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     lines = read_lines(out)
     # Both copies wrote into the same file: two of each final line.
     assert lines.count("child 1 exited 11") == 2 and lines.count("child 2 exited 12") == 2
