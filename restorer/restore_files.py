@@ -290,12 +290,17 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
         step = "umask"
         os.umask(task.get("umask", 0o022))
         step = "session"
+        pid = os.getpid()
         if not plan.shell_job:
-            pid = os.getpid()
             if task["sid"] == task["pid"] and os.getsid(0) != pid:
                 os.setsid()
             elif task["pgid"] == task["pid"] and os.getpgid(0) != pid:
                 os.setpgid(0, 0)
+        elif task["pgid"] == task["pid"] or task["sid"] == task["pid"]:
+            # A shell job on crrestart's terminal: its own process group (a
+            # shell keeps job control by it), in the terminal's foreground.
+            os.setpgid(0, 0)
+            _take_foreground(task, plan.files)
         step = "personality"
         if task.get("personality"):
             personality(task["personality"])
@@ -313,6 +318,20 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
         raise
     except OSError as ex:
         raise ChildError(step, f"{ex.strerror or ex}" + (f" ({ex.filename})" if ex.filename else ""))
+
+
+def _take_foreground(task: dict, files: list[dict]) -> None:
+    """Make our process group the foreground one of the terminal we were given."""
+    tty = next((d["fd"] for d in task["fds"] if files[d["file"]]["kind"] == "tty"), None)
+    if tty is None:
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
+    try:
+        os.tcsetpgrp(tty, os.getpgrp())
+    except OSError:
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _dup_above(fd: int, low: int) -> int:

@@ -278,11 +278,10 @@ class TaskRestorer:
             inj.check("sigaltstack", sc + 1024, 0)
         comm = th.get("comm")
         if comm:
-            try:
-                with open(f"/proc/{self.rpid}/task/{inj.tid}/comm", "w") as f:
-                    f.write(comm)
-            except OSError:
-                pass
+            # /proc/PID/task/TID/comm is writable only from the thread group
+            # itself: the thread names itself (PR_SET_NAME).
+            inj.write(sc + 1536, comm.encode(errors="surrogateescape")[:15] + b"\0")
+            inj.check("prctl", 15, sc + 1536, 0, 0, 0)
 
     def _creds(self, inj, vtid: int) -> None:
         c = self.task.get("creds")
