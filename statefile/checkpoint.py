@@ -8,7 +8,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, flags, hooks, procfs, snapshot, support
+from . import FORMAT_VERSION, __version__, dump_ipc, flags, hooks, procfs, snapshot, support
 from .dump_files import FileTable
 from .dump_memory import PAGE, dump_mappings
 from .dump_task import dump_task
@@ -56,6 +56,15 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
                         plans[j].store = False
                         plans[j].runs = []
     return skipped
+
+
+def _own_ipc_namespace(root: dict) -> bool:
+    """True when the tree has an IPC namespace of its own (then it owns every
+    object in it); read from the root task, as /proc/sysvipc is."""
+    try:
+        return root["namespaces"].get("ipc") != os.readlink("/proc/self/ns/ipc")
+    except OSError:
+        return False
 
 
 def _make_snapshots(freezer: Freezer, tasks: list[dict]) -> dict[int, int]:
@@ -155,7 +164,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
 
         for t in tasks:
             t["crrun_flags"] = flags.read(t["pid"])  # what crrun saw being created
-        findings = support.assess(tasks, files.files, zombies, {}, policy.skip)
+        ipc = dump_ipc.dump_ipc(tasks, _own_ipc_namespace(tasks[0]))
+        findings = support.assess(tasks, files.files, zombies, {}, policy.skip, ipc)
         skipped = _apply_policy(policy, findings, tasks, plans_by_task, files)
         bad = support.problems(findings)
         # A snapshot-only statefile is for debugging: never kill the tree for one.
@@ -197,7 +207,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         header["copy_on_write"] = bool(snaps)
         stats = writer.write(header=header, tasks=tasks, regs=regs, files=files.files,
                              segments=segments, progress=progress,
-                             snapshots=snaps, thaw=thaw if snaps else None)
+                             snapshots=snaps, thaw=thaw if snaps else None, ipc=ipc)
     except BaseException:
         # Nothing is lost: no half-written file, the tree runs on.
         writer.abort()

@@ -8,7 +8,7 @@ same table and the same assessment crcheckpoint applies to a frozen tree.
 
 from __future__ import annotations
 
-from . import flags, procfs, support
+from . import dump_ipc, flags, procfs, support
 from .dump_files import FileTable
 from .dump_memory import mapping_kind
 from .dump_task import _creds, _readlink
@@ -56,8 +56,10 @@ def check(pid: int, policy: Policy | None = None) -> dict:
             continue
     if not tasks:
         raise TargetError(f"pid {pid} exited")
+    root_ns = {"namespaces": {"ipc": _readlink(f"/proc/{pid}/ns/ipc")}}
+    ipc = dump_ipc.dump_ipc(tasks, root_ns["namespaces"]["ipc"] != _readlink("/proc/self/ns/ipc"))
     findings = support.assess(tasks, files.files, zombies,
-                              {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip)
+                              {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip, ipc)
     bad = support.problems(findings)
     return {"pid": pid, "checkpointable": not bad, "policy": policy.as_dict(),
             "tasks": [{"pid": t["pid"], "ppid": t["ppid"], "comm": t["comm"],

@@ -43,6 +43,7 @@ CR_TASK = 0x43520002
 CR_THREAD_REGS = 0x43520003
 CR_FILES = 0x43520004
 CR_SEGMENTS = 0x43520005
+CR_IPC = 0x43520006
 CR_INTEGRITY = 0x4352FFFF
 
 NOTE_KINDS: tuple[NoteKind, ...] = (
@@ -72,6 +73,8 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
              "open file descriptions of the whole tree, referenced by the fd tables"),
     NoteKind("CR_SEGMENTS", OWNER_CRELF, CR_SEGMENTS, "json",
              "every data segment: owner task, stored runs, crc32"),
+    NoteKind("CR_IPC", OWNER_CRELF, CR_IPC, "json",
+             "SysV IPC objects of the tree: shm segments, semaphore sets, message queues"),
     NoteKind("CR_INTEGRITY", OWNER_CRELF, CR_INTEGRITY, "json",
              "last note: crc32 of every note before it"),
 )

@@ -36,6 +36,7 @@ class Statefile:
     notes: list[Note] = field(default_factory=list)
     integrity: dict = field(default_factory=dict)
     phdrs: list[dict] = field(default_factory=list)
+    ipc: dict = field(default_factory=lambda: {"shm": [], "sem": [], "msg": []})  # CR_IPC
 
     @property
     def root(self) -> dict:
@@ -118,6 +119,7 @@ def _ntype(t) -> int:
 
 def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
     header, tasks, regs, files, segments, integrity = None, [], {}, [], [], {}
+    ipc = {"shm": [], "sem": [], "msg": []}
     try:
         for n in raw:
             if n.owner != "CRELF":
@@ -135,6 +137,8 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
                 segments = nt.decode_json(n.desc)["segments"]
             elif n.n_type == nt.CR_INTEGRITY:
                 integrity = nt.decode_json(n.desc)
+            elif n.n_type == nt.CR_IPC:
+                ipc = nt.decode_json(n.desc)
     except (ValueError, KeyError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: corrupted crelf note ({e})") from None
     if header is None:
@@ -147,7 +151,9 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
     problem = _structure_problem(tasks, regs, files, segments, phdrs)
     if problem:
         raise FormatError(f"{path}: corrupted statefile ({problem})")
-    return Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
+    sf = Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
+    sf.ipc = {k: ipc.get(k, []) for k in ("shm", "sem", "msg")}
+    return sf
 
 
 _TASK_KEYS = ("pid", "ppid", "pgid", "sid", "comm", "creds", "mm", "threads", "mappings", "fds")

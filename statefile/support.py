@@ -98,6 +98,12 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:pidfd", "pidfd", UNSUPPORTED, f"pidfds are {_NOT_YET}"),
     Resource("fd:other", "other anonymous-inode file", UNSUPPORTED,
              "this kind of file cannot be checkpointed"),
+    # --- SysV IPC ----------------------------------------------------------------
+    Resource("ipc:shm", "SysV shared memory segment", UNSUPPORTED,
+             f"SysV shared memory is {_NOT_YET}"),
+    Resource("ipc:sem", "SysV semaphore set", UNSUPPORTED, f"SysV semaphores are {_NOT_YET}"),
+    Resource("ipc:msg", "SysV message queue", UNSUPPORTED,
+             f"SysV message queues are {_NOT_YET}"),
     # --- memory ----------------------------------------------------------------
     Resource("mem:private", "private memory (anonymous, heap, stack, file-backed)", SUPPORTED),
     Resource("mem:file-shared", "shared file mapping (content stays in the file)", SUPPORTED),
@@ -210,7 +216,8 @@ class Finding:
 
 
 def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
-           flags_by_pid: dict[int, list[dict]], skip: set[str]) -> list[Finding]:
+           flags_by_pid: dict[int, list[dict]], skip: set[str],
+           ipc: dict | None = None) -> list[Finding]:
     """One finding per resource of the tree, with its verdict under `skip`."""
     out: list[Finding] = []
 
@@ -273,6 +280,10 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 f"{m['path'] or 'anonymous'} ({m['kind']})")
     for z in zombies:
         add("task:zombie", z["pid"], f"pid {z['pid']}", f"{z['comm']} (exited, not reaped)")
+    root = tasks[0]["pid"] if tasks else 0
+    for kind, idname in (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid")):
+        for obj in (ipc or {}).get(kind, []):
+            add(f"ipc:{kind}", root, f"SysV {kind} id {obj[idname]}", f"key {obj['key']:#x}")
     return out
 
 

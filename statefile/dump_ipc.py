@@ -1,0 +1,111 @@
+"""SysV IPC objects of a tree: shared memory segments, semaphore sets and
+message queues, with their ids, keys, owners, permissions and contents.
+
+Which objects belong to the tree: a shm segment created by a task of the tree
+or attached by one (its mappings say /SYSV<key>, inode = shmid); a semaphore
+set whose last operation (semctl GETPID) came from the tree; a message queue
+last sent to or received from by the tree.  (A tree with its own IPC
+namespace owns every object in it.)
+
+Contents are read without changing them: semaphore values with GETALL,
+messages with msgrcv(MSG_COPY) one by one (the queue stays as it was), a shm
+segment's bytes are already in the segments of the tasks that attach it; an
+unattached segment is attached read-only for the copy.  Semaphore undo lists
+(SEM_UNDO) are per task and not visible from outside: they are not saved.
+Restored by restorer/restore_ipc.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from . import procfs
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.shmat.restype = ctypes.c_void_p
+_libc.msgrcv.restype = ctypes.c_ssize_t
+
+IPC_NOWAIT = 0o4000
+MSG_NOERROR = 0o10000
+MSG_COPY = 0o40000
+SHM_RDONLY = 0o10000
+GETPID, GETALL = 11, 13
+MAX_MSG = 1 << 16
+
+
+def _table(kind: str) -> list[dict]:
+    try:
+        lines = procfs.read(f"/proc/sysvipc/{kind}").splitlines()
+    except FileNotFoundError:
+        return []
+    head = lines[0].split()
+    rows = [dict(zip(head, (int(x) for x in line.split()))) for line in lines[1:] if line.strip()]
+    for r in rows:
+        r["perms"] = int(str(r["perms"]), 8)  # printed in octal
+    return rows
+
+
+def _sem_values(semid: int, nsems: int) -> tuple[list[int], list[int]]:
+    vals = (ctypes.c_ushort * nsems)()
+    if _libc.semctl(semid, 0, GETALL, vals) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"semctl(GETALL) of semaphore set {semid}: {os.strerror(e)}")
+    pids = [_libc.semctl(semid, i, GETPID) for i in range(nsems)]
+    return list(vals), pids
+
+
+def _messages(msqid: int, qnum: int) -> list[dict]:
+    buf = ctypes.create_string_buffer(8 + MAX_MSG)
+    out = []
+    for i in range(qnum):
+        n = _libc.msgrcv(msqid, buf, MAX_MSG, i, IPC_NOWAIT | MSG_COPY | MSG_NOERROR)
+        if n < 0:
+            e = ctypes.get_errno()
+            if e == errno.ENOMSG:
+                break
+            raise OSError(e, f"msgrcv(MSG_COPY) of queue {msqid}: {os.strerror(e)}")
+        mtype = int.from_bytes(buf.raw[:8], "little", signed=True)
+        out.append({"type": mtype, "data": buf.raw[8:8 + n].hex()})
+    return out
+
+
+def _shm_content(shmid: int, size: int) -> str:
+    addr = _libc.shmat(shmid, None, SHM_RDONLY)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, f"shmat of segment {shmid}: {os.strerror(e)}")
+    try:
+        return ctypes.string_at(addr, size).rstrip(b"\0").hex()
+    finally:
+        _libc.shmdt(ctypes.c_void_p(addr))
+
+
+def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
+    pids = {t["pid"] for t in tasks}
+    attached = {m["inode"] for t in tasks for m in t["mappings"] if m["kind"] == "sysv-shm"}
+    shms, sems, msgs = [], [], []
+    for s in _table("shm"):
+        if not (own_namespace or s["cpid"] in pids or s["shmid"] in attached):
+            continue
+        entry = {k: s[k] for k in ("key", "shmid", "perms", "size", "uid", "gid", "cuid",
+                                   "cgid", "cpid", "nattch")}
+        if s["shmid"] not in attached:
+            entry["content"] = _shm_content(s["shmid"], s["size"])
+        shms.append(entry)
+    for s in _table("sem"):
+        vals, lastpids = _sem_values(s["semid"], s["nsems"])
+        if not (own_namespace or pids.intersection(lastpids)):
+            continue
+        entry = {k: s[k] for k in ("key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid")}
+        entry["values"] = vals
+        sems.append(entry)
+    for s in _table("msg"):
+        if not (own_namespace or s["lspid"] in pids or s["lrpid"] in pids):
+            continue
+        entry = {k: s[k] for k in ("key", "msqid", "perms", "cbytes", "qnum", "uid", "gid",
+                                   "cuid", "cgid")}
+        entry["messages"] = _messages(s["msqid"], s["qnum"])
+        msgs.append(entry)
+    return {"shm": shms, "sem": sems, "msg": msgs}
