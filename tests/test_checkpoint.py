@@ -364,7 +364,9 @@ def test_memory_is_a_consistent_snapshot_while_the_target_writes(mode, procs, tm
         g = int.from_bytes(_read_mem(sf, f, proc.pid, gen, 8), "little")
         mem = _read_mem(sf, f, proc.pid, buf, 8192 * 4096)
     values = [int.from_bytes(mem[p * 4096:p * 4096 + 8], "little") for p in range(8192)]
-    assert values[0] == g and g > 1
+    # The freeze may fall between `gen++` and the write of page 0: every page
+    # then still holds g - 1.  A torn snapshot shows other values or a rise.
+    assert g > 1 and values[0] in (g, g - 1)
     assert all(a >= b for a, b in zip(values, values[1:])), "torn snapshot"
     assert set(values) <= {g, g - 1}
 
