@@ -269,7 +269,9 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
             except OSError as e:
                 raise RestoreError("pipes", f"{group[0]['path']}: {e.strerror or e}") from None
         for f in files:
-            if f["id"] in out or len(users.get(f["id"], ())) < 2:
+            if f["id"] in out or f["id"] not in users:
+                continue
+            if len(users[f["id"]]) < 2 and not _unix_pair_across(f, files, users):
                 continue
             try:
                 fd = _open_file(plan, f)
@@ -283,6 +285,16 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
         close_all(out)
         raise
     return out
+
+
+def _unix_pair_across(f: dict, files: list[dict], users: dict[int, set[int]]) -> bool:
+    """A unix socket whose peer is held by another task: both ends are made
+    here, as one socketpair (restore_sockets), and inherited."""
+    info = f.get("socket", {})
+    if info.get("family") != "unix" or not info.get("peer_ino"):
+        return False
+    peer = next((g for g in files if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
+    return peer is not None and users.get(peer["id"]) != users.get(f["id"])
 
 
 def close_all(fds: dict[int, int]) -> None:

@@ -10,6 +10,6 @@ for name in mt_values ticker tree bigheap unsupported; do
     gcc -O1 -g -pthread -Wall -o "$out/$name.tmp" "$here/$name.c"
     mv -f "$out/$name.tmp" "$out/$name"
 done
-cp -f "$here/pyworker.py" "$here/eventloop.py" "$here/aio.py" "$here/sockets.py" "$here/reconnect.py" "$here/../hooks/crelf_hooks.py" "$out/"
+cp -f "$here/pyworker.py" "$here/eventloop.py" "$here/aio.py" "$here/sockets.py" "$here/reconnect.py" "$here/prefork.py" "$here/../hooks/crelf_hooks.py" "$out/"
 chmod +x "$out/pyworker.py"
 echo "samples built in $out"

@@ -61,14 +61,14 @@ TABLE: tuple[Resource, ...] = (
              UNSUPPORTED, "a restart cannot reconnect a pipe to a process outside the tree "
              "(and cannot read the bytes in flight without consuming them when that process "
              "holds the read end)"),
-    Resource("fd:socket:unix-pair", "unix socket pair with both ends in one process "
+    Resource("fd:socket:unix-pair", "connected unix socket pair with both ends in the tree "
              "(queued data and shutdown state)", SUPPORTED),
     Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name)",
              SUPPORTED),
     Resource("fd:socket:unix-dgram", "unconnected unix datagram socket", SUPPORTED),
     Resource("fd:socket:unix", "other unix socket", UNSUPPORTED,
-             f"unix sockets connected across processes, with file descriptors in flight or "
-             f"with connections waiting to be accepted are {_NOT_YET}"),
+             f"unix sockets connected to a process outside the tree, with file descriptors "
+             f"in flight or with connections waiting to be accepted are {_NOT_YET}"),
     Resource("fd:socket:inet", "TCP/UDP socket", SKIPPABLE,
              f"network sockets are {_NOT_YET}; policy 'network' restores them closed",
              "network"),
@@ -142,8 +142,7 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
                  if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
     if peer is None or files[peer].get("socket", {}).get("fds_in_flight"):
         return "fd:socket:unix"
-    mine, theirs = holders.get(fid, set()), holders.get(peer, set())
-    return "fd:socket:unix-pair" if len(mine) == 1 and mine == theirs else "fd:socket:unix"
+    return "fd:socket:unix-pair" if holders.get(peer) else "fd:socket:unix"
 
 
 def fd_key(f: dict) -> str:
