@@ -24,7 +24,6 @@ from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERES
                      prctl_mm_map)
 from .restore_memory import Memory, parse_maps
 
-PTRACE_EVENT_STOP = 128
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 EINTR = 4
@@ -36,14 +35,9 @@ _FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
 def seize_stopped(tid: int, options: int) -> None:
     pt.seize(tid, options)
     pt.interrupt(tid)
-    while True:
-        status = pt.wait(tid)
-        if not os.WIFSTOPPED(status):
-            raise RestoreError("seize", f"task {tid} exited while being seized (status {status:#x})")
-        if status >> 16 == PTRACE_EVENT_STOP:
-            return
-        # a signal-delivery stop: suppress the signal and wait for the interrupt
-        pt.cont(tid, 0)
+    # A signal-delivery stop on the way is suppressed.
+    if not pt.wait_interrupt_stop(tid):
+        raise RestoreError("seize", f"task {tid} exited while being seized")
 
 
 def fixup_restart(r: ec.user_regs_struct, sysinfo: dict | None) -> None:
@@ -253,13 +247,8 @@ class TaskRestorer:
             raise RestoreError("threads", f"clone3 gave tid {res}, wanted {vtid}")
         rtid = inj.new_threads[-1]
         self.tids[vtid] = rtid
-        while True:
-            status = pt.wait(rtid)
-            if not os.WIFSTOPPED(status):
-                raise RestoreError("threads", f"new thread {vtid} died")
-            if status >> 16 == PTRACE_EVENT_STOP:
-                break
-            pt.cont(rtid, 0)
+        if not pt.wait_interrupt_stop(rtid):
+            raise RestoreError("threads", f"new thread {vtid} died")
         pt.setsigmask(rtid, ALL_SIGNALS)
         return RestoreInjector(rtid, inj.addr, self.memfd)
 

@@ -184,7 +184,7 @@ def rseq_configuration(tid: int) -> dict | None:
     """PTRACE_GET_RSEQ_CONFIGURATION: {"ptr", "len", "sig", "flags"} or None."""
     buf = ctypes.create_string_buffer(32)
     try:
-        n = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 32, ctypes.addressof(buf))
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 32, ctypes.addressof(buf))
     except OSError as e:
         if e.errno in (errno.EIO, errno.EINVAL):
             return None
@@ -211,6 +211,19 @@ def wait(tid: int) -> int:
     """waitpid(tid, __WALL); returns the raw status."""
     _, status = os.waitpid(tid, 0x40000000)
     return status
+
+
+def wait_interrupt_stop(tid: int, deliver: bool = False) -> bool:
+    """Wait until a seized thread reaches its PTRACE_EVENT_STOP (after
+    PTRACE_INTERRUPT, or as a new clone); signal-delivery stops on the way are
+    delivered (`deliver`) or suppressed.  False when the thread exited."""
+    while True:
+        status = wait(tid)
+        if not os.WIFSTOPPED(status):
+            return False
+        if status >> 16 == PTRACE_EVENT_STOP:
+            return True
+        cont(tid, os.WSTOPSIG(status) if deliver else 0)
 
 
 def wait_exit(tid: int) -> None:

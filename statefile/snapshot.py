@@ -65,13 +65,8 @@ def release_snapshot(task_pid: int, child: int, syscall_addr: int) -> None:
         return  # the task is gone (or traced by someone else now)
     try:
         pt.interrupt(task_pid)
-        while True:
-            status = pt.wait(task_pid)
-            if not os.WIFSTOPPED(status):
-                return
-            if status >> 16 == pt.PTRACE_EVENT_STOP:
-                break
-            pt.cont(task_pid, os.WSTOPSIG(status))
+        if not pt.wait_interrupt_stop(task_pid, deliver=True):
+            return
         memfd = os.open(f"/proc/{task_pid}/mem", os.O_RDONLY)
         try:
             with Injector(task_pid, syscall_addr, memfd) as inj:

@@ -15,6 +15,7 @@ import pytest
 from helpers import children, descendants, pid_alive, read_lines, require_root, wait_for_line
 
 from statefile import reader
+from test_restart import finish as _finish
 
 BIN = Path(sys.executable).parent
 CRCHECKPOINT = str(BIN / "crcheckpoint")
@@ -56,13 +57,7 @@ def restart(procs, statefile: Path, *args, stdout=None, env=None):
 
 
 def finish(proc, timeout: float = 120) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"crrestart did not finish in {timeout}s: {err!r}")
-    return proc.returncode, (err or b"").decode(errors="replace")
+    return _finish(proc, timeout)
 
 
 def per_process(lines: list[str]) -> dict[str, list[str]]:
