@@ -26,10 +26,11 @@ from . import ptrace
 from . import notes as nt
 from .dump_memory import PAGE, SegmentPlan
 from .errors import OutputError
-from .checksum import crc32
+from .checksum import crc32, crc32_combine
 
 CHUNK = 1 << 20
 NBUFS = 6
+READERS = 2
 
 
 def _align(x: int, a: int = PAGE) -> int:
@@ -42,65 +43,97 @@ def _pflags(perms: str) -> int:
 
 
 class _Copier:
-    """Two-stage pipeline: a reader thread (read + CRC32, zlib-ng is fast enough
-    to ride along) and the caller's thread writing with pwrite.  Both release
-    the GIL in their system calls, so reading and writing overlap on two cores.
+    """Readers (threads reading chunks and checksumming each one) and the
+    caller's thread writing them with pwrite.  Every stage releases the GIL in
+    its system call or in zlib-ng, so reading and writing overlap on all
+    cores; two readers keep the writer busy where a read costs as much as a
+    write (/proc/PID/mem).  Chunks may be written in any order; each segment's
+    CRC32 is assembled from its chunks' in order with crc32_combine.
     """
 
-    def __init__(self, out_fd: int, progress=None):
+    def __init__(self, out_fd: int, progress=None, readers: int = READERS):
         self.out = out_fd
         self.progress = progress
+        self.readers = readers
         self.free: queue.Queue = queue.Queue()
         for _ in range(NBUFS):
             self.free.put(bytearray(CHUNK))
+        self.tasks: queue.Queue = queue.Queue()
         self.to_write: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.crcs: dict[int, int] = {}
 
-    def _reader(self, jobs):
+    def _reader(self):
         try:
-            for seg_idx, src, items in jobs:
-                crc = 0
-                for src_off, out_off, length in items:
-                    done = 0
-                    while done < length:
-                        buf = self.free.get()
-                        if buf is None:
-                            return
-                        n = min(CHUNK, length - done)
-                        src.read_into(buf, n, src_off + done)
-                        crc = crc32(memoryview(buf)[:n], crc)
-                        self.to_write.put((buf, n, out_off + done))
-                        done += n
-                self.crcs[seg_idx] = crc
+            while True:
+                task = self.tasks.get()
+                if task is None:
+                    return
+                seg_idx, seq, src, src_off, out_off, n = task
+                buf = self.free.get()
+                if buf is None:
+                    return
+                src.read_into(buf, n, src_off)
+                crc = crc32(memoryview(buf)[:n])
+                self.to_write.put((buf, n, out_off, seg_idx, seq, crc))
         except BaseException as e:  # handed to the writer loop
             self.error = e
         finally:
             self.to_write.put(None)
 
     def run(self, jobs) -> None:
-        reader = threading.Thread(target=self._reader, args=(jobs,), daemon=True)
-        reader.start()
+        pieces: dict[int, list] = {}
+        for seg_idx, src, items in jobs:
+            seq = 0
+            for src_off, out_off, length in items:
+                for done in range(0, length, CHUNK):
+                    n = min(CHUNK, length - done)
+                    self.tasks.put((seg_idx, seq, src, src_off + done, out_off + done, n))
+                    seq += 1
+            pieces[seg_idx] = [None] * seq
+        for _ in range(self.readers):
+            self.tasks.put(None)
+        threads = [threading.Thread(target=self._reader, daemon=True)
+                   for _ in range(self.readers)]
+        for t in threads:
+            t.start()
+        running = len(threads)
         try:
-            while True:
+            while running:
                 item = self.to_write.get()
                 if item is None:
-                    break
-                buf, n, off = item
+                    running -= 1
+                    if self.error:
+                        break
+                    continue
+                buf, n, off, seg_idx, seq, crc = item
                 mv = memoryview(buf)[:n]
                 w = 0
                 while w < n:
                     w += os.pwrite(self.out, mv[w:], off + w)
+                pieces[seg_idx][seq] = (crc, n)
                 if self.progress:
                     self.progress(n)
                 self.free.put(buf)
         finally:
-            # Unblock the reader if we stop early.
-            for _ in range(NBUFS + 1):
+            # Unblock the readers if we stop early.
+            while not self.tasks.empty():
+                try:
+                    self.tasks.get_nowait()
+                except queue.Empty:
+                    break
+            for _ in range(NBUFS + self.readers):
                 self.free.put(None)
-            reader.join()
+                self.tasks.put(None)
+            for t in threads:
+                t.join()
         if self.error:
             raise self.error
+        for seg_idx, parts in pieces.items():
+            crc = 0
+            for part_crc, n in parts:
+                crc = crc32_combine(crc, part_crc, n)
+            self.crcs[seg_idx] = crc
 
 
 class _MemSource:
