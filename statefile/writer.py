@@ -148,16 +148,15 @@ class _MemSource:
         self.pid = pid
         self.snapshot = snapshot
         self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        self.local = ptrace.iovec()
-        self.remote = ptrace.iovec()
 
     def read_into(self, buf: bytearray, n: int, addr: int) -> None:
+        """Called from several reader threads at once: nothing shared is written."""
         got = -1
         if not self.snapshot:
             cbuf = (ctypes.c_char * n).from_buffer(buf)
-            self.local.iov_base, self.local.iov_len = ctypes.addressof(cbuf), n
-            self.remote.iov_base, self.remote.iov_len = addr, n
-            got = ptrace.process_vm_readv(self.pid, self.local, self.remote)
+            local = ptrace.iovec(ctypes.addressof(cbuf), n)
+            remote = ptrace.iovec(addr, n)
+            got = ptrace.process_vm_readv(self.pid, local, remote)
             del cbuf
         if got != n:
             got = os.preadv(self.fd, [memoryview(buf)[:n]], addr)

@@ -376,3 +376,23 @@ def children_of(pid):
     for tid in os.listdir(f"/proc/{pid}/task"):
         kids += Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
     return kids
+
+
+@pytest.mark.parametrize("mode", ["cow", "frozen"])
+def test_every_page_lands_at_its_address(mode, sample_bin, procs, tmp_path):
+    """bigheap fills page i of its 512 MiB with byte (i % 255) + 1: every page
+    of the statefile's copy must hold its own value (the copy is split into
+    chunks read by several threads)."""
+    require_root()
+    out = tmp_path / "big.out"
+    proc = procs.spawn([sample_bin / "bigheap", "512", "0"], stdout=out)
+    wait_for_line(out, "ready", proc=proc)
+    addr = int(next(line for line in read_lines(out) if line.startswith("touched")).split()[1], 16)
+    cr = tmp_path / "big.cr"
+    checkpoint(proc.pid, cr, *(["--no-cow"] if mode == "frozen" else []))
+    sf = reader.load(str(cr))
+    with sf.open() as f:
+        mem = _read_mem(sf, f, proc.pid, addr, 512 << 20)
+    bad = [i for i in range(0, 512 << 8) if mem[i * 4096] != (i % 255) + 1
+           or mem[i * 4096 + 4095] != (i % 255) + 1]
+    assert not bad, f"{len(bad)} pages hold another page's bytes (first: {bad[:5]})"
