@@ -231,6 +231,15 @@ def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -
                          | os.O_CLOEXEC)
             _setfl(fd, f["flags"])
             out[f["id"]] = fd
+        # A FIFO reader sees end-of-file (poll: POLLHUP) only if a writer opened
+        # the FIFO after it did; the readers above were opened after our helper
+        # (a writer), so open and close one more writer, as the original
+        # writers did once.  Without it a reader whose writers had all exited
+        # at the checkpoint would wait in poll() for ever.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            pass  # no reader in the tree: nobody to wake
     except BaseException:
         for fd in out.values():
             os.close(fd)

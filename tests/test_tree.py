@@ -300,25 +300,21 @@ import fcntl, os, select, sys, time
 mode, fifo, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "fifo":
     os.mkfifo(fifo)
-    r = os.open(fifo, os.O_RDWR)            # does not block; reopened read-only below
+    # The reader opens before the writer does: a FIFO reader sees end-of-file
+    # in poll() only from writers that opened after it.
+    r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
 else:
     r, w = os.pipe()
 fcntl.fcntl(r, 1031, 1 << 17)               # F_SETPIPE_SZ: 128 KiB
 kid = os.fork()
 if kid == 0:                                # writer: as fast as the pipe takes it
+    os.close(r)
     if mode == "fifo":
-        os.close(r)
         w = os.open(fifo, os.O_WRONLY)
-    else:
-        os.close(r)
     for i in range(1, n + 1):
         os.write(w, f"{i}\n".encode())
     os._exit(0)
-if mode == "fifo":
-    rr = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    os.close(r)
-    r = rr
-else:
+if mode != "fifo":
     os.close(w)
     fl = fcntl.fcntl(r, fcntl.F_GETFL)
     fcntl.fcntl(r, fcntl.F_SETFL, fl | os.O_NONBLOCK)
