@@ -18,7 +18,7 @@ TASK_SIZE = 0x7FFFFFFFF000
 NR = {
     "read": 0, "write": 1, "open": 2, "close": 3, "mmap": 9, "mprotect": 10, "munmap": 11,
     "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14, "ioctl": 16, "mremap": 25,
-    "madvise": 28, "pause": 34, "nanosleep": 35, "getitimer": 36, "setitimer": 38,
+    "madvise": 28, "shmat": 30, "pause": 34, "nanosleep": 35, "getitimer": 36, "setitimer": 38,
     "getpid": 39, "clone": 56, "exit": 60, "kill": 62, "fcntl": 72, "umask": 95,
     "setgroups": 116, "setresuid": 117, "setresgid": 119, "capset": 126,
     "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135, "prctl": 157,

@@ -18,6 +18,7 @@ from statefile.reader import load
 from .errors import RestoreError
 from .kernel import CLONE_NEWPID, CLONE_NEWUSER, fork_with_pid, unshare
 from .restore_files import ChildPlan
+from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memory import plan_extras
 from .restore_task import TaskRestorer
 from .restore_tree import (Node, close_all, fork_pid_waiting_zombie, host_pids, open_shared,
@@ -171,9 +172,10 @@ def restore(path: str, opts: Options, log=None) -> Result:
     shell_job = has_tty and tty is not None
     plans: dict[int, ChildPlan] = {}
     extras_of: dict[int, list] = {}
+    shared_ids = shared_anon_ids(tasks)
     for t in tasks:
         target_fds = [d["fd"] for d in t["fds"]]
-        extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1)
+        extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1, shared_ids)
         plans[t["pid"]] = ChildPlan(
             task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs,
             extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
@@ -185,9 +187,13 @@ def restore(path: str, opts: Options, log=None) -> Result:
     created: list[int] = []
     trs: list[TaskRestorer] = []
     shared: dict[int, int] = {}
+    ipc = SharedIPC(sf)
     try:
         # --- shared resources, then the tree with its pids ---------------------------------
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
+        ipc.create_sysv()
+        shared.update(ipc.create_memfds(shared_ids))
+        ipc.memfds = {}           # closed with `shared`
         if pidns:
             if unpriv:
                 try:
@@ -241,6 +247,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
             tr = TaskRestorer(sf, n.task, rpids[n.pid], fds, lazy=lazy, log=log)
             trs.append(tr)
             tr.run()
+        ipc.finish()              # every task attached its SysV segments
         # --- barrier 2: release them all at once -----------------------------------------------
         for tr in trs:
             tr.release()
@@ -262,6 +269,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
                 pass
         for pid in created:
             pt.wait_exit(pid)  # traced, or our child
+        ipc.remove()          # the SysV objects created for the tree
         raise
     finally:
         os.close(status_r)

@@ -36,6 +36,7 @@ class ExtraOpen:
     fd: int
     dev: int | None = None       # expected identity (None: do not check)
     ino: int | None = None
+    shared: int | None = None    # inherited from the initiator ({file id: fd} key), not opened
 
 
 @dataclass
@@ -224,7 +225,8 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
     inherited = inherited or {}
     targets = {d["fd"] for d in task["fds"]} | {e.fd for e in plan.extras}
     high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
-    need = {d["file"] for d in task["fds"]} & set(inherited)
+    need = ({d["file"] for d in task["fds"]} | {e.shared for e in plan.extras
+                                                 if e.shared is not None}) & set(inherited)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if high + len(need) + 16 > soft:
         try:
@@ -266,12 +268,19 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
                 continue
             _place(fd, d["fd"], d["cloexec"])
             opened[fid] = d["fd"]
+        for e in plan.extras:
+            if e.shared is not None:   # a memfd of shared memory (restore_ipc.py)
+                if e.shared not in mine:
+                    raise ChildError("mapped files", f"{e.key} was not inherited")
+                os.dup2(mine[e.shared], e.fd, inheritable=False)
         for fd in mine.values():
             os.close(fd)
         step = "epoll"
         restore_anon.finish_epoll(task["fds"], plan.files)
         step = "mapped files"
         for e in plan.extras:
+            if e.shared is not None:
+                continue
             try:
                 fd = os.open(e.path, e.flags)
             except OSError as ex:

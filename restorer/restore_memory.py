@@ -16,6 +16,7 @@ from .restore_files import ExtraOpen
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 CHUNK = 1 << 20
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 SKIP_KINDS = ("vvar", "vdso", "vsyscall")
 
 
@@ -51,11 +52,26 @@ def _dev(devstr: str) -> tuple[int, int]:
     return int(maj, 16), int(mnr, 16)
 
 
-def plan_extras(task: dict, first_fd: int) -> list[ExtraOpen]:
-    """The files the task must hold open while its mappings are rebuilt."""
+def shared_key(m: dict) -> str:
+    """ExtraOpen key of the memfd that holds a MAP_SHARED anonymous object."""
+    return f"shm:{m.get('dev', '')}:{m['inode']}"
+
+
+def plan_extras(task: dict, first_fd: int,
+                shared_ids: dict[tuple, int] | None = None) -> list[ExtraOpen]:
+    """The files the task must hold open while its mappings are rebuilt (and
+    the memfds of its shared anonymous memory, inherited from the initiator:
+    restore_ipc.py; shared_ids is {(dev, inode): inherited file id})."""
     extras: dict[tuple[str, int], ExtraOpen] = {}
     fd = first_fd
     for m in task["mappings"]:
+        if m["kind"] == "anon-shared" and shared_ids:
+            key = (shared_key(m), -1)
+            if key not in extras:
+                extras[key] = ExtraOpen(key[0], "", os.O_RDWR, fd,
+                                        shared=shared_ids[(m.get("dev", ""), m["inode"])])
+                fd += 1
+            continue
         if m["kind"] not in ("file-private", "file-shared") or m.get("deleted"):
             continue
         rw = m["kind"] == "file-shared" and "mw" in m.get("vmflags", [])
@@ -88,6 +104,7 @@ class Memory:
         self._mv = None
         self.sfd = os.open(sf.path, os.O_RDONLY | os.O_CLOEXEC)
         self.mprotect_after: list[tuple[int, int, int]] = []
+        self._attached: dict[int, tuple[int, int]] = {}   # shmid -> (address, offset)
 
     # --- the restorer's own mappings out, the vDSO to its place --------------------
     def clear_and_move_vdso(self, inj, rpid: int) -> None:
@@ -155,6 +172,14 @@ class Memory:
                 fd = self.fds[f"map:{file_path(m)}:{os.O_RDWR if rw else os.O_RDONLY}"]
                 flags = (MAP_SHARED if kind == "file-shared" else MAP_PRIVATE) | MAP_FIXED
                 res = inj.check("mmap", start, size, prot, flags, fd, m["offset"])
+            elif kind == "anon-shared":
+                # one memfd for every task that shares it (restore_ipc.py); its
+                # content is in already
+                flags = MAP_SHARED | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
+                res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
+                                m["offset"])
+            elif kind == "sysv-shm":
+                res = self._shmat(inj, m, prot)
             elif kind == "special":
                 raise RestoreError("memory", f"special mapping {m['path']} at {start:#x} "
                                    "cannot be restored")
@@ -181,6 +206,25 @@ class Memory:
                     inj.call("madvise", start, size, advice)
         return anon_ranges
 
+    def _shmat(self, inj, m: dict, prot: int) -> int:
+        """Attach SysV segment m["inode"] (recreated with its id by the
+        initiator, content in) at its address; a later piece of the same
+        attach (the vma split by mprotect) only gets its protection."""
+        start, shmid = m["start"], m["inode"]
+        prev = self._attached.get(shmid)
+        if prev is not None and prev[0] + (m["offset"] - prev[1]) == start:
+            inj.check("mprotect", start, m["end"] - start, prot)
+            return start
+        if m["offset"] != 0:
+            raise RestoreError("memory", f"SysV shm id {shmid} attached in part at {start:#x} "
+                               f"(offset {m['offset']:#x}); not restored by this version")
+        flags = (0 if prot & PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & PROT_EXEC else 0)
+        res = inj.check("shmat", shmid, start, flags)
+        self._attached[shmid] = (start, 0)
+        if res == start and prot != PROT_READ | (prot & (PROT_WRITE | PROT_EXEC)):
+            inj.check("mprotect", start, m["end"] - start, prot)
+        return res
+
     def finish(self, inj) -> None:
         for start, size, prot in self.mprotect_after:
             inj.check("mprotect", start, size, prot)
@@ -197,6 +241,8 @@ class Memory:
                 for rel, ln in m.get("cow_runs", []):
                     self.copy_range(m, m["start"] + rel, m["start"] + rel + ln)
                 continue
+            if kind in ("anon-shared", "sysv-shm"):
+                continue   # the initiator wrote it into the shared object (restore_ipc.py)
             if skip_anon and m["perms"][3] == "p":
                 continue
             for p in m["segments"]:

@@ -99,11 +99,12 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:other", "other anonymous-inode file", UNSUPPORTED,
              "this kind of file cannot be checkpointed"),
     # --- SysV IPC ----------------------------------------------------------------
-    Resource("ipc:shm", "SysV shared memory segment", UNSUPPORTED,
-             f"SysV shared memory is {_NOT_YET}"),
-    Resource("ipc:sem", "SysV semaphore set", UNSUPPORTED, f"SysV semaphores are {_NOT_YET}"),
-    Resource("ipc:msg", "SysV message queue", UNSUPPORTED,
-             f"SysV message queues are {_NOT_YET}"),
+    Resource("ipc:shm", "SysV shared memory segment (id, key, owner, mode, content; "
+             "restored with its id)", SUPPORTED),
+    Resource("ipc:sem", "SysV semaphore set (id, key, owner, mode, values; SEM_UNDO "
+             "lists are not saved)", SUPPORTED),
+    Resource("ipc:msg", "SysV message queue (id, key, owner, mode, queued messages)",
+             SUPPORTED),
     # --- memory ----------------------------------------------------------------
     Resource("mem:private", "private memory (anonymous, heap, stack, file-backed)", SUPPORTED),
     Resource("mem:file-shared", "shared file mapping (content stays in the file)", SUPPORTED),
@@ -111,8 +112,10 @@ TABLE: tuple[Resource, ...] = (
     Resource("mem:scratch", "scratch memory: marked MADV_DONTDUMP, or named 'crelf-scratch'",
              SUPPORTED,
              "policy 'scratch' leaves its content out (restored as zeros)", "scratch"),
-    Resource("mem:shared-anon", "shared anonymous memory, memfd or SysV shm mapping",
-             UNSUPPORTED, f"shared anonymous memory is {_NOT_YET}"),
+    Resource("mem:shared-anon", "MAP_SHARED anonymous memory (one shared region again for "
+             "every task that shares it) or an attached SysV shm segment", SUPPORTED),
+    Resource("mem:shared-memfd", "shared mapping of a memfd or of a deleted file",
+             UNSUPPORTED, f"shared memfd and deleted-file mappings are {_NOT_YET}"),
     Resource("mem:device", "device (I/O or PFN) mapping", UNSUPPORTED,
              "device mappings cannot be checkpointed"),
 )
@@ -185,8 +188,10 @@ def mapping_key(m: dict) -> str:
     if is_scratch(m):
         return "mem:scratch"
     kind = m["kind"]
-    if kind in ("anon-shared", "sysv-shm", "memfd") or (kind == "file-shared" and m.get("deleted")):
+    if kind in ("anon-shared", "sysv-shm"):
         return "mem:shared-anon"
+    if kind == "memfd" or (kind == "file-shared" and m.get("deleted")):
+        return "mem:shared-memfd"
     if kind == "file-shared":
         return "mem:file-shared"
     return "mem:private"

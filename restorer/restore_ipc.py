@@ -1,0 +1,286 @@
+"""SysV IPC objects and shared anonymous memory of a tree, recreated by the
+initiator before it forks the tree (docs/TREE.md, docs/RESTORE.md).
+
+* SysV shm segments, semaphore sets and message queues (CR_IPC) get their
+  original ids: the id is written to /proc/sys/kernel/{shm,sem,msg}_next_id
+  just before shmget/semget/msgget(key, IPC_CREAT|IPC_EXCL), and the id got
+  is checked.  Semaphore values come back with SETALL, messages with msgsnd
+  in their order, a segment's bytes are written through an attach in the
+  initiator (an unattached segment's from CR_IPC, an attached one's from the
+  memory segment of the first task that attaches it), owner and mode with
+  IPC_SET.  A segment that was already removed (SHM_DEST) is removed again
+  once every task has attached it (finish()).  Every task attaches its
+  segments itself, by an injected shmat (restore_memory.Memory.map_all).
+* MAP_SHARED anonymous memory (`anon-shared`): one memfd per shared object
+  (same dev/inode in the mappings), holding the saved bytes; every task that
+  maps it inherits the memfd (restore_files.child_setup places it at the fd
+  number restore_memory.plan_extras chose), maps it MAP_SHARED|MAP_FIXED by
+  injection and closes it.
+
+Existing objects with a saved key or id are refused before anything is
+created (check()); a failed restore removes what was created (remove()).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from .errors import RestoreError, ValidationError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.shmat.restype = ctypes.c_void_p
+_libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.shmdt.argtypes = [ctypes.c_void_p]
+_libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+_libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+IPC_CREAT, IPC_EXCL, IPC_NOWAIT = 0o1000, 0o2000, 0o4000
+IPC_RMID, IPC_SET, IPC_STAT = 0, 1, 2
+SETALL = 17
+SHM_DEST = 0o1000
+MFD_CLOEXEC = 1
+# struct ipc64_perm (x86-64): key, uid, gid, cuid, cgid, mode (u32), ...
+UID_OFF, GID_OFF, MODE_OFF = 4, 8, 20
+MSG_QBYTES_OFF = 88          # struct msqid64_ds: perm (48), stime, rtime, ctime, cbytes, qnum
+SHARED_ID_BASE = -1000       # synthetic "file ids" of the memfds in the inherited fds
+
+KINDS = (("shm", "shmid", "shm_next_id"), ("sem", "semid", "sem_next_id"),
+         ("msg", "msqid", "msg_next_id"))
+
+
+def _err(what: str) -> RestoreError:
+    e = ctypes.get_errno()
+    return RestoreError("ipc", f"{what}: {os.strerror(e)}")
+
+
+def _table(kind: str) -> list[dict]:
+    try:
+        with open(f"/proc/sysvipc/{kind}") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    head = lines[0].split()
+    return [dict(zip(head, (int(x) for x in line.split()))) for line in lines[1:] if line.strip()]
+
+
+def check(ipc: dict | None) -> None:
+    """Refuse (ValidationError naming it) a saved object whose key or id is
+    taken by an existing object."""
+    for kind, idname, _ in KINDS:
+        saved = (ipc or {}).get(kind, [])
+        if not saved:
+            continue
+        live = _table(kind)
+        for obj in saved:
+            for cur in live:
+                if obj["key"] and cur["key"] == obj["key"]:
+                    raise ValidationError(
+                        f"SysV {kind} key {obj['key']:#x} (saved id {obj[idname]}) exists "
+                        f"already (id {cur[idname]}); remove it (ipcrm) to restart")
+                if cur[idname] == obj[idname]:
+                    raise ValidationError(
+                        f"SysV {kind} id {obj[idname]} (key {obj['key']:#x}) is taken by an "
+                        f"existing object (key {cur['key']:#x}); remove it (ipcrm) to restart")
+
+
+def _next_id(name: str, value: int) -> None:
+    with open(f"/proc/sys/kernel/{name}", "w") as f:
+        f.write(str(value))
+
+
+def _ctl(ctl, ident: int, cmd: int, buf) -> int:
+    return ctl(ident, 0, cmd, buf) if ctl is _libc.semctl else ctl(ident, cmd, buf)
+
+
+def _stat_set(ctl, ident: int, obj: dict, what: str, qbytes: int = 0) -> None:
+    buf = ctypes.create_string_buffer(256)
+    if _ctl(ctl, ident, IPC_STAT, buf) < 0:
+        raise _err(f"IPC_STAT of {what}")
+    raw = bytearray(buf.raw)
+    raw[UID_OFF:UID_OFF + 4] = obj["uid"].to_bytes(4, "little")
+    raw[GID_OFF:GID_OFF + 4] = obj["gid"].to_bytes(4, "little")
+    raw[MODE_OFF:MODE_OFF + 4] = (obj["perms"] & 0o777).to_bytes(4, "little")
+    if qbytes:
+        raw[MSG_QBYTES_OFF:MSG_QBYTES_OFF + 8] = qbytes.to_bytes(8, "little")
+    buf = ctypes.create_string_buffer(bytes(raw), 256)
+    if _ctl(ctl, ident, IPC_SET, buf) < 0:
+        raise _err(f"IPC_SET of {what}")
+
+
+def _write_runs(sfd: int, seg: dict, write, base: int) -> None:
+    """Write a memory segment's stored runs through write(offset, bytes),
+    at base + (address - segment start)."""
+    for rel, ln in seg["runs"]:
+        data = os.pread(sfd, ln, seg["offset"] + rel)
+        if len(data) != ln:
+            raise RestoreError("ipc", "statefile truncated in shared memory")
+        write(base + rel, data)
+
+
+class SharedIPC:
+    """What the initiator created: SysV objects and memfds (closed once every
+    task is rebuilt)."""
+
+    def __init__(self, sf):
+        self.sf = sf
+        self.created: list[tuple[str, int]] = []    # (kind, id)
+        self.memfds: dict[int, int] = {}            # synthetic file id -> fd
+        self.remove_after: list[int] = []            # shm ids to IPC_RMID once attached
+
+    # --- SysV ------------------------------------------------------------------------
+    def _create(self, kind: str, next_name: str, ident: int, make) -> int:
+        try:
+            _next_id(next_name, ident)     # the kernel sets it back to -1 when it is used
+        except OSError as e:
+            raise RestoreError("ipc", f"cannot choose the id of SysV {kind} {ident} "
+                               f"({next_name}: {e.strerror}; that needs root)") from None
+        got = make()
+        if got < 0:
+            err = _err(f"creating SysV {kind} id {ident}")
+            try:
+                _next_id(next_name, -1)
+            except OSError:
+                pass
+            raise err
+        self.created.append((kind, got))
+        if got != ident:
+            raise RestoreError("ipc", f"SysV {kind} was created with id {got}, not {ident}")
+        return got
+
+    def _attached_content(self, shmid: int):
+        """(task, mapping) pairs whose memory holds the bytes of segment shmid,
+        one per distinct range of the segment."""
+        seen = set()
+        for t in self.sf.tasks:
+            for m in t["mappings"]:
+                if m["kind"] == "sysv-shm" and m["inode"] == shmid:
+                    rng = (m["offset"], m["end"] - m["start"])
+                    if rng not in seen:
+                        seen.add(rng)
+                        yield m
+
+    def create_sysv(self) -> None:
+        ipc = self.sf.ipc or {}
+        sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for s in ipc.get("shm", []):
+                flags = IPC_CREAT | IPC_EXCL | (s["perms"] & 0o777)
+                shmid = self._create("shm", "shm_next_id", s["shmid"],
+                                     lambda: _libc.shmget(s["key"], s["size"], flags))
+                addr = _libc.shmat(shmid, None, 0)
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    raise _err(f"shmat of SysV shm id {shmid}")
+                try:
+                    def write(off: int, data: bytes) -> None:
+                        n = max(0, min(len(data), s["size"] - off))
+                        ctypes.memmove(addr + off, data, n)
+                    if s.get("content"):
+                        write(0, bytes.fromhex(s["content"]))
+                    for m in self._attached_content(shmid):
+                        for p in m["segments"]:
+                            seg = self.sf.segment(p)
+                            _write_runs(sfd, seg, write, m["offset"] + seg["vaddr"] - m["start"])
+                finally:
+                    _libc.shmdt(ctypes.c_void_p(addr))
+                _stat_set(_libc.shmctl, shmid, s, f"SysV shm id {shmid}")
+                if s["perms"] & SHM_DEST:
+                    self.remove_after.append(shmid)
+            for s in ipc.get("sem", []):
+                flags = IPC_CREAT | IPC_EXCL | (s["perms"] & 0o777)
+                semid = self._create("sem", "sem_next_id", s["semid"],
+                                     lambda: _libc.semget(s["key"], s["nsems"], flags))
+                vals = (ctypes.c_ushort * s["nsems"])(*s["values"])
+                if _libc.semctl(semid, 0, SETALL, vals) < 0:
+                    raise _err(f"semctl(SETALL) of SysV sem id {semid}")
+                _stat_set(_libc.semctl, semid, s, f"SysV sem id {semid}")
+            for q in ipc.get("msg", []):
+                flags = IPC_CREAT | IPC_EXCL | (q["perms"] & 0o777)
+                msqid = self._create("msg", "msg_next_id", q["msqid"],
+                                     lambda: _libc.msgget(q["key"], flags))
+                total = sum(len(x["data"]) // 2 for x in q["messages"])
+                # raise the queue's byte limit when the saved messages need it
+                buf = ctypes.create_string_buffer(256)
+                if _libc.msgctl(msqid, IPC_STAT, buf) < 0:
+                    raise _err(f"IPC_STAT of SysV msg id {msqid}")
+                cur = int.from_bytes(buf.raw[MSG_QBYTES_OFF:MSG_QBYTES_OFF + 8], "little")
+                if total > cur:
+                    _stat_set(_libc.msgctl, msqid, {**q, "perms": 0o600, "uid": 0, "gid": 0},
+                              f"SysV msg id {msqid}", qbytes=total)
+                for msg in q["messages"]:
+                    data = bytes.fromhex(msg["data"])
+                    mb = ctypes.create_string_buffer(msg["type"].to_bytes(8, "little", signed=True)
+                                                     + data, 8 + len(data))
+                    if _libc.msgsnd(msqid, mb, len(data), IPC_NOWAIT) < 0:
+                        raise _err(f"msgsnd to SysV msg id {msqid}")
+                _stat_set(_libc.msgctl, msqid, q, f"SysV msg id {msqid}")
+        finally:
+            os.close(sfd)
+
+    # --- MAP_SHARED anonymous memory -------------------------------------------------
+    def create_memfds(self, shared_ids: dict[tuple, int]) -> dict[int, int]:
+        """One memfd per shared anonymous object, with its saved bytes.
+        Returns {synthetic file id: fd} for the tasks to inherit."""
+        sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for key, fid in shared_ids.items():
+                maps = [m for t in self.sf.tasks for m in t["mappings"]
+                        if m["kind"] == "anon-shared" and anon_shared_key(m) == key]
+                size = max(m["offset"] + m["end"] - m["start"] for m in maps)
+                fd = os.memfd_create(f"crelf-shared-{key[1]}", MFD_CLOEXEC)
+                self.memfds[fid] = fd
+                os.ftruncate(fd, size)
+                seen = set()
+                for m in maps:
+                    rng = (m["offset"], m["end"] - m["start"])
+                    if rng in seen:
+                        continue   # the same bytes, seen by another task
+                    seen.add(rng)
+                    for p in m["segments"]:
+                        seg = self.sf.segment(p)
+                        _write_runs(sfd, seg, lambda off, data: os.pwrite(fd, data, off),
+                                    m["offset"] + seg["vaddr"] - m["start"])
+        finally:
+            os.close(sfd)
+        return dict(self.memfds)
+
+    # --- end -------------------------------------------------------------------------
+    def close(self) -> None:
+        for fd in self.memfds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.memfds = {}
+
+    def finish(self) -> None:
+        """Every task attached its segments: remove the ones that were removed."""
+        for shmid in self.remove_after:
+            _libc.shmctl(shmid, IPC_RMID, None)
+        self.close()
+
+    def remove(self) -> None:
+        """A failed restore: remove every object created here."""
+        for kind, ident in reversed(self.created):
+            if kind == "shm":
+                _libc.shmctl(ident, IPC_RMID, None)
+            elif kind == "sem":
+                _libc.semctl(ident, 0, IPC_RMID)
+            else:
+                _libc.msgctl(ident, IPC_RMID, None)
+        self.created = []
+        self.close()
+
+
+def anon_shared_key(m: dict) -> tuple:
+    return (m.get("dev", ""), m["inode"])
+
+
+def shared_anon_ids(tasks: list[dict]) -> dict[tuple, int]:
+    """{(dev, inode): synthetic file id} of every MAP_SHARED anonymous object."""
+    out: dict[tuple, int] = {}
+    for t in tasks:
+        for m in t["mappings"]:
+            if m["kind"] == "anon-shared":
+                out.setdefault(anon_shared_key(m), SHARED_ID_BASE - len(out))
+    return out

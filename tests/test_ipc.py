@@ -1,0 +1,181 @@
+"""SysV IPC and shared memory restarted (restorer/restore_ipc.py): a parent
+and a child alternating on SysV semaphores over a SysV shm segment and a
+MAP_SHARED anonymous page, and a message queue with queued messages, each
+checkpointed with --kill mid-run, restarted, and compared byte for byte with
+an uninterrupted run."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+from helpers import require_root, wait_for_line
+from test_tree import CRRESTART, REPO, checkpoint_tree, finish, restart
+
+from statefile import reader
+
+PINGPONG = r'''
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/ipc.h>
+#include <sys/mman.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/wait.h>
+
+static int semid;
+static void op(int num, int delta) {
+    struct sembuf b = {num, delta, 0};
+    while (semop(semid, &b, 1) < 0) ;
+}
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    key_t key = strtol(argv[2], NULL, 0);
+    int shmid = shmget(key, 8192, IPC_CREAT | 0640);
+    semid = semget(key, 2, IPC_CREAT | 0600);
+    if (shmid < 0 || semid < 0) { perror("ipc"); return 1; }
+    long *shm = shmat(shmid, NULL, 0);
+    long *anon = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    semctl(semid, 0, SETVAL, 1);      /* sem 0: the parent's turn */
+    semctl(semid, 1, SETVAL, 0);      /* sem 1: the child's turn */
+    shm[1000] = 7;                    /* far in the segment: a second page */
+    printf("ready\n"); fflush(stdout);
+    pid_t pid = fork();
+    int me = pid == 0;
+    for (int i = 0; i < n; i++) {
+        op(me, -1);
+        shm[0] += 1; anon[0] += 2; shm[1000] += 3;
+        printf("%s turn %d shm %ld anon %ld far %ld\n", me ? "child" : "parent", i,
+               shm[0], anon[0], shm[1000]);
+        fflush(stdout);
+        usleep(20000);
+        op(1 - me, 1);
+    }
+    if (me) return 0;
+    int st;
+    waitpid(pid, &st, 0);
+    printf("done shm %ld anon %ld child %d\n", shm[0], anon[0], WEXITSTATUS(st));
+    shmdt(shm);
+    shmctl(shmid, IPC_RMID, NULL);
+    semctl(semid, 0, IPC_RMID);
+    return 0;
+}
+'''
+
+QUEUE = r'''
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ipc.h>
+#include <sys/msg.h>
+
+struct m { long type; char text[64]; };
+int main(int argc, char **argv) {
+    key_t key = strtol(argv[1], NULL, 0);
+    int q = msgget(key, IPC_CREAT | 0620);
+    if (q < 0) { perror("msgget"); return 1; }
+    const char *words[] = {"alpha", "bravo", "charlie", "delta"};
+    for (int i = 0; i < 4; i++) {
+        struct m msg = {i % 2 + 1, ""};
+        snprintf(msg.text, sizeof msg.text, "%s %d", words[i], i);
+        msgsnd(q, &msg, strlen(msg.text) + 1, 0);
+    }
+    printf("ready\n"); fflush(stdout);
+    for (int i = 0; i < 40; i++) { printf("tick %d\n", i); fflush(stdout); usleep(25000); }
+    struct m msg;
+    while (msgrcv(q, &msg, sizeof msg.text, 0, IPC_NOWAIT) >= 0)
+        printf("got type %ld: %s\n", msg.type, msg.text);
+    msgctl(q, IPC_RMID, NULL);
+    printf("done\n");
+    return 0;
+}
+'''
+
+
+def _build(tmp_path, name: str, src: str):
+    c = tmp_path / f"{name}.c"
+    c.write_text(src)
+    subprocess.run(["gcc", "-O1", "-o", tmp_path / name, c], check=True)
+    return tmp_path / name
+
+
+def _ipcrm(*args: str) -> None:
+    subprocess.run(["ipcrm", *args], capture_output=True)
+
+
+def _keys(kind: str) -> set[int]:
+    with open(f"/proc/sysvipc/{kind}") as f:
+        return {int(line.split()[0]) for line in f.read().splitlines()[1:] if line.strip()}
+
+
+def test_parent_and_child_alternate_on_sysv_sem_shm_and_shared_anon(procs, tmp_path):
+    """Semaphores pass the turn, the counters live in SysV shm and in a
+    MAP_SHARED anonymous page: after --kill and restart each task's writes
+    are seen by the other, and the output is the uninterrupted run's.  A
+    restart while the old objects still exist is refused, naming them."""
+    require_root()
+    key, n = 0x7e57c0de, 60
+    prog = _build(tmp_path, "pingpong", PINGPONG)
+    try:
+        ref = subprocess.run([prog, str(n), hex(key)], capture_output=True, timeout=60,
+                             check=True).stdout
+        out = tmp_path / "pp.out"
+        proc = procs.spawn([prog, str(n), hex(key)], stdout=out)
+        wait_for_line(out, r"child turn 10 ", proc=proc)
+        checkpoint_tree(proc, tmp_path / "pp.cr")
+        sf = reader.load(str(tmp_path / "pp.cr"))
+        assert [s["key"] for s in sf.ipc["shm"]] == [key]
+        assert [s["key"] for s in sf.ipc["sem"]] == [key]
+        assert sorted(m["kind"] for t in sf.tasks for m in t["mappings"]
+                      if m["kind"] in ("sysv-shm", "anon-shared")) == \
+            ["anon-shared", "anon-shared", "sysv-shm", "sysv-shm"]
+        shmid, semid = sf.ipc["shm"][0]["shmid"], sf.ipc["sem"][0]["semid"]
+        # the killed tree's objects are still there: refused, nothing created
+        r = subprocess.run([*CRRESTART, str(tmp_path / "pp.cr")], capture_output=True,
+                           text=True, timeout=60, cwd=REPO)
+        assert r.returncode != 0 and f"key {key:#x}" in r.stderr, r.stderr
+        _ipcrm("-M", hex(key))
+        _ipcrm("-S", hex(key))
+        assert key not in _keys("shm") and key not in _keys("sem")
+        code, err = finish(restart(procs, tmp_path / "pp.cr"))
+        assert code == 0, err
+        assert out.read_bytes() == ref
+        assert key not in _keys("shm") and key not in _keys("sem")   # the program removed them
+        assert shmid and semid
+    finally:
+        _ipcrm("-M", hex(key))
+        _ipcrm("-S", hex(key))
+
+
+def test_message_queue_with_queued_messages(procs, tmp_path):
+    """Four messages of two types wait in a queue; restarted with its id,
+    key and mode, the program reads them after restart in order."""
+    require_root()
+    key = 0x7e57c0df
+    prog = _build(tmp_path, "queue", QUEUE)
+    try:
+        ref = subprocess.run([prog, hex(key)], capture_output=True, timeout=60,
+                             check=True).stdout
+        out = tmp_path / "q.out"
+        proc = procs.spawn([prog, hex(key)], stdout=out)
+        wait_for_line(out, r"tick 10", proc=proc)
+        checkpoint_tree(proc, tmp_path / "q.cr")
+        q = reader.load(str(tmp_path / "q.cr")).ipc["msg"]
+        assert [(m["key"], m["qnum"], m["perms"] & 0o777) for m in q] == [(key, 4, 0o620)]
+        _ipcrm("-Q", hex(key))
+        r = restart(procs, tmp_path / "q.cr")
+        deadline = time.monotonic() + 10
+        while key not in _keys("msg") and r.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open("/proc/sysvipc/msg") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        row = next((x for x in rows if x and int(x[0]) == key), None)
+        if row is not None:     # still queued (the program reads them at the end)
+            assert int(row[1]) == q[0]["msqid"] and row[2] == "620"
+        code, err = finish(r)
+        assert code == 0, err
+        assert out.read_bytes() == ref
+        assert b"got type 1: alpha 0" in ref
+    finally:
+        _ipcrm("-Q", hex(key))
