@@ -19,9 +19,9 @@ from .errors import RestoreError
 from .injector import RestoreInjector
 from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS,
                      MAP_ANONYMOUS, MAP_PRIVATE, NR, PAGE, PR_CAPBSET_DROP, PR_SET_KEEPCAPS,
-                     PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PROT_READ,
-                     PROT_WRITE, RSEQ_FLAG_UNREGISTER, THREAD_FLAGS, TIMER_ABSTIME, clone_args,
-                     prctl_mm_map)
+                     PR_SET_CHILD_SUBREAPER, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS,
+                     PR_SET_PDEATHSIG, PROT_READ, PROT_WRITE, RSEQ_FLAG_UNREGISTER, THREAD_FLAGS,
+                     TIMER_ABSTIME, clone_args, prctl_mm_map)
 from .restore_memory import Memory, parse_maps
 
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -172,7 +172,12 @@ class TaskRestorer:
         for th in task["threads"]:
             self._creds(injs[th["tid"]], th["tid"])
         self.step = "cleanup"
-        inj.check("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)   # set while the tree was forked
+        # PR_SET_PDEATHSIG was SIGKILL while the tree was forked: the saved one
+        # now (after the credentials, whose change clears it).
+        pr = task.get("prctl", {})
+        inj.check("prctl", PR_SET_PDEATHSIG, pr.get("pdeathsig", 0), 0, 0, 0)
+        inj.check("prctl", PR_SET_CHILD_SUBREAPER, 1 if pr.get("child_subreaper") else 0,
+                  0, 0, 0)
         for fd in sorted(set(self.fds.values())):
             inj.call("close", fd)
         inj.check("munmap", self.scratch, SCRATCH_PAGES * PAGE)

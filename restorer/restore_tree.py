@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import RestoreError, ValidationError
-from .kernel import PR_SET_PDEATHSIG, fork_with_pid, prctl
+from .kernel import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork_with_pid, prctl
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -49,6 +49,8 @@ class Node:
     session: str = ""             # "setsid", "setpgid" (own group), "join" (pgid), ""
     children: list["Node"] = field(default_factory=list)
     zombies: list[dict] = field(default_factory=list)
+    early_zombies: list[dict] = field(default_factory=list)   # forked before the children
+    adopted_by: int = 0           # parent that adopts it when its session helper exits
 
     @property
     def pid(self) -> int:
@@ -62,12 +64,44 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
     by_pid = {t["pid"]: t for t in tasks}
     root = tasks[0]
     kids: dict[int, list[dict]] = {}
+    used = set(by_pid) | {z["pid"] for z in zombies}
+    ghosts: dict[int, dict] = {}
+
+    def ghost(pid: int, ppid: int, sid: int, kind: str) -> dict:
+        """A helper task that exists only while the tree is forked (CRIU calls
+        them helpers): with the pid of a session or group leader that had
+        exited, it recreates that session or group for the tasks still in it."""
+        g = ghosts.get(pid)
+        if g is None:
+            if pid in used:
+                raise ValidationError(f"pid {pid} leads a session or group of the tree but "
+                                      "is not one of its tasks; not restored by this version")
+            g = ghosts[pid] = {"pid": pid, "ppid": ppid, "sid": sid, "pgid": pid,
+                               "ghost": kind, "comm": f"crelf-{kind}-helper"}
+            kids.setdefault(ppid, []).append(g)
+        elif g["ppid"] != ppid:
+            raise ValidationError(f"the tasks of {kind} {pid} have different parents; "
+                                  "not restored by this version")
+        return g
+
     for t in tasks[1:]:
-        if t["ppid"] not in by_pid:
+        parent = by_pid.get(t["ppid"])
+        if parent is None:
             raise ValidationError(f"pid {t['pid']} has parent {t['ppid']}, which is not in the "
                                   "tree (orphans reparented to a subreaper outside the tree are "
-                                  "not restored yet)")
-        kids.setdefault(t["ppid"], []).append(t)
+                                  "not restored)")
+        holder = parent
+        if t["sid"] not in (t["pid"], parent["sid"]) and t["sid"] not in by_pid:
+            # An orphan whose session leader exited (a daemon's double fork):
+            # a helper with the session's id setsid()s, forks it and exits,
+            # and the orphan is adopted by its parent, a child subreaper, again.
+            holder = ghost(t["sid"], t["ppid"], t["sid"], "session")
+        if (t["pgid"] not in (t["pid"], holder["pgid"]) and t["pgid"] not in used
+                and t["sid"] == holder["sid"]):
+            # Its process group's leader exited (the first command of a
+            # pipeline): a helper recreates the group for the tasks to join.
+            ghost(t["pgid"], holder["pid"], t["sid"], "group")
+        kids.setdefault(holder["pid"], []).append(t)
     dead: dict[int, list[dict]] = {}
     for z in zombies:
         if z["ppid"] not in by_pid:
@@ -114,18 +148,28 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
 
     order: list[Node] = []
 
+    def zombie(z: dict, t: dict) -> dict:
+        z = dict(z)
+        try:
+            z["session"] = session_of(z, t)
+        except ValidationError:
+            z["session"] = ""     # best effort: a zombie keeps only its status
+        return z
+
     def build(t: dict, parent: dict | None) -> Node:
-        node = Node(t, plans[t["pid"]], session_of(t, parent))
-        order.append(node)
+        node = Node(t, plans.get(t["pid"]), session_of(t, parent))
+        if parent is not None and parent.get("ghost") == "session":
+            node.adopted_by = parent["ppid"]
+        if not t.get("ghost"):
+            order.append(node)    # ghosts are gone before the tree is rebuilt
+        # A zombie that leads its process group is forked first: live
+        # siblings may still be in that group (a pipeline whose first command
+        # exited) and join it.
+        mine = dead.get(t["pid"], [])
+        node.early_zombies = [zombie(z, t) for z in mine if z["pgid"] == z["pid"]]
         for c in sorted(kids.get(t["pid"], []), key=lambda c: (not leads_group(c), c["pid"])):
             node.children.append(build(c, t))
-        for z in dead.get(t["pid"], []):
-            z = dict(z)
-            try:
-                z["session"] = session_of(z, t)
-            except ValidationError:
-                z["session"] = ""     # best effort: a zombie keeps only its status
-            node.zombies.append(z)
+        node.zombies = [zombie(z, t) for z in mine if z["pgid"] != z["pid"]]
         return node
 
     return build(root, None), order
@@ -374,6 +418,25 @@ def _fork_child(pid: int) -> int:
         raise ChildError("pid", f"cannot create pid {pid}: {e.strerror}") from None
 
 
+def _wait_group(pid: int, z: dict) -> None:
+    """Make sure a zombie that leads a process group has created it before
+    siblings join it (setpgid from both sides, as shells do)."""
+    if z.get("session") != "setpgid":
+        return
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass    # it did it itself (or already exited)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            if os.getpgid(pid) == pid:
+                return
+        except OSError:
+            return
+        time.sleep(0.001)
+
+
 def _zombie_main(z: dict) -> None:
     """A child that exits at once with the saved wait status, never reaped
     until the restored parent wait()s for it."""
@@ -402,15 +465,26 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
     forked: list[int] = []
     try:
         step = "pdeathsig"
-        # Die with the parent while being restored (cleared by injection
-        # before the tree runs: restore_task.py, step "cleanup").
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Die with the parent while being restored (set to the saved value by
+        # injection before the tree runs: restore_task.py, step "cleanup").
+        # Not yet for a task whose parent is a session helper: that one exits
+        # on purpose; the task sets it once adopted (below, when parked).
+        if not node.adopted_by:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         step = "session"
         try:
             _set_session(node.session, node.task["pgid"])
         except OSError as e:
             raise ChildError(step, f"{e.strerror} ({node.session} "
                              f"pgid {node.task['pgid']})") from None
+        if any(c.task.get("ghost") == "session" for c in node.children):
+            prctl(PR_SET_CHILD_SUBREAPER, 1)   # adopt the orphans again (saved flag later)
+        for z in node.early_zombies:
+            pid = _fork_child(z["pid"])
+            if pid == 0:
+                _zombie_main(z)
+            forked.append(pid)
+            _wait_group(pid, z)
         for child in node.children:
             r, w = os.pipe2(os.O_CLOEXEC)
             pid = _fork_child(child.pid)
@@ -426,11 +500,23 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
                     raise _Forwarded(msg)
                 raise ChildError("setup", f"task {child.pid} died before it was ready "
                                  f"({msg!r})")
+        for child, pid in zip(node.children, forked[len(node.early_zombies):]):
+            if child.task.get("ghost"):
+                # Its work is done and it has exited; reaped only now that
+                # every sibling that joins its group is in it.
+                os.waitpid(pid, 0)
+                forked.remove(pid)
         for z in node.zombies:
             pid = _fork_child(z["pid"])
             if pid == 0:
                 _zombie_main(z)
             forked.append(pid)
+        if node.task.get("ghost"):
+            # A session or group helper: the session or group exists now and
+            # its members are parked; leave them (the session's orphans are
+            # adopted by our parent, a child subreaper).
+            os.write(status_w, b"OK\n")
+            os._exit(0)
         if _FAIL_AT == "task setup" and not node.children:
             # test hook: a leaf task fails after its parents forked it
             raise ChildError("task setup", "failure injected by CRELF_RESTORE_FAIL_AT")
@@ -456,6 +542,14 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
             pass
         os._exit(1)
     # Parked: the restorer seizes us here and replaces everything.
+    if node.adopted_by:
+        while os.getppid() not in (node.adopted_by, 1, 0):
+            time.sleep(0.001)      # the session helper is exiting
+        if os.getppid() != node.adopted_by:
+            os._exit(1)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != node.adopted_by:
+            os._exit(1)
     while True:
         signal.pause()
 

@@ -95,7 +95,12 @@ def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
             entry["content"] = _shm_content(s["shmid"], s["size"])
         shms.append(entry)
     for s in _table("sem"):
-        vals, lastpids = _sem_values(s["semid"], s["nsems"])
+        try:
+            vals, lastpids = _sem_values(s["semid"], s["nsems"])
+        except PermissionError:
+            # Not readable by us (another user's set, and we are not root):
+            # the tasks we may checkpoint run as us, so it is not theirs.
+            continue
         if not (own_namespace or pids.intersection(lastpids)):
             continue
         entry = {k: s[k] for k in ("key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid")}

@@ -113,6 +113,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
             scratch = inj.check("mmap", 0, 4096, 3, 0x22, 2**64 - 1, 0)
             try:
                 task["mm"]["brk"] = inj.check("brk", 0)
+                task["prctl"] = _dump_prctl(inj, scratch)
                 task["sigactions"] = dump_signals.dump_sigactions(inj, scratch)
                 task["itimers"] = dump_signals.dump_itimers(inj, scratch)
                 task["signals"] = dump_signals.dump_process_signals(pid, leader)
@@ -130,6 +131,17 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
         th["deferred_signals"] = list(ft.threads[th["tid"]].deferred)
     task["fds"] = file_table.dump_fds(pid)
     return task, list(regs.values())
+
+
+def _dump_prctl(inj: Injector, scratch: int) -> dict:
+    """Process attributes only prctl reads: the child-subreaper flag (a
+    restarted subreaper must adopt orphans again) and the leader's
+    parent-death signal."""
+    out = {}
+    for key, op in (("child_subreaper", 37), ("pdeathsig", 2)):  # PR_GET_CHILD_SUBREAPER, PR_GET_PDEATHSIG
+        inj.check("prctl", op, scratch, 0, 0, 0)
+        out[key] = struct.unpack("<i", inj.read(scratch, 4))[0]
+    return out
 
 
 def _dump_thread(pid, tid, regs: ThreadRegs, inj, addr, memfd, scratch, deferred) -> dict:
