@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import require_root, require_tool
+from helpers import descendants, require_root, require_tool
 from test_checkpoint import checkpoint
+from test_tree import reap
 
 BIN = Path(sys.executable).parent
 
@@ -81,3 +82,46 @@ def test_tools_present():
     """CI installs every program above (scripts/setup.sh); say so if one is missing."""
     missing = [tool for tool, _, _ in PROGRAMS.values() if shutil.which(tool) is None]
     assert not missing, f"missing real programs: {missing} (scripts/setup.sh installs them)"
+
+
+def _c_source(n: int) -> str:
+    """A C file gcc -O2 needs a few seconds for (n functions with loops)."""
+    out = [f"int f{i}(int x) {{ int s = 0; for (int j = 0; j < x; j++) "
+           f"s += (j * {i % 97 + 1}) ^ (s >> {i % 7 + 1}); return s + {i}; }}\n"
+           for i in range(n)]
+    out.append("int main(void) { int t = 0; "
+               + "".join(f"t += f{i}(3); " for i in range(n)) + "return t & 1; }\n")
+    return "".join(out)
+
+
+@pytest.mark.parametrize("pipe", [True, False], ids=["gcc-pipe", "gcc-tempfile"])
+def test_compiler_tree_restarts_identically(pipe, procs, tmp_path):
+    """gcc is a tree: the driver with cc1 and as, joined by a pipe (-pipe) or
+    by a temporary assembler file; killed mid-compile and restarted, the
+    object file is byte-identical to an uninterrupted compile's."""
+    require_root()
+    require_tool("gcc")
+    (tmp_path / "big.c").write_text(_c_source(600))
+    argv = ["gcc", "-O2", *(["-pipe"] if pipe else []), "-c", "big.c"]
+    subprocess.run([*argv, "-o", "ref.o"], cwd=tmp_path, check=True, timeout=300)
+    proc = procs.spawn([*argv, "-o", "run.o"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                       stdout=tmp_path / "out", stderr=tmp_path / "err")
+    deadline = time.monotonic() + 30
+
+    def comm(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return ""
+    while "cc1" not in map(comm, descendants(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, "gcc ended too early"
+        time.sleep(0.05)
+    time.sleep(1.0)                       # well inside the compile
+    summary = checkpoint(proc.pid, tmp_path / "gcc.cr", "--kill")
+    assert len(summary["pids"]) == (3 if pipe else 2)
+    proc.wait(timeout=10)
+    reap(summary["pids"][1:])             # pytest is a subreaper
+    res = subprocess.run([str(BIN / "crrestart"), str(tmp_path / "gcc.cr")],
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "run.o").read_bytes() == (tmp_path / "ref.o").read_bytes()
