@@ -20,6 +20,7 @@ from .kernel import CLONE_NEWPID, CLONE_NEWUSER, fork_with_pid, unshare
 from .restore_files import ChildPlan
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memory import plan_extras
+from .restore_ns import Namespaces
 from .restore_task import TaskRestorer
 from .restore_tree import (Node, close_all, fork_pid_waiting_zombie, host_pids, open_shared,
                            plan_tree, read_status, task_main)
@@ -188,8 +189,10 @@ def restore(path: str, opts: Options, log=None) -> Result:
     trs: list[TaskRestorer] = []
     shared: dict[int, int] = {}
     ipc = SharedIPC(sf)
+    ns = Namespaces(sf)
     try:
-        # --- shared resources, then the tree with its pids ---------------------------------
+        # --- the tree's own UTS/IPC namespaces, shared resources, the tree with its pids --
+        ns.enter()                # the SysV objects below are created inside it
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
         ipc.create_sysv()
         shared.update(ipc.create_memfds(shared_ids))
@@ -272,6 +275,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
         ipc.remove()          # the SysV objects created for the tree
         raise
     finally:
+        ns.leave()                # the tasks stay in the new namespaces
         os.close(status_r)
         if status_w >= 0:
             os.close(status_w)

@@ -9,7 +9,7 @@ import stat
 
 from statefile import support
 
-from . import restore_ipc
+from . import restore_ipc, restore_ns
 from .errors import ValidationError
 from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
@@ -86,7 +86,8 @@ def validate(sf, force_files: bool = False) -> list[str]:
     seen: set[int] = set()
     for task in sf.tasks:
         _check_task(sf, task, force_files, warnings, seen, task is sf.root)
-    restore_ipc.check(sf.ipc)   # SysV objects with the saved keys or ids exist already
+    if "ipc" not in restore_ns.private_kinds(sf):   # else they come back in a new namespace
+        restore_ipc.check(sf.ipc)   # SysV objects with the saved keys or ids exist already
     return warnings
 
 

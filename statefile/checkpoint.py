@@ -8,7 +8,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, dump_ipc, flags, hooks, procfs, snapshot, support
+from . import FORMAT_VERSION, __version__, dump_ns, flags, hooks, procfs, snapshot, support
 from .dump_files import FileTable
 from .dump_memory import PAGE, dump_mappings
 from .dump_task import dump_task
@@ -56,15 +56,6 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
                         plans[j].store = False
                         plans[j].runs = []
     return skipped
-
-
-def _own_ipc_namespace(root: dict) -> bool:
-    """True when the tree has an IPC namespace of its own (then it owns every
-    object in it); read from the root task, as /proc/sysvipc is."""
-    try:
-        return root["namespaces"].get("ipc") != os.readlink("/proc/self/ns/ipc")
-    except OSError:
-        return False
 
 
 def _make_snapshots(freezer: Freezer, tasks: list[dict]) -> dict[int, int]:
@@ -164,7 +155,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
 
         for t in tasks:
             t["crrun_flags"] = flags.read(t["pid"])  # what crrun saw being created
-        ipc = dump_ipc.dump_ipc(tasks, _own_ipc_namespace(tasks[0]))
+        namespaces = dump_ns.dump_namespaces(tasks)   # before assess: it may refuse them
+        ipc = dump_ns.dump_ipc_objects(tasks)         # inside the tree's IPC namespace
         findings = support.assess(tasks, files.files, zombies, {}, policy.skip, ipc)
         skipped = _apply_policy(policy, findings, tasks, plans_by_task, files)
         bad = support.problems(findings)
@@ -200,6 +192,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             "restartable": not bad,
             "not_restartable": [f.line() for f in bad],
             "leave_running": not kill,
+            "namespaces": namespaces,
         }
         if cow and not kill:
             addrs = {p: ft.syscall_addr for p, ft in freezer.tasks.items()}

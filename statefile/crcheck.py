@@ -8,10 +8,10 @@ same table and the same assessment crcheckpoint applies to a frozen tree.
 
 from __future__ import annotations
 
-from . import dump_ipc, flags, procfs, support
+from . import dump_ns, flags, procfs, support
 from .dump_files import FileTable
 from .dump_memory import mapping_kind
-from .dump_task import _creds, _readlink
+from .dump_task import _creds
 from .errors import TargetError
 from .freeze import check_target
 from .policy import Policy
@@ -28,8 +28,7 @@ def survey_task(pid: int, files: FileTable) -> dict:
         "pid": pid, "ppid": s["ppid"], "comm": s["comm"], "creds": _creds(status),
         "crrun": procfs.crrun_monitored(pid),
         "tracer": int(status.get("TracerPid", "0")),
-        "namespaces": {ns: _readlink(f"/proc/{pid}/ns/{ns}")
-                       for ns in ("pid", "ipc", "uts", "mnt", "net")},
+        "namespaces": dump_ns.links(pid),
         "posix_timers": sum(1 for line in procfs.read(f"/proc/{pid}/timers").splitlines()
                             if line.startswith("ID:")),
         "threads": procfs.threads(pid), "fds": files.dump_fds(pid), "mappings": maps,
@@ -56,8 +55,8 @@ def check(pid: int, policy: Policy | None = None) -> dict:
             continue
     if not tasks:
         raise TargetError(f"pid {pid} exited")
-    root_ns = {"namespaces": {"ipc": _readlink(f"/proc/{pid}/ns/ipc")}}
-    ipc = dump_ipc.dump_ipc(tasks, root_ns["namespaces"]["ipc"] != _readlink("/proc/self/ns/ipc"))
+    dump_ns.dump_namespaces(tasks)        # a namespace it cannot read is refused
+    ipc = dump_ns.dump_ipc_objects(tasks)  # inside the tree's own IPC namespace, if any
     findings = support.assess(tasks, files.files, zombies,
                               {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip, ipc)
     bad = support.problems(findings)

@@ -64,7 +64,8 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
              "whole XSAVE area per thread (11008 bytes with AMX)"),
     # crelf's notes.
     NoteKind("CR_HEADER", OWNER_CRELF, CR_HEADER, "json",
-             "format version, creator, host, kernel, root pid, tree, skipped resources"),
+             "format version, creator, host, kernel, root pid, tree, skipped resources, "
+             "namespaces (the tree's own UTS/IPC state)"),
     NoteKind("CR_TASK", OWNER_CRELF, CR_TASK, "json",
              "one per task: ids, creds, rlimits, signals, mm, mappings, fds, threads"),
     NoteKind("CR_THREAD_REGS", OWNER_CRELF, CR_THREAD_REGS, "binary",
@@ -74,7 +75,8 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
     NoteKind("CR_SEGMENTS", OWNER_CRELF, CR_SEGMENTS, "json",
              "every data segment: owner task, stored runs, crc32"),
     NoteKind("CR_IPC", OWNER_CRELF, CR_IPC, "json",
-             "SysV IPC objects of the tree: shm segments, semaphore sets, message queues"),
+             "SysV IPC objects of the tree (of its own IPC namespace, if it has one): shm "
+             "segments, semaphore sets, message queues"),
     NoteKind("CR_INTEGRITY", OWNER_CRELF, CR_INTEGRITY, "json",
              "last note: crc32 of every note before it"),
 )

@@ -37,8 +37,22 @@ TABLE: tuple[Resource, ...] = (
              SUPPORTED),
     Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
              "restart leaves out)", UNSUPPORTED, f"seccomp filters are {_NOT_YET}"),
-    Resource("task:namespace", "a namespace other than crelf's own", UNSUPPORTED,
-             f"tasks in their own namespaces are {_NOT_YET}"),
+    Resource("task:ns-uts", "a UTS namespace of the tree's own, shared by all its tasks "
+             "(hostname, domainname)", SUPPORTED),
+    Resource("task:ns-ipc", "an IPC namespace of the tree's own, shared by all its tasks "
+             "(every SysV object in it, its limits)", SUPPORTED),
+    Resource("task:ns-mixed", "tasks of one tree in different UTS or IPC namespaces",
+             UNSUPPORTED, "only a tree whose tasks all share one UTS and one IPC namespace "
+             f"(crelf's or one of the tree's own) is restored; nested namespaces are {_NOT_YET}"),
+    Resource("task:ns-pid", "a pid namespace other than crelf's (e.g. the tree runs under "
+             "`unshare --pid --fork`)", UNSUPPORTED,
+             "the tasks' pids inside their own pid namespace (1 for its init) are "
+             f"{_NOT_YET} (crrestart --pidns gives a new pid namespace, but with the pids "
+             "crelf sees and its own init)"),
+    Resource("task:namespace", "a mount, network, user, cgroup or time namespace other than "
+             "crelf's own", UNSUPPORTED,
+             "a restart would put the tasks in crelf's own mount, network, user, cgroup and "
+             f"time namespaces: tasks in other ones are {_NOT_YET}"),
     Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
              f"POSIX timers are {_NOT_YET}"),
     Resource("task:traced", "a task traced by another tracer (debugger, strace)", UNSUPPORTED,
@@ -237,7 +251,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             holders.setdefault(fd["file"], set()).add(t["pid"])
     from .dump_pipes import external
     external_pipes = external(tasks, files)
-    own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "ipc", "uts", "mnt", "net")}
+    from .dump_ns import KINDS as NS_KINDS
+    own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in NS_KINDS}
+    out += _ns_findings(tasks, own_ns)
     for t in tasks:
         pid = t["pid"]
         add("task:process", pid, f"pid {pid}", f"{t['comm']} ({len(t['threads'])} threads)")
@@ -247,9 +263,6 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}")
         if t["creds"].get("seccomp") == 2 and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
-        for ns, link in t.get("namespaces", {}).items():
-            if ns in own_ns and link and own_ns[ns] and link != own_ns[ns]:
-                add("task:namespace", pid, f"pid {pid}", f"own {ns} namespace {link}")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
         for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):
@@ -288,6 +301,44 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for kind, idname in (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid")):
         for obj in (ipc or {}).get(kind, []):
             add(f"ipc:{kind}", root, f"SysV {kind} id {obj[idname]}", f"key {obj['key']:#x}")
+    return out
+
+
+def _ns_findings(tasks: list[dict], own: dict[str, str]) -> list[Finding]:
+    """Namespaces: a UTS/IPC namespace of the tree's own is restored when the
+    whole tree shares it (restorer/restore_ns.py); every other namespace kind
+    must be crelf's own."""
+    out: list[Finding] = []
+    if not tasks:
+        return out
+
+    def add(key, pid, detail, reason=None):
+        r = BY_KEY[key]
+        out.append(Finding(key, f"pid {pid}", detail, r.status, reason or r.reason, None, pid))
+    root = tasks[0]
+    rpid, rns = root["pid"], root.get("namespaces", {})
+    for kind in ("uts", "ipc"):
+        rlink = rns.get(kind, "")
+        odd = [t for t in tasks if t.get("namespaces", {}).get(kind, "") != rlink]
+        for t in odd:
+            add("task:ns-mixed", t["pid"], f"{kind} namespace "
+                f"{t.get('namespaces', {}).get(kind) or '?'}, the root's is {rlink or '?'}")
+        if rlink and own.get(kind) and rlink != own[kind] and not odd:
+            err = root.get("ns_errors", {}).get(kind)
+            if err:
+                out.append(Finding("task:namespace", f"pid {rpid}", f"own {kind} namespace "
+                                   f"{rlink}", UNSUPPORTED, f"its state cannot be read: {err} "
+                                   "(run crcheckpoint as root)", None, rpid))
+            else:
+                add(f"task:ns-{kind}", rpid, f"own {kind} namespace {rlink} "
+                    f"(shared by the {len(tasks)} task(s) of the tree)")
+    for t in tasks:
+        for kind, link in t.get("namespaces", {}).items():
+            if kind in ("uts", "ipc") or kind not in own:
+                continue
+            if link and own[kind] and link != own[kind]:
+                add("task:ns-pid" if kind == "pid" else "task:namespace", t["pid"],
+                    f"own {kind} namespace {link}")
     return out
 
 
