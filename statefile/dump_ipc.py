@@ -105,12 +105,13 @@ def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
             continue
         entry = {k: s[k] for k in ("key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid")}
         entry["values"] = vals
+        entry["pids"] = lastpids
         sems.append(entry)
     for s in _table("msg"):
         if not (own_namespace or s["lspid"] in pids or s["lrpid"] in pids):
             continue
         entry = {k: s[k] for k in ("key", "msqid", "perms", "cbytes", "qnum", "uid", "gid",
-                                   "cuid", "cgid")}
+                                   "cuid", "cgid", "lspid", "lrpid")}
         entry["messages"] = _messages(s["msqid"], s["qnum"])
         msgs.append(entry)
     return {"shm": shms, "sem": sems, "msg": msgs}

@@ -18,7 +18,7 @@ import click
 from statefile import __version__, reader
 from statefile.errors import CrelfError
 
-from . import model, render
+from . import model, render, shared as shared_view
 from .corefile import write_core
 
 PROG = "crinspect"
@@ -73,7 +73,7 @@ def cli() -> None:
 @cli.command()
 @_common
 def summary(statefile: str, as_json: bool) -> None:
-    """Everything: header, process tree, threads, memory, fds (the default)."""
+    """Everything: header, process tree, threads, memory, fds, shared objects (the default)."""
     sf = _load(statefile)
     s = model.summary(sf)
 
@@ -82,7 +82,8 @@ def summary(statefile: str, as_json: bool) -> None:
         for title, part in (("process tree", render.ps(s["tasks"])),
                             ("threads", render.threads(s["threads"])),
                             ("memory", render.memory(s["memory"])),
-                            ("files", render.files(s["files"]))):
+                            ("files", render.files(s["files"])),
+                            ("shared objects", shared_view.render(s["shared"]))):
             yield ""
             yield title
             yield from part
@@ -120,6 +121,45 @@ def files(statefile: str, as_json: bool) -> None:
     """The fd table of every task: kind, path or target, flags, offset."""
     fds = model.files(_load(statefile))
     _emit({"statefile": statefile, "files": fds}, as_json, lambda: render.files(fds))
+
+
+@cli.command()
+@_common
+def shared(statefile: str, as_json: bool) -> None:
+    """Objects tasks share, and who holds them: pipes, FIFOs, sockets, ptys,
+    SysV IPC, shared memory, open files held by several fds.
+
+    \b
+    Every pipe, FIFO and socket is listed (even with one end only in the
+    tree), every SysV IPC object, every MAP_SHARED object mapped more than
+    once, and any other open file description held by several fds.
+    --json prints {"statefile": ..., "objects": [OBJECT, ...]}; OBJECT has
+    "kind", "id" (unique in the file), "pids" and "holders", a list of
+      {"pid", "fd", "file" (CR_FILES id), "role", "start", "end", "perms"}
+    (fd holders: "fd", "file", role e.g. "read end", "write end", "end A",
+    "listening", "read-write"; mapping holders: "start", "end", "perms", role
+    "maps" or "attached"; the keys that do not apply are null), and per kind:
+      pipe, fifo   ino, path (FIFO), capacity, bytes (in flight), unread
+                   (bytes saved or "unknown"), readers, writers, nonblock,
+                   external
+      unix-pair    type, ends [{label A|B, ino, name, abstract, queued
+                   (bytes), messages, fds_in_flight, shutdown}]
+      unix-listen  type, ino, name, abstract, backlog_queued
+      unix-socket  type, ino, name, abstract, peer_ino, peer, queued,
+                   messages, shutdown
+      socket       family, type, ino, local, peer, listening
+      pty          index, path, master, unread, slave_unread, slave_closed,
+                   sid, fg_pgrp (holders: master, slave)
+      sysv-shm     shmid, key, size, perms, cpid, nattch, outside, removed
+      sysv-sem     semid, key, nsems, values (holders: last semop)
+      sysv-msg     msqid, key, qnum, cbytes (holders: last sent, received)
+      anon-shared, memfd, file-shared, ...   dev, inode, path, size
+      any other file kind (regular, chr, tty, anon:eventfd, ...)
+                   file, path, offset, flags, deleted, details
+    """
+    objs = shared_view.objects(_load(statefile))["objects"]
+    _emit({"statefile": statefile, "objects": objs}, as_json,
+          lambda: shared_view.render(objs))
 
 
 @cli.command()

@@ -163,5 +163,6 @@ def note_problems(sf) -> list[str]:
 
 
 def summary(sf) -> dict:
+    from .shared import objects
     return {"header": header(sf), "tasks": ps(sf), "threads": threads(sf),
-            "memory": memory(sf), "files": files(sf)}
+            "memory": memory(sf), "files": files(sf), "shared": objects(sf)["objects"]}
