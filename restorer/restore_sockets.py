@@ -6,7 +6,9 @@
   shutdown states are applied;
 * a listening socket: bound again to its path (a stale socket file left by the
   killed original is replaced) or abstract name, and listening;
-* an unconnected datagram socket: bound again to its name, if it had one.
+* an unconnected socket: bound again to its name, if it had one;
+* a connected stream or seqpacket socket whose peer has closed: one end of a
+  new pair, the other end sends its unread data and is closed.
 """
 
 from __future__ import annotations
@@ -57,7 +59,16 @@ def open_unix(f: dict, files: list[dict]) -> int:
         return _finish(sock, f)
     peer = next((g for g in files if g.get("socket", {}).get("ino") == info.get("peer_ino")
                  and info.get("peer_ino")), None)
-    if peer is None:  # unconnected (datagram) socket
+    if peer is None and info.get("state") == 1 and stype != socket.SOCK_DGRAM:
+        # Connected, but its peer has closed: a pair whose other end sends
+        # the unread data and closes (reads then see EOF, writes EPIPE).
+        a, b = socket.socketpair(socket.AF_UNIX, stype)
+        for data in info.get("queue", []):
+            b.sendall(bytes.fromhex(data))
+        b.close()
+        a.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+        return a.detach()
+    if peer is None:  # unconnected socket (datagram, or stream not connected yet)
         sock = socket.socket(socket.AF_UNIX, stype)
         addr = _address(info)
         if addr:

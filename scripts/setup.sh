@@ -12,7 +12,7 @@ command -v setpriv >/dev/null || need+=(util-linux)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # Real programs the tests checkpoint and restart.
 for tool in xz:xz-utils bzip2:bzip2 zstd:zstd sqlite3:sqlite3 perl:perl node:nodejs \
-            gzip:gzip; do
+            gzip:gzip gcc:gcc java:openjdk-17-jdk-headless; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -109,7 +109,7 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict]) -> dict:
         return {"diag": False}
     info = {"ino": ino, "peer_ino": d["peer"], "name": d["name"],
             "abstract": d.get("abstract", False), "shutdown": d["shutdown"],
-            "listening": d["state"] == TCP_LISTEN}
+            "listening": d["state"] == TCP_LISTEN, "state": d["state"]}
     if info["listening"]:
         info["backlog_queued"] = d["rqueue"]
         return info

@@ -79,7 +79,11 @@ TABLE: tuple[Resource, ...] = (
              "(queued data and shutdown state)", SUPPORTED),
     Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name)",
              SUPPORTED),
-    Resource("fd:socket:unix-dgram", "unconnected unix datagram socket", SUPPORTED),
+    Resource("fd:socket:unix-dgram", "unconnected unix socket (datagram, or a stream or "
+             "seqpacket socket not connected yet; bound again to its name)", SUPPORTED),
+    Resource("fd:socket:unix-peerless", "connected unix stream or seqpacket socket whose peer "
+             "has closed (its unread data kept; reads then see end-of-file, writes EPIPE)",
+             SUPPORTED),
     Resource("fd:socket:unix", "other unix socket", UNSUPPORTED,
              f"unix sockets connected to a process outside the tree, with file descriptors "
              f"in flight or with connections waiting to be accepted are {_NOT_YET}"),
@@ -154,7 +158,9 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
     if info.get("fds_in_flight"):
         return "fd:socket:unix"
     if not info.get("peer_ino"):
-        return "fd:socket:unix-dgram" if info.get("type") == "dgram" else "fd:socket:unix"
+        if info.get("type") != "dgram" and info.get("state") == 1:   # TCP_ESTABLISHED
+            return "fd:socket:unix-peerless"
+        return "fd:socket:unix-dgram"
     peer = next((i for i, g in enumerate(files)
                  if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
     if peer is None or files[peer].get("socket", {}).get("fds_in_flight"):

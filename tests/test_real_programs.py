@@ -34,6 +34,20 @@ const t = setInterval(() => {
 }, 50);
 """
 
+JAVA = """
+public class Tick {
+    public static void main(String[] a) throws Exception {
+        long s = 0;
+        java.util.HashMap<Integer, Long> m = new java.util.HashMap<>();
+        for (int i = 1; i <= 40; i++) {
+            for (int j = 0; j < 200000; j++) { s += (long) j * i % 7; m.put(j % 1000, s); }
+            System.out.println("java tick " + i + " " + s + " " + m.size());
+            Thread.sleep(50);
+        }
+    }
+}
+"""
+
 PROGRAMS = {
     # name: (tool, argv builder (tmp) -> argv, stdin file name or None)
     "xz": ("xz", lambda d: ["xz", "-2", "-c"], "in.txt"),
@@ -45,6 +59,8 @@ PROGRAMS = {
     "sort": ("sort", lambda d: ["sort", "-r", "-S", "50M"], "in.txt"),
     "sqlite3": ("sqlite3", lambda d: ["sqlite3", str(d / "db.sqlite")], "q.sql"),
     "node": ("node", lambda d: ["node", str(d / "n.js")], None),
+    # a JVM: ~20 threads, JIT-compiled code, a peerless unix socket
+    "java": ("java", lambda d: ["java", str(d / "Tick.java")], None),
 }
 
 
@@ -56,6 +72,7 @@ def test_real_program_restarts_identically(name, procs, tmp_path):
     (tmp_path / "in.txt").write_text("".join(f"{i}\n" for i in range(1, 3_000_001)))
     (tmp_path / "q.sql").write_text(SQL)
     (tmp_path / "n.js").write_text(NODE)
+    (tmp_path / "Tick.java").write_text(JAVA)
 
     def stdin():
         if stdin_name is None:

@@ -53,3 +53,48 @@ def test_prefork_pool_restarts_and_keeps_serving(sample_bin, procs, tmp_path):
         assert re.fullmatch(rf"pong {i} from worker [123] request \d+", ask(pool, f"ping {i}"))
     after = ask(ctl, "stats")
     assert after.endswith("=12"), after
+
+
+PEERLESS = r"""
+import os, socket, time
+a, b = socket.socketpair()
+b.sendall(b"left behind by a peer that closed\n")
+b.close()                      # a: connected, peer gone, data unread
+for i in range(1, 41):
+    time.sleep(0.05)
+    print(f"tick {i}", flush=True)
+    if i == 20:
+        data = b""
+        while True:
+            chunk = a.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        print(f"read {data!r} then EOF", flush=True)
+        try:
+            a.send(b"x")
+        except BrokenPipeError:
+            print("send: EPIPE", flush=True)
+"""
+
+
+def test_socket_whose_peer_closed(procs, tmp_path):
+    """A connected unix socket whose peer has closed (the JVM has one):
+    restarted, its unread data is still there, then EOF, and a send fails
+    with EPIPE, as in an uninterrupted run."""
+    require_root()
+    from test_tree import checkpoint_tree, finish, restart
+    from helpers import read_lines
+    prog = tmp_path / "peerless.py"
+    prog.write_text(PEERLESS)
+    ref = subprocess.run([sys.executable, str(prog)], capture_output=True, text=True,
+                         timeout=60).stdout.splitlines()
+    out = tmp_path / "p.out"
+    proc = procs.spawn([sys.executable, prog], stdout=out)
+    wait_for_line(out, r"^tick 5$", proc=proc)
+    checkpoint_tree(proc, tmp_path / "p.cr")
+    r = restart(procs, tmp_path / "p.cr")
+    code, err = finish(r)
+    assert code == 0, err
+    assert read_lines(out) == ref
+    assert "send: EPIPE" in ref
