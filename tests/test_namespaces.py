@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import descendants, read_lines, require_root, require_tool, wait_for_line
 from test_checkpoint import assert_keeps_ticking
+from test_restart_unpriv import _python_for_nobody, as_nobody, nobody_dir  # noqa: F401 (fixture)
 from test_tree import BIN, checkpoint_tree, finish, restart
 
 from statefile import reader
@@ -220,3 +221,33 @@ def test_other_namespaces_refused_and_tree_runs_on(procs, tmp_path, case):
     assert not cr.exists()
     time.sleep(0.1)
     assert_keeps_ticking(out, proc)
+
+
+
+def test_unprivileged_checkpoint_of_a_namespace_tree_is_refused(sample_bin, procs, nobody_dir):
+    """A tree of user 65534 in a UTS+IPC namespace root made for it: 65534
+    cannot enter that namespace to read its hostname and SysV objects, so
+    its crcheckpoint refuses (exit 6, the reason named, nothing written) and
+    the tree ticks on."""
+    require_root()
+    for tool in ("unshare", "setpriv"):
+        require_tool(tool)
+    py, env = _python_for_nobody()
+    ticker = nobody_dir / "ticker"
+    ticker.write_bytes((sample_bin / "ticker").read_bytes())
+    ticker.chmod(0o755)
+    out = nobody_dir / "tick.out"
+    for f in (out, nobody_dir / "tick.err"):
+        f.touch()
+        os.chown(f, 65534, 65534)
+    p = procs.spawn(["unshare", "--uts", "--ipc", "--", *as_nobody(ticker, 100, 4, 50)],
+                    stdout=out, stderr=nobody_dir / "tick.err", cwd=nobody_dir)
+    wait_for_line(out, r"tick 3", proc=p)
+    cr = nobody_dir / "t.cr"
+    r = subprocess.run(as_nobody(py, "-m", "statefile.cli", p.pid, "-o", cr, "--kill"),
+                       capture_output=True, text=True, env=env, cwd=nobody_dir, timeout=60)
+    assert r.returncode == 6, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "its state cannot be read" in r.stderr and "uts namespace" in r.stderr, r.stderr
+    assert not cr.exists()
+    assert_keeps_ticking(out, p)
