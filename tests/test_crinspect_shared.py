@@ -355,6 +355,30 @@ def test_pty_pair_records_make_one_object():
     assert "pid 21 fd 7 (slave (/dev/tty))" in text
 
 
+def test_memfd_records_group_fds_and_mappings():
+    """A memfd (CR_FILES `shmem` record) is one object: the tasks mapping it
+    MAP_SHARED and the fds open on it, whatever their descriptions."""
+    mapping = {"start": 0x7f0000000000, "end": 0x7f0000002000, "perms": "rw-s",
+               "dev": "00:01", "inode": 99, "path": "/memfd:buf (deleted)", "kind": "memfd",
+               "shmem": 0}
+    parent = {"pid": 30, "ppid": 1, "pgid": 30, "sid": 30, "threads": [],
+              "mappings": [mapping], "fds": [{"fd": 3, "file": 0, "cloexec": False}]}
+    child = dict(parent, pid=31, ppid=30, fds=[])
+    files = [{"id": 0, "kind": "regular", "path": "/memfd:buf (deleted)", "flags": 2,
+              "dev": 1, "ino": 99, "shmem": 0}]
+    sf = reader.Statefile(path="synthetic", header={}, tasks=[parent, child], regs={},
+                          files=files, segments=[])
+    sf.shmem = [{"id": 0, "kind": "memfd", "name": "buf", "dev": "0:1", "ino": 99,
+                 "size": 8192, "seals": 1, "blob": 7}]
+    (obj,) = shared.objects(sf)["objects"]
+    assert obj["kind"] == "memfd" and obj["shmem"]["name"] == "buf" and "blob" not in obj["shmem"]
+    assert [(h["pid"], h["fd"], h["role"]) for h in obj["holders"]] == [
+        (30, None, "maps"), (31, None, "maps"), (30, 3, "read-write")]
+    text = "\n".join(shared.render([obj]))
+    assert 'memfd "buf", 8.0 KiB mapped' in text
+    assert "pid 31 maps 7f0000000000-7f0000002000 rw-s" in text
+
+
 @pytest.mark.parametrize("as_json", [[], ["--json"]])
 def test_bad_input_is_one_line(tmp_path, as_json):
     text = tmp_path / "text.cr"

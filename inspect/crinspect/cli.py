@@ -153,7 +153,9 @@ def shared(statefile: str, as_json: bool) -> None:
       sysv-shm     shmid, key, size, perms, cpid, nattch, outside, removed
       sysv-sem     semid, key, nsems, values (holders: last semop)
       sysv-msg     msqid, key, qnum, cbytes (holders: last sent, received)
-      anon-shared, memfd, file-shared, ...   dev, inode, path, size
+      anon-shared, memfd, file-shared, ...   dev, inode, path, size, shmem
+                   (the CR_FILES shmem record: name, seals...), holders
+                   "maps" and the fds open on it
       any other file kind (regular, chr, tty, anon:eventfd, ...)
                    file, path, offset, flags, deleted, details
     """

@@ -216,33 +216,55 @@ def objects(sf) -> dict:
                     "cbytes": msg.get("cbytes"), "holders": holders})
 
     # --- shared memory objects mapped more than once ----------------------------
-    maps: dict[tuple, list[tuple[int, dict]]] = {}
+    # One object per shmem record of CR_FILES (memfds, POSIX shm...) when the
+    # statefile has them, else per device and inode of the mappings; fds of the
+    # same object are holders too.
+    records = list(getattr(sf, "shmem", None) or [])
+    groups: dict[tuple, dict] = {}
+
+    def group(key) -> dict:
+        return groups.setdefault(key, {"maps": [], "fids": []})
+
     for t in sf.tasks:
         for m in t.get("mappings", []):
             if m.get("perms", "")[3:4] != "s" or m.get("kind") == "sysv-shm" \
                     or not m.get("inode"):
                 continue
-            maps.setdefault((m.get("dev"), m["inode"]), []).append((t["pid"], m))
-    by_dev_ino: dict[tuple, list[int]] = {}
+            rec = m.get("shmem")
+            key = ("shmem", rec) if isinstance(rec, int) and rec < len(records) \
+                else (m.get("dev"), m["inode"])
+            group(key)["maps"].append((t["pid"], m))
+    by_dev_ino = {(_map_dev(k[0]), k[1]): k for k in groups if k[0] != "shmem"}
     for f in sf.files:
-        if f["id"] not in used_files and f.get("ino"):
-            by_dev_ino.setdefault((f.get("dev"), f["ino"]), []).append(f["id"])
-    map_objs = []
-    for (dev, inode), ms in maps.items():
-        fids = by_dev_ino.get((_map_dev(dev), inode), [])
+        if f["id"] in used_files:
+            continue
+        rec = f.get("shmem")
+        if isinstance(rec, int) and rec < len(records):
+            group(("shmem", rec))["fids"].append(f["id"])
+        elif f.get("ino") and (f.get("dev"), f["ino"]) in by_dev_ino:
+            groups[by_dev_ino[(f.get("dev"), f["ino"])]]["fids"].append(f["id"])
+    for key, g in groups.items():
+        ms, fids = g["maps"], g["fids"]
         holders = [_holder(pid, role="maps", start=m["start"], end=m["end"], perms=m["perms"])
                    for pid, m in ms]
         holders += fd_holders(fids, lambda f: _ACCESS[f.get("flags", 0) & O_ACCMODE])
         if len(holders) < 2:
             continue
         used_files.update(fids)
-        first = ms[0][1]
-        map_objs.append({"kind": first.get("kind") or "shared-mapping",
-                         "id": f"{first.get('kind') or 'mapping'}:[{inode}@{dev}]",
-                         "dev": dev, "inode": inode, "path": first.get("path"),
-                         "size": max(m["end"] - m["start"] for _, m in ms),
-                         "holders": holders})
-    out += map_objs
+        rec = records[key[1]] if key[0] == "shmem" else None
+        first = ms[0][1] if ms else {}
+        kind = ("memfd" if rec and rec.get("kind") == "memfd"
+                else first.get("kind") or (rec or {}).get("kind") or "shmem")
+        dev = first.get("dev", (rec or {}).get("dev"))
+        inode = first.get("inode", (rec or {}).get("ino"))
+        obj = {"kind": kind, "id": f"{kind}:[{inode}@{dev}]", "dev": dev, "inode": inode,
+               "path": first.get("path") or (files[fids[0]].get("path") if fids else None),
+               "size": max([m["end"] - m["start"] for _, m in ms]
+                           or [(rec or {}).get("size") or 0]),
+               "holders": holders}
+        if rec is not None:
+            obj["shmem"] = {k: v for k, v in rec.items() if k not in ("blob", "runs")}
+        out.append(obj)
 
     # --- any other open file description held by several fds ---------------------
     for f in sf.files:
@@ -347,7 +369,14 @@ def _title(o: dict) -> str:
         return (f"SysV message queue key {key:#x}" if isinstance(key, int) else "SysV msg") + \
             f", {o.get('qnum')} message(s), {_size(o.get('cbytes'))}"
     if "inode" in o:
-        return f"{k} {o.get('path') or ''}, {_size(o.get('size'))} mapped".replace("  ", " ")
+        rec = o.get("shmem") or {}
+        what = f'"{rec["name"]}"' if rec.get("name") else (o.get("path") or rec.get("path")
+                                                              or "")
+        mapped = any(h["start"] is not None for h in o["holders"])
+        t = f"{k} {what}, {_size(o.get('size'))} {'mapped' if mapped else 'in size'}"
+        if rec.get("seals"):
+            t += f", seals {rec['seals']:#x}"
+        return t.replace("  ", " ")
     t = f"{k} {o.get('path') or ''}".rstrip()
     if o.get("offset") is not None:
         t += f", offset {o['offset']}"
