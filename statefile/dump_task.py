@@ -14,6 +14,7 @@ import struct
 from . import dump_signals, procfs
 from . import elfcore as ec
 from . import ptrace as pt
+from .errors import TargetError
 from .freeze import FrozenTask
 from .inject import Injector, find_syscall_insn
 from .notes import ThreadRegs
@@ -37,10 +38,25 @@ def _creds(status: dict) -> dict:
 
 
 def _rlimits(pid: int) -> dict:
+    try:
+        return {name: list(resource.prlimit(pid, i)) for i, name in enumerate(RLIMITS)}
+    except PermissionError:
+        # prlimit() of another user's task needs CAP_SYS_RESOURCE, which root
+        # in a container may lack; /proc/PID/limits has the same numbers.
+        return _proc_limits(pid)
+
+
+def _proc_limits(pid: int) -> dict:
+    rows = procfs.read(f"/proc/{pid}/limits").splitlines()[1:]
+    if len(rows) < len(RLIMITS):
+        raise TargetError(f"pid {pid}: cannot read its resource limits")
+
+    def val(s: str) -> int:
+        return resource.RLIM_INFINITY if s == "unlimited" else int(s)
     out = {}
-    for i, name in enumerate(RLIMITS):
-        soft, hard = resource.prlimit(pid, i)
-        out[name] = [soft, hard]
+    for name, row in zip(RLIMITS, rows):   # the kernel prints them in RLIMIT_* order
+        soft, hard = row[26:47].split()[0], row[47:68].split()[0]
+        out[name] = [val(soft), val(hard)]
     return out
 
 

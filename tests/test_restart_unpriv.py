@@ -98,3 +98,33 @@ def test_other_users_statefile_refused(sample_bin, procs, tmp_path, nobody_dir):
                        env=env, cwd=nobody_dir, timeout=60)
     assert r.returncode == 3
     assert "only root can restore" in r.stderr
+
+
+def test_root_checkpoints_and_restarts_another_users_process(sample_bin, procs, nobody_dir):
+    """Root checkpoints a process of user 65534 (its resource limits are read
+    from /proc/PID/limits where prlimit() needs CAP_SYS_RESOURCE, which root
+    in a container may lack) and restarts it: it runs on as 65534, output
+    byte-identical to an uninterrupted run."""
+    require_root()
+    require_tool("setpriv")
+    ticker = nobody_dir / "ticker"
+    shutil.copy(sample_bin / "ticker", ticker)
+    os.chmod(ticker, 0o755)
+    out = nobody_dir / "tick.out"
+    p = procs.spawn(as_nobody(ticker, 25, 4, 50), stdout=out, cwd=nobody_dir)
+    wait_for_line(out, r"^tick 6 ", proc=p)
+    cr = nobody_dir / "t.cr"
+    bin_dir = Path(sys.executable).parent
+    r = subprocess.run([bin_dir / "crcheckpoint", str(p.pid), "-o", str(cr), "--kill"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    p.wait(timeout=10)
+    rr = procs.spawn([bin_dir / "crrestart", "--detach", cr], stderr=subprocess.PIPE)
+    _, err = rr.communicate(timeout=60)
+    assert rr.returncode == 0, err.decode()
+    with open(f"/proc/{p.pid}/status") as f:
+        uids = next(line.split()[1:] for line in f if line.startswith("Uid:"))
+    assert uids == [str(NOBODY)] * 4
+    wait_for_line(out, r"^done$", timeout=30)
+    ref = subprocess.run([ticker, "25", "4", "0"], capture_output=True, check=True).stdout
+    assert out.read_bytes() == ref
