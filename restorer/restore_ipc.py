@@ -64,9 +64,23 @@ def _table(kind: str) -> list[dict]:
     return [dict(zip(head, (int(x) for x in line.split()))) for line in lines[1:] if line.strip()]
 
 
-def check(ipc: dict | None) -> None:
+def stale(kind: str, obj: dict, cur: dict, killed: bool) -> bool:
+    """Is the live object `cur` the very object `obj` was saved from, left
+    behind by a tree that crcheckpoint --kill ended (SysV objects outlive
+    their processes: postgres's segment, say)?  Same key, id, creator and
+    change time, and, for a segment, attached by nobody."""
+    idname = dict((k, i) for k, i, _ in KINDS)[kind]
+    return (killed and "ctime" in obj
+            and all(cur.get(k) == obj.get(k) for k in ("key", idname, "cuid", "cgid", "ctime"))
+            and (kind != "shm" or cur.get("nattch") == 0))
+
+
+def check(ipc: dict | None, killed: bool = False) -> list[str]:
     """Refuse (ValidationError naming it) a saved object whose key or id is
-    taken by an existing object."""
+    taken by an existing object, unless that one is the saved object itself
+    left behind by the killed tree: those are listed (create_sysv replaces
+    them)."""
+    replaced = []
     for kind, idname, _ in KINDS:
         saved = (ipc or {}).get(kind, [])
         if not saved:
@@ -74,6 +88,10 @@ def check(ipc: dict | None) -> None:
         live = _table(kind)
         for obj in saved:
             for cur in live:
+                if stale(kind, obj, cur, killed):
+                    replaced.append(f"SysV {kind} id {obj[idname]} (key {obj['key']:#x}) left "
+                                    "behind by the killed original is replaced by the saved one")
+                    continue
                 if obj["key"] and cur["key"] == obj["key"]:
                     raise ValidationError(
                         f"SysV {kind} key {obj['key']:#x} (saved id {obj[idname]}) exists "
@@ -82,6 +100,7 @@ def check(ipc: dict | None) -> None:
                     raise ValidationError(
                         f"SysV {kind} id {obj[idname]} (key {obj['key']:#x}) is taken by an "
                         f"existing object (key {cur['key']:#x}); remove it (ipcrm) to restart")
+    return replaced
 
 
 def _next_id(name: str, value: int) -> None:
@@ -160,8 +179,22 @@ class SharedIPC:
                         seen.add(rng)
                         yield m
 
+    def _remove_stale(self, ipc: dict) -> None:
+        """Remove the objects validation found to be the saved ones left
+        behind by the killed tree (restore_ipc.stale, checked again here)."""
+        killed = not self.sf.header.get("leave_running", True)
+        for kind, idname, _ in KINDS:
+            ctl = {"shm": _libc.shmctl, "sem": _libc.semctl, "msg": _libc.msgctl}[kind]
+            live = _table(kind) if ipc.get(kind) else []
+            for obj in ipc.get(kind, []):
+                for cur in live:
+                    if stale(kind, obj, cur, killed) and _ctl(ctl, cur[idname], IPC_RMID,
+                                                              None) < 0:
+                        raise _err(f"removing the stale SysV {kind} id {cur[idname]}")
+
     def create_sysv(self) -> None:
         ipc = self.sf.ipc or {}
+        self._remove_stale(ipc)
         sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for s in ipc.get("shm", []):

@@ -87,7 +87,9 @@ def validate(sf, force_files: bool = False) -> list[str]:
     for task in sf.tasks:
         _check_task(sf, task, force_files, warnings, seen, task is sf.root)
     if "ipc" not in restore_ns.private_kinds(sf):   # else they come back in a new namespace
-        restore_ipc.check(sf.ipc)   # SysV objects with the saved keys or ids exist already
+        # SysV objects with the saved keys or ids exist already (refused), or
+        # are the saved ones, left behind by the killed tree (replaced)
+        warnings += restore_ipc.check(sf.ipc, killed=not h.get("leave_running", True))
     return warnings
 
 

@@ -15,10 +15,18 @@ for tool in xz:xz-utils bzip2:bzip2 zstd:zstd sqlite3:sqlite3 perl:perl node:nod
             gzip:gzip gcc:gcc java:openjdk-17-jdk-headless; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
+# A database (tests/test_postgres.py runs its own server in a temp dir).
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v psql >/dev/null; then
+    need+=(postgresql)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "setup: installing ${need[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive
+        # no system-wide cluster (and no server started) when postgresql installs
+        mkdir -p /etc/postgresql-common
+        [ -e /etc/postgresql-common/createcluster.conf ] ||
+            echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
         apt-get update -qq
         apt-get install -y -qq "${need[@]}" >/dev/null
     else

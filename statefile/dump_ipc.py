@@ -90,7 +90,7 @@ def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
         if not (own_namespace or s["cpid"] in pids or s["shmid"] in attached):
             continue
         entry = {k: s[k] for k in ("key", "shmid", "perms", "size", "uid", "gid", "cuid",
-                                   "cgid", "cpid", "nattch")}
+                                   "cgid", "cpid", "nattch", "ctime")}
         if s["shmid"] not in attached:
             entry["content"] = _shm_content(s["shmid"], s["size"])
         shms.append(entry)
@@ -103,7 +103,8 @@ def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
             continue
         if not (own_namespace or pids.intersection(lastpids)):
             continue
-        entry = {k: s[k] for k in ("key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid")}
+        entry = {k: s[k] for k in ("key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid",
+                                   "ctime")}
         entry["values"] = vals
         entry["pids"] = lastpids
         sems.append(entry)
@@ -111,7 +112,7 @@ def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
         if not (own_namespace or s["lspid"] in pids or s["lrpid"] in pids):
             continue
         entry = {k: s[k] for k in ("key", "msqid", "perms", "cbytes", "qnum", "uid", "gid",
-                                   "cuid", "cgid", "lspid", "lrpid")}
+                                   "cuid", "cgid", "lspid", "lrpid", "ctime")}
         entry["messages"] = _messages(s["msqid"], s["qnum"])
         msgs.append(entry)
     return {"shm": shms, "sem": sems, "msg": msgs}
