@@ -22,6 +22,7 @@ from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memory import plan_extras
 from .restore_ns import Namespaces
 from .restore_task import TaskRestorer
+from .restore_tty import plan_ctty
 from .restore_tree import (Node, close_all, fork_pid_waiting_zombie, host_pids, open_shared,
                            plan_tree, read_status, task_main)
 from .validate import validate
@@ -182,6 +183,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
             extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
             shell_job=shell_job and t is sf.root, force_files=opts.force_files,
             in_pidns=pidns)
+    plan_ctty(tasks, sf.files, plans)   # session leaders take their pty again
     root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
                             root_keeps_session=shell_job)
     status_r, status_w = os.pipe()

@@ -16,7 +16,7 @@ import resource
 import stat as st
 from dataclasses import dataclass, field
 
-from . import restore_anon, restore_sockets
+from . import restore_anon, restore_sockets, restore_tty
 from .kernel import personality
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
@@ -51,6 +51,8 @@ class ChildPlan:
     shell_job: bool = False                     # stay in crrestart's session/group
     force_files: bool = False
     in_pidns: bool = False
+    ctty: int | None = None                     # inherited slave to take as controlling tty
+    fg_pgrp: int | None = None                  # ... and its saved foreground process group
 
 
 class ChildError(Exception):
@@ -180,6 +182,8 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return restore_anon.open_anon(f)
     if kind == "socket" and f.get("socket", {}).get("family") == "unix":
         return restore_sockets.open_unix(f, plan.files)
+    if kind in restore_tty.KINDS:   # made by the initiator (restore_tty.open_ptys)
+        raise ChildError("files", f"pseudo-terminal {path} was not created for this task")
     if kind == "tty":
         if plan.tty_fd is None:
             return os.open("/dev/null", os.O_RDWR)
@@ -226,7 +230,8 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
     targets = {d["fd"] for d in task["fds"]} | {e.fd for e in plan.extras}
     high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
     need = ({d["file"] for d in task["fds"]} | {e.shared for e in plan.extras
-                                                 if e.shared is not None}) & set(inherited)
+                                                 if e.shared is not None}
+            | {plan.ctty}) & set(inherited)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if high + len(need) + 16 > soft:
         try:
@@ -273,6 +278,7 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
                 if e.shared not in mine:
                     raise ChildError("mapped files", f"{e.key} was not inherited")
                 os.dup2(mine[e.shared], e.fd, inheritable=False)
+        ctty = _dup_above(mine[plan.ctty], high) if plan.ctty in mine else None
         for fd in mine.values():
             os.close(fd)
         step = "epoll"
@@ -310,6 +316,11 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
             # shell keeps job control by it), in the terminal's foreground.
             os.setpgid(0, 0)
             _take_foreground(task, plan.files)
+        if ctty is not None:
+            step = "controlling terminal"
+            if not plan.shell_job:
+                restore_tty.take_ctty(ctty, plan.fg_pgrp)
+            os.close(ctty)
         step = "personality"
         if task.get("personality"):
             personality(task["personality"])

@@ -40,6 +40,9 @@ def seize_stopped(tid: int, options: int) -> None:
         raise RestoreError("seize", f"task {tid} exited while being seized")
 
 
+NR_POLL = 7
+
+
 def fixup_restart(r: ec.user_regs_struct, sysinfo: dict | None) -> None:
     """Turn "stopped inside a syscall" into registers that re-enter it (NOTES.md:
     syscall-restart fixup; the kernel's own restart logic is disabled with
@@ -58,6 +61,11 @@ def fixup_restart(r: ec.user_regs_struct, sysinfo: dict | None) -> None:
                 r.rax, r.rip = orig, r.rip - 2
             elif orig == NR["clock_nanosleep"] and r.r10:
                 r.rax, r.rip, r.rdx = orig, r.rip - 2, r.r10
+            elif orig == NR_POLL and r.rdx & 0x80000000:
+                # poll() without a timeout: the kernel restarts it unseen (a
+                # program that blocks every signal, script(1), takes EINTR
+                # for a fatal error), so enter it again.
+                r.rax, r.rip = orig, r.rip - 2
             else:
                 r.rax = (-EINTR) & (2**64 - 1)
     r.orig_rax = 2**64 - 1

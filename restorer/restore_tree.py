@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from .errors import RestoreError, ValidationError
 from .kernel import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork_with_pid, prctl
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
+from .restore_tty import open_ptys
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 O_ACCMODE = 3
@@ -304,6 +305,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
             users.setdefault(d["file"], set()).add(t["pid"])
     out: dict[int, int] = {}
     try:
+        out.update(open_ptys(files, tasks, warnings))   # pseudo-terminal pairs (restore_tty)
         groups: dict[tuple, list[dict]] = {}
         for f in files:
             if f["id"] in users and f["kind"] in ("pipe", "fifo") and not f.get("skipped"):

@@ -26,6 +26,7 @@ def survey_task(pid: int, files: FileTable) -> dict:
         m["deleted"] = m["path"].endswith(" (deleted)")
     return {
         "pid": pid, "ppid": s["ppid"], "comm": s["comm"], "creds": _creds(status),
+        "pgid": s["pgid"], "sid": s["sid"], "tty_nr": s["tty_nr"],
         "crrun": procfs.crrun_monitored(pid),
         "tracer": int(status.get("TracerPid", "0")),
         "namespaces": dump_ns.links(pid),

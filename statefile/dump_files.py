@@ -14,7 +14,7 @@ import os
 import socket
 import stat as st
 
-from . import dump_anon, dump_pipes, dump_sockets, procfs
+from . import dump_anon, dump_pipes, dump_sockets, dump_tty, procfs
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -158,6 +158,8 @@ class FileTable:
                     entry["socket"] = socket_info(pid, fd, self.unix_diag)
                 if kind in ("pipe", "fifo"):
                     self.pipes.add(self, entry, pid, fd)
+                if kind == "tty":     # a pty master or slave gets its `pty` record
+                    dump_tty.add(entry, pid, fd)
                 if kind.startswith("anon:"):
                     anon = dump_anon.parse(
                         kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid)

@@ -66,7 +66,25 @@ TABLE: tuple[Resource, ...] = (
              "file-contents"),
     Resource("fd:directory", "directory", SUPPORTED),
     Resource("fd:dev", "/dev/null, /dev/zero, /dev/random, /dev/urandom", SUPPORTED),
-    Resource("fd:tty", "terminal (restored on crrestart's terminal)", SUPPORTED),
+    Resource("fd:tty", "terminal outside the tree, e.g. a shell job's (restored on "
+             "crrestart's terminal)", SUPPORTED),
+    Resource("fd:tty-other", "a second terminal outside the tree", UNSUPPORTED,
+             "only one terminal outside the tree can be restored (crrestart's own terminal "
+             "stands in for it)"),
+    Resource("fd:pty", "pseudo-terminal pair with both ends in the tree, or a master whose "
+             "slave nobody holds (termios, window size, packet mode, lock, controlling "
+             "terminal and foreground process group; the new pair has another /dev/pts "
+             "number)", SUPPORTED),
+    Resource("fd:pty-external", "pseudo-terminal master in the tree whose slave is open "
+             "outside the tree (or a pty that could not be inspected)", UNSUPPORTED,
+             "a restart cannot reconnect a pseudo-terminal to a process outside the tree"),
+    Resource("fd:pty-unread", "pseudo-terminal holding bytes not read yet (typed ahead, or "
+             "output its master did not read)", UNSUPPORTED,
+             "bytes queued in a pseudo-terminal cannot be read without consuming them; "
+             "checkpoint again when the terminal is idle"),
+    Resource("fd:pty-session", "pseudo-terminal of the tree that is the controlling terminal "
+             "of a session whose leader is not in the tree", UNSUPPORTED,
+             f"such a controlling terminal is {_NOT_YET}"),
     Resource("fd:chr", "other character or block device", UNSUPPORTED,
              "device files other than null/zero/random/urandom/tty cannot be restored"),
     Resource("fd:pipe", "pipe (size, O_NONBLOCK, bytes in flight)", SUPPORTED),
@@ -176,6 +194,8 @@ def fd_key(f: dict) -> str:
         return "fd:directory"
     if kind == "tty":
         return "fd:tty"
+    if kind in ("pty-master", "pty-slave"):
+        return "fd:pty"
     if kind in ("chr", "blk"):
         return "fd:dev" if f["path"] in DEV_FILES else "fd:chr"
     if kind in ("pipe", "fifo"):
@@ -257,6 +277,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             holders.setdefault(fd["file"], set()).add(t["pid"])
     from .dump_pipes import external
     external_pipes = external(tasks, files)
+    from .dump_tty import pair_up
+    tty_problems = pair_up(tasks, files)    # before fd_key: pairs become pty-master/-slave
     from .dump_ns import KINDS as NS_KINDS
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in NS_KINDS}
     out += _ns_findings(tasks, own_ns)
@@ -290,6 +312,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             add(key, pid, where, detail)
             if fd["file"] in external_pipes:
                 add("fd:pipe-external", pid, where, external_pipes[fd["file"]])
+            if fd["file"] in tty_problems:
+                add(*tty_problems[fd["file"]][:1], pid, where, tty_problems[fd["file"]][1])
             if key in _ANON_KEYS and len(holders.get(fd["file"], ())) > 1:
                 add("fd:anon-shared", pid, where, detail)
             if key == "fd:inotify" and any(not w.get("path")
