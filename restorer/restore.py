@@ -19,6 +19,7 @@ from .errors import RestoreError
 from .kernel import CLONE_NEWPID, CLONE_NEWUSER, fork_with_pid, unshare
 from .restore_files import ChildPlan
 from .restore_ipc import SharedIPC, shared_anon_ids
+from .restore_memfd import SharedObjects
 from .restore_memory import plan_extras
 from .restore_ns import Namespaces
 from .restore_task import TaskRestorer
@@ -191,6 +192,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
     trs: list[TaskRestorer] = []
     shared: dict[int, int] = {}
     ipc = SharedIPC(sf)
+    objs = SharedObjects(sf)
     ns = Namespaces(sf)
     try:
         # --- the tree's own UTS/IPC namespaces, shared resources, the tree with its pids --
@@ -199,6 +201,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
         ipc.create_sysv()
         shared.update(ipc.create_memfds(shared_ids))
         ipc.memfds = {}           # closed with `shared`
+        shared.update(objs.create())   # memfds, shared deleted/tmpfs files (restore_memfd)
         if pidns:
             if unpriv:
                 try:
@@ -253,6 +256,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
             trs.append(tr)
             tr.run()
         ipc.finish()              # every task attached its SysV segments
+        objs.finish()             # every task mapped its memfds: the late seals
         # --- barrier 2: release them all at once -----------------------------------------------
         for tr in trs:
             tr.release()
@@ -275,6 +279,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
         for pid in created:
             pt.wait_exit(pid)  # traced, or our child
         ipc.remove()          # the SysV objects created for the tree
+        objs.remove()         # and the memfds, the tmpfs files recreated
         raise
     finally:
         ns.leave()                # the tasks stay in the new namespaces

@@ -188,6 +188,8 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         if plan.tty_fd is None:
             return os.open("/dev/null", os.O_RDWR)
         return os.dup(plan.tty_fd)
+    if kind == "regular" and f.get("shmem") is not None:
+        raise ChildError("files", f"{path} was not inherited (restore_memfd.py makes it)")
     if kind == "regular":
         if f.get("deleted"):
             fd = _recreate_deleted(plan, f)

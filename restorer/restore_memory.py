@@ -13,6 +13,7 @@ from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERV
                      MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PROT_EXEC,
                      PROT_READ, PROT_WRITE, TASK_SIZE)
 from .restore_files import ExtraOpen
+from .restore_memfd import extra_key, inherited_id, mapped_rw
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 CHUNK = 1 << 20
@@ -65,6 +66,15 @@ def plan_extras(task: dict, first_fd: int,
     extras: dict[tuple[str, int], ExtraOpen] = {}
     fd = first_fd
     for m in task["mappings"]:
+        if m.get("shmem") is not None:
+            # a memfd or shared file object, made by the initiator (restore_memfd.py)
+            rw = mapped_rw(m)
+            key = (extra_key(m["shmem"], rw), -1)
+            if key not in extras:
+                extras[key] = ExtraOpen(key[0], "", os.O_RDWR if rw else os.O_RDONLY, fd,
+                                        shared=inherited_id(m["shmem"], rw))
+                fd += 1
+            continue
         if m["kind"] == "anon-shared" and shared_ids:
             key = (shared_key(m), -1)
             if key not in extras:
@@ -167,7 +177,13 @@ class Memory:
             start, size = m["start"], m["end"] - m["start"]
             prot = prot_of(m["perms"])
             vmf = m.get("vmflags", [])
-            if kind in ("file-private", "file-shared") and not m.get("deleted"):
+            if m.get("shmem") is not None:
+                # a memfd or shared file, one object for every task (restore_memfd.py)
+                flags = ((MAP_SHARED if m["perms"][3] == "s" else MAP_PRIVATE) | MAP_FIXED
+                         | (MAP_NORESERVE if "nr" in vmf else 0))
+                res = inj.check("mmap", start, size, prot, flags,
+                                self.fds[extra_key(m["shmem"], mapped_rw(m))], m["offset"])
+            elif kind in ("file-private", "file-shared") and not m.get("deleted"):
                 rw = kind == "file-shared" and "mw" in vmf
                 fd = self.fds[f"map:{file_path(m)}:{os.O_RDWR if rw else os.O_RDONLY}"]
                 flags = (MAP_SHARED if kind == "file-shared" else MAP_PRIVATE) | MAP_FIXED
@@ -237,7 +253,9 @@ class Memory:
             kind = m["kind"]
             if kind in SKIP_KINDS:
                 continue
-            if kind in ("file-private", "file-shared") and not m.get("deleted"):
+            if m.get("shmem") is not None or (
+                    kind in ("file-private", "file-shared") and not m.get("deleted")):
+                # the object holds the content; a private mapping's own pages on top
                 for rel, ln in m.get("cow_runs", []):
                     self.copy_range(m, m["start"] + rel, m["start"] + rel + ln)
                 continue

@@ -324,8 +324,8 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
             except OSError as e:
                 raise RestoreError("pipes", f"{group[0]['path']}: {e.strerror or e}") from None
         for f in files:
-            if f["id"] in out or f["id"] not in users:
-                continue
+            if f["id"] in out or f["id"] not in users or f.get("shmem") is not None:
+                continue    # (memfds and shared file objects: restore_memfd.py)
             if len(users[f["id"]]) < 2 and not _unix_pair_across(f, files, users):
                 continue
             try:

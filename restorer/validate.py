@@ -9,7 +9,7 @@ import stat
 
 from statefile import support
 
-from . import restore_ipc, restore_ns
+from . import restore_ipc, restore_memfd, restore_ns
 from .errors import ValidationError
 from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
@@ -79,13 +79,14 @@ def validate(sf, force_files: bool = False) -> list[str]:
     # on what the statefile holds, with the policy it was written under.
     skip = set(h.get("policy", {}).get("skip", []))
     bad = support.problems(support.assess(sf.tasks, sf.files, h.get("zombies", []), {}, skip,
-                                          sf.ipc))
+                                          sf.ipc, sf.shmem))
     bad = [b for b in bad if b.key not in _TREE_KEYS]
     if bad:
         raise ValidationError(f"{bad[0].where}: {bad[0].detail}: {bad[0].reason}")
     seen: set[int] = set()
     for task in sf.tasks:
         _check_task(sf, task, force_files, warnings, seen, task is sf.root)
+    restore_memfd.check(sf, force_files, warnings)   # memfds, shared deleted/tmpfs files
     if "ipc" not in restore_ns.private_kinds(sf):   # else they come back in a new namespace
         # SysV objects with the saved keys or ids exist already (refused), or
         # are the saved ones, left behind by the killed tree (replaced)
@@ -116,7 +117,8 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
         if p:
             raise ValidationError(p + " (the program must be the same)")
     for m in task["mappings"]:
-        if m["kind"] in ("file-private", "file-shared") and not m.get("deleted"):
+        if m["kind"] in ("file-private", "file-shared") and not m.get("deleted") \
+                and m.get("shmem") is None:   # (restore_memfd.check)
             try:
                 s = os.stat(file_path(m))
             except OSError:
@@ -130,8 +132,8 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
     # open files
     used = {d["file"]: d["fd"] for d in task["fds"]}
     for f in sf.files:
-        if f["id"] not in used or f["id"] in seen:
-            continue
+        if f["id"] not in used or f["id"] in seen or f.get("shmem") is not None:
+            continue    # (memfds and shared file objects: restore_memfd.check)
         seen.add(f["id"])
         kind = f["kind"]
         skipped = f.get("skipped")

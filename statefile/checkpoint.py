@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 from . import FORMAT_VERSION, __version__, dump_ns, flags, hooks, procfs, snapshot, support
 from .dump_files import FileTable
+from .dump_memfd import collect as collect_shmem
 from .dump_memory import PAGE, dump_mappings
 from .dump_task import dump_task
 from .errors import CrelfError, TargetError
@@ -157,7 +158,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             t["crrun_flags"] = flags.read(t["pid"])  # what crrun saw being created
         namespaces = dump_ns.dump_namespaces(tasks)   # before assess: it may refuse them
         ipc = dump_ns.dump_ipc_objects(tasks)         # inside the tree's IPC namespace
-        findings = support.assess(tasks, files.files, zombies, {}, policy.skip, ipc)
+        shmem = collect_shmem(tasks, files, policy.dump_tmpfs)   # memfds, shared files
+        findings = support.assess(tasks, files.files, zombies, {}, policy.skip, ipc, shmem)
         skipped = _apply_policy(policy, findings, tasks, plans_by_task, files)
         bad = support.problems(findings)
         # A snapshot-only statefile is for debugging: never kill the tree for one.
@@ -176,6 +178,9 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         for f in files.files:
             if "blob" in f:
                 f["blob"] = 1 + len(segments) + f["blob"]
+        for o in shmem:
+            if "blob" in o:
+                o["blob"] = 1 + len(segments) + o["blob"]
         segments += files.blobs
         uname = os.uname()
         header = {
@@ -200,7 +205,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         header["copy_on_write"] = bool(snaps)
         stats = writer.write(header=header, tasks=tasks, regs=regs, files=files.files,
                              segments=segments, progress=progress,
-                             snapshots=snaps, thaw=thaw if snaps else None, ipc=ipc)
+                             snapshots=snaps, thaw=thaw if snaps else None, ipc=ipc,
+                             shmem=shmem)
     except BaseException:
         # Nothing is lost: no half-written file, the tree runs on.
         writer.abort()

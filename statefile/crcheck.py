@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import dump_ns, flags, procfs, support
 from .dump_files import FileTable
+from .dump_memfd import collect as collect_shmem
 from .dump_memory import mapping_kind
 from .dump_task import _creds
 from .errors import TargetError
@@ -59,7 +60,8 @@ def check(pid: int, policy: Policy | None = None) -> dict:
     dump_ns.dump_namespaces(tasks)        # a namespace it cannot read is refused
     ipc = dump_ns.dump_ipc_objects(tasks)  # inside the tree's own IPC namespace, if any
     findings = support.assess(tasks, files.files, zombies,
-                              {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip, ipc)
+                              {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip, ipc,
+                              collect_shmem(tasks, files, policy.dump_tmpfs))
     bad = support.problems(findings)
     return {"pid": pid, "checkpointable": not bad, "policy": policy.as_dict(),
             "tasks": [{"pid": t["pid"], "ppid": t["ppid"], "comm": t["comm"],

@@ -92,6 +92,7 @@ class FileTable:
         self._by_ident: dict[tuple, list[int]] = {}
         self.blobs: list[SegmentPlan] = []
         self.pipes = dump_pipes.PipeTable()   # pipe/FIFO records, bytes in flight
+        self.shmem: list[dict] = []             # memfds and shared file objects (dump_memfd)
         self._diag: dict | None = None
 
     def unix_diag(self) -> dict:
@@ -165,7 +166,8 @@ class FileTable:
                         kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid)
                     if anon is not None:
                         entry["anon"] = anon
-                if kind == "regular" and deleted:
+                if kind == "regular" and deleted and not target.startswith("/memfd:"):
+                    # (a memfd's content is saved once per object: dump_memfd.py)
                     self.add_blob(entry, f"content of deleted file {entry['path']}")
                 self.files.append(entry)
                 self._by_ident[ident].insert(self._insert_at, fid)
@@ -195,8 +197,8 @@ class FileTable:
     def dump_tmpfs_contents(self) -> None:
         """Policy dump_tmpfs: keep the content of regular files on tmpfs (/dev/shm...)."""
         for entry in self.files:
-            if entry["kind"] == "regular" and "blob" not in entry and \
-                    fstype(entry["owner_pid"], entry["mnt_id"]) in ("tmpfs", "ramfs"):
+            if entry["kind"] == "regular" and "blob" not in entry and "shmem" not in entry \
+                    and fstype(entry["owner_pid"], entry["mnt_id"]) in ("tmpfs", "ramfs"):
                 self.add_blob(entry, f"content of tmpfs file {entry['path']}")
 
 

@@ -7,9 +7,12 @@ Which pages are stored:
   file's own pages, which the restorer maps from the file again), plus the
   ELF header page of each mapped ELF file as the kernel's core dump does
   (elfutils identifies modules by it; `cow_runs` says what really changed);
-* shared anonymous memory (MAP_SHARED anon, SysV shm, memfd): its pages, read
+* shared anonymous memory (MAP_SHARED anon, SysV shm): its pages, read
   from the shmem object through /proc/PID/map_files when we may (root), else
   the pages present in this task;
+* memfds and files mapped MAP_SHARED after they were deleted: nothing per
+  mapping (the object's content is saved once: dump_memfd.py); a MAP_PRIVATE
+  mapping of a memfd keeps its copied-on-write pages, like a file mapping;
 * the [vdso] image (gdb unwinds through it); never [vvar]/[vvar_vclock].
 
 Page selection uses the PAGEMAP_SCAN ioctl (Linux 6.7+: ranges, not one entry
@@ -230,8 +233,12 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                 plan(m["start"], size, False, [])
             elif kind == "vdso":
                 plan(m["start"], size, True, [(0, size)])
-            elif kind in ("anon-shared", "sysv-shm", "memfd") or (
+            elif kind == "memfd" and m["perms"][3] == "s" or (
                     kind == "file-shared" and m["deleted"]):
+                # one object for every fd and mapping: its content is saved
+                # once, in a blob (dump_memfd.py), not per mapping
+                plan(m["start"], size, False, [])
+            elif kind in ("anon-shared", "sysv-shm"):
                 shm = _shmem_runs(pid, m)
                 if shm is not None:
                     plan(m["start"], size, True, shm[1], src="file", src_path=shm[0],
@@ -241,7 +248,7 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                     plan(m["start"], size, True, [(a - m["start"], b - a) for a, b in runs])
             elif kind == "file-shared":
                 plan(m["start"], size, False, [])
-            elif kind == "file-private":
+            elif kind in ("file-private", "memfd"):   # (a memfd here is MAP_PRIVATE)
                 cow = scanner.runs(m["start"], m["end"], True)
                 m["cow_runs"] = [[a - m["start"], b - a] for a, b in cow]
                 if m["offset"] == 0 and _is_elf(pid, m["start"]) and \
@@ -250,7 +257,7 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                     # the ELF header page, elfutils finds modules by it.
                     cow.insert(0, (m["start"], m["start"] + PAGE))
                     cow = _merge(cow)
-                if m["deleted"]:
+                if m["deleted"] and kind == "file-private":
                     # The file is gone: keep every page of the mapping.
                     plan(m["start"], size, True, [(0, size)])
                 elif len(cow) > MAX_COW_SEGMENTS:

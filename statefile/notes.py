@@ -71,7 +71,8 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
     NoteKind("CR_THREAD_REGS", OWNER_CRELF, CR_THREAD_REGS, "binary",
              "one per thread of every task: user_regs_struct, fxsave, xstate"),
     NoteKind("CR_FILES", OWNER_CRELF, CR_FILES, "json",
-             "open file descriptions of the whole tree, referenced by the fd tables"),
+             "open file descriptions of the whole tree, referenced by the fd tables, and "
+             "the memfds and shared file objects (shmem) its fds and mappings use"),
     NoteKind("CR_SEGMENTS", OWNER_CRELF, CR_SEGMENTS, "json",
              "every data segment: owner task, stored runs, crc32"),
     NoteKind("CR_IPC", OWNER_CRELF, CR_IPC, "json",

@@ -37,6 +37,7 @@ class Statefile:
     integrity: dict = field(default_factory=dict)
     phdrs: list[dict] = field(default_factory=list)
     ipc: dict = field(default_factory=lambda: {"shm": [], "sem": [], "msg": []})  # CR_IPC
+    shmem: list[dict] = field(default_factory=list)   # CR_FILES "shmem": memfds...
 
     @property
     def root(self) -> dict:
@@ -120,6 +121,7 @@ def _ntype(t) -> int:
 def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
     header, tasks, regs, files, segments, integrity = None, [], {}, [], [], {}
     ipc = {"shm": [], "sem": [], "msg": []}
+    shmem: list[dict] = []
     try:
         for n in raw:
             if n.owner != "CRELF":
@@ -132,7 +134,8 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
                 r = nt.decode_regs(n.desc)
                 regs[r.tid] = r
             elif n.n_type == nt.CR_FILES:
-                files = nt.decode_json(n.desc)["files"]
+                obj = nt.decode_json(n.desc)
+                files, shmem = obj["files"], obj.get("shmem", [])
             elif n.n_type == nt.CR_SEGMENTS:
                 segments = nt.decode_json(n.desc)["segments"]
             elif n.n_type == nt.CR_INTEGRITY:
@@ -153,6 +156,7 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
         raise FormatError(f"{path}: corrupted statefile ({problem})")
     sf = Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
     sf.ipc = {k: ipc.get(k, []) for k in ("shm", "sem", "msg")}
+    sf.shmem = shmem
     return sf
 
 

@@ -64,6 +64,8 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED,
              "policy 'file-contents' leaves the content out (restored as zeros)",
              "file-contents"),
+    Resource("fd:memfd", "memfd (name, size, content, seals, offset and flags; one object "
+             "again for every fd and mapping of it, in every task)", SUPPORTED),
     Resource("fd:directory", "directory", SUPPORTED),
     Resource("fd:dev", "/dev/null, /dev/zero, /dev/random, /dev/urandom", SUPPORTED),
     Resource("fd:tty", "terminal outside the tree, e.g. a shell job's (restored on "
@@ -150,8 +152,12 @@ TABLE: tuple[Resource, ...] = (
              "policy 'scratch' leaves its content out (restored as zeros)", "scratch"),
     Resource("mem:shared-anon", "MAP_SHARED anonymous memory (one shared region again for "
              "every task that shares it) or an attached SysV shm segment", SUPPORTED),
-    Resource("mem:shared-memfd", "shared mapping of a memfd or of a deleted file",
-             UNSUPPORTED, f"shared memfd and deleted-file mappings are {_NOT_YET}"),
+    Resource("mem:shared-memfd", "mapping of a memfd (MAP_SHARED: one shared object again "
+             "for every task; MAP_PRIVATE: its copied-on-write pages too) or MAP_SHARED "
+             "mapping of a deleted file (a shm_unlink'ed POSIX shm)", SUPPORTED),
+    Resource("mem:shared-other", "memfd or shared deleted/tmpfs file crelf cannot save "
+             "(on hugetlbfs; mapped only, without root)", UNSUPPORTED,
+             "its content cannot be saved or recreated by this version of crelf"),
     Resource("mem:device", "device (I/O or PFN) mapping", UNSUPPORTED,
              "device mappings cannot be checkpointed"),
 )
@@ -189,6 +195,8 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
 def fd_key(f: dict) -> str:
     kind = f["kind"]
     if kind == "regular":
+        if f.get("deleted") and f["path"].startswith("/memfd:"):
+            return "fd:memfd"
         return "fd:deleted" if f.get("deleted") else "fd:regular"
     if kind == "directory":
         return "fd:directory"
@@ -261,8 +269,9 @@ class Finding:
 
 def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
            flags_by_pid: dict[int, list[dict]], skip: set[str],
-           ipc: dict | None = None) -> list[Finding]:
-    """One finding per resource of the tree, with its verdict under `skip`."""
+           ipc: dict | None = None, shmem: list[dict] | None = None) -> list[Finding]:
+    """One finding per resource of the tree, with its verdict under `skip`
+    (`shmem`: the memfd and shared file objects, statefile/dump_memfd.py)."""
     out: list[Finding] = []
 
     def add(key, pid, where, detail):
@@ -316,15 +325,20 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 add(*tty_problems[fd["file"]][:1], pid, where, tty_problems[fd["file"]][1])
             if key in _ANON_KEYS and len(holders.get(fd["file"], ())) > 1:
                 add("fd:anon-shared", pid, where, detail)
+            if _shmem_problem(f, shmem):
+                add("mem:shared-other", pid, where, f"{detail}: {_shmem_problem(f, shmem)}")
             if key == "fd:inotify" and any(not w.get("path")
                                            for w in f.get("anon", {}).get("watches", [])):
                 add("fd:inotify-lost", pid, where, detail)
         for m in t["mappings"]:
             key = mapping_key(m)
+            where = f"pid {pid} {m['start']:#x}-{m['end']:#x}"
+            detail = f"{m['path'] or 'anonymous'} ({m['kind']})"
+            if _shmem_problem(m, shmem):
+                add("mem:shared-other", pid, where, f"{detail}: {_shmem_problem(m, shmem)}")
             if key in ("mem:private", "mem:file-shared", "mem:vdso"):
                 continue  # not worth a line each; counted in the summary
-            add(key, pid, f"pid {pid} {m['start']:#x}-{m['end']:#x}",
-                f"{m['path'] or 'anonymous'} ({m['kind']})")
+            add(key, pid, where, detail)
     for z in zombies:
         add("task:zombie", z["pid"], f"pid {z['pid']}", f"{z['comm']} (exited, not reaped)")
     root = tasks[0]["pid"] if tasks else 0
@@ -370,6 +384,14 @@ def _ns_findings(tasks: list[dict], own: dict[str, str]) -> list[Finding]:
                 add("task:ns-pid" if kind == "pid" else "task:namespace", t["pid"],
                     f"own {kind} namespace {link}")
     return out
+
+
+def _shmem_problem(entry: dict, shmem: list[dict] | None) -> str:
+    """Why the memfd/shared file object of a file entry or mapping cannot be saved."""
+    i = entry.get("shmem")
+    if i is None or not shmem or not 0 <= i < len(shmem):
+        return ""
+    return shmem[i].get("unsupported", "")
 
 
 def problems(findings: list[Finding]) -> list[Finding]:

@@ -207,7 +207,7 @@ class StatefileWriter:
     def write(self, *, header: dict, tasks: list[dict], regs: list[nt.ThreadRegs],
               files: list[dict], segments: list[SegmentPlan], progress=None,
               snapshots: dict[int, int] | None = None, thaw=None,
-              ipc: dict | None = None) -> dict:
+              ipc: dict | None = None, shmem: list[dict] | None = None) -> dict:
         """Write everything; return statistics.  The caller calls abort() on failure.
 
         With `snapshots` (task pid -> pid of its copy-on-write snapshot) the
@@ -282,7 +282,8 @@ class StatefileWriter:
         crelf = [(nt.OWNER_CRELF, nt.CR_HEADER, nt.encode_json(header))]
         crelf += [(nt.OWNER_CRELF, nt.CR_TASK, nt.encode_json(t)) for t in tasks]
         crelf += [(nt.OWNER_CRELF, nt.CR_THREAD_REGS, nt.encode_regs(r)) for r in regs]
-        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json({"files": files})))
+        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json(
+            {"files": files, **({"shmem": shmem} if shmem else {})})))
         crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json({"segments": seg_desc})))
         if ipc is not None:
             crelf.append((nt.OWNER_CRELF, nt.CR_IPC, nt.encode_json(ipc)))
