@@ -30,6 +30,8 @@ import stat as st
 import time
 from dataclasses import dataclass, field
 
+from statefile.dump_pipes import stdio_passthrough
+
 from .errors import RestoreError, ValidationError
 from .kernel import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork_with_pid, prctl
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
@@ -306,8 +308,18 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
     out: dict[int, int] = {}
     try:
         out.update(open_ptys(files, tasks, warnings))   # pseudo-terminal pairs (restore_tty)
+        for fid, num in stdio_passthrough(tasks, files).items():
+            # a pipe to a process outside the tree at stdin/stdout/stderr:
+            # crrestart's own (dump_pipes.stdio_passthrough)
+            try:
+                out[fid] = os.dup(num)
+            except OSError:
+                raise RestoreError("files", f"fd {num} of the tree was a pipe to a process "
+                                   f"outside it, and crrestart's own fd {num} is closed") from None
         groups: dict[tuple, list[dict]] = {}
         for f in files:
+            if f["id"] in out:
+                continue
             if f["id"] in users and f["kind"] in ("pipe", "fifo") and not f.get("skipped"):
                 groups.setdefault(_pipe_key(f), []).append(f)
         for key, group in groups.items():

@@ -146,6 +146,11 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
                 maps, plans = dump_mappings(p)
             except (FileNotFoundError, ProcessLookupError):
                 raise TargetError(f"pid {p} vanished during the checkpoint") from None
+            except PermissionError as e:
+                raise TargetError(f"pid {p}: reading its state: {e.strerror}"
+                                  + (f" ({e.filename})" if e.filename else "")
+                                  + (" (run crcheckpoint as root or as the task's user)"
+                                     if os.geteuid() else "")) from None
             task["mappings"] = maps
             tasks.append(task)
             regs += task_regs

@@ -222,3 +222,38 @@ def external(tasks: list[dict], files: list[dict]) -> dict[int, str]:
                 if f["id"] in why:
                     f["pipe"]["external"] = why[f["id"]]
     return why
+
+
+STDIO = frozenset((0, 1, 2))
+
+
+def stdio_passthrough(tasks: list[dict], files: list[dict]) -> dict[int, int]:
+    """{file id: fd number} for the external pipes a restart can still give
+    back: a pipe whose other end a process outside the tree holds (the
+    harness that started the program, the shell reading its output), held in
+    the tree only as stdin, stdout or stderr.  crrestart connects them to its
+    own fd of that number, as it does with a terminal (CRIU's inherit-fd);
+    the bytes in flight stay in the old pipe, with the outside process."""
+    ext = external(tasks, files)
+    if not ext:
+        return {}
+    by_id = {f["id"]: f for f in files}
+    numbers: dict[int, set[int]] = {}
+    for t in tasks:
+        for d in t["fds"]:
+            if d["file"] in ext:
+                numbers.setdefault(d["file"], set()).add(d["fd"])
+    groups: dict[tuple, list[dict]] = {}
+    for fid in numbers:
+        f = by_id[fid]
+        if f["kind"] == "pipe" and "error" not in f.get("pipe", {}):
+            groups.setdefault(pipe_key(f), []).append(f)
+    out: dict[int, int] = {}
+    for group in groups.values():
+        nums = set().union(*(numbers[f["id"]] for f in group))
+        ends = {e for f in group for e, ok in (("r", readable(f["flags"])),
+                                               ("w", writable(f["flags"]))) if ok}
+        if nums <= STDIO and len(ends) == 1:    # one end only, at stdio numbers only
+            for f in group:
+                out[f["id"]] = min(numbers[f["id"]])
+    return out

@@ -91,6 +91,10 @@ TABLE: tuple[Resource, ...] = (
              "device files other than null/zero/random/urandom/tty cannot be restored"),
     Resource("fd:pipe", "pipe (size, O_NONBLOCK, bytes in flight)", SUPPORTED),
     Resource("fd:fifo", "FIFO (by path; size, O_NONBLOCK, bytes in flight)", SUPPORTED),
+    Resource("fd:stdio-external", "stdin, stdout or stderr on a pipe to a process outside "
+             "the tree (the harness or shell that started it): restored on crrestart's own "
+             "stdin, stdout or stderr, as a terminal is; bytes in flight stay in the old pipe",
+             SUPPORTED),
     Resource("fd:pipe-external", "pipe or FIFO also open in a process outside the tree",
              UNSUPPORTED, "a restart cannot reconnect a pipe to a process outside the tree "
              "(and cannot read the bytes in flight without consuming them when that process "
@@ -284,8 +288,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
-    from .dump_pipes import external
+    from .dump_pipes import external, stdio_passthrough
     external_pipes = external(tasks, files)
+    passthrough = stdio_passthrough(tasks, files)
     from .dump_tty import pair_up
     tty_problems = pair_up(tasks, files)    # before fd_key: pairs become pty-master/-slave
     from .dump_ns import KINDS as NS_KINDS
@@ -319,7 +324,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
             add(key, pid, where, detail)
-            if fd["file"] in external_pipes:
+            if fd["file"] in passthrough:
+                add("fd:stdio-external", pid, where, external_pipes[fd["file"]])
+            elif fd["file"] in external_pipes:
                 add("fd:pipe-external", pid, where, external_pipes[fd["file"]])
             if fd["file"] in tty_problems:
                 add(*tty_problems[fd["file"]][:1], pid, where, tty_problems[fd["file"]][1])
