@@ -61,17 +61,21 @@ def _table(kind: str) -> list[dict]:
     except FileNotFoundError:
         return []
     head = lines[0].split()
-    return [dict(zip(head, (int(x) for x in line.split()))) for line in lines[1:] if line.strip()]
+    rows = [dict(zip(head, (int(x) for x in line.split()))) for line in lines[1:] if line.strip()]
+    for r in rows:
+        r["perms"] = int(str(r["perms"]), 8)   # printed in octal (as dump_ipc reads it)
+    return rows
 
 
 def stale(kind: str, obj: dict, cur: dict, killed: bool) -> bool:
     """Is the live object `cur` the very object `obj` was saved from, left
     behind by a tree that crcheckpoint --kill ended (SysV objects outlive
-    their processes: postgres's segment, say)?  Same key, id, creator and
-    change time, and, for a segment, attached by nobody."""
+    their processes: postgres's segment, say)?  Same key, id, creator, owner,
+    mode and change time, and, for a segment, attached by nobody."""
     idname = dict((k, i) for k, i, _ in KINDS)[kind]
     return (killed and "ctime" in obj
-            and all(cur.get(k) == obj.get(k) for k in ("key", idname, "cuid", "cgid", "ctime"))
+            and all(cur.get(k) == obj.get(k) for k in ("key", idname, "cuid", "cgid", "ctime",
+                                                      "uid", "gid", "perms"))
             and (kind != "shm" or cur.get("nattch") == 0))
 
 

@@ -5,6 +5,7 @@ checkpointed with --kill mid-run, restarted, and compared byte for byte with
 an uninterrupted run."""
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import time
 
@@ -109,11 +110,22 @@ def _keys(kind: str) -> set[int]:
         return {int(line.split()[0]) for line in f.read().splitlines()[1:] if line.strip()}
 
 
+def _semctl_mode(semid: int, mode: int) -> None:
+    """IPC_SET a semaphore set's mode (struct semid64_ds: ipc_perm.mode at 20)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+    assert libc.semctl(semid, 0, 2, buf) == 0            # IPC_STAT
+    raw = bytearray(buf.raw)
+    raw[20:24] = mode.to_bytes(4, "little")
+    assert libc.semctl(semid, 0, 1, ctypes.create_string_buffer(bytes(raw), 256)) == 0
+
+
 def test_parent_and_child_alternate_on_sysv_sem_shm_and_shared_anon(procs, tmp_path):
     """Semaphores pass the turn, the counters live in SysV shm and in a
     MAP_SHARED anonymous page: after --kill and restart each task's writes
-    are seen by the other, and the output is the uninterrupted run's.  A
-    restart while the old objects still exist is refused, naming them."""
+    are seen by the other, and the output is the uninterrupted run's.  The
+    killed tree's objects are still there: a restart replaces them when they
+    are untouched, and refuses, naming it, when one was changed since."""
     require_root()
     key, n = 0x7e57c0de, 60
     prog = _build(tmp_path, "pingpong", PINGPONG)
@@ -131,15 +143,18 @@ def test_parent_and_child_alternate_on_sysv_sem_shm_and_shared_anon(procs, tmp_p
                       if m["kind"] in ("sysv-shm", "anon-shared")) == \
             ["anon-shared", "anon-shared", "sysv-shm", "sysv-shm"]
         shmid, semid = sf.ipc["shm"][0]["shmid"], sf.ipc["sem"][0]["semid"]
-        # the killed tree's objects are still there: refused, nothing created
+        # the killed tree's semaphore set, changed since (mode 0600 -> 0640):
+        # not the saved one any more, refused, nothing created
+        _semctl_mode(semid, 0o640)
         r = subprocess.run([*CRRESTART, str(tmp_path / "pp.cr")], capture_output=True,
                            text=True, timeout=60, cwd=REPO)
         assert r.returncode != 0 and f"key {key:#x}" in r.stderr, r.stderr
-        _ipcrm("-M", hex(key))
+        # the changed set removed; the untouched segment is replaced by the saved one
         _ipcrm("-S", hex(key))
-        assert key not in _keys("shm") and key not in _keys("sem")
-        code, err = finish(restart(procs, tmp_path / "pp.cr"))
+        r = restart(procs, tmp_path / "pp.cr")
+        code, err = finish(r)
         assert code == 0, err
+        assert "left behind by the killed original is replaced" in err
         assert out.read_bytes() == ref
         assert key not in _keys("shm") and key not in _keys("sem")   # the program removed them
         assert shmid and semid
