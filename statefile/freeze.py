@@ -179,12 +179,35 @@ class Freezer:
                 except OSError:
                     pass
         if kill:
+            _reap_killed([ft.tid for task in self.tasks.values()
+                          for ft in task.threads.values() if ft.tid > 0])
             for pid in self.tasks:
                 _wait_gone(pid)
         self.tasks = {}
 
     def all_tids(self) -> list[tuple[int, int]]:
         return [(t.pid, tid) for t in self.tasks.values() for tid in t.threads]
+
+
+def _reap_killed(tids: list[int], timeout: float = 5.0) -> None:
+    """A killed thread is no longer stopped, so PTRACE_DETACH failed and it is
+    still ours: collect its exit (waitpid __WALL, as its tracer) so the kernel
+    hands it to its real parent.  Else the init of a pid namespace of the
+    tree, killed too, waits for its killed tasks until crcheckpoint exits."""
+    import time
+    left = set(tids)
+    end = time.monotonic() + timeout
+    while left and time.monotonic() < end:
+        for tid in list(left):
+            try:
+                got, status = os.waitpid(tid, os.WNOHANG | 0x40000000)   # __WALL
+            except ChildProcessError:
+                left.discard(tid)
+                continue
+            if got == tid and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                left.discard(tid)
+        if left:
+            time.sleep(0.002)
 
 
 def _wait_gone(pid: int, timeout: float = 5.0) -> None:
