@@ -27,7 +27,8 @@ EXIT_FAILED = 3
 @click.option("--pidns", is_flag=True,
               help="Restore into a new pid namespace (a child of crrestart is its init and "
                    "reaps): use when "
-                   "the original pid is taken.")
+                   "the original pid is taken.  A tree that had a pid namespace of its own "
+                   "always gets a new one, its root as pid 1 (root only).")
 @click.option("--force-files", is_flag=True,
               help="Restore even if open files changed since the checkpoint.")
 @click.option("--lazy/--eager", default=None,

@@ -21,7 +21,8 @@ from .restore_files import ChildPlan
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memfd import SharedObjects
 from .restore_memory import plan_extras
-from .restore_ns import Namespaces
+from .restore_ns import Namespaces, to_inner
+from .restore_ns import own_pidns as own_pidns_of
 from .restore_task import TaskRestorer
 from .restore_tty import plan_ctty
 from .restore_tree import (Node, close_all, fork_pid_waiting_zombie, host_pids, open_shared,
@@ -153,9 +154,17 @@ def restore(path: str, opts: Options, log=None) -> Result:
     except FormatError as e:
         raise RestoreError("load", str(e)) from None
     res.warnings = validate(sf, opts.force_files)
+    unpriv = os.geteuid() != 0
+    # A tree in a pid namespace of its own (its root that namespace's init)
+    # comes back in a new one, root as pid 1 and every id as the tasks saw it.
+    own_pidns = own_pidns_of(sf) is not None
+    if own_pidns:
+        if unpriv:
+            raise RestoreError("pid namespace", "the tree ran in a pid namespace of its own; "
+                               "recreating it with its pids needs root (CAP_SYS_ADMIN)")
+        to_inner(sf)
     tasks = sf.tasks
     res.vpid = sf.root["pid"]
-    unpriv = os.geteuid() != 0
     lazy = opts.lazy
     if len(tasks) > 1 and lazy:
         res.warnings.append("lazy restore of process trees comes later: restored eagerly")
@@ -164,7 +173,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
         lazy = (len(tasks) == 1 and not unpriv
                 and stored_anon_bytes(sf, sf.root) >= AUTO_LAZY_BYTES)
     res.lazy = lazy
-    pidns = opts.pidns or unpriv
+    pidns = opts.pidns or unpriv or own_pidns
     # plan what every task does itself
     blobs = _blobs(sf)
     has_tty = any(sf.files[d["file"]]["kind"] == "tty" for t in tasks for d in t["fds"])
@@ -202,7 +211,19 @@ def restore(path: str, opts: Options, log=None) -> Result:
         shared.update(ipc.create_memfds(shared_ids))
         ipc.memfds = {}           # closed with `shared`
         shared.update(objs.create())   # memfds, shared deleted/tmpfs files (restore_memfd)
-        if pidns:
+        if own_pidns:
+            # the root itself is pid 1 of the new namespace (crrestart's child)
+            try:
+                unshare(CLONE_NEWPID)
+                child = fork_with_pid(1)
+            except OSError as e:
+                raise RestoreError("pid namespace", f"cannot create the tree's pid namespace "
+                                   f"({e.strerror})") from None
+            if child == 0:
+                os.close(status_r)
+                task_main(root, status_w, shared)
+            created.append(child)
+        elif pidns:
             if unpriv:
                 try:
                     _enter_user_pidns()
@@ -241,7 +262,10 @@ def restore(path: str, opts: Options, log=None) -> Result:
                 raise RestoreError(step, what)
             raise RestoreError("setup", f"the new task died before it was ready ({msg!r})")
         # --- barrier 1: every task is parked -------------------------------------------------
-        rpids = host_pids(res.init_pid) if pidns else {n.pid: n.pid for n in order}
+        if own_pidns:
+            rpids = {1: created[0], **host_pids(created[0])}
+        else:
+            rpids = host_pids(res.init_pid) if pidns else {n.pid: n.pid for n in order}
         missing = [n.pid for n in order if n.pid not in rpids]
         if missing:
             raise RestoreError("tree", f"cannot find the restored task(s) {missing}")

@@ -12,11 +12,21 @@ the tasks, and die with them, SysV objects included.
 
 Creating a namespace needs CAP_SYS_ADMIN: an unprivileged crrestart refuses
 with one line instead.
+
+A tree that ran in a pid namespace of its own, its root being the
+namespace's init (CR_HEADER namespaces `pid`), is restored into a new pid
+namespace whose init is the root itself: `to_inner()` rewrites every id the
+restart uses (tasks' pid, ppid, pgid, sid and thread ids, zombies, the
+registers' keys, a pty's session and foreground group) to the ones the tasks
+saw inside, before the tree is planned; restore.py then unshare()s
+CLONE_NEWPID and forks the root as pid 1, and every task forks its children
+with their inner pids (clone3 set_tid acts in the caller's namespace).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from statefile.dump_ns import CLONE_NEWIPC, CLONE_NEWUTS, IPC_SYSCTLS, setns
 
@@ -34,6 +44,58 @@ def private_kinds(sf) -> list[str]:
     """The namespace kinds the tree had of its own and a restart recreates."""
     ns = saved(sf)
     return [k for k in ("uts", "ipc") if k in ns]
+
+
+def own_pidns(sf) -> dict | None:
+    """CR_HEADER namespaces `pid`: the tree ran in a pid namespace of its own."""
+    pid = saved(sf).get("pid")
+    return pid if pid and pid.get("ids") else None
+
+
+def to_inner(sf) -> dict[int, int]:
+    """Rewrite, in place, every pid, tid, process group and session id of the
+    loaded statefile that the restart uses from crelf's view at checkpoint
+    time to the tasks' own (CR_HEADER namespaces `pid` `ids`).  Returns the
+    map {outer: inner}.  Raises RestoreError for an id missing from it."""
+    info = own_pidns(sf) or {}
+    ids = {int(k): int(v) for k, v in info.get("ids", {}).items()}
+
+    def inner(pid: int, what: str) -> int:
+        if pid in ids:
+            return ids[pid]
+        raise RestoreError("pid namespace", f"{what} {pid} has no id inside the tree's pid "
+                           "namespace in the statefile")
+    for t in sf.tasks:
+        outer = t["pid"]
+        for key in ("pid", "tgid", "ppid", "pgid", "sid"):
+            if key in t:
+                t[key] = inner(t[key], f"pid {outer}: {key}")
+        for th in t.get("threads", []):
+            th["tid"] = inner(th["tid"], f"pid {outer}: thread")
+    regs = {}
+    for tid, r in sf.regs.items():
+        regs[inner(tid, "registers of thread")] = replace(r, pid=ids.get(r.pid, r.pid),
+                                                          tid=inner(tid, "thread"))
+    sf.regs = regs
+    hdr = sf.header
+    for z in hdr.get("zombies", []):
+        outer = z["pid"]
+        for key in ("pid", "ppid", "pgid", "sid"):
+            if key in z:
+                z[key] = inner(z[key], f"zombie {outer}: {key}")
+    for e in hdr.get("tree", []):
+        e["pid"], e["ppid"] = ids.get(e["pid"], e["pid"]), ids.get(e["ppid"], e["ppid"])
+    if "root_pid" in hdr:
+        hdr["root_pid"] = ids.get(hdr["root_pid"], hdr["root_pid"])
+    done: set[int] = set()
+    for f in sf.files:
+        pty = f.get("pty")
+        if isinstance(pty, dict) and id(pty) not in done:
+            done.add(id(pty))
+            for key in ("sid", "fg_pgrp"):   # a pty's session and foreground group
+                if pty.get(key):
+                    pty[key] = ids.get(pty[key], 0)
+    return ids
 
 
 def _write(path: str, value: str) -> None:

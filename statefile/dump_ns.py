@@ -6,9 +6,14 @@ recorded in CR_TASK `namespaces`, with the task's pids in its own pid
 namespace in `nspid`).  A tree may have a UTS and an IPC namespace of its own
 (`unshare --uts --ipc`), shared by all its tasks; then CR_HEADER `namespaces`
 holds its hostname and domainname and the IPC namespace's limits, and CR_IPC
-every SysV object of that namespace.  Other layouts (tasks of one tree in
-different UTS or IPC namespaces) and every other namespace kind that is not
-crelf's own are refused by the support table (statefile/support.py).
+every SysV object of that namespace.  A tree may also run in a pid
+namespace of its own, its root being that namespace's init (`unshare --pid
+--fork`): CR_HEADER `namespaces` `pid` then maps every pid, tid, process
+group and session id crelf sees to the one the tasks see (NSpid, NSpgid,
+NSsid of /proc/PID/status), and a restart gives the tree a new pid namespace
+with those ids.  Other layouts (tasks of one tree in different UTS, IPC or
+pid namespaces) and every other namespace kind that is not crelf's own are
+refused by the support table (statefile/support.py).
 
 The state of a namespace is read from inside it: /proc/sys/kernel/hostname,
 /proc/sysvipc/*, semctl, msgrcv and shmat all act in the *caller's*
@@ -58,6 +63,63 @@ def nspid(pid: int) -> list[int]:
         return [int(x) for x in procfs.status(pid).get("NSpid", str(pid)).split()]
     except (OSError, ValueError):
         return [pid]
+
+
+def _ns_ids(pid: int, tid: int | None = None) -> list[tuple[int, int]]:
+    """(outer, inner) pairs of a task's pid, process group and session: the
+    first and last entries of NSpid, NSpgid and NSsid of its status (inner 0:
+    a group or session whose leader is outside the task's pid namespace)."""
+    st = procfs.status(pid, tid)
+    out = []
+    for key in ("NSpid", "NSpgid", "NSsid"):
+        ids = [int(x) for x in st.get(key, "").split()]
+        if ids:
+            out.append((ids[0], ids[-1]))
+    return out
+
+
+def _unreaped_children(pid: int) -> list[int]:
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out += [int(x) for x in procfs.read(f"/proc/{pid}/task/{tid}/children").split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def pid_namespace(tasks: list[dict]) -> dict:
+    """CR_HEADER namespaces `pid` of a tree in a pid namespace of its own:
+    the namespace, and `ids`: {outer id: inner id} for every pid, tid,
+    process group and session id of the tree's tasks, threads and unreaped
+    children (zombies), as crelf sees them -> as the tasks see them (read
+    while the tree is frozen; the root's parent is outside: 0)."""
+    ids: dict[str, int] = {}
+    mine = {t["pid"] for t in tasks}
+
+    def add(pid: int, tid: int | None = None) -> None:
+        try:
+            for outer, inner in _ns_ids(pid, tid):
+                ids.setdefault(str(outer), inner)
+        except OSError:
+            pass
+    for t in tasks:
+        add(t["pid"])
+        for th in t.get("threads", []):
+            tid = th["tid"] if isinstance(th, dict) else th     # (crcheck: bare tids)
+            if tid != t["pid"]:
+                add(t["pid"], tid)
+        for c in _unreaped_children(t["pid"]):
+            if c not in mine:
+                add(c)                  # a zombie (the tree is frozen: no other child)
+    root = tasks[0]
+    ids.setdefault(str(root["ppid"]), 0)
+    return {"ns": root.get("namespaces", {}).get("pid", ""), "init": root["pid"],
+            "level": len(root.get("nspid", [])) - 1, "ids": ids}
 
 
 class JoinError(OSError):
@@ -135,6 +197,8 @@ def dump_namespaces(tasks: list[dict]) -> dict:
     for t in tasks:
         t["nspid"] = nspid(t["pid"])
     out: dict = {"crelf": own, "root": dict(root.get("namespaces", {}))}
+    if private(tasks, "pid", own):
+        out["pid"] = pid_namespace(tasks)   # the inner ids (support.py decides if restorable)
     for kind, read in (("uts", _uts_state), ("ipc", _ipc_state)):
         if not private(tasks, kind, own):
             continue

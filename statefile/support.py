@@ -44,11 +44,16 @@ TABLE: tuple[Resource, ...] = (
     Resource("task:ns-mixed", "tasks of one tree in different UTS or IPC namespaces",
              UNSUPPORTED, "only a tree whose tasks all share one UTS and one IPC namespace "
              f"(crelf's or one of the tree's own) is restored; nested namespaces are {_NOT_YET}"),
-    Resource("task:ns-pid", "a pid namespace other than crelf's (e.g. the tree runs under "
-             "`unshare --pid --fork`)", UNSUPPORTED,
-             "the tasks' pids inside their own pid namespace (1 for its init) are "
-             f"{_NOT_YET} (crrestart --pidns gives a new pid namespace, but with the pids "
-             "crelf sees and its own init)"),
+    Resource("task:ns-pid", "a pid namespace of the tree's own whose init is the tree's "
+             "root, every task in it (`unshare --pid --fork`, checkpointing its child; restarted "
+             "in a new pid namespace with the pids, process groups and sessions the tasks saw)",
+             SUPPORTED),
+    Resource("task:ns-pid-other", "tasks of one tree in different pid namespaces (e.g. "
+             "checkpointing `unshare` itself instead of its child, the namespace's init), a "
+             "nested pid namespace, or a pid namespace whose init is not the tree's root",
+             UNSUPPORTED, "only a tree whose tasks are all in crelf's pid namespace, or all "
+             "in one pid namespace whose init is the tree's root, is restored; other "
+             f"layouts are {_NOT_YET}"),
     Resource("task:namespace", "a mount, network, user, cgroup or time namespace other than "
              "crelf's own", UNSUPPORTED,
              "a restart would put the tasks in crelf's own mount, network, user, cgroup and "
@@ -383,14 +388,46 @@ def _ns_findings(tasks: list[dict], own: dict[str, str]) -> list[Finding]:
             else:
                 add(f"task:ns-{kind}", rpid, f"own {kind} namespace {rlink} "
                     f"(shared by the {len(tasks)} task(s) of the tree)")
+    _pidns_findings(tasks, own, add)
     for t in tasks:
         for kind, link in t.get("namespaces", {}).items():
-            if kind in ("uts", "ipc") or kind not in own:
+            if kind in ("uts", "ipc", "pid") or kind not in own:
                 continue
             if link and own[kind] and link != own[kind]:
-                add("task:ns-pid" if kind == "pid" else "task:namespace", t["pid"],
-                    f"own {kind} namespace {link}")
+                add("task:namespace", t["pid"], f"own {kind} namespace {link}")
     return out
+
+
+def _pidns_findings(tasks: list[dict], own: dict[str, str], add) -> None:
+    """A pid namespace other than crelf's is restored when it is the tree's
+    own: its init is the root and every task is in it, one level below
+    crelf's (CR_HEADER namespaces `pid`, restorer/restore_ns.py)."""
+    root = tasks[0]
+    rpid, rlink, mine = root["pid"], root.get("namespaces", {}).get("pid", ""), own.get("pid")
+    if not mine:
+        return
+    from .dump_ns import nspid
+    depth = len(nspid(os.getpid()))
+    others = [t for t in tasks if t.get("namespaces", {}).get("pid", "") not in ("", mine)]
+    if rlink in ("", mine):
+        for t in others:        # e.g. `unshare --pid --fork` checkpointed instead of its child
+            ns = t.get("nspid") or [t["pid"]]
+            hint = (f"; checkpoint pid {t['pid']}, its init, instead" if ns[-1] == 1 else "")
+            add("task:ns-pid-other", t["pid"], f"pid {ns[-1]} of pid namespace "
+                f"{t['namespaces']['pid']}, the root pid {rpid} is in crelf's{hint}")
+        return
+    odd = [t for t in tasks if t.get("namespaces", {}).get("pid", "") != rlink]
+    rns = root.get("nspid") or [rpid]
+    if rns[-1] != 1 or len(rns) != depth + 1:
+        why = (f"the root is pid {rns[-1]} there, not its init" if rns[-1] != 1
+               else f"nested {len(rns) - depth} levels below crelf's")
+        add("task:ns-pid-other", rpid, f"pid namespace {rlink}: {why}")
+    for t in odd:
+        add("task:ns-pid-other", t["pid"], f"pid namespace {t['namespaces'].get('pid') or '?'}, "
+            f"the root's is {rlink}")
+    if rns[-1] == 1 and len(rns) == depth + 1 and not odd:
+        add("task:ns-pid", rpid, f"own pid namespace {rlink}, the root is its init (pid 1), "
+            f"shared by the {len(tasks)} task(s) of the tree")
 
 
 def _shmem_problem(entry: dict, shmem: list[dict] | None) -> str:

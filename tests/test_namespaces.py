@@ -193,14 +193,16 @@ def _crcheck(pid: int) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("case", ["net", "pid", "mixed"])
 def test_other_namespaces_refused_and_tree_runs_on(procs, tmp_path, case):
-    """A private network namespace, a pid namespace and a tree whose tasks
-    are in different UTS namespaces: crcheck and crcheckpoint refuse each
+    """A private network namespace, tasks in two pid namespaces and a tree
+    whose tasks are in different UTS namespaces: crcheck and crcheckpoint refuse each
     with its reason (exit 6, no statefile) and the tree keeps running."""
     require_root()
     require_tool("unshare")
     argv, key, words = {
         "net": (["unshare", "--net", "--", "sh", "-c", TICK], "task:namespace", "network"),
-        "pid": (["unshare", "--pid", "--fork", "--", "sh", "-c", TICK], "task:ns-pid",
+        # the `unshare` process itself: its child, the namespace's init, is in another
+        # pid namespace (tests/test_pidns_tree.py checkpoints the init)
+        "pid": (["unshare", "--pid", "--fork", "--", "sh", "-c", TICK], "task:ns-pid-other",
                 "pid namespace"),
         "mixed": (["sh", "-c", f"unshare --uts -- sh -c '{TICK}' & wait"], "task:ns-mixed",
                   "share one UTS and one IPC namespace"),
