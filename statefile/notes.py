@@ -65,7 +65,7 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
     # crelf's notes.
     NoteKind("CR_HEADER", OWNER_CRELF, CR_HEADER, "json",
              "format version, creator, host, kernel, root pid, tree, skipped resources, "
-             "namespaces (the tree's own UTS/IPC state)"),
+             "namespaces (the tree's own UTS/IPC state, its pid namespace's inner ids)"),
     NoteKind("CR_TASK", OWNER_CRELF, CR_TASK, "json",
              "one per task: ids, creds, rlimits, signals, mm, mappings, fds, threads"),
     NoteKind("CR_THREAD_REGS", OWNER_CRELF, CR_THREAD_REGS, "binary",
