@@ -6,9 +6,9 @@ Layout of a statefile (docs/FORMAT.md has the details):
     sparse) | PT_NOTE data (standard notes of the root task, then CRELF notes)
 
 Memory is copied with process_vm_readv or /proc/PID/mem (or from a shmem or
-deleted file) into a few reused 1 MiB buffers and checksummed (CRC32 per
-segment) by a reader thread, and written with pwrite by the caller's thread; no page ever becomes a Python
-object.  The file is created as a hidden temporary (mode 0600) beside the final
+deleted file) into a 1 MiB buffer per worker thread, checksummed (CRC32 per
+segment) and written with pwrite by the same worker into blocks allocated
+beforehand (fallocate); no page ever becomes a Python object.  The file is created as a hidden temporary (mode 0600) beside the final
 name and renamed only once complete; any failure unlinks it.
 """
 
@@ -29,8 +29,7 @@ from .errors import OutputError
 from .checksum import crc32, crc32_combine
 
 CHUNK = 1 << 20
-NBUFS = 6
-READERS = 2
+WORKERS = 2
 
 
 def _align(x: int, a: int = PAGE) -> int:
@@ -43,43 +42,47 @@ def _pflags(perms: str) -> int:
 
 
 class _Copier:
-    """Readers (threads reading chunks and checksumming each one) and the
-    caller's thread writing them with pwrite.  Every stage releases the GIL in
-    its system call or in zlib-ng, so reading and writing overlap on all
-    cores; two readers keep the writer busy where a read costs as much as a
-    write (/proc/PID/mem).  Chunks may be written in any order; each segment's
-    CRC32 is assembled from its chunks' in order with crc32_combine.
+    """Worker threads, each reading a chunk into its own buffer, checksumming
+    it and writing it with pwrite, then taking the next chunk; the caller's
+    thread only collects the checksums (and reports progress).  Every stage
+    releases the GIL in its system call or in zlib-ng, so one worker's read
+    and checksum overlap the other's write.  A worker keeps its chunk in its
+    own cache from read to write: measured here (bench/README.md), this beats
+    readers handing buffers to a single writer by about a quarter on 2 GiB.
+    Chunks may be written in any order; each segment's CRC32 is assembled
+    from its chunks' in order with crc32_combine.
     """
 
-    def __init__(self, out_fd: int, progress=None, readers: int = READERS):
+    def __init__(self, out_fd: int, progress=None, workers: int = WORKERS):
         self.out = out_fd
         self.progress = progress
-        self.readers = readers
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(NBUFS):
-            self.free.put(bytearray(CHUNK))
+        self.workers = workers
         self.tasks: queue.Queue = queue.Queue()
-        self.to_write: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.stop = False
         self.error: BaseException | None = None
         self.crcs: dict[int, int] = {}
 
-    def _reader(self):
+    def _worker(self):
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
         try:
-            while True:
+            while not self.stop:
                 task = self.tasks.get()
                 if task is None:
                     return
                 seg_idx, seq, src, src_off, out_off, n = task
-                buf = self.free.get()
-                if buf is None:
-                    return
                 src.read_into(buf, n, src_off)
-                crc = crc32(memoryview(buf)[:n])
-                self.to_write.put((buf, n, out_off, seg_idx, seq, crc))
-        except BaseException as e:  # handed to the writer loop
+                mv = view[:n]
+                crc = crc32(mv)
+                w = 0
+                while w < n:
+                    w += os.pwrite(self.out, mv[w:], out_off + w)
+                self.done.put((seg_idx, seq, crc, n))
+        except BaseException as e:  # handed to the caller's thread
             self.error = e
         finally:
-            self.to_write.put(None)
+            self.done.put(None)
 
     def run(self, jobs) -> None:
         pieces: dict[int, list] = {}
@@ -91,39 +94,28 @@ class _Copier:
                     self.tasks.put((seg_idx, seq, src, src_off + done, out_off + done, n))
                     seq += 1
             pieces[seg_idx] = [None] * seq
-        for _ in range(self.readers):
+        for _ in range(self.workers):
             self.tasks.put(None)
-        threads = [threading.Thread(target=self._reader, daemon=True)
-                   for _ in range(self.readers)]
+        threads = [threading.Thread(target=self._worker, daemon=True)
+                   for _ in range(self.workers)]
         for t in threads:
             t.start()
         running = len(threads)
         try:
             while running:
-                item = self.to_write.get()
+                item = self.done.get()
                 if item is None:
                     running -= 1
                     if self.error:
                         break
                     continue
-                buf, n, off, seg_idx, seq, crc = item
-                mv = memoryview(buf)[:n]
-                w = 0
-                while w < n:
-                    w += os.pwrite(self.out, mv[w:], off + w)
+                seg_idx, seq, crc, n = item
                 pieces[seg_idx][seq] = (crc, n)
                 if self.progress:
                     self.progress(n)
-                self.free.put(buf)
         finally:
-            # Unblock the readers if we stop early.
-            while not self.tasks.empty():
-                try:
-                    self.tasks.get_nowait()
-                except queue.Empty:
-                    break
-            for _ in range(NBUFS + self.readers):
-                self.free.put(None)
+            self.stop = True        # the others finish their chunk and stop
+            for _ in range(self.workers):
                 self.tasks.put(None)
             for t in threads:
                 t.join()
@@ -259,6 +251,8 @@ class StatefileWriter:
         try:
             try:
                 os.ftruncate(self.fd, cur)
+                _preallocate(self.fd, [(out, n) for jobs in (frozen_jobs, later_jobs)
+                                       for _, _, items in jobs for _, out, n in items])
                 for phase, jobs in enumerate((frozen_jobs, later_jobs)):
                     if phase == 1 and thaw is not None:
                         thaw()
@@ -316,6 +310,32 @@ class StatefileWriter:
         return {"bytes_stored": stored, "file_size": note_off + len(blob),
                 "segments": len(segments), "notes": len(note_list),
                 "copy_seconds": copy_seconds}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _preallocate(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Allocate the blocks of every range that will hold data before writing
+    it: page-cache writes into allocated (unwritten) extents skip ext4's
+    per-page delayed-allocation work, about 40% faster measured here
+    (bench/README.md), and a full disk shows before any data is copied.
+    Holes stay holes.  fallocate(2) through ctypes: the os module has only
+    posix_fallocate, which glibc emulates by writing zeros where the file
+    system lacks fallocate; here such file systems are simply skipped."""
+    merged: list[list[int]] = []
+    for off, n in sorted(ranges):
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], off + n - merged[-1][0])
+        else:
+            merged.append([off, n])
+    for off, n in merged:
+        if _libc.fallocate(fd, 0, off, n) < 0:
+            e = ctypes.get_errno()
+            if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return          # not supported here: write as usual
+            raise OSError(e, os.strerror(e))
 
 
 def _pwrite_all(fd: int, data: bytes, off: int) -> None:
