@@ -10,7 +10,7 @@ import os
 
 from .errors import RestoreError
 from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE,
-                     MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PROT_EXEC,
+                     MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC,
                      PROT_READ, PROT_WRITE, TASK_SIZE)
 from .restore_files import ExtraOpen
 from .restore_memfd import extra_key, inherited_id, mapped_rw

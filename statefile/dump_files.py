@@ -52,15 +52,9 @@ def socket_info(pid: int, fd: int, unix_diag=None) -> dict:
     """Family, type and addresses of a task's socket, from a duplicate of its fd
     (pidfd_getfd): nothing is read from or written to the socket."""
     try:
-        pidfd = os.pidfd_open(pid)
+        dup = pt.dup_fd_of(pid, fd)
     except OSError:
         return {"family": "unknown"}
-    try:
-        dup = pt.syscall(pt.NR_pidfd_getfd, pidfd, fd, 0)
-    except OSError:
-        return {"family": "unknown"}
-    finally:
-        os.close(pidfd)
     sock = socket.socket(fileno=dup)
     try:
         info = {"family": _FAMILIES.get(sock.family, str(int(sock.family))),

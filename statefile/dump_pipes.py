@@ -42,14 +42,6 @@ def writable(flags: int) -> bool:
     return flags & O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
 
 
-def _dup_of(pid: int, fd: int) -> int:
-    pidfd = os.pidfd_open(pid)
-    try:
-        return pt.syscall(pt.NR_pidfd_getfd, pidfd, fd, 0)
-    finally:
-        os.close(pidfd)
-
-
 def in_flight(fd: int) -> int:
     """Bytes in the pipe (FIONREAD works on either end)."""
     buf = bytearray(4)
@@ -100,7 +92,7 @@ class PipeTable:
         key = (entry["dev"], entry["ino"])
         info = self.by_inode.get(key)
         try:
-            dup = _dup_of(pid, fd)
+            dup = pt.dup_fd_of(pid, fd)
         except OSError as e:
             entry["pipe"] = info or {"ino": entry["ino"], "unread": "unknown",
                                      "error": f"pidfd_getfd: {e.strerror}"}

@@ -70,14 +70,6 @@ def _int_ioctl(fd: int, req: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, req, b"\0" * 4))[0]
 
 
-def _dup_of(pid: int, fd: int) -> int:
-    pidfd = os.pidfd_open(pid)
-    try:
-        return pt.syscall(pt.NR_pidfd_getfd, pidfd, fd, 0)
-    finally:
-        os.close(pidfd)
-
-
 def _termios(fd: int) -> dict:
     iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(fd)
     return {"iflag": iflag, "oflag": oflag, "cflag": cflag, "lflag": lflag,
@@ -127,7 +119,7 @@ def add(entry: dict, pid: int, fd: int) -> None:
     if entry["kind"] != "pty-master" and index is None:
         return        # another terminal (a console, a serial line): stays `tty`
     try:
-        dup = _dup_of(pid, fd)
+        dup = pt.dup_fd_of(pid, fd)
     except OSError as e:
         entry["pty"] = {"index": index, "error": f"pidfd_getfd: {e.strerror}"}
         return

@@ -83,6 +83,16 @@ def syscall(nr: int, *args) -> int:
     return _check(_libc.syscall(ctypes.c_long(nr), *cargs), f"syscall {nr}")
 
 
+def dup_fd_of(pid: int, fd: int) -> int:
+    """A duplicate of task pid's fd in this process (pidfd_open + pidfd_getfd:
+    the same open file description, so nothing is read from it or changed)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return syscall(NR_pidfd_getfd, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+
+
 def seize(tid: int, options: int = 0) -> None:
     ptrace(PTRACE_SEIZE, tid, 0, options)
 

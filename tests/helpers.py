@@ -282,3 +282,11 @@ def trace_with_another_tracer(procs, pid: int, tmp_path):
         "time.sleep(60)\n")], stdout=out)
     wait_for_line(out, "seized", proc=tracer)
     return tracer
+
+
+def build_c(tmp_path, name: str, src: str):
+    """Compile a C test program (source text) into tmp_path/name."""
+    c = tmp_path / f"{name}.c"
+    c.write_text(src)
+    subprocess.run(["gcc", "-O1", "-o", tmp_path / name, c], check=True)
+    return tmp_path / name

@@ -19,10 +19,10 @@ import sys
 import time
 
 import pytest
-from helpers import descendants, require_root, wait_for_line
+from helpers import build_c, descendants, require_root, wait_for_line
 from test_crinspect import (assert_one_line_error, checkpoint, crinspect, crinspect_json,
                             snapshot_flag)
-from test_ipc import PINGPONG, _build, _ipcrm, _keys
+from test_ipc import PINGPONG, _ipcrm, _keys
 from test_tree import CHANNEL
 
 from crinspect import shared
@@ -262,7 +262,7 @@ def test_sysv_shm_semaphores_and_shared_anonymous_memory(procs, tmp_path):
     semaphore set names who operated on it last."""
     require_root()
     key = 0x7e575a4e
-    prog = _build(tmp_path, "pingpong", PINGPONG)
+    prog = build_c(tmp_path, "pingpong", PINGPONG)
     try:
         out = tmp_path / "pp.out"
         proc = procs.spawn([prog, 100000, hex(key)], stdout=out)

@@ -9,7 +9,7 @@ import ctypes
 import subprocess
 import time
 
-from helpers import require_root, wait_for_line
+from helpers import build_c, require_root, wait_for_line
 from test_tree import CRRESTART, REPO, checkpoint_tree, finish, restart
 
 from statefile import reader
@@ -94,13 +94,6 @@ int main(int argc, char **argv) {
 '''
 
 
-def _build(tmp_path, name: str, src: str):
-    c = tmp_path / f"{name}.c"
-    c.write_text(src)
-    subprocess.run(["gcc", "-O1", "-o", tmp_path / name, c], check=True)
-    return tmp_path / name
-
-
 def _ipcrm(*args: str) -> None:
     subprocess.run(["ipcrm", *args], capture_output=True)
 
@@ -128,7 +121,7 @@ def test_parent_and_child_alternate_on_sysv_sem_shm_and_shared_anon(procs, tmp_p
     are untouched, and refuses, naming it, when one was changed since."""
     require_root()
     key, n = 0x7e57c0de, 60
-    prog = _build(tmp_path, "pingpong", PINGPONG)
+    prog = build_c(tmp_path, "pingpong", PINGPONG)
     try:
         ref = subprocess.run([prog, str(n), hex(key)], capture_output=True, timeout=60,
                              check=True).stdout
@@ -168,7 +161,7 @@ def test_message_queue_with_queued_messages(procs, tmp_path):
     key and mode, the program reads them after restart in order."""
     require_root()
     key = 0x7e57c0df
-    prog = _build(tmp_path, "queue", QUEUE)
+    prog = build_c(tmp_path, "queue", QUEUE)
     try:
         ref = subprocess.run([prog, hex(key)], capture_output=True, timeout=60,
                              check=True).stdout

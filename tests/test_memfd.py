@@ -11,7 +11,7 @@ import os
 import subprocess
 import uuid
 
-from helpers import require_root, wait_for_line
+from helpers import build_c, require_root, wait_for_line
 from test_tree import CRCHECKPOINT, CRRESTART, REPO, finish, reap, restart
 
 from statefile import reader
@@ -209,13 +209,6 @@ int main(int argc, char **argv) {
 '''
 
 
-def _build(tmp_path, name: str, src: str):
-    c = tmp_path / f"{name}.c"
-    c.write_text(src)
-    subprocess.run(["gcc", "-O1", "-o", tmp_path / name, c], check=True)
-    return tmp_path / name
-
-
 def _checkpoint(proc, out, *args, kill: bool = True) -> dict:
     argv = [CRCHECKPOINT, str(proc.pid), "-o", str(out), "--json", *args]
     if kill:
@@ -250,7 +243,7 @@ def test_parent_and_child_share_memfd_and_posix_shm(procs, tmp_path):
     output is the uninterrupted run's."""
     require_root()
     name, _ = _names()
-    prog = _build(tmp_path, "pingpong", PINGPONG)
+    prog = build_c(tmp_path, "pingpong", PINGPONG)
     try:
         ref = subprocess.run([prog, "60", name], capture_output=True, timeout=60,
                              check=True).stdout
@@ -284,7 +277,7 @@ def test_sealed_memfds_keep_their_seals(procs, tmp_path):
     writable mapping made before it: the restarted program reads its seals
     with F_GET_SEALS and sees the same refusals."""
     require_root()
-    prog = _build(tmp_path, "sealed", SEALED)
+    prog = build_c(tmp_path, "sealed", SEALED)
     ref = subprocess.run([prog], capture_output=True, timeout=60, check=True).stdout
     assert b"a: /memfd:sealed (deleted) seals 0xe size 65536" in ref
     assert b"b: /memfd:future (deleted) seals 0x11 size 4096" in ref
@@ -308,7 +301,7 @@ def test_dev_shm_recreated_from_the_statefile(procs, tmp_path):
     Without the policy the same restart is refused, naming the file."""
     require_root()
     a, b = _names()
-    prog = _build(tmp_path, "tmpfs", TMPFS)
+    prog = build_c(tmp_path, "tmpfs", TMPFS)
     try:
         ref = subprocess.run([prog, a, b], capture_output=True, timeout=60, check=True).stdout
         out = tmp_path / "tmpfs.out"

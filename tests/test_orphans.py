@@ -44,30 +44,24 @@ def middle():
 b = fork(middle)
 os.waitpid(b, 0)
 
+def group(name, leader_lives, status):
+    # a process group: its leader exits after leader_lives seconds, and a
+    # member (ticking as `name`) that joined it
+    lead = fork(lambda: (os.setpgid(0, 0), time.sleep(leader_lives), os._exit(status)))
+    os.setpgid(lead, lead)
+    m = fork(lambda: (os.setpgid(0, lead), ticker(name, 60, lead)))
+    try:
+        os.setpgid(m, lead)             # from both sides, as shells do
+    except OSError:
+        pass
+    return lead, m
+
 # 2. a group whose leader exits and is reaped (a pipeline's first command)
-lead = fork(lambda: (os.setpgid(0, 0), time.sleep(0.3), os._exit(3)))
-os.setpgid(lead, lead)
-def member():
-    os.setpgid(0, lead)
-    ticker("member", 60, lead)
-m = fork(member)
-try:
-    os.setpgid(m, lead)
-except OSError:
-    pass
+lead, m = group("member", 0.3, 3)
 os.write(1, f"leader exited {os.waitstatus_to_exitcode(os.waitpid(lead, 0)[1])}\n".encode())
 
 # 3. a group whose leader is a zombie nobody reaped yet
-zl = fork(lambda: (os.setpgid(0, 0), time.sleep(0.1), os._exit(5)))
-os.setpgid(zl, zl)
-def member2():
-    os.setpgid(0, zl)
-    ticker("zmember", 60, zl)
-m2 = fork(member2)
-try:
-    os.setpgid(m2, zl)
-except OSError:
-    pass
+zl, m2 = group("zmember", 0.1, 5)
 time.sleep(0.4)
 os.write(1, b"ready\n")
 for i in range(1, 71):
