@@ -22,6 +22,7 @@ import fcntl
 import os
 import struct
 
+from . import procfs
 from . import ptrace as pt
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -138,30 +139,21 @@ def _holders_outside(keys: set[tuple], tree: set[int]) -> dict:
     """{key: [pids]}: processes outside the tree (and not us) holding one of
     these pipes (key ("pipe", 0, ino)) or FIFOs (key ("fifo", dev, ino))."""
     out: dict = {}
-    me = os.getpid()
     pipes = {k[2]: k for k in keys if k[0] == "pipe"}
     fifos = {(k[1], k[2]): k for k in keys if k[0] == "fifo"}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in tree or int(name) == me:
-            continue
+    for pid, path, link in procfs.fds_outside(tree):
         try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{name}/fd/{fd}")
-                if link.startswith("pipe:["):
-                    k = pipes.get(int(link[6:-1]))
-                elif fifos and link.startswith("/"):
-                    s = os.stat(f"/proc/{name}/fd/{fd}")
-                    k = fifos.get((s.st_dev, s.st_ino))
-                else:
-                    continue
-            except (OSError, ValueError):
+            if link.startswith("pipe:["):
+                k = pipes.get(int(link[6:-1]))
+            elif fifos and link.startswith("/"):
+                s = os.stat(path)
+                k = fifos.get((s.st_dev, s.st_ino))
+            else:
                 continue
-            if k is not None:
-                out.setdefault(k, set()).add(int(name))
+        except (OSError, ValueError):
+            continue
+        if k is not None:
+            out.setdefault(k, set()).add(pid)
     return out
 
 

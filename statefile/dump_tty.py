@@ -140,22 +140,11 @@ def _slave_held_outside(indices: set[int], tree: set[int]) -> dict[int, list[int
     """{index: [pids]}: processes outside the tree (and not us) holding a fd
     on /dev/pts/INDEX."""
     out: dict[int, list[int]] = {}
-    me = os.getpid()
     paths = {f"/dev/pts/{i}": i for i in indices}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in tree or int(name) == me:
-            continue
-        try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                i = paths.get(os.readlink(f"/proc/{name}/fd/{fd}"))
-            except OSError:
-                continue
-            if i is not None:
-                out.setdefault(i, []).append(int(name))
+    for pid, _, link in procfs.fds_outside(tree):
+        i = paths.get(link)
+        if i is not None:
+            out.setdefault(i, []).append(pid)
     return out
 
 

@@ -115,6 +115,25 @@ def fdinfo(pid: int, fd: int) -> dict[str, str]:
     return out
 
 
+def fds_outside(tree: set[int]):
+    """(pid, path of /proc/PID/fd/N, link text) for every fd of every process
+    outside `tree` and other than us: who else holds a pipe, FIFO or pty."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in tree or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            path = f"/proc/{name}/fd/{fd}"
+            try:
+                yield int(name), path, os.readlink(path)
+            except OSError:
+                continue
+
+
 def is_kernel_thread(pid: int) -> bool:
     return bool(stat(pid)["flags"] & PF_KTHREAD)
 
