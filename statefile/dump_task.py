@@ -120,7 +120,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
                           "size": exe_stat.st_size, "mtime_ns": exe_stat.st_mtime_ns}
     # Registers first: injection below changes them (and puts them back).
     regs = {tid: dump_thread_regs(pid, tid) for tid in ft.threads}
-    maps0 = procfs.smaps(pid)
+    maps0 = procfs.maps(pid)
     leader = pid if pid in ft.threads else min(ft.threads)
     memfd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
     try:
