@@ -95,22 +95,44 @@ def _skipped_socket(f: dict) -> int:
     fam = _FAMILY.get(info.get("family"), socket.AF_INET)
     typ = _SOCKTYPE.get(info.get("type"), socket.SOCK_STREAM)
     proto = info.get("protocol", 0) if fam == socket.AF_NETLINK else 0
-    sock = socket.socket(fam, typ, proto)
-    local = info.get("local")
-    rebind = fam in (socket.AF_INET, socket.AF_INET6) and local and (
-        info.get("listening") or (typ == socket.SOCK_DGRAM and "peer" not in info))
-    if rebind:
+    if fam in (socket.AF_INET, socket.AF_INET6) and info.get("local") and (
+            info.get("listening") or (typ == socket.SOCK_DGRAM and "peer" not in info)):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(tuple(local))
-            if info.get("listening"):
-                sock.listen(128)
+            return _inet_socket(f)
         except OSError:
-            sock.close()
-            sock = socket.socket(fam, typ, proto)
-    if f.get("flags", 0) & os.O_NONBLOCK:
-        sock.setblocking(False)
+            pass
+    sock = socket.socket(fam, typ, proto)
+    sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
     return sock.detach()
+
+
+def _inet_socket(f: dict) -> int:
+    """A listening TCP or unconnected UDP socket, bound (and listening) again
+    on its saved address with its saved options (support: fd:socket:inet-listen,
+    fd:socket:inet-udp).  Raises OSError (EADDRINUSE...) if it cannot."""
+    info = f["socket"]
+    fam = _FAMILY[info["family"]]
+    sock = socket.socket(fam, _SOCKTYPE[info["type"]])
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
+                        1 if info.get("listening") else info.get("reuseaddr", 0))
+        if info.get("reuseport"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if fam == socket.AF_INET6 and "v6only" in info:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
+        local = tuple(info["local"])
+        if local[1]:                    # port 0: never bound, binds itself when used
+            sock.bind(local)
+        if info.get("listening"):
+            with open("/proc/sys/net/core/somaxconn") as s:
+                sock.listen(int(s.read()))
+            if not info.get("reuseaddr"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+        return sock.detach()
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _recreate_from_blob(plan: ChildPlan, f: dict) -> None:
@@ -182,6 +204,13 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return restore_anon.open_anon(f)
     if kind == "socket" and f.get("socket", {}).get("family") == "unix":
         return restore_sockets.open_unix(f, plan.files)
+    if kind == "socket" and f.get("socket", {}).get("family") in ("inet", "inet6"):
+        try:
+            return _inet_socket(f)
+        except OSError as e:
+            local = f["socket"].get("local") or ["?", "?"]
+            raise ChildError("sockets", f"cannot listen on or bind {local[0]} port {local[1]} "
+                             f"again: {e.strerror or e}") from None
     if kind in restore_tty.KINDS:   # made by the initiator (restore_tty.open_ptys)
         raise ChildError("files", f"pseudo-terminal {path} was not created for this task")
     if kind == "tty":

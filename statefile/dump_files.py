@@ -68,14 +68,38 @@ def socket_info(pid: int, fd: int, unix_diag=None) -> dict:
             if isinstance(addr, bytes):
                 addr = addr.decode(errors="replace")
             info[key] = list(addr) if isinstance(addr, tuple) else addr
-        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
-            info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            info.update(_inet_details(pid, sock, os.fstat(dup).st_ino))
         if sock.family == socket.AF_UNIX and unix_diag is not None:
             info.update(dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag()))
         return info
     finally:
         sock.detach()
         os.close(dup)
+
+
+def _inet_details(pid: int, sock: socket.socket, ino: int) -> dict:
+    """What a listening TCP or an unconnected UDP socket needs to be bound
+    again: its options, and whether anything is queued in it (connections
+    waiting to be accepted, datagrams not read), from /proc/PID/net/*
+    (rx_queue of the socket's inode; the task's own network namespace)."""
+    info = {"reuseaddr": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+            "reuseport": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)}
+    if sock.family == socket.AF_INET6:
+        info["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    proto = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
+    if sock.type == socket.SOCK_STREAM:
+        info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    table = f"/proc/{pid}/net/{proto}{'6' if sock.family == socket.AF_INET6 else ''}"
+    try:
+        for line in procfs.read(table).splitlines()[1:]:
+            cols = line.split()
+            if len(cols) > 9 and cols[9] == str(ino):
+                info["queued"] = int(cols[4].split(":")[1], 16)
+                break
+    except OSError:
+        pass
+    return info
 
 
 class FileTable:

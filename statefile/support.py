@@ -116,9 +116,15 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:socket:unix", "other unix socket", UNSUPPORTED,
              f"unix sockets connected to a process outside the tree, with file descriptors "
              f"in flight or with connections waiting to be accepted are {_NOT_YET}"),
-    Resource("fd:socket:inet", "TCP/UDP socket", SKIPPABLE,
-             f"network sockets are {_NOT_YET}; policy 'network' restores them closed",
-             "network"),
+    Resource("fd:socket:inet-listen", "listening TCP socket with no connection waiting to "
+             "be accepted (listening again on its address, with SO_REUSEADDR, SO_REUSEPORT "
+             "and IPV6_V6ONLY as they were)", SUPPORTED),
+    Resource("fd:socket:inet-udp", "unconnected UDP socket with no datagram queued (bound "
+             "again to its address)", SUPPORTED),
+    Resource("fd:socket:inet", "TCP connection, or a listening or UDP socket with "
+             "connections or datagrams queued", SKIPPABLE,
+             f"TCP connections and queued connections or datagrams are {_NOT_YET}; policy "
+             "'network' restores them closed (a connection) or empty", "network"),
     Resource("fd:socket:netlink", "netlink socket", SKIPPABLE,
              f"netlink sockets are {_NOT_YET}; policy 'network' restores them closed",
              "network"),
@@ -218,7 +224,13 @@ def fd_key(f: dict) -> str:
     if kind in ("pipe", "fifo"):
         return f"fd:{kind}"
     if kind == "socket":
-        fam = f.get("socket", {}).get("family")
+        info = f.get("socket", {})
+        fam = info.get("family")
+        if fam in ("inet", "inet6") and info.get("queued") == 0:
+            if info.get("type") == "stream" and info.get("listening"):
+                return "fd:socket:inet-listen"
+            if info.get("type") == "dgram" and "peer" not in info:
+                return "fd:socket:inet-udp"
         return {"unix": "fd:socket:unix", "inet": "fd:socket:inet", "inet6": "fd:socket:inet",
                 "netlink": "fd:socket:netlink"}.get(fam, "fd:socket:other")
     if kind.startswith("anon:"):

@@ -1,6 +1,6 @@
 """A real database: a PostgreSQL server (postmaster and its background
 workers: a process tree with a SysV segment, MAP_SHARED memory, POSIX shm,
-a listening unix socket, pipes) is checkpointed with --kill between two
+listening unix and TCP sockets, pipes) is checkpointed with --kill between two
 client sessions and restarted; the second session's output is byte-identical
 to the same sessions against a server that ran uninterrupted."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,10 +54,20 @@ def _as_postgres(*argv) -> list[str]:
             *map(str, argv)]
 
 
-def _psql(sock: Path, sql: str) -> bytes:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _psql(sock, sql: str) -> bytes:
+    """Run sql through the server's unix socket (sock = (dir, port)) or, with
+    sock = ("127.0.0.1", port), over TCP."""
+    host, port = sock
     deadline = time.monotonic() + 30
     while True:
-        r = subprocess.run(["psql", "-X", "-h", str(sock), "-U", "postgres", "-v",
+        r = subprocess.run(["psql", "-X", "-h", str(host), "-p", str(port), "-U", "postgres",
+                            "-v",
                             "ON_ERROR_STOP=1", "-c", sql], capture_output=True, timeout=60)
         if r.returncode == 0:
             return r.stdout
@@ -72,11 +83,13 @@ def _server(procs, pg: Path, root: Path, name: str):
     shutil.chown(sock, "postgres", "postgres")
     subprocess.run(_as_postgres(pg / "initdb", "-D", data, "-A", "trust", "-U", "postgres"),
                    check=True, capture_output=True, timeout=120)
-    proc = procs.spawn(_as_postgres(pg / "postgres", "-D", data, "-c", "listen_addresses=",
+    port = _free_port()
+    proc = procs.spawn(_as_postgres(pg / "postgres", "-D", data,
+                                    "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
                                     "-c", f"unix_socket_directories={sock}",
                                     "-c", "logging_collector=off"),
                        stdout=root / f"{name}.log", stderr=subprocess.STDOUT)
-    return proc, sock
+    return proc, (sock, port)
 
 
 def _stop(pid: int) -> None:
@@ -127,6 +140,8 @@ def test_postgres_serves_on_after_restart(procs, pg_dir):
         code, err = finish(r)
         assert code == 0, err
         got += _psql(sock, SQL2)
+        # and over TCP: the listening socket is back on its port
+        assert b"30000" in _psql(("127.0.0.1", sock[1]), "SELECT count(*) FROM t;")
     finally:
         _stop(proc.pid)
     assert got == ref
