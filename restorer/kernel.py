@@ -133,3 +133,13 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
 
 def pack_sigaction(handler: int, flags: int, restorer: int, mask: int) -> bytes:
     return struct.pack("<QQQQ", handler, flags, restorer, mask)
+
+
+def close_all(fds) -> None:
+    """Close every fd of a {key: fd} dict or of an iterable, ignoring errors:
+    the clean-up after a failure."""
+    for fd in set(fds.values() if isinstance(fds, dict) else fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass

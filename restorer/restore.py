@@ -16,7 +16,7 @@ from statefile.errors import FormatError
 from statefile.reader import load
 
 from .errors import RestoreError
-from .kernel import CLONE_NEWPID, CLONE_NEWUSER, fork_with_pid, unshare
+from .kernel import CLONE_NEWPID, CLONE_NEWUSER, close_all, fork_with_pid, unshare
 from .restore_files import ChildPlan
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memfd import SharedObjects
@@ -25,8 +25,8 @@ from .restore_ns import Namespaces, to_inner
 from .restore_ns import own_pidns as own_pidns_of
 from .restore_task import TaskRestorer
 from .restore_tty import plan_ctty
-from .restore_tree import (Node, close_all, fork_pid_waiting_zombie, host_pids, open_shared,
-                           plan_tree, read_status, task_main)
+from .restore_tree import (Node, fork_pid_waiting_zombie, host_pids, open_shared, plan_tree,
+                           read_status, task_main)
 from .validate import validate
 
 

@@ -34,6 +34,7 @@ import fcntl
 import os
 
 from .errors import RestoreError, ValidationError
+from .kernel import close_all
 from .restore_files import REG_FLAG_MASK
 
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
@@ -144,8 +145,7 @@ class SharedObjects:
                 out[inherited_id(i, False)] = os.open(f"/proc/self/fd/{self.fds[i]}",
                                                       os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
-            for fd in out.values():
-                os.close(fd)
+            close_all(out)
             raise
         finally:
             os.close(sfd)

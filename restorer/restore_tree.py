@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from statefile.dump_pipes import stdio_passthrough
 
 from .errors import RestoreError, ValidationError
-from .kernel import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, fork_with_pid, prctl
+from .kernel import (PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
+                     prctl)
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
 from .restore_tty import open_ptys
 
@@ -245,11 +246,7 @@ def _make_pipe(group: list[dict], data: bytes, size: int) -> dict[int, int]:
             if end not in used:
                 os.close(end)   # an end nobody in the tree held (writers get EPIPE, as before)
     except BaseException:
-        for fd in set(out.values()) | {r, w}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(set(out.values()) | {r, w})
         raise
     return out
 
@@ -288,8 +285,7 @@ def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -
         except OSError:
             pass  # no reader in the tree: nobody to wake
     except BaseException:
-        for fd in out.values():
-            os.close(fd)
+        close_all(out)
         raise
     finally:
         os.close(helper)
@@ -362,14 +358,6 @@ def _unix_pair_across(f: dict, files: list[dict], users: dict[int, set[int]]) ->
         return False
     peer = next((g for g in files if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
     return peer is not None and users.get(peer["id"]) != users.get(f["id"])
-
-
-def close_all(fds: dict[int, int]) -> None:
-    for fd in set(fds.values()):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------- in every task

@@ -29,6 +29,7 @@ import struct
 import termios
 
 from .errors import RestoreError
+from .kernel import close_all
 
 TIOCSPTLCK = 0x40045431
 TIOCGPTN = 0x80045430
@@ -157,11 +158,7 @@ def open_ptys(files: list[dict], tasks: list[dict], warnings: list[str]) -> dict
             except OSError as e:
                 raise RestoreError("pseudo-terminals", f"pty {i}: {e.strerror or e}") from None
     except BaseException:
-        for fd in set(out.values()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(out)
         raise
     return out
 
