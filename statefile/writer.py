@@ -251,11 +251,13 @@ class StatefileWriter:
         try:
             try:
                 os.ftruncate(self.fd, cur)
-                _preallocate(self.fd, [(out, n) for jobs in (frozen_jobs, later_jobs)
-                                       for _, _, items in jobs for _, out, n in items])
                 for phase, jobs in enumerate((frozen_jobs, later_jobs)):
                     if phase == 1 and thaw is not None:
                         thaw()
+                    # (after the thaw for the memory read from the snapshots:
+                    # the tasks never wait for it)
+                    _preallocate(self.fd, [(out, n) for _, _, items in jobs
+                                           for _, out, n in items])
                     copier = _Copier(self.fd, progress)
                     copier.run(jobs)
                     crcs.update(copier.crcs)
