@@ -51,6 +51,10 @@ public class Tick {
 PROGRAMS = {
     # name: (tool, argv builder (tmp) -> argv, stdin file name or None)
     "xz": ("xz", lambda d: ["xz", "-2", "-c"], "in.txt"),
+    # multi-threaded: worker threads with their condition variables
+    "xz-threads": ("xz", lambda d: ["xz", "-T2", "-3", "-c"], "in.txt"),
+    "zstd-threads": ("zstd", lambda d: ["zstd", "-T2", "-15", "-c"], "in.txt"),
+    "sort-parallel": ("sort", lambda d: ["sort", "--parallel=2", "-r", "-S", "100M"], "in.txt"),
     "bzip2": ("bzip2", lambda d: ["bzip2", "-9", "-c"], "in.txt"),
     "zstd": ("zstd", lambda d: ["zstd", "-12", "-c"], "in.txt"),
     "perl": ("perl", lambda d: ["perl", "-ne", "$s += $_; if ($. % 100000 == 0) "
@@ -142,3 +146,40 @@ def test_compiler_tree_restarts_identically(pipe, procs, tmp_path):
                          capture_output=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "run.o").read_bytes() == (tmp_path / "ref.o").read_bytes()
+
+
+POOL = """
+import hashlib, multiprocessing as mp
+def work(i):
+    h = b"%d" % i
+    for _ in range(100000):
+        h = hashlib.sha256(h).digest()
+    return i, h.hex()[:16]
+if __name__ == "__main__":
+    with mp.Pool(3) as p:
+        for i, h in p.imap(work, range(60)):
+            print(i, h, flush=True)
+"""
+
+
+def test_python_multiprocessing_pool_restarts_identically(procs, tmp_path):
+    """A multiprocessing Pool: the parent, its 3 workers and its helper
+    threads, with the pipes and locks between them, killed mid-run."""
+    require_root()
+    prog = tmp_path / "pool.py"
+    prog.write_text(POOL)
+    ref = subprocess.run([sys.executable, prog], capture_output=True, timeout=300).stdout
+    out = tmp_path / "run.out"
+    proc = procs.spawn([sys.executable, prog], stdout=out, stderr=tmp_path / "err")
+    deadline = time.monotonic() + 30
+    while out.read_bytes().count(b"\n") < 5:
+        assert proc.poll() is None and time.monotonic() < deadline, "the pool ended too early"
+        time.sleep(0.05)
+    summary = checkpoint(proc.pid, tmp_path / "pool.cr", "--kill")
+    assert len(summary["pids"]) == 4 and summary["threads"] > 4
+    proc.wait(timeout=10)
+    reap(summary["pids"][1:])
+    res = subprocess.run([str(BIN / "crrestart"), str(tmp_path / "pool.cr")],
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == ref
