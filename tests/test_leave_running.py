@@ -26,7 +26,7 @@ for s in (signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.
 up_r, up_w = os.pipe()          # child A -> parent
 down_r, down_w = os.pipe()      # parent -> child B
 back_r, back_w = os.pipe()      # child B -> parent
-N = 400
+N = 600
 a = os.fork()
 if a == 0:
     for fd in (up_r, down_r, down_w, back_r, back_w):
@@ -81,7 +81,7 @@ def test_leave_running_checkpoints_are_invisible(procs, tmp_path):
     out = tmp_path / "o.out"
     proc = procs.spawn([sys.executable, prog], stdout=out)
     wait_for_line(out, r"^ready$", proc=proc)
-    done = 0
+    done = full = 0
     for k in range(5):
         time.sleep(0.2)
         if proc.poll() is not None:
@@ -91,9 +91,12 @@ def test_leave_running_checkpoints_are_invisible(procs, tmp_path):
             break
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout)
-        assert summary["copy_on_write"] and len(summary["pids"]) == 3
+        # child A may have sent its last record and exited by a late round
+        assert summary["copy_on_write"] and proc.pid in summary["pids"], summary
+        assert 2 <= len(summary["pids"]) <= 3, summary
+        full += len(summary["pids"]) == 3
         done += 1
-    assert done >= 3, "the program ended before the checkpoints"
+    assert done >= 3 and full >= 2, "the program ended before the checkpoints"
     assert proc.wait(timeout=120) == 0
     assert out.read_bytes() == ref
     # and the parent never saw a signal it would not have seen anyway

@@ -154,7 +154,11 @@ def job_control(s: Session) -> None:
     f = stat_fields(bash)
     assert int(f[3]) == bash and int(f[2]) == bash          # session and group leader
     assert tty_index(int(f[4])) == master_index(s.pid)      # its ctty is the harness's pair
-    assert int(f[5]) == bash                                # foreground group at the prompt
+    # foreground group at the prompt: bash takes the terminal back from the
+    # last job around the time it prints the prompt, so allow it a moment
+    s.wait_for(lambda: int(stat_fields(bash)[5]) == bash,
+               f"bash ({bash}) is not the foreground group at its prompt "
+               f"(tpgid {stat_fields(bash)[5]} when its prompt appeared)", timeout=5)
     n = s.prompts()
     s.send(b"sleep 100\n")
 
