@@ -15,6 +15,11 @@ is what a user sees but is noisy on a shared machine.  Two ways of running "unde
   crrun    the whole `python -m statefile.crrun_cli -- CMD` command, so it
            also includes crrun's own start-up (Python + click, ~0.1 s), a
            constant that only matters for short programs.
+  floor    the program under a one-instruction seccomp filter that allows
+           every syscall (no listener, no monitor): what the kernel charges
+           any task that has a seccomp filter at all (each syscall then takes
+           the slow entry path).  No seccomp-based monitor can cost less;
+           "monitor - floor" is what crrun's own filter and monitor add.
 
 Workloads (sizes chosen for ~1-3 s each on the reference machine; the page
 cache is warmed by a first untimed run):
@@ -24,6 +29,8 @@ cache is warmed by a first untimed run):
   lsR      ls -lR /usr (statx/getdents/readlink heavy, lots of output)
   pyopen   python3 opening, reading and closing 100000 small files
   dd1      dd bs=1 of 2 MB: ~4 million tiny read+write syscalls (worst case)
+  gcc      gcc -O2 of crelf's C samples, 4 times (a real program: a compiler
+           driver, cc1 and as, with their file syscalls)
 
 Target (issue 5): under 5 % overhead.
 """
@@ -31,6 +38,7 @@ Target (issue 5): under 5 % overhead.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -66,6 +74,8 @@ WORKLOADS = {
     "lsR": ["sh", "-c", "ls -lR /usr > /dev/null 2>&1"],
     "pyopen": ["python3", "-c", PYOPEN],
     "dd1": ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=2000000", "status=none"],
+    "gcc": ["sh", "-c", "d=$(mktemp -d) && for i in 1 2 3 4; do for f in samples/*.c; do "
+            "gcc -O2 -pthread -o $d/x $f || exit 1; done; done; rm -rf $d"],
 }
 
 
@@ -113,7 +123,23 @@ def run_crrun(argv) -> tuple[float, float]:
     return run_plain([sys.executable, "-m", "statefile.crrun_cli", "--", *argv])
 
 
-RUNNERS = {"plain": run_plain, "monitor": run_monitor, "crrun": run_crrun}
+def _allow_all_filter() -> None:
+    """preexec_fn: a seccomp filter that allows everything (the floor)."""
+    monitor._check(monitor._libc.prctl(monitor.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+    insn = (monitor.SockFilter * 1)(monitor.SockFilter(0x06, 0, 0, monitor.SECCOMP_RET_ALLOW))
+    prog = monitor.SockFprog(1, insn)
+    monitor._check(monitor._libc.syscall(ctypes.c_long(monitor.NR_SECCOMP),
+                                         ctypes.c_uint(monitor.SECCOMP_SET_MODE_FILTER),
+                                         ctypes.c_uint(0), ctypes.byref(prog)), "seccomp")
+
+
+def run_floor(argv) -> tuple[float, float]:
+    clock = _Clock()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, preexec_fn=_allow_all_filter)
+    return clock.stop()
+
+
+RUNNERS = {"plain": run_plain, "floor": run_floor, "monitor": run_monitor, "crrun": run_crrun}
 
 
 def bench(name: str, runs: int) -> dict:
@@ -121,7 +147,7 @@ def bench(name: str, runs: int) -> dict:
     run_plain(argv)  # warm the page cache
     wall: dict[str, list[float]] = {k: [] for k in RUNNERS}
     cpu: dict[str, list[float]] = {k: [] for k in RUNNERS}
-    for _ in range(runs):  # interleaved, so drift hits all three alike
+    for _ in range(runs):  # interleaved, so drift hits every runner alike
         for kind, fn in RUNNERS.items():
             w, c = fn(argv)
             wall[kind].append(w)
@@ -131,7 +157,8 @@ def bench(name: str, runs: int) -> dict:
         med = {k: statistics.median(v) for k, v in data.items()}
         out[f"{measure}_median_s"] = med
         out[f"{measure}_overhead_pct"] = {k: 100 * (med[k] / med["plain"] - 1)
-                                          for k in ("monitor", "crrun")}
+                                          for k in ("floor", "monitor", "crrun")}
+        out[f"{measure}_above_floor_pct"] = 100 * (med["monitor"] / med["floor"] - 1)
     return out
 
 
@@ -150,8 +177,10 @@ def main() -> None:
             for measure in ("cpu", "wall"):
                 m, o = r[f"{measure}_median_s"], r[f"{measure}_overhead_pct"]
                 print(f"{name:7s} {measure:4s} plain {m['plain']:6.3f}s  "
+                      f"floor {m['floor']:6.3f}s ({o['floor']:+5.1f}%)  "
                       f"monitor {m['monitor']:6.3f}s ({o['monitor']:+5.1f}%)  "
-                      f"crrun {m['crrun']:6.3f}s ({o['crrun']:+5.1f}%)", flush=True)
+                      f"crrun {m['crrun']:6.3f}s ({o['crrun']:+5.1f}%)  "
+                      f"monitor vs floor {r[f'{measure}_above_floor_pct']:+5.1f}%", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
 
