@@ -12,8 +12,8 @@ trap cleanup EXIT
 sh samples/build.sh "$work/bin" >/dev/null
 
 echo "== a ticker that prints a memory checksum every 100 ms"
-# Only stdout (a file) and /dev/null: no stray inherited fds (pipes are not
-# restorable yet, and crcheckpoint would rightly refuse them).
+# Only stdout (a file) and /dev/null: no stray inherited fds (a pipe to a
+# process outside the tree cannot be restored, and crcheckpoint would refuse it).
 $B/python -c 'import os, sys; os.closerange(3, 4096); os.execv(sys.argv[1], sys.argv[1:])' \
     "$work/bin/ticker" 40 > "$work/ticker.out" 2>/dev/null </dev/null & pid=$!
 sleep 1
