@@ -127,6 +127,15 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
             if s.st_ino != m["inode"] or (os.major(s.st_dev), os.minor(s.st_dev)) != (maj, mnr):
                 raise ValidationError(f"mapped file {file_path(m)} was replaced since the "
                                       "checkpoint (a library or the program was updated)")
+            # A private mapping rewritten in place (same inode): the pages not
+            # saved would be read from new content.  (A shared mapping is the
+            # file itself, which the program may change: like an open file.)
+            if m["kind"] == "file-private" and (
+                    m.get("file_size") not in (None, s.st_size)
+                    or m.get("file_mtime_ns") not in (None, s.st_mtime_ns)):
+                raise ValidationError(f"mapped file {file_path(m)} was modified since the "
+                                      "checkpoint (a library or the program was rewritten "
+                                      "in place)")
         if m["kind"] == "special":
             raise ValidationError(f"special mapping {m['path']} cannot be restored")
     # open files

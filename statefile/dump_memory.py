@@ -205,17 +205,40 @@ def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _file_ident(pid: int, m: dict, cache: dict) -> tuple[int, int] | None:
+    """Size and mtime of the file a mapping maps (so a restart can tell a
+    library rewritten in place, same inode, from the one that was mapped).
+    Read through /proc/PID/map_files (the very file mapped), else the path."""
+    key = (m["dev"], m["inode"])
+    if key not in cache:
+        cache[key] = None
+        for path in (f"/proc/{pid}/map_files/{m['start']:x}-{m['end']:x}", m["path"]):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if st.st_ino == m["inode"]:
+                cache[key] = (st.st_size, st.st_mtime_ns)
+                break
+    return cache[key]
+
+
 def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
     """The mapping table of a task and the segment plans for its memory."""
     maps = procfs.smaps(pid)
     scanner = PageScanner(pid)
     plans: list[SegmentPlan] = []
+    idents: dict[tuple, tuple[int, int] | None] = {}
     try:
         for idx, m in enumerate(maps):
             kind = mapping_kind(m)
             m["kind"] = kind
             m["deleted"] = m["path"].endswith(" (deleted)")
             m["segments"] = []
+            if kind in ("file-private", "file-shared") and not m["deleted"]:
+                ident = _file_ident(pid, m, idents)
+                if ident:
+                    m["file_size"], m["file_mtime_ns"] = ident
             size = m["end"] - m["start"]
 
             # A fork()ed snapshot lacks MADV_DONTFORK memory, sees MADV_WIPEONFORK

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import require_root, wait_for_line
+from helpers import pid_alive, require_root, wait_for_line
 
 BIN = Path(sys.executable).parent
 CRCHECKPOINT = str(BIN / "crcheckpoint")
@@ -302,6 +302,42 @@ def test_changed_file_refused(sample_bin, procs, tmp_path):
     assert code == 3
     assert "validation" in err and str(out) in err and "--force-files" in err
     assert len(err.strip().splitlines()) == 1
+
+
+MAPPED = r"""
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+m = mmap.mmap(fd, 8192, mmap.MAP_PRIVATE, mmap.PROT_READ)
+os.close(fd)
+for i in range(200):
+    print(i, m[4096:4100].decode(), flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_private_mapping_rewritten_in_place_is_refused(procs, tmp_path):
+    """A file mapped privately (like a library) whose content changed in place
+    (same inode) would feed the restarted process new pages: refused."""
+    require_root()
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"a" * 4096 + b"BBBB" + b"c" * 4092)
+    prog = tmp_path / "mapped.py"
+    prog.write_text(MAPPED)
+    out = tmp_path / "mapped.out"
+    p = procs.spawn([sys.executable, prog, data], stdout=out)
+    wait_for_line(out, r"^3 BBBB$", proc=p)
+    cr = tmp_path / "m.cr"
+    checkpoint(p.pid, cr, proc=p)
+    ino = data.stat().st_ino
+    with open(data, "r+b") as f:      # rewrite in place: same inode, same size
+        f.seek(4096)
+        f.write(b"XXXX")
+    assert data.stat().st_ino == ino
+    code, err = finish(restart(procs, cr, "--force-files"))
+    assert code == 3, err
+    assert f"mapped file {data} was modified since the checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not pid_alive(p.pid), "a refused restart left the process behind"
 
 
 @pytest.mark.parametrize("step,extra", [("mmap", []), ("registers", []),
