@@ -407,3 +407,37 @@ def test_terminal_becomes_crrestarts_terminal(sample_bin, procs, tmp_path):
     got = got[:got.index(b"done\n") + 5]
     ref = reference([sample_bin / "ticker", 20, 1, 0], tmp_path)
     assert got == ref
+
+
+def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path):
+    """The vDSO goes back at its old address, so it must be this kernel's: a
+    statefile whose saved vDSO has another layout or other code is refused
+    (restorer/validate.vdso_problem, called by crrestart's validation)."""
+    require_root()
+    from restorer.validate import vdso_problem
+    from statefile.reader import load
+
+    out = tmp_path / "tick.out"
+    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
+    wait_for_line(out, r"^tick 3 ", proc=p)
+    cr = tmp_path / "t.cr"
+    checkpoint(p.pid, cr, proc=p)
+    sf = load(str(cr))
+    task = sf.tasks[0]
+    assert vdso_problem(task, sf) is None          # the same kernel: accepted
+
+    class OtherBuild:
+        """The statefile, with one byte of its saved vDSO code changed."""
+        def __getattr__(self, name):
+            return getattr(sf, name)
+
+        def read_segment(self, f, seg, rel, size):
+            data = bytearray(sf.read_segment(f, seg, rel, size))
+            data[0x200] ^= 0xFF
+            return bytes(data)
+
+    assert "vDSO code differs" in vdso_problem(task, OtherBuild())
+    other = dict(task, mappings=[dict(m, end=m["end"] + 4096) if m["path"] == "[vvar]" else m
+                                 for m in task["mappings"]])
+    msg = vdso_problem(other, sf)
+    assert "vDSO layout" in msg and "[vvar] 5p" in msg and "[vvar] 4p" in msg, msg
