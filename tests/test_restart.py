@@ -441,3 +441,50 @@ def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path):
                                  for m in task["mappings"]])
     msg = vdso_problem(other, sf)
     assert "vDSO layout" in msg and "[vvar] 5p" in msg and "[vvar] 4p" in msg, msg
+
+
+ORPHANING = r"""
+import os, sys, time
+go = sys.argv[1]
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.02)
+child = os.fork()
+if child == 0:
+    if os.fork() == 0:            # the grandchild: an orphan once its parent exits
+        time.sleep(0.3)
+        print("orphan", os.getpid(), "exits", flush=True)
+        os._exit(0)
+    os._exit(0)
+os.waitpid(child, 0)
+time.sleep(3)
+print("done", flush=True)
+"""
+
+
+def test_pidns_init_reaps_orphans(procs, tmp_path):
+    """With --pidns, crrestart's init of the new namespace adopts the tasks
+    orphaned after the restart and reaps them: no zombie is left."""
+    require_root()
+    import json
+    prog, out, go = tmp_path / "orphaning.py", tmp_path / "o.out", tmp_path / "go"
+    prog.write_text(ORPHANING)
+    p = procs.spawn([sys.executable, prog, go], stdout=out)
+    wait_for_line(out, r"^ready$", proc=p)
+    cr = tmp_path / "o.cr"
+    checkpoint(p.pid, cr, proc=p)
+    code, err = finish(restart(procs, cr, "--pidns", "--detach", "--json", "--force-files"))
+    assert code == 0, err
+    root = json.loads(err.strip().splitlines()[-1])["tracer_pid"]
+    with open(f"/proc/{root}/status") as f:
+        init = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+    go.write_text("")
+    wait_for_line(out, r"^orphan \d+ exits$")
+    deadline = time.monotonic() + 10
+    while True:
+        kids = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+        if [int(k) for k in kids] == [root]:
+            break               # the orphan came to init and was reaped
+        assert time.monotonic() < deadline, f"init {init} still has children {kids}"
+        time.sleep(0.05)
+    wait_for_line(out, r"^done$")
