@@ -6,7 +6,7 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/bin"}
 mkdir -p "$out"
-for name in mt_values ticker tree bigheap unsupported; do
+for name in mt_values ticker tree bigheap unsupported mt_sync procstate; do
     gcc -O1 -g -pthread -Wall -o "$out/$name.tmp" "$here/$name.c"
     mv -f "$out/$name.tmp" "$out/$name"
 done
