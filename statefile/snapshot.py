@@ -80,3 +80,119 @@ def release_snapshot(task_pid: int, child: int, syscall_addr: int) -> None:
             pt.detach(task_pid)
         except OSError:
             pass
+
+
+# ------------------------------------------------ the snapshot writes itself
+
+AT_FDCWD = -100
+O_WRONLY, O_CLOEXEC = 0o1, 0o2000000
+MAP_PRIVATE_ANON = 0x22
+
+
+class SelfWriter:
+    """The snapshot copies its own memory into the statefile.
+
+    Reading a snapshot's memory from crcheckpoint copies every page twice
+    (the snapshot's page into a buffer, the buffer into the page cache); a
+    pwrite64() injected into the snapshot copies it once, straight from its
+    address space into the statefile's page cache, on the other core while
+    crcheckpoint checksums what was written (bench/README.md).  The snapshot
+    never runs its own code for this either: each write is one injected
+    syscall, through the same vDSO `syscall` instruction.
+
+    Setting it up, in the snapshot only: unshare(CLONE_FILES) and
+    close_range() give it a private, empty fd table (it shared the task's,
+    where a new fd would be visible to the running task), then it opens the
+    temporary statefile by path.  The file it opened is checked to be ours
+    (device and inode): a chroot, another mount namespace or a file replaced
+    under the same name make it refuse, and so do a memory cgroup limit (the
+    page cache would be charged to the task's cgroup), a seccomp filter (the
+    injected calls could be refused or kill the copy) and any failure: then
+    the caller reads the memory itself, as before.
+    """
+
+    def __init__(self, snap: int, syscall_addr: int, out_fd: int, out_path: str):
+        self.snap = snap
+        self.syscall_addr = syscall_addr
+        self.out_fd = out_fd
+        self.out_path = out_path
+        self.fd = -1
+        self.memfd = -1
+        self.inj: Injector | None = None
+        self.broken = False
+        self.written = 0        # bytes this snapshot wrote itself
+
+    @staticmethod
+    def _suitable(snap: int) -> bool:
+        try:
+            with open(f"/proc/{snap}/status") as f:
+                if any(line.startswith("Seccomp:") and line.split()[1] != "0" for line in f):
+                    return False
+            with open(f"/proc/{snap}/cgroup") as f:
+                for line in f:
+                    path = line.rstrip("\n").split(":", 2)[2]
+                    limit = f"/sys/fs/cgroup{path}/memory.max"
+                    if os.path.exists(limit) and open(limit).read().strip() != "max":
+                        return False
+        except (OSError, IndexError):
+            return False
+        return True
+
+    def open(self) -> bool:
+        if not self._suitable(self.snap):
+            return False
+        try:
+            self.memfd = os.open(f"/proc/{self.snap}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self.inj = inj = Injector(self.snap, self.syscall_addr, self.memfd)
+            inj.check("unshare", CLONE_FILES)
+            inj.check("close_range", 0, 2**32 - 1, 0)
+            path = os.fsencode(self.out_path) + b"\0"
+            scratch = inj.check("mmap", 0, 4096 + len(path), 3, MAP_PRIVATE_ANON, 2**64 - 1, 0)
+            try:
+                inj.write(scratch, path)
+                res = inj.call("openat", AT_FDCWD, scratch, O_WRONLY | O_CLOEXEC, 0)
+            finally:
+                inj.call("munmap", scratch, 4096 + len(path))
+            if res < 0:
+                return self._fail()
+            self.fd = res
+            mine, theirs = os.fstat(self.out_fd), os.stat(f"/proc/{self.snap}/fd/{res}")
+            if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+                return self._fail()
+            return True
+        except OSError:
+            return self._fail()
+
+    def _fail(self) -> bool:
+        self.broken = True
+        self.close()
+        return False
+
+    def write(self, addr: int, n: int, off: int) -> int:
+        """pwrite64 n bytes from the snapshot's addr at off; returns how many
+        were written before any failure (the caller copies the rest)."""
+        done = 0
+        while done < n and not self.broken:
+            try:
+                res = self.inj.call("pwrite64", self.fd, addr + done, n - done, off + done)
+            except OSError:
+                self.broken = True
+                break
+            if res <= 0:
+                break           # EFAULT (unreadable pages), EFBIG...: copied by the caller
+            done += res
+        return done
+
+    def close(self) -> None:
+        if self.inj is not None:
+            try:
+                if self.fd >= 0:
+                    self.inj.call("close", self.fd)
+                self.inj.close()
+            except OSError:
+                pass
+            self.inj = None
+        self.fd = -1
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1

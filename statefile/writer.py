@@ -22,7 +22,7 @@ import threading
 import time
 
 from . import elfcore as ec
-from . import ptrace
+from . import ptrace, snapshot
 from . import notes as nt
 from .dump_memory import PAGE, SegmentPlan
 from .errors import OutputError
@@ -128,6 +128,77 @@ class _Copier:
             self.crcs[seg_idx] = crc
 
 
+SELF_CHUNK = 32 << 20     # bytes per pwrite64 injected into a snapshot
+
+
+def _copy_range(src, out_fd: int, buf: bytearray, addr: int, out: int, n: int) -> None:
+    """Copy n bytes from a source into the statefile through buf (the
+    reader path, for what a snapshot could not write itself)."""
+    view = memoryview(buf)
+    while n:
+        k = min(len(buf), n)
+        src.read_into(buf, k, addr)
+        _pwrite_all(out_fd, view[:k], out)
+        addr, out, n = addr + k, out + k, n - k
+
+
+def _self_copy(out_fd: int, jobs, writers: dict, progress=None) -> dict[int, int]:
+    """Memory of snapshots that write themselves (snapshot.SelfWriter): each
+    run goes out in SELF_CHUNK pwrites injected into the snapshot, while a
+    thread reads back and checksums what has been written, in order (the
+    segment CRC covers its runs in order, as reader.verify checks).  What a
+    snapshot cannot write (unreadable pages, a failure) is copied through
+    a buffer.  Returns {segment index: crc32}."""
+    crcs: dict[int, int] = {}
+    done: queue.Queue = queue.Queue()
+    errors: list[BaseException] = []
+
+    def checksum():
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                item = done.get()
+                if item is None:
+                    return
+                seg_idx, off, n = item
+                crc = crcs.get(seg_idx, 0)
+                while n:
+                    k = min(CHUNK, n)
+                    if os.preadv(out_fd, [view[:k]], off) != k:
+                        raise OSError(errno.EIO, "short read of the statefile being written")
+                    crc = crc32(view[:k], crc)
+                    off, n = off + k, n - k
+                crcs[seg_idx] = crc
+        except BaseException as e:  # handed to the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=checksum, daemon=True)
+    thread.start()
+    buf = bytearray(CHUNK)
+    try:
+        for seg_idx, src, items in jobs:
+            w = writers[src]
+            for addr, out, length in items:
+                for pos in range(0, length, SELF_CHUNK):
+                    n = min(SELF_CHUNK, length - pos)
+                    k = w.write(addr + pos, n, out + pos)
+                    w.written += k
+                    if k < n:
+                        _copy_range(src, out_fd, buf, addr + pos + k, out + pos + k, n - k)
+                    done.put((seg_idx, out + pos, n))
+                    if progress:
+                        progress(n)
+                    if errors:
+                        raise errors[0]
+    finally:
+        done.put(None)
+        thread.join()
+    if errors:
+        raise errors[0]
+    return crcs
+
+
 class _MemSource:
     """A task's memory: process_vm_readv (fastest), /proc/PID/mem for the rest
     (pages process_vm_readv refuses, such as PROT_NONE ones, FOLL_FORCE reads).
@@ -183,9 +254,22 @@ class StatefileWriter:
             raise OutputError(f"output path {self.path} is a directory")
         self.tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{os.getpid()}")
         try:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise OutputError(f"cannot create statefile in {d}: {e.strerror}") from None
+
+    def _self_writers(self, snapshots: dict[int, int], syscall_addrs: dict[int, int]) -> dict:
+        """{snapshot memory source: its open SelfWriter}, for the snapshots
+        that can write themselves."""
+        out = {}
+        for task_pid, snap in snapshots.items():
+            src = self._sources.get(snap)
+            if src is None or task_pid not in syscall_addrs:
+                continue
+            w = snapshot.SelfWriter(snap, syscall_addrs[task_pid], self.fd, self.tmp)
+            if w.open():
+                out[src] = w
+        return out
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -199,14 +283,17 @@ class StatefileWriter:
     def write(self, *, header: dict, tasks: list[dict], regs: list[nt.ThreadRegs],
               files: list[dict], segments: list[SegmentPlan], progress=None,
               snapshots: dict[int, int] | None = None, thaw=None,
-              ipc: dict | None = None, shmem: list[dict] | None = None) -> dict:
+              ipc: dict | None = None, shmem: list[dict] | None = None,
+              syscall_addrs: dict[int, int] | None = None) -> dict:
         """Write everything; return statistics.  The caller calls abort() on failure.
 
         With `snapshots` (task pid -> pid of its copy-on-write snapshot) the
         segments that must be read while the tree is frozen (shared memory,
         MADV_DONTFORK/WIPEONFORK memory, file contents) are copied first, then
         `thaw()` releases the tree, and private memory is read from the
-        snapshots while the tree runs on.
+        snapshots while the tree runs on.  With `syscall_addrs` (task pid ->
+        its vDSO `syscall` instruction) each snapshot writes its own memory
+        into the statefile (snapshot.SelfWriter), falling back to reading it.
         """
         snapshots = snapshots or {}
         root = tasks[0]
@@ -214,6 +301,7 @@ class StatefileWriter:
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
         cur = _align(ec.headers_size(nph))
         frozen_jobs, later_jobs, seg_desc, sources = [], [], [], {}
+        self._sources = sources
         stored = 0
         for i, p in enumerate(segments, start=1):
             ph = phdrs[i]
@@ -248,6 +336,7 @@ class StatefileWriter:
                 cur = _align(cur + filesz)
         t0 = time.monotonic()
         crcs: dict[int, int] = {}
+        writers: dict = {}
         try:
             try:
                 os.ftruncate(self.fd, cur)
@@ -258,12 +347,19 @@ class StatefileWriter:
                     # the tasks never wait for it)
                     _preallocate(self.fd, [(out, n) for _, _, items in jobs
                                            for _, out, n in items])
+                    if phase == 1 and syscall_addrs:
+                        writers = self._self_writers(snapshots, syscall_addrs)
+                        mine = [j for j in jobs if j[1] in writers]
+                        jobs = [j for j in jobs if j[1] not in writers]
+                        crcs.update(_self_copy(self.fd, mine, writers, progress))
                     copier = _Copier(self.fd, progress)
                     copier.run(jobs)
                     crcs.update(copier.crcs)
             except OSError as e:
                 raise OutputError(_write_error(e, self.path)) from None
         finally:
+            for w in writers.values():
+                w.close()
             for src in sources.values():
                 src.close()
         copy_seconds = time.monotonic() - t0
@@ -310,6 +406,7 @@ class StatefileWriter:
         except OSError as e:
             raise OutputError(_write_error(e, self.path)) from None
         return {"bytes_stored": stored, "file_size": note_off + len(blob),
+                "bytes_written_by_snapshots": sum(w.written for w in writers.values()),
                 "segments": len(segments), "notes": len(note_list),
                 "copy_seconds": copy_seconds}
 
