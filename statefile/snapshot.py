@@ -130,10 +130,14 @@ class SelfWriter:
                     return False
             with open(f"/proc/{snap}/cgroup") as f:
                 for line in f:
-                    path = line.rstrip("\n").split(":", 2)[2]
-                    limit = f"/sys/fs/cgroup{path}/memory.max"
-                    if os.path.exists(limit) and open(limit).read().strip() != "max":
-                        return False
+                    path = line.rstrip("\n").split(":", 2)[2].rstrip("/")
+                    while path:         # the task's cgroup and every ancestor
+                        limit = f"/sys/fs/cgroup{path}/memory.max"
+                        if os.path.exists(limit):
+                            with open(limit) as m:
+                                if m.read().strip() != "max":
+                                    return False
+                        path = path.rsplit("/", 1)[0]
         except (OSError, IndexError):
             return False
         return True
