@@ -53,7 +53,7 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
     NoteKind("NT_PRPSINFO", OWNER_CORE, ec.NT_PRPSINFO, "struct",
              "elf_prpsinfo (136 bytes) of the root task"),
     NoteKind("NT_SIGINFO", OWNER_CORE, ec.NT_SIGINFO, "struct",
-             "siginfo_t (128 bytes): SIGSTOP, the checkpoint's stop"),
+             "siginfo_t (128 bytes) per thread: SIGSTOP, the checkpoint's stop"),
     NoteKind("NT_AUXV", OWNER_CORE, ec.NT_AUXV, "binary",
              "the root task's auxiliary vector, as /proc/PID/auxv"),
     NoteKind("NT_FILE", OWNER_CORE, ec.NT_FILE, "binary",
@@ -197,7 +197,17 @@ def nt_file(task: dict, page_size: int) -> bytes:
 
 def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs],
                    page_size: int) -> list[tuple[bytes, int, bytes]]:
-    """The gdb baseline notes of one task, in the kernel's order."""
+    """The gdb baseline notes of one task: per thread NT_PRSTATUS, NT_PRFPREG,
+    NT_X86_XSTATE and NT_SIGINFO (as gcore writes them); once NT_PRPSINFO,
+    NT_AUXV and NT_FILE.
+
+    The order is the kernel's (fill_note_info/write_note_info) for the leader:
+    PRSTATUS, PRPSINFO, SIGINFO, AUXV, FILE, PRFPREG, X86_XSTATE; then for
+    each other thread PRSTATUS, PRFPREG, X86_XSTATE and, where gcore puts it,
+    its SIGINFO last.  The kernel writes SIGINFO once; gdb/BFD attach each
+    NT_SIGINFO to the NT_PRSTATUS before it, so every SIGINFO follows its own
+    thread's PRSTATUS.
+    """
     threads = task["threads"]
     # The thread group leader first, as the kernel does.
     threads = sorted(threads, key=lambda t: (t["tid"] != task["pid"], t["tid"]))
@@ -213,4 +223,6 @@ def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs],
         out.append((OWNER_CORE, ec.NT_PRFPREG, r.fpregs))
         if r.xstate:
             out.append((OWNER_LINUX, ec.NT_X86_XSTATE, r.xstate))
+        if i > 0:
+            out.append((OWNER_CORE, ec.NT_SIGINFO, siginfo_stop()))
     return out

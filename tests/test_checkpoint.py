@@ -104,7 +104,18 @@ def test_multithreaded_gdb_reads_threads_backtraces_and_values(mt, sample_bin, t
     assert_keeps_ticking(out, proc)
 
 
-def test_eu_stack_and_readelf_read_the_statefile(mt, tmp_path):
+STANDARD_NOTE = re.compile(r"^\s+(CORE|LINUX)\s+0x[0-9a-f]+\s+(NT_\w+)", re.M)
+
+
+def standard_notes(path) -> list[tuple[str, str]]:
+    """(owner, type name) of every core note of `path`, in file order, from readelf."""
+    res = subprocess.run(["readelf", "-n", "-W", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    return STANDARD_NOTE.findall(res.stdout)
+
+
+def test_eu_stack_and_readelf_read_the_statefile(mt, sample_bin, tmp_path):
     require_root()
     proc, _ = mt
     cr = tmp_path / "mt.cr"
@@ -114,13 +125,36 @@ def test_eu_stack_and_readelf_read_the_statefile(mt, tmp_path):
                          timeout=60)
     assert res.stdout.count("TID ") == 4, res.stdout + res.stderr
     assert "worker_beta" in res.stdout and "main" in res.stdout
-    notes = subprocess.run(["readelf", "-n", "-W", str(cr)], capture_output=True,
-                           text=True).stdout
-    for name in ("NT_PRSTATUS", "NT_PRPSINFO", "NT_SIGINFO", "NT_AUXV", "NT_FILE",
-                 "NT_FPREGSET", "NT_X86_XSTATE"):
-        assert name in notes, name
-    assert notes.count("NT_PRSTATUS") == 4
-    assert "CRELF" in notes and "0x43520001" in notes
+
+    # The gcore baseline: per thread PRSTATUS, FPREGSET, X86_XSTATE (LINUX) and
+    # SIGINFO; once PRPSINFO, AUXV, FILE.  The leader's notes in the kernel's
+    # order, each other thread's SIGINFO after its registers, as gcore does.
+    notes = standard_notes(cr)
+    names = [n for _, n in notes]
+    for name in ("NT_PRSTATUS", "NT_FPREGSET", "NT_X86_XSTATE", "NT_SIGINFO"):
+        assert names.count(name) == 4, (name, names)
+    for name in ("NT_PRPSINFO", "NT_AUXV", "NT_FILE"):
+        assert names.count(name) == 1, (name, names)
+    assert all(owner == ("LINUX" if n == "NT_X86_XSTATE" else "CORE") for owner, n in notes)
+    leader = ["NT_PRSTATUS", "NT_PRPSINFO", "NT_SIGINFO", "NT_AUXV", "NT_FILE",
+              "NT_FPREGSET", "NT_X86_XSTATE"]
+    other = ["NT_PRSTATUS", "NT_FPREGSET", "NT_X86_XSTATE", "NT_SIGINFO"]
+    assert names == leader + other * 3, names
+    text = subprocess.run(["readelf", "-n", "-W", str(cr)], capture_output=True,
+                          text=True).stdout
+    assert "CRELF" in text and "0x43520001" in text
+    # gdb attaches each NT_SIGINFO to the thread of the NT_PRSTATUS before it.
+    text = gdb(sample_bin / "mt_values", cr, "thread apply all p $_siginfo.si_signo")
+    assert len(re.findall(r"^\$\d+ = 19$", text, re.M)) == 4, text
+
+
+FRAME = r"^#\d+\s+(?:0x[0-9a-f]+ in )?"  # a gdb frame line up to the function (inlined: no pc)
+
+
+def _gdb_thread_blocks(text) -> dict[int, str]:
+    """`thread apply all bt` output split per LWP."""
+    parts = re.split(r"^(?=Thread \d+ \(.*LWP (\d+)\)\):$)", text, flags=re.M)
+    return {int(lwp): body for lwp, body in zip(parts[1::2], parts[2::2])}
 
 
 def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_path):
@@ -133,9 +167,34 @@ def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_pat
     assert summary["threads"] == 3
     sf = reader.load(str(cr))
     assert reader.verify(sf) == []
-    assert sf.root["exe"] == os.path.realpath(sys.executable)
-    text = gdb(os.path.realpath(sys.executable), cr, "info threads")
+    python = os.path.realpath(sys.executable)
+    assert sf.root["exe"] == python
+    text = gdb(python, cr, "info threads", "thread apply all bt", "info sharedlibrary")
     assert len(re.findall(r"^\*?\s+\d+\s+Thread ", text, re.M)) == 3, text
+    blocks = _gdb_thread_blocks(text)
+    assert len(blocks) == 3 and proc.pid in blocks, text
+    # Every thread runs Python code: the interpreter's eval loop is on each stack.
+    for lwp, bt in blocks.items():
+        assert re.search(rf"{FRAME}_PyEval_EvalFrameDefault \(", bt, re.M), f"LWP {lwp}:\n{bt}"
+    # The main thread sleeps (time.sleep) or waits for a worker (queue.get):
+    # frame #0 is the libc wait, and the backtrace reaches the interpreter's main.
+    main = blocks[proc.pid]
+    top = re.search(r"^#0 .* in (\S+) \(", main, re.M)
+    assert top and re.search(r"clock_nanosleep|futex|sem_.*wait|select|poll", top[1]), main
+    assert re.search(rf"{FRAME}(Py_BytesMain|Py_RunMain|main) \(", main, re.M), main
+    # libc is loaded: an address range and the path, not just the name somewhere.
+    assert re.search(r"^0x[0-9a-f]+\s+0x[0-9a-f]+\s+Yes\S*\s+\S*/libc\.so\.6$", text,
+                     re.M), text
+
+    require_tool("eu-stack")
+    res = subprocess.run(["eu-stack", "--core", str(cr)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.count("TID ") == 3, res.stdout + res.stderr
+    main = res.stdout.split(f"TID {proc.pid}:\n", 1)[1].split("TID ", 1)[0]
+    frames = re.findall(r"^#\d+\s+0x[0-9a-f]+\s+(\S+)", main, re.M)
+    assert frames and re.search(r"clock_nanosleep|futex|sem_.*wait|select|poll",
+                                frames[0]), main
+    assert "_PyEval_EvalFrameDefault" in frames, main
     assert_keeps_ticking(out, proc, r"py tick (\d+)")
 
 
@@ -293,7 +352,7 @@ def test_real_pipeline_output_unchanged_by_leave_running_checkpoints(procs, tmp_
     """sh + seq + awk + gzip, checkpointed three times mid-stream: the output is
     byte for byte the one of an uninterrupted run."""
     require_root()
-    script = ("seq 1 4000000 | awk '{ s += $1; if ($1 % 1000 == 0) print $1, s }' "
+    script = ("seq 1 10000000 | awk '{ s += $1; if ($1 % 1000 == 0) print $1, s }' "
               "| gzip -1 -c")
     ref = subprocess.run(["sh", "-c", script], capture_output=True, timeout=120).stdout
     out = tmp_path / "p.gz"
@@ -396,3 +455,101 @@ def test_every_page_lands_at_its_address(mode, sample_bin, procs, tmp_path):
     bad = [i for i in range(0, 512 << 8) if mem[i * 4096] != (i % 255) + 1
            or mem[i * 4096 + 4095] != (i % 255) + 1]
     assert not bad, f"{len(bad)} pages hold another page's bytes (first: {bad[:5]})"
+
+
+# --- the progress bar: stderr only, only on a terminal ------------------------
+
+PROGRESS_LINE = re.compile(r"crcheckpoint: +\d+ MiB written, +\d+ MiB/s")
+
+
+def _run_with_stderr_on_a_pty(argv) -> tuple[subprocess.CompletedProcess, str]:
+    """Run argv with stdout on a pipe and stderr on a fresh pty; return the
+    result and everything written to the pty (read by a thread meanwhile, so a
+    full pty buffer can never block the command)."""
+    import threading
+    master, slave = os.openpty()
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the slave side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader_thread = threading.Thread(target=drain, daemon=True)
+    reader_thread.start()
+    try:
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=slave, text=True, timeout=300)
+    finally:
+        os.close(slave)
+    reader_thread.join(timeout=30)
+    os.close(master)
+    return res, b"".join(chunks).decode(errors="replace")
+
+
+def _in_process(pid, out, progress_after):
+    """crcheckpoint run in-process through statefile.cli.run, whose internal
+    argument replaces the one-second rule (no option, no environment variable)."""
+    code = ("import sys; from statefile import cli; "
+            "after = float(sys.argv.pop(1)); cli.run(sys.argv[1:], progress_after=after)")
+    return [sys.executable, "-c", code, str(progress_after), str(pid), "-o", str(out), "--json"]
+
+
+def _assert_only_progress(text):
+    """Nothing on the terminal but progress updates (\\r-separated) and a final newline."""
+    for piece in re.split(r"[\r\n]+", text):
+        assert not piece.strip() or PROGRESS_LINE.fullmatch(piece.strip()), repr(text)
+
+
+def test_progress_bar_on_a_terminal_only(sample_bin, procs, tmp_path):
+    """~600 MiB of touched heap: the progress bar goes to stderr when it is a
+    terminal, never to stdout (--json stays clean JSON), and nothing at all is
+    printed when stderr is not a terminal."""
+    require_root()
+    out = tmp_path / "big.out"
+    proc = procs.spawn([sample_bin / "bigheap", "600", "0"], stdout=out)
+    wait_for_line(out, "ready", timeout=60, proc=proc)
+
+    # The real command with stderr on a pty.  Whether the dump lasts over a
+    # second depends on the machine, so only check that the terminal gets
+    # nothing but progress and stdout nothing but the JSON summary.
+    cr = tmp_path / "big1.cr"
+    res, tty = _run_with_stderr_on_a_pty([CRCHECKPOINT, str(proc.pid), "-o", str(cr),
+                                          "--json"])
+    assert res.returncode == 0, tty
+    assert json.loads(res.stdout)["bytes_stored"] >= 600 * 2**20
+    _assert_only_progress(tty)
+    os.unlink(cr)
+
+    # In-process with the one-second rule lowered to 0: the bar must appear.
+    cr = tmp_path / "big2.cr"
+    res, tty = _run_with_stderr_on_a_pty(_in_process(proc.pid, cr, 0.0))
+    assert res.returncode == 0, tty
+    summary = json.loads(res.stdout)  # stdout is nothing but the JSON summary
+    assert summary["bytes_stored"] >= 600 * 2**20
+    assert PROGRESS_LINE.search(tty), repr(tty)
+    _assert_only_progress(tty)
+    assert tty.endswith("\n"), repr(tty)  # the bar ends its line when done
+    shown = [int(m[1]) for m in re.finditer(r"(\d+) MiB written", tty)]
+    assert shown == sorted(shown) and shown[-1] <= summary["bytes_stored"] / 2**20 + 1
+    os.unlink(cr)
+
+    # stderr not a terminal (a pipe): no progress even with the rule at 0.
+    cr = tmp_path / "big3.cr"
+    res = subprocess.run(_in_process(proc.pid, cr, 0.0), stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert json.loads(res.stdout)["bytes_stored"] >= 600 * 2**20
+    os.unlink(cr)
+
+    # bigheap runs on and still finds its pattern intact (it exits 2 if not).
+    alive = wait_for_line(out, r"^alive \d+", timeout=30, proc=proc)
+    n = int(alive.split()[1])
+    wait_for_line(out, rf"^alive {n + 2}$", timeout=30, proc=proc)
+    assert proc.poll() is None

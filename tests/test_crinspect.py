@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from helpers import REPO_ROOT, require_root, require_tool, wait_for_line
+from helpers import REPO_ROOT, children, require_root, require_tool, wait_for_line
 
 from statefile import reader
 from statefile.elfcore import CRELF_IDENT_PAD, EI_PAD
@@ -109,6 +111,14 @@ def _note_offsets(path):
         return out
 
 
+def _core_note_names(path) -> list[str]:
+    """Type names of the CORE/LINUX notes of path, in file order (readelf)."""
+    res = subprocess.run(["readelf", "-n", "-W", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    return re.findall(r"^\s+(?:CORE|LINUX)\s+0x[0-9a-f]+\s+(NT_\w+)", res.stdout, re.M)
+
+
 def _flip(path, offset, count=4):
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -184,6 +194,49 @@ def test_text_summary(mt_cr):
                    "clock_nanosleep", "[heap]", "/dev/null", "process tree", "memory",
                    "files"):
         assert needle in text, needle
+    # When, where and on what: the checkpoint time, the host and the kernel.
+    h = crinspect_json(cr)["header"]
+    created = datetime.fromisoformat(h["created"])
+    assert created.tzinfo is not None
+    assert abs(created.timestamp() - h["created_unix"]) < 1.5
+    assert h["created_unix"] <= time.time()
+    head = text.split("process tree", 1)[0]
+    checkpoint_line = next(line for line in head.splitlines() if line.startswith("checkpoint"))
+    assert h["created"] in checkpoint_line, checkpoint_line
+    assert os.uname().nodename in checkpoint_line, checkpoint_line
+    kernel_line = next(line for line in head.splitlines() if line.startswith("kernel"))
+    assert os.uname().release in kernel_line, kernel_line
+    assert h["crelf"] in head
+
+
+def _proc_ids(pid) -> tuple[int, int, int]:
+    """(ppid, pgid, sid) of pid from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def test_ps_json_pgid_and_sid_are_the_real_ones(sample_bin, procs, tmp_path):
+    """A parent with two children in a process group of its own inside the test's
+    session (so pid, pgid and sid are not all the same number)."""
+    require_root()
+    out = tmp_path / "tree.out"
+    proc = procs.spawn([sample_bin / "tree"], stdout=out, start_new_session=False,
+                       process_group=0)
+    wait_for_line(out, r"child 2 tick 2", proc=proc)
+    kids = children(proc.pid)
+    assert len(kids) == 2
+    real = {pid: _proc_ids(pid) for pid in [proc.pid, *kids]}
+    assert real[proc.pid][1] == proc.pid and real[proc.pid][2] == os.getsid(0)
+    assert os.getsid(0) != proc.pid
+    cr = tmp_path / "tree.cr"
+    checkpoint(proc.pid, cr, *snapshot_flag())
+    tasks = crinspect_json("ps", cr)["tasks"]
+    got = {t["pid"]: (t["ppid"], t["pgid"], t["sid"]) for t in tasks}
+    assert got == real
+    # the tree runs on after the checkpoint
+    wait_for_line(out, r"child 2 tick 6", proc=proc)
+    assert proc.poll() is None
 
 
 @pytest.mark.parametrize("cmd,key", [("ps", "tasks"), ("threads", "threads"),
@@ -345,9 +398,17 @@ def test_core_of_the_root_is_sparse_and_readable(mt_cr, sample_bin, tmp_path):
     crinspect_json("core", cr, "-o", core)
     st = core.stat()
     assert st.st_blocks * 512 < st.st_size  # untouched thread stacks are holes
+    # the same per-thread baseline as the statefile (and gcore): 4 threads
+    notes = _core_note_names(core)
+    for name in ("NT_PRSTATUS", "NT_FPREGSET", "NT_X86_XSTATE", "NT_SIGINFO"):
+        assert notes.count(name) == 4, (name, notes)
+    for name in ("NT_PRPSINFO", "NT_AUXV", "NT_FILE"):
+        assert notes.count(name) == 1, (name, notes)
+    assert _core_note_names(cr) == notes  # the statefile's standard notes, same order
     out = gdb_batch(sample_bin / "mt_values", core, "info threads", "print crelf_magic",
-                    "print crelf_banner")
+                    "print crelf_banner", "thread apply all print $_siginfo.si_signo")
     assert len(re.findall(r"^[* ] +\d+ +Thread ", out, re.M)) == 4, out
+    assert len(re.findall(r"^\$\d+ = 19$", out, re.M)) == 4, out
     assert "0x1234abcd5678ef00" in out or str(0x1234abcd5678ef00) in out, out
     assert "crelf-banner-v1" in out, out
 
@@ -413,6 +474,8 @@ def test_bad_input_gives_one_line_errors(mt_cr, tmp_path):
             res = crinspect(*argv, *extra)
             try:
                 assert_one_line_error(res, json_ok=cmd == ["verify"] and bool(extra))
+                # not a readable statefile: 5 from every command, verify included
+                assert res.returncode == 5, res.returncode
             except AssertionError as e:
                 raise AssertionError(f"{name}: crinspect {' '.join(argv + extra)}: {e}")
     assert not (tmp_path / "o.core").exists()
@@ -426,7 +489,35 @@ def test_plain_gcore_core_is_refused(mt_cr, tmp_path):
                    timeout=120)
     gc = Path(f"{prefix}.{proc.pid}")
     assert gc.exists()
-    for cmd in (["ps"], ["verify"], []):
+    for cmd in (["ps"], ["verify"], [], ["notes"], ["core", "-o", tmp_path / "x.core"]):
         res = crinspect(*cmd, gc)
         assert_one_line_error(res)
         assert "not a crelf statefile" in res.stderr
+        assert res.returncode == 5, (cmd, res.returncode)
+    res = crinspect("verify", gc, "--json")
+    assert_one_line_error(res, json_ok=True)
+    assert res.returncode == 5 and json.loads(res.stdout)["ok"] is False
+    assert not (tmp_path / "x.core").exists()
+
+
+def test_exit_codes_are_documented_and_consistent(mt_cr, tmp_path):
+    """verify: 0 good, 1 checksum problems in a file it could read, 5 for a file
+    that is no statefile at all, the code every other command gives it."""
+    _, _, cr = mt_cr
+    helptext = crinspect("--help").stdout
+    for line in ("0  success", "1  verify found checksum problems", "2  bad usage",
+                 "4  output not writable", "5  not a readable statefile"):
+        assert line in helptext, helptext
+    assert "5 (like every other" in crinspect("verify", "--help").stdout
+    assert crinspect("verify", cr).returncode == 0
+    bad = tmp_path / "bad.cr"
+    shutil.copyfile(cr, bad)
+    desc, _, _ = _note_offsets(bad)[0]
+    _flip(bad, desc + 120)
+    assert crinspect("verify", bad).returncode == 1
+    assert crinspect("ps", bad).returncode == 0  # readable, with a warning
+    junk = tmp_path / "junk.cr"
+    junk.write_bytes(b"\x7fELF" + bytes(200))
+    for cmd in ([], ["ps"], ["notes"], ["verify"]):
+        assert crinspect(*cmd, junk).returncode == 5, cmd
+    assert crinspect("ps").returncode == 2  # bad usage: no statefile given

@@ -1,7 +1,9 @@
 """crinspect: show what a crelf statefile holds, check it, extract gdb cores.
 
-Exit codes: 0 success; 1 verify found problems (or another failure);
-2 bad usage; 4 output cannot be written; 5 not a readable statefile.
+Exit codes, the same for every subcommand: 0 success; 1 verify found
+checksum problems in a statefile it could read (or another failure); 2 bad
+usage; 4 output cannot be written; 5 not a readable statefile (missing, not
+ELF, a plain core such as gcore's, truncated, corrupted notes).
 """
 
 from __future__ import annotations
@@ -64,9 +66,17 @@ def cli() -> None:
     """Show what a crelf statefile holds, without gdb.
 
     `crinspect STATEFILE` prints the summary; the subcommands show one part.
-    Every reporting command takes --json.  Exit codes: 0 success, 1 problems
-    found (verify) or other failure, 2 bad usage, 4 output not writable,
-    5 not a readable statefile.
+    Every reporting command takes --json.
+
+    \b
+    Exit codes (the same for every subcommand, verify included):
+      0  success
+      1  verify found checksum problems in a statefile it could read,
+         or another failure
+      2  bad usage
+      4  output not writable
+      5  not a readable statefile: missing, not ELF, a plain core (gcore),
+         truncated, corrupted notes
     """
 
 
@@ -175,14 +185,18 @@ def notes(statefile: str, as_json: bool) -> None:
 @cli.command()
 @_common
 def verify(statefile: str, as_json: bool) -> None:
-    """Check every note and segment checksum; exit 1 when anything is wrong."""
+    """Check every note and segment checksum.
+
+    Exit 0 when every checksum matches, 1 when some do not, 5 (like every
+    other subcommand) when the file is not a readable statefile at all.
+    """
     try:
         sf = reader.load(statefile)
     except CrelfError as e:
         if as_json:
             click.echo(json.dumps({"statefile": statefile, "ok": False, "problems": [str(e)]},
                                   indent=2))
-        raise click.exceptions.Exit(_fail(str(e), 1))
+        raise click.exceptions.Exit(_fail(str(e), e.exit_code))
     problems = reader.verify(sf)
     result = {"statefile": statefile, "ok": not problems, "problems": problems,
               "notes": len(sf.notes), "segments": len(sf.segments)}
