@@ -3,16 +3,21 @@
 Created by the restored task itself (in child_setup, before it parks) from the
 `anon` field statefile/dump_anon.py saved:
 
-* eventfd: the counter value and semaphore mode;
+* eventfd: the counter value (any 64-bit value: written, not passed to
+  eventfd()) and semaphore mode;
 * timerfd: clock, remaining time and interval (relative: the remaining time
-  counts from the restart); expirations not yet read come back as one
-  expiration due at once;
+  counts from the restart, the time the tree spent checkpointed does not
+  count), then the expirations not yet read (TFD_IOC_SET_TICKS, after
+  timerfd_settime, which clears them): the first read after the restart
+  returns the saved count, plus any expiration of the restored timer itself
+  that fell due since the restart;
 * signalfd: its signal mask;
 * epoll: created empty; once every fd of the task is in place, each watched
   fd is added back with its events and data (finish_epoll);
 * inotify: each watch added again on its path with its mask, with the same
   watch descriptor numbers (the counter is advanced with throw-away watches
-  where the original had gaps).
+  where the original had gaps); events queued at the checkpoint are never
+  in a statefile (crcheckpoint refuses them: fd:inotify-unread).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 KINDS = ("anon:eventfd", "anon:eventpoll", "anon:timerfd", "anon:signalfd", "anon:inotify")
 EPOLL_CTL_ADD = 1
+TFD_IOC_SET_TICKS = 0x40085400   # _IOW('T', 0, u64)
 
 
 class AnonError(OSError):
@@ -57,17 +63,22 @@ def open_anon(f: dict) -> int:
     nonblock = f.get("flags", 0) & os.O_NONBLOCK
     if kind == "anon:eventfd":
         flags = (os.EFD_SEMAPHORE if a["semaphore"] else 0) | (os.EFD_NONBLOCK if nonblock else 0)
-        return os.eventfd(a["count"], flags)
+        fd = os.eventfd(0, flags)
+        if a["count"]:          # eventfd() takes an unsigned int; the counter is 64-bit
+            os.eventfd_write(fd, a["count"])
+        return fd
     if kind == "anon:timerfd":
         fd = _check(_libc.timerfd_create(a["clockid"], os.O_NONBLOCK if nonblock else 0),
                     "timerfd_create")
         value = a["value"]
-        if a["ticks"] and value == [0, 0]:
-            value = [0, 1]  # unread expirations: due at once
-        elif a["ticks"]:
-            value = [0, 1]
+        if value == [0, 0] and a["interval"] != [0, 0]:
+            value = [0, 1]  # a periodic timer is always armed: next expiration due now
         spec = itimerspec(a["interval"][0], a["interval"][1], value[0], value[1])
         _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "timerfd_settime")
+        if a["ticks"]:
+            ticks = ctypes.c_uint64(a["ticks"])
+            _check(_libc.ioctl(fd, TFD_IOC_SET_TICKS, ctypes.byref(ticks)),
+                   "timerfd ioctl(TFD_IOC_SET_TICKS)")
         return fd
     if kind == "anon:signalfd":
         mask = ctypes.c_uint64(a["sigmask"])

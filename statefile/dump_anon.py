@@ -5,6 +5,20 @@ Their whole state is in /proc/PID/fdinfo, which this module parses into the
 file handle; they are turned back into paths here (open_by_handle_at, root
 only), since a path is what a restart can watch again.  Restored by
 restorer/restore_anon.py.
+
+Two kinds need a look through a duplicate of the task's fd (pidfd_getfd: the
+same open file, nothing consumed):
+
+* timerfd: a periodic timer that expired while nobody read it counts only
+  its first expiration in fdinfo (`ticks: 1`, `it_value: (0, 0)`) until it is
+  read or timerfd_gettime'd; timerfd_gettime on the duplicate settles it (the
+  kernel adds the expirations that elapsed and re-arms the timer, exactly
+  what the task's next read would do, without consuming them), and fdinfo is
+  read again: `ticks` is then the exact unread count and `value` the real
+  time left to the next expiration;
+* inotify: events queued but not read cannot be read without consuming them;
+  their byte count (FIONREAD) is saved as `unread` and the checkpoint is
+  refused (statefile/support.py, fd:inotify-unread).
 """
 
 from __future__ import annotations
@@ -16,6 +30,51 @@ import re
 from . import procfs
 
 _libc = ctypes.CDLL(None, use_errno=True)
+FIONREAD = 0x541B
+
+
+class _itimerspec(ctypes.Structure):
+    _fields_ = [("i_sec", ctypes.c_long), ("i_nsec", ctypes.c_long),
+                ("v_sec", ctypes.c_long), ("v_nsec", ctypes.c_long)]
+
+
+def _dup(pid: int, fd: int | None) -> int | None:
+    """A duplicate of the task's fd (None when fd is unknown or it cannot be had)."""
+    if fd is None:
+        return None
+    from .ptrace import dup_fd_of
+    try:
+        return dup_fd_of(pid, fd)
+    except OSError:
+        return None
+
+
+def _settle_timerfd(pid: int, fd: int | None) -> list[str] | None:
+    """timerfd_gettime on a duplicate (counts the expirations a periodic timer
+    missed while unread), then the task's fdinfo again; None when it failed."""
+    dup = _dup(pid, fd)
+    if dup is None:
+        return None
+    try:
+        if _libc.timerfd_gettime(dup, ctypes.byref(_itimerspec())) < 0:
+            return None
+        return procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines()
+    finally:
+        os.close(dup)
+
+
+def _unread_bytes(pid: int, fd: int | None) -> int | None:
+    """Bytes queued in an inotify instance (FIONREAD on a duplicate)."""
+    dup = _dup(pid, fd)
+    if dup is None:
+        return None
+    try:
+        n = ctypes.c_int(0)
+        if _libc.ioctl(dup, FIONREAD, ctypes.byref(n)) < 0:
+            return None
+        return n.value
+    finally:
+        os.close(dup)
 
 
 def _fields(line: str) -> dict[str, str]:
@@ -23,13 +82,17 @@ def _fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"([\w-]+):\s*(\S+)", line))
 
 
-def parse(kind: str, lines: list[str], pid: int) -> dict | None:
+def parse(kind: str, lines: list[str], pid: int, fd: int | None = None) -> dict | None:
+    """The `anon` state of the task's fd (fd None: from fdinfo `lines` alone,
+    without the timerfd settling and the inotify queue check)."""
+    if kind == "anon:timerfd":
+        lines = _settle_timerfd(pid, fd) or lines
     kv = {}
     for line in lines:
         k, _, v = line.partition(":")
         kv.setdefault(k.strip(), v.strip())
     if kind == "anon:eventfd":
-        return {"count": int(kv.get("eventfd-count", "0")),
+        return {"count": int(kv.get("eventfd-count", "0"), 16),   # printed in hex
                 "semaphore": kv.get("eventfd-semaphore", "0") == "1"}
     if kind == "anon:eventpoll":
         targets = []
@@ -59,7 +122,11 @@ def parse(kind: str, lines: list[str], pid: int) -> dict | None:
                 w["path"] = _handle_path(pid, int(f["sdev"], 16), int(f["fhandle-type"], 16),
                                          bytes.fromhex(f["f_handle"]))
                 watches.append(w)
-        return {"watches": watches}
+        out = {"watches": watches}
+        unread = _unread_bytes(pid, fd)
+        if unread:
+            out["unread"] = unread
+        return out
     return None
 
 

@@ -181,7 +181,7 @@ class FileTable:
                     dump_tty.add(entry, pid, fd)
                 if kind.startswith("anon:"):
                     anon = dump_anon.parse(
-                        kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid)
+                        kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid, fd)
                     if anon is not None:
                         entry["anon"] = anon
                 if kind == "regular" and deleted and not target.startswith("/memfd:"):

@@ -10,8 +10,24 @@ namespace owns every object in it.)
 Contents are read without changing them: semaphore values with GETALL,
 messages with msgrcv(MSG_COPY) one by one (the queue stays as it was), a shm
 segment's bytes are already in the segments of the tasks that attach it; an
-unattached segment is attached read-only for the copy.  Semaphore undo lists
-(SEM_UNDO) are per task and not visible from outside: they are not saved.
+unattached segment is attached read-only for the copy.
+
+Semaphore undo lists (SEM_UNDO) are per task and their adjustments are not
+visible from outside, so they cannot be saved (CRIU neither saves nor
+detects them); what can be seen is whether a task has a list at all:
+kcmp(KCMP_SYSVSEM) compares two tasks' undo-list pointers, and a task that
+never did a semop with SEM_UNDO and never created a thread has none (NULL),
+like this process or a child it forks.  Creating a thread (CLONE_SYSVSEM,
+which glibc's pthread_create passes) allocates an empty list shared by the
+threads, so a list is not proof of adjustments.  And an entry of a list
+lives only as long as its semaphore set.  So, when the tree has semaphore
+sets (the `sem` list) and a task has a list (kcmp(task, self) != 0), `sem_undo`
+names it: {"pid", "threads"}, and statefile/support.py refuses the
+checkpoint (ipc:sem-undo): "holds SEM_UNDO adjustments" for a single-
+threaded task, "may hold" for a multi-threaded one (its list may be only the
+threads' empty one).  A tree without semaphore sets of its own is never
+refused for this: an undo entry on a set the tree does not use (its last
+operations are another process's) is missed.
 Restored by restorer/restore_ipc.py.
 """
 
@@ -33,6 +49,7 @@ MSG_COPY = 0o40000
 SHM_RDONLY = 0o10000
 GETPID, GETALL = 11, 13
 MAX_MSG = 1 << 16
+NR_kcmp, KCMP_SYSVSEM = 312, 6
 
 
 def _table(kind: str) -> list[dict]:
@@ -82,6 +99,23 @@ def _shm_content(shmid: int, size: int) -> str:
         _libc.shmdt(ctypes.c_void_p(addr))
 
 
+def sem_undo_tasks(tasks: list[dict]) -> list[dict]:
+    """The tasks that have a SEM_UNDO list ({"pid", "threads"}; kcmp against
+    this process, which has none; see the module's docstring)."""
+    me = os.getpid()
+    out = []
+    for t in tasks:
+        res = _libc.syscall(NR_kcmp, t["pid"], me, KCMP_SYSVSEM, 0, 0)
+        if res < 0:
+            e = ctypes.get_errno()
+            if e == errno.ESRCH:
+                continue
+            raise OSError(e, f"kcmp(KCMP_SYSVSEM) of pid {t['pid']}: {os.strerror(e)}")
+        if res != 0:
+            out.append({"pid": t["pid"], "threads": len(t.get("threads") or [1])})
+    return out
+
+
 def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
     pids = {t["pid"] for t in tasks}
     attached = {m["inode"] for t in tasks for m in t["mappings"] if m["kind"] == "sysv-shm"}
@@ -115,4 +149,8 @@ def dump_ipc(tasks: list[dict], own_namespace: bool) -> dict:
                                    "cuid", "cgid", "lspid", "lrpid", "ctime")}
         entry["messages"] = _messages(s["msqid"], s["qnum"])
         msgs.append(entry)
-    return {"shm": shms, "sem": sems, "msg": msgs}
+    out = {"shm": shms, "sem": sems, "msg": msgs}
+    undo = sem_undo_tasks(tasks) if sems else []
+    if undo:
+        out["sem_undo"] = undo
+    return out

@@ -135,3 +135,55 @@ int main(void) {
     assert "before checkpoint" in lines and "after restart" in lines
     assert lines.index("before checkpoint") < lines.index("after restart")
     assert [int(x.split()[1]) for x in lines if x.startswith("tick")] == list(range(1, 31))
+
+
+FAILING_HOOK = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import crelf_hooks
+
+def before():
+    print("before checkpoint", flush=True)
+    if sys.argv[2] == "hang":
+        time.sleep(4)                    # longer than crcheckpoint's --hook-timeout
+        print("hook done", flush=True)
+    else:
+        raise RuntimeError("cannot flush")
+
+crelf_hooks.install(before_checkpoint=before,
+                    after_resume=lambda: print("resumed", flush=True))
+for n in range(1, 61):
+    print(f"tick {n}", flush=True)
+    time.sleep(0.1)
+print("done", flush=True)
+'''
+
+
+@pytest.mark.parametrize("how", ["hang", "error"])
+def test_failing_hook_refuses_the_checkpoint(how, sample_bin, procs, tmp_path):
+    """A checkpoint hook that hangs past --hook-timeout, or answers an error:
+    crcheckpoint refuses with one line ("nothing was written"), no file, the
+    program is told to resume (its after_resume runs) and runs on to its end
+    with every tick."""
+    require_root()
+    prog = tmp_path / "failing.py"
+    prog.write_text(FAILING_HOOK)
+    out, cr = tmp_path / "f.out", tmp_path / "f.cr"
+    proc = procs.spawn([sys.executable, prog, sample_bin, how], stdout=out,
+                       stderr=tmp_path / "f.err")
+    wait_for_line(out, r"^tick 3$", proc=proc)
+    res = subprocess.run([str(BIN / "crcheckpoint"), str(proc.pid), "-o", str(cr), "--kill",
+                          "--hook-timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 6, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "nothing was written" in lines[0], lines[0]
+    assert ("did not answer within 1 s" if how == "hang" else "cannot flush") in lines[0]
+    assert not cr.exists()
+    assert proc.wait(timeout=30) == 0
+    text = out.read_text().splitlines()
+    assert text[-1] == "done" and "resumed" in text
+    assert text.index("before checkpoint") < text.index("resumed")
+    if how == "hang":       # told to resume once its hook returned
+        assert text.index("hook done") < text.index("resumed")
+    assert [int(x.split()[1]) for x in text if x.startswith("tick")] == list(range(1, 61))

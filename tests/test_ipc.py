@@ -9,8 +9,8 @@ import ctypes
 import subprocess
 import time
 
-from helpers import build_c, require_root, wait_for_line
-from test_tree import CRRESTART, REPO, checkpoint_tree, finish, restart
+from helpers import build_c, read_lines, require_root, wait_for_line
+from test_tree import CRCHECKPOINT, CRRESTART, REPO, checkpoint_tree, finish, restart
 
 from statefile import reader
 
@@ -84,6 +84,7 @@ int main(int argc, char **argv) {
     }
     printf("ready\n"); fflush(stdout);
     for (int i = 0; i < 40; i++) { printf("tick %d\n", i); fflush(stdout); usleep(25000); }
+    while (access(argv[2], F_OK) != 0) usleep(20000);      /* the go file */
     struct m msg;
     while (msgrcv(q, &msg, sizeof msg.text, 0, IPC_NOWAIT) >= 0)
         printf("got type %ld: %s\n", msg.type, msg.text);
@@ -158,32 +159,187 @@ def test_parent_and_child_alternate_on_sysv_sem_shm_and_shared_anon(procs, tmp_p
 
 def test_message_queue_with_queued_messages(procs, tmp_path):
     """Four messages of two types wait in a queue; restarted with its id,
-    key and mode, the program reads them after restart in order."""
+    key and mode (checked while the program waits for its go file, before it
+    reads them), the program reads them after restart in order."""
     require_root()
     key = 0x7e57c0df
     prog = build_c(tmp_path, "queue", QUEUE)
     try:
-        ref = subprocess.run([prog, hex(key)], capture_output=True, timeout=60,
-                             check=True).stdout
-        out = tmp_path / "q.out"
-        proc = procs.spawn([prog, hex(key)], stdout=out)
+        (tmp_path / "ref.go").touch()
+        ref = subprocess.run([prog, hex(key), tmp_path / "ref.go"], capture_output=True,
+                             timeout=60, check=True).stdout
+        out, go = tmp_path / "q.out", tmp_path / "q.go"
+        proc = procs.spawn([prog, hex(key), go], stdout=out)
         wait_for_line(out, r"tick 10", proc=proc)
         checkpoint_tree(proc, tmp_path / "q.cr")
         q = reader.load(str(tmp_path / "q.cr")).ipc["msg"]
         assert [(m["key"], m["qnum"], m["perms"] & 0o777) for m in q] == [(key, 4, 0o620)]
         _ipcrm("-Q", hex(key))
         r = restart(procs, tmp_path / "q.cr")
-        deadline = time.monotonic() + 10
-        while key not in _keys("msg") and r.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_line(out, r"^tick 39$", timeout=60, proc=r)   # restarted, waiting for go
         with open("/proc/sysvipc/msg") as f:
             rows = [line.split() for line in f.read().splitlines()[1:]]
         row = next((x for x in rows if x and int(x[0]) == key), None)
-        if row is not None:     # still queued (the program reads them at the end)
-            assert int(row[1]) == q[0]["msqid"] and row[2] == "620"
+        assert row is not None, rows
+        # key, msqid, perms, cbytes, qnum: the saved queue, messages still queued
+        assert (int(row[1]), row[2], int(row[4])) == (q[0]["msqid"], "620", 4), row
+        go.touch()
         code, err = finish(r)
         assert code == 0, err
         assert out.read_bytes() == ref
         assert b"got type 1: alpha 0" in ref
     finally:
         _ipcrm("-Q", hex(key))
+
+
+SEMUNDO = r'''
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ipc.h>
+#include <sys/sem.h>
+
+int main(int argc, char **argv) {
+    key_t key = strtol(argv[1], NULL, 0);
+    int undo = strcmp(argv[2], "undo") == 0;
+    int semid = semget(key, 1, IPC_CREAT | 0600);
+    if (semid < 0) { perror("semget"); return 1; }
+    struct sembuf up = {0, 1, undo ? SEM_UNDO : 0};
+    if (semop(semid, &up, 1) < 0) { perror("semop"); return 1; }
+    printf("ready\n"); fflush(stdout);
+    for (int i = 0; i < 60; i++) { printf("tick %d\n", i); fflush(stdout); usleep(25000); }
+    printf("value %d\n", semctl(semid, 0, GETVAL));
+    semctl(semid, 0, IPC_RMID);
+    return 0;
+}
+'''
+
+
+def test_sem_undo_is_refused_and_plain_semop_is_not(procs, tmp_path):
+    """SEM_UNDO adjustments cannot be saved: a task that did a semop with
+    SEM_UNDO is refused (exit 6, the pid and the reason named, no file, it
+    runs on); the same program without SEM_UNDO checkpoints and restarts."""
+    require_root()
+    key = 0x7e57c0e0
+    prog = build_c(tmp_path, "semundo", SEMUNDO)
+    try:
+        out, cr = tmp_path / "u.out", tmp_path / "u.cr"
+        proc = procs.spawn([prog, hex(key), "undo"], stdout=out)
+        wait_for_line(out, r"^ready$", proc=proc)
+        r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr), "--kill"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 6, r.stderr
+        assert "Traceback" not in r.stderr
+        assert f"pid {proc.pid} holds SEM_UNDO adjustments" in r.stderr, r.stderr
+        assert "sem undo is not restored" in r.stderr and "nothing was written" in r.stderr
+        assert not cr.exists()
+        assert proc.wait(timeout=30) == 0               # ran on to its end
+        assert read_lines(out)[-1] == "value 1"
+        assert key not in _keys("sem")
+
+        ref = subprocess.run([prog, hex(key), "plain"], capture_output=True, timeout=60,
+                             check=True).stdout
+        out = tmp_path / "p.out"
+        proc = procs.spawn([prog, hex(key), "plain"], stdout=out)
+        wait_for_line(out, r"^tick 5$", proc=proc)
+        checkpoint_tree(proc, cr)
+        _ipcrm("-S", hex(key))
+        code, err = finish(restart(procs, cr))
+        assert code == 0, err
+        assert out.read_bytes() == ref and ref.endswith(b"value 1\n")
+    finally:
+        _ipcrm("-S", hex(key))
+
+
+SHMDEST = r'''
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/ipc.h>
+#include <sys/shm.h>
+#include <sys/wait.h>
+
+int main(int argc, char **argv) {
+    int shmid = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+    if (shmid < 0) { perror("shmget"); return 1; }
+    volatile long *shm = shmat(shmid, NULL, 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (long i = 1; i <= 40; i++) {
+            while (shm[0] != i) usleep(1000);
+            printf("child saw %ld\n", i); fflush(stdout);
+            shm[1] = i;
+        }
+        return 0;
+    }
+    shmctl(shmid, IPC_RMID, NULL);        /* removed while both are attached */
+    printf("ready %d\n", shmid); fflush(stdout);
+    for (long i = 1; i <= 40; i++) {
+        if (i == 21) while (access(argv[1], F_OK) != 0) usleep(20000);   /* the go file */
+        shm[0] = i;
+        while (shm[1] != i) usleep(1000);
+        printf("parent got %ld\n", i); fflush(stdout);
+        usleep(20000);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    printf("done %d\n", WEXITSTATUS(st));
+    return 0;
+}
+'''
+
+
+def _shm_row(shmid: int) -> dict | None:
+    with open("/proc/sysvipc/shm") as f:
+        lines = f.read().splitlines()
+    head = lines[0].split()
+    for line in lines[1:]:
+        row = dict(zip(head, line.split()))
+        if row and int(row["shmid"]) == shmid:
+            return row
+    return None
+
+
+def test_removed_shm_segment_still_shared_after_restart(procs, tmp_path):
+    """A segment removed (IPC_RMID) while a parent and its child are both
+    attached (SHM_DEST): restarted attached to both, still shared (they
+    hand a counter back and forth through it), removed again (key 0,
+    destroyed), and gone once both have exited."""
+    require_root()
+    prog = build_c(tmp_path, "shmdest", SHMDEST)
+    shmid = None
+    try:
+        (tmp_path / "ref.go").touch()
+        ref = subprocess.run([prog, tmp_path / "ref.go"], capture_output=True, timeout=60,
+                             check=True).stdout
+        out, go, cr = tmp_path / "d.out", tmp_path / "d.go", tmp_path / "d.cr"
+        proc = procs.spawn([prog, go], stdout=out)
+        shmid = int(wait_for_line(out, r"^ready ", proc=proc).split()[1])
+        wait_for_line(out, r"^child saw 10$", proc=proc)
+        checkpoint_tree(proc, cr)
+        [s] = reader.load(str(cr)).ipc["shm"]
+        assert s["shmid"] == shmid and s["key"] == 0 and s["perms"] & 0o1000   # SHM_DEST
+        assert _shm_row(shmid) is None           # the killed tree's segment is gone
+        r = restart(procs, cr)
+        wait_for_line(out, r"^parent got 20$", timeout=60, proc=r)
+        deadline = time.monotonic() + 30
+        while True:      # attached by both restarted tasks, and removed again
+            row = _shm_row(shmid)
+            if row and int(row["nattch"]) == 2 and int(row["perms"], 8) & 0o1000:
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
+        assert int(row["key"]) == 0
+        go.touch()
+        code, err = finish(r)
+        assert code == 0, err
+        # the same output but for the segment id the reference run got
+        assert out.read_text().splitlines()[1:] == ref.decode().splitlines()[1:]
+        assert ref.endswith(b"parent got 40\ndone 0\n")
+        assert _shm_row(shmid) is None
+        ipcs = subprocess.run(["ipcs", "-m", "-i", str(shmid)], capture_output=True, text=True)
+        assert "not found" in ipcs.stderr, ipcs
+    finally:
+        if shmid is not None and _shm_row(shmid) is not None:
+            _ipcrm("-m", str(shmid))
