@@ -1,4 +1,23 @@
-"""Unix sockets, created by the restored task itself (see dump_sockets.py):
+"""Unix sockets (see dump_sockets.py).
+
+Created by the initiator, before the tree is forked (`open_named`, called by
+restore_tree.open_shared), in this order, so that names exist before anyone
+connects to them:
+
+* every datagram socket that has a name or is connected to one: bound again
+  to its name (a stale socket file left by the killed original, that nobody
+  is bound to, is replaced), then connected again to its peer's name; the
+  datagrams that were queued are sent again, in order, each from a socket
+  holding its sender's name (the sender itself if it is in the tree, else a
+  transient socket bound to that name) or from an unnamed socket when the
+  sender had none, so recvfrom() gives the same addresses;
+* every connected pair with a name at either end (a connection accepted
+  from a listening socket: the accepted end has the listener's path): a new
+  socketpair whose ends are bound to the saved paths inside a private chroot
+  (a forked helper), so getsockname/getpeername give the paths again and the
+  real files are left alone; queues and shutdown states as below.
+
+Created by the restored task itself (open_unix, from restore_files):
 
 * a connected pair whose two ends are both in the task (socketpair, asyncio's
   self-pipe...): a new socketpair of the same type; each end's saved receive
@@ -13,9 +32,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import stat
+import tempfile
+
+from .errors import RestoreError
 
 _TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM,
           "seqpacket": socket.SOCK_SEQPACKET}
@@ -34,10 +58,41 @@ def _address(info: dict):
 
 def _finish(sock: socket.socket, f: dict) -> int:
     info = f["socket"]
-    if info.get("shutdown", 0) & SEND_SHUTDOWN:
-        sock.shutdown(socket.SHUT_WR)
+    how = info.get("shutdown", 0) & (RCV_SHUTDOWN | SEND_SHUTDOWN)
+    if how:
+        sock.shutdown({SEND_SHUTDOWN: socket.SHUT_WR, RCV_SHUTDOWN: socket.SHUT_RD}.get(
+            how, socket.SHUT_RDWR))
     sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
     return sock.detach()
+
+
+def _live(path: str) -> bool:
+    """Whether a socket is bound to the socket file at path (a datagram probe
+    gets ECONNREFUSED only when nobody is)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return True      # EPROTOTYPE (a stream socket is bound), EPERM...
+        return True
+
+
+def _bind(sock: socket.socket, addr) -> bool:
+    """Bind sock to a saved name.  A socket file at the path that nobody is
+    bound to (the killed original's) is replaced; one a live socket holds is
+    left alone (EADDRINUSE).  Returns whether the path did not exist before."""
+    if isinstance(addr, str):
+        try:
+            st_ = os.lstat(addr)
+        except FileNotFoundError:
+            sock.bind(addr)
+            return True
+        if stat.S_ISSOCK(st_.st_mode) and not _live(addr):
+            os.unlink(addr)
+    sock.bind(addr)
+    return False
 
 
 def open_unix(f: dict, files: list[dict]) -> int:
@@ -47,14 +102,7 @@ def open_unix(f: dict, files: list[dict]) -> int:
     stype = _TYPES[info["type"]]
     if info.get("listening"):
         sock = socket.socket(socket.AF_UNIX, stype)
-        addr = _address(info)
-        if isinstance(addr, str):
-            try:
-                if stat.S_ISSOCK(os.lstat(addr).st_mode):
-                    os.unlink(addr)  # the killed original's socket file
-            except FileNotFoundError:
-                pass
-        sock.bind(addr)
+        _bind(sock, _address(info))  # (replacing the killed original's socket file)
         sock.listen(128)
         return _finish(sock, f)
     peer = next((g for g in files if g.get("socket", {}).get("ino") == info.get("peer_ino")
@@ -72,7 +120,7 @@ def open_unix(f: dict, files: list[dict]) -> int:
         sock = socket.socket(socket.AF_UNIX, stype)
         addr = _address(info)
         if addr:
-            sock.bind(addr)
+            _bind(sock, addr)
         return _finish(sock, f)
     a, b = socket.socketpair(socket.AF_UNIX, stype)
     for data in info.get("queue", []):          # what a had not read yet, sent by b
@@ -81,3 +129,231 @@ def open_unix(f: dict, files: list[dict]) -> int:
         a.sendall(bytes.fromhex(data))
     _made[peer["id"]] = _finish(b, peer)
     return _finish(a, f)
+
+
+# ------------------------------------------------------------ in the initiator
+
+def _named(info: dict) -> bool:
+    return bool(info.get("name"))
+
+
+def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
+    """Each end's saved queue sent again from the other end."""
+    for data in fa["socket"].get("queue", []):
+        b.sendall(bytes.fromhex(data))
+    for data in fb["socket"].get("queue", []):
+        a.sendall(bytes.fromhex(data))
+
+
+def _bind_in_chroot(binds: list[tuple[socket.socket, str]]) -> bool:
+    """Bind sockets to paths inside a private, empty root (a forked helper
+    chroots into a temporary directory): the sockets get those names, the
+    real files at those paths are left as they are.  False if the helper
+    cannot (chroot needs privilege)."""
+    tmp = tempfile.mkdtemp(prefix="crelf-names-")
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.chroot(tmp)
+                os.chdir("/")
+                for sock, path in binds:
+                    d = os.path.dirname(path)
+                    if d:
+                        os.makedirs(d, exist_ok=True)
+                    sock.bind(path)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _in_dir(path: str | None):
+    """Relative names are bound where the task was (its saved cwd)."""
+    if not path:
+        yield
+        return
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.chdir(path)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.fchdir(here)
+        os.close(here)
+
+
+def _err(f: dict, what: str, e: OSError) -> RestoreError:
+    name = f["socket"].get("name") or f["path"]
+    return RestoreError("sockets", f"unix socket {name}: {what}: {e.strerror or e}")
+
+
+def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dict[int, int]:
+    """Create the named unix sockets of the tree and the sockets connected to
+    them (see the module docstring); returns {file id: fd} for the tasks to
+    inherit."""
+    cwd: dict[int, str] = {}
+    for t in tasks:
+        for d in t["fds"]:
+            cwd.setdefault(d["file"], t.get("cwd") or "")
+    by_ino = {f["socket"]["ino"]: f for f in files
+              if f["id"] in cwd and f.get("socket", {}).get("family") == "unix"
+              and f["socket"].get("ino") and not f.get("skipped")}
+
+    def peer_of(f: dict) -> dict | None:
+        return by_ino.get(f["socket"].get("peer_ino") or -1)
+
+    dgram, pairs = [], []
+    for f in by_ino.values():
+        info = f["socket"]
+        if info.get("listening") or info.get("type") not in _TYPES:
+            continue
+        peer = peer_of(f)
+        if not (_named(info) or (peer is not None and _named(peer["socket"]))):
+            continue
+        mutual = peer is not None and peer_of(peer) is f
+        if mutual:
+            if f["id"] < peer["id"]:
+                pairs.append((f, peer))
+        elif info["type"] == "dgram":
+            dgram.append(f)
+    socks: dict[int, socket.socket] = {}
+    made: list[str] = []            # transient socket files to remove again
+    out: dict[int, int] = {}
+    try:
+        for fa, fb in pairs:
+            _make_pair(fa, fb, socks, warnings)
+        for f in dgram:             # bound first ...
+            s = socks[f["id"]] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            if _named(f["socket"]):
+                with _in_dir(cwd[f["id"]]):
+                    try:
+                        _bind(s, _address(f["socket"]))
+                    except OSError as e:
+                        raise _err(f, "cannot bind it again", e) from None
+        for f in dgram:             # ... then connected
+            peer = peer_of(f)
+            if peer is None:
+                if f["socket"].get("peer_ino"):
+                    raise RestoreError("sockets", f"unix socket {f['path']}: its peer is "
+                                       "not in the tree")
+                continue
+            with _in_dir(cwd[peer["id"]]):
+                try:
+                    socks[f["id"]].connect(_address(peer["socket"]))
+                except OSError as e:
+                    raise _err(peer, "cannot connect to it again", e) from None
+        senders = {(g["socket"]["name"], bool(g["socket"].get("abstract"))): socks[g["id"]]
+                   for g in dgram + [g for p in pairs for g in p]
+                   if g["socket"]["type"] == "dgram" and _named(g["socket"])}
+        for f in dgram:
+            _resend(f, socks, peer_of(f), senders, made, cwd)
+        for f in dgram:
+            out[f["id"]] = _finish(socks.pop(f["id"]), f)
+        for fa, fb in pairs:
+            out[fa["id"]] = _finish(socks.pop(fa["id"]), fa)
+            out[fb["id"]] = _finish(socks.pop(fb["id"]), fb)
+    except BaseException:
+        for s in socks.values():
+            s.close()
+        for fd in out.values():
+            os.close(fd)
+        raise
+    finally:
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return out
+
+
+def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
+    """A connected pair with a name at one end or both: a socketpair whose ends
+    get the saved names (paths in a private chroot; abstract names of a
+    datagram pair bound here; an accepted stream connection's abstract name,
+    the listener's, cannot be held by a second socket: left out)."""
+    stype = _TYPES[fa["socket"]["type"]]
+    a, b = socket.socketpair(socket.AF_UNIX, stype)
+    socks[fa["id"]], socks[fb["id"]] = a, b
+    paths, lost = [], []
+    for sock, f in ((a, fa), (b, fb)):
+        addr = _address(f["socket"])
+        if isinstance(addr, str):
+            paths.append((sock, addr))      # (a relative name stays relative)
+        elif addr and stype == socket.SOCK_DGRAM:
+            try:
+                sock.bind(addr)
+            except OSError:
+                lost.append(f)
+        elif addr:
+            lost.append(f)
+    if paths and not _bind_in_chroot(paths):
+        lost += [f for f in (fa, fb) if isinstance(_address(f["socket"]), str)]
+    for f in lost:
+        warnings.append(f"unix socket {f['path']}: its name "
+                        f"{_shown(f['socket'])} was not given back (it comes back unnamed)")
+    _fill_pair(a, b, fa, fb)
+
+
+def _shown(info: dict) -> str:
+    name = info.get("name") or ""
+    if info.get("abstract"):
+        return "@" + bytes.fromhex(name)[1:].decode(errors="replace")
+    return name
+
+
+def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[str],
+            cwd: dict) -> None:
+    """Send f's queued datagrams again, in order, each from its sender's name."""
+    info = f["socket"]
+    queue = info.get("queue", [])
+    if not queue:
+        return
+    senders = info.get("senders") or [None] * len(queue)
+    dest = _address(info)
+    transient: dict[tuple, socket.socket] = {}
+    try:
+        for data, who in zip(queue, senders):
+            data = bytes.fromhex(data)
+            if peer is not None:        # a connected socket hears only its peer
+                src = socks.get(peer["id"])
+            elif who is None:
+                src = None
+            else:
+                key = (who["name"], bool(who.get("abstract")))
+                src = by_name.get(key) or transient.get(key)
+                if src is None:
+                    src = transient[key] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    addr = _address(who)
+                    try:
+                        with _in_dir(cwd.get(f["id"])):
+                            if _bind(src, addr):
+                                made.append(os.path.abspath(addr))
+                    except OSError as e:
+                        raise RestoreError("sockets", f"unix socket {_shown(info)}: cannot "
+                                           f"send a queued datagram again from "
+                                           f"{_shown(who)}: {e.strerror or e}") from None
+            one = src if src is not None else socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                one.setblocking(False)
+                with _in_dir(cwd.get(f["id"])):
+                    if dest is None:
+                        one.send(data)
+                    else:
+                        one.sendto(data, dest)
+            except OSError as e:
+                raise _err(f, "cannot queue its datagrams again", e) from None
+            finally:
+                if src is None:
+                    one.close()
+    finally:
+        for s in transient.values():
+            s.close()

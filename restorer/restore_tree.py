@@ -7,7 +7,9 @@ parks.  The protocol is in docs/TREE.md.
    tasks that join it (trees that cannot be ordered so are refused before
    anything is created).
 2. It creates what tasks share: every pipe (size, bytes in flight,
-   O_NONBLOCK per end), every FIFO (opened by path, bytes in flight), every
+   O_NONBLOCK per end), every FIFO (opened by path, bytes in flight), the
+   named unix sockets and those connected to them (restore_sockets.open_named:
+   bound before anyone connects, queued datagrams sent again), every
    other open file description used by more than one task (a shared offset:
    the stdout file of a whole pipeline).
 3. It forks the root with its original pid; every task sets its session and
@@ -36,6 +38,7 @@ from .errors import RestoreError, ValidationError
 from .kernel import (PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
                      prctl)
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
+from .restore_sockets import open_named
 from .restore_tty import open_ptys
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -312,6 +315,8 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
             except OSError:
                 raise RestoreError("files", f"fd {num} of the tree was a pipe to a process "
                                    f"outside it, and crrestart's own fd {num} is closed") from None
+        # named unix sockets and those connected to them (restore_sockets)
+        out.update(open_named(files, tasks, warnings))
         groups: dict[tuple, list[dict]] = {}
         for f in files:
             if f["id"] in out:

@@ -150,7 +150,8 @@ def objects(sf) -> dict:
             out.append({"kind": "unix-socket", "id": f"socket:[{ino}]", "ino": ino,
                         "type": s.get("type"), "name": s.get("name"),
                         "abstract": bool(s.get("abstract")), "peer_ino": peer or None,
-                        "peer": "outside the tree" if peer else "not connected",
+                        "peer": (f"socket:[{peer}] in the tree" if peer in by_ino
+                                 else "outside the tree") if peer else "not connected",
                         "queued": qbytes, "messages": qmsgs,
                         "shutdown": _shutdown(s.get("shutdown", 0)),
                         "holders": fd_holders(fids, lambda f: "socket")})
