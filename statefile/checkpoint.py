@@ -59,6 +59,23 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
     return skipped
 
 
+def _traced_tasks(freezer: Freezer, files: FileTable) -> list[dict]:
+    """The tasks another tracer holds (statefile/freeze.py left them running),
+    surveyed from /proc like crcheck does, so that the refusal names them and
+    every other reason too."""
+    from .crcheck import survey_task
+    out = []
+    for pid, (tracer, comm) in freezer.traced.items():
+        try:
+            t = survey_task(pid, files)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        t["tracer"], t["tracer_comm"] = tracer, comm
+        t["crrun_flags"] = flags.read(pid)
+        out.append(t)
+    return out
+
+
 def _make_snapshots(freezer: Freezer, tasks: list[dict]) -> dict[int, int]:
     """A copy-on-write snapshot per task; {} (copy while frozen) if one fails."""
     snaps: dict[int, int] = {}
@@ -88,7 +105,14 @@ def _hooks_before(pid: int, timeout: float) -> list[int]:
         for p in procfs.descendants(pid):
             if not hooks.has_hooks(p):
                 continue
-            reply = hooks.notify(p, "checkpoint", timeout)
+            try:
+                reply = hooks.notify(p, "checkpoint", timeout)
+            except hooks.HookError as e:
+                # It got the event and may still be preparing: tell it to
+                # resume (the line waits in its socket until its hook returns;
+                # no need to wait for the answer).
+                _hooks_after([p], min(timeout, 0.5))
+                raise hooks.HookError(f"{e}; nothing was written") from None
             if reply is None:
                 continue
             told.append(p)
@@ -164,11 +188,13 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         namespaces = dump_ns.dump_namespaces(tasks)   # before assess: it may refuse them
         ipc = dump_ns.dump_ipc_objects(tasks)         # inside the tree's IPC namespace
         shmem = collect_shmem(tasks, files, policy.dump_tmpfs)   # memfds, shared files
-        findings = support.assess(tasks, files.files, zombies, {}, policy.skip, ipc, shmem)
+        findings = support.assess(tasks + _traced_tasks(freezer, files), files.files, zombies,
+                                  {}, policy.skip, ipc, shmem)
         skipped = _apply_policy(policy, findings, tasks, plans_by_task, files)
         bad = support.problems(findings)
         # A snapshot-only statefile is for debugging: never kill the tree for one.
-        if bad and (kill or not policy.snapshot):
+        # A task traced by another tracer was not frozen: nothing to snapshot.
+        if bad and (kill or not policy.snapshot or freezer.traced):
             raise NotCheckpointable(pid, bad)
         if policy.dump_tmpfs:
             files.dump_tmpfs_contents()
@@ -211,7 +237,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         stats = writer.write(header=header, tasks=tasks, regs=regs, files=files.files,
                              segments=segments, progress=progress,
                              snapshots=snaps, thaw=thaw if snaps else None, ipc=ipc,
-                             shmem=shmem)
+                             shmem=shmem, syscall_addrs=addrs if snaps else None)
     except BaseException:
         # Nothing is lost: no half-written file, the tree runs on.
         writer.abort()
@@ -237,6 +263,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         "not_restartable": [f.line() for f in bad],
         "skipped": skipped,
         "bytes_stored": stats["bytes_stored"], "file_size": stats["file_size"],
+        "bytes_written_by_snapshots": stats["bytes_written_by_snapshots"],
         "segments": stats["segments"],
         "copy_on_write": header["copy_on_write"],
         "frozen_seconds": round(t_thawed - t_frozen, 6),

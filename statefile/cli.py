@@ -13,11 +13,16 @@ from . import __version__
 from .errors import CrelfError
 
 
-class _Progress:
-    """A progress bar on stderr, only on a terminal and only for dumps over a second."""
+PROGRESS_AFTER = 1.0  # seconds: shorter dumps show no progress bar
 
-    def __init__(self):
+
+class _Progress:
+    """A progress bar on stderr, only on a terminal and only for dumps over
+    `after` seconds (PROGRESS_AFTER; only run() in-process changes it)."""
+
+    def __init__(self, after: float = PROGRESS_AFTER):
         self.start = time.monotonic()
+        self.after = after
         self.done = 0
         self.last = 0.0
         self.enabled = sys.stderr.isatty()
@@ -25,7 +30,7 @@ class _Progress:
     def __call__(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.enabled and now - self.start > 1.0 and now - self.last > 0.2:
+        if self.enabled and now - self.start > self.after and now - self.last > 0.2:
             self.last = now
             rate = self.done / (now - self.start) / 2**20
             click.echo(f"\rcrcheckpoint: {self.done / 2**20:9.0f} MiB written, {rate:6.0f} MiB/s",
@@ -86,8 +91,9 @@ def _policy_options(fn):
               help="Write a debug-only statefile (marked not restartable) instead of "
                    "refusing when something cannot be restored.")
 @click.version_option(__version__, prog_name="crcheckpoint")
-def main(pid: int, output: str, kill: bool, fsync: bool, no_cow: bool, as_json: bool,
-         hook_timeout: float, policy_file, skip, dump_tmpfs, snapshot) -> None:
+@click.pass_context
+def main(ctx: click.Context, pid: int, output: str, kill: bool, fsync: bool, no_cow: bool,
+         as_json: bool, hook_timeout: float, policy_file, skip, dump_tmpfs, snapshot) -> None:
     """Checkpoint process PID and all its descendants into one ELF statefile.
 
     The tree is frozen while its state is written, then runs on unharmed
@@ -100,11 +106,11 @@ def main(pid: int, output: str, kill: bool, fsync: bool, no_cow: bool, as_json: 
     from . import policy as pol
     from .checkpoint import checkpoint
 
-    progress = _Progress()
+    progress = _Progress(**(ctx.obj or {}).get("progress", {}))
     summary = run_cli(lambda: checkpoint(
         pid, output, kill=kill, fsync=fsync, progress=progress, cow=not no_cow,
         hook_timeout=hook_timeout,
-        policy=pol.build(policy_file, skip, dump_tmpfs, snapshot)), prog="crcheckpoint")
+        policy=pol.build(policy_file, skip, dump_tmpfs, snapshot, pid=pid)), prog="crcheckpoint")
     progress.finish()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -120,6 +126,17 @@ def main(pid: int, output: str, kill: bool, fsync: bool, no_cow: bool, as_json: 
             click.echo("crcheckpoint: snapshot only, NOT restartable:", err=True)
             for line in summary["not_restartable"]:
                 click.echo(f"  CR: {line}", err=True)
+
+
+def run(argv: list[str], *, progress_after: float = PROGRESS_AFTER) -> None:
+    """crcheckpoint ARGV in this process (exits like the command does).
+
+    Internal, for the tests: `progress_after` replaces the one-second rule so
+    a test can see the progress bar whatever the machine's write speed.  It
+    is deliberately not a command-line option or an environment variable.
+    """
+    main.main(args=[str(a) for a in argv], prog_name="crcheckpoint",
+              obj={"progress": {"after": progress_after}})
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,7 +156,7 @@ def crcheck_main(pid: int, as_json: bool, verbose: bool, policy_file, skip, dump
     from . import policy as pol
     from .crcheck import check
 
-    report = run_cli(lambda: check(pid, pol.build(policy_file, skip, dump_tmpfs)),
+    report = run_cli(lambda: check(pid, pol.build(policy_file, skip, dump_tmpfs, pid=pid)),
                      prog="crcheck")
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -147,6 +164,9 @@ def crcheck_main(pid: int, as_json: bool, verbose: bool, policy_file, skip, dump
         for t in report["tasks"]:
             click.echo(f"pid {t['pid']} ({t['comm']}): {t['threads']} thread(s), "
                        f"{t['fds']} fd(s), {t['mappings']} mapping(s)")
+        if report["policy"].get("from_crrun"):
+            click.echo(f"crcheck: policy {report['policy']['source']} (crrun started pid "
+                       f"{report['policy']['from_crrun']} with it)")
         for f in report["findings"]:
             if verbose or f["status"] != "supported" or f["skipped"]:
                 click.echo(f"  {f['line']}")

@@ -14,7 +14,7 @@ from .dump_memfd import collect as collect_shmem
 from .dump_memory import mapping_kind
 from .dump_task import _creds
 from .errors import TargetError
-from .freeze import check_target
+from .freeze import check_target, tracer_of
 from .policy import Policy
 
 
@@ -22,6 +22,11 @@ def survey_task(pid: int, files: FileTable) -> dict:
     s = procfs.stat(pid)
     status = procfs.status(pid)
     maps = procfs.smaps(pid)
+    tracer = (0, "")
+    for tid in [pid, *procfs.threads(pid)]:     # any thread: strace -p attaches one
+        tracer = tracer_of(pid, None if tid == pid else tid)
+        if tracer[0]:
+            break
     for m in maps:
         m["kind"] = mapping_kind(m)
         m["deleted"] = m["path"].endswith(" (deleted)")
@@ -29,7 +34,7 @@ def survey_task(pid: int, files: FileTable) -> dict:
         "pid": pid, "ppid": s["ppid"], "comm": s["comm"], "creds": _creds(status),
         "pgid": s["pgid"], "sid": s["sid"], "tty_nr": s["tty_nr"],
         "crrun": procfs.crrun_monitored(pid),
-        "tracer": int(status.get("TracerPid", "0")),
+        "tracer": tracer[0], "tracer_comm": tracer[1],
         "namespaces": dump_ns.links(pid),
         "posix_timers": sum(1 for line in procfs.read(f"/proc/{pid}/timers").splitlines()
                             if line.startswith("ID:")),

@@ -8,6 +8,14 @@ Each one is recorded as a flag on the task (crcheck, crcheckpoint and
 crinspect show them) and announced on stderr; with --strict the syscall fails
 with an errno instead, so the program stays checkpointable.
 
+--policy FILE: the crelf policy (TOML, statefile/policy.py) the program runs
+under.  It is validated fully (exit 2 with one line when it is not valid).  A
+watched creation whose resource class the policy skips (e.g. an io_uring under
+``skip = ["io_uring"]``) is allowed even with --strict, recorded as a flag
+marked skippable by that policy, and not announced on stderr.  The policy's
+path is recorded for the started task, so a later crcheck or crcheckpoint of
+it (or of a descendant) uses that policy when given no --policy of its own.
+
 Exit status: COMMAND's own status; 128+N when it was killed by signal N;
 125 when crrun itself failed, 126 when COMMAND cannot be executed, 127 when it
 is not found (the conventions of env(1) and timeout(1)).  SIGINT, SIGTERM,
@@ -24,11 +32,11 @@ import os
 import signal
 import subprocess
 import sys
-import tomllib
 
 import click
 
 from . import flags, monitor
+from . import policy as pol
 
 EXIT_CRRUN_FAILED, EXIT_CANNOT_EXEC, EXIT_NOT_FOUND = 125, 126, 127
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -47,16 +55,15 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _check_policy(path: str) -> str:
-    """Validate that the policy file is readable TOML; return its absolute path."""
+def _check_policy(path: str) -> pol.Policy:
+    """Validate the policy file fully (statefile.policy.load); exit 2 with one
+    line when it is not a valid policy."""
     try:
-        with open(path, "rb") as f:
-            tomllib.load(f)
-    except OSError as e:
-        _fail(f"policy {path}: {e.strerror}", 2)
-    except tomllib.TOMLDecodeError as e:
-        _fail(f"policy {path}: not valid TOML ({e})", 2)
-    return os.path.abspath(path)
+        p = pol.load(path)
+    except pol.PolicyError as e:
+        _fail(str(e), 2)
+    p.source = os.path.abspath(path)
+    return p
 
 
 def _detach_monitor(mon: monitor.Monitor) -> None:
@@ -84,19 +91,31 @@ def _detach_monitor(mon: monitor.Monitor) -> None:
                                  "ignore_unknown_options": False})
 @click.option("--strict", is_flag=True,
               help="Make the watched syscalls fail (io_uring_setup: ENOSYS, socket: "
-                   "EAFNOSUPPORT, others: EPERM) so the program stays checkpointable.")
+                   "EAFNOSUPPORT, others: EPERM) so the program stays checkpointable; "
+                   "with --policy, only those whose class the policy does not skip.")
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="A crelf policy (TOML); checked here and passed to the program's "
-                   "environment as CRELF_POLICY.")
+              help="A crelf policy (TOML: skip, dump_tmpfs, on_unsupported), validated here. "
+                   "Creations of a class it skips are allowed (even with --strict), "
+                   "recorded as skippable and not announced; crcheck and crcheckpoint of "
+                   "the program use this policy when given no --policy. Also exported to "
+                   "the program as CRELF_POLICY.")
 @click.option("--json-log", type=click.Path(dir_okay=False), metavar="FILE",
               help="Append one JSON line per event to FILE.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def main(strict: bool, policy_file: str | None, json_log: str | None,
          command: tuple[str, ...]) -> None:
-    """Run COMMAND under crelf's monitor, flagging state that cannot be checkpointed."""
+    """Run COMMAND under crelf's monitor, flagging state that cannot be checkpointed.
+
+    \b
+    With --policy FILE, what the policy skips is allowed and only recorded:
+    --strict then makes fail only the creations the policy does not cover,
+    and a later crcheck/crcheckpoint of the program (or of a process it
+    started) without --policy uses FILE.
+    """
     env = dict(os.environ)
-    if policy_file:
-        env["CRELF_POLICY"] = _check_policy(policy_file)
+    policy = _check_policy(policy_file) if policy_file else None
+    if policy:
+        env["CRELF_POLICY"] = policy.source
     env["CRELF_CRRUN"] = "strict" if strict else "flag"
     if json_log:
         json_log = os.path.abspath(json_log)
@@ -130,7 +149,15 @@ def main(strict: bool, policy_file: str | None, json_log: str | None,
         _fail(f"cannot start {command[0]} under the monitor: {e}")
 
     child.append(proc)
-    mon = monitor.Monitor(listener, strict=strict, json_log=json_log)
+    if policy:
+        try:
+            pol.record_crrun(proc.pid, policy.source)
+        except OSError as e:
+            click.echo(f"crrun: cannot record the policy for pid {proc.pid}: "
+                       f"{e.strerror or e}", err=True)
+    mon = monitor.Monitor(listener, strict=strict, json_log=json_log,
+                          skip=policy.skip if policy else set(),
+                          policy_file=policy.source if policy else None)
     thread = monitor.start_thread(mon)
 
     status = _exit_status(proc.wait())

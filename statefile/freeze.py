@@ -36,6 +36,20 @@ class FrozenTask:
     syscall_addr: int = 0  # a `syscall` instruction in its vDSO, for injection
 
 
+def tracer_of(pid: int, tid: int | None = None) -> tuple[int, str]:
+    """(pid, comm) of the tracer of a task (or of its thread tid); (0, "") if none."""
+    try:
+        tracer = int(procfs.status(pid, tid).get("TracerPid", "0"))
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return 0, ""
+    if not tracer:
+        return 0, ""
+    try:
+        return tracer, procfs.stat(tracer)["comm"]
+    except (FileNotFoundError, ProcessLookupError):
+        return tracer, ""
+
+
 def check_target(pid: int) -> None:
     """Clear, early refusals for a pid that cannot be checkpointed."""
     if pid <= 0:
@@ -68,6 +82,10 @@ class Freezer:
         # Children that exited and were not reaped yet: nothing to seize, their
         # exit status is recorded (pid -> /proc/PID/stat).
         self.zombies: dict[int, dict] = {}
+        # Tasks other than the root traced by another tracer (pid -> (tracer
+        # pid, tracer comm)): left running, not frozen, for the checkpoint to
+        # refuse with every reason (support "task:traced").
+        self.traced: dict[int, tuple[int, str]] = {}
 
     # -- freeze ---------------------------------------------------------
     def freeze(self) -> None:
@@ -94,6 +112,8 @@ class Freezer:
             if state in ("Z", "X") and pid != self.root:
                 self.zombies[pid] = st
                 continue
+            if pid in self.traced:
+                continue
             if pid != self.root:
                 try:
                     if procfs.is_kernel_thread(pid):
@@ -110,10 +130,13 @@ class Freezer:
                     if e.errno == errno.ESRCH:
                         continue
                     if e.errno == errno.EPERM:
-                        tracer = procfs.status(pid).get("TracerPid", "0")
-                        if tracer != "0":
+                        tracer = tracer_of(pid, tid)
+                        if tracer[0] and pid != self.root:
+                            self._untraceable(task, tracer, new)
+                            break
+                        if tracer[0]:
                             raise TargetError(
-                                f"pid {pid} is already traced by pid {tracer}") from None
+                                f"pid {pid} is already traced by pid {tracer[0]}") from None
                         raise TargetError(
                             f"not permitted to trace pid {pid} (check ownership and "
                             "/proc/sys/kernel/yama/ptrace_scope)") from None
@@ -121,6 +144,7 @@ class Freezer:
                 task.threads[tid] = FrozenThread(tid)
                 new.append(tid)
                 pt.interrupt(tid)
+        new = [tid for tid in new if self._find(tid)]   # not those of a traced task
         for tid in new:
             self._wait_stopped(tid)
         # Threads that vanished while being seized.
@@ -130,6 +154,21 @@ class Freezer:
             if not task.threads:
                 del self.tasks[task.pid]
         return new
+
+    def _untraceable(self, task: FrozenTask, tracer: tuple[int, str], new: list[int]) -> None:
+        """A thread of `task` is traced by another tracer: let go of the
+        threads of it already seized (those seized in this round, `new`, once
+        their interrupt stop came) and leave the whole task running."""
+        self.traced[task.pid] = tracer
+        for ft in list(task.threads.values()):
+            try:
+                if ft.tid in new:
+                    self._wait_stopped(ft.tid)
+                if ft.tid > 0:
+                    pt.detach(ft.tid, ft.deferred[0] if ft.deferred else 0)
+            except OSError:
+                pass
+        del self.tasks[task.pid]
 
     def _find(self, tid: int) -> FrozenThread | None:
         for task in self.tasks.values():

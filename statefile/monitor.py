@@ -53,7 +53,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from . import flags
+from . import flags, support
 
 # ----------------------------------------------------------------- constants
 
@@ -153,30 +153,32 @@ SYS_SOCKET = 1  # socketcall(2) call number
 
 @dataclass(frozen=True)
 class Watch:
-    """One watched syscall: its name, the support-table resource it creates,
-    why that cannot be checkpointed, and the errno --strict answers with."""
+    """One watched syscall: its name, the support-table row (statefile/support.py)
+    of the resource it creates, and the errno --strict answers with.  Why that
+    cannot be checkpointed, and which policy class may skip it, come from the
+    table row."""
     name: str
     resource: str
-    reason: str
     strict_errno: int
     check: str = ""  # "" (always), "socket" (family), "ptrace" (request), "socketcall"
 
+    @property
+    def row(self) -> support.Resource:
+        return support.BY_KEY[self.resource]
 
-_IO_URING = Watch("io_uring_setup", "fd:io_uring",
-                  "io_uring instances cannot be checkpointed", errno.ENOSYS)  # liburing falls back
-_PERF = Watch("perf_event_open", "fd:perf_event",
-              "perf events cannot be checkpointed", errno.EPERM)
-_BPF = Watch("bpf", "fd:bpf", "BPF maps and programs cannot be checkpointed", errno.EPERM)
-_UFFD = Watch("userfaultfd", "fd:userfaultfd",
-              "a userfaultfd owned by the application cannot be checkpointed", errno.EPERM)
-_FANOTIFY = Watch("fanotify_init", "fd:other",
-                  "fanotify groups cannot be checkpointed", errno.EPERM)
-_PTRACE = Watch("ptrace", "task:traced",
-                "a traced process cannot be checkpointed", errno.EPERM, "ptrace")
-_SOCKET = Watch("socket", "fd:socket:other",
-                "this socket family cannot be checkpointed", errno.EAFNOSUPPORT, "socket")
-_SOCKETCALL = Watch("socketcall", "fd:socket:other",
-                    "this socket family cannot be checkpointed", errno.EAFNOSUPPORT, "socketcall")
+    @property
+    def reason(self) -> str:
+        return self.row.reason
+
+
+_IO_URING = Watch("io_uring_setup", "fd:io_uring", errno.ENOSYS)  # liburing falls back
+_PERF = Watch("perf_event_open", "fd:perf_event", errno.EPERM)
+_BPF = Watch("bpf", "fd:bpf", errno.EPERM)
+_UFFD = Watch("userfaultfd", "fd:userfaultfd", errno.EPERM)
+_FANOTIFY = Watch("fanotify_init", "fd:fanotify", errno.EPERM)
+_PTRACE = Watch("ptrace", "task:ptrace", errno.EPERM, "ptrace")
+_SOCKET = Watch("socket", "fd:socket:other", errno.EAFNOSUPPORT, "socket")
+_SOCKETCALL = Watch("socketcall", "fd:socket:other", errno.EAFNOSUPPORT, "socketcall")
 
 #: arch -> {syscall number: Watch}
 WATCHED: dict[int, dict[int, Watch]] = {
@@ -389,7 +391,11 @@ class Monitor:
     """Serves the listener of one crrun filter until every watched task is gone.
 
     ``strict``: answer with the watched syscall's errno instead of letting it
-    run.  ``json_log``: a path to append one JSON line per event to.
+    run, except for resources of a policy class in ``skip`` (those run, and
+    are recorded with ``"policy": CLASS`` but not announced on stderr: the
+    policy says a checkpoint may leave them out).  ``policy_file``: recorded
+    in every flag (``"policy_file"``), so crcheck/crcheckpoint can use it.
+    ``json_log``: a path to append one JSON line per event to.
     ``out``: where the one-line messages go (stderr).  ``flag_dir``: passed to
     flags.add (None: the default directory).  Counters ``received`` (all
     notifications) and ``events`` (list of the records) are kept for tests.
@@ -397,9 +403,12 @@ class Monitor:
 
     def __init__(self, listener: int, strict: bool = False, json_log: str | None = None,
                  out=None, flag_dir: str | None = None,
-                 on_event: Callable[[dict], None] | None = None):
+                 on_event: Callable[[dict], None] | None = None,
+                 skip: set[str] | frozenset[str] = frozenset(), policy_file: str | None = None):
         self.listener = listener
         self.strict = strict
+        self.skip = set(skip)
+        self.policy_file = policy_file
         self.json_log = json_log
         self.out = out if out is not None else sys.stderr
         self.flag_dir = flag_dir
@@ -456,9 +465,10 @@ class Monitor:
         if detail is None:                 # not ours after all: let it run untouched
             self._respond(n.id, 0)
             return
-        err = watch.strict_errno if self.strict else 0
+        skippable = bool(watch.row.policy and watch.row.policy in self.skip)
+        err = watch.strict_errno if self.strict and not skippable else 0
         # The task is blocked in the syscall: record the flag before it runs.
-        self._record(n, watch, detail, err)
+        self._record(n, watch, detail, err, skippable)
         self._respond(n.id, err)
 
     def _detail(self, n: SeccompNotif, w: Watch) -> str | None:
@@ -496,7 +506,8 @@ class Monitor:
         except OSError:
             return False
 
-    def _record(self, n: SeccompNotif, w: Watch, detail: str, err: int) -> None:
+    def _record(self, n: SeccompNotif, w: Watch, detail: str, err: int,
+                skippable: bool = False) -> None:
         tid = n.pid
         try:
             pid = tgid_of(tid)
@@ -504,10 +515,14 @@ class Monitor:
             return  # gone already
         action = "denied" if err else "flagged"
         reason = f"{detail}: {w.reason}"
-        rec = {"tid": tid, "syscall": w.name, "nr": n.data.nr, "resource": w.resource,
-               "reason": reason, "action": action}
+        rec = {"tid": tid, "syscall": w.name, "call": detail, "nr": n.data.nr,
+               "resource": w.resource, "reason": reason, "action": action}
         if err:
             rec["errno"] = errno.errorcode.get(err, str(err))
+        if skippable:
+            rec["policy"] = w.row.policy       # skippable by the policy crrun runs under
+        if self.policy_file:
+            rec["policy_file"] = self.policy_file
         try:
             flags.add(pid, rec, self.flag_dir)
         except (FileNotFoundError, ProcessLookupError):
@@ -517,8 +532,9 @@ class Monitor:
         verdict = (f"denied with {errno.errorcode.get(err, err)}" if err
                    else "not checkpointable")
         try:
-            print(f"crrun: {who}: {w.name} at {now.isoformat(timespec='milliseconds')}: "
-                  f"{verdict} ({reason})", file=self.out, flush=True)
+            if not skippable:
+                print(f"crrun: {who}: {w.name} at {now.isoformat(timespec='milliseconds')}: "
+                      f"{verdict} ({reason})", file=self.out, flush=True)
         except (OSError, ValueError):
             pass  # stderr closed: the flag is what matters
         event = {"pid": pid, "time": now.timestamp(), "iso_time": now.isoformat(), **rec}

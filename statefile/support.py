@@ -60,10 +60,18 @@ TABLE: tuple[Resource, ...] = (
              f"time namespaces: tasks in other ones are {_NOT_YET}"),
     Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
              f"POSIX timers are {_NOT_YET}"),
-    Resource("task:traced", "a task traced by another tracer (debugger, strace)", UNSUPPORTED,
+    Resource("task:traced", "a task traced by another tracer (debugger, strace); a traced "
+             "descendant is listed with every other reason, a traced root is refused at "
+             "once (crcheckpoint exit 3)", UNSUPPORTED,
              "a traced task cannot be frozen by crelf; detach the other tracer first"),
-    Resource("task:flagged", "state crrun saw being created", UNSUPPORTED,
-             "crrun flagged it when it was created"),
+    Resource("task:flagged", "state crrun saw being created that no other row names",
+             UNSUPPORTED, "crrun flagged it when it was created"),
+    Resource("task:flag-denied", "a syscall crrun --strict made fail (the state was never "
+             "created)", SUPPORTED),
+    Resource("task:ptrace", "a ptrace relationship crrun saw being made (PTRACE_ATTACH, "
+             "PTRACE_SEIZE, PTRACE_TRACEME)", UNSUPPORTED,
+             "ptrace relationships cannot be checkpointed (a restart would bring the tasks "
+             "back untraced)"),
     # --- file descriptors ----------------------------------------------------
     Resource("fd:regular", "regular file (path, flags, offset)", SUPPORTED),
     Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED,
@@ -106,16 +114,38 @@ TABLE: tuple[Resource, ...] = (
              "holds the read end)"),
     Resource("fd:socket:unix-pair", "connected unix socket pair with both ends in the tree "
              "(queued data and shutdown state)", SUPPORTED),
-    Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name)",
-             SUPPORTED),
+    Resource("fd:socket:unix-connected", "unix socket connected by name to another socket of "
+             "the tree: a datagram client of a bound socket (connected again to its path "
+             "once that is bound), or a stream or seqpacket connection accepted from a listening "
+             "socket (queued data and shutdown state; getsockname/getpeername give the same "
+             "paths again)", SUPPORTED,
+             "an abstract name of an accepted stream or seqpacket connection, or a path when "
+             "crrestart may not chroot (unprivileged), comes back unnamed (crrestart warns)"),
+    Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name; a stale "
+             "socket file nobody is bound to is replaced)", SUPPORTED),
     Resource("fd:socket:unix-dgram", "unconnected unix socket (datagram, or a stream or "
-             "seqpacket socket not connected yet; bound again to its name)", SUPPORTED),
+             "seqpacket socket not connected yet; bound again to its name); queued datagrams "
+             "are sent to it again from their sender's address", SUPPORTED),
     Resource("fd:socket:unix-peerless", "connected unix stream or seqpacket socket whose peer "
              "has closed (its unread data kept; reads then see end-of-file, writes EPIPE)",
              SUPPORTED),
-    Resource("fd:socket:unix", "other unix socket", UNSUPPORTED,
-             f"unix sockets connected to a process outside the tree, with file descriptors "
-             f"in flight or with connections waiting to be accepted are {_NOT_YET}"),
+    Resource("fd:socket:unix-fds", "unix socket with file descriptors in flight (an "
+             "SCM_RIGHTS message not received yet)", UNSUPPORTED,
+             f"file descriptors in flight in a unix socket are {_NOT_YET}; checkpoint again "
+             "once the receiver has read them"),
+    Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree",
+             UNSUPPORTED, "a unix socket connected to a process outside the tree cannot be "
+             "reconnected by a restart"),
+    Resource("fd:socket:unix-backlog", "listening unix socket with connections waiting to be "
+             "accepted (or a socket of the tree whose connection is waiting so)", UNSUPPORTED,
+             f"connections waiting to be accepted are {_NOT_YET}; checkpoint again once they "
+             "are accepted"),
+    Resource("fd:socket:unix-sender", "unix datagram socket holding a datagram whose sender's "
+             "name is now bound by a socket outside the tree", UNSUPPORTED,
+             "the datagram could not be sent again from its sender's address (recvfrom would "
+             "lose it); checkpoint again once it is read"),
+    Resource("fd:socket:unix", "other unix socket (one sock_diag does not report)", UNSUPPORTED,
+             "this unix socket could not be inspected"),
     Resource("fd:socket:inet-listen", "listening TCP socket with no connection waiting to "
              "be accepted (listening again on its address, with SO_REUSEADDR, SO_REUSEPORT "
              "and IPV6_V6ONLY as they were)", SUPPORTED),
@@ -124,17 +154,26 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:socket:inet", "TCP connection, or a listening or UDP socket with "
              "connections or datagrams queued", SKIPPABLE,
              f"TCP connections and queued connections or datagrams are {_NOT_YET}; policy "
-             "'network' restores them closed (a connection) or empty", "network"),
-    Resource("fd:socket:netlink", "netlink socket", SKIPPABLE,
-             f"netlink sockets are {_NOT_YET}; policy 'network' restores them closed",
+             "'network' restores a connection as a new unconnected socket of the same family "
+             "and type on the same fd (as after a network failure: recv/read fail with "
+             "ENOTCONN, send/write with EPIPE, SIGPIPE too unless ignored; connect() on it "
+             "reconnects), a listening or UDP socket bound again with its queue empty",
              "network"),
+    Resource("fd:socket:netlink", "netlink socket", SKIPPABLE,
+             f"netlink sockets are {_NOT_YET}; policy 'network' restores a new unbound "
+             "netlink socket of the same protocol on the same fd (its bindings, "
+             "subscriptions and queued messages are lost)", "network"),
     Resource("fd:socket:other", "socket of another family", UNSUPPORTED,
              "this socket family cannot be checkpointed"),
     Resource("fd:eventfd", "eventfd (counter, semaphore mode)", SUPPORTED),
     Resource("fd:epoll", "epoll instance (watched fds with events and data)", SUPPORTED),
-    Resource("fd:timerfd", "timerfd (clock, remaining time, interval)", SUPPORTED),
+    Resource("fd:timerfd", "timerfd (clock, remaining time, interval, expirations not read "
+             "yet; the time spent checkpointed does not count)", SUPPORTED),
     Resource("fd:signalfd", "signalfd (mask)", SUPPORTED),
     Resource("fd:inotify", "inotify instance (watches by path, same watch numbers)", SUPPORTED),
+    Resource("fd:inotify-unread", "inotify instance with events queued and not read yet",
+             UNSUPPORTED, "queued inotify events cannot be read without consuming them; "
+             "checkpoint again once the program has read them"),
     Resource("fd:anon-shared", "eventfd/epoll/timerfd/signalfd/inotify shared by several "
              "processes", UNSUPPORTED, f"sharing these between processes is {_NOT_YET}"),
     Resource("fd:inotify-lost", "inotify watch whose file cannot be found", UNSUPPORTED,
@@ -146,6 +185,8 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:perf_event", "perf event", SKIPPABLE,
              "perf events cannot be checkpointed; policy 'perf' restores the fd closed", "perf"),
     Resource("fd:bpf", "BPF map or program", UNSUPPORTED, "BPF objects cannot be checkpointed"),
+    Resource("fd:fanotify", "fanotify group", UNSUPPORTED,
+             "fanotify groups cannot be checkpointed"),
     Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
              "a userfaultfd owned by the application cannot be checkpointed"),
     Resource("fd:pidfd", "pidfd", UNSUPPORTED, f"pidfds are {_NOT_YET}"),
@@ -154,8 +195,11 @@ TABLE: tuple[Resource, ...] = (
     # --- SysV IPC ----------------------------------------------------------------
     Resource("ipc:shm", "SysV shared memory segment (id, key, owner, mode, content; "
              "restored with its id)", SUPPORTED),
-    Resource("ipc:sem", "SysV semaphore set (id, key, owner, mode, values; SEM_UNDO "
-             "lists are not saved)", SUPPORTED),
+    Resource("ipc:sem", "SysV semaphore set (id, key, owner, mode, values)", SUPPORTED),
+    Resource("ipc:sem-undo", "a task of a tree using SysV semaphores that holds SEM_UNDO "
+             "adjustments (it did a semop with SEM_UNDO; a multi-threaded task always has "
+             "an undo list, which cannot be told empty from outside)", UNSUPPORTED,
+             "sem undo is not restored"),
     Resource("ipc:msg", "SysV message queue (id, key, owner, mode, queued messages)",
              SUPPORTED),
     # --- memory ----------------------------------------------------------------
@@ -184,7 +228,7 @@ DEV_FILES = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
 _ANON = {"eventfd": "fd:eventfd", "eventpoll": "fd:epoll", "timerfd": "fd:timerfd",
          "signalfd": "fd:signalfd", "inotify": "fd:inotify", "io_uring": "fd:io_uring",
          "perf_event": "fd:perf_event", "userfaultfd": "fd:userfaultfd",
-         "pidfd": "fd:pidfd"}
+         "pidfd": "fd:pidfd", "fanotify": "fd:fanotify"}
 
 
 _ANON_KEYS = {"fd:eventfd", "fd:epoll", "fd:timerfd", "fd:signalfd", "fd:inotify"}
@@ -192,19 +236,41 @@ _ANON_KEYS = {"fd:eventfd", "fd:epoll", "fd:timerfd", "fd:signalfd", "fd:inotify
 
 def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
     info = f.get("socket", {})
-    if info.get("listening"):
-        return "fd:socket:unix-listen" if not info.get("backlog_queued") else "fd:socket:unix"
-    if info.get("fds_in_flight"):
+
+    def held() -> list[dict]:
+        return [g for i, g in enumerate(files) if holders.get(i) and "socket" in g]
+    if info.get("diag") is False or "ino" not in info:
         return "fd:socket:unix"
+    if info.get("listening"):
+        return "fd:socket:unix-listen" if not info.get("backlog_queued") else \
+            "fd:socket:unix-backlog"
+    if info.get("fds_in_flight"):
+        return "fd:socket:unix-fds"
+    if info.get("senders") and _unreproducible_sender(info, held()):
+        return "fd:socket:unix-sender"
     if not info.get("peer_ino"):
         if info.get("type") != "dgram" and info.get("state") == 1:   # TCP_ESTABLISHED
             return "fd:socket:unix-peerless"
         return "fd:socket:unix-dgram"
     peer = next((i for i, g in enumerate(files)
                  if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
-    if peer is None or files[peer].get("socket", {}).get("fds_in_flight"):
-        return "fd:socket:unix"
-    return "fd:socket:unix-pair" if holders.get(peer) else "fd:socket:unix"
+    if peer is None or not holders.get(peer):
+        if info.get("type") != "dgram" and any(
+                g["socket"].get("backlog_queued") for g in held()):
+            return "fd:socket:unix-backlog"   # (its peer is still in the backlog)
+        return "fd:socket:unix-external"
+    if files[peer].get("socket", {}).get("fds_in_flight"):
+        return "fd:socket:unix-fds"
+    if info.get("name") or files[peer]["socket"].get("name"):
+        return "fd:socket:unix-connected"
+    return "fd:socket:unix-pair"
+
+
+def _unreproducible_sender(info: dict, held: list[dict]) -> bool:
+    """A queued datagram whose sender's name is bound by a socket outside the
+    tree: a restart could not send it again from that name."""
+    tree = {g["socket"].get("ino") for g in held}
+    return any(s and set(s.get("bound", ())) - tree for s in info.get("senders", ()))
 
 
 def fd_key(f: dict) -> str:
@@ -276,6 +342,8 @@ class Finding:
     policy: str | None
     pid: int
     skipped: bool = False
+    time: float | None = None    # crrun flags: when the state was created (unix time)
+    row: str | None = None       # crrun flags: the table row that decided the verdict
 
     def line(self) -> str:
         verdict = "skipped by policy" if self.skipped else self.status
@@ -286,6 +354,34 @@ class Finding:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def flag_row(fl: dict) -> Resource:
+    """The table row that decides a crrun flag: the resource the flagged
+    syscall creates (statefile/monitor.py WATCHED), "task:flag-denied" when
+    crrun --strict made it fail, "task:flagged" for a resource not in the table."""
+    if fl.get("action") == "denied":
+        return BY_KEY["task:flag-denied"]
+    return BY_KEY.get(fl.get("resource", ""), BY_KEY["task:flagged"])
+
+
+def flag_time(fl: dict) -> str:
+    from datetime import datetime
+    try:
+        return datetime.fromtimestamp(float(fl["time"])).isoformat(timespec="milliseconds")
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return "an unknown time"
+
+
+def flag_finding(fl: dict, pid: int, skip: set[str]) -> Finding:
+    """A crrun flag as a finding, with the verdict of its table row."""
+    r = flag_row(fl)
+    what = "denied by crrun --strict" if fl.get("action") == "denied" else "flagged by crrun"
+    detail = f"{what} at {flag_time(fl)}: {fl.get('call') or fl.get('syscall', '?')}"
+    if fl.get("tid") not in (None, pid):
+        detail += f" (thread {fl['tid']})"
+    return Finding("task:flagged", f"pid {pid}", detail, r.status, r.reason, r.policy, pid,
+                   skipped=bool(r.policy and r.policy in skip), time=fl.get("time"), row=r.key)
 
 
 def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
@@ -319,21 +415,14 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
         if t is not tasks[0]:
             add("task:tree", pid, f"pid {pid}", f"child of pid {t['ppid']}")
         if t.get("tracer"):
-            add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}")
+            add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}"
+                + (f" ({t['tracer_comm']})" if t.get("tracer_comm") else ""))
         if t["creds"].get("seccomp") == 2 and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
         for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):
-            if fl.get("action") == "denied":
-                continue  # crrun --strict refused it: the state never existed
-            row = BY_KEY.get(fl.get("resource", ""))
-            policy = row.policy if row else None
-            out.append(Finding("task:flagged", f"pid {pid}",
-                               f"{fl.get('syscall')} (crrun flagged it)",
-                               SKIPPABLE if policy else UNSUPPORTED,
-                               fl.get("reason", ""), policy, pid,
-                               skipped=bool(policy and policy in skip)))
+            out.append(flag_finding(fl, pid, skip))
         for fd in t["fds"]:
             f = files[fd["file"]]
             where, detail = f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})"
@@ -354,6 +443,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             if key == "fd:inotify" and any(not w.get("path")
                                            for w in f.get("anon", {}).get("watches", [])):
                 add("fd:inotify-lost", pid, where, detail)
+            if key == "fd:inotify" and f.get("anon", {}).get("unread"):
+                add("fd:inotify-unread", pid, where, f"inotify fd {fd['fd']} has unread "
+                    f"events ({f['anon']['unread']} bytes queued)")
         for m in t["mappings"]:
             key = mapping_key(m)
             where = f"pid {pid} {m['start']:#x}-{m['end']:#x}"
@@ -369,6 +461,11 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for kind, idname in (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid")):
         for obj in (ipc or {}).get(kind, []):
             add(f"ipc:{kind}", root, f"SysV {kind} id {obj[idname]}", f"key {obj['key']:#x}")
+    for u in (ipc or {}).get("sem_undo", []):
+        p = u["pid"]
+        add("ipc:sem-undo", p, f"pid {p}", f"pid {p} holds SEM_UNDO adjustments"
+            if u["threads"] <= 1 else f"pid {p} may hold SEM_UNDO adjustments (its "
+            f"{u['threads']} threads share an undo list, which cannot be told empty)")
     return out
 
 

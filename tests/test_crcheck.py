@@ -16,7 +16,7 @@ import pytest
 from helpers import read_lines, require_root, trace_with_another_tracer, wait_for_line
 from test_checkpoint import assert_keeps_ticking, checkpoint
 
-from statefile import reader
+from statefile import flags, procfs, reader, support
 from statefile.ptrace import dup_fd_of
 
 BIN = Path(sys.executable).parent
@@ -101,9 +101,10 @@ def test_traced_process_is_named(sample_bin, procs, tmp_path):
     tracer = trace_with_another_tracer(procs, proc.pid, tmp_path)
     rc, report, _ = crcheck(proc.pid)
     assert rc == 6
-    assert report["problems"] == [f"pid {proc.pid}: traced by pid {tracer.pid} — unsupported "
-                                  "(a traced task cannot be frozen by crelf; detach the "
-                                  "other tracer first)"]
+    assert [p for p in report["problems"] if "traced" in p] == \
+        [f"pid {proc.pid}: traced by pid {tracer.pid} ({procfs.stat(tracer.pid)['comm']}) "
+         "— unsupported (a traced task cannot be frozen by crelf; detach the other tracer "
+         "first)"]
 
 
 def test_supported_program_passes_and_bad_policy_is_one_line(sample_bin, procs, tmp_path):
@@ -159,6 +160,15 @@ def test_crrun_flag_is_seen_by_crcheck_and_skippable(sample_bin, procs, tmp_path
     assert rc == 6
     assert [f["key"] for f in report["findings"] if f["status"] != "supported"] == \
         ["task:flagged", "fd:io_uring"]
+    # the flag's verdict is the io_uring row's, with the time crrun saw it
+    flag = flags.read(pid)[0]
+    hit = report["findings"][[f["key"] for f in report["findings"]].index("task:flagged")]
+    assert (hit["row"], hit["status"], hit["policy"], hit["time"]) == \
+        ("fd:io_uring", "skippable", "io_uring", flag["time"])
+    assert f"flagged by crrun at {support.flag_time(flag)}: io_uring_setup" in hit["line"]
+    text = subprocess.run([str(BIN / "crcheck"), str(pid)], capture_output=True, text=True,
+                          timeout=60)
+    assert text.returncode == 6 and f"  {hit['line']}" in text.stdout.splitlines()
     rc, report, _ = crcheck(pid, "--skip", "io_uring")
     assert rc == 0
     summary = checkpoint(pid, tmp_path / "u.cr", "--skip", "io_uring")
@@ -249,3 +259,223 @@ def test_file_contents_and_tmpfs_policies(procs, tmp_path):
         assert (shm / "data").read_text() == "tmpfs says hello\n"
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+# --- a child traced by another tracer ------------------------------------------
+
+TRACED_TREE = """
+import ctypes, os, time
+params = ctypes.create_string_buffer(120)
+fd = ctypes.CDLL(None, use_errno=True).syscall(425, 8, params)   # io_uring_setup
+child = os.fork()
+who = "child" if child == 0 else "parent"
+if not child:
+    os.close(fd)                  # only the parent holds the io_uring
+else:
+    print("ready fd=%d child=%d" % (fd, child), flush=True)
+n = 0
+while True:
+    n += 1; time.sleep(0.1); print("%s tick %d" % (who, n), flush=True)
+"""
+
+
+def test_traced_child_is_a_finding_and_the_tree_runs_on(procs, tmp_path):
+    """A child traced by another tracer: crcheck and crcheckpoint name it (with
+    the tracer's pid and name) among every other reason; crcheckpoint exits 6,
+    writes nothing, even with --snapshot; the tree runs on, still traced.  The
+    root itself traced stays a target error (exit 3)."""
+    require_root()
+    out = tmp_path / "t.out"
+    proc = procs.spawn([sys.executable, "-c", TRACED_TREE], stdout=out)
+    ready = wait_for_line(out, r"^ready fd=", proc=proc)
+    fd, child = (int(kv.split("=")[1]) for kv in ready.split()[1:])
+    assert fd >= 0
+    wait_for_line(out, r"^child tick 2$", proc=proc)
+    tracer = trace_with_another_tracer(procs, child, tmp_path)
+    traced = (f"pid {child}: traced by pid {tracer.pid} ({procfs.stat(tracer.pid)['comm']}) "
+              "— unsupported (a traced task cannot be frozen by crelf; detach the other "
+              "tracer first)")
+    rc, report, _ = crcheck(proc.pid)
+    assert rc == 6
+    assert traced in report["problems"] and len(report["problems"]) == 2, report["problems"]
+    assert any(p.startswith(f"pid {proc.pid} fd {fd}: ") and "io_uring" in p
+               for p in report["problems"])
+
+    cr = tmp_path / "t.cr"
+    for extra in ((), ("--snapshot",)):
+        res = checkpoint(proc.pid, cr, *extra, check=False)
+        assert res.returncode == 6, res.stderr
+        assert "Traceback" not in res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert lines[0] == (f"crcheckpoint: error: pid {proc.pid} cannot be checkpointed "
+                            "(2 problem(s); nothing was written, the tree runs on):")
+        assert f"  CR: {traced}" in lines[1:] and len(lines) == 3
+        assert any(x.startswith(f"  CR: pid {proc.pid} fd {fd}: ") for x in lines[1:])
+        assert not cr.exists() and not list(tmp_path.glob(".t.cr*"))
+    res = checkpoint(proc.pid, cr, "--skip", "io_uring", check=False)
+    assert res.returncode == 6 and res.stderr.strip().splitlines()[1:] == [f"  CR: {traced}"]
+    assert not cr.exists()
+    assert_keeps_ticking(out, proc, r"^parent tick (\d+)$")
+    assert_keeps_ticking(out, proc, r"^child tick (\d+)$")
+    assert procfs.status(child)["TracerPid"] == str(tracer.pid)
+    res = checkpoint(child, cr, check=False)                 # the root itself traced
+    assert res.returncode == 3 and f"already traced by pid {tracer.pid}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not cr.exists()
+
+
+# --- policy 'network': what the application sees after the restart ---------------
+
+TCP_CLIENT = """
+import errno, socket, sys, time
+port = int(sys.argv[1])
+c = socket.create_connection(("127.0.0.1", port))
+print("ready fd=%d" % c.fileno(), flush=True)
+n = 0
+while True:
+    n += 1
+    time.sleep(0.1)
+    try:
+        c.sendall(b"tick %d\\n" % n)
+        print("tick %d sent" % n, flush=True)
+    except OSError as e:
+        print("tick %d send %s" % (n, errno.errorcode[e.errno]), flush=True)
+        try:
+            c.recv(1)
+            print("recv ok", flush=True)
+        except OSError as e:
+            print("recv %s" % errno.errorcode[e.errno], flush=True)
+        c.connect(("127.0.0.1", port))
+        c.sendall(b"again %d\\n" % n)
+        print("reconnected", flush=True)
+"""
+
+
+def test_skipped_tcp_connection_is_broken_and_can_reconnect(procs, tmp_path):
+    """What docs/SUPPORT.md says about policy 'network' (fd:socket:inet): the
+    restarted client's connected socket is a new unconnected one on the same
+    fd: its next send fails with EPIPE, recv with ENOTCONN, and connect() on it
+    reaches the server again."""
+    require_root()
+    reason = support.BY_KEY["fd:socket:inet"].reason
+    assert "ENOTCONN" in reason and "EPIPE" in reason and "reconnects" in reason
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(30)
+    try:
+        out = tmp_path / "c.out"
+        proc = procs.spawn([sys.executable, "-c", TCP_CLIENT, str(srv.getsockname()[1])],
+                           stdout=out, stderr=tmp_path / "c.err")
+        first, _ = srv.accept()
+        fd = int(wait_for_line(out, r"^ready fd=", proc=proc).split("=")[1])
+        wait_for_line(out, r"^tick 3 sent$", proc=proc)
+        cr = tmp_path / "c.cr"
+        summary = checkpoint(proc.pid, cr, "--kill", "--skip", "network")
+        assert [s["where"] for s in summary["skipped"]] == [f"pid {proc.pid} fd {fd}"]
+        proc.wait(timeout=10)
+        first.close()
+        before = read_lines(out)
+        said = _restart_detached(cr)
+        assert f"fd {fd}:" in said and "restored unconnected" in said
+        second, _ = srv.accept()
+        second.settimeout(30)
+        got = b""
+        while b"\n" not in got:
+            chunk = second.recv(100)
+            assert chunk, "the reconnected client closed"
+            got += chunk
+        wait_for_line(out, r"^reconnected$", timeout=20)
+        after = read_lines(out)[len(before):]
+        broken = [i for i, line in enumerate(after) if " send " in line]
+        assert len(broken) == 1, after
+        i = broken[0]
+        n = int(after[i].split()[1])
+        assert after[i:i + 3] == [f"tick {n} send EPIPE", "recv ENOTCONN", "reconnected"]
+        assert got.startswith(f"again {n}\n".encode())
+        ticks = [int(x.split()[1]) for x in before + after if x.startswith("tick ")]
+        assert ticks == list(range(1, len(ticks) + 1))
+        second.close()
+    finally:
+        srv.close()
+
+
+# --- crcheck does not disturb the target ----------------------------------------
+
+def test_crcheck_leaves_the_target_running(sample_bin, procs, tmp_path):
+    """crcheck on a ticking program: its output goes on, byte-identical to an
+    uninterrupted run; crcheck -v's text names each resource with its verdict."""
+    require_root()
+    ref, out = tmp_path / "ref.out", tmp_path / "t.out"
+    args = ["150", "4", "50"]                                  # 150 ticks, 4 MiB, 50 ms
+    reference = procs.spawn([sample_bin / "ticker", *args], stdout=ref)
+    proc = procs.spawn([sample_bin / "ticker", *args], stdout=out)
+    wait_for_line(out, r"^tick 3 ", proc=proc)
+    _, report, _ = crcheck(proc.pid)
+    for _ in range(2):
+        res = subprocess.run([str(BIN / "crcheck"), "-v", str(proc.pid)], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"pid {proc.pid} (ticker): 1 thread(s), ")
+    assert f"  pid {proc.pid}: ticker (1 threads) — supported" in lines
+    assert f"  pid {proc.pid} fd 0: /dev/null (chr) — supported" in lines
+    assert f"  pid {proc.pid} fd 1: {out} (regular) — supported" in lines
+    assert lines[-1] == f"crcheck: pid {proc.pid} can be checkpointed"
+    assert "done" not in read_lines(out), "the ticker ended before crcheck was done"
+    assert {f["key"] for f in report["findings"]} >= {"task:process", "fd:dev", "fd:regular"}
+    assert all(f["status"] == "supported" for f in report["findings"])
+    assert proc.wait(timeout=60) == 0 and reference.wait(timeout=60) == 0
+    assert out.read_bytes() == ref.read_bytes()
+    assert read_lines(out)[-1] == "done"
+
+
+# --- a snapshot-only statefile ---------------------------------------------------
+
+def test_snapshot_statefile_is_not_restartable(sample_bin, procs, tmp_path):
+    """--snapshot of a tree holding an io_uring, without --kill: the statefile is
+    written, crinspect says it is not restartable and why, crrestart refuses it
+    with one line naming why and starts nothing; the tree runs on."""
+    require_root()
+    out = tmp_path / "u.out"
+    exe = sample_bin / "unsupported"
+    proc = procs.spawn([exe, "uring"], stdout=out)
+    fd = int(wait_for_line(out, r"ready fd=", proc=proc).split("=")[1])
+    assert fd >= 0
+    cr = tmp_path / "u.cr"
+    res = checkpoint(proc.pid, cr, "--snapshot", check=False)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["restartable"] is False
+    why = summary["not_restartable"]
+    assert len(why) == 1 and why[0].startswith(f"pid {proc.pid} fd {fd}: ") and "io_uring" in why[0]
+    assert_keeps_ticking(out, proc)
+
+    text = subprocess.run([str(BIN / "crinspect"), str(cr)], capture_output=True, text=True,
+                          timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert "restartable: NO (snapshot only)" in text.stdout
+    assert f"not restartable: {why[0]}" in text.stdout
+    js = json.loads(subprocess.run([str(BIN / "crinspect"), "--json", str(cr)],
+                                   capture_output=True, text=True, timeout=60).stdout)
+    assert js["header"]["restartable"] is False and js["header"]["not_restartable"] == why
+
+    def running():
+        return sorted(int(p) for p in os.listdir("/proc") if p.isdigit()
+                      and _exe(int(p)) == str(exe))
+    assert running() == [proc.pid]
+    for argv in ([str(BIN / "crrestart"), str(cr)],
+                 [str(BIN / "crrestart"), "--detach", "--pidns", str(cr)]):
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "not restartable" in res.stderr and why[0] in res.stderr
+        assert running() == [proc.pid]
+    assert_keeps_ticking(out, proc)
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""

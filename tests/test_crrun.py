@@ -3,6 +3,7 @@ that create state crelf cannot checkpoint, on real processes."""
 
 from __future__ import annotations
 
+import datetime
 import errno
 import glob
 import json
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 from helpers import pid_alive, require_root, require_tool, wait_for_line
 
-from statefile import flags, monitor
+from statefile import flags, monitor, support
+
+BIN = Path(sys.executable).parent
 
 #: crrun until pyproject.toml gets `crrun = "statefile.crrun_cli:main"`
 CRRUN = [sys.executable, "-m", "statefile.crrun_cli"]
@@ -256,7 +259,7 @@ def test_ptrace_attach_flagged(procs, watched, tmp_path, flag_pids):
     flag_pids.append(rep["pid"])
     assert rep["result"] == 0
     got = wait_flags(rep["pid"])
-    assert [(f["syscall"], f["resource"]) for f in got] == [("ptrace", "task:traced")]
+    assert [(f["syscall"], f["resource"]) for f in got] == [("ptrace", "task:ptrace")]
     assert "PTRACE_ATTACH" in got[0]["reason"]                 # PEEKDATA was not flagged
 
 
@@ -364,3 +367,101 @@ def test_command_not_found_and_policy(tmp_path):
     res = subprocess.run([*CRRUN, "--policy", str(good), "--", "sh", "-c", "echo $CRELF_POLICY"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == str(good)
+
+
+# ------------------------------------------------------------------ --policy
+
+def _child_of(pid: int, name: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = subprocess.run(["pgrep", "-P", str(pid), name], capture_output=True, text=True)
+        if res.stdout.split():
+            return int(res.stdout.split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no child {name} of pid {pid}")
+
+
+@pytest.mark.parametrize("skip,allowed", [("io_uring", True), ("perf", False)])
+def test_strict_spares_what_the_policy_skips(procs, watched, tmp_path, flag_pids, skip, allowed):
+    """crrun --strict --policy FILE: a creation of a class the policy skips runs
+    (recorded, marked skippable by the policy, not announced); any other is
+    refused as without a policy."""
+    require_root()
+    pfile = tmp_path / "p.toml"
+    pfile.write_text(f'skip = ["{skip}"]\n')
+    _proc, rep, err, log = run_watched(procs, watched, tmp_path, "uring", "--strict",
+                                       "--policy", str(pfile))
+    pid = rep["pid"]
+    flag_pids.append(pid)
+    got = wait_flags(pid)
+    assert len(got) == 1 and got[0]["policy_file"] == str(pfile)
+    if allowed:
+        assert rep["result"] >= 0 and "anon_inode:[io_uring]" in fd_targets(pid)
+        assert got[0]["action"] == "flagged" and got[0]["policy"] == "io_uring"
+        time.sleep(0.2)
+        assert "io_uring_setup" not in err.read_text()      # not announced as a warning
+        assert [x["policy"] for x in map(json.loads, log.read_text().splitlines())] == \
+            ["io_uring"]
+    else:
+        assert rep["result"] == -errno.ENOSYS
+        assert got[0]["action"] == "denied" and "policy" not in got[0]
+        assert "denied with ENOSYS" in wait_for_line(err, r"^crrun: pid \d+: io_uring_setup")
+
+
+def test_crrun_policy_is_used_later_and_crinspect_shows_the_flag(procs, sample_bin, tmp_path,
+                                                                 flag_pids):
+    """A program started with crrun --policy: crcheck and crcheckpoint without
+    --policy use crrun's policy; an explicit --policy wins; crinspect shows the
+    flag with its time and reason, in text and JSON."""
+    require_root()
+    pfile = tmp_path / "p.toml"
+    pfile.write_text('skip = ["io_uring"]\n')
+    out = tmp_path / "u.out"
+    crrun = procs.spawn([*CRRUN, "--policy", str(pfile), "--", sample_bin / "unsupported",
+                         "uring"], stdout=out, stderr=tmp_path / "crrun.err")
+    wait_for_line(out, r"ready fd=3", proc=crrun)
+    pid = _child_of(crrun.pid, "unsupported")
+    flag_pids.append(pid)
+    flag = wait_flags(pid)[0]
+
+    res = subprocess.run([str(BIN / "crcheck"), str(pid), "--json"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert report["policy"]["source"] == str(pfile)
+    assert report["policy"]["from_crrun"] == pid and report["policy"]["skip"] == ["io_uring"]
+    flagged = [f for f in report["findings"] if f["key"] == "task:flagged"]
+    assert len(flagged) == 1 and flagged[0]["skipped"] and flagged[0]["row"] == "fd:io_uring"
+
+    other = tmp_path / "other.toml"
+    other.write_text('skip = ["perf"]\n')
+    res = subprocess.run([str(BIN / "crcheck"), str(pid), "--json", "--policy", str(other)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 6 and json.loads(res.stdout)["policy"]["source"] == str(other)
+
+    cr = tmp_path / "u.cr"
+    res = subprocess.run([str(BIN / "crcheckpoint"), str(pid), "-o", str(cr), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert sorted(s["key"] for s in summary["skipped"]) == ["fd:io_uring", "task:flagged"]
+    wait_for_line(out, r"^tick 3$", proc=crrun)           # it runs on
+
+    iso = datetime.datetime.fromtimestamp(flag["time"]).isoformat(timespec="milliseconds")
+    text = subprocess.run([str(BIN / "crinspect"), str(cr)], capture_output=True, text=True,
+                          timeout=60)
+    assert text.returncode == 0, text.stderr
+    shown = [x.strip() for x in text.stdout.splitlines() if "flagged by crrun" in x]
+    # the header's "skipped" list names it, the process tree shows the flag
+    assert shown[0] == f"pid {pid}: flagged by crrun at {iso}: io_uring_setup (policy io_uring)"
+    line = shown[1]
+    assert line.strip() == (f"pid {pid}: flagged by crrun at {iso}: io_uring_setup — "
+                            f"{support.BY_KEY['fd:io_uring'].reason} "
+                            "[skippable by policy 'io_uring']")
+    js = subprocess.run([str(BIN / "crinspect"), "--json", str(cr)], capture_output=True,
+                        text=True, timeout=60)
+    task = next(t for t in json.loads(js.stdout)["tasks"] if t["pid"] == pid)
+    assert task["crrun"] is True
+    assert [(f["syscall"], f["time"], f["iso_time"], f["denied"], f["reason"])
+            for f in task["crrun_flags"]] == \
+        [("io_uring_setup", flag["time"], iso, False, flag["reason"])]

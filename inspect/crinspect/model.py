@@ -66,6 +66,7 @@ def ps(sf) -> list[dict]:
             "exe": t.get("exe", ""), "cwd": t.get("cwd", ""), "state": t.get("state", ""),
             "threads": len(t.get("threads", [])), "depth": depth,
             "children": sorted(kids.get(pid, [])),
+            "crrun": bool(t.get("crrun")), "crrun_flags": crrun_flags(t),
         })
         for k in sorted(kids.get(pid, [])):
             walk(k, depth + 1)
@@ -73,6 +74,16 @@ def ps(sf) -> list[dict]:
     for r in roots:
         walk(r, 0)
     return out
+
+
+def crrun_flags(t: dict) -> list[dict]:
+    """What crrun saw the task create (statefile/flags.py), with the time."""
+    from statefile.support import flag_time
+    return [{"syscall": f.get("syscall"), "call": f.get("call") or f.get("syscall"),
+             "reason": f.get("reason", ""), "time": f.get("time"), "iso_time": flag_time(f),
+             "denied": f.get("action") == "denied", "errno": f.get("errno"),
+             "resource": f.get("resource"), "tid": f.get("tid"), "policy": f.get("policy")}
+            for f in t.get("crrun_flags", [])]
 
 
 def syscall_name(nr) -> str | None:

@@ -52,7 +52,24 @@ def ps(tasks: list[dict]) -> list[str]:
     for t in tasks:
         if t["depth"] == 0:
             walk(t, "", "")
-    return table(rows)
+    return table(rows) + crrun_flags(tasks)
+
+
+def crrun_flags(tasks: list[dict]) -> list[str]:
+    """One line per state crrun saw a task create (or refused, with --strict)."""
+    lines = []
+    for t in tasks:
+        for f in t.get("crrun_flags", []):
+            who = f"pid {t['pid']}" + (f" (thread {f['tid']})" if f.get("tid") not in
+                                       (None, t["pid"]) else "")
+            verdict = (f"denied by crrun --strict ({f['errno']})" if f["denied"] else
+                       "flagged by crrun")
+            reason = f["reason"].removeprefix(f"{f['call']}: ")
+            line = f"  {who}: {verdict} at {f['iso_time']}: {f['call']} — {reason}"
+            if f.get("policy") and not f["denied"]:
+                line += f" [skippable by policy '{f['policy']}']"
+            lines.append(line)
+    return lines
 
 
 def threads(ths: list[dict]) -> list[str]:
