@@ -89,6 +89,17 @@ O_WRONLY, O_CLOEXEC = 0o1, 0o2000000
 MAP_PRIVATE_ANON = 0x22
 
 
+def _limited(path: str) -> bool:
+    """A memory cgroup limit file that sets a limit (v2 "max", v1 a huge
+    number, mean none)."""
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError:
+        return False
+    return value != "max" and not (value.isdigit() and int(value) >= 1 << 62)
+
+
 class SelfWriter:
     """The snapshot copies its own memory into the statefile.
 
@@ -130,13 +141,21 @@ class SelfWriter:
                     return False
             with open(f"/proc/{snap}/cgroup") as f:
                 for line in f:
-                    path = line.rstrip("\n").split(":", 2)[2].rstrip("/")
-                    while path:         # the task's cgroup and every ancestor
-                        limit = f"/sys/fs/cgroup{path}/memory.max"
-                        if os.path.exists(limit):
-                            with open(limit) as m:
-                                if m.read().strip() != "max":
-                                    return False
+                    _, controllers, path = line.rstrip("\n").split(":", 2)
+                    if controllers == "":          # cgroup v2 (or v2 of a hybrid setup)
+                        files = ["/sys/fs/cgroup{}/memory.max",
+                                 "/sys/fs/cgroup/unified{}/memory.max"]
+                    elif "memory" in controllers.split(","):      # cgroup v1
+                        files = ["/sys/fs/cgroup/memory{}/memory.limit_in_bytes"]
+                    else:
+                        continue
+                    path = path.rstrip("/")
+                    while True:         # the task's cgroup and every ancestor
+                        for name in files:
+                            if _limited(name.format(path)):
+                                return False
+                        if not path:
+                            break
                         path = path.rsplit("/", 1)[0]
         except (OSError, IndexError):
             return False

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from helpers import require_root, wait_for_line, pid_alive
@@ -107,3 +108,49 @@ def test_task_under_a_seccomp_filter_is_read_the_usual_way(sample_bin, procs, tm
     os.kill(ticker, signal.SIGKILL)
     p.wait(timeout=10)
     assert not pid_alive(ticker) or open(f"/proc/{ticker}/stat").read().split()[2] == "Z"
+
+
+def _memory_cgroup(tmp_name: str, limit: int) -> tuple[Path, Path]:
+    """A memory cgroup with a limit (v1 where the memory controller is
+    mounted on its own, else v2); returns (its dir, its procs file)."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    if (v1 / "memory.limit_in_bytes").exists():
+        d = v1 / tmp_name
+        d.mkdir()
+        (d / "memory.limit_in_bytes").write_text(str(limit))
+        return d, d / "cgroup.procs"
+    v2 = Path("/sys/fs/cgroup")
+    assert "memory" in (v2 / "cgroup.controllers").read_text().split(), \
+        "no memory cgroup controller on this machine"
+    d = v2 / tmp_name
+    d.mkdir()
+    (d / "memory.max").write_text(str(limit))
+    return d, d / "cgroup.procs"
+
+
+def test_task_in_a_memory_limited_cgroup_is_read_the_usual_way(sample_bin, procs, tmp_path):
+    """The page cache a snapshot writes would be charged to the task's
+    cgroup: under a memory limit crcheckpoint writes it instead."""
+    require_root()
+    d, procs_file = _memory_cgroup(f"crelf-test-{os.getpid()}", 512 << 20)
+    try:
+        out = tmp_path / "tick.out"
+        p = procs.spawn([sample_bin / "ticker", 30, 16, 50], stdout=out)
+        procs_file.write_text(str(p.pid))
+        wait_for_line(out, r"^tick 5 ", proc=p)
+        summary = leave_running(p.pid, tmp_path / "c.cr")
+        assert summary["bytes_written_by_snapshots"] == 0
+        assert summary["bytes_stored"] >= 16 << 20
+        kill_and_reap(p)
+        code, err = finish(restart(procs, tmp_path / "c.cr", "--force-files"))
+        assert code == 0, err
+        assert out.read_bytes() == reference([sample_bin / "ticker", 30, 16, 0], tmp_path)
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"cgroup {d} still busy"
+                time.sleep(0.05)
