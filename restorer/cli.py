@@ -2,8 +2,9 @@
 
 Exit codes: the restored process's own exit status in the foreground (128+N
 when it was killed by signal N); with --detach 0 once it runs again; 2 for a
-usage error; 3 when the restore was refused or failed (one line on stderr
-naming the step).
+usage error (one line; --register, --unregister and --status take nothing
+else); 3 when the restore was refused or failed, or when the lazy page server
+failed and killed the process (one line on stderr naming the step).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ EXIT_FAILED = 3
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("statefile", required=False, type=click.Path(dir_okay=False))
+@click.argument("statefile", required=False)
 @click.option("--detach", "-d", is_flag=True,
               help="Return as soon as the process runs again (default: wait for it and "
                    "exit with its status).")
@@ -44,10 +45,22 @@ EXIT_FAILED = 3
 @click.option("--unregister", is_flag=True, help="Remove the binfmt_misc rule (root).")
 @click.option("--status", "show_status", is_flag=True,
               help="Say whether the binfmt_misc rule is installed.")
-def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register, unregister,
-         show_status):
+def command(statefile, detach, pidns, force_files, lazy, as_json, verbose, register, unregister,
+            show_status):
     """Restart the process saved in STATEFILE where it was checkpointed."""
-    if register or unregister or show_status:
+    admin = [n for n, on in (("--register", register), ("--unregister", unregister),
+                             ("--status", show_status)) if on]
+    if len(admin) > 1:
+        raise click.UsageError(f"{' and '.join(admin)} exclude each other")
+    if admin:
+        others = [n for n, on in (("--detach", detach), ("--pidns", pidns),
+                                  ("--force-files", force_files),
+                                  ("--lazy/--eager", lazy is not None), ("--json", as_json),
+                                  ("--verbose", verbose)) if on]
+        if statefile:
+            raise click.UsageError(f"{admin[0]} takes no STATEFILE (got {statefile!r})")
+        if others:
+            raise click.UsageError(f"{admin[0]} takes no other option (got {others[0]})")
         from . import binfmt
         try:
             if register:
@@ -75,9 +88,16 @@ def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register
     except KeyboardInterrupt:
         click.echo("crrestart: interrupted; nothing was left running", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001  a bug: still one line (the tree was killed)
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"crrestart: failed at restore: internal error ({type(e).__name__}: {e}); "
+                   "nothing was left running", err=True)
+        sys.exit(EXIT_FAILED)
     for w in res.warnings:
         click.echo(f"crrestart: warning: {w}", err=True)
-    _restart_hook(statefile)
+    _restart_hook(res.saved_pids)
     if verbose or as_json:
         info = {"pid": res.vpid, "tracer_pid": res.pid, "init_pid": res.init_pid,
                 "tasks": {str(k): v for k, v in res.pids.items()},
@@ -90,33 +110,55 @@ def main(statefile, detach, pidns, force_files, lazy, as_json, verbose, register
                    + f" restored in {res.restore_seconds * 1000:.1f} ms "
                    f"({res.bytes_copied / 2**20:.1f} MiB copied, {res.injections} injected "
                    f"syscalls)", err=True)
-    if res.lazy_server is not None and detach:
-        res.lazy_server.daemonize_wait()
+    server = res.lazy_server
+    if server is not None and detach:
+        server.daemonize_wait()     # a failure from now on: the daemon reports it
     if detach:
+        if server is not None and server.error is not None:
+            click.echo(server.error_line(), err=True)
+            sys.exit(EXIT_FAILED)
         sys.exit(0)
     code = wait_root(res)
-    if res.lazy_server is not None:
-        res.lazy_server.stop()
+    if server is not None:
+        server.stop()
+        if server.error is not None:    # the server killed the process: say why
+            click.echo(server.error_line(), err=True)
+            sys.exit(EXIT_FAILED)
     sys.exit(code)
 
 
-def _restart_hook(statefile: str) -> None:
-    """Tell a restored application that opted in to hooks that it was restarted."""
+def main() -> None:
+    """Entry point: a usage error is one line too (exit 2)."""
+    try:
+        rc = command.main(prog_name="crrestart", standalone_mode=False)
+    except click.UsageError as e:
+        click.echo(f"crrestart: usage error: {e.format_message()} (crrestart --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"crrestart: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("crrestart: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _restart_hook(saved_pids: list[int]) -> None:
+    """Tell a restored application that opted in to hooks that it was restarted
+    (the statefile is not read again: it may be gone or changed by now)."""
     from statefile import hooks
-    from statefile.reader import load
-    for task in load(statefile).tasks:
+    for pid in saved_pids:
         try:
-            reply = hooks.notify(task["pid"], "restart")
+            reply = hooks.notify(pid, "restart")
         except (hooks.HookError, OSError) as e:
-            click.echo(f"crrestart: warning: restart hook of pid {task['pid']}: {e}", err=True)
+            click.echo(f"crrestart: warning: restart hook of pid {pid}: {e}", err=True)
             continue
         if reply is not None and reply != "ok":
-            click.echo(f"crrestart: warning: restart hook of pid {task['pid']}: {reply}",
-                       err=True)
+            click.echo(f"crrestart: warning: restart hook of pid {pid}: {reply}", err=True)
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "os"]
+__all__ = ["main", "command", "os"]

@@ -20,9 +20,12 @@ import errno
 import mmap as _mmap
 import os
 import select
+import signal
 import struct
 import threading
 import time
+
+from statefile import procfs
 
 from .errors import RestoreError
 from .kernel import PAGE, errno_of, pidfd_getfd, pidfd_open
@@ -89,6 +92,20 @@ def _ioctl(fd: int, req: int, arg) -> int:
     return 0 if r == 0 else -ctypes.get_errno()
 
 
+class ServeError(Exception):
+    """The server cannot bring a page in (one line for the user)."""
+
+
+def _copy_failure(addr: int, err: int) -> str:
+    why = os.strerror(err)
+    if err == errno.EFAULT:
+        why += " (the statefile can no longer be read there: truncated or rewritten since " \
+               "the restart began?)"
+    return f"cannot bring in the page at {addr:#x}: {why}"
+
+
+
+
 class Region:
     """A registered range; `pending` has one byte per page (1: saved content
     not yet copied in); the source of page i is file offset src + i*PAGE."""
@@ -127,7 +144,12 @@ class Ctx:
 
 
 class LazyServer:
-    def __init__(self, statefile: str, ctx: Ctx):
+    def __init__(self, statefile: str, ctx: Ctx, pid: int = 0):
+        # the served process (tracer-view pid): killed with its descendants
+        # when its memory cannot be served; a pidfd, so a reused pid is never hit
+        self.pid = pid
+        self.pidfd = pidfd_open(pid) if pid else -1
+        self.killed = False
         fd = os.open(statefile, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.size = os.fstat(fd).st_size
@@ -149,23 +171,38 @@ class LazyServer:
 
     # --- serving -----------------------------------------------------------------
     def _copy(self, ctx: Ctx, r: Region, i: int, n: int) -> None:
-        """UFFDIO_COPY pages [i, i+n) of region r (all pending)."""
+        """UFFDIO_COPY pages [i, i+n) of region r (all pending).  A page is
+        marked done only when it is in (or can no longer be: the range or the
+        process is gone); one the kernel refuses to fill from the statefile
+        (EFAULT: the file was truncated under us) is an error, never left to be
+        served as a zero page later."""
         dst = r.start + i * PAGE
         c = uffdio_copy(dst, self.base + r.src + i * PAGE, n * PAGE, 0, 0)
         res = _ioctl(ctx.uffd, UFFDIO_COPY, c)
-        done = c.copy if c.copy > 0 else 0
-        if res == -errno.EEXIST or (res and done < n * PAGE):
-            # some page got there first (or the range changed): go page by page
-            for k in range(i, i + n):
-                if r.pending[k]:
-                    c = uffdio_copy(r.start + k * PAGE, self.base + r.src + k * PAGE, PAGE, 0, 0)
-                    _ioctl(ctx.uffd, UFFDIO_COPY, c)
-            self._wake(ctx, dst, n * PAGE)
-        elif res and res not in (-errno.ENOENT, -errno.ESRCH):
-            raise OSError(-res, f"UFFDIO_COPY at {dst:#x}: {os.strerror(-res)}")
-        r.pending[i:i + n] = bytes(n)
-        r.left -= n
-        self.copied += n * PAGE
+        if res == 0:
+            r.pending[i:i + n] = bytes(n)
+            r.left -= n
+            self.copied += n * PAGE
+            return
+        # some page got there first, the range changed, or a page failed: go
+        # page by page from the first one not copied
+        first = i + (c.copy // PAGE if c.copy > 0 else 0)
+        self.copied += (first - i) * PAGE
+        for k in range(i, i + n):
+            if not r.pending[k]:
+                continue
+            if k >= first:
+                c = uffdio_copy(r.start + k * PAGE, self.base + r.src + k * PAGE, PAGE, 0, 0)
+                rk = _ioctl(ctx.uffd, UFFDIO_COPY, c)
+                if rk == -errno.EAGAIN:
+                    continue      # the mm is changing (an event to read first): stays pending
+                if rk not in (0, -errno.EEXIST, -errno.ENOENT, -errno.ESRCH):
+                    raise ServeError(_copy_failure(r.start + k * PAGE, -rk))
+                if rk == 0:
+                    self.copied += PAGE
+            r.pending[k] = 0
+            r.left -= 1
+        self._wake(ctx, dst, n * PAGE)
 
     def _wake(self, ctx: Ctx, addr: int, ln: int) -> None:
         _ioctl(ctx.uffd, UFFDIO_WAKE, uffdio_range(addr, ln))
@@ -279,11 +316,48 @@ class LazyServer:
             while not self.stop_flag and self.step(0.1):
                 pass
         except Exception as e:  # noqa: BLE001
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = str(e) if isinstance(e, ServeError) else f"{type(e).__name__}: {e}"
+            # a process whose memory cannot be served must not run on (on zero
+            # pages once the userfaultfd is closed) nor hang: kill it first
+            self.kill_tree()
         finally:
             if not self.ctxs:
                 self.t_done = time.perf_counter() - self.t_start
                 self.finished.set()
+
+    def kill_tree(self) -> None:
+        """SIGKILL the served process and every descendant (stopped first, so
+        none forks behind our back)."""
+        if self.pidfd < 0:
+            return
+        victims: list[int] = []
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGSTOP)
+        except OSError:
+            pass
+        for _ in range(50):
+            new = [p for p in procfs.descendants(self.pid)[1:] if p not in victims]
+            if not new:
+                break
+            for p in new:
+                _kill(p, signal.SIGSTOP)
+            victims += new
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            self.killed = True
+        except OSError:
+            pass
+        for p in victims:
+            _kill(p, signal.SIGKILL)
+
+    def error_message(self) -> str:
+        fate = ("the process was killed: its memory could not be served" if self.killed
+                else "the process could not be killed")
+        return f"pid {self.pid}: {self.error}; {fate}"
+
+    def error_line(self) -> str:
+        """The one line that reports a serving failure (step "lazy memory")."""
+        return f"crrestart: failed at lazy memory: {self.error_message()}"
 
     # --- life cycle --------------------------------------------------------------
     def start_thread(self) -> None:
@@ -300,25 +374,50 @@ class LazyServer:
         """--detach: hand the serving to a daemon process that lives while pages
         remain (the caller then exits)."""
         self.pause_thread()
-        if not self.ctxs:
-            return
+        if not self.ctxs or self.error is not None:
+            return      # all in, or failed already (the caller reports it)
         pid = os.fork()
         if pid == 0:
-            os.setsid()
-            devnull = os.open("/dev/null", os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            self.loop()
-            os._exit(0 if self.error is None else 1)
+            # the daemon keeps crrestart's stderr: that is where a serving
+            # failure is reported (the process is killed then, see loop)
+            code = 1
+            try:
+                os.setsid()
+                devnull = os.open("/dev/null", os.O_RDWR)
+                for fd in (0, 1):
+                    os.dup2(devnull, fd)
+                self.loop()
+                if self.error is not None:
+                    os.write(2, (self.error_line() + "\n").encode())
+                else:
+                    code = 0
+            finally:
+                os._exit(code)
         for ctx in self.ctxs:
             os.close(ctx.uffd)
         self.ctxs = []
+        self._close_pidfd()
 
     def stop(self) -> None:
         """Foreground end (the process exited): stop serving."""
         self.stop_flag = True
         if self.thread:
             self.thread.join(timeout=5)
+            if self.thread.is_alive():
+                return        # still serving: it may yet need the pidfd
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
 
 
 def start_lazy(tr, inj, anon_ranges: list[tuple[int, int]]) -> LazyServer:
@@ -366,6 +465,6 @@ def start_lazy(tr, inj, anon_ranges: list[tuple[int, int]]) -> LazyServer:
             raise RestoreError("lazy", f"UFFDIO_REGISTER {start:#x}-{end:#x}: "
                                f"{os.strerror(-res)}")
         regions.append(r)
-    server = LazyServer(tr.sf.path, Ctx(uffd, regions))
+    server = LazyServer(tr.sf.path, Ctx(uffd, regions), tr.rpid)
     server.start_thread()
     return server

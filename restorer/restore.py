@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from statefile import ptrace as pt
 from statefile.errors import FormatError
-from statefile.reader import load
+from statefile.reader import load, verify_notes
 
 from .errors import RestoreError
 from .kernel import CLONE_NEWPID, CLONE_NEWUSER, close_all, fork_with_pid, unshare
@@ -67,6 +67,8 @@ class Result:
     lazy_server: object = None
     lazy: bool = False
     pids: dict = field(default_factory=dict)   # every task: saved pid -> tracer-view pid
+    planned: bool = False         # past validation and planning (nothing created before)
+    saved_pids: list = field(default_factory=list)   # every task's pid in the statefile
 
 
 def _tty_fd() -> int | None:
@@ -149,10 +151,40 @@ def restore(path: str, opts: Options, log=None) -> Result:
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     res = Result()
+    sf = load_verified(path)
+    try:
+        return _restore(path, sf, opts, log, t0, res)
+    except MALFORMED as e:
+        if res.planned:
+            raise
+        # notes whose checksums match but that lack a field or hold a wrong
+        # type (a foreign or buggy writer): one line, never a traceback
+        raise RestoreError("plan", f"malformed statefile {path} ({type(e).__name__}: {e})") \
+            from None
+
+
+# What malformed notes raise when the restorer reads them.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, StopIteration)
+
+
+def load_verified(path: str):
+    """Load the statefile and check every note checksum (cheap: notes only).
+    Segment data is not checked here (that is a full read; crinspect verify
+    does it)."""
     try:
         sf = load(path)
     except FormatError as e:
         raise RestoreError("load", str(e)) from None
+    bad = verify_notes(sf)
+    if bad:
+        more = f" and {len(bad) - 1} more problem(s)" if len(bad) > 1 else ""
+        raise RestoreError("load", f"{bad[0]}{more}: {path} is corrupted (crinspect verify "
+                           "lists every problem)")
+    return sf
+
+
+def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Result:
+    res.saved_pids = [t["pid"] for t in sf.tasks]
     res.warnings = validate(sf, opts.force_files)
     unpriv = os.geteuid() != 0
     # A tree in a pid namespace of its own (its root that namespace's init)
@@ -196,6 +228,7 @@ def restore(path: str, opts: Options, log=None) -> Result:
     plan_ctty(tasks, sf.files, plans)   # session leaders take their pty again
     root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
                             root_keeps_session=shell_job)
+    res.planned = True
     status_r, status_w = os.pipe()
     created: list[int] = []
     trs: list[TaskRestorer] = []
@@ -304,6 +337,10 @@ def restore(path: str, opts: Options, log=None) -> Result:
             pt.wait_exit(pid)  # traced, or our child
         ipc.remove()          # the SysV objects created for the tree
         objs.remove()         # and the memfds, the tmpfs files recreated
+        failed = [tr.lazy_server for tr in trs
+                  if tr.lazy_server is not None and tr.lazy_server.error is not None]
+        if failed:            # the cause of what failed after it (the task was killed)
+            raise RestoreError("lazy memory", failed[0].error_message()) from None
         raise
     finally:
         ns.leave()                # the tasks stay in the new namespaces

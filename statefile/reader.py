@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import struct
 from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError
@@ -62,16 +64,51 @@ class Statefile:
         return data + b"\0" * (size - len(data))
 
 
-def load(path: str) -> Statefile:
-    """Parse a statefile; raise FormatError with one clear line when it is not one."""
+def _open_regular(path: str):
+    """Open `path` for reading without ever blocking: a FIFO, a device, a
+    socket or a directory is refused with one line before anything is read
+    (O_NONBLOCK so that opening a FIFO returns at once, O_NOCTTY so that a
+    terminal never becomes our controlling terminal, then fstat)."""
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory") from None
     except PermissionError:
         raise FormatError(f"{path}: permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ENXIO:      # a unix socket, a device without its driver
+            try:
+                what = _kind_of_mode(os.stat(path).st_mode)
+            except OSError:
+                what = "cannot be opened"
+            raise FormatError(f"{path}: {what}, not a regular file") from None
+        raise FormatError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{path}: {_kind_of_mode(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind_of_mode(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "is a FIFO"),
+                       (stat.S_ISSOCK, "is a socket"), (stat.S_ISCHR, "is a character device"),
+                       (stat.S_ISBLK, "is a block device")):
+        if test(mode):
+            return what
+    return "is a special file"
+
+
+def load(path: str) -> Statefile:
+    """Parse a statefile; raise FormatError with one clear line when it is not one
+    (never blocks: a FIFO or device is refused before it is read)."""
+    f = _open_regular(path)
     with f:
         ident = f.read(16)
         if ident[:4] != ec.ELFMAG:
@@ -119,6 +156,33 @@ def _ntype(t) -> int:
 
 
 def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
+    """Decode the crelf notes; when they do not decode (or do not fit the
+    program headers), name the note whose checksum fails if one does: that
+    says more than the parse error it caused."""
+    try:
+        return _decode_notes(path, raw, phdrs)
+    except FormatError:
+        bad = _note_problems(raw, _integrity_of(raw))
+        if bad:
+            raise FormatError(f"{path}: corrupted statefile: {bad[0]}") from None
+        raise
+
+
+def _integrity_of(raw: list[Note]) -> dict:
+    for n in raw:
+        if n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY:
+            try:
+                return nt.decode_json(n.desc)
+            except (ValueError, UnicodeDecodeError):
+                return {}
+    return {}
+
+
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError,
+              struct.error)
+
+
+def _decode_notes(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
     header, tasks, regs, files, segments, integrity = None, [], {}, [], [], {}
     ipc = {"shm": [], "sem": [], "msg": []}
     shmem: list[dict] = []
@@ -142,8 +206,8 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
                 integrity = nt.decode_json(n.desc)
             elif n.n_type == nt.CR_IPC:
                 ipc = nt.decode_json(n.desc)
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: corrupted crelf note ({e})") from None
+    except _MALFORMED as e:
+        raise FormatError(f"{path}: corrupted crelf note ({type(e).__name__}: {e})") from None
     if header is None:
         raise FormatError(f"{path}: no CR_HEADER note (truncated or not a crelf statefile)")
     if header.get("format") != 1:
@@ -151,7 +215,12 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
                           "by this crelf")
     if not tasks or not integrity:
         raise FormatError(f"{path}: incomplete statefile (missing task or integrity notes)")
-    problem = _structure_problem(tasks, regs, files, segments, phdrs)
+    try:
+        problem = _structure_problem(tasks, regs, files, segments, phdrs)
+        if not isinstance(ipc, dict) or not isinstance(shmem, list):
+            problem = problem or "malformed CR_IPC or CR_FILES note"
+    except _MALFORMED as e:
+        problem = f"malformed notes ({type(e).__name__}: {e})"
     if problem:
         raise FormatError(f"{path}: corrupted statefile ({problem})")
     sf = Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
@@ -196,11 +265,28 @@ def _structure_problem(tasks, regs, files, segments, phdrs) -> str:
 
 def verify_notes(sf: Statefile) -> list[str]:
     """Check the note checksums only (cheap: no segment data is read)."""
-    listed = sf.integrity.get("notes", [])
-    notes = [n for n in sf.notes if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
+    return _note_problems(sf.notes, sf.integrity)
+
+
+def note_name(notes: list[Note], i: int) -> str:
+    """'CR_TASK #2': the kind of note i and its rank among the notes of that kind."""
+    n = notes[i]
+    kind = nt.kind_of(n.owner.encode(), n.n_type)
+    name = kind.name if kind else f"{n.owner} {n.n_type:#x}"
+    rank = sum(1 for m in notes[:i + 1] if (m.owner, m.n_type) == (n.owner, n.n_type))
+    return f"{name} #{rank}"
+
+
+def _note_problems(raw: list[Note], integrity: dict) -> list[str]:
+    """Every note against the CR_INTEGRITY note's list of checksums."""
+    notes = [n for n in raw if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
+    listed = integrity.get("notes") if isinstance(integrity, dict) else None
+    if not isinstance(listed, list) or not all(
+            isinstance(x, list) and len(x) == 3 for x in listed):
+        return ["integrity note (CR_INTEGRITY) is missing or malformed"]
     if len(listed) != len(notes):
         return [f"integrity note lists {len(listed)} notes, file has {len(notes)}"]
-    return [f"note {i} ({owner} {ntype:#x}) checksum mismatch"
+    return [f"note {note_name(notes, i)} checksum mismatch (note {i} of the file)"
             for i, (n, (owner, ntype, crc)) in enumerate(zip(notes, listed))
             if n.owner != owner or n.n_type != ntype or crc32(n.desc) != crc]
 
@@ -229,4 +315,5 @@ def verify(sf: Statefile) -> list[str]:
     return problems
 
 
-__all__ = ["Statefile", "load", "verify", "FormatError", "errno"]
+__all__ = ["Statefile", "load", "verify", "verify_notes", "note_name", "FormatError",
+           "errno"]
