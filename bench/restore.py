@@ -180,8 +180,19 @@ def main():
                                                 "--force-files", cr],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          cwd=REPO)
-                    _, err = p.communicate()
+                    # Until crrestart exits (--detach: the tree runs again).
+                    # Not until EOF on its stderr: a lazy restore's serving
+                    # daemon keeps that open (to report a failure) until every
+                    # page is in.
+                    err = b""
+                    for line in p.stderr:
+                        err += line
+                        if line.startswith(b"{"):
+                            break
+                    p.wait()
                     wall = time.perf_counter() - t0
+                    p.stderr.close()
+                    p.stdout.close()
                     ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
                     if p.returncode != 0:
                         raise RuntimeError(f"crrestart --{mode} failed: {err.decode()}")
