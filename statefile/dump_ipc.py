@@ -17,11 +17,12 @@ visible from outside, so they cannot be saved (CRIU neither saves nor
 detects them); what can be seen is whether a task has a list at all:
 kcmp(KCMP_SYSVSEM) compares two tasks' undo-list pointers, and a task that
 never did a semop with SEM_UNDO and never created a thread has none (NULL),
-like this process or a child it forks.  Creating a thread (CLONE_SYSVSEM,
+like a child freshly forked without CLONE_SYSVSEM (what each task is compared
+with: this process itself may have started threads).  Creating a thread (CLONE_SYSVSEM,
 which glibc's pthread_create passes) allocates an empty list shared by the
 threads, so a list is not proof of adjustments.  And an entry of a list
 lives only as long as its semaphore set.  So, when the tree has semaphore
-sets (the `sem` list) and a task has a list (kcmp(task, self) != 0), `sem_undo`
+sets (the `sem` list) and a task has a list (kcmp(task, blank child) != 0), `sem_undo`
 names it: {"pid", "threads"}, and statefile/support.py refuses the
 checkpoint (ipc:sem-undo): "holds SEM_UNDO adjustments" for a single-
 threaded task, "may hold" for a multi-threaded one (its list may be only the
@@ -100,19 +101,34 @@ def _shm_content(shmid: int, size: int) -> str:
 
 
 def sem_undo_tasks(tasks: list[dict]) -> list[dict]:
-    """The tasks that have a SEM_UNDO list ({"pid", "threads"}; kcmp against
-    this process, which has none; see the module's docstring)."""
-    me = os.getpid()
+    """The tasks that have a SEM_UNDO list ({"pid", "threads"}; see the
+    module's docstring).  Each is compared (kcmp) with a child forked for it:
+    fork() without CLONE_SYSVSEM gives a task no undo list, while this
+    process may well have one (any thread it ever started, such as the one
+    that reads an IPC namespace from inside, made one)."""
+    r, w = os.pipe()
+    blank = os.fork()
+    if blank == 0:              # holds no undo list; waits until we are done
+        try:
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    os.close(r)
     out = []
-    for t in tasks:
-        res = _libc.syscall(NR_kcmp, t["pid"], me, KCMP_SYSVSEM, 0, 0)
-        if res < 0:
-            e = ctypes.get_errno()
-            if e == errno.ESRCH:
-                continue
-            raise OSError(e, f"kcmp(KCMP_SYSVSEM) of pid {t['pid']}: {os.strerror(e)}")
-        if res != 0:
-            out.append({"pid": t["pid"], "threads": len(t.get("threads") or [1])})
+    try:
+        for t in tasks:
+            res = _libc.syscall(NR_kcmp, t["pid"], blank, KCMP_SYSVSEM, 0, 0)
+            if res < 0:
+                e = ctypes.get_errno()
+                if e == errno.ESRCH:
+                    continue
+                raise OSError(e, f"kcmp(KCMP_SYSVSEM) of pid {t['pid']}: {os.strerror(e)}")
+            if res != 0:
+                out.append({"pid": t["pid"], "threads": len(t.get("threads") or [1])})
+    finally:
+        os.close(w)
+        os.waitpid(blank, 0)
     return out
 
 
