@@ -272,10 +272,10 @@ who = "child" if child == 0 else "parent"
 if not child:
     os.close(fd)                  # only the parent holds the io_uring
 else:
-    print("ready fd=%d child=%d" % (fd, child), flush=True)
+    os.write(1, b"ready fd=%d child=%d\\n" % (fd, child))
 n = 0
-while True:
-    n += 1; time.sleep(0.1); print("%s tick %d" % (who, n), flush=True)
+while True:     # one write per line: both processes share the file
+    n += 1; time.sleep(0.1); os.write(1, b"%s tick %d\\n" % (who.encode(), n))
 """
 
 
