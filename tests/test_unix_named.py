@@ -35,8 +35,8 @@ def show(addr):
         return "@abstract" if addr == ABS else repr(addr)
     return addr.replace(D, "DIR")
 
-def out(*a):
-    print(*a, flush=True)
+def out(*a):                     # one write per line (parent and child share stdout)
+    os.write(1, (" ".join(map(str, a)) + "\n").encode())
 
 def ticks(lo, hi, at=None):
     for i in range(lo, hi + 1):
