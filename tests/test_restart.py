@@ -265,15 +265,22 @@ def test_three_rounds(sample_bin, procs, tmp_path):
     assert out.read_bytes() == reference([sample_bin / "ticker", 40, 4, 0], tmp_path)
 
 
+def ticker_statefile(sample_bin, procs, tmp_path, name: str, kill: bool = True):
+    """A 1 MiB ticker (50 ms ticks) checkpointed at tick 3: (its Popen, its
+    output file, the statefile)."""
+    out = tmp_path / "tick.out"
+    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
+    wait_for_line(out, r"^tick 3 ", proc=p)
+    cr = tmp_path / name
+    checkpoint(p.pid, cr, kill=kill, proc=p)
+    return p, out, cr
+
+
 def test_pid_busy_error_and_pidns(sample_bin, procs, tmp_path):
     """Without --kill the original keeps its pid: a clear refusal naming the pid;
     --pidns restores the copy beside it in a new pid namespace."""
     require_root()
-    out = tmp_path / "tick.out"
-    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
-    wait_for_line(out, r"^tick 3 ", proc=p)
-    cr = tmp_path / "live.cr"
-    checkpoint(p.pid, cr, kill=False)
+    p, out, cr = ticker_statefile(sample_bin, procs, tmp_path, "live.cr", kill=False)
     code, err = finish(restart(procs, cr, "--force-files"))
     assert code == 3
     assert f"pid {p.pid} is in use" in err and "--pidns" in err
@@ -291,11 +298,7 @@ def test_pid_busy_error_and_pidns(sample_bin, procs, tmp_path):
 
 def test_changed_file_refused(sample_bin, procs, tmp_path):
     require_root()
-    out = tmp_path / "tick.out"
-    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
-    wait_for_line(out, r"^tick 3 ", proc=p)
-    cr = tmp_path / "t.cr"
-    checkpoint(p.pid, cr, proc=p)
+    p, out, cr = ticker_statefile(sample_bin, procs, tmp_path, "t.cr")
     with open(out, "a") as f:
         f.write("changed\n")
     code, err = finish(restart(procs, cr))
@@ -417,11 +420,7 @@ def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path):
     from restorer.validate import vdso_problem
     from statefile.reader import load
 
-    out = tmp_path / "tick.out"
-    p = procs.spawn([sample_bin / "ticker", 0, 1, 50], stdout=out)
-    wait_for_line(out, r"^tick 3 ", proc=p)
-    cr = tmp_path / "t.cr"
-    checkpoint(p.pid, cr, proc=p)
+    p, out, cr = ticker_statefile(sample_bin, procs, tmp_path, "t.cr")
     sf = load(str(cr))
     task = sf.tasks[0]
     assert vdso_problem(task, sf) is None          # the same kernel: accepted
