@@ -95,6 +95,14 @@ def _bind(sock: socket.socket, addr) -> bool:
     return False
 
 
+def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
+    """Each end's saved queue sent again from the other end."""
+    for data in fa["socket"].get("queue", []):
+        b.sendall(bytes.fromhex(data))
+    for data in fb["socket"].get("queue", []):
+        a.sendall(bytes.fromhex(data))
+
+
 def open_unix(f: dict, files: list[dict]) -> int:
     if f["id"] in _made:
         return _made.pop(f["id"])
@@ -123,10 +131,7 @@ def open_unix(f: dict, files: list[dict]) -> int:
             _bind(sock, addr)
         return _finish(sock, f)
     a, b = socket.socketpair(socket.AF_UNIX, stype)
-    for data in info.get("queue", []):          # what a had not read yet, sent by b
-        b.sendall(bytes.fromhex(data))
-    for data in peer["socket"].get("queue", []):  # and the other way round
-        a.sendall(bytes.fromhex(data))
+    _fill_pair(a, b, f, peer)
     _made[peer["id"]] = _finish(b, peer)
     return _finish(a, f)
 
@@ -135,14 +140,6 @@ def open_unix(f: dict, files: list[dict]) -> int:
 
 def _named(info: dict) -> bool:
     return bool(info.get("name"))
-
-
-def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
-    """Each end's saved queue sent again from the other end."""
-    for data in fa["socket"].get("queue", []):
-        b.sendall(bytes.fromhex(data))
-    for data in fb["socket"].get("queue", []):
-        a.sendall(bytes.fromhex(data))
 
 
 def _bind_in_chroot(binds: list[tuple[socket.socket, str]]) -> bool:

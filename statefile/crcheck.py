@@ -23,8 +23,8 @@ def survey_task(pid: int, files: FileTable) -> dict:
     status = procfs.status(pid)
     maps = procfs.smaps(pid)
     tracer = (0, "")
-    for tid in [pid, *procfs.threads(pid)]:     # any thread: strace -p attaches one
-        tracer = tracer_of(pid, None if tid == pid else tid)
+    for tid in procfs.threads(pid):     # any thread: strace -p attaches one
+        tracer = tracer_of(pid, tid)
         if tracer[0]:
             break
     for m in maps:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 
+from . import procfs
 from . import ptrace as pt
 from .inject import Injector, InjectError
 
@@ -136,9 +137,8 @@ class SelfWriter:
     @staticmethod
     def _suitable(snap: int) -> bool:
         try:
-            with open(f"/proc/{snap}/status") as f:
-                if any(line.startswith("Seccomp:") and line.split()[1] != "0" for line in f):
-                    return False
+            if procfs.status(snap).get("Seccomp", "0") != "0":
+                return False
             with open(f"/proc/{snap}/cgroup") as f:
                 for line in f:
                     _, controllers, path = line.rstrip("\n").split(":", 2)
@@ -204,6 +204,7 @@ class SelfWriter:
             if res <= 0:
                 break           # EFAULT (unreadable pages), EFBIG...: copied by the caller
             done += res
+        self.written += done
         return done
 
     def close(self) -> None:

@@ -183,7 +183,6 @@ def _self_copy(out_fd: int, jobs, writers: dict, progress=None) -> dict[int, int
                 for pos in range(0, length, SELF_CHUNK):
                     n = min(SELF_CHUNK, length - pos)
                     k = w.write(addr + pos, n, out + pos)
-                    w.written += k
                     if k < n:
                         _copy_range(src, out_fd, buf, addr + pos + k, out + pos + k, n - k)
                     done.put((seg_idx, out + pos, n))
@@ -258,12 +257,13 @@ class StatefileWriter:
         except OSError as e:
             raise OutputError(f"cannot create statefile in {d}: {e.strerror}") from None
 
-    def _self_writers(self, snapshots: dict[int, int], syscall_addrs: dict[int, int]) -> dict:
+    def _self_writers(self, snapshots: dict[int, int], syscall_addrs: dict[int, int],
+                      sources: dict) -> dict:
         """{snapshot memory source: its open SelfWriter}, for the snapshots
         that can write themselves."""
         out = {}
         for task_pid, snap in snapshots.items():
-            src = self._sources.get(snap)
+            src = sources.get(snap)
             if src is None or task_pid not in syscall_addrs:
                 continue
             w = snapshot.SelfWriter(snap, syscall_addrs[task_pid], self.fd, self.tmp)
@@ -301,7 +301,6 @@ class StatefileWriter:
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
         cur = _align(ec.headers_size(nph))
         frozen_jobs, later_jobs, seg_desc, sources = [], [], [], {}
-        self._sources = sources
         stored = 0
         for i, p in enumerate(segments, start=1):
             ph = phdrs[i]
@@ -348,7 +347,7 @@ class StatefileWriter:
                     _preallocate(self.fd, [(out, n) for _, _, items in jobs
                                            for _, out, n in items])
                     if phase == 1 and syscall_addrs:
-                        writers = self._self_writers(snapshots, syscall_addrs)
+                        writers = self._self_writers(snapshots, syscall_addrs, sources)
                         mine = [j for j in jobs if j[1] in writers]
                         jobs = [j for j in jobs if j[1] not in writers]
                         crcs.update(_self_copy(self.fd, mine, writers, progress))
