@@ -195,15 +195,22 @@ print("inotify wd", wd, "IN_CREATE" if mask & 0x100 else hex(mask),
 '''
 
 
-def test_inotify_watch_reports_a_file_created_after_restart(procs, tmp_path):
-    require_root()
+def _start_inotify(procs, tmp_path, name: str):
+    """The INOTIFY program watching a fresh directory, at its "ready" line:
+    (Popen, watched dir, output, go file, statefile path)."""
     watched = tmp_path / "watched"
     watched.mkdir()
-    prog = _program(tmp_path, "ino", INOTIFY)
-    out, go, cr = tmp_path / "ino.out", tmp_path / "ino.go", tmp_path / "ino.cr"
+    prog = _program(tmp_path, name, INOTIFY)
+    out, go, cr = (tmp_path / f"{name}.{ext}" for ext in ("out", "go", "cr"))
     proc = procs.spawn([sys.executable, prog, go, watched], stdout=out,
-                       stderr=tmp_path / "ino.err")
+                       stderr=tmp_path / f"{name}.err")
     wait_for_line(out, "^ready$", proc=proc)
+    return proc, watched, out, go, cr
+
+
+def test_inotify_watch_reports_a_file_created_after_restart(procs, tmp_path):
+    require_root()
+    proc, watched, out, go, cr = _start_inotify(procs, tmp_path, "ino")
     checkpoint(proc.pid, cr, "--kill")
     proc.wait(timeout=10)
     [a] = _anon(reader.load(str(cr)), "anon:inotify")
@@ -223,13 +230,7 @@ def test_inotify_with_unread_events_is_refused(procs, tmp_path):
     6, the fd named, nothing written), and the program still reads the event
     afterwards (the check consumed nothing)."""
     require_root()
-    watched = tmp_path / "watched"
-    watched.mkdir()
-    prog = _program(tmp_path, "inoq", INOTIFY)
-    out, go, cr = tmp_path / "inoq.out", tmp_path / "inoq.go", tmp_path / "inoq.cr"
-    proc = procs.spawn([sys.executable, prog, go, watched], stdout=out,
-                       stderr=tmp_path / "inoq.err")
-    wait_for_line(out, "^ready$", proc=proc)
+    proc, watched, out, go, cr = _start_inotify(procs, tmp_path, "inoq")
     (watched / "queued").touch()
     res = checkpoint(proc.pid, cr, "--kill", check=False)
     assert res.returncode == 6, res.stderr

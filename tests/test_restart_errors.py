@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 
 from helpers import children, pid_alive, read_lines, require_root, wait_for_line
+from test_restart import CRCHECKPOINT, CRRESTART, REPO, reference
 
-BIN = Path(sys.executable).parent
-CRCHECKPOINT = str(BIN / "crcheckpoint")
-CRINSPECT = str(BIN / "crinspect")
-CRRESTART = [sys.executable, "-m", "restorer.cli"]
-REPO = Path(__file__).resolve().parent.parent
+CRINSPECT = str(Path(sys.executable).parent / "crinspect")
 
 CR_TASK, CR_THREAD_REGS, CR_FILES, CR_INTEGRITY = 0x43520002, 0x43520003, 0x43520004, 0x4352FFFF
 
@@ -225,10 +222,8 @@ def test_corrupted_statefile_refused_in_one_line(sample_bin, procs, tmp_path):
     r = procs.spawn([*CRRESTART, good], stderr=subprocess.PIPE, cwd=REPO)
     _, err = r.communicate(timeout=120)
     assert r.returncode == 0, err
-    ref = tmp_path / "ref.out"
-    with open(ref, "wb") as f:
-        subprocess.run([sample_bin / "tree", "30"], stdout=f, check=True, timeout=60)
-    got, want = read_lines(out), read_lines(ref)
+    reference([sample_bin / "tree", 30], tmp_path)
+    got, want = read_lines(out), read_lines(tmp_path / "ref.out")
     assert got[-2:] == ["child 1 exited 11", "child 2 exited 12"], got[-5:]
     assert sorted(got) == sorted(want)
 
