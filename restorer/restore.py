@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from statefile import ptrace as pt
 from statefile.errors import FormatError
-from statefile.reader import load, verify_notes
+from statefile.reader import MALFORMED, load, verify_notes
 
 from .errors import RestoreError
 from .kernel import CLONE_NEWPID, CLONE_NEWUSER, close_all, fork_with_pid, unshare
@@ -161,10 +161,6 @@ def restore(path: str, opts: Options, log=None) -> Result:
         # type (a foreign or buggy writer): one line, never a traceback
         raise RestoreError("plan", f"malformed statefile {path} ({type(e).__name__}: {e})") \
             from None
-
-
-# What malformed notes raise when the restorer reads them.
-MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, StopIteration)
 
 
 def load_verified(path: str):

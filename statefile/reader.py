@@ -178,8 +178,10 @@ def _integrity_of(raw: list[Note]) -> dict:
     return {}
 
 
-_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError,
-              struct.error)
+# What reading malformed notes raises (here, and in the restorer, which reads
+# fields the loader does not check).  UnicodeDecodeError is a ValueError.
+MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError, StopIteration,
+             struct.error)
 
 
 def _decode_notes(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
@@ -206,7 +208,7 @@ def _decode_notes(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
                 integrity = nt.decode_json(n.desc)
             elif n.n_type == nt.CR_IPC:
                 ipc = nt.decode_json(n.desc)
-    except _MALFORMED as e:
+    except MALFORMED as e:
         raise FormatError(f"{path}: corrupted crelf note ({type(e).__name__}: {e})") from None
     if header is None:
         raise FormatError(f"{path}: no CR_HEADER note (truncated or not a crelf statefile)")
@@ -219,7 +221,7 @@ def _decode_notes(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
         problem = _structure_problem(tasks, regs, files, segments, phdrs)
         if not isinstance(ipc, dict) or not isinstance(shmem, list):
             problem = problem or "malformed CR_IPC or CR_FILES note"
-    except _MALFORMED as e:
+    except MALFORMED as e:
         problem = f"malformed notes ({type(e).__name__}: {e})"
     if problem:
         raise FormatError(f"{path}: corrupted statefile ({problem})")
@@ -316,4 +318,4 @@ def verify(sf: Statefile) -> list[str]:
 
 
 __all__ = ["Statefile", "load", "verify", "verify_notes", "note_name", "FormatError",
-           "errno"]
+           "MALFORMED", "errno"]
