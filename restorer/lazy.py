@@ -104,8 +104,6 @@ def _copy_failure(addr: int, err: int) -> str:
     return f"cannot bring in the page at {addr:#x}: {why}"
 
 
-
-
 class Region:
     """A registered range; `pending` has one byte per page (1: saved content
     not yet copied in); the source of page i is file offset src + i*PAGE."""
@@ -350,14 +348,15 @@ class LazyServer:
         for p in victims:
             _kill(p, signal.SIGKILL)
 
-    def error_message(self) -> str:
+    def as_error(self) -> RestoreError:
+        """The serving failure as the restore failure it is (step "lazy memory")."""
         fate = ("the process was killed: its memory could not be served" if self.killed
                 else "the process could not be killed")
-        return f"pid {self.pid}: {self.error}; {fate}"
+        return RestoreError("lazy memory", f"pid {self.pid}: {self.error}; {fate}")
 
     def error_line(self) -> str:
-        """The one line that reports a serving failure (step "lazy memory")."""
-        return f"crrestart: failed at lazy memory: {self.error_message()}"
+        """The one line that reports a serving failure, as crrestart reports any."""
+        return f"crrestart: failed at {self.as_error()}"
 
     # --- life cycle --------------------------------------------------------------
     def start_thread(self) -> None:

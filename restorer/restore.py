@@ -336,7 +336,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         failed = [tr.lazy_server for tr in trs
                   if tr.lazy_server is not None and tr.lazy_server.error is not None]
         if failed:            # the cause of what failed after it (the task was killed)
-            raise RestoreError("lazy memory", failed[0].error_message()) from None
+            raise failed[0].as_error() from None
         raise
     finally:
         ns.leave()                # the tasks stay in the new namespaces
