@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +100,8 @@ class Session:
     def bash(self) -> int:
         kids = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         assert len(kids) == 1, kids
+        comm = Path(f"/proc/{kids[0]}/comm").read_text().strip()
+        assert comm == "bash", f"the master holder's child is {comm}, not bash"
         return int(kids[0])
 
 
@@ -154,11 +157,10 @@ def job_control(s: Session) -> None:
     f = stat_fields(bash)
     assert int(f[3]) == bash and int(f[2]) == bash          # session and group leader
     assert tty_index(int(f[4])) == master_index(s.pid)      # its ctty is the harness's pair
-    # foreground group at the prompt: bash takes the terminal back from the
-    # last job around the time it prints the prompt, so allow it a moment
-    s.wait_for(lambda: int(stat_fields(bash)[5]) == bash,
-               f"bash ({bash}) is not the foreground group at its prompt "
-               f"(tpgid {stat_fields(bash)[5]} when its prompt appeared)", timeout=5)
+    # foreground group at the prompt: bash takes the terminal back
+    # (tcsetpgrp) before readline prints the prompt
+    tpgid = int(stat_fields(bash)[5])
+    assert tpgid == bash, f"bash ({bash}) is not the foreground group at its prompt: {tpgid}"
     n = s.prompts()
     s.send(b"sleep 100\n")
 
@@ -266,9 +268,13 @@ def test_script_from_util_linux_restarts(procs, tmp_path):
     os.mkfifo(fifo)
     io = os.open(fifo, os.O_RDWR)
     try:
-        proc = procs.spawn(["script", "-qfc", "bash --norc --noprofile -i", "/dev/null"],
+        # script runs the command with $SHELL -c (/bin/sh when unset): name bash,
+        # which execs the command, so bash is script's child whatever the caller's
+        # environment (dash would stay in between)
+        proc = procs.spawn(["script", "-qfc", "exec bash --norc --noprofile -i", "/dev/null"],
                            stdin=io, stdout=log, stderr=subprocess.STDOUT,
-                           env=dict(os.environ, PS1="P> ", TERM="dumb"))
+                           env=dict(os.environ, PS1="P> ", TERM="dumb",
+                                    SHELL=shutil.which("bash")))
     finally:
         os.close(io)
     s = Session.__new__(Session)
