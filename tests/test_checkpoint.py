@@ -191,7 +191,7 @@ def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_pat
                          timeout=60)
     assert res.stdout.count("TID ") == 3, res.stdout + res.stderr
     main = res.stdout.split(f"TID {proc.pid}:\n", 1)[1].split("TID ", 1)[0]
-    frames = re.findall(r"^#\d+\s+0x[0-9a-f]+\s+(\S+)", main, re.M)
+    frames = re.findall(r"^#\d+[ \t]+0x[0-9a-f]+[ \t]+(\S+)", main, re.M)
     assert frames and re.search(r"clock_nanosleep|futex|sem_.*wait|select|poll",
                                 frames[0]), main
     assert "_PyEval_EvalFrameDefault" in frames, main

@@ -4,6 +4,7 @@ that can no longer read the statefile.  Every failure is one line on stderr,
 a non-zero exit, no traceback, and no process left behind."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -132,15 +133,19 @@ def malformed_but_consistent(src: Path, dst: Path) -> Path:
     toff, tdesc = note_at(data, notes, "CRELF", CR_TASK)
     ioff, idesc = note_at(data, notes, "CRELF", CR_INTEGRITY)
     old = str(zlib.crc32(tdesc)).encode()
-    k = tdesc.find(b'"kind"') + 4
-    for c in b"xyzqwjvb":
-        new = tdesc[:k] + bytes([c]) + tdesc[k + 1:]
+    k = tdesc.find(b'"kind"') + 3          # "ki??": a name the restorer does not know
+    # the checksums are decimal in the JSON list: the new one must have as many
+    # digits so the note keeps its size (one in five crc32 values has 9 digits,
+    # so try names until one fits)
+    for a, b in itertools.product(b"qwxyzjv", repeat=2):
+        name = bytes([a, b])
+        new = tdesc[:k] + name + tdesc[k + 2:]
         crc = str(zlib.crc32(new)).encode()
         if len(crc) == len(old):
             break
     old, crc = b"," + old + b"]", b"," + crc + b"]"
     assert len(crc) == len(old) and idesc.count(old) == 1
-    return corrupt(src, dst, [(toff + k, bytes([c])), (ioff, idesc.replace(old, crc))])
+    return corrupt(src, dst, [(toff + k, name), (ioff, idesc.replace(old, crc))])
 
 
 def binfmt_status() -> tuple[int, str]:
