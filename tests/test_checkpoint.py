@@ -176,11 +176,16 @@ def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_pat
     # Every thread runs Python code: the interpreter's eval loop is on each stack.
     for lwp, bt in blocks.items():
         assert re.search(rf"{FRAME}_PyEval_EvalFrameDefault \(", bt, re.M), f"LWP {lwp}:\n{bt}"
-    # The main thread sleeps (time.sleep) or waits for a worker (queue.get):
-    # frame #0 is the libc wait, and the backtrace reaches the interpreter's main.
+    # The main thread mostly sleeps (time.sleep) or waits for a worker
+    # (queue.get): frame #0 is then the libc wait.  Caught between two waits
+    # (printing a tick: its saved orig_rax is -1, no syscall), frame #0 is in
+    # the interpreter or libc (maybe a static function gdb names ??).  Either
+    # way the backtrace reaches main.
     main = blocks[proc.pid]
+    in_syscall = sf.regs[proc.pid].user_regs().orig_rax < (1 << 63)
+    wait = r"clock_nanosleep|futex|sem_.*wait|select|poll"
     top = re.search(r"^#0 .* in (\S+) \(", main, re.M)
-    assert top and re.search(r"clock_nanosleep|futex|sem_.*wait|select|poll", top[1]), main
+    assert top and (re.search(wait, top[1]) or not in_syscall), main
     assert re.search(rf"{FRAME}(Py_BytesMain|Py_RunMain|main) \(", main, re.M), main
     # libc is loaded: an address range and the path, not just the name somewhere.
     assert re.search(r"^0x[0-9a-f]+\s+0x[0-9a-f]+\s+Yes\S*\s+\S*/libc\.so\.6$", text,
@@ -192,8 +197,7 @@ def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_pat
     assert res.stdout.count("TID ") == 3, res.stdout + res.stderr
     main = res.stdout.split(f"TID {proc.pid}:\n", 1)[1].split("TID ", 1)[0]
     frames = re.findall(r"^#\d+[ \t]+0x[0-9a-f]+[ \t]+(\S+)", main, re.M)
-    assert frames and re.search(r"clock_nanosleep|futex|sem_.*wait|select|poll",
-                                frames[0]), main
+    assert frames and (re.search(wait, frames[0]) or not in_syscall), main
     assert "_PyEval_EvalFrameDefault" in frames, main
     assert_keeps_ticking(out, proc, r"py tick (\d+)")
 
