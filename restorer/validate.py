@@ -1,13 +1,14 @@
 """Checks made before anything is created: the statefile is restartable here,
 its files are still there and unchanged, the executable and libraries are the
-same, and this kernel's vDSO matches the checkpointed one."""
+same, this kernel's vDSO matches the checkpointed one, and this CPU lays the
+XSAVE area out as the checkpoint's did (statefile/xsave.py)."""
 
 from __future__ import annotations
 
 import os
 import stat
 
-from statefile import support
+from statefile import support, xsave
 
 from . import restore_ipc, restore_memfd, restore_ns
 from .errors import ValidationError
@@ -72,6 +73,11 @@ def validate(sf, force_files: bool = False) -> list[str]:
     h = sf.header
     if h.get("machine", "x86_64") != "x86_64":
         raise ValidationError(f"statefile is for {h.get('machine')}, this is x86_64")
+    saved = h.get("xsave_layout")
+    if saved:
+        p = xsave.layout_mismatch(saved, xsave.host_layout(sum(1 << int(i) for i in saved)))
+        if p:
+            raise ValidationError(f"this CPU cannot take the saved registers: {p}")
     if h.get("restartable") is False:
         why = "; ".join(str(x) for x in h.get("not_restartable", [])) or "see crinspect"
         raise ValidationError(f"the statefile is marked not restartable: {why}")

@@ -8,7 +8,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, dump_ns, flags, hooks, procfs, snapshot, support
+from . import FORMAT_VERSION, __version__, dump_ns, flags, hooks, procfs, snapshot, support, xsave
 from .dump_files import FileTable
 from .dump_memfd import collect as collect_shmem
 from .dump_memory import PAGE, dump_mappings
@@ -229,6 +229,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             "not_restartable": [f.line() for f in bad],
             "leave_running": not kill,
             "namespaces": namespaces,
+            "xsave_layout": xsave.header_layout(r.xstate for r in regs),
         }
         if cow and not kill:
             addrs = {p: ft.syscall_addr for p, ft in freezer.tasks.items()}

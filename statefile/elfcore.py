@@ -42,6 +42,7 @@ NT_PRFPREG = 2
 NT_PRPSINFO = 3
 NT_AUXV = 6
 NT_X86_XSTATE = 0x202  # owner "LINUX"
+NT_X86_XSAVE_LAYOUT = 0x205  # owner "LINUX": where each XSAVE component is (kernel 6.11+)
 NT_SIGINFO = 0x53494749
 NT_FILE = 0x46494C45
 

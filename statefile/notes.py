@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from . import elfcore as ec
+from . import xsave
 
 OWNER_CORE = b"CORE"
 OWNER_LINUX = b"LINUX"
@@ -61,7 +62,10 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
     NoteKind("NT_PRFPREG", OWNER_CORE, ec.NT_PRFPREG, "struct",
              "fxsave area (512 bytes) per thread"),
     NoteKind("NT_X86_XSTATE", OWNER_LINUX, ec.NT_X86_XSTATE, "binary",
-             "whole XSAVE area per thread (11008 bytes with AMX)"),
+             "whole XSAVE area per thread, at the offsets gdb reads (statefile/xsave.py)"),
+    NoteKind("NT_X86_XSAVE_LAYOUT", OWNER_LINUX, ec.NT_X86_XSAVE_LAYOUT, "struct",
+             "once: where each XSAVE component is in the NT_X86_XSTATE notes "
+             "(type, size, offset, flags: 16 bytes each)"),
     # crelf's notes.
     NoteKind("CR_HEADER", OWNER_CRELF, CR_HEADER, "json",
              "format version, creator, host, kernel, root pid, tree, skipped resources, "
@@ -195,11 +199,13 @@ def nt_file(task: dict, page_size: int) -> bytes:
     return head + table + names
 
 
-def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs],
-                   page_size: int) -> list[tuple[bytes, int, bytes]]:
+def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs], page_size: int,
+                   xsave_layout: dict | None) -> list[tuple[bytes, int, bytes]]:
     """The gdb baseline notes of one task: per thread NT_PRSTATUS, NT_PRFPREG,
     NT_X86_XSTATE and NT_SIGINFO (as gcore writes them); once NT_PRPSINFO,
-    NT_AUXV and NT_FILE.
+    NT_AUXV and NT_FILE; and last, as the kernel writes it, one
+    NT_X86_XSAVE_LAYOUT when the CPU's XSAVE layout (CR_HEADER xsave_layout)
+    is known and the areas are moved to gdb's offsets (statefile/xsave.py).
 
     The order is the kernel's (fill_note_info/write_note_info) for the leader:
     PRSTATUS, PRPSINFO, SIGINFO, AUXV, FILE, PRFPREG, X86_XSTATE; then for
@@ -212,6 +218,7 @@ def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs],
     # The thread group leader first, as the kernel does.
     threads = sorted(threads, key=lambda t: (t["tid"] != task["pid"], t["tid"]))
     out: list[tuple[bytes, int, bytes]] = []
+    layout_note = None
     for i, t in enumerate(threads):
         r = regs_by_tid[t["tid"]]
         out.append((OWNER_CORE, ec.NT_PRSTATUS, prstatus(task, t, r)))
@@ -222,7 +229,10 @@ def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs],
             out.append((OWNER_CORE, ec.NT_FILE, nt_file(task, page_size)))
         out.append((OWNER_CORE, ec.NT_PRFPREG, r.fpregs))
         if r.xstate:
-            out.append((OWNER_LINUX, ec.NT_X86_XSTATE, r.xstate))
+            area, layout_note = xsave.gdb_view(r.xstate, xsave_layout)
+            out.append((OWNER_LINUX, ec.NT_X86_XSTATE, area))
         if i > 0:
             out.append((OWNER_CORE, ec.NT_SIGINFO, siginfo_stop()))
+    if layout_note:
+        out.append((OWNER_LINUX, ec.NT_X86_XSAVE_LAYOUT, layout_note))
     return out

@@ -369,7 +369,7 @@ class StatefileWriter:
         # Notes: the gdb baseline for the root task, then ours.
         regs_by_tid = {r.tid: r for r in regs}
         root_regs = {t["tid"]: regs_by_tid[t["tid"]] for t in root["threads"]}
-        note_list = nt.standard_notes(root, root_regs, PAGE)
+        note_list = nt.standard_notes(root, root_regs, PAGE, header.get("xsave_layout"))
         crelf = [(nt.OWNER_CRELF, nt.CR_HEADER, nt.encode_json(header))]
         crelf += [(nt.OWNER_CRELF, nt.CR_TASK, nt.encode_json(t)) for t in tasks]
         crelf += [(nt.OWNER_CRELF, nt.CR_THREAD_REGS, nt.encode_regs(r)) for r in regs]

@@ -17,6 +17,8 @@ import pytest
 from helpers import (read_lines, require_root, require_tool, trace_with_another_tracer,
                      wait_for_line)
 
+from restorer import validate
+from restorer.errors import ValidationError
 from statefile import reader
 from statefile.elfcore import CRELF_IDENT_PAD
 
@@ -102,6 +104,59 @@ def test_multithreaded_gdb_reads_threads_backtraces_and_values(mt, sample_bin, t
                "p/x stack_marker")
     assert "0x5ca1ab1e" in text, text
     assert_keeps_ticking(out, proc)
+
+
+def test_gdb_reads_vector_registers_and_pkru_as_from_gcore(sample_bin, procs, tmp_path):
+    """procstate holds known bytes in ymm14 and xmm15 while it waits: gdb shows
+    them from the statefile exactly as from gcore's core of the same process,
+    without a "too small" warning, and pkru as the kernel gave it (on CPUs
+    whose XSAVE layout is not the one gdb 13 assumes, such as AMD without
+    AVX-512, the kernel's area is moved to gdb's offsets: statefile/xsave.py;
+    gcore there reads pkru at the wrong offset and shows 0)."""
+    require_root()
+    require_tool("gcore")
+    assert " avx " in Path("/proc/cpuinfo").read_text(), "this test needs a CPU with AVX"
+    d = tmp_path / "ps"
+    d.mkdir()
+    out = tmp_path / "ps.out"
+    proc = procs.spawn([sample_bin / "procstate", d], stdout=out)
+    wait_for_line(out, r"^ready$", proc=proc, timeout=30)
+    # past "ready" it loads the registers, then loops on access/nanosleep
+    end = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/syscall").read_text().split()[0] not in ("21", "35"):
+        assert time.monotonic() < end, "procstate never reached its wait"
+        time.sleep(0.01)
+    res = subprocess.run(["gcore", "-o", str(tmp_path / "gc"), str(proc.pid)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    cr = tmp_path / "ps.cr"
+    checkpoint(proc.pid, cr)
+    cmds = ("thread 1", "p/x $ymm14.v32_int8", "p/x $xmm15.v16_int8", "p/x $pkru")
+    ours = gdb(sample_bin / "procstate", cr, *cmds)
+    theirs = gdb(sample_bin / "procstate", tmp_path / f"gc.{proc.pid}", *cmds)
+    assert "too small" not in ours, ours
+    values = re.findall(r"^\$\d+ = (.*)$", ours, re.M)
+    assert len(values) == 3 and values[:2] == re.findall(r"^\$\d+ = (.*)$", theirs, re.M)[:2], \
+        ours + theirs
+    held = b"ymm14-holds-32-bytes-of-data!!!xmm15:16 bytes.".ljust(48, b"\0")
+    assert values[0] == "{" + ", ".join(f"{b:#x}" if b else "0x0" for b in held[:32]) + "}"
+    assert values[1] == "{" + ", ".join(f"{b:#x}" if b else "0x0" for b in held[32:]) + "}"
+    # pkru: where CPUID puts it in the area PTRACE_GETREGSET gave (CR_THREAD_REGS)
+    sf = reader.load(str(cr))
+    layout = sf.header["xsave_layout"]               # root reads CPUID through /dev/cpu
+    assert layout and layout["2"] == [576, 256], layout
+    assert "9" in layout, f"this CPU has no PKRU (flags pku, ospke): {layout}"
+    off, size = layout["9"]
+    pkru = int.from_bytes(sf.regs[proc.pid].xstate[off:off + size], "little")
+    assert values[2] == hex(pkru) and pkru, (values, pkru)
+    # crrestart's checks take this CPU's layout, and refuse another one: the
+    # saved areas go back through PTRACE_SETREGSET as they are
+    validate.validate(sf)
+    sf.header["xsave_layout"]["9"] = [off + 256, size]
+    with pytest.raises(ValidationError, match=rf"XSAVE component 9 is at offset {off + 256} "):
+        validate.validate(sf)
+    (d / "go").touch()
+    assert proc.wait(timeout=30) == 0
 
 
 STANDARD_NOTE = re.compile(r"^\s+(CORE|LINUX)\s+0x[0-9a-f]+\s+(NT_\w+)", re.M)

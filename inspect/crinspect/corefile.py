@@ -64,7 +64,8 @@ def write_core(sf, pid: int, out_path: str) -> dict:
     if missing:
         raise FormatError(f"{sf.path}: no registers for thread(s) {missing} of task {pid}")
     notes = b"".join(ec.pack_note(o, t, d)
-                     for o, t, d in nt.standard_notes(task, sf.regs, page))
+                     for o, t, d in nt.standard_notes(task, sf.regs, page,
+                                                         sf.header.get("xsave_layout")))
     segs = task_segments(sf, pid)
     flags = {i: p["flags"] for i, p in enumerate(sf.phdrs)}
 
