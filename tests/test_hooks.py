@@ -31,7 +31,7 @@ class LineServer:
         while True:
             try:
                 c, _ = self.srv.accept()
-            except OSError:
+            except OSError:     # shut down by close()
                 return
             lines: list[str] = []
             self.conns.append(lines)
@@ -52,6 +52,13 @@ class LineServer:
         raise AssertionError(f"server never got {text!r}: {self.conns}")
 
     def close(self):
+        # shutdown wakes the accept thread (EINVAL) and it returns; only then
+        # close: a thread between reading the fd number and calling accept()
+        # would otherwise accept on whatever socket reuses that number next
+        # (a later test's listener: it stole test_inet's connection once)
+        self.srv.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "the line server's accept thread did not stop"
         self.srv.close()
 
 

@@ -94,6 +94,7 @@ def test_tcp_connection_still_refused(procs, tmp_path):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
+    srv.settimeout(30)        # a lost connection fails the test instead of hanging it
     port = srv.getsockname()[1]
     try:
         proc = procs.spawn([sys.executable, "-c",
