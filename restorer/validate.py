@@ -73,11 +73,9 @@ def validate(sf, force_files: bool = False) -> list[str]:
     h = sf.header
     if h.get("machine", "x86_64") != "x86_64":
         raise ValidationError(f"statefile is for {h.get('machine')}, this is x86_64")
-    saved = h.get("xsave_layout")
-    if saved:
-        p = xsave.layout_mismatch(saved, xsave.host_layout(sum(1 << int(i) for i in saved)))
-        if p:
-            raise ValidationError(f"this CPU cannot take the saved registers: {p}")
+    p = xsave.restart_problem(h.get("xsave_layout"))
+    if p:
+        raise ValidationError(f"this CPU cannot take the saved registers: {p}")
     if h.get("restartable") is False:
         why = "; ".join(str(x) for x in h.get("not_restartable", [])) or "see crinspect"
         raise ValidationError(f"the statefile is marked not restartable: {why}")

@@ -50,10 +50,13 @@ def _components(xcr0: int):
     return [i for i in range(2, 64) if xcr0 >> i & 1]
 
 
-def host_layout(xcr0: int, cpuid_dev: str = "/dev/cpu/0/cpuid") -> dict[int, list[int]] | None:
-    """{component: [offset, size]} for every extended component in xcr0, from
-    CPUID leaf 0xD sub-leaf i (EAX size, EBX offset); None if the cpuid
+def host_layout(xcr0: int, cpuid_dev: str = "/dev/cpu/0/cpuid") -> dict[str, list[int]] | None:
+    """{"component": [offset, size]} (the CR_HEADER form: JSON keys are
+    strings) for every extended component in xcr0, from CPUID leaf 0xD
+    sub-leaf i (EAX size, EBX offset); None if xcr0 has none or the cpuid
     device cannot be read (not root, or no cpuid driver)."""
+    if not _components(xcr0):
+        return None
     try:
         fd = os.open(cpuid_dev, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -62,7 +65,7 @@ def host_layout(xcr0: int, cpuid_dev: str = "/dev/cpu/0/cpuid") -> dict[int, lis
         out = {}
         for i in _components(xcr0):
             eax, ebx, _, _ = struct.unpack("<4I", os.pread(fd, 16, 0xD | i << 32))
-            out[i] = [ebx, eax]
+            out[str(i)] = [ebx, eax]
         return out
     except OSError:
         return None
@@ -71,15 +74,12 @@ def host_layout(xcr0: int, cpuid_dev: str = "/dev/cpu/0/cpuid") -> dict[int, lis
 
 
 def header_layout(areas) -> dict[str, list[int]] | None:
-    """The layout of the areas dumped on this host, for CR_HEADER (JSON keys
-    are strings); None when no thread has an area or CPUID cannot be read."""
+    """The layout of the areas dumped on this host, for CR_HEADER; None when
+    no thread has an area or CPUID cannot be read."""
     xcr0 = 0
     for a in areas:
         xcr0 |= xcr0_of(a)
-    if not xcr0:
-        return None
-    got = host_layout(xcr0)
-    return None if got is None else {str(i): v for i, v in got.items()}
+    return host_layout(xcr0)
 
 
 def _decode(layout: dict | None) -> dict[int, tuple[int, int]] | None:
@@ -111,12 +111,14 @@ def gdb_view(area: bytes, layout: dict | None) -> tuple[bytes, bytes | None]:
     return bytes(out), note
 
 
-def layout_mismatch(saved: dict | None, here: dict | None) -> str | None:
-    """Why the saved areas cannot be handed to this CPU's PTRACE_SETREGSET:
-    a component the checkpoint's CPU placed elsewhere.  None if they agree
-    or either side is unknown."""
-    a, b = _decode(saved), _decode(here)
-    if a is None or b is None:
+def restart_problem(saved: dict | None) -> str | None:
+    """Why the areas saved with layout `saved` (CR_HEADER xsave_layout)
+    cannot be handed to this CPU's PTRACE_SETREGSET: a component this CPU
+    places elsewhere, or lacks.  None if the layouts agree or either is
+    unknown."""
+    a = _decode(saved)
+    b = _decode(host_layout(sum(1 << i for i in a))) if a else None
+    if b is None:
         return None
     for i, (off, size) in sorted(a.items()):
         there = b.get(i, (0, 0))
