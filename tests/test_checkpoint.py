@@ -139,8 +139,10 @@ def test_gdb_reads_vector_registers_and_pkru_as_from_gcore(sample_bin, procs, tm
     assert len(values) == 3 and values[:2] == re.findall(r"^\$\d+ = (.*)$", theirs, re.M)[:2], \
         ours + theirs
     held = b"ymm14-holds-32-bytes-of-data!!!xmm15:16 bytes.".ljust(48, b"\0")
-    assert values[0] == "{" + ", ".join(f"{b:#x}" if b else "0x0" for b in held[:32]) + "}"
-    assert values[1] == "{" + ", ".join(f"{b:#x}" if b else "0x0" for b in held[32:]) + "}"
+
+    def as_gdb_prints(data: bytes) -> str:       # p/x of a vNN_int8 view
+        return "{" + ", ".join(f"{b:#x}" if b else "0x0" for b in data) + "}"
+    assert values[:2] == [as_gdb_prints(held[:32]), as_gdb_prints(held[32:])], values
     # pkru: where CPUID puts it in the area PTRACE_GETREGSET gave (CR_THREAD_REGS)
     sf = reader.load(str(cr))
     layout = sf.header["xsave_layout"]               # root reads CPUID through /dev/cpu
