@@ -42,9 +42,10 @@ def dump_itimers(inj: Injector, scratch: int) -> dict:
     return out
 
 
-def dump_sigaltstack(inj: Injector, scratch: int) -> dict | None:
-    inj.check("sigaltstack", 0, scratch)
-    sp, flags, size = struct.unpack("<Qi4xQ", inj.read(scratch, 24))  # stack_t
+def sigaltstack_of(altstack: tuple[int, int, int]) -> dict | None:
+    """The thread's sigaltstack (stack_t: sp, flags, size), as the injector's
+    first call read it into the thread's way-back frame."""
+    sp, flags, size = altstack
     if flags & 2:  # SS_DISABLE
         return None
     return {"sp": sp, "flags": flags, "size": size}

@@ -16,7 +16,8 @@ from . import elfcore as ec
 from . import ptrace as pt
 from .errors import TargetError
 from .freeze import FrozenTask
-from .inject import Injector, find_syscall_insn
+from .inject import Injector
+from .wayback import find_gadgets
 from .notes import ThreadRegs
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
@@ -124,21 +125,22 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
     leader = pid if pid in ft.threads else min(ft.threads)
     memfd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
     try:
-        addr = ft.syscall_addr = find_syscall_insn(pid, maps0)
-        with Injector(leader, addr, memfd) as inj:
-            scratch = inj.check("mmap", 0, 4096, 3, 0x22, 2**64 - 1, 0)
-            try:
-                task["mm"]["brk"] = inj.check("brk", 0)
-                task["prctl"] = _dump_prctl(inj, scratch)
-                task["sigactions"] = dump_signals.dump_sigactions(inj, scratch)
-                task["itimers"] = dump_signals.dump_itimers(inj, scratch)
-                task["signals"] = dump_signals.dump_process_signals(pid, leader)
-                for tid in sorted(ft.threads, key=lambda t: (t != pid, t)):
-                    th = _dump_thread(pid, tid, regs[tid], inj if tid == leader else None,
-                                      addr, memfd, scratch, ft.threads[tid].deferred)
-                    task["threads"].append(th)
-            finally:
-                inj.check("munmap", scratch, 4096)
+        gadgets = ft.gadgets = find_gadgets(pid, maps0)
+        ft.syscall_addr = gadgets.syscall
+        # Every injection carries its own way back (statefile/wayback.py):
+        # its data lives on the thread's own stack, under the red zone, so
+        # nothing is mapped into the task that could outlive crcheckpoint.
+        with Injector(leader, gadgets, memfd) as inj:
+            scratch = inj.scratch
+            task["mm"]["brk"] = inj.check("brk", 0)
+            task["prctl"] = _dump_prctl(inj, scratch)
+            task["sigactions"] = dump_signals.dump_sigactions(inj, scratch)
+            task["itimers"] = dump_signals.dump_itimers(inj, scratch)
+            task["signals"] = dump_signals.dump_process_signals(pid, leader)
+            for tid in sorted(ft.threads, key=lambda t: (t != pid, t)):
+                th = _dump_thread(pid, tid, regs[tid], inj if tid == leader else None,
+                                  gadgets, memfd, ft.threads[tid].deferred)
+                task["threads"].append(th)
             ft.threads[leader].deferred += inj.deferred
     finally:
         os.close(memfd)
@@ -160,25 +162,27 @@ def _dump_prctl(inj: Injector, scratch: int) -> dict:
     return out
 
 
-def _dump_thread(pid, tid, regs: ThreadRegs, inj, addr, memfd, scratch, deferred) -> dict:
+def _dump_thread(pid, tid, regs: ThreadRegs, inj, gadgets, memfd, deferred) -> dict:
     s = procfs.stat(pid, tid)
     r = regs.user_regs()
     th = {"tid": tid, "comm": s["comm"],
           "utime": s["utime"], "stime": s["stime"],
           "fs_base": r.fs_base, "gs_base": r.gs_base, "syscall": _in_syscall(r)}
     th.update(dump_signals.dump_thread_signals(pid, tid))
+    if inj is not None:
+        th["sigmask"] = inj.sigmask     # its injections block every signal meanwhile
     head, ln = pt.get_robust_list(tid)
     th["robust_list"] = {"head": head, "len": ln}
     th["rseq"] = pt.rseq_configuration(tid)
 
     def per_thread(i: Injector):
-        i.check("prctl", 40, scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
-        th["clear_child_tid"] = struct.unpack("<Q", i.read(scratch, 8))[0]
-        th["sigaltstack"] = dump_signals.dump_sigaltstack(i, scratch)
+        i.check("prctl", 40, i.scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
+        th["clear_child_tid"] = struct.unpack("<Q", i.read(i.scratch, 8))[0]
+        th["sigaltstack"] = dump_signals.sigaltstack_of(i.altstack)
     if inj is not None:
         per_thread(inj)
     else:
-        with Injector(tid, addr, memfd) as i:
+        with Injector(tid, gadgets, memfd) as i:
             per_thread(i)
         deferred += i.deferred
     return th

@@ -34,6 +34,7 @@ class FrozenTask:
     state_before: str
     threads: dict[int, FrozenThread] = field(default_factory=dict)
     syscall_addr: int = 0  # a `syscall` instruction in its vDSO, for injection
+    gadgets: object = None  # wayback.Gadgets: the crash-safe way to inject
 
 
 def tracer_of(pid: int, tid: int | None = None) -> tuple[int, str]:
