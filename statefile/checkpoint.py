@@ -83,7 +83,9 @@ def _make_snapshots(freezer: Freezer, tasks: list[dict]) -> dict[int, int]:
         for t in tasks:
             ft = freezer.tasks[t["pid"]]
             leader = t["pid"] if t["pid"] in ft.threads else min(ft.threads)
-            snaps[t["pid"]] = snapshot.fork_snapshot(leader, ft.syscall_addr)
+            if t.get("group_stopped"):
+                raise OSError(0, f"pid {t['pid']} is stopped: its helper thread would stop too")
+            snaps[t["pid"]] = snapshot.fork_snapshot(leader, ft.gadgets, t["pid"])
     except OSError:
         _release_snapshots(freezer, snaps)
         return {}

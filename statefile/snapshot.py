@@ -1,14 +1,34 @@
 """Copy-on-write snapshots: keep the time a tree stays frozen short.
 
-While the tree is frozen, each task is made to fork() once by syscall
-injection (flags CLONE_FILES|CLONE_FS and no exit signal: the copy shares the
-fd table, so it holds no extra reference to any pipe or socket, and its
-parent gets no SIGCHLD).  The copy is auto-attached by ptrace and never runs a
-single instruction; it only holds the task's memory as it was at the freeze,
-copy-on-write.  The tree is then released and its private memory is read from
-the copies while it runs on.  Afterwards each copy is killed and the task is
-briefly interrupted once more to reap it (an injected wait4), so no zombie is
-left behind.
+While the tree is frozen, each task gets a copy of its memory as it is at
+the freeze, copy-on-write: a process that never runs a single instruction of
+the program (the snapshot).  The tree is then released and its private memory
+is read from the snapshots while it runs on.
+
+A snapshot must not outlive crcheckpoint, even one killed at any moment
+without a chance to clean up (docs/CRASHSAFE.md), and a dead process is a
+zombie until its parent reaps it: so the snapshot's parent is a helper
+thread that crelf adds to the task, which does nothing but wait for it.
+Everything runs on chained signal frames (statefile/wayback.py), with no code
+of ours in the task:
+
+1. the task's leader (frozen, injected with its own way back) clones the
+   helper thread (CLONE_THREAD, every signal blocked, its stack pointer on a
+   chain of frames written into the unused tail of the task's vDSO page);
+2. the helper clones the snapshot (a fork sharing the fd table and fs, so it
+   holds no extra reference to any pipe or socket, and with no exit signal:
+   the task never gets a SIGCHLD), which is attached by ptrace as it is born
+   and killed with crcheckpoint (PTRACE_O_EXITKILL);
+3. the helper then waits for its own clone children (wait4 __WCLONE |
+   __WNOTHREAD: never a child of the program's) and exits when the snapshot
+   is reaped.  Threads leave no zombie.
+
+If crcheckpoint dies, the snapshot is killed, reaped by the helper, and the
+helper ends: nothing is left in the task.  A snapshot born after its tracer
+died runs only its own frame: exit_group.  Normally crcheckpoint kills the
+snapshot at the end, waits until the helper is gone and writes the vDSO tail
+back as it was; the snapshot's own copy of that tail is written back before a
+byte of it is read, so the statefile holds the task's memory as it was.
 
 Memory a fork does not copy faithfully (shared mappings, MADV_DONTFORK,
 MADV_WIPEONFORK) is read from the frozen tasks before they are released, see
@@ -19,68 +39,145 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from dataclasses import dataclass
 
 from . import procfs
 from . import ptrace as pt
+from . import wayback
 from .inject import Injector, InjectError
 
-CLONE_FS = 0x200
-CLONE_FILES = 0x400
-WALL = 0x40000000
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+WALL, WCLONE, WNOTHREAD = 0x40000000, 0x80000000, 0x20000000
+NR_CLONE, NR_WAIT4, NR_EXIT, NR_EXIT_GROUP = 56, 61, 60, 231
+HELPER_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+SNAPSHOT_FLAGS = CLONE_FILES | CLONE_FS          # exit signal 0
 
 
-def fork_snapshot(leader: int, syscall_addr: int) -> int:
-    """Fork a never-running copy of the task whose (stopped) thread is leader."""
-    memfd = os.open(f"/proc/{leader}/mem", os.O_RDONLY)
+@dataclass
+class Helper:
+    task: int           # the task the snapshot copies
+    thread: int         # the helper thread (tracer view tid)
+    tail: int           # address of the frames in the task's vDSO
+    original: bytes     # what was there
+
+
+_helpers: dict[int, Helper] = {}     # by snapshot pid
+
+
+def _vdso_tail(pid: int, memfd: int, size: int) -> tuple[int, bytes]:
+    """Address of `size` bytes of zero padding at the end of the task's vDSO
+    image (past its section headers, never executed nor read)."""
+    for m in procfs.maps(pid):
+        if m["path"] == "[vdso]":
+            image = os.pread(memfd, m["end"] - m["start"], m["start"])
+            used = len(image.rstrip(b"\0"))
+            start = (used + 64) & ~15
+            if m["end"] - m["start"] - start >= size:
+                return m["start"] + start, image[start:start + size]
+    raise wayback.NoWayBack(0, f"pid {pid}: no room in its vDSO for a snapshot's frames")
+
+
+def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None) -> int:
+    """A never-running copy of the (frozen) task whose thread is leader;
+    returns its pid (tracer view)."""
+    task = task or leader
+    if procfs.status(task).get("Seccomp", "0") == "1":
+        raise InjectError(0, f"pid {task} is in seccomp strict mode")
+    g = gadgets
+    memfd = os.open(f"/proc/{task}/mem", os.O_RDWR | os.O_CLOEXEC)
     try:
-        pt.ptrace(pt.PTRACE_SETOPTIONS, leader, 0, pt.PTRACE_O_TRACECLONE)
+        L = wayback.LINK_SIZE
+        tail, original = _vdso_tail(task, memfd, 4 * L)
+        w1, w2, w3, b1 = (tail + i * L for i in range(4))
+        frames = (
+            wayback.link(g, rip=g.syscall, rsp=w2, rax=NR_CLONE, args=(SNAPSHOT_FLAGS, b1, 0, 0, 0)),
+            wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_WAIT4,
+                         args=(2**64 - 1, 0, WCLONE | WNOTHREAD, 0)),
+            wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_EXIT, args=(0,)),
+            wayback.link(g, rip=g.syscall, rsp=b1, rax=NR_EXIT_GROUP, args=(0,)),
+        )
+        os.pwrite(memfd, b"".join(frames), tail)
         try:
-            with Injector(leader, syscall_addr, memfd) as inj:
-                child = inj.call_clone(CLONE_FILES | CLONE_FS)
-        finally:
+            with Injector(leader, g, memfd, options=pt.PTRACE_O_TRACECLONE) as inj:
+                inj.check("clone", HELPER_FLAGS, w1, 0, 0, 0)
+                thread = inj.clone_child
+            if not thread:
+                raise InjectError(0, f"clone in {leader} made no traced helper thread")
             pt.ptrace(pt.PTRACE_SETOPTIONS, leader, 0, 0)
+            child = _start_helper(thread)
+        except BaseException:
+            if not _helper_alive(task, locals().get("thread", 0)):
+                os.pwrite(memfd, original, tail)
+            raise
+        # The snapshot's own copy of the tail, as the task's was.
+        with open(f"/proc/{child}/mem", "r+b", buffering=0) as f:
+            f.seek(tail)
+            f.write(original)
+        _helpers[child] = Helper(task, thread, tail, original)
+        return child
     finally:
         os.close(memfd)
-    # The copy starts in a ptrace stop; kill it if crcheckpoint dies.
+
+
+def _start_helper(thread: int) -> int:
+    """Let the new helper thread (stopped as it was born) clone the snapshot;
+    return the snapshot's pid once it is stopped and bound to our life."""
+    if not pt.wait_interrupt_stop(thread):
+        raise InjectError(0, f"helper thread {thread} died at once")
+    pt.cont(thread)
+    while True:
+        status = pt.wait(thread)
+        if not os.WIFSTOPPED(status):
+            raise InjectError(0, f"helper thread {thread} died before its snapshot")
+        if status >> 16 == pt.PTRACE_EVENT_CLONE:
+            child = pt.geteventmsg(thread)
+            break
+        pt.cont(thread, 0)
+    pt.detach(thread)           # it only waits for the snapshot now
     while True:
         status = pt.wait(child)
         if os.WIFSTOPPED(status):
             break
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            raise InjectError(0, f"snapshot of {leader} died at once")
+            raise InjectError(0, "snapshot died at once")
     pt.ptrace(pt.PTRACE_SETOPTIONS, child, 0, pt.PTRACE_O_EXITKILL)
     return child
 
 
-def release_snapshot(task_pid: int, child: int, syscall_addr: int) -> None:
-    """Kill the copy, and have the task reap it (it is the task's child)."""
+def _helper_alive(task: int, thread: int) -> bool:
+    if not thread:
+        return False
+    try:
+        return procfs.stat(task, thread)["state"] not in ("Z", "X")
+    except (OSError, KeyError):
+        return False
+
+
+def release_snapshot(task_pid: int, child: int, syscall_addr: int = 0,
+                     timeout: float = 5.0) -> None:
+    """Kill the copy; its helper thread reaps it and ends; then the task's
+    vDSO tail is written back (the task itself is never stopped for this)."""
     try:
         os.kill(child, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    pt.wait_exit(child)  # as its tracer we see it die first
-    # The zombie now waits for its real parent: reap it from inside the task.
+    pt.wait_exit(child)  # as its tracer we see it die first; the helper reaps it
+    h = _helpers.pop(child, None)
+    if h is None:
+        return
+    end = time.monotonic() + timeout
+    while _helper_alive(h.task, h.thread):
+        if time.monotonic() > end:
+            return          # still running its frames: they stay (never seen so far)
+        time.sleep(0.001)
     try:
-        pt.seize(task_pid)
+        with open(f"/proc/{h.task}/mem", "r+b", buffering=0) as f:
+            f.seek(h.tail)
+            f.write(h.original)
     except OSError:
-        return  # the task is gone (or traced by someone else now)
-    try:
-        pt.interrupt(task_pid)
-        if not pt.wait_interrupt_stop(task_pid, deliver=True):
-            return
-        memfd = os.open(f"/proc/{task_pid}/mem", os.O_RDONLY)
-        try:
-            with Injector(task_pid, syscall_addr, memfd) as inj:
-                inj.call("wait4", child, 0, WALL, 0)
-                deferred = inj.deferred
-        finally:
-            os.close(memfd)
-        pt.detach(task_pid, deferred[0] if deferred else 0)
-    except OSError:
-        try:
-            pt.detach(task_pid)
-        except OSError:
-            pass
+        pass                # the task is gone
 
 
 # ------------------------------------------------ the snapshot writes itself

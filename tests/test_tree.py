@@ -100,7 +100,10 @@ def test_tree_sample_parent_reaps_restored_children(sample_bin, procs, tmp_path)
     assert sorted(got) == sorted(want)
 
 
-PIPELINE = "seq 1 3000000 | awk '{ s += $1; if ($1 % 1000 == 0) print $1, s }' | gzip -1 -c"
+# ~0.45 s per million lines on this machine's CPUs (3 million ended before
+# the checkpoint 0.3 s after the start, one run in three): long enough that
+# the checkpoint always comes mid-stream
+PIPELINE = "seq 1 12000000 | awk '{ s += $1; if ($1 % 1000 == 0) print $1, s }' | gzip -1 -c"
 
 
 def test_shell_pipeline_killed_mid_stream(procs, tmp_path):
