@@ -66,17 +66,37 @@ class Helper:
 _helpers: dict[int, Helper] = {}     # by snapshot pid
 
 
-def _vdso_tail(pid: int, memfd: int, size: int) -> tuple[int, bytes]:
-    """Address of `size` bytes of zero padding at the end of the task's vDSO
-    image (past its section headers, never executed nor read)."""
+def _vdso_tail(pid: int, memfd: int, g: wayback.Gadgets) -> tuple[int, bytes]:
+    """(address, frames): where the snapshot's frames go, in zero padding at
+    the end of the task's vDSO image (past its section headers, never
+    executed nor read).  A tail that holds these very frames already (left
+    by a crcheckpoint that died) is taken again: they are the same bytes."""
     for m in procfs.maps(pid):
         if m["path"] == "[vdso]":
             image = os.pread(memfd, m["end"] - m["start"], m["start"])
             used = len(image.rstrip(b"\0"))
-            start = (used + 64) & ~15
-            if m["end"] - m["start"] - start >= size:
-                return m["start"] + start, image[start:start + size]
+            size = len(_frames(g, 0))
+            for start in ((used + 64) & ~15, used - size):      # fresh, left over
+                frames = _frames(g, m["start"] + start)
+                rest = len(image) - start - size
+                if start > 0 and rest >= 0 and start % 16 == 0 and \
+                        image[start:] in (bytes(size + rest), frames + bytes(rest)):
+                    return m["start"] + start, frames
     raise wayback.NoWayBack(0, f"pid {pid}: no room in its vDSO for a snapshot's frames")
+
+
+def _frames(g: wayback.Gadgets, tail: int) -> bytes:
+    """The helper thread's chain (clone the snapshot, wait for it, exit) and
+    the snapshot's own (exit_group, if it ever runs untraced), at tail."""
+    L = wayback.LINK_SIZE
+    w1, w2, w3, b1 = (tail + i * L for i in range(4))
+    return b"".join((
+        wayback.link(g, rip=g.syscall, rsp=w2, rax=NR_CLONE, args=(SNAPSHOT_FLAGS, b1, 0, 0, 0)),
+        wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_WAIT4,
+                     args=(2**64 - 1, 0, WCLONE | WNOTHREAD, 0)),
+        wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_EXIT, args=(0,)),
+        wayback.link(g, rip=g.syscall, rsp=b1, rax=NR_EXIT_GROUP, args=(0,)),
+    ))
 
 
 def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None) -> int:
@@ -88,27 +108,20 @@ def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None
     g = gadgets
     memfd = os.open(f"/proc/{task}/mem", os.O_RDWR | os.O_CLOEXEC)
     try:
-        L = wayback.LINK_SIZE
-        tail, original = _vdso_tail(task, memfd, 4 * L)
-        w1, w2, w3, b1 = (tail + i * L for i in range(4))
-        frames = (
-            wayback.link(g, rip=g.syscall, rsp=w2, rax=NR_CLONE, args=(SNAPSHOT_FLAGS, b1, 0, 0, 0)),
-            wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_WAIT4,
-                         args=(2**64 - 1, 0, WCLONE | WNOTHREAD, 0)),
-            wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_EXIT, args=(0,)),
-            wayback.link(g, rip=g.syscall, rsp=b1, rax=NR_EXIT_GROUP, args=(0,)),
-        )
-        os.pwrite(memfd, b"".join(frames), tail)
+        tail, frames = _vdso_tail(task, memfd, g)
+        original = bytes(len(frames))
+        os.pwrite(memfd, frames, tail)
+        thread = 0
         try:
             with Injector(leader, g, memfd, options=pt.PTRACE_O_TRACECLONE) as inj:
-                inj.check("clone", HELPER_FLAGS, w1, 0, 0, 0)
+                inj.check("clone", HELPER_FLAGS, tail, 0, 0, 0)
                 thread = inj.clone_child
             if not thread:
                 raise InjectError(0, f"clone in {leader} made no traced helper thread")
             pt.ptrace(pt.PTRACE_SETOPTIONS, leader, 0, 0)
             child = _start_helper(thread)
         except BaseException:
-            if not _helper_alive(task, locals().get("thread", 0)):
+            if not _helper_alive(task, thread):
                 os.pwrite(memfd, original, tail)
             raise
         # The snapshot's own copy of the tail, as the task's was.
