@@ -163,6 +163,10 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         told = _hooks_before(pid, hook_timeout)
         freezer.freeze()
         t_frozen = time.monotonic()
+        # Before any syscall is run in a task: threads that one would kill
+        unsafe = support.seccomp_findings(freezer.all_tids())
+        if unsafe:
+            raise NotCheckpointable(pid, unsafe)
         tasks, regs, plans_by_task = [], [], []
         files = FileTable()
         order = [p for p in procfs.descendants(pid) if p in freezer.tasks]

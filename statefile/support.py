@@ -36,7 +36,14 @@ TABLE: tuple[Resource, ...] = (
     Resource("task:zombie", "an exited child not reaped yet (recreated with its exit status)",
              SUPPORTED),
     Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
-             "restart leaves out)", UNSUPPORTED, f"seccomp filters are {_NOT_YET}"),
+             "restart leaves out), in any thread", UNSUPPORTED,
+             f"seccomp filters are {_NOT_YET}; a filter could also refuse or kill the "
+             "syscalls a checkpoint runs in the task, so it is refused before any"),
+    Resource("task:seccomp-strict", "seccomp strict mode (SECCOMP_SET_MODE_STRICT), in any "
+             "thread", UNSUPPORTED, "a thread in strict mode may only read, write, exit and "
+             "sigreturn: any other syscall crelf ran in it to read its state (signal "
+             "handlers, brk, ...) would kill it, and a restart could not set it up; "
+             "refused before anything is done in the task"),
     Resource("task:ns-uts", "a UTS namespace of the tree's own, shared by all its tasks "
              "(hostname, domainname)", SUPPORTED),
     Resource("task:ns-ipc", "an IPC namespace of the tree's own, shared by all its tasks "
@@ -384,6 +391,30 @@ def flag_finding(fl: dict, pid: int, skip: set[str]) -> Finding:
                    skipped=bool(r.policy and r.policy in skip), time=fl.get("time"), row=r.key)
 
 
+def finding(key: str, pid: int, where: str, detail: str) -> Finding:
+    """One finding of row `key` (no policy can skip what this is used for)."""
+    r = BY_KEY[key]
+    return Finding(key, where, detail, r.status, r.reason, r.policy, pid)
+
+
+def seccomp_findings(tids: list[tuple[int, int]]) -> list[Finding]:
+    """Threads crelf must not run a syscall in (tids: (pid, tid) pairs):
+    seccomp strict mode, or a filter other than crrun's monitor."""
+    from . import procfs
+    out = []
+    for pid, tid in tids:
+        try:
+            mode = procfs.status(pid, tid).get("Seccomp", "0")
+        except OSError:
+            continue
+        where = f"pid {pid}" + (f" thread {tid}" if tid != pid else "")
+        if mode == "1":
+            out.append(finding("task:seccomp-strict", pid, where, "seccomp strict mode"))
+        elif mode == "2" and not procfs.crrun_monitored(pid):
+            out.append(finding("task:seccomp", pid, where, "seccomp filter mode"))
+    return out
+
+
 def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
            flags_by_pid: dict[int, list[dict]], skip: set[str],
            ipc: dict | None = None, shmem: list[dict] | None = None) -> list[Finding]:
@@ -419,6 +450,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 + (f" ({t['tracer_comm']})" if t.get("tracer_comm") else ""))
         if t["creds"].get("seccomp") == 2 and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
+        elif t["creds"].get("seccomp") == 1:
+            add("task:seccomp-strict", pid, f"pid {pid}", "seccomp strict mode")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
         for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):

@@ -173,3 +173,90 @@ def test_killed_checkpoints_keep_every_state(sample_bin, procs, tmp_path):
     before = [ln[len("before "):] for ln in lines if ln.startswith("before ")]
     after = [ln[len("after "):] for ln in lines if ln.startswith("after ")]
     assert before and after == before
+
+
+SECCOMP_PROGRAMS = {
+    # strict mode: only read, write, _exit and sigreturn; echoes its stdin
+    "strict": r"""
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    char buf[64];
+    write(1, "ready\n", 6);
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT);
+    for (;;) {
+        long n = syscall(SYS_read, 0, buf, sizeof buf);
+        if (n <= 0) syscall(SYS_exit, 0);
+        syscall(SYS_write, 1, buf, n);
+    }
+}
+""",
+    # a filter in a second thread only (prctl fails there with errno 1234),
+    # the main thread echoes its stdin
+    "thread-filter": r"""
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void *filtered(void *arg) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_prctl, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 1234),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
+    for (;;) pause();
+}
+int main(void) {
+    pthread_t t;
+    char buf[64];
+    pthread_create(&t, NULL, filtered, NULL);
+    usleep(100000);
+    write(1, "ready\n", 6);
+    for (;;) {
+        long n = read(0, buf, sizeof buf);
+        if (n <= 0) return 0;
+        write(1, buf, n);
+    }
+}
+""",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SECCOMP_PROGRAMS))
+def test_seccomp_is_refused_before_anything_runs_in_the_task(procs, tmp_path, kind):
+    """A thread that one injected syscall would kill (strict mode) or that a
+    filter answers for: crcheckpoint refuses it (exit 6, the support row
+    named) before it runs anything there; the program goes on unharmed."""
+    require_root()
+    from helpers import build_c
+    prog = build_c(tmp_path, kind.replace("-", "_"), SECCOMP_PROGRAMS[kind])
+    if kind == "thread-filter":
+        subprocess.run(["gcc", "-O1", "-pthread", "-o", prog, f"{prog}.c"], check=True)
+    out = tmp_path / "out"
+    r, w = os.pipe()
+    proc = procs.spawn([prog], stdin=r, stdout=out, close_fds=True)
+    os.close(r)
+    try:
+        wait_for_line(out, r"^ready$", proc=proc, timeout=10)
+        res = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(tmp_path / "s.cr")],
+                             capture_output=True, text=True, timeout=60, close_fds=True)
+        assert res.returncode == 6, res.stderr
+        key = "seccomp strict mode" if kind == "strict" else "seccomp filter mode"
+        assert key in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "s.cr").exists()
+        assert proc.poll() is None, "the checkpoint killed its target"
+        os.write(w, b"still here\n")
+        wait_for_line(out, r"^still here$", proc=proc, timeout=10)
+    finally:
+        os.close(w)
+    assert proc.wait(timeout=10) == 0
