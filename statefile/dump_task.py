@@ -11,13 +11,13 @@ import os
 import resource
 import struct
 
-from . import dump_signals, procfs
+from . import dump_signals, procfs, snapshot
 from . import elfcore as ec
 from . import ptrace as pt
 from .errors import TargetError
 from .freeze import FrozenTask
 from .inject import Injector
-from .wayback import find_gadgets
+from .wayback import NoWayBack, find_gadgets
 from .notes import ThreadRegs
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
@@ -127,6 +127,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
     try:
         gadgets = ft.gadgets = find_gadgets(pid, maps0)
         ft.syscall_addr = gadgets.syscall
+        snapshot.take_back_leftovers(pid, memfd, gadgets, list(regs.values()))
         # Every injection carries its own way back (statefile/wayback.py):
         # its data lives on the thread's own stack, under the red zone, so
         # nothing is mapped into the task that could outlive crcheckpoint.
@@ -142,6 +143,9 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
                                   gadgets, memfd, ft.threads[tid].deferred)
                 task["threads"].append(th)
             ft.threads[leader].deferred += inj.deferred
+    except NoWayBack as e:
+        raise TargetError(f"{e.strerror}: crelf cannot safely run a syscall in it "
+                          "(docs/CRASHSAFE.md)") from None
     finally:
         os.close(memfd)
     # Signals that arrived during the injections are delivered on thaw.

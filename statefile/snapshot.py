@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from . import procfs
 from . import ptrace as pt
 from . import wayback
+from .errors import TargetError
 from .inject import Injector, InjectError
 
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
@@ -97,6 +98,26 @@ def _frames(g: wayback.Gadgets, tail: int) -> bytes:
         wayback.link(g, rip=g.syscall, rsp=w3, rax=NR_EXIT, args=(0,)),
         wayback.link(g, rip=g.syscall, rsp=b1, rax=NR_EXIT_GROUP, args=(0,)),
     ))
+
+
+def take_back_leftovers(pid: int, memfd: int, g: wayback.Gadgets, regs: list) -> None:
+    """Before a task is dumped: a thread running on frames in the vDSO is
+    another crcheckpoint's snapshot helper (that checkpoint is still
+    writing): refuse; frames a dead crcheckpoint left in the vDSO tail are
+    zeroed again, so the vDSO is saved as the kernel made it."""
+    for m in procfs.maps(pid):
+        if m["path"] != "[vdso]":
+            continue
+        for r in regs:
+            if m["start"] <= r.user_regs().rsp < m["end"]:
+                raise TargetError(f"pid {pid}: another crcheckpoint of it is still running "
+                                  "(its snapshot helper thread is there)")
+        try:
+            tail, frames = _vdso_tail(pid, memfd, g)
+        except wayback.NoWayBack:
+            return
+        if os.pread(memfd, len(frames), tail) == frames:
+            os.pwrite(memfd, bytes(len(frames)), tail)
 
 
 def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None) -> int:
