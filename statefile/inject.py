@@ -16,6 +16,7 @@ import os
 import signal
 import struct
 
+from . import procfs
 from . import ptrace as pt
 from . import wayback
 from .elfcore import NT_X86_XSTATE
@@ -95,6 +96,10 @@ class Injector:
         except OSError as e:
             raise wayback.NoWayBack(e.errno, f"thread {tid}: no XSAVE state to return to") from None
         f = wayback.place(self.saved.rsp, len(xstate))
+        stack = [m for m in procfs.maps(tid) if m["start"] < self.saved.rsp <= m["end"]]
+        if not stack or f.low < stack[0]["start"] or "w" not in stack[0]["perms"]:
+            raise wayback.NoWayBack(0, f"thread {tid}: no room below its stack pointer "
+                                       f"{self.saved.rsp:#x} for the way back")
         try:
             f.saved = os.pread(self.memfd, f.top - f.low, f.low)
         except OSError:
@@ -112,7 +117,11 @@ class Injector:
         # call can run.
         try:
             self.check("sigaltstack", 0, f.frame + wayback.UC_STACK)
-            self.altstack = struct.unpack("<Qi4xQ", self.read(f.frame + wayback.UC_STACK, 24))
+            self.altstack = sp, flags, size = struct.unpack(
+                "<Qi4xQ", self.read(f.frame + wayback.UC_STACK, 24))
+            if flags & 1 and f.low < sp:     # SS_ONSTACK: in a handler, on a small stack
+                raise wayback.NoWayBack(0, f"thread {tid}: its alternate signal stack has no "
+                                           "room for the way back (try again)")
         except BaseException:
             self.close()
             raise
