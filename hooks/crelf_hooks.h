@@ -7,7 +7,8 @@
  * Each callback may be NULL.  before_checkpoint(arg) runs just before
  * crcheckpoint freezes the process, and crcheckpoint waits for it (its
  * --hook-timeout); after_resume(arg) runs when a leave-running checkpoint is
- * over; after_restart(arg) runs in the restarted process.  Same protocol as
+ * over (also when crcheckpoint was killed before it could say so: the hook
+ * thread watches it); after_restart(arg) runs in the restarted process.  Same protocol as
  * hooks/crelf_hooks.py: a thread accepts on the abstract unix socket
  * "\0crelf-hooks-<pid>", reads one line ("checkpoint", "resume", "restart"),
  * runs the callback and answers "ok".  Returns 0, or -1 with errno set.
@@ -15,6 +16,7 @@
 #ifndef CRELF_HOOKS_H
 #define CRELF_HOOKS_H
 
+#include <poll.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -31,24 +33,78 @@ static struct {
     int fd;
 } crelf_hooks_state = {0, 0, 0, 0, -1};
 
+/* A process's start time (/proc/PID/stat field 22), 0 when it is gone. */
+static unsigned long long crelf_hooks_started(const char *pid)
+{
+    char path[64], buf[1024];
+    unsigned long long t = 0;
+    size_t n;
+    char *p;
+    int i;
+    FILE *f;
+    snprintf(path, sizeof path, "/proc/%s/stat", pid);
+    if (!(f = fopen(path, "re")))
+        return 0;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    if (!(p = strrchr(buf, ')')))
+        return 0;
+    for (i = 0; i < 20 && p; i++)       /* field 3 starts after ") " */
+        p = strchr(p + 1, ' ');
+    if (p)
+        sscanf(p + 1, "%llu", &t);
+    return t;
+}
+
 static void *crelf_hooks_thread(void *unused)
 {
+    /* After "checkpoint": the crcheckpoint that sent it (SO_PEERCRED); if it
+     * dies before saying "resume", after_resume runs all the same, unless
+     * this process is a restarted copy (a new start time): crrestart then
+     * says "restart". */
+    char peer[24] = "";
+    unsigned long long peer_start = 0, own_start = 0;
     (void)unused;
     for (;;) {
         char line[64] = {0};
         size_t n = 0;
-        int c = accept(crelf_hooks_state.fd, NULL, NULL);
+        int c;
+        if (peer[0]) {
+            struct pollfd p = {crelf_hooks_state.fd, POLLIN, 0};
+            if (poll(&p, 1, 500) == 0) {
+                if (crelf_hooks_started(peer) != peer_start) {
+                    peer[0] = 0;
+                    if (crelf_hooks_started("self") == own_start && crelf_hooks_state.resume)
+                        crelf_hooks_state.resume(crelf_hooks_state.arg);
+                }
+                continue;
+            }
+        }
+        c = accept(crelf_hooks_state.fd, NULL, NULL);
         if (c < 0)
             continue;
         while (n < sizeof line - 1 && read(c, line + n, 1) == 1 && line[n] != '\n')
             n++;
         line[n] = 0;
+        if (!strcmp(line, "checkpoint")) {
+            struct { int pid, uid, gid; } cred;      /* struct ucred */
+            socklen_t len = sizeof cred;
+            if (getsockopt(c, SOL_SOCKET, 17 /* SO_PEERCRED */, &cred, &len) == 0) {
+                snprintf(peer, sizeof peer, "%d", cred.pid);
+                peer_start = crelf_hooks_started(peer);
+                own_start = crelf_hooks_started("self");
+            }
+        } else if (!strcmp(line, "resume") || !strcmp(line, "restart")) {
+            peer[0] = 0;
+        }
         crelf_hook_fn fn = !strcmp(line, "checkpoint") ? crelf_hooks_state.checkpoint
                          : !strcmp(line, "restart") ? crelf_hooks_state.restart
                          : !strcmp(line, "resume") ? crelf_hooks_state.resume : NULL;
         if (fn)
             fn(crelf_hooks_state.arg);
-        if (write(c, "ok\n", 3) < 0) { /* the other side is gone: nothing to do */ }
+        /* MSG_NOSIGNAL: a crcheckpoint killed meanwhile must not SIGPIPE us */
+        if (send(c, "ok\n", 3, MSG_NOSIGNAL) < 0) { /* the other side is gone */ }
         close(c);
     }
     return NULL;

@@ -10,7 +10,8 @@ Copy this one file into an application (standard library only) and call::
 * before_checkpoint() runs just before crcheckpoint freezes the process
   (flush buffers, close network connections, drop caches...); crcheckpoint
   waits for it (``crcheckpoint --hook-timeout``, default 10 s);
-* after_resume() runs when a leave-running checkpoint is over;
+* after_resume() runs when a leave-running checkpoint is over (also when
+  crcheckpoint was killed before it could say so: the hook thread watches it);
 * after_restart() runs in the restarted process, as soon as crrestart has
   brought it back (reconnect, reopen scratch files...).
 
@@ -26,7 +27,9 @@ after a restart.  C programs: hooks/crelf_hooks.h speaks the same protocol.
 from __future__ import annotations
 
 import os
+import select
 import socket
+import struct
 import threading
 
 _callbacks: dict[str, object] = {}
@@ -51,8 +54,32 @@ def install(before_checkpoint=None, after_restart=None, after_resume=None) -> No
     _thread.start()
 
 
+def _started(pid: str) -> str | None:
+    """A process's start time (/proc/PID/stat field 22), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _serve(srv: socket.socket) -> None:
+    # After "checkpoint": the crcheckpoint that sent it, which says "resume"
+    # when it is done; if it dies first (killed), after_resume runs all the
+    # same, unless this process is a restarted copy (its start time is new):
+    # then crrestart says "restart".
+    pending = None          # (crcheckpoint's pid, its start time, ours)
     while True:
+        if pending is not None and not select.select([srv], [], [], 0.5)[0]:
+            if _started(pending[0]) != pending[1]:
+                fn = _callbacks.get("resume") if _started("self") == pending[2] else None
+                pending = None
+                if fn is not None:
+                    try:
+                        fn()
+                    except Exception:   # nobody to report it to
+                        pass
+            continue
         try:
             conn, _ = srv.accept()
         except OSError:
@@ -60,6 +87,12 @@ def _serve(srv: socket.socket) -> None:
         with conn:
             try:
                 event = conn.makefile("rb").readline().decode().strip()
+                if event == "checkpoint":
+                    peer = struct.unpack("3i", conn.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+                    pending = (str(peer), _started(str(peer)), _started("self"))
+                elif event in ("resume", "restart"):
+                    pending = None
                 fn = _callbacks.get(event)
                 if fn is not None:
                     fn()

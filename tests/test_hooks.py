@@ -194,3 +194,63 @@ def test_failing_hook_refuses_the_checkpoint(how, sample_bin, procs, tmp_path):
     if how == "hang":       # told to resume once its hook returned
         assert text.index("hook done") < text.index("resumed")
     assert [int(x.split()[1]) for x in text if x.startswith("tick")] == list(range(1, 61))
+
+
+KILLED_PY = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import crelf_hooks
+crelf_hooks.install(before_checkpoint=lambda: (print("before checkpoint", flush=True),
+                                               time.sleep(0.5)),
+                    after_resume=lambda: print("resumed", flush=True))
+for n in range(1, 51):
+    print(f"tick {n}", flush=True)
+    time.sleep(0.1)
+'''
+KILLED_C = r'''
+#include "crelf_hooks.h"
+#include <stdio.h>
+#include <time.h>
+static void before(void *a) { (void)a; printf("before checkpoint\n"); fflush(stdout); usleep(500000); }
+static void resumed(void *a) { (void)a; printf("resumed\n"); fflush(stdout); }
+int main(void) {
+    if (crelf_hooks_install(before, NULL, resumed, NULL)) return 1;
+    struct timespec ts = {0, 100000000};
+    for (int n = 1; n <= 50; n++) { nanosleep(&ts, NULL); printf("tick %d\n", n); fflush(stdout); }
+    return 0;
+}
+'''
+
+
+@pytest.mark.parametrize("lang", ["python", "c"])
+def test_killed_crcheckpoint_still_resumes_the_application(lang, sample_bin, procs, tmp_path):
+    """crcheckpoint SIGKILLed after the application's before_checkpoint hook
+    ran (while it waits for the hook): nobody says "resume", yet the hook
+    thread sees crcheckpoint gone and runs after_resume, once; the program
+    runs on to its end with every tick."""
+    require_root()
+    if lang == "python":
+        prog = tmp_path / "killed.py"
+        prog.write_text(KILLED_PY)
+        argv = [sys.executable, prog, sample_bin]
+    else:
+        src = tmp_path / "killed.c"
+        src.write_text(KILLED_C)
+        hooks_dir = Path(__file__).resolve().parent.parent / "hooks"
+        subprocess.run(["gcc", "-O1", "-pthread", "-I", str(hooks_dir), "-o",
+                        tmp_path / "killed", src], check=True)
+        argv = [tmp_path / "killed"]
+    out = tmp_path / "k.out"
+    proc = procs.spawn(argv, stdout=out, stderr=tmp_path / "k.err", close_fds=True)
+    wait_for_line(out, r"^tick 3$", proc=proc)
+    ck = subprocess.Popen([str(BIN / "crcheckpoint"), str(proc.pid), "-o", str(tmp_path / "k.cr")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+    wait_for_line(out, r"^before checkpoint$", proc=proc)
+    ck.kill()
+    ck.wait(timeout=10)
+    wait_for_line(out, r"^resumed$", proc=proc, timeout=10)
+    assert proc.wait(timeout=30) == 0
+    text = out.read_text().splitlines()
+    assert text.count("resumed") == 1 and text.index("before checkpoint") < text.index("resumed")
+    assert [int(x.split()[1]) for x in text if x.startswith("tick")] == list(range(1, 51))
+    assert not (tmp_path / "k.cr").exists()
