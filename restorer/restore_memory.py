@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from statefile.integrity import DamagedError, SegmentReader
+
 from .errors import RestoreError
 from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE,
                      MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC,
@@ -16,7 +18,6 @@ from .restore_files import ExtraOpen
 from .restore_memfd import extra_key, inherited_id, mapped_rw
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
-CHUNK = 1 << 20
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 SKIP_KINDS = ("vvar", "vdso", "vsyscall")
 
@@ -110,9 +111,8 @@ class Memory:
         self.memfd = memfd            # /proc/PID/mem of the task, O_RDWR
         self.fds = fds                # ExtraOpen.key -> fd number in the task
         self.bytes_written = 0
-        self._buf = None
-        self._mv = None
         self.sfd = os.open(sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._reader: SegmentReader | None = None
         self.mprotect_after: list[tuple[int, int, int]] = []
         self._attached: dict[int, tuple[int, int]] = {}   # shmid -> (address, offset)
 
@@ -277,25 +277,25 @@ class Memory:
                 self._write(seg, lo - seg["vaddr"], hi - lo)
 
     def _write(self, seg: dict, rel: int, ln: int) -> None:
-        """Copy stored bytes [rel, rel+ln) of a segment into the task: pread
-        into one reused buffer, pwrite to /proc/PID/mem (NOTES.md: faster than
-        process_vm_writev; reading through an mmap of the statefile was slower
-        and made crrestart's RSS grow with the image)."""
-        src = seg["offset"] + rel
-        dst = seg["vaddr"] + rel
-        if self._buf is None:
-            self._buf = bytearray(CHUNK)
-            self._mv = memoryview(self._buf)
-        pos = 0
-        while pos < ln:
-            n = min(CHUNK, ln - pos)
-            got = os.preadv(self.sfd, [self._mv[:n]], src + pos)
-            if got <= 0:
-                raise RestoreError("memory", f"statefile truncated at {src + pos:#x}")
-            w = os.pwrite(self.memfd, self._mv[:got], dst + pos)
-            if w <= 0:
-                raise RestoreError("memory", f"short write at {dst + pos:#x}")
-            pos += w
+        """Copy stored bytes [rel, rel+ln) of a segment into the task: each
+        chunk is read once into one reused buffer and verified against its
+        checksum (statefile/integrity.py) before any byte of it is written to
+        /proc/PID/mem (NOTES.md: faster than process_vm_writev; reading
+        through an mmap of the statefile was slower and made crrestart's RSS
+        grow with the image).  Damage refuses the restore: the task is still
+        held at the barrier and is killed with the tree."""
+        if self._reader is None:
+            self._reader = SegmentReader(self.sf, self.sfd)
+        try:
+            for off, view in self._reader.pieces(seg, rel, rel + ln):
+                dst, pos = seg["vaddr"] + off, 0
+                while pos < len(view):
+                    w = os.pwrite(self.memfd, view[pos:], dst + pos)
+                    if w <= 0:
+                        raise RestoreError("memory", f"short write at {dst + pos:#x}")
+                    pos += w
+        except DamagedError as e:
+            raise RestoreError("verify", f"{e}: not restarted") from None
         self.bytes_written += ln
 
     def close(self) -> None:
