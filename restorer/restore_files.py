@@ -157,10 +157,7 @@ def _write_blob(plan: ChildPlan, f: dict, wfd: int, path: str) -> None:
     sfd = os.open(plan.statefile, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with SegmentReader(plan.sf, sfd) as rd:
-            for pos, view in rd.pieces(seg):
-                while len(view):
-                    n = os.pwrite(wfd, view, pos)
-                    view, pos = view[n:], pos + n
+            rd.write_into(wfd, seg)
     except DamagedError as e:
         raise ChildError("verify", f"{e}: not restarted") from None
     finally:

@@ -143,13 +143,6 @@ def _write_runs(rd: SegmentReader, seg: dict, write, base: int) -> None:
         raise RestoreError("verify", f"{e}: not restarted") from None
 
 
-def _pwrite_all(fd: int, data, off: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, off)
-        view, off = view[n:], off + n
-
-
 class SharedIPC:
     """What the initiator created: SysV objects and memfds (closed once every
     task is rebuilt)."""
@@ -284,8 +277,10 @@ class SharedIPC:
                     seen.add(rng)
                     for p in m["segments"]:
                         seg = self.sf.segment(p)
-                        _write_runs(rd, seg, lambda off, data: _pwrite_all(fd, data, off),
-                                    m["offset"] + seg["vaddr"] - m["start"])
+                        try:
+                            rd.write_into(fd, seg, m["offset"] + seg["vaddr"] - m["start"])
+                        except DamagedError as e:
+                            raise RestoreError("verify", f"{e}: not restarted") from None
         finally:
             rd.close()
         return dict(self.memfds)

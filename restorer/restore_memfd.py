@@ -224,10 +224,7 @@ class SharedObjects:
         """The blob's stored runs, at their offsets in the object (holes stay
         holes), each chunk verified before a byte of it is written."""
         try:
-            for pos, view in rd.pieces(seg):
-                while len(view):
-                    n = os.pwrite(fd, view, pos)
-                    view, pos = view[n:], pos + n
+            rd.write_into(fd, seg)
         except DamagedError as e:
             raise RestoreError("verify", f"{e}: not restarted") from None
 

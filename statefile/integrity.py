@@ -31,12 +31,15 @@ def chunk_parts(runs: "Runs", k: int, size: int) -> list[tuple[int, int]]:
     """The stored parts (segment offset, length) of chunk k, in order."""
     lo, hi = k * size, (k + 1) * size
     out = []
-    for o, n in runs.runs[max(0, bisect.bisect_right(runs.starts, lo) - 1):]:
+    i = max(0, bisect.bisect_right(runs.starts, lo) - 1)
+    while i < len(runs.runs):
+        o, n = runs.runs[i]
         if o >= hi:
             break
         a, b = max(o, lo), min(o + n, hi)
         if a < b:
             out.append((a, b - a))
+        i += 1
     return out
 
 
@@ -188,6 +191,15 @@ class SegmentReader:
                 a, b = max(o, lo), min(o + n, hi)
                 if a < b:
                     yield a, self.mv[a - base:b - base]
+
+    def write_into(self, fd: int, seg: dict, base: int = 0) -> None:
+        """pwrite every stored byte of seg at base + its segment offset in fd
+        (holes stay holes), each chunk verified before a byte of it is written."""
+        for pos, view in self.pieces(seg):
+            pos += base
+            while len(view):
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
 
     def read_all(self, seg: dict) -> list[tuple[int, bytes]]:
         """Every stored run of a (small) segment as bytes, verified."""

@@ -186,6 +186,7 @@ def layout_problems(fd: int, size: int) -> list[str]:
                             ("EI_CLASS", ident[4], ec.ELFCLASS64),
                             ("EI_DATA", ident[5], ec.ELFDATA2LSB),
                             ("EI_VERSION", ident[6], ec.EV_CURRENT),
+                            ("EI_OSABI", ident[7], 0),
                             ("crelf marker", ident[ec.EI_PAD:16], ec.CRELF_IDENT_PAD),
                             ("e_type", e_type, ec.ET_CORE),
                             ("e_machine", e_machine, ec.EM_X86_64),
@@ -399,7 +400,8 @@ def _structure_problem(tasks, regs, files, segments, phdrs) -> str:
         if not isinstance(seg, dict) or any(k not in seg for k in _SEG_KEYS):
             return f"segment entry {i} lacks a field"
         ph = phdrs[i]
-        if (seg["phdr"], seg["offset"], seg["filesz"]) != (i, ph["offset"], ph["filesz"]):
+        if (seg["phdr"], seg["offset"], seg["filesz"], seg["vaddr"], seg["memsz"]) != (
+                i, ph["offset"], ph["filesz"], ph["vaddr"], ph["memsz"]):
             return f"segment entry {i} does not match its program header"
         if seg["filesz"] and seg["offset"] % 4096:
             return f"segment {i} is not page aligned"

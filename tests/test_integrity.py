@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import build_c, read_lines, require_root, wait_for_line
-from test_restart import CRCHECKPOINT, CRRESTART, REPO, reference
+from test_restart import CRCHECKPOINT, CRRESTART, REPO, checkpoint, reference
 from test_restart_errors import (CRINSPECT, _bigheap_statefile, _now_ticks, _stack_offset,
                                  corrupt, nothing_left, one_line, run)
 
@@ -41,10 +41,7 @@ def ticker_statefile(sample_bin, procs, tmp_path, mib: int = 16):
     p = procs.spawn(argv, stdout=out, close_fds=True)
     wait_for_line(out, r"^tick 6 ", proc=p, timeout=60)
     cr = tmp_path / "ticker.cr"
-    r = subprocess.run([CRCHECKPOINT, str(p.pid), "-o", str(cr), "--kill"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    p.wait(timeout=10)
+    checkpoint(p.pid, cr, proc=p)
     return cr, out, p.pid, argv
 
 
