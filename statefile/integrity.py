@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 import os
+import queue
+import threading
 
 from .checksum import crc32, crc32_combine
 from .errors import FormatError
@@ -171,26 +173,36 @@ class SegmentReader:
     def pieces(self, seg: dict, lo: int = 0, hi: int | None = None):
         """Yield (segment offset, memoryview) for the stored bytes within
         [lo, hi), in order, each from a verified chunk."""
+        for k in self.chunk_numbers(seg, lo, hi):
+            yield from self.chunk(seg, k, lo, hi)
+
+    def chunk_numbers(self, seg: dict, lo: int = 0, hi: int | None = None) -> range:
         hi = seg["filesz"] if hi is None else min(hi, seg["filesz"])
         if lo >= hi or not seg["runs"]:
-            return
-        runs = self._runs_of(seg)
+            return range(0)
+        return range(lo // self.size, nchunks(hi, self.size))
+
+    def chunk(self, seg: dict, k: int, lo: int = 0, hi: int | None = None) -> list:
+        """Read chunk k whole into the buffer, verify it, and return its stored
+        bytes within [lo, hi) as [(segment offset, memoryview)]."""
+        hi = seg["filesz"] if hi is None else hi
+        parts = chunk_parts(self._runs_of(seg), k, self.size)
+        if not parts:
+            return []
         chunks = seg.get("chunks")
         if chunks is None:
             self._check_whole(seg)
-        for k in range(lo // self.size, nchunks(hi, self.size)):
-            parts = chunk_parts(runs, k, self.size)
-            if not parts:
-                continue
-            base = k * self.size
-            crc = self._read(seg, parts, base)
-            if chunks is not None and (k >= len(chunks) or crc != chunks[k]):
-                end = min(base + self.size, seg["filesz"])
-                raise DamagedError(damaged(self.sf, seg, base, end))
-            for o, n in parts:
-                a, b = max(o, lo), min(o + n, hi)
-                if a < b:
-                    yield a, self.mv[a - base:b - base]
+        base = k * self.size
+        crc = self._read(seg, parts, base)
+        if chunks is not None and (k >= len(chunks) or crc != chunks[k]):
+            end = min(base + self.size, seg["filesz"])
+            raise DamagedError(damaged(self.sf, seg, base, end))
+        out = []
+        for o, n in parts:
+            a, b = max(o, lo), min(o + n, hi)
+            if a < b:
+                out.append((a, self.mv[a - base:b - base]))
+        return out
 
     def write_into(self, fd: int, seg: dict, base: int = 0) -> None:
         """pwrite every stored byte of seg at base + its segment offset in fd
@@ -210,6 +222,64 @@ class SegmentReader:
             else:
                 out.append((o, bytearray(view)))
         return [(o, bytes(b)) for o, b in out]
+
+
+def read_ahead(sf, fd: int, jobs):
+    """SegmentReader.pieces over jobs [(segment, lo, hi)], as (segment,
+    offset, memoryview), with the next chunk read and verified by a thread
+    (two buffers) while the caller uses the current one: the eager copy's
+    reads and checks overlap its writes into the task.  A view is valid until
+    the caller asks for the next chunk's."""
+    readers = [SegmentReader(sf, fd), SegmentReader(sf, fd)]
+    readers[1]._whole_ok = readers[0]._whole_ok
+    ready: queue.Queue = queue.Queue()
+    free = threading.Semaphore(2)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            i = 0
+            for seg, lo, hi in jobs:
+                for k in readers[0].chunk_numbers(seg, lo, hi):
+                    free.acquire()
+                    if stop.is_set():
+                        return
+                    parts = readers[i % 2].chunk(seg, k, lo, hi)
+                    if not parts:
+                        free.release()
+                        continue
+                    i += 1
+                    ready.put((seg, parts))
+            ready.put(None)
+        except BaseException as e:  # noqa: BLE001  handed to the caller
+            ready.put(e)
+
+    thread = threading.Thread(target=produce, name="crelf-read-ahead", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        # no thread can be made here (after unshare(CLONE_NEWPID) clone
+        # refuses CLONE_THREAD): read and verify each chunk in turn
+        for seg, lo, hi in jobs:
+            for off, view in readers[0].pieces(seg, lo, hi):
+                yield seg, off, view
+        return
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            seg, parts = item
+            for off, view in parts:
+                yield seg, off, view
+            free.release()
+    finally:
+        stop.set()
+        free.release()
+        free.release()
+        thread.join()
 
 
 def chunk_problems(sf, seg: dict, fd: int) -> list[str]:
@@ -240,5 +310,5 @@ def chunk_problems(sf, seg: dict, fd: int) -> list[str]:
     return problems
 
 
-__all__ = ["CHUNK_SIZE", "DamagedError", "SegmentReader", "assemble", "chunk_parts",
+__all__ = ["CHUNK_SIZE", "DamagedError", "SegmentReader", "assemble", "chunk_parts", "read_ahead",
            "chunk_problems", "damaged", "describe", "nchunks", "split"]
