@@ -26,8 +26,7 @@ import threading
 import time
 
 from statefile import procfs
-from statefile.checksum import crc32
-from statefile.integrity import Runs, chunk_parts, damaged, nchunks
+from statefile.integrity import DamagedError, SegmentReader, nchunks
 
 from .errors import RestoreError
 from .kernel import PAGE, errno_of, pidfd_getfd, pidfd_open
@@ -107,33 +106,26 @@ def _copy_failure(addr: int, err: int) -> str:
 
 
 class ChunkGuard:
-    """The checksum chunks of one segment (statefile/integrity.py): a chunk is
-    read and verified whole before any page of it is installed, once (the
-    statefile must not change while it is served)."""
+    """The checksum chunks of one segment: a chunk is read and verified whole
+    (statefile/integrity.py SegmentReader.chunk) before any page of it is
+    installed, once (the statefile must not change while it is served)."""
 
     def __init__(self, sf, seg: dict):
         self.sf, self.seg = sf, seg
-        self.size = sf.chunk_size
-        self.runs = Runs(seg["runs"])
-        self.ok = bytearray(nchunks(seg["filesz"], self.size))
-        self.buf = None
+        self.ok = bytearray(nchunks(seg["filesz"], sf.chunk_size))
 
-    def ensure(self, fd: int, lo: int, hi: int) -> None:
+    def ensure(self, reader: SegmentReader, lo: int, hi: int) -> None:
         """Verify every chunk that holds stored bytes in segment offsets [lo, hi)."""
-        seg, size = self.seg, self.size
-        for k in range(lo // size, nchunks(min(hi, seg["filesz"]), size)):
+        for k in reader.chunk_numbers(self.seg, lo, hi):
             if self.ok[k]:
                 continue
-            if self.buf is None:
-                self.buf = memoryview(bytearray(size))
-            crc = 0
-            for o, n in chunk_parts(self.runs, k, size):
-                if os.preadv(fd, [self.buf[:n]], seg["offset"] + o) != n:
-                    raise ServeError(_copy_failure(seg["vaddr"] + o, errno.EFAULT))
-                crc = crc32(self.buf[:n], crc)
-            if crc != seg["chunks"][k]:
-                raise ServeError(damaged(self.sf, seg, k * size,
-                                         min((k + 1) * size, seg["filesz"])))
+            try:
+                reader.chunk(self.seg, k)
+            except DamagedError as e:
+                if e.truncated_at is not None:
+                    raise ServeError(_copy_failure(self.seg["vaddr"] + e.truncated_at,
+                                                   errno.EFAULT)) from None
+                raise ServeError(str(e)) from None
             self.ok[k] = 1
 
 
@@ -195,6 +187,7 @@ class LazyServer:
             os.close(fd)
             raise RestoreError("lazy", "cannot map the statefile")
         self.sfd = fd       # chunks are verified from it (ChunkGuard)
+        self.reader: SegmentReader | None = None
         self.base = base
         self.ctxs = [ctx]
         self.stop_flag = False
@@ -215,8 +208,10 @@ class LazyServer:
         served as a zero page later."""
         dst = r.start + i * PAGE
         if r.guard is not None:
+            if self.reader is None:        # one chunk buffer for every guard
+                self.reader = SegmentReader(r.guard.sf, self.sfd)
             rel = r.src - r.guard.seg["offset"] + i * PAGE
-            r.guard.ensure(self.sfd, rel, rel + n * PAGE)
+            r.guard.ensure(self.reader, rel, rel + n * PAGE)
         c = uffdio_copy(dst, self.base + r.src + i * PAGE, n * PAGE, 0, 0)
         res = _ioctl(ctx.uffd, UFFDIO_COPY, c)
         if res == 0:

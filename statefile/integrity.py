@@ -26,7 +26,12 @@ CHUNK_SIZE = 1 << 20
 
 class DamagedError(FormatError):
     """Stored bytes do not match their checksum (or are missing): one line
-    naming what is damaged."""
+    naming what is damaged.  `truncated_at`: the segment offset the file
+    ends before, when it was cut short there."""
+
+    def __init__(self, message: str, truncated_at: int | None = None):
+        super().__init__(message)
+        self.truncated_at = truncated_at
 
 
 def chunk_parts(runs: "Runs", k: int, size: int) -> list[tuple[int, int]]:
@@ -150,7 +155,7 @@ class SegmentReader:
             view = self.mv[o - base:o - base + n]
             if os.preadv(self.fd, [view], seg["offset"] + o) != n:
                 raise DamagedError(damaged(self.sf, seg, o, o + n,
-                                           "the statefile is truncated there"))
+                                           "the statefile is truncated there"), o)
             crc = crc32(view, crc)
         return crc
 
@@ -164,7 +169,7 @@ class SegmentReader:
                 view = self.mv[:k]
                 if os.preadv(self.fd, [view], seg["offset"] + a) != k:
                     raise DamagedError(damaged(self.sf, seg, a, a + k,
-                                               "the statefile is truncated there"))
+                                               "the statefile is truncated there"), a)
                 crc = crc32(view, crc)
         if crc != seg.get("crc32"):
             raise DamagedError(damaged(self.sf, seg, 0, seg["filesz"]))
