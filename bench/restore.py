@@ -159,6 +159,7 @@ def main():
     exe = os.path.join(work, "w")
     subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
     results = {}
+    restored: list[int] = []
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
             need = size * 2**20 * 1.1
@@ -224,6 +225,7 @@ def main():
                     wait_line(out, lambda s: s.startswith("alive"), start=before)
                     running = time.perf_counter() - t0
                     pid = info["pid"]
+                    restored.append(pid)      # killed in `finally` if anything fails
                     if mode == "lazy":
                         target = size * 1024 * 0.98
                         while rss_kib(pid) < target and time.perf_counter() - t0 < 120:
@@ -236,6 +238,7 @@ def main():
                         raise RuntimeError(f"{name} restore of {size} MiB: {lines(out)[i]}")
                     os.kill(pid, signal.SIGKILL)
                     reap(pid)
+                    restored.remove(pid)
                     res.setdefault(name, []).append(wall)
                     res.setdefault(f"{name}_running", []).append(running)
                     res.setdefault(f"{name}_inproc", []).append(info["seconds"])
@@ -245,6 +248,11 @@ def main():
                 os.unlink(cr)
             results[size] = res
     finally:
+        for pid in restored:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         shutil.rmtree(work, ignore_errors=True)
     med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
     if args.json:
