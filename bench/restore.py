@@ -83,7 +83,7 @@ def lines(path):
         return []
 
 
-def wait_line(path, pred, timeout=120.0, start=0):
+def wait_line(path, pred, timeout=120.0, start=0, what=""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ls = lines(path)
@@ -91,7 +91,7 @@ def wait_line(path, pred, timeout=120.0, start=0):
             if pred(ls[i]):
                 return i
         time.sleep(0.002)
-    raise RuntimeError(f"timeout waiting in {path}")
+    raise RuntimeError(f"timeout waiting in {path} {what}")
 
 
 def run_timed(argv):
@@ -136,6 +136,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--compare-with", metavar="DIR", default=None,
+                    help="a checkout of an older crelf (e.g. `git archive main | tar -x -C "
+                         "DIR`): each process is checkpointed by it too, and restored by it "
+                         "and by this tree, side by side")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/restore.py needs root")
@@ -146,12 +150,16 @@ def main():
     if not os.path.exists(ckpt[0]):
         ckpt = [py, "-m", "statefile.cli"]
     rst = [py, "-m", "restorer.cli"]
+    old = os.path.abspath(args.compare_with) if args.compare_with else None
+    old_ckpt, old_rst = [py, "-m", "statefile.cli"], rst
+    old_env = dict(os.environ, PYTHONPATH=old) if old else None
     src = os.path.join(work, "w.c")
     with open(src, "w") as f:
         f.write(WORKLOAD)
     exe = os.path.join(work, "w")
     subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
     results = {}
+    restored: list[int] = []
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
             need = size * 2**20 * 1.1
@@ -164,22 +172,39 @@ def main():
             for rep in range(args.repeat):
                 out = os.path.join(work, f"out-{size}-{rep}")
                 cr = os.path.join(work, f"w-{size}.cr")
-                with open(out, "w") as fo:
+                with open(out, "a") as fo:   # O_APPEND: every restored run writes at the end
                     w = subprocess.Popen([exe, str(size)], stdout=fo, stderr=subprocess.DEVNULL,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
                 wait_line(out, lambda s: s == "ready", timeout=300)
+                variants = [("eager", rst, REPO, cr), ("lazy", rst, REPO, cr)]
+                if old:
+                    # the same process checkpointed by the older crelf too
+                    # (left running), restored by it, and by this one
+                    cr_old = os.path.join(work, f"w-{size}-old.cr")
+                    rc = subprocess.run(old_ckpt + [str(w.pid), "-o", cr_old], cwd=old,
+                                        env=old_env, capture_output=True, text=True)
+                    if rc.returncode != 0:
+                        raise RuntimeError(f"older crcheckpoint failed: {rc.stderr}")
+                    variants += [("eager_old", old_rst, old, cr_old),
+                                 ("lazy_old", old_rst, old, cr_old),
+                                 ("eager_on_old_file", rst, REPO, cr_old)]
+                    # interleaved, the order rotating each repeat: a noisy
+                    # machine hurts every variant alike
+                    k = rep % len(variants)
+                    variants = variants[k:] + variants[:k]
                 wall, rc, o, e, _ = run_timed(ckpt + [str(w.pid), "-o", cr, "--kill"])
                 if rc != 0:
                     raise RuntimeError(f"crcheckpoint failed: {e}")
                 w.wait()
                 res["checkpoint"].append(wall)
-                for mode in ("eager", "lazy"):
+                for name, argv, cwd, statefile in variants:
+                    mode = name.split("_")[0]
                     before = len(lines(out))
                     t0 = time.perf_counter()
-                    p = subprocess.Popen(rst + ["--detach", f"--{mode}", "--json",
-                                                "--force-files", cr],
+                    p = subprocess.Popen(argv + ["--detach", f"--{mode}", "--json",
+                                                 "--force-files", statefile],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         cwd=REPO)
+                                         cwd=cwd, env=old_env if cwd == old else None)
                     # Until crrestart exits (--detach: the tree runs again).
                     # Not until EOF on its stderr: a lazy restore's serving
                     # daemon keeps that open (to report a failure) until every
@@ -195,30 +220,39 @@ def main():
                     p.stdout.close()
                     ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
                     if p.returncode != 0:
-                        raise RuntimeError(f"crrestart --{mode} failed: {err.decode()}")
+                        raise RuntimeError(f"crrestart --{mode} ({name}) failed: {err.decode()}")
                     info = json.loads(err.decode().strip().splitlines()[-1])
                     wait_line(out, lambda s: s.startswith("alive"), start=before)
                     running = time.perf_counter() - t0
                     pid = info["pid"]
+                    restored.append(pid)      # killed in `finally` if anything fails
                     if mode == "lazy":
                         target = size * 1024 * 0.98
                         while rss_kib(pid) < target and time.perf_counter() - t0 < 120:
                             time.sleep(0.005)
-                        res["lazy_all_pages"].append(time.perf_counter() - t0)
+                        res.setdefault(f"{name}_all_pages", []).append(time.perf_counter() - t0)
                     n = len(lines(out))
                     os.kill(pid, signal.SIGUSR1)
-                    i = wait_line(out, lambda s: s.startswith("verify"), start=n)
+                    i = wait_line(out, lambda s: s.startswith("verify"), start=n, what=name)
                     if lines(out)[i] != "verify ok":
-                        raise RuntimeError(f"{mode} restore of {size} MiB: {lines(out)[i]}")
+                        raise RuntimeError(f"{name} restore of {size} MiB: {lines(out)[i]}")
                     os.kill(pid, signal.SIGKILL)
                     reap(pid)
-                    res[mode].append(wall)
-                    res[f"{mode}_running"].append(running)
-                    res[f"{mode}_inproc"].append(info["seconds"])
+                    restored.remove(pid)
+                    res.setdefault(name, []).append(wall)
+                    res.setdefault(f"{name}_running", []).append(running)
+                    res.setdefault(f"{name}_inproc", []).append(info["seconds"])
                     res["crrestart_rss_kib"].append(ru)
+                if old:
+                    os.unlink(cr_old)
                 os.unlink(cr)
             results[size] = res
     finally:
+        for pid in restored:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         shutil.rmtree(work, ignore_errors=True)
     med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
     if args.json:
@@ -232,6 +266,18 @@ def main():
         print(f"{size:>6} {c:>9.3f}s {e:>7.3f}s {lz:>7.3f}s {lz / c:>9.2f} {e / c:>10.2f} "
               f"{med(r['lazy_all_pages']):>13.3f}s "
               f"{med(r['eager_inproc']):>7.3f}/{med(r['lazy_inproc']):.3f}s")
+    if old:
+        print(f"\nside by side with {old} (wall until running again; in-process seconds):")
+        print(f"{'MiB':>6} {'mode':>6} {'older':>14} {'this':>14} {'this/older':>10} "
+              f"{'this, older file':>17}")
+        for size, r in results.items():
+            for mode in ("eager", "lazy"):
+                o, t = med(r[f"{mode}_old_running"]), med(r[f"{mode}_running"])
+                oi, ti = med(r[f"{mode}_old_inproc"]), med(r[f"{mode}_inproc"])
+                f1 = (f"{med(r['eager_on_old_file_running']):>7.3f}s/"
+                      f"{med(r['eager_on_old_file_inproc']):.3f}s" if mode == "eager" else "")
+                print(f"{size:>6} {mode:>6} {o:>7.3f}s/{oi:.3f}s {t:>7.3f}s/{ti:.3f}s "
+                      f"{t / o:>10.2f} {f1:>17}")
     if 2048 in results:
         r = results[2048]
         ratio = med(r["lazy_running"]) / med(r["checkpoint"])

@@ -26,6 +26,7 @@ import threading
 import time
 
 from statefile import procfs
+from statefile.integrity import DamagedError, SegmentReader, nchunks
 
 from .errors import RestoreError
 from .kernel import PAGE, errno_of, pidfd_getfd, pidfd_open
@@ -104,12 +105,39 @@ def _copy_failure(addr: int, err: int) -> str:
     return f"cannot bring in the page at {addr:#x}: {why}"
 
 
+class ChunkGuard:
+    """The checksum chunks of one segment: a chunk is read and verified whole
+    (statefile/integrity.py SegmentReader.chunk) before any page of it is
+    installed, once (the statefile must not change while it is served)."""
+
+    def __init__(self, sf, seg: dict):
+        self.sf, self.seg = sf, seg
+        self.ok = bytearray(nchunks(seg["filesz"], sf.chunk_size))
+
+    def ensure(self, reader: SegmentReader, lo: int, hi: int) -> None:
+        """Verify every chunk that holds stored bytes in segment offsets [lo, hi)."""
+        for k in reader.chunk_numbers(self.seg, lo, hi):
+            if self.ok[k]:
+                continue
+            try:
+                reader.chunk(self.seg, k)
+            except DamagedError as e:
+                if e.truncated_at is not None:
+                    raise ServeError(_copy_failure(self.seg["vaddr"] + e.truncated_at,
+                                                   errno.EFAULT)) from None
+                raise ServeError(str(e)) from None
+            self.ok[k] = 1
+
+
 class Region:
     """A registered range; `pending` has one byte per page (1: saved content
-    not yet copied in); the source of page i is file offset src + i*PAGE."""
+    not yet copied in); the source of page i is file offset src + i*PAGE,
+    verified by `guard` (None: nothing to verify) before it is installed."""
 
-    def __init__(self, start: int, end: int, src: int, pending: bytearray | None = None):
+    def __init__(self, start: int, end: int, src: int, pending: bytearray | None = None,
+                 guard: ChunkGuard | None = None):
         self.start, self.end, self.src = start, end, src
+        self.guard = guard
         self.pending = pending if pending is not None else bytearray((end - start) // PAGE)
         self.left = self.pending.count(1)
 
@@ -152,10 +180,14 @@ class LazyServer:
         try:
             self.size = os.fstat(fd).st_size
             base = _libc.mmap(None, self.size, _mmap.PROT_READ, _mmap.MAP_PRIVATE, fd, 0)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         if base in (None, ctypes.c_void_p(-1).value):
+            os.close(fd)
             raise RestoreError("lazy", "cannot map the statefile")
+        self.sfd = fd       # chunks are verified from it (ChunkGuard)
+        self.reader: SegmentReader | None = None
         self.base = base
         self.ctxs = [ctx]
         self.stop_flag = False
@@ -175,6 +207,11 @@ class LazyServer:
         (EFAULT: the file was truncated under us) is an error, never left to be
         served as a zero page later."""
         dst = r.start + i * PAGE
+        if r.guard is not None:
+            if self.reader is None:        # one chunk buffer for every guard
+                self.reader = SegmentReader(r.guard.sf, self.sfd)
+            rel = r.src - r.guard.seg["offset"] + i * PAGE
+            r.guard.ensure(self.reader, rel, rel + n * PAGE)
         c = uffdio_copy(dst, self.base + r.src + i * PAGE, n * PAGE, 0, 0)
         res = _ioctl(ctx.uffd, UFFDIO_COPY, c)
         if res == 0:
@@ -253,14 +290,14 @@ class LazyServer:
                 if a < b:
                     i, j = (a - r.start) // PAGE, (b - r.start) // PAGE
                     nr = Region(to + (a - frm), to + (b - frm), r.src + i * PAGE,
-                                bytearray(r.pending[i:j]))
+                                bytearray(r.pending[i:j]), r.guard)
                     r.clear(a, b)
                     moved.append(nr)
             ctx.regions.extend(moved)
         elif ev == UFFD_EVENT_FORK:
             (ufd,) = struct.unpack_from("<I", msg, 8)
             os.set_blocking(ufd, False)
-            child = Ctx(ufd, [Region(r.start, r.end, r.src, bytearray(r.pending))
+            child = Ctx(ufd, [Region(r.start, r.end, r.src, bytearray(r.pending), r.guard)
                               for r in ctx.regions])
             self.ctxs.append(child)
 
@@ -452,7 +489,7 @@ def start_lazy(tr, inj, anon_ranges: list[tuple[int, int]]) -> LazyServer:
                     tr.mem._write(s, rel, ln)
             continue
         seg = segs[0]
-        r = Region(start, end, seg["offset"])
+        r = Region(start, end, seg["offset"], guard=ChunkGuard(tr.sf, seg))
         for rel, ln in seg["runs"]:
             i, j = rel // PAGE, (rel + ln + PAGE - 1) // PAGE
             r.pending[i:j] = b"\x01" * (j - i)

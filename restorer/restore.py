@@ -136,13 +136,9 @@ def _init_main(root: Node, status_w: int, inherited: dict[int, int]) -> None:
 
 
 def _blobs(sf) -> dict:
-    """file id -> [(statefile offset, size, position in the file)]."""
-    blobs = {}
-    for f in sf.files:
-        if "blob" in f:
-            seg = sf.segment(f["blob"])
-            blobs[f["id"]] = [(seg["offset"] + rel, ln, rel) for rel, ln in seg["runs"]]
-    return blobs
+    """file id -> the CR_SEGMENTS entry of its blob (read verified:
+    statefile/integrity.py SegmentReader)."""
+    return {f["id"]: sf.segment(f["blob"]) for f in sf.files if "blob" in f}
 
 
 def restore(path: str, opts: Options, log=None) -> Result:
@@ -164,9 +160,10 @@ def restore(path: str, opts: Options, log=None) -> Result:
 
 
 def load_verified(path: str):
-    """Load the statefile and check every note checksum (cheap: notes only).
-    Segment data is not checked here (that is a full read; crinspect verify
-    does it)."""
+    """Load the statefile (its ELF layout checked: reader.layout_problems) and
+    check every note checksum (cheap: notes only).  Segment data is verified
+    chunk by chunk as it is used (statefile/integrity.py: every byte before it
+    reaches a task, docs/RESTORE.md)."""
     try:
         sf = load(path)
     except FormatError as e:
@@ -197,9 +194,19 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     if len(tasks) > 1 and lazy:
         res.warnings.append("lazy restore of process trees comes later: restored eagerly")
         lazy = False
+    if lazy and sf.format < 2:
+        raise RestoreError("verify", f"{path} is a format {sf.format} statefile: without its "
+                           "chunk checksums lazy restore cannot verify pages as it serves "
+                           "them; restart it with --eager (it is verified whole first) or "
+                           "checkpoint it again")
     if lazy is None:
         lazy = (len(tasks) == 1 and not unpriv
                 and stored_anon_bytes(sf, sf.root) >= AUTO_LAZY_BYTES)
+        if lazy and sf.format < 2:
+            res.warnings.append(f"format {sf.format} statefile (no chunk checksums): "
+                                "restored eagerly, verified whole; checkpoint again for lazy "
+                                "restore")
+            lazy = False
     res.lazy = lazy
     pidns = opts.pidns or unpriv or own_pidns
     # plan what every task does itself
@@ -217,7 +224,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         target_fds = [d["fd"] for d in t["fds"]]
         extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1, shared_ids)
         plans[t["pid"]] = ChildPlan(
-            task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs,
+            task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs, sf=sf,
             extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
             shell_job=shell_job and t is sf.root, force_files=opts.force_files,
             in_pidns=pidns)

@@ -16,6 +16,8 @@ import resource
 import stat as st
 from dataclasses import dataclass, field
 
+from statefile.integrity import DamagedError, SegmentReader
+
 from . import restore_anon, restore_sockets, restore_tty
 from .kernel import personality
 
@@ -45,7 +47,8 @@ class ChildPlan:
     task: dict
     files: list[dict]
     statefile: str
-    blobs: dict = field(default_factory=dict)   # file id -> list of (file offset, size, pos in file)
+    blobs: dict = field(default_factory=dict)   # file id -> its blob's CR_SEGMENTS entry
+    sf: object = None                           # the Statefile (blobs are read verified)
     extras: list[ExtraOpen] = field(default_factory=list)
     tty_fd: int | None = None                   # crrestart's terminal, for tty fds
     shell_job: bool = False                     # stay in crrestart's session/group
@@ -147,16 +150,18 @@ def _recreate_from_blob(plan: ChildPlan, f: dict) -> None:
 
 
 def _write_blob(plan: ChildPlan, f: dict, wfd: int, path: str) -> None:
-    with open(plan.statefile, "rb", buffering=0) as sf:
-        for off, ln, pos in plan.blobs.get(f["id"], []):
-            done = 0
-            while done < ln:
-                n = min(1 << 20, ln - done)
-                data = os.pread(sf.fileno(), n, off + done)
-                if not data:
-                    raise ChildError("files", f"statefile truncated in blob of {path}")
-                os.pwrite(wfd, data, pos + done)
-                done += len(data)
+    """The saved content, each chunk verified before a byte of it is written."""
+    seg = plan.blobs.get(f["id"])
+    if seg is None:
+        return
+    sfd = os.open(plan.statefile, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with SegmentReader(plan.sf, sfd) as rd:
+            rd.write_into(wfd, seg)
+    except DamagedError as e:
+        raise ChildError("verify", f"{e}: not restarted") from None
+    finally:
+        os.close(sfd)
 
 
 def _recreate_deleted(plan: ChildPlan, f: dict) -> int:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from statefile.integrity import DamagedError, SegmentReader
+
 from .errors import RestoreError, ValidationError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -131,14 +133,14 @@ def _stat_set(ctl, ident: int, obj: dict, what: str, qbytes: int = 0) -> None:
         raise _err(f"IPC_SET of {what}")
 
 
-def _write_runs(sfd: int, seg: dict, write, base: int) -> None:
+def _write_runs(rd: SegmentReader, seg: dict, write, base: int) -> None:
     """Write a memory segment's stored runs through write(offset, bytes),
-    at base + (address - segment start)."""
-    for rel, ln in seg["runs"]:
-        data = os.pread(sfd, ln, seg["offset"] + rel)
-        if len(data) != ln:
-            raise RestoreError("ipc", "statefile truncated in shared memory")
-        write(base + rel, data)
+    at base + (address - segment start), each chunk verified first."""
+    try:
+        for rel, data in rd.pieces(seg):
+            write(base + rel, data)
+    except DamagedError as e:
+        raise RestoreError("verify", f"{e}: not restarted") from None
 
 
 class SharedIPC:
@@ -199,7 +201,7 @@ class SharedIPC:
     def create_sysv(self) -> None:
         ipc = self.sf.ipc or {}
         self._remove_stale(ipc)
-        sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        rd = SegmentReader(self.sf)
         try:
             for s in ipc.get("shm", []):
                 flags = IPC_CREAT | IPC_EXCL | (s["perms"] & 0o777)
@@ -211,13 +213,13 @@ class SharedIPC:
                 try:
                     def write(off: int, data: bytes) -> None:
                         n = max(0, min(len(data), s["size"] - off))
-                        ctypes.memmove(addr + off, data, n)
+                        ctypes.memmove(addr + off, bytes(data[:n]), n)
                     if s.get("content"):
                         write(0, bytes.fromhex(s["content"]))
                     for m in self._attached_content(shmid):
                         for p in m["segments"]:
                             seg = self.sf.segment(p)
-                            _write_runs(sfd, seg, write, m["offset"] + seg["vaddr"] - m["start"])
+                            _write_runs(rd, seg, write, m["offset"] + seg["vaddr"] - m["start"])
                 finally:
                     _libc.shmdt(ctypes.c_void_p(addr))
                 _stat_set(_libc.shmctl, shmid, s, f"SysV shm id {shmid}")
@@ -252,13 +254,13 @@ class SharedIPC:
                         raise _err(f"msgsnd to SysV msg id {msqid}")
                 _stat_set(_libc.msgctl, msqid, q, f"SysV msg id {msqid}")
         finally:
-            os.close(sfd)
+            rd.close()
 
     # --- MAP_SHARED anonymous memory -------------------------------------------------
     def create_memfds(self, shared_ids: dict[tuple, int]) -> dict[int, int]:
         """One memfd per shared anonymous object, with its saved bytes.
         Returns {synthetic file id: fd} for the tasks to inherit."""
-        sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        rd = SegmentReader(self.sf)
         try:
             for key, fid in shared_ids.items():
                 maps = [m for t in self.sf.tasks for m in t["mappings"]
@@ -275,10 +277,12 @@ class SharedIPC:
                     seen.add(rng)
                     for p in m["segments"]:
                         seg = self.sf.segment(p)
-                        _write_runs(sfd, seg, lambda off, data: os.pwrite(fd, data, off),
-                                    m["offset"] + seg["vaddr"] - m["start"])
+                        try:
+                            rd.write_into(fd, seg, m["offset"] + seg["vaddr"] - m["start"])
+                        except DamagedError as e:
+                            raise RestoreError("verify", f"{e}: not restarted") from None
         finally:
-            os.close(sfd)
+            rd.close()
         return dict(self.memfds)
 
     # --- end -------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from __future__ import annotations
 import fcntl
 import os
 
+from statefile.integrity import DamagedError, SegmentReader
+
 from .errors import RestoreError, ValidationError
 from .kernel import close_all
 from .restore_files import REG_FLAG_MASK
@@ -43,7 +45,6 @@ F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
 LATE_SEALS = F_SEAL_FUTURE_WRITE | F_SEAL_SEAL   # added once every task is mapped
 SHMEM_ID_BASE = -100000      # synthetic "file ids" of the objects in the inherited fds
-CHUNK = 1 << 20
 
 
 def inherited_id(obj: int, rw: bool) -> int:
@@ -115,11 +116,11 @@ class SharedObjects:
         out: dict[int, int] = {}
         if not self.sf.shmem:
             return out
-        sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        rd = SegmentReader(self.sf)
         try:
             for o in self.sf.shmem:
                 try:
-                    self.fds[o["id"]] = self._make(o, sfd)
+                    self.fds[o["id"]] = self._make(o, rd)
                 except OSError as e:
                     raise RestoreError("memfds", f"{describe(o)}: {e.strerror or e}") from None
             for f in self.sf.files:
@@ -148,10 +149,10 @@ class SharedObjects:
             close_all(out)
             raise
         finally:
-            os.close(sfd)
+            rd.close()
         return out
 
-    def _make(self, o: dict, sfd: int) -> int:
+    def _make(self, o: dict, rd: SegmentReader) -> int:
         kind = o["kind"]
         if kind == "tmpfs" and os.path.exists(o["path"]):
             return os.open(o["path"], os.O_RDWR | os.O_CLOEXEC)   # its content is current
@@ -174,7 +175,7 @@ class SharedObjects:
                 os.fchown(fd, o["uid"], o["gid"])
             os.ftruncate(fd, o.get("size", 0))
             if "blob" in o:
-                self._write_content(fd, self.sf.segment(o["blob"]), sfd)
+                self._write_content(fd, self.sf.segment(o["blob"]), rd)
             early = o.get("seals", 0) & ~LATE_SEALS & ~self._seals(fd)
             if kind == "memfd" and early:
                 fcntl.fcntl(fd, F_ADD_SEALS, early)
@@ -219,16 +220,13 @@ class SharedObjects:
                            "writable directory")
 
     @staticmethod
-    def _write_content(fd: int, seg: dict, sfd: int) -> None:
-        """The blob's stored runs, at their offsets in the object (holes stay holes)."""
-        for rel, ln in seg["runs"]:
-            done = 0
-            while done < ln:
-                data = os.pread(sfd, min(CHUNK, ln - done), seg["offset"] + rel + done)
-                if not data:
-                    raise RestoreError("memfds", "statefile truncated in a memfd's content")
-                os.pwrite(fd, data, rel + done)
-                done += len(data)
+    def _write_content(fd: int, seg: dict, rd: SegmentReader) -> None:
+        """The blob's stored runs, at their offsets in the object (holes stay
+        holes), each chunk verified before a byte of it is written."""
+        try:
+            rd.write_into(fd, seg)
+        except DamagedError as e:
+            raise RestoreError("verify", f"{e}: not restarted") from None
 
     def finish(self) -> None:
         """Every task has its mappings: add the late seals, close the objects."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from statefile.integrity import DamagedError, SegmentReader, read_ahead
+
 from .errors import RestoreError
 from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE,
                      MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC,
@@ -16,8 +18,8 @@ from .restore_files import ExtraOpen
 from .restore_memfd import extra_key, inherited_id, mapped_rw
 
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
-CHUNK = 1 << 20
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
+READ_AHEAD = 8 << 20      # bytes of content from which the copy reads ahead in a thread
 SKIP_KINDS = ("vvar", "vdso", "vsyscall")
 
 
@@ -110,9 +112,8 @@ class Memory:
         self.memfd = memfd            # /proc/PID/mem of the task, O_RDWR
         self.fds = fds                # ExtraOpen.key -> fd number in the task
         self.bytes_written = 0
-        self._buf = None
-        self._mv = None
         self.sfd = os.open(sf.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._reader: SegmentReader | None = None
         self.mprotect_after: list[tuple[int, int, int]] = []
         self._attached: dict[int, tuple[int, int]] = {}   # shmid -> (address, offset)
 
@@ -249,6 +250,7 @@ class Memory:
     def copy_all(self, skip_anon: bool = False) -> None:
         """Write every saved page into the task (anonymous private memory too
         unless skip_anon: the lazy server brings it then)."""
+        jobs = []
         for m in self.task["mappings"]:
             kind = m["kind"]
             if kind in SKIP_KINDS:
@@ -257,7 +259,7 @@ class Memory:
                     kind in ("file-private", "file-shared") and not m.get("deleted")):
                 # the object holds the content; a private mapping's own pages on top
                 for rel, ln in m.get("cow_runs", []):
-                    self.copy_range(m, m["start"] + rel, m["start"] + rel + ln)
+                    jobs += self._range_jobs(m, m["start"] + rel, m["start"] + rel + ln)
                 continue
             if kind in ("anon-shared", "sysv-shm"):
                 continue   # the initiator wrote it into the shared object (restore_ipc.py)
@@ -265,38 +267,56 @@ class Memory:
                 continue
             for p in m["segments"]:
                 seg = self.sf.segment(p)
-                for rel, ln in seg["runs"]:
-                    self._write(seg, rel, ln)
+                if seg["filesz"]:
+                    jobs.append((seg, 0, seg["filesz"]))
+        self._copy(jobs)
 
     def copy_range(self, m: dict, a: int, b: int) -> None:
+        self._copy(self._range_jobs(m, a, b))
+
+    def _range_jobs(self, m: dict, a: int, b: int) -> list:
+        jobs = []
         for p in m["segments"]:
             seg = self.sf.segment(p)
             lo = max(a, seg["vaddr"])
             hi = min(b, seg["vaddr"] + seg["filesz"])
             if lo < hi:
-                self._write(seg, lo - seg["vaddr"], hi - lo)
+                jobs.append((seg, lo - seg["vaddr"], hi - seg["vaddr"]))
+        return jobs
 
     def _write(self, seg: dict, rel: int, ln: int) -> None:
-        """Copy stored bytes [rel, rel+ln) of a segment into the task: pread
-        into one reused buffer, pwrite to /proc/PID/mem (NOTES.md: faster than
-        process_vm_writev; reading through an mmap of the statefile was slower
-        and made crrestart's RSS grow with the image)."""
-        src = seg["offset"] + rel
-        dst = seg["vaddr"] + rel
-        if self._buf is None:
-            self._buf = bytearray(CHUNK)
-            self._mv = memoryview(self._buf)
-        pos = 0
-        while pos < ln:
-            n = min(CHUNK, ln - pos)
-            got = os.preadv(self.sfd, [self._mv[:n]], src + pos)
-            if got <= 0:
-                raise RestoreError("memory", f"statefile truncated at {src + pos:#x}")
-            w = os.pwrite(self.memfd, self._mv[:got], dst + pos)
-            if w <= 0:
-                raise RestoreError("memory", f"short write at {dst + pos:#x}")
-            pos += w
-        self.bytes_written += ln
+        self._copy([(seg, rel, rel + ln)])
+
+    def _copy(self, jobs: list) -> None:
+        """Copy the stored bytes of jobs [(segment, lo, hi)] into the task:
+        each chunk is read once into a buffer and verified against its
+        checksum (statefile/integrity.py) before any byte of it is written to
+        /proc/PID/mem (NOTES.md: faster than process_vm_writev; reading
+        through an mmap of the statefile was slower and made crrestart's RSS
+        grow with the image).  Beyond READ_AHEAD bytes a thread reads and
+        verifies the next chunk while this one is written.  Damage refuses the
+        restore: the task is still held at the barrier and is killed with the
+        tree."""
+        if sum(hi - lo for _, lo, hi in jobs) >= READ_AHEAD:
+            it = read_ahead(self.sf, self.sfd, jobs)
+        else:
+            if self._reader is None:
+                self._reader = SegmentReader(self.sf, self.sfd)
+            rd = self._reader
+            it = ((seg, off, view) for seg, lo, hi in jobs for off, view in rd.pieces(seg, lo, hi))
+        try:
+            for seg, off, view in it:
+                dst, pos = seg["vaddr"] + off, 0
+                while pos < len(view):
+                    w = os.pwrite(self.memfd, view[pos:], dst + pos)
+                    if w <= 0:
+                        raise RestoreError("memory", f"short write at {dst + pos:#x}")
+                    pos += w
+                self.bytes_written += len(view)
+        except DamagedError as e:
+            raise RestoreError("verify", f"{e}: not restarted") from None
+        finally:
+            it.close()
 
     def close(self) -> None:
         if self.sfd >= 0:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from statefile.dump_pipes import stdio_passthrough
+from statefile.integrity import DamagedError, SegmentReader
 
 from .errors import RestoreError, ValidationError
 from .kernel import (PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
@@ -188,14 +189,21 @@ def _pipe_key(f: dict) -> tuple:
     return ("pipe", 0, f["ino"]) if f["kind"] == "pipe" else ("fifo", f["dev"], f["ino"])
 
 
-def _read_blob(statefile: str, runs) -> bytes:
+def _read_blob(plan, seg: dict | None) -> bytes:
+    """The bytes in flight of a pipe, verified (statefile/integrity.py)."""
+    if seg is None:
+        return b""
     out = bytearray()
-    with open(statefile, "rb", buffering=0) as sf:
-        for off, ln, pos in runs:
-            data = os.pread(sf.fileno(), ln, off)
-            if len(data) != ln:
-                raise RestoreError("pipes", "statefile truncated in the bytes of a pipe")
-            out[pos:pos + ln] = data
+    sfd = os.open(plan.statefile, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with SegmentReader(plan.sf, sfd) as rd:
+            for pos, data in rd.read_all(seg):
+                out[len(out):pos] = bytes(pos - len(out))
+                out[pos:pos + len(data)] = data
+    except DamagedError as e:
+        raise RestoreError("verify", f"{e}: not restarted") from None
+    finally:
+        os.close(sfd)
     return bytes(out)
 
 
@@ -328,7 +336,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
             holder = next((f for f in files if f["id"] == info.get("data_file")), None)
             data = b""
             if holder is not None and "blob" in holder:
-                data = _read_blob(plan.statefile, plan.blobs.get(holder["id"], []))
+                data = _read_blob(plan, plan.blobs.get(holder["id"]))
             try:
                 if key[0] == "pipe":
                     out.update(_make_pipe(group, data, info.get("size", 0)))

@@ -9,9 +9,10 @@ import os
 import stat
 
 from statefile import support, xsave
+from statefile.integrity import DamagedError, SegmentReader
 
 from . import restore_ipc, restore_memfd, restore_ns
-from .errors import ValidationError
+from .errors import RestoreError, ValidationError
 from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
 
@@ -59,8 +60,13 @@ def vdso_problem(task: dict, sf) -> str | None:
     with open("/proc/self/mem", "rb", buffering=0) as f:
         f.seek(own["start"])
         image = f.read(own["end"] - own["start"])
-    with sf.open() as f:
-        saved_image = sf.read_segment(f, seg, 0, seg["memsz"])
+    saved_image = bytearray(seg["memsz"])
+    try:
+        with SegmentReader(sf) as rd:       # verified: a damaged one is no other kernel
+            for off, view in rd.pieces(seg):
+                saved_image[off:off + len(view)] = view
+    except DamagedError as e:
+        raise RestoreError("verify", f"{e}: not restarted") from None
     if image != saved_image:
         return ("this kernel's vDSO code differs from the checkpointed one (another kernel "
                 "build); restoring across kernels is not supported yet")

@@ -78,7 +78,7 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
              "open file descriptions of the whole tree, referenced by the fd tables, and "
              "the memfds and shared file objects (shmem) its fds and mappings use"),
     NoteKind("CR_SEGMENTS", OWNER_CRELF, CR_SEGMENTS, "json",
-             "every data segment: owner task, stored runs, crc32"),
+             "every data segment: owner task, stored runs, crc32, one crc32 per chunk"),
     NoteKind("CR_IPC", OWNER_CRELF, CR_IPC, "json",
              "SysV IPC objects of the tree (of its own IPC namespace, if it has one): shm "
              "segments, semaphore sets, message queues"),

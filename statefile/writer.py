@@ -26,7 +26,8 @@ from . import ptrace, snapshot
 from . import notes as nt
 from .dump_memory import PAGE, SegmentPlan
 from .errors import OutputError
-from .checksum import crc32, crc32_combine
+from .checksum import crc32
+from .integrity import CHUNK_SIZE, assemble, split
 
 CHUNK = 1 << 20
 WORKERS = 2
@@ -49,19 +50,22 @@ class _Copier:
     and checksum overlap the other's write.  A worker keeps its chunk in its
     own cache from read to write: measured here (bench/README.md), this beats
     readers handing buffers to a single writer by about a quarter on 2 GiB.
-    Chunks may be written in any order; each segment's CRC32 is assembled
-    from its chunks' in order with crc32_combine.
+    Chunks may be written in any order; a chunk never crosses a checksum
+    chunk boundary (integrity.CHUNK_SIZE) of its segment, so each segment's
+    CRC32 and its chunks' are assembled from them (integrity.assemble).
     """
 
-    def __init__(self, out_fd: int, progress=None, workers: int = WORKERS):
+    def __init__(self, out_fd: int, progress=None, workers: int = WORKERS,
+                 offsets: dict[int, int] | None = None):
         self.out = out_fd
         self.progress = progress
         self.workers = workers
+        self.offsets = offsets or {}      # segment index -> its file offset
         self.tasks: queue.Queue = queue.Queue()
         self.done: queue.Queue = queue.Queue()
         self.stop = False
         self.error: BaseException | None = None
-        self.crcs: dict[int, int] = {}
+        self.crcs: dict[int, tuple[int, list[int]]] = {}
 
     def _worker(self):
         buf = bytearray(CHUNK)
@@ -71,14 +75,14 @@ class _Copier:
                 task = self.tasks.get()
                 if task is None:
                     return
-                seg_idx, seq, src, src_off, out_off, n = task
+                seg_idx, rel, src, src_off, out_off, n = task
                 src.read_into(buf, n, src_off)
                 mv = view[:n]
                 crc = crc32(mv)
                 w = 0
                 while w < n:
                     w += os.pwrite(self.out, mv[w:], out_off + w)
-                self.done.put((seg_idx, seq, crc, n))
+                self.done.put((seg_idx, rel, crc, n))
         except BaseException as e:  # handed to the caller's thread
             self.error = e
         finally:
@@ -87,13 +91,12 @@ class _Copier:
     def run(self, jobs) -> None:
         pieces: dict[int, list] = {}
         for seg_idx, src, items in jobs:
-            seq = 0
+            base = self.offsets[seg_idx]
             for src_off, out_off, length in items:
-                for done in range(0, length, CHUNK):
-                    n = min(CHUNK, length - done)
-                    self.tasks.put((seg_idx, seq, src, src_off + done, out_off + done, n))
-                    seq += 1
-            pieces[seg_idx] = [None] * seq
+                for rel, n in split(out_off - base, length, min(CHUNK, CHUNK_SIZE)):
+                    done = rel - (out_off - base)
+                    self.tasks.put((seg_idx, rel, src, src_off + done, out_off + done, n))
+            pieces[seg_idx] = []
         for _ in range(self.workers):
             self.tasks.put(None)
         threads = [threading.Thread(target=self._worker, daemon=True)
@@ -109,8 +112,8 @@ class _Copier:
                     if self.error:
                         break
                     continue
-                seg_idx, seq, crc, n = item
-                pieces[seg_idx][seq] = (crc, n)
+                seg_idx, rel, crc, n = item
+                pieces[seg_idx].append((rel, n, crc))
                 if self.progress:
                     self.progress(n)
         finally:
@@ -122,10 +125,7 @@ class _Copier:
         if self.error:
             raise self.error
         for seg_idx, parts in pieces.items():
-            crc = 0
-            for part_crc, n in parts:
-                crc = crc32_combine(crc, part_crc, n)
-            self.crcs[seg_idx] = crc
+            self.crcs[seg_idx] = assemble(parts)
 
 
 SELF_CHUNK = 32 << 20     # bytes per pwrite64 injected into a snapshot
@@ -142,14 +142,17 @@ def _copy_range(src, out_fd: int, buf: bytearray, addr: int, out: int, n: int) -
         addr, out, n = addr + k, out + k, n - k
 
 
-def _self_copy(out_fd: int, jobs, writers: dict, progress=None) -> dict[int, int]:
+def _self_copy(out_fd: int, jobs, writers: dict, progress=None,
+               offsets: dict[int, int] | None = None) -> dict[int, tuple[int, list[int]]]:
     """Memory of snapshots that write themselves (snapshot.SelfWriter): each
     run goes out in SELF_CHUNK pwrites injected into the snapshot, while a
-    thread reads back and checksums what has been written, in order (the
-    segment CRC covers its runs in order, as reader.verify checks).  What a
-    snapshot cannot write (unreadable pages, a failure) is copied through
-    a buffer.  Returns {segment index: crc32}."""
-    crcs: dict[int, int] = {}
+    thread reads back and checksums what has been written, in pieces that
+    never cross a checksum chunk of the segment (integrity.assemble makes the
+    segment's CRC and its chunks' of them).  What a snapshot cannot write
+    (unreadable pages, a failure) is copied through a buffer.  Returns
+    {segment index: (crc32, chunk crc32s)}."""
+    pieces: dict[int, list] = {}
+    offsets = offsets or {}
     done: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
 
@@ -162,14 +165,11 @@ def _self_copy(out_fd: int, jobs, writers: dict, progress=None) -> dict[int, int
                 if item is None:
                     return
                 seg_idx, off, n = item
-                crc = crcs.get(seg_idx, 0)
-                while n:
-                    k = min(CHUNK, n)
-                    if os.preadv(out_fd, [view[:k]], off) != k:
+                base = offsets[seg_idx]
+                for rel, k in split(off - base, n, min(CHUNK, CHUNK_SIZE)):
+                    if os.preadv(out_fd, [view[:k]], base + rel) != k:
                         raise OSError(errno.EIO, "short read of the statefile being written")
-                    crc = crc32(view[:k], crc)
-                    off, n = off + k, n - k
-                crcs[seg_idx] = crc
+                    pieces.setdefault(seg_idx, []).append((rel, k, crc32(view[:k])))
         except BaseException as e:  # handed to the caller's thread
             errors.append(e)
 
@@ -195,7 +195,7 @@ def _self_copy(out_fd: int, jobs, writers: dict, progress=None) -> dict[int, int
         thread.join()
     if errors:
         raise errors[0]
-    return crcs
+    return {seg_idx: assemble(parts) for seg_idx, parts in pieces.items()}
 
 
 class _MemSource:
@@ -300,7 +300,7 @@ class StatefileWriter:
         nph = 1 + len(segments)
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
         cur = _align(ec.headers_size(nph))
-        frozen_jobs, later_jobs, seg_desc, sources = [], [], [], {}
+        frozen_jobs, later_jobs, seg_desc, sources, offsets = [], [], [], {}, {}
         stored = 0
         for i, p in enumerate(segments, start=1):
             ph = phdrs[i]
@@ -313,6 +313,7 @@ class StatefileWriter:
             filesz = max((o + n for o, n in p.runs), default=0) if p.store else 0
             ph.p_offset = cur
             ph.p_filesz = filesz
+            offsets[i] = cur
             desc = {"phdr": i, "pid": p.pid, "vaddr": p.vaddr, "memsz": p.memsz,
                     "offset": cur, "filesz": filesz, "mapping": p.mapping,
                     "runs": [[o, n] for o, n in p.runs] if p.store else []}
@@ -334,7 +335,7 @@ class StatefileWriter:
                 stored += sum(n for _, n in p.runs)
                 cur = _align(cur + filesz)
         t0 = time.monotonic()
-        crcs: dict[int, int] = {}
+        crcs: dict[int, tuple[int, list[int]]] = {}
         writers: dict = {}
         try:
             try:
@@ -350,8 +351,8 @@ class StatefileWriter:
                         writers = self._self_writers(snapshots, syscall_addrs, sources)
                         mine = [j for j in jobs if j[1] in writers]
                         jobs = [j for j in jobs if j[1] not in writers]
-                        crcs.update(_self_copy(self.fd, mine, writers, progress))
-                    copier = _Copier(self.fd, progress)
+                        crcs.update(_self_copy(self.fd, mine, writers, progress, offsets))
+                    copier = _Copier(self.fd, progress, offsets=offsets)
                     copier.run(jobs)
                     crcs.update(copier.crcs)
             except OSError as e:
@@ -364,7 +365,7 @@ class StatefileWriter:
         copy_seconds = time.monotonic() - t0
         for d in seg_desc:
             if d["filesz"]:
-                d["crc32"] = crcs[d["phdr"]]
+                d["crc32"], d["chunks"] = crcs[d["phdr"]]
 
         # Notes: the gdb baseline for the root task, then ours.
         regs_by_tid = {r.tid: r for r in regs}
@@ -375,7 +376,8 @@ class StatefileWriter:
         crelf += [(nt.OWNER_CRELF, nt.CR_THREAD_REGS, nt.encode_regs(r)) for r in regs]
         crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json(
             {"files": files, **({"shmem": shmem} if shmem else {})})))
-        crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json({"segments": seg_desc})))
+        crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json(
+            {"chunk_size": CHUNK_SIZE, "segments": seg_desc})))
         if ipc is not None:
             crelf.append((nt.OWNER_CRELF, nt.CR_IPC, nt.encode_json(ipc)))
         note_list += crelf

@@ -154,7 +154,7 @@ def test_summary_json_of_a_multithreaded_program(mt_cr):
     proc, out, cr = mt_cr
     s = crinspect_json(cr)
     h = s["header"]
-    assert h["root_pid"] == proc.pid and h["format"] == 1 and h["crelf"]
+    assert h["root_pid"] == proc.pid and h["format"] == 2 and h["crelf"]
     assert h["host"] == os.uname().nodename and h["kernel"] == os.uname().release
     assert h["skipped"] == []
 

@@ -412,12 +412,14 @@ def test_terminal_becomes_crrestarts_terminal(sample_bin, procs, tmp_path):
     assert got == ref
 
 
-def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path):
+def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path, monkeypatch):
     """The vDSO goes back at its old address, so it must be this kernel's: a
     statefile whose saved vDSO has another layout or other code is refused
     (restorer/validate.vdso_problem, called by crrestart's validation)."""
     require_root()
+    from restorer import validate
     from restorer.validate import vdso_problem
+    from statefile.integrity import SegmentReader
     from statefile.reader import load
 
     p, out, cr = ticker_statefile(sample_bin, procs, tmp_path, "t.cr")
@@ -425,17 +427,19 @@ def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path):
     task = sf.tasks[0]
     assert vdso_problem(task, sf) is None          # the same kernel: accepted
 
-    class OtherBuild:
-        """The statefile, with one byte of its saved vDSO code changed."""
-        def __getattr__(self, name):
-            return getattr(sf, name)
+    class OtherBuild(SegmentReader):
+        """The statefile's verified bytes, with one byte of its saved vDSO code
+        changed (as another kernel build would have saved it)."""
+        def pieces(self, seg, lo=0, hi=None):
+            for off, view in super().pieces(seg, lo, hi):
+                data = bytearray(view)
+                if off <= 0x200 < off + len(data):
+                    data[0x200 - off] ^= 0xFF
+                yield off, memoryview(data)
 
-        def read_segment(self, f, seg, rel, size):
-            data = bytearray(sf.read_segment(f, seg, rel, size))
-            data[0x200] ^= 0xFF
-            return bytes(data)
-
-    assert "vDSO code differs" in vdso_problem(task, OtherBuild())
+    monkeypatch.setattr(validate, "SegmentReader", OtherBuild)
+    assert "vDSO code differs" in vdso_problem(task, sf)
+    monkeypatch.undo()
     other = dict(task, mappings=[dict(m, end=m["end"] + 4096) if m["path"] == "[vvar]" else m
                                  for m in task["mappings"]])
     msg = vdso_problem(other, sf)

@@ -18,7 +18,7 @@ import tempfile
 import click
 
 from statefile import __version__, reader
-from statefile.errors import CrelfError
+from statefile.errors import CrelfError, FormatError
 
 from . import model, render, shared as shared_view
 from .corefile import write_core
@@ -185,12 +185,19 @@ def notes(statefile: str, as_json: bool) -> None:
 @cli.command()
 @_common
 def verify(statefile: str, as_json: bool) -> None:
-    """Check every note and segment checksum.
+    """Check the ELF layout, every note checksum and every chunk of segment data.
 
     Exit 0 when every checksum matches, 1 when some do not, 5 (like every
     other subcommand) when the file is not a readable statefile at all.
     """
     try:
+        # the ELF layout first, every problem of it (the check crrestart's loader
+        # makes, reader.layout_problems), then the notes and every chunk
+        layout = reader.layout_problems_of(statefile)
+        if layout:
+            raise FormatError(f"{statefile}: corrupted statefile ({layout[0]})"
+                              + (f" and {len(layout) - 1} more layout problem(s): "
+                                 + "; ".join(layout[1:]) if len(layout) > 1 else ""))
         sf = reader.load(statefile)
     except CrelfError as e:
         if as_json:
