@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+from . import guard
 from .errors import RestoreError, ValidationError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -199,6 +200,10 @@ class SharedIPC:
     def create_sysv(self) -> None:
         ipc = self.sf.ipc or {}
         self._remove_stale(ipc)
+        g = guard.current()
+        for kind, idname, _ in KINDS if g is not None else ():
+            for obj in ipc.get(kind, []):       # removed if crrestart dies before the release
+                g.sysv(kind, obj[idname], obj["key"])
         sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for s in ipc.get("shm", []):
