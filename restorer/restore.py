@@ -349,9 +349,11 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                 raise RestoreError("pid namespace", "the namespace's init died")
         if lazy:
             g.served(res.pid)     # from now on the guard keeps the lazy memory safe
+        t_rel = time.perf_counter()
         for tr in trs:
             tr.release()
         g.commit()
+        res.timings["release"] = time.perf_counter() - t_rel   # (the window of docs/RESTORE.md)
         res.guard = g
         for tr in trs:
             for k, v in tr.timings.items():
