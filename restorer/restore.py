@@ -163,6 +163,27 @@ def _blobs(sf) -> dict:
     return blobs
 
 
+def _journal_task_paths(sf, g: Guard) -> None:
+    """Tell the guard the paths the tasks create themselves while they are set
+    up (a named unix socket a task binds, a file recreated from the
+    statefile, the scratch name of a deleted file), before they exist: the
+    guard removes them if crrestart dies before the release."""
+    for t in sf.tasks:
+        cwd = t.get("cwd") or "/"
+        for d in t["fds"]:
+            f = sf.files[d["file"]]
+            info = f.get("socket", {})
+            if f["kind"] == "socket" and info.get("family") == "unix" and info.get("name") \
+                    and not info.get("abstract"):
+                g.path(os.path.join(cwd, info["name"]))
+            elif f["kind"] == "regular" and f.get("deleted"):
+                name = f["path"].removesuffix(" (deleted)")
+                for where in (os.path.dirname(name) or "/", "/tmp"):
+                    g.path(os.path.join(where, f".{os.path.basename(name)}.crelf-{t['pid']}"))
+            elif f["kind"] == "regular" and "blob" in f and not os.path.exists(f["path"]):
+                g.path(f["path"])
+
+
 def restore(path: str, opts: Options, log=None) -> Result:
     """Restore the tree in the statefile at `path`; returns once every task
     runs again (docs/TREE.md)."""
@@ -256,6 +277,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     ns = Namespaces(sf)
     try:
         # --- the tree's own UTS/IPC namespaces, shared resources, the tree with its pids --
+        _journal_task_paths(sf, g)
         ns.enter()                # the SysV objects below are created inside it
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
         ipc.create_sysv()
