@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import _set_child_subreaper, build_c, descendants, require_root
+from helpers import _set_child_subreaper, build_c, descendants, require_root, require_tool
 from test_ipc import PINGPONG, _ipcrm, _keys
 from test_restart import CRCHECKPOINT, CRRESTART, REPO
 
@@ -127,17 +127,29 @@ def restart_ok(cr: Path, args, tail: bytes, tmp_path: Path, name: str) -> None:
     assert out.read_bytes() == tail, f"{name}: {out.read_bytes()[:400]!r}"
 
 
-def restore_seconds(cr: Path, args, tail: bytes, tmp_path: Path) -> float:
-    """How long an uninterrupted crrestart takes until the tree runs (the
-    kill delays are drawn from 0 to a little more than that)."""
-    out, err = tmp_path / "timing.out", tmp_path / "timing.err"
-    t0 = time.monotonic()
-    p = start_restart(cr, [*args, "--detach"], out, err)
-    assert p.wait(timeout=120) == 0, err.read_text()
-    took = time.monotonic() - t0
-    _settle(set(), {})
-    assert out.read_bytes() == tail, err.read_text()
-    return took
+class Delays:
+    """Kill delays: one uninterrupted crrestart is timed until the tree runs
+    (span) and until its guard shows up (the restore proper begins: before,
+    crrestart is starting Python and reading the statefile).  Half the
+    delays are drawn over the whole span, half over the restore proper."""
+
+    def __init__(self, cr: Path, args, tail: bytes, tmp_path: Path):
+        out, err = tmp_path / "timing.out", tmp_path / "timing.err"
+        t0 = time.monotonic()
+        p = start_restart(cr, [*args, "--detach"], out, err)
+        self.start = 0.0
+        while p.poll() is None:
+            if not self.start and any(_comm(c) == "crelf-guard" for c in _ours()):
+                self.start = time.monotonic() - t0
+            time.sleep(0.001)
+        assert p.returncode == 0, err.read_text()
+        self.span = (time.monotonic() - t0) * 1.3
+        self.start = min(self.start, self.span)
+        _settle(set(), {})
+        assert out.read_bytes() == tail, err.read_text()
+
+    def draw(self, i: int) -> float:
+        return random.uniform(0 if i % 2 else self.start, self.span)
 
 
 def report(name: str, counts: dict) -> None:
@@ -188,6 +200,43 @@ def bigticker(tmp_path_factory, sample_bin):
     return cr, ref[len(before):]
 
 
+SOCKPROG = r"""
+import hashlib, os, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+h = hashlib.sha256()
+for i in range(n):
+    s.sendto(b"m%d" % i, path)            # to itself, through its socket file
+    data = s.recv(64)
+    h.update(data)
+    os.write(1, b"tick %d %s %s\n" % (i, data, h.hexdigest()[:16].encode()))
+    time.sleep(0.02)
+os.unlink(path)
+os.write(1, b"done\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def pysock(tmp_path_factory):
+    """python3 bound to a named unix datagram socket (the restored task binds
+    the socket file itself).  (statefile, expected output, socket path)"""
+    require_root()
+    _set_child_subreaper()
+    py = require_tool("python3")
+    tmp = tmp_path_factory.mktemp("pysock")
+    prog = tmp / "sock.py"
+    prog.write_text(SOCKPROG)
+    path = str(tmp / "s.sock")
+    ref = subprocess.run([py, prog, path, "40"], capture_output=True, timeout=60, check=True,
+                         close_fds=True).stdout
+    cr = tmp / "sock.cr"
+    before = checkpoint_piped([py, prog, path, 40], r"tick 5 ", cr)
+    os.unlink(path)           # the killed original's socket file: every restart binds its own
+    assert ref.startswith(before)
+    return cr, ref[len(before):], path
+
+
 # ------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--detach"], ["--eager", "--pidns"]],
@@ -198,20 +247,21 @@ def test_killed_crrestart_leaves_all_or_nothing(pingpong, procs, tmp_path, mode)
     output, or no process, no SysV object and no output is left; the
     statefile then restarts."""
     cr, tail, key = pingpong
-    span = restore_seconds(cr, mode, tail, tmp_path) * 1.3
+    delays = Delays(cr, mode, tail, tmp_path)
     counts = {"ran": 0, "nothing": 0}
     for i in range(TRIALS):
         baseline = set(_ours())
         out, err = tmp_path / f"k{i}.out", tmp_path / f"k{i}.err"
         p = start_restart(cr, mode, out, err)
-        delay = random.uniform(0, span)
+        delay = delays.draw(i)
         time.sleep(delay)
         p.kill()
         p.wait()
         _settle(baseline, {})
         got = out.read_bytes()
         if os.environ.get("CRELF_KILL_DEBUG"):
-            sys.stderr.write(f"trial {i} span {span:.3f} delay {delay:.3f} -> {len(got)} bytes\n")
+            sys.stderr.write(f"trial {i} span {delays.start:.3f}-{delays.span:.3f} delay "
+                             f"{delay:.3f} -> {len(got)} bytes\n")
         if got == tail:
             counts["ran"] += 1
             continue
@@ -223,6 +273,32 @@ def test_killed_crrestart_leaves_all_or_nothing(pingpong, procs, tmp_path, mode)
         restart_ok(cr, mode, tail, tmp_path, f"again{i}")
         assert key not in _keys("shm") and key not in _keys("sem")   # (the program's own RMID)
     report(f"pingpong {' '.join(mode)}", counts)
+
+
+@pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--pidns"]], ids=["eager", "pidns"])
+def test_killed_crrestart_leaves_no_socket_file(pysock, procs, tmp_path, mode):
+    """The same with python3 bound to a named unix socket: a killed restore
+    leaves no socket file (and no process, no output)."""
+    cr, tail, path = pysock
+    delays = Delays(cr, mode, tail, tmp_path)
+    counts = {"ran": 0, "nothing": 0}
+    for i in range(TRIALS):
+        baseline = set(_ours())
+        out, err = tmp_path / f"s{i}.out", tmp_path / f"s{i}.err"
+        p = start_restart(cr, mode, out, err)
+        time.sleep(delays.draw(i))
+        p.kill()
+        p.wait()
+        _settle(baseline, {})
+        got = out.read_bytes()
+        assert not os.path.lexists(path), f"trial {i}: the socket file is left"
+        if got == tail:
+            counts["ran"] += 1
+            continue
+        counts["nothing"] += 1
+        assert got == b"", f"trial {i}: ran in part: {got[:300]!r}; {err.read_text()!r}"
+        restart_ok(cr, mode, tail, tmp_path, f"sagain{i}")
+    report(f"python3 unix socket {' '.join(mode)}", counts)
 
 
 @pytest.mark.parametrize("victim", ["server", "guard", "crrestart"])
