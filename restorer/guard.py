@@ -55,7 +55,7 @@ import stat as st
 import time
 
 from .errors import RestoreError
-from .kernel import NR, _libc, clone_args, pidfd_open, prctl
+from .kernel import clone3, clone_args, pidfd_open, prctl
 
 CLONE_FILES = 0x400
 CLONE_PIDFD = 0x1000
@@ -78,12 +78,7 @@ def clone_files(name: str, body) -> tuple[int, int]:
     pidfd = ctypes.c_int32(-1)
     args = clone_args(flags=CLONE_FILES | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
                       exit_signal=signal.SIGCHLD)
-    ctypes.set_errno(0)
-    res = _libc.syscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args),
-                        ctypes.c_size_t(ctypes.sizeof(args)))
-    if res < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"clone3(CLONE_FILES): {os.strerror(e)}")
+    res = clone3(args, "CLONE_FILES")
     if res == 0:
         global _shares_table
         _shares_table = True

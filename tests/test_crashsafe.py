@@ -239,14 +239,10 @@ def pysock(tmp_path_factory):
 
 # ------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--detach"], ["--eager", "--pidns"]],
-                         ids=["eager", "detach", "pidns"])
-def test_killed_crrestart_leaves_all_or_nothing(pingpong, procs, tmp_path, mode):
-    """SIGKILL crrestart at random points of restoring a two-task tree with
-    SysV objects: either the tree runs to the end with the uninterrupted
-    output, or no process, no SysV object and no output is left; the
-    statefile then restarts."""
-    cr, tail, key = pingpong
+def kill_trials(cr: Path, mode, tail: bytes, tmp_path: Path, name: str, nothing_left) -> None:
+    """TRIALS times: start crrestart, SIGKILL it after a random delay, let
+    everything settle; then the output is the whole tail (a) or empty with
+    nothing_left(i) holding (b), and then the statefile restarts."""
     delays = Delays(cr, mode, tail, tmp_path)
     counts = {"ran": 0, "nothing": 0}
     for i in range(TRIALS):
@@ -264,15 +260,30 @@ def test_killed_crrestart_leaves_all_or_nothing(pingpong, procs, tmp_path, mode)
                              f"{delay:.3f} -> {len(got)} bytes\n")
         if got == tail:
             counts["ran"] += 1
-            continue
-        counts["nothing"] += 1
-        assert got == b"", (f"trial {i}: the tree ran in part (or wrong) before it was "
-                            f"killed: {got[:300]!r}; crrestart said {err.read_text()!r}")
+        else:
+            counts["nothing"] += 1
+            assert got == b"", (f"trial {i}: the tree ran in part (or wrong) before it was "
+                                f"killed: {got[:300]!r}; crrestart said {err.read_text()!r}")
+        nothing_left(i)
+        if got != tail:
+            restart_ok(cr, mode, tail, tmp_path, f"again{i}")
+            nothing_left(i)
+    report(f"{name} {' '.join(mode)}", counts)
+
+
+@pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--detach"], ["--eager", "--pidns"]],
+                         ids=["eager", "detach", "pidns"])
+def test_killed_crrestart_leaves_all_or_nothing(pingpong, procs, tmp_path, mode):
+    """SIGKILL crrestart at random points of restoring a two-task tree with
+    SysV objects: either the tree runs to the end with the uninterrupted
+    output, or no process, no SysV object and no output is left; the
+    statefile then restarts."""
+    cr, tail, key = pingpong
+
+    def nothing_left(i: int) -> None:     # (after a whole run the program removed them)
         assert key not in _keys("shm") and key not in _keys("sem"), \
             f"trial {i}: a SysV object of the killed restore is left"
-        restart_ok(cr, mode, tail, tmp_path, f"again{i}")
-        assert key not in _keys("shm") and key not in _keys("sem")   # (the program's own RMID)
-    report(f"pingpong {' '.join(mode)}", counts)
+    kill_trials(cr, mode, tail, tmp_path, "pingpong", nothing_left)
 
 
 @pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--pidns"]], ids=["eager", "pidns"])
@@ -280,25 +291,10 @@ def test_killed_crrestart_leaves_no_socket_file(pysock, procs, tmp_path, mode):
     """The same with python3 bound to a named unix socket: a killed restore
     leaves no socket file (and no process, no output)."""
     cr, tail, path = pysock
-    delays = Delays(cr, mode, tail, tmp_path)
-    counts = {"ran": 0, "nothing": 0}
-    for i in range(TRIALS):
-        baseline = set(_ours())
-        out, err = tmp_path / f"s{i}.out", tmp_path / f"s{i}.err"
-        p = start_restart(cr, mode, out, err)
-        time.sleep(delays.draw(i))
-        p.kill()
-        p.wait()
-        _settle(baseline, {})
-        got = out.read_bytes()
+
+    def nothing_left(i: int) -> None:     # (after a whole run the program unlinked it)
         assert not os.path.lexists(path), f"trial {i}: the socket file is left"
-        if got == tail:
-            counts["ran"] += 1
-            continue
-        counts["nothing"] += 1
-        assert got == b"", f"trial {i}: ran in part: {got[:300]!r}; {err.read_text()!r}"
-        restart_ok(cr, mode, tail, tmp_path, f"sagain{i}")
-    report(f"python3 unix socket {' '.join(mode)}", counts)
+    kill_trials(cr, mode, tail, tmp_path, "python3 unix socket", nothing_left)
 
 
 @pytest.mark.parametrize("victim", ["server", "guard", "crrestart"])
