@@ -47,6 +47,7 @@ nothing would then stop a dead server's userfaultfd from being released.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import select
 import shutil
@@ -71,10 +72,26 @@ def current() -> "Guard | None":
     return _current
 
 
-def clone_files(name: str, body) -> tuple[int, int]:
+def clone_files(name: str, body, orphan: bool = False) -> tuple[int, int]:
     """Start a process sharing our file table that runs body() (never
     returning) in a session of its own; returns (pid, pidfd).  Call it only
-    while this process has a single thread (as fork_with_pid)."""
+    while this process has a single thread (as fork_with_pid).  orphan: not
+    our child (an intermediate that exits at once starts it), so it is never
+    one of our children nor a zombie of ours: its exit is reaped by init or
+    the nearest subreaper."""
+    if orphan:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            mid, _ = clone_files("crelf-starter", lambda: os.write(w, "{} {}".format(
+                *clone_files(name, body)).encode()))
+            os.waitpid(mid, 0)
+            pid, pidfd = (int(x) for x in os.read(r, 64).split())
+        except ValueError:
+            raise OSError(errno.ECHILD, "the starter of a process died") from None
+        finally:
+            os.close(r)
+            os.close(w)
+        return pid, pidfd
     pidfd = ctypes.c_int32(-1)
     args = clone_args(flags=CLONE_FILES | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
                       exit_signal=signal.SIGCHLD)
@@ -176,7 +193,7 @@ class Guard:
         self.r, self.w = os.pipe2(os.O_CLOEXEC)
         self.me = pidfd_open(self.owner)       # crrestart, watched by the guard
         try:
-            self.pid, self.pidfd = clone_files("crelf-guard", self._main)
+            self.pid, self.pidfd = clone_files("crelf-guard", self._main, orphan=True)
         except OSError as e:
             for fd in (self.r, self.w, self.me):
                 os.close(fd)
