@@ -67,7 +67,6 @@ class Result:
     bytes_copied: int = 0
     injections: int = 0
     lazy_server: object = None
-    guard: object = None          # restorer.guard.Guard, while lazy memory is missing
     lazy: bool = False
     pids: dict = field(default_factory=dict)   # every task: saved pid -> tracer-view pid
     planned: bool = False         # past validation and planning (nothing created before)
@@ -376,7 +375,8 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             tr.release()
         g.commit()
         res.timings["release"] = time.perf_counter() - t_rel   # (the window of docs/RESTORE.md)
-        res.guard = g
+        if not lazy:
+            g.forget()            # (it exits on reading the commit)
         for tr in trs:
             for k, v in tr.timings.items():
                 res.timings[k] = res.timings.get(k, 0) + v
