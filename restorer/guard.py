@@ -20,7 +20,7 @@ write, below PIPE_BUF, so it is in the pipe whole or not at all):
     P <t0> <path>         a path about to be created (socket, FIFO, file)
     K <pidfd> <pid>       the lazily served process (killed with its
                           descendants if its server dies before every page is in)
-    W <pidfd> / U <pidfd> watch / stop watching a serving process
+    W <pidfd> <pid> / U <pidfd>  watch / stop watching a serving process
     C                     the tree is released: it owns everything now
     A                     crrestart ended the restore itself (failed, cleaned up)
     D                     every lazy page is in, or the served tree is gone
@@ -237,8 +237,8 @@ class Guard:
             return
         self.note(f"K {fd} {pid}")
 
-    def watch(self, pidfd: int) -> None:
-        self.note(f"W {pidfd}")
+    def watch(self, pidfd: int, pid: int) -> None:
+        self.note(f"W {pidfd} {pid}")
 
     def unwatch_me(self) -> None:
         self.note(f"U {self.me}")
@@ -265,7 +265,7 @@ class Guard:
         tasks: list[tuple[int, int]] = []
         sysv: list[tuple[str, int, int, int]] = []
         paths: list[tuple[int, str]] = []
-        watch = [self.me]
+        watch = {self.me: self.owner}   # pidfd -> pid of each process we watch
         served: tuple[int, int] | None = None
         committed = False
         os.set_blocking(self.r, False)
@@ -296,9 +296,9 @@ class Guard:
                 elif w[0] == "K":
                     served = (int(w[1]), int(w[2]))
                 elif w[0] == "W":
-                    watch.append(int(w[1]))
-                elif w[0] == "U" and int(w[1]) in watch:
-                    watch.remove(int(w[1]))
+                    watch[int(w[1])] = int(w[2])
+                elif w[0] == "U":
+                    watch.pop(int(w[1]), None)
                 elif w[0] == "C":
                     committed, end = True, end or "C"
                 elif w[0] in ("A", "D"):
@@ -319,13 +319,13 @@ class Guard:
             dead = [w for w in watch if gone(w)]
             if not dead:
                 continue
-            who = _pid_of(dead[0])
+            who = watch[dead[0]]
             if not committed:
                 self._undo(who, tasks, sysv, paths)
             else:
                 fd, pid = served
                 kill_tree(fd, pid)
-                report(f"the server of the lazy memory of pid {pid} (crrestart, pid {who}) "
+                report(f"the server of the lazy memory of pid {pid} (pid {who}) "
                        "died before every page was in: pid "
                        f"{pid} and its descendants were killed (a task must never run on "
                        f"memory it did not get; restart {self.statefile} again)")
@@ -375,17 +375,6 @@ def _ns_ino(kind: str) -> int:
         return os.stat(f"/proc/self/ns/{kind}").st_ino
     except OSError:
         return 0
-
-
-def _pid_of(pidfd: int) -> int:
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}") as f:
-            for line in f:
-                if line.startswith("Pid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return -1
 
 
 def _remove_sysv(kind: str, ident: int, key: int, t0: int) -> int:

@@ -383,13 +383,13 @@ class LazyServer:
         # watches the daemon instead of crrestart from here on.
         g = guard.current()
         try:
-            _pid, pidfd = guard.clone_files("crelf-lazy", daemon)
+            pid, pidfd = guard.clone_files("crelf-lazy", daemon)
         except OSError as e:
             self.error = f"cannot start the lazy memory daemon ({e.strerror})"
             self.kill_tree()
             return
         if g is not None:
-            g.watch(pidfd)
+            g.watch(pidfd, pid)
             g.unwatch_me()
         self.ctxs = []
         self.pidfd = -1
