@@ -333,12 +333,7 @@ class Guard:
 
     def _undo(self, who, tasks, sysv, paths) -> None:
         """crrestart died before the release: nothing of the restore stays."""
-        for fd, pid in tasks:
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except OSError:
-                pass
-        for fd, pid in tasks:
+        for fd, pid in tasks:     # (the root first: its subtree is walked before it dies)
             kill_tree(fd, pid)
         removed = 0
         for kind, ident, key, t0 in sysv:
