@@ -365,4 +365,5 @@ def test_lazy_server_killed_never_runs_on_missing_pages(bigticker, procs, tmp_pa
             assert "lazy memory" in said, said
         restart_ok(cr, ["--lazy"], tail, tmp_path, f"lagain{i}")
     report(f"lazy, {victim} killed", counts)
-    assert counts["killed"] or victim == "crrestart", "never caught the server with pages missing"
+    # (the guard's and the foreground's deaths may come after the last page: either is fine)
+    assert counts["killed"] or victim != "server", "never caught the server with pages missing"
