@@ -61,7 +61,6 @@ from .kernel import clone3, clone_args, pidfd_open, prctl
 CLONE_FILES = 0x400
 CLONE_PIDFD = 0x1000
 PR_SET_NAME = 15
-KILL_WAIT = 10.0              # seconds to wait for killed tasks to be gone
 
 _current: "Guard | None" = None
 _shares_table = False         # True in a process clone_files() started
@@ -118,10 +117,10 @@ def clone_files(name: str, body, orphan: bool = False) -> tuple[int, int]:
 
 def gone(pidfd: int) -> bool:
     """Has the process behind pidfd exited? (a pidfd polls readable then)"""
-    return bool(_poll([pidfd], 0))
+    return bool(poll_fds([pidfd], 0))
 
 
-def _poll(fds: list[int], timeout: float | None) -> list[int]:
+def poll_fds(fds: list[int], timeout: float | None) -> list[int]:
     """The fds of `fds` that are readable (or hung up, or invalid) within timeout
     seconds (None: wait)."""
     p = select.poll()
@@ -132,51 +131,6 @@ def _poll(fds: list[int], timeout: float | None) -> list[int]:
             return [fd for fd, _ in p.poll(None if timeout is None else timeout * 1000)]
         except InterruptedError:
             continue
-
-
-def kill_tree(pidfd: int, pid: int, wait: float = KILL_WAIT) -> bool:
-    """SIGKILL the process behind pidfd and every descendant (all stopped
-    first, so none forks behind our back), then wait until each is gone, so
-    nothing of it runs once the caller lets go of what it holds.  Returns
-    whether the process itself was killed by us."""
-    from statefile import procfs
-    victims: dict[int, int] = {}      # pid -> pidfd
-    killed = False
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
-    except OSError:
-        pass
-    for _ in range(50):
-        new = [p for p in procfs.descendants(pid)[1:] if p not in victims]
-        if not new:
-            break
-        for p in new:
-            try:
-                victims[p] = pidfd_open(p)
-            except OSError:
-                continue
-            try:
-                signal.pidfd_send_signal(victims[p], signal.SIGSTOP)
-            except OSError:
-                pass
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        killed = True
-    except OSError:
-        pass
-    for fd in victims.values():
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except OSError:
-            pass
-    deadline = time.monotonic() + wait
-    for fd in [pidfd, *victims.values()]:
-        while not _poll([fd], max(0.0, min(0.05, deadline - time.monotonic()))) \
-                and time.monotonic() < deadline:
-            pass
-    for fd in victims.values():
-        os.close(fd)
-    return killed
 
 
 class Guard:
@@ -306,7 +260,7 @@ class Guard:
             return end
 
         while True:
-            _poll([self.r, *watch], None)
+            poll_fds([self.r, *watch], None)
             end = drain()
             if end in ("A", "D") or (committed and served is None):
                 return
@@ -323,6 +277,7 @@ class Guard:
             if not committed:
                 self._undo(who, tasks, sysv, paths)
             else:
+                from .lazy import kill_tree
                 fd, pid = served
                 kill_tree(fd, pid)
                 report(f"the server of the lazy memory of pid {pid} (pid {who}) "
@@ -333,6 +288,7 @@ class Guard:
 
     def _undo(self, who, tasks, sysv, paths) -> None:
         """crrestart died before the release: nothing of the restore stays."""
+        from .lazy import kill_tree
         for fd, pid in tasks:     # (the root first: its subtree is walked before it dies)
             kill_tree(fd, pid)
         removed = 0

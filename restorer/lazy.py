@@ -20,12 +20,16 @@ import errno
 import mmap as _mmap
 import os
 import select
+import signal
 import struct
 import threading
 import time
 
-from . import guard
+from statefile import procfs
+
 from .errors import RestoreError
+from .guard import clone_files, gone, poll_fds
+from .guard import current as current_guard
 from .kernel import PAGE, errno_of, pidfd_getfd, pidfd_open
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -294,8 +298,8 @@ class LazyServer:
                 busy = True
         if busy:
             return True
-        g = guard.current()
-        if g is not None and guard.gone(g.pidfd):
+        g = current_guard()
+        if g is not None and gone(g.pidfd):
             # nothing would keep the userfaultfds if we died now (guard.py)
             raise ServeError(f"the guard of the lazy memory (pid {g.pid}) died")
         for ctx in list(self.ctxs):
@@ -330,12 +334,12 @@ class LazyServer:
 
     def kill_tree(self) -> None:
         """SIGKILL the served process and every descendant and wait until they
-        are gone (guard.kill_tree), before the userfaultfds can go; then the
+        are gone (kill_tree), before the userfaultfds can go; then the
         guard has nothing left to keep."""
         if self.pidfd < 0:
             return
-        self.killed = guard.kill_tree(self.pidfd, self.pid)
-        g = guard.current()
+        self.killed = kill_tree(self.pidfd, self.pid)
+        g = current_guard()
         if g is not None:
             g.done()
 
@@ -381,9 +385,9 @@ class LazyServer:
         # userfaultfds are never closed in between, and crrestart must not
         # close them (it would close them for the daemon too); the guard
         # watches the daemon instead of crrestart from here on.
-        g = guard.current()
+        g = current_guard()
         try:
-            pid, pidfd = guard.clone_files("crelf-lazy", daemon)
+            pid, pidfd = clone_files("crelf-lazy", daemon)
         except OSError as e:
             self.error = f"cannot start the lazy memory daemon ({e.strerror})"
             self.kill_tree()
@@ -402,7 +406,7 @@ class LazyServer:
             while self.thread.is_alive() and any(c.left for c in self.ctxs[1:]):
                 self.thread.join(timeout=0.1)
         self.stop()
-        g = guard.current()
+        g = current_guard()
         if g is not None and not (self.thread and self.thread.is_alive()):
             g.done()
 
@@ -419,6 +423,50 @@ class LazyServer:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+def kill_tree(pidfd: int, pid: int, wait: float = 10.0) -> bool:
+    """SIGKILL the process behind pidfd and every descendant (all stopped
+    first, so none forks behind our back), then wait until each is gone, so
+    nothing of it runs once the caller lets go of what it holds.  Returns
+    whether the process itself was killed by us."""
+    victims: dict[int, int] = {}      # pid -> pidfd
+    killed = False
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+    except OSError:
+        pass
+    for _ in range(50):
+        new = [p for p in procfs.descendants(pid)[1:] if p not in victims]
+        if not new:
+            break
+        for p in new:
+            try:
+                victims[p] = pidfd_open(p)
+            except OSError:
+                continue
+            try:
+                signal.pidfd_send_signal(victims[p], signal.SIGSTOP)
+            except OSError:
+                pass
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        killed = True
+    except OSError:
+        pass
+    for fd in victims.values():
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    for fd in [pidfd, *victims.values()]:
+        while not poll_fds([fd], max(0.0, min(0.05, deadline - time.monotonic()))) \
+                and time.monotonic() < deadline:
+            pass
+    for fd in victims.values():
+        os.close(fd)
+    return killed
 
 
 def start_lazy(tr, inj, anon_ranges: list[tuple[int, int]]) -> LazyServer:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from . import guard
 from .errors import RestoreError, ValidationError
+from .guard import current as current_guard
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.shmat.restype = ctypes.c_void_p
@@ -199,11 +199,11 @@ class SharedIPC:
 
     def create_sysv(self) -> None:
         ipc = self.sf.ipc or {}
-        self._remove_stale(ipc)
-        g = guard.current()
+        g = current_guard()
         for kind, idname, _ in KINDS if g is not None else ():
             for obj in ipc.get(kind, []):       # removed if crrestart dies before the release
                 g.sysv(kind, obj[idname], obj["key"])
+        self._remove_stale(ipc)
         sfd = os.open(self.sf.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for s in ipc.get("shm", []):
