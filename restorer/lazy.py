@@ -436,7 +436,9 @@ def kill_tree(pidfd: int, pid: int, wait: float = 10.0) -> bool:
         signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
     except OSError:
         pass
-    for _ in range(50):
+    # its descendants are found by pid number: only while it is alive (and
+    # stopped) is that number still its own
+    for _ in range(50 if not gone(pidfd) else 0):
         new = [p for p in procfs.descendants(pid)[1:] if p not in victims]
         if not new:
             break
