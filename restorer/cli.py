@@ -117,10 +117,17 @@ def command(statefile, detach, pidns, force_files, lazy, as_json, verbose, regis
         if server is not None and server.error is not None:
             click.echo(server.error_line(), err=True)
             sys.exit(EXIT_FAILED)
+        if server is not None:
+            # the daemon shares our file table: exit without Python closing
+            # any fd on the way out (an open file object would close it for
+            # the daemon too)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         sys.exit(0)
     code = wait_root(res)
     if server is not None:
-        server.stop()
+        server.wind_down()
         if server.error is not None:    # the server killed the process: say why
             click.echo(server.error_line(), err=True)
             sys.exit(EXIT_FAILED)

@@ -86,12 +86,17 @@ def fork_with_pid(pid: int | None) -> int:
         return os.fork()
     tids = (ctypes.c_int32 * 1)(pid)
     args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids), set_tid_size=1)
+    return clone3(args, f"set_tid={pid}")
+
+
+def clone3(args: clone_args, what: str) -> int:
+    """The raw clone3 syscall (returns like os.fork(); OSError naming `what`)."""
     ctypes.set_errno(0)
     res = _libc.syscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args),
                         ctypes.c_size_t(ctypes.sizeof(args)))
     if res < 0:
         e = ctypes.get_errno()
-        raise OSError(e, f"clone3(set_tid={pid}): {os.strerror(e)}")
+        raise OSError(e, f"clone3({what}): {os.strerror(e)}")
     return res
 
 

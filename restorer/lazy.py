@@ -29,6 +29,8 @@ from statefile import procfs
 from statefile.integrity import DamagedError, SegmentReader, nchunks
 
 from .errors import RestoreError
+from .guard import clone_files, gone, poll_fds
+from .guard import current as current_guard
 from .kernel import PAGE, errno_of, pidfd_getfd, pidfd_open
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -333,10 +335,17 @@ class LazyServer:
                 busy = True
         if busy:
             return True
+        g = current_guard()
+        if g is not None and gone(g.pidfd):
+            # nothing would keep the userfaultfds if we died now (guard.py)
+            raise ServeError(f"the guard of the lazy memory (pid {g.pid}) died")
         for ctx in list(self.ctxs):
             if ctx.left and self._prefetch(ctx):
                 return True
-        # everything copied: closing the uffd unregisters every range (kernel)
+        # everything copied: closing the uffd unregisters every range (kernel);
+        # the guard lets go first (it would kill the tree if we died in between)
+        if g is not None and all(c.left == 0 for c in self.ctxs):
+            g.done()
         for ctx in self.ctxs:
             if ctx.left == 0:
                 os.close(ctx.uffd)
@@ -361,29 +370,15 @@ class LazyServer:
                 self.finished.set()
 
     def kill_tree(self) -> None:
-        """SIGKILL the served process and every descendant (stopped first, so
-        none forks behind our back)."""
+        """SIGKILL the served process and every descendant and wait until they
+        are gone (kill_tree), before the userfaultfds can go; then the
+        guard has nothing left to keep."""
         if self.pidfd < 0:
             return
-        victims: list[int] = []
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGSTOP)
-        except OSError:
-            pass
-        for _ in range(50):
-            new = [p for p in procfs.descendants(self.pid)[1:] if p not in victims]
-            if not new:
-                break
-            for p in new:
-                _kill(p, signal.SIGSTOP)
-            victims += new
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            self.killed = True
-        except OSError:
-            pass
-        for p in victims:
-            _kill(p, signal.SIGKILL)
+        self.killed = kill_tree(self.pidfd, self.pid)
+        g = current_guard()
+        if g is not None:
+            g.done()
 
     def as_error(self) -> RestoreError:
         """The serving failure as the restore failure it is (step "lazy memory")."""
@@ -412,27 +407,45 @@ class LazyServer:
         self.pause_thread()
         if not self.ctxs or self.error is not None:
             return      # all in, or failed already (the caller reports it)
-        pid = os.fork()
-        if pid == 0:
+        def daemon() -> None:
             # the daemon keeps crrestart's stderr: that is where a serving
             # failure is reported (the process is killed then, see loop)
-            code = 1
-            try:
-                os.setsid()
-                devnull = os.open("/dev/null", os.O_RDWR)
-                for fd in (0, 1):
-                    os.dup2(devnull, fd)
-                self.loop()
-                if self.error is not None:
-                    os.write(2, (self.error_line() + "\n").encode())
-                else:
-                    code = 0
-            finally:
-                os._exit(code)
-        for ctx in self.ctxs:
-            os.close(ctx.uffd)
+            devnull = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            self.loop()
+            if self.error is not None:
+                os.write(2, (self.error_line() + "\n").encode())
+                raise SystemExit(1)
+        # The daemon shares crrestart's file table (as the guard does): the
+        # userfaultfds are never closed in between, and crrestart must not
+        # close them (it would close them for the daemon too); the guard
+        # watches the daemon instead of crrestart from here on.
+        g = current_guard()
+        try:
+            pid, pidfd = clone_files("crelf-lazy", daemon)
+        except OSError as e:
+            self.error = f"cannot start the lazy memory daemon ({e.strerror})"
+            self.kill_tree()
+            return
+        if g is not None:
+            g.watch(pidfd, pid)
+            g.unwatch_me()
         self.ctxs = []
-        self._close_pidfd()
+        self.pidfd = -1
+
+    def wind_down(self) -> None:
+        """Foreground, the process exited: stop serving once no descendant it
+        forked still waits for pages (those would get zero pages once we go),
+        then let the guard go."""
+        if self.thread:
+            while self.thread.is_alive() and any(c.left for c in self.ctxs[1:]):
+                self.thread.join(timeout=0.1)
+        self.stop()
+        g = current_guard()
+        if g is not None and not (self.thread and self.thread.is_alive()):
+            g.done()
 
     def stop(self) -> None:
         """Foreground end (the process exited): stop serving."""
@@ -449,11 +462,50 @@ class LazyServer:
             self.pidfd = -1
 
 
-def _kill(pid: int, sig: int) -> None:
+def kill_tree(pidfd: int, pid: int, wait: float = 10.0) -> bool:
+    """SIGKILL the process behind pidfd and every descendant (all stopped
+    first, so none forks behind our back), then wait until each is gone, so
+    nothing of it runs once the caller lets go of what it holds.  Returns
+    whether the process itself was killed by us."""
+    victims: dict[int, int] = {}      # pid -> pidfd
+    killed = False
     try:
-        os.kill(pid, sig)
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
     except OSError:
         pass
+    # its descendants are found by pid number: only while it is alive (and
+    # stopped) is that number still its own
+    for _ in range(50 if not gone(pidfd) else 0):
+        new = [p for p in procfs.descendants(pid)[1:] if p not in victims]
+        if not new:
+            break
+        for p in new:
+            try:
+                victims[p] = pidfd_open(p)
+            except OSError:
+                continue
+            try:
+                signal.pidfd_send_signal(victims[p], signal.SIGSTOP)
+            except OSError:
+                pass
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        killed = True
+    except OSError:
+        pass
+    for fd in victims.values():
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    for fd in [pidfd, *victims.values()]:
+        while not poll_fds([fd], max(0.0, min(0.05, deadline - time.monotonic()))) \
+                and time.monotonic() < deadline:
+            pass
+    for fd in victims.values():
+        os.close(fd)
+    return killed
 
 
 def start_lazy(tr, inj, anon_ranges: list[tuple[int, int]]) -> LazyServer:

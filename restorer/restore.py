@@ -16,7 +16,9 @@ from statefile.errors import FormatError
 from statefile.reader import MALFORMED, load, verify_notes
 
 from .errors import RestoreError
-from .kernel import CLONE_NEWPID, CLONE_NEWUSER, close_all, fork_with_pid, unshare
+from .guard import Guard
+from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
+                     prctl, unshare)
 from .restore_files import ChildPlan
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memfd import SharedObjects
@@ -25,8 +27,8 @@ from .restore_ns import Namespaces, to_inner
 from .restore_ns import own_pidns as own_pidns_of
 from .restore_task import TaskRestorer
 from .restore_tty import plan_ctty
-from .restore_tree import (Node, fork_pid_waiting_zombie, host_pids, open_shared, plan_tree,
-                           read_status, task_main)
+from .restore_tree import (Node, die_with_parent, fork_pid_waiting_zombie, host_pids,
+                           open_shared, plan_tree, read_status, self_pidfd, task_main)
 from .validate import validate
 
 
@@ -96,25 +98,40 @@ def _enter_user_pidns() -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
 
 
-def _init_main(root: Node, status_w: int, inherited: dict[int, int]) -> None:
+def _init_main(root: Node, status_w: int, inherited: dict[int, int], parent_pidfd: int,
+               release: tuple[int, int]) -> None:
     """pid 1 of the new pid namespace: create the root task with its pid (it
-    forks the rest of the tree), then reap until it exits and exit with its
-    status.  Never returns."""
+    forks the rest of the tree), wait for the release, then reap until it
+    exits and exit with its status.  Never returns.
+
+    Until the release it dies with crrestart (PR_SET_PDEATHSIG, which kills
+    the namespace); crrestart sends "R" on release[0] just before it lets
+    the tree run, and the init answers "A" on release[1] once it no longer
+    depends on crrestart, so a crrestart that dies after the release leaves
+    a running tree."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(parent_pidfd)
         vpid = root.pid
         if vpid == 1:
             raise RestoreError("pid", "the process was pid 1 of its namespace")
+        me = self_pidfd()
         child = fork_with_pid(vpid)
         if child == 0:
-            task_main(root, status_w, inherited)
+            task_main(root, status_w, inherited, me)
         os.close(status_w)
         for name in os.listdir("/proc/self/fd"):
-            try:
-                os.close(int(name))
-            except OSError:
-                pass
+            if int(name) not in release:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
+        if os.read(release[0], 1) != b"R":
+            os._exit(1)       # crrestart failed (it kills us) or died (so do we)
+        prctl(PR_SET_PDEATHSIG, 0)
+        os.write(release[1], b"A")
+        close_all(release)
         code = 1
         while True:
             try:
@@ -139,6 +156,27 @@ def _blobs(sf) -> dict:
     """file id -> the CR_SEGMENTS entry of its blob (read verified:
     statefile/integrity.py SegmentReader)."""
     return {f["id"]: sf.segment(f["blob"]) for f in sf.files if "blob" in f}
+
+
+def _journal_task_paths(sf, g: Guard) -> None:
+    """Tell the guard the paths the tasks create themselves while they are set
+    up (a named unix socket a task binds, a file recreated from the
+    statefile, the scratch name of a deleted file), before they exist: the
+    guard removes them if crrestart dies before the release."""
+    for t in sf.tasks:
+        cwd = t.get("cwd") or "/"
+        for d in t["fds"]:
+            f = sf.files[d["file"]]
+            info = f.get("socket", {})
+            if f["kind"] == "socket" and info.get("family") == "unix" and info.get("name") \
+                    and not info.get("abstract"):
+                g.path(os.path.join(cwd, info["name"]))
+            elif f["kind"] == "regular" and f.get("deleted"):
+                name = f["path"].removesuffix(" (deleted)")
+                for where in (os.path.dirname(name) or "/", "/tmp"):
+                    g.path(os.path.join(where, f".{os.path.basename(name)}.crelf-{t['pid']}"))
+            elif f["kind"] == "regular" and "blob" in f and not os.path.exists(f["path"]):
+                g.path(f["path"])
 
 
 def restore(path: str, opts: Options, log=None) -> Result:
@@ -232,7 +270,11 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
                             root_keeps_session=shell_job)
     res.planned = True
+    # Before anything exists: the guard (restorer/guard.py) undoes the restore
+    # if crrestart dies before the release, and keeps lazy memory safe after.
+    g = Guard(path)
     status_r, status_w = os.pipe()
+    rel_r = rel_w = ack_r = ack_w = -1      # the release handshake with a --pidns init
     created: list[int] = []
     trs: list[TaskRestorer] = []
     shared: dict[int, int] = {}
@@ -241,6 +283,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     ns = Namespaces(sf)
     try:
         # --- the tree's own UTS/IPC namespaces, shared resources, the tree with its pids --
+        _journal_task_paths(sf, g)
         ns.enter()                # the SysV objects below are created inside it
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
         ipc.create_sysv()
@@ -257,8 +300,9 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                                    f"({e.strerror})") from None
             if child == 0:
                 os.close(status_r)
-                task_main(root, status_w, shared)
+                task_main(root, status_w, shared, g.me)
             created.append(child)
+            g.task(child)
         elif pidns:
             if unpriv:
                 try:
@@ -268,11 +312,15 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                                        "user namespaces)") from None
             else:
                 unshare(CLONE_NEWPID)
+            rel_r, rel_w = os.pipe2(os.O_CLOEXEC)
+            ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
             init = os.fork()
             if init == 0:
                 os.close(status_r)
-                _init_main(root, status_w, shared)
+                _init_main(root, status_w, shared, g.me, (rel_r, ack_w))
             created.append(init)
+            g.task(init)
+            close_all((rel_r, ack_w))
             res.init_pid = init
         else:
             try:
@@ -285,8 +333,9 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                                    f"{e.strerror}") from None
             if child == 0:
                 os.close(status_r)
-                task_main(root, status_w, shared)
+                task_main(root, status_w, shared, g.me)
             created.append(child)
+            g.task(child)
         close_all(shared)     # else a reader would never see EOF
         shared = {}
         os.close(status_w)
@@ -308,6 +357,8 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         created[0:0] = [rpids[n.pid] for n in order if rpids[n.pid] not in created]
         res.pid = rpids[root.pid]
         res.pids = {n.pid: rpids[n.pid] for n in order}
+        for n in order:
+            g.task(rpids[n.pid])
         res.timings["fork+files"] = time.perf_counter() - t0
         # --- every task rebuilt by injection ---------------------------------------------------
         for n in order:
@@ -318,8 +369,21 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         ipc.finish()              # every task attached its SysV segments
         objs.finish()             # every task mapped its memfds: the late seals
         # --- barrier 2: release them all at once -----------------------------------------------
+        if rel_w >= 0:
+            # the init stops depending on crrestart first (else it would die
+            # with a crrestart killed just after the release, and the tree too)
+            os.write(rel_w, b"R")
+            if os.read(ack_r, 1) != b"A":
+                raise RestoreError("pid namespace", "the namespace's init died")
+        if lazy:
+            g.served(res.pid)     # from now on the guard keeps the lazy memory safe
+        t_rel = time.perf_counter()
         for tr in trs:
             tr.release()
+        g.commit()
+        res.timings["release"] = time.perf_counter() - t_rel   # (the window of docs/RESTORE.md)
+        if not lazy:
+            g.forget()            # (it exits on reading the commit)
         for tr in trs:
             for k, v in tr.timings.items():
                 res.timings[k] = res.timings.get(k, 0) + v
@@ -340,6 +404,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             pt.wait_exit(pid)  # traced, or our child
         ipc.remove()          # the SysV objects created for the tree
         objs.remove()         # and the memfds, the tmpfs files recreated
+        g.abort()             # all undone here: the guard has nothing left to do
         failed = [tr.lazy_server for tr in trs
                   if tr.lazy_server is not None and tr.lazy_server.error is not None]
         if failed:            # the cause of what failed after it (the task was killed)
@@ -348,8 +413,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     finally:
         ns.leave()                # the tasks stay in the new namespaces
         os.close(status_r)
-        if status_w >= 0:
-            os.close(status_w)
+        close_all(fd for fd in (status_w, rel_w, ack_r) if fd >= 0)
     res.restore_seconds = time.perf_counter() - t0
     return res
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from statefile.integrity import DamagedError, SegmentReader
 
 from . import restore_anon, restore_sockets, restore_tty
+from .guard import journal_path
 from .kernel import personality
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
@@ -141,6 +142,7 @@ def _inet_socket(f: dict) -> int:
 def _recreate_from_blob(plan: ChildPlan, f: dict) -> None:
     """Policy dump_tmpfs: a file on tmpfs missing here is recreated at its path."""
     path = f["path"]
+    journal_path(path)      # (crrestart's own opens: the tasks' are announced before the fork)
     wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, f.get("mode", 0o600) & 0o7777)
     try:
         _write_blob(plan, f, wfd, path)
@@ -175,6 +177,7 @@ def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
     tmp = None
     for where in (d, "/tmp"):
         cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
+        journal_path(cand)
         try:
             wfd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL, f.get("mode", 0o600) & 0o7777)
             tmp = cand

@@ -29,6 +29,7 @@ import os
 from statefile.integrity import DamagedError, SegmentReader
 
 from .errors import RestoreError, ValidationError
+from .guard import current as current_guard
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.shmat.restype = ctypes.c_void_p
@@ -200,6 +201,10 @@ class SharedIPC:
 
     def create_sysv(self) -> None:
         ipc = self.sf.ipc or {}
+        g = current_guard()
+        for kind, idname, _ in KINDS if g is not None else ():
+            for obj in ipc.get(kind, []):       # removed if crrestart dies before the release
+                g.sysv(kind, obj[idname], obj["key"])
         self._remove_stale(ipc)
         rd = SegmentReader(self.sf)
         try:

@@ -36,6 +36,7 @@ import os
 from statefile.integrity import DamagedError, SegmentReader
 
 from .errors import RestoreError, ValidationError
+from .guard import journal_path
 from .kernel import close_all
 from .restore_files import REG_FLAG_MASK
 
@@ -162,6 +163,7 @@ class SharedObjects:
         elif kind == "deleted":
             fd = self._deleted_file(o["path"], mode)
         else:
+            journal_path(o["path"])
             fd = os.open(o["path"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             self.created.append(o["path"])
         try:
@@ -210,6 +212,7 @@ class SharedObjects:
         base = os.path.basename(path)
         for where in (os.path.dirname(path) or "/", "/tmp"):
             cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
+            journal_path(cand)
             try:
                 fd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             except OSError:

@@ -40,6 +40,7 @@ import stat
 import tempfile
 
 from .errors import RestoreError
+from .guard import journal_path
 
 _TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM,
           "seqpacket": socket.SOCK_SEQPACKET}
@@ -84,6 +85,7 @@ def _bind(sock: socket.socket, addr) -> bool:
     bound to (the killed original's) is replaced; one a live socket holds is
     left alone (EADDRINUSE).  Returns whether the path did not exist before."""
     if isinstance(addr, str):
+        journal_path(addr)      # (removed if crrestart dies before the release)
         try:
             st_ = os.lstat(addr)
         except FileNotFoundError:
@@ -148,6 +150,7 @@ def _bind_in_chroot(binds: list[tuple[socket.socket, str]]) -> bool:
     real files at those paths are left as they are.  False if the helper
     cannot (chroot needs privilege)."""
     tmp = tempfile.mkdtemp(prefix="crelf-names-")
+    journal_path(tmp)
     try:
         pid = os.fork()
         if pid == 0:

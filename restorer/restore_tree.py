@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import signal
 import stat as st
 import time
@@ -36,8 +37,9 @@ from statefile.dump_pipes import stdio_passthrough
 from statefile.integrity import DamagedError, SegmentReader
 
 from .errors import RestoreError, ValidationError
+from .guard import journal_path
 from .kernel import (PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
-                     prctl)
+                     pidfd_open, prctl)
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
 from .restore_sockets import open_named
 from .restore_tty import open_ptys
@@ -267,6 +269,7 @@ def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -
     if path.endswith(" (deleted)"):
         raise RestoreError("fifos", f"FIFO {path} was deleted; not restored by this version")
     if not os.path.exists(path):
+        journal_path(path)
         os.mkfifo(path, group[0].get("mode", 0o600) & 0o7777)
         warnings.append(f"FIFO {path} was missing: created again")
     helper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -473,10 +476,29 @@ def _zombie_main(z: dict) -> None:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128)
 
 
-def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
+def self_pidfd() -> int:
+    """A pidfd of this process, for the children it forks next to watch."""
+    return pidfd_open(os.getpid())
+
+
+def die_with_parent(parent_pidfd: int) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL), then make sure the parent did not die
+    before it was set (the signal would never come): parent_pidfd, a pidfd of
+    the parent opened before the fork, polls readable once it has exited
+    (getppid() cannot tell in a new pid namespace, where it is 0)."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent_pidfd >= 0:
+        dead = bool(select.select([parent_pidfd], [], [], 0)[0])
+        os.close(parent_pidfd)
+        if dead:
+            os._exit(1)
+
+
+def task_main(node: Node, status_w: int, inherited: dict[int, int],
+              parent_pidfd: int = -1) -> None:
     """Entry point of every forked task: session, children, zombies, own
     files, report "OK" (or "ERR step: message") on status_w, park.  Never
-    returns."""
+    returns.  parent_pidfd: see die_with_parent."""
     forked: list[int] = []
     try:
         step = "pdeathsig"
@@ -485,7 +507,10 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
         # Not yet for a task whose parent is a session helper: that one exits
         # on purpose; the task sets it once adopted (below, when parked).
         if not node.adopted_by:
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            die_with_parent(parent_pidfd)
+        elif parent_pidfd >= 0:
+            os.close(parent_pidfd)
+        me = -1
         step = "session"
         try:
             _set_session(node.session, node.task["pgid"])
@@ -500,12 +525,13 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
                 _zombie_main(z)
             forked.append(pid)
             _wait_group(pid, z)
+        me = self_pidfd()
         for child in node.children:
             r, w = os.pipe2(os.O_CLOEXEC)
             pid = _fork_child(child.pid)
             if pid == 0:
                 os.close(r)
-                task_main(child, w, inherited)
+                task_main(child, w, inherited, me)
             forked.append(pid)
             os.close(w)
             msg = read_status(r)
@@ -526,6 +552,7 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int]) -> None:
             if pid == 0:
                 _zombie_main(z)
             forked.append(pid)
+        os.close(me)
         if node.task.get("ghost"):
             # A session or group helper: the session or group exists now and
             # its members are parked; leave them (the session's orphans are
