@@ -573,28 +573,22 @@ def _precheck(path: str, rec: dict) -> None:
     from restorer.validate import validate
     from statefile.reader import MALFORMED
     rec["notes_ok"] = False
-    try:
-        sf = load_verified(path)
-    except RestoreError:
-        rec["outcome"] = "refused-at-load"
-        return
-    except Exception as e:  # noqa: BLE001
-        rec["internal"].append(f"crrestart load: {type(e).__name__}: {e}")
-        rec["outcome"] = "internal"
-        return
-    rec["notes_ok"] = True
-    try:
-        validate(sf, True)
-    except RestoreError:
-        rec["outcome"] = "refused-by-crrestart"
-        return
-    except MALFORMED:
-        rec["outcome"] = "refused-by-crrestart"
-        return
-    except Exception as e:  # noqa: BLE001
-        rec["internal"].append(f"crrestart validate: {type(e).__name__}: {e}")
-        rec["outcome"] = "internal"
-        return
+    sf = None
+    # (a malformed note met at load is the reader's to refuse: an internal error)
+    for refused, step, expected in (
+            ("refused-at-load", lambda: load_verified(path), (RestoreError,)),
+            ("refused-by-crrestart", lambda: validate(sf, True), (RestoreError, *MALFORMED))):
+        try:
+            got = step()
+        except expected:
+            rec["outcome"] = refused
+            return
+        except Exception as e:  # noqa: BLE001
+            rec["internal"].append(f"crrestart {refused}: {type(e).__name__}: {e}")
+            rec["outcome"] = "internal"
+            return
+        rec["notes_ok"] = True
+        sf = sf or got
     rec["outcome"] = "accepted"
 
 

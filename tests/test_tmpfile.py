@@ -29,6 +29,7 @@ import pytest
 
 from helpers import (ProcessManager, children, read_lines, require_root, require_tool,
                      wait_for_line)
+from test_checkpoint import small_tmpfs  # noqa: F401  (tmp_path/mnt, unmounted at teardown)
 from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody, nobody_dir  # noqa: F401
 
 from statefile import reader
@@ -149,18 +150,6 @@ def nobody_outputs(d: Path) -> Path:
         (d / name).touch()
         os.chown(d / name, NOBODY, NOBODY)
     return d / "t.out"
-
-
-@pytest.fixture
-def mount_point(tmp_path):
-    """tmp_path/mnt; whatever a test mounts there is unmounted at teardown."""
-    require_root()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    yield mnt
-    while subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
-        pass        # stacked mounts too
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def mount_small(kind: str, mnt: Path, tmp_path: Path, size_kib: int) -> None:
@@ -348,7 +337,7 @@ def test_next_run_removes_leftovers_of_dead_runs_only(sample_bin, procs, tmp_pat
 # ------------------------------------------------------------- the failing paths
 
 @pytest.mark.parametrize("fs,named", [("tmpfs", False), ("tmpfs", True), ("ext2", False)])
-def test_disk_full(sample_bin, procs, tmp_path, mount_point, fs, named):
+def test_disk_full(sample_bin, procs, tmp_path, small_tmpfs, fs, named):
     """A 64 MiB target, a file system of 2 MiB holding an older statefile:
     exit 4, one line, the older statefile intact and nothing else in the
     directory, and the target runs on with the output of an uninterrupted run.
@@ -356,9 +345,9 @@ def test_disk_full(sample_bin, procs, tmp_path, mount_point, fs, named):
     no fallocate, so the snapshot's own injected pwrite64 meets ENOSPC, then
     the copy of the rest."""
     require_root()
-    mount_small(fs, mount_point, tmp_path, 2048)
+    mount_small(fs, small_tmpfs, tmp_path, 2048)
     small = start_ticker(procs, sample_bin, tmp_path / "s.out", 1, ticks=1000)
-    old = mount_point / "k.cr"
+    old = small_tmpfs / "k.cr"
     r = run_checkpoint(small.pid, old)
     assert r.returncode == 0, r.stderr
     before = old.read_bytes()
@@ -368,35 +357,35 @@ def test_disk_full(sample_bin, procs, tmp_path, mount_point, fs, named):
     line = one_line(r.stderr)
     assert r.returncode == 4, line
     assert line == f"crcheckpoint: error: no space left on the device for {old}", line
-    assert entries(mount_point) == ["k.cr"] and old.read_bytes() == before
+    assert entries(small_tmpfs) == ["k.cr"] and old.read_bytes() == before
     assert p.wait(timeout=120) == 0
     assert read_lines(out) == ticker_reference(sample_bin, 64, 40)
 
 
 @pytest.mark.parametrize("how", ["remount", "bind"])
-def test_read_only_file_system(sample_bin, procs, tmp_path, mount_point, how):
+def test_read_only_file_system(sample_bin, procs, tmp_path, small_tmpfs, how):
     """A tmpfs remounted read-only, or a read-only bind mount of a writable
     directory: exit 4, one line, nothing created, the target never touched."""
     require_root()
     if how == "remount":
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small_tmpfs)],
                        check=True)
-        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
-        under = mount_point
+        subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+        under = small_tmpfs
     else:
         under = tmp_path / "rw"
         under.mkdir()
-        subprocess.run(["mount", "--bind", str(under), str(mount_point)], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount_point)], check=True)
+        subprocess.run(["mount", "--bind", str(under), str(small_tmpfs)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(small_tmpfs)], check=True)
     out = tmp_path / "t.out"
     p = start_ticker(procs, sample_bin, out, 16, ms=50, ticks=20)
     for named in (False, True):
-        r = run_checkpoint(p.pid, mount_point / "k.cr", named=named)
+        r = run_checkpoint(p.pid, small_tmpfs / "k.cr", named=named)
         line = one_line(r.stderr)
         assert r.returncode == 4, line
-        assert line == f"crcheckpoint: error: cannot create statefile in {mount_point}: " \
+        assert line == f"crcheckpoint: error: cannot create statefile in {small_tmpfs}: " \
                        "Read-only file system", line
-        assert entries(mount_point) == [] and entries(under) == []
+        assert entries(small_tmpfs) == [] and entries(under) == []
     assert p.wait(timeout=120) == 0
     assert read_lines(out) == ticker_reference(sample_bin, 16, 20)
 
