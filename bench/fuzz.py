@@ -113,13 +113,20 @@ def main() -> int:
         "internal_errors_damaged": sum(bool(r["internal"]) for r in records if not r["forged"]),
         "internal_errors_intact_notes": sum(bool(r["internal"]) for r in records
                                             if not r["forged"] and r.get("notes_ok")),
-        "problems": sum(bool(r["problems"]) for r in records),
+        "problems": sum(bool(r["problems"] or r.get("real", {}).get("problem"))
+                        for r in records),
         "hangs": sum(bool(r["hang"]) or r.get("real", {}).get("outcome") == "hang"
                      for r in records),
         "by_category": dict(Counter(r["category"] for r in records)),
         "wrong": [f"{r['category']} {r['what']} ({Path(r['base']).stem} #{r['index']})"
                   for r in records if _outcome(r) == "accepted-and-wrong"][:20],
         "internal_kinds": dict(internal.most_common(15)),
+        "problem_list": [f"{r['category']} {r['what']} ({Path(r['base']).stem} #{r['index']}): "
+                         + "; ".join(r["problems"] + [r.get("real", {}).get("problem", "")])
+                         for r in records if r["problems"] or r.get("real", {}).get("problem")
+                         ][:20],
+        "crrestart_internal": [f"{r['category']} {r['what']}: {line}" for r in records
+                               for line in r["internal"] if line.startswith("crrestart")][:20],
     }
     if sys.stderr.isatty():
         print(file=sys.stderr)
@@ -162,6 +169,8 @@ def _print(rep: dict) -> None:
         print(f"  WRONG: {w}")
     for k, n in rep["internal_kinds"].items():
         print(f"  internal x{n}: {k}")
+    for line in rep["problem_list"] + rep["crrestart_internal"]:
+        print(f"  PROBLEM: {line}")
 
 
 if __name__ == "__main__":

@@ -367,11 +367,14 @@ def fingerprint(path: str) -> str | None:
         h.update(f"{n.owner}:{n.n_type}:{len(n.desc)}:".encode())
         h.update(n.desc)
     h.update(json.dumps(sf.phdrs, sort_keys=True, default=str).encode())
-    with open(path, "rb") as f:
-        for seg in sf.segments:
-            for rel, ln in seg.get("runs", []):
-                f.seek(seg["offset"] + rel)
-                h.update(f.read(ln))
+    try:
+        with open(path, "rb") as f:
+            for seg in sf.segments:
+                for rel, ln in seg.get("runs", []):
+                    f.seek(seg["offset"] + rel)
+                    h.update(f.read(ln))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None         # runs that are not byte ranges (a forged note)
     return h.hexdigest()
 
 
