@@ -27,8 +27,8 @@ compared with an uninterrupted run's.  Prints:
   internal errors         exceptions a command's catch-all would turn into one line
                           (reader bugs), problems (tracebacks, bad exit codes), hangs
 
-    sudo python3 bench/fuzz.py -n 5000                 # ~5 minutes
-    sudo python3 bench/fuzz.py                         # 100,000 mutants (~1.5 hours)
+    sudo python3 bench/fuzz.py -n 5000                 # ~2.5 minutes
+    sudo python3 bench/fuzz.py                         # 100,000 mutants (~35 minutes)
     sudo python3 bench/fuzz.py -n 2000 --seed 7 --json
 """
 
