@@ -45,7 +45,7 @@ from fuzzing import (SUBCOMMANDS, build_bases, crinspect_inprocess, real_restart
 
 SEED = int(os.environ.get("CRELF_FUZZ_SEED", random.randrange(1 << 32)))
 PER_BASE = int(os.environ.get("CRELF_FUZZ_MUTANTS", 150))
-MAX_RESTARTS = 60
+MAX_RESTARTS = 80
 CRINSPECT = str(Path(sys.executable).parent / "crinspect")
 WHERE = f"(CRELF_FUZZ_SEED={SEED} repeats this run)"
 
