@@ -602,6 +602,10 @@ class TempFile:
                 ok = False
             except OSError:
                 os.close(fd)
+                try:
+                    os.unlink(name, dir_fd=self.dirfd)
+                except OSError:
+                    pass
                 raise
             if ok:
                 self.fd, self.tmp = fd, name
