@@ -9,6 +9,7 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v gdb >/dev/null || need+=(gdb)
 command -v eu-stack >/dev/null || need+=(elfutils)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v strace >/dev/null || need+=(strace)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # Real programs the tests checkpoint and restart.
 for tool in xz:xz-utils bzip2:bzip2 zstd:zstd sqlite3:sqlite3 perl:perl node:nodejs \

@@ -217,7 +217,7 @@ def release_snapshot(task_pid: int, child: int, syscall_addr: int = 0,
 # ------------------------------------------------ the snapshot writes itself
 
 AT_FDCWD = -100
-O_WRONLY, O_CLOEXEC = 0o1, 0o2000000
+O_WRONLY, O_NONBLOCK, O_CLOEXEC = 0o1, 0o4000, 0o2000000
 MAP_PRIVATE_ANON = 0x22
 
 
@@ -246,9 +246,14 @@ class SelfWriter:
     Setting it up, in the snapshot only: unshare(CLONE_FILES) and
     close_range() give it a private, empty fd table (it shared the task's,
     where a new fd would be visible to the running task), then it opens the
-    temporary statefile by path.  The file it opened is checked to be ours
-    (device and inode): a chroot, another mount namespace or a file replaced
-    under the same name make it refuse, and so do a memory cgroup limit (the
+    temporary statefile by path: its hidden name, or /proc/PID/fd/N of
+    crcheckpoint's for an unnamed (O_TMPFILE) one (which needs the ptrace
+    read access a task of crcheckpoint's own user has; a snapshot of another
+    user is refused, as it is by the 0600 hidden name).  The path must lead
+    to our file from the snapshot's root first (/proc/SNAP/root), and the
+    file it opened (O_NONBLOCK: never waiting on a FIFO) is checked to be ours
+    (device and inode): a chroot, another mount namespace or /proc, or a file
+    replaced under the same name make it refuse, and so do a memory cgroup limit (the
     page cache would be charged to the task's cgroup), a seccomp filter (the
     injected calls could be refused or kill the copy) and any failure: then
     the caller reads the memory itself, as before.
@@ -296,6 +301,13 @@ class SelfWriter:
         if not self._suitable(self.snap):
             return False
         try:
+            mine = os.fstat(self.out_fd)
+            seen = os.stat(f"/proc/{self.snap}/root{self.out_path}")
+            if (mine.st_dev, mine.st_ino) != (seen.st_dev, seen.st_ino):
+                return self._fail()
+        except OSError:
+            return self._fail()
+        try:
             self.memfd = os.open(f"/proc/{self.snap}/mem", os.O_RDWR | os.O_CLOEXEC)
             self.inj = inj = Injector(self.snap, self.syscall_addr, self.memfd)
             inj.check("unshare", CLONE_FILES)
@@ -304,7 +316,7 @@ class SelfWriter:
             scratch = inj.check("mmap", 0, 4096 + len(path), 3, MAP_PRIVATE_ANON, 2**64 - 1, 0)
             try:
                 inj.write(scratch, path)
-                res = inj.call("openat", AT_FDCWD, scratch, O_WRONLY | O_CLOEXEC, 0)
+                res = inj.call("openat", AT_FDCWD, scratch, O_WRONLY | O_NONBLOCK | O_CLOEXEC, 0)
             finally:
                 inj.call("munmap", scratch, 4096 + len(path))
             if res < 0:

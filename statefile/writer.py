@@ -9,15 +9,22 @@ Memory is copied with process_vm_readv or /proc/PID/mem (or from a shmem or
 deleted file) into a 1 MiB buffer per worker thread, checksummed (CRC32 per
 segment) and written with pwrite by the same worker into blocks allocated
 beforehand (fallocate); no page ever becomes a Python object.  The file is created as a hidden temporary (mode 0600) beside the final
-name and renamed only once complete; any failure unlinks it.
+name, unnamed (O_TMPFILE) where the file system allows it, and given that name
+only once complete; any failure removes it.  Unnamed, nothing is left even
+when crcheckpoint is killed; elsewhere the next run removes what a dead one
+left (TempFile below).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import queue
+import re
+import secrets
+import stat
 import threading
 import time
 
@@ -251,11 +258,8 @@ class StatefileWriter:
             raise OutputError(f"output directory {d} does not exist")
         if os.path.isdir(self.path):
             raise OutputError(f"output path {self.path} is a directory")
-        self.tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{os.getpid()}")
-        try:
-            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise OutputError(f"cannot create statefile in {d}: {e.strerror}") from None
+        self.out = TempFile(self.path)
+        self.fd = self.out.fd
 
     def _self_writers(self, snapshots: dict[int, int], syscall_addrs: dict[int, int],
                       sources: dict) -> dict:
@@ -266,19 +270,14 @@ class StatefileWriter:
             src = sources.get(snap)
             if src is None or task_pid not in syscall_addrs:
                 continue
-            w = snapshot.SelfWriter(snap, syscall_addrs[task_pid], self.fd, self.tmp)
+            w = snapshot.SelfWriter(snap, syscall_addrs[task_pid], self.fd, self.out.open_path)
             if w.open():
                 out[src] = w
         return out
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        self.out.abort()
+        self.fd = -1
 
     def write(self, *, header: dict, tasks: list[dict], regs: list[nt.ThreadRegs],
               files: list[dict], segments: list[SegmentPlan], progress=None,
@@ -393,17 +392,8 @@ class StatefileWriter:
         try:
             _pwrite_all(self.fd, blob, note_off)
             _pwrite_all(self.fd, ec.build_headers(phdrs), 0)
-            if self.fsync:
-                os.fsync(self.fd)
-            os.close(self.fd)
+            self.out.commit(self.fsync)
             self.fd = -1
-            os.rename(self.tmp, self.path)
-            if self.fsync:
-                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
         except OSError as e:
             raise OutputError(_write_error(e, self.path)) from None
         return {"bytes_stored": stored, "file_size": note_off + len(blob),
@@ -453,3 +443,226 @@ def _write_error(e: OSError, path: str) -> str:
     if e.errno == errno.EROFS:
         return f"read-only file system: cannot write {path}"
     return f"writing {path} failed: {e.strerror or e}"
+
+
+# ------------------------------------------------------- the file being written
+
+USE_O_TMPFILE = True    # internal: a test sets it False to exercise the named fallback
+
+# Hidden names crelf writes a statefile under while it is not complete: only
+# ever where the file system lacks O_TMPFILE, or for the instant between
+# linking an unnamed file and renaming it over an existing statefile.
+# `.NAME.crelf-<16 hex digits>.tmp`: 64 random bits, so nobody can create the
+# name first and block a checkpoint.
+TEMP_NAME = re.compile(r"\..+\.crelf-[0-9a-f]{16}\.tmp")
+_LEGACY_NAME = re.compile(r"\.(.+)\.tmp-([0-9]+)")      # before: .NAME.tmp-PID
+
+
+def _temp_name(name: str) -> str:
+    return f".{name[:200]}.crelf-{secrets.token_hex(8)}.tmp"
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _lock(fd: int) -> bool:
+    """Take the writer's lock: an exclusive flock, held as long as the file is
+    open here, so released by the kernel when crcheckpoint dies however it
+    dies.  False when someone else holds it (a next run probing the file as a
+    possible leftover).  A file system without flock: unlocked (the probe
+    fails the same way there, so nothing is taken for a leftover)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def remove_leftovers(directory: str, dirfd: int, name: str) -> list[str]:
+    """Remove what crcheckpoint runs that died left in `directory`: files
+    named like TEMP_NAME whose writer's lock can be taken (a live writer
+    holds it until it is done), and the `.NAME.tmp-PID` files of older
+    versions for this statefile NAME whose PID no longer exists.  Only
+    regular files owned by our effective uid.  Returns the names removed."""
+    removed = []
+    try:
+        entries = [e.name for e in os.scandir(directory)]
+    except OSError:
+        return removed      # unreadable directory: nothing to clean
+    me = os.geteuid()
+    for entry in entries:
+        legacy = _LEGACY_NAME.fullmatch(entry)
+        if not TEMP_NAME.fullmatch(entry) and not (legacy and legacy[1] == name):
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                         | os.O_CLOEXEC, dir_fd=dirfd)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != me:
+                continue
+            if legacy:
+                try:
+                    os.kill(int(legacy[2]), 0)
+                    continue            # that pid exists: maybe the writer
+                except ProcessLookupError:
+                    pass
+                except OSError:
+                    continue
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue            # a writer holds it (or no flock here)
+            if _same_file(os.stat(entry, dir_fd=dirfd, follow_symlinks=False), st):
+                os.unlink(entry, dir_fd=dirfd)
+                removed.append(entry)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+class TempFile:
+    """The statefile while it is written, in the directory of its final name.
+
+    Where the file system allows it, an unnamed file (O_TMPFILE): it has no
+    name until commit() links it under the final one, so nothing is left
+    behind whatever happens to crcheckpoint (SIGKILL included): the kernel
+    frees it with the last descriptor.  linkat(2) cannot replace a name: when
+    a statefile exists under the final name already, the complete file is
+    linked under a random hidden name and renamed over it (one step, so the
+    final name always holds a complete statefile, old or new; the same as
+    systemd's link_tmpfile).  Elsewhere the file is created under a random
+    hidden name (O_EXCL|O_NOFOLLOW: nobody can guess it or plant it first) and
+    renamed at the end.  In both cases the writer holds a flock on it from
+    creation to the end, so a run that died is told apart from one still
+    writing: every run first removes the hidden files whose lock it can take
+    (remove_leftovers).
+
+    `open_path` is a path by which another process (a snapshot writing its
+    own memory, snapshot.SelfWriter) can open this very file: the hidden
+    name, or /proc/PID/fd/N of ours for an unnamed file.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.dir, self.name = os.path.split(path)
+        self.fd = -1
+        self.tmp: str | None = None     # our hidden name in the directory, while we have one
+        try:
+            self.dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OutputError(f"cannot create statefile in {self.dir}: {e.strerror}") from None
+        try:
+            self.removed = remove_leftovers(self.dir, self.dirfd, self.name)
+            self.unnamed = USE_O_TMPFILE and self._open_unnamed()
+            if not self.unnamed:
+                self._create_named()
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot create statefile in {self.dir}: {e.strerror}") from None
+        self.open_path = (f"/proc/{os.getpid()}/fd/{self.fd}" if self.unnamed
+                          else os.path.join(self.dir, self.tmp))
+
+    def _open_unnamed(self) -> bool:
+        try:
+            self.fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                              dir_fd=self.dirfd)
+        except OSError as e:
+            # EOPNOTSUPP: this file system has no O_TMPFILE; EISDIR, EINVAL:
+            # a kernel or a file system that does not know the flag
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return False
+            raise
+        os.fchmod(self.fd, 0o600)       # whatever the umask: it holds secrets
+        _lock(self.fd)
+        return True
+
+    def _create_named(self) -> None:
+        for _ in range(100):
+            name = _temp_name(self.name)
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=self.dirfd)
+            except FileExistsError:
+                continue
+            try:
+                os.fchmod(fd, 0o600)
+                # Between creating and locking it, another run may have taken
+                # it for a leftover: it then holds the lock or removed the
+                # name.  Start again with another name.
+                ok = _lock(fd) and _same_file(
+                    os.stat(name, dir_fd=self.dirfd, follow_symlinks=False), os.fstat(fd))
+            except FileNotFoundError:
+                ok = False
+            except OSError:
+                os.close(fd)
+                try:
+                    os.unlink(name, dir_fd=self.dirfd)
+                except OSError:
+                    pass
+                raise
+            if ok:
+                self.fd, self.tmp = fd, name
+                return
+            os.close(fd)
+        raise OSError(errno.EEXIST, "no free temporary name")
+
+    def commit(self, fsync: bool = False) -> None:
+        """Give the complete file its final name (and with `fsync` flush the
+        file before and the directory after), then close it."""
+        if fsync:
+            os.fsync(self.fd)
+        if self.unnamed:
+            # os.link uses linkat(AT_SYMLINK_FOLLOW) only when given a dir fd;
+            # without one Python 3.11 calls link(2), which does not follow the
+            # /proc magic link (EXDEV).
+            src = f"/proc/self/fd/{self.fd}"
+            try:
+                os.link(src, self.name, dst_dir_fd=self.dirfd)
+            except FileExistsError:
+                while self.tmp is None:
+                    name = _temp_name(self.name)
+                    try:
+                        os.link(src, name, dst_dir_fd=self.dirfd)
+                        self.tmp = name
+                    except FileExistsError:
+                        pass
+        if self.tmp is not None:
+            os.rename(self.tmp, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+            self.tmp = None
+        if fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self._close()
+
+    def abort(self) -> None:
+        """Remove what we made (our hidden name, if it is still ours) and close."""
+        if self.tmp is not None:
+            try:
+                if self.fd >= 0 and _same_file(
+                        os.stat(self.tmp, dir_fd=self.dirfd, follow_symlinks=False),
+                        os.fstat(self.fd)):
+                    os.unlink(self.tmp, dir_fd=self.dirfd)
+            except OSError:
+                pass
+            self.tmp = None
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.dirfd >= 0:
+            os.close(self.dirfd)
+            self.dirfd = -1
