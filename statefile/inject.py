@@ -202,15 +202,6 @@ class Injector:
             sig = 0
         return _signed(pt.getregs(self.tid).rax)
 
-    def call_clone(self, flags: int) -> int:
-        """fork()-like clone (same stack, no exit signal) under PTRACE_O_TRACECLONE;
-        returns the new child's pid as the tracer sees it."""
-        self.clone_child = 0
-        self.check("clone", flags, 0, 0, 0, 0)
-        if not self.clone_child:
-            raise InjectError(0, f"clone in {self.tid} made no traced child")
-        return self.clone_child
-
     def check(self, name: str, *args: int) -> int:
         res = self.call(name, *args)
         if -4096 < res < 0:

@@ -50,7 +50,7 @@ from .inject import Injector, InjectError
 
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
-WALL, WCLONE, WNOTHREAD = 0x40000000, 0x80000000, 0x20000000
+WCLONE, WNOTHREAD = 0x80000000, 0x20000000
 NR_CLONE, NR_WAIT4, NR_EXIT, NR_EXIT_GROUP = 56, 61, 60, 231
 HELPER_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 SNAPSHOT_FLAGS = CLONE_FILES | CLONE_FS          # exit signal 0
@@ -145,11 +145,14 @@ def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None
             if not _helper_alive(task, thread):
                 os.pwrite(memfd, original, tail)
             raise
-        # The snapshot's own copy of the tail, as the task's was.
-        with open(f"/proc/{child}/mem", "r+b", buffering=0) as f:
-            f.seek(tail)
-            f.write(original)
         _helpers[child] = Helper(task, thread, tail, original)
+        try:            # the snapshot's own copy of the tail, as the task's was
+            with open(f"/proc/{child}/mem", "r+b", buffering=0) as f:
+                f.seek(tail)
+                f.write(original)
+        except OSError:
+            release_snapshot(task, child)
+            raise
         return child
     finally:
         os.close(memfd)
