@@ -87,15 +87,14 @@ def _make_snapshots(freezer: Freezer, tasks: list[dict]) -> dict[int, int]:
                 raise OSError(0, f"pid {t['pid']} is stopped: its helper thread would stop too")
             snaps[t["pid"]] = snapshot.fork_snapshot(leader, ft.gadgets, t["pid"])
     except OSError:
-        _release_snapshots(freezer, snaps)
+        _release_snapshots(snaps)
         return {}
     return snaps
 
 
-def _release_snapshots(freezer: Freezer, snaps: dict[int, int], addrs=None) -> None:
-    addrs = addrs or {p: ft.syscall_addr for p, ft in freezer.tasks.items()}
-    for pid, child in snaps.items():
-        snapshot.release_snapshot(pid, child, addrs[pid])
+def _release_snapshots(snaps: dict[int, int]) -> None:
+    for child in snaps.values():
+        snapshot.release_snapshot(child)
     snaps.clear()
 
 
@@ -249,14 +248,14 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         # Nothing is lost: no half-written file, the tree runs on.
         writer.abort()
         freezer.thaw()
-        _release_snapshots(freezer, snaps, addrs)
+        _release_snapshots(snaps)
         _hooks_after(told, hook_timeout)
         raise
     t_written = time.monotonic()
     if t_thawed is None:
         freezer.thaw(kill=kill)
         t_thawed = time.monotonic()
-    _release_snapshots(freezer, snaps, addrs)
+    _release_snapshots(snaps)
     t_end = time.monotonic()
     if not kill:
         _hooks_after(told, hook_timeout)

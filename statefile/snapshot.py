@@ -60,8 +60,8 @@ SNAPSHOT_FLAGS = CLONE_FILES | CLONE_FS          # exit signal 0
 class Helper:
     task: int           # the task the snapshot copies
     thread: int         # the helper thread (tracer view tid)
-    tail: int           # address of the frames in the task's vDSO
-    original: bytes     # what was there
+    tail: int           # address of the frames in the task's vDSO padding
+    size: int           # their length (the padding is zeros again after)
 
 
 _helpers: dict[int, Helper] = {}     # by snapshot pid
@@ -124,13 +124,11 @@ def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None
     """A never-running copy of the (frozen) task whose thread is leader;
     returns its pid (tracer view)."""
     task = task or leader
-    if procfs.status(task).get("Seccomp", "0") == "1":
-        raise InjectError(0, f"pid {task} is in seccomp strict mode")
     g = gadgets
     memfd = os.open(f"/proc/{task}/mem", os.O_RDWR | os.O_CLOEXEC)
     try:
         tail, frames = _vdso_tail(task, memfd, g)
-        original = bytes(len(frames))
+        zeros = bytes(len(frames))
         os.pwrite(memfd, frames, tail)
         thread = 0
         try:
@@ -143,15 +141,15 @@ def fork_snapshot(leader: int, gadgets: wayback.Gadgets, task: int | None = None
             child = _start_helper(thread)
         except BaseException:
             if not _helper_alive(task, thread):
-                os.pwrite(memfd, original, tail)
+                os.pwrite(memfd, zeros, tail)
             raise
-        _helpers[child] = Helper(task, thread, tail, original)
+        _helpers[child] = Helper(task, thread, tail, len(frames))
         try:            # the snapshot's own copy of the tail, as the task's was
             with open(f"/proc/{child}/mem", "r+b", buffering=0) as f:
                 f.seek(tail)
-                f.write(original)
+                f.write(zeros)
         except OSError:
-            release_snapshot(task, child)
+            release_snapshot(child)
             raise
         return child
     finally:
@@ -192,8 +190,7 @@ def _helper_alive(task: int, thread: int) -> bool:
         return False
 
 
-def release_snapshot(task_pid: int, child: int, syscall_addr: int = 0,
-                     timeout: float = 5.0) -> None:
+def release_snapshot(child: int, timeout: float = 5.0) -> None:
     """Kill the copy; its helper thread reaps it and ends; then the task's
     vDSO tail is written back (the task itself is never stopped for this)."""
     try:
@@ -212,7 +209,7 @@ def release_snapshot(task_pid: int, child: int, syscall_addr: int = 0,
     try:
         with open(f"/proc/{h.task}/mem", "r+b", buffering=0) as f:
             f.seek(h.tail)
-            f.write(h.original)
+            f.write(bytes(h.size))
     except OSError:
         pass                # the task is gone
 

@@ -35,8 +35,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-from . import ptrace as pt
-
 PAGE = 4096
 RED_ZONE = 128
 # struct rt_sigframe: pretcode (8), struct ucontext (304), siginfo (128)
@@ -50,12 +48,13 @@ UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 1, 2, 4
 SS_DISABLE = 2
 FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
 SW_RESERVED = 464           # struct _fpx_sw_bytes in the fxsave area
-ALL_SIGNALS = 2**64 - 1
+ALL_SIGNALS = 2**64 - 1     # a sigset with every signal
+_U64 = 2**64 - 1
 _TF = 0x100
 
 ERESTART = (512, 513, 514, 516)   # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, _RESTARTBLOCK
 
-# `syscall` then only `xor r32, r32` (31 /r, 45 31 /r) or nops, then `ret`
+# rt_sigreturn as libcs and Go's runtime spell it
 _SIGRETURN = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05",      # mov $15,%rax; syscall
               b"\xb8\x0f\x00\x00\x00\x0f\x05")              # mov $15,%eax; syscall
 
@@ -71,7 +70,8 @@ class NoWayBack(OSError):
 
 
 def _returns_after(code: bytes, i: int) -> bool:
-    """Whether the bytes after the `syscall` at i only clear registers, then ret."""
+    """Whether the bytes after the `syscall` at i only clear registers (`xor
+    r32, r32`: 31 /r, or with a REX prefix 45/48/4d 31 /r) or are nops, then ret."""
     j = i + 2
     while j < len(code):
         b = code[j]
@@ -156,8 +156,8 @@ def link(g: Gadgets, *, rip: int, rsp: int, rax: int, args=(), regs=None, sigmas
              "rdx", "rax", "rcx", "rsp", "rip")
     v = {n: (getattr(regs, n) if regs is not None else 0) for n in names}
     for reg, val in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
-        v[reg] = val & ALL_SIGNALS
-    v.update(rip=rip, rsp=rsp, rax=rax & ALL_SIGNALS)
+        v[reg] = val & _U64
+    v.update(rip=rip, rsp=rsp, rax=rax & _U64)
     if regs is not None:
         cs, ss, eflags = regs.cs, regs.ss, regs.eflags & ~_TF
     mc = struct.pack("<17QQ4H4QQ64x", *(v[n] for n in names), eflags, cs, 0, 0, ss,
@@ -213,4 +213,4 @@ def build(g: Gadgets, regs, sigmask: int, xstate: bytes, f: Frame) -> list[tuple
 
 
 __all__ = ["Gadgets", "NoWayBack", "find_gadgets", "link", "build", "place", "Frame",
-           "restarted", "pt", "UC_STACK", "LINK_SIZE", "ALL_SIGNALS", "SCRATCH"]
+           "restarted", "UC_STACK", "LINK_SIZE", "ALL_SIGNALS", "SCRATCH"]
