@@ -16,7 +16,7 @@ from statefile.errors import FormatError
 from statefile.reader import MALFORMED, load, verify_notes
 
 from .errors import RestoreError
-from . import freezer
+from . import freezer, restore_pidfd
 from .guard import Guard
 from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
                      prctl, unshare)
@@ -308,6 +308,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         shared.update(ipc.create_memfds(shared_ids))
         ipc.memfds = {}           # closed with `shared`
         shared.update(objs.create())   # memfds, shared deleted/tmpfs files (restore_memfd)
+        shared.update(restore_pidfd.corpses(sf.files, tasks))   # pidfds of exited processes
         if fz is not None:
             try:
                 fz.join()         # the root is born in it, and every task after it

@@ -196,7 +196,12 @@ TABLE: tuple[Resource, ...] = (
              "fanotify groups cannot be checkpointed"),
     Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
              "a userfaultfd owned by the application cannot be checkpointed"),
-    Resource("fd:pidfd", "pidfd", UNSUPPORTED, f"pidfds are {_NOT_YET}"),
+    Resource("fd:pidfd", "a pidfd of a process or thread of the tree, or of a process that "
+             "has exited (opened again on the restarted one; an exited one refers to an "
+             "exited process again)", SUPPORTED),
+    Resource("fd:pidfd-external", "a pidfd of a live process outside the tree", UNSUPPORTED,
+             "that process is not part of the checkpoint, so the restarted tree could not "
+             "refer to it; checkpoint the process with the tree (a common ancestor)"),
     Resource("fd:other", "other anonymous-inode file", UNSUPPORTED,
              "this kind of file cannot be checkpointed"),
     # --- SysV IPC ----------------------------------------------------------------
@@ -432,6 +437,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
+    from .dump_pidfd import in_tree
     from .dump_pipes import external, stdio_passthrough
     external_pipes = external(tasks, files)
     passthrough = stdio_passthrough(tasks, files)
@@ -462,6 +468,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             key = fd_key(f)
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
+            if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):
+                key = "fd:pidfd-external"
+                detail = f"{detail}: refers to pid {f.get('pidfd', {}).get('pid', '?')}"
             add(key, pid, where, detail)
             if fd["file"] in passthrough:
                 add("fd:stdio-external", pid, where, external_pipes[fd["file"]])
