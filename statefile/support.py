@@ -191,7 +191,13 @@ TABLE: tuple[Resource, ...] = (
              "kernel); policy 'io_uring' restores the fd closed", "io_uring"),
     Resource("fd:perf_event", "perf event", SKIPPABLE,
              "perf events cannot be checkpointed; policy 'perf' restores the fd closed", "perf"),
-    Resource("fd:bpf", "BPF map or program", UNSUPPORTED, "BPF objects cannot be checkpointed"),
+    Resource("fd:bpf-map", "a BPF hash, array or LRU hash map (its definition, name, entries "
+             "and frozen state; created again at restart, which needs root or CAP_BPF)",
+             SUPPORTED),
+    Resource("fd:bpf", "any other BPF object: a program, link or BTF object, a per-CPU map, a "
+             "map of maps, an offloaded map or one with BTF types", UNSUPPORTED,
+             "its state is more than entries crelf can read back (a program would have to be "
+             "loaded and attached again): not restored by this version of crelf"),
     Resource("fd:fanotify", "fanotify group", UNSUPPORTED,
              "fanotify groups cannot be checkpointed"),
     Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
@@ -313,6 +319,8 @@ def fd_key(f: dict) -> str:
                 "netlink": "fd:socket:netlink"}.get(fam, "fd:socket:other")
     if kind.startswith("anon:"):
         name = kind[5:]
+        if name == "bpf-map" and "entries" in f.get("bpf", {}):
+            return "fd:bpf-map"
         if name.startswith("bpf"):
             return "fd:bpf"
         return _ANON.get(name, "fd:other")
@@ -468,6 +476,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             key = fd_key(f)
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
+            if key == "fd:bpf" and f.get("bpf", {}).get("unsupported"):
+                detail = f"{detail}: {f['bpf']['unsupported']}"
             if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):
                 key = "fd:pidfd-external"
                 detail = f"{detail}: refers to pid {f.get('pidfd', {}).get('pid', '?')}"
