@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from statefile.integrity import DamagedError, SegmentReader
 
-from . import restore_anon, restore_bpf, restore_pidfd, restore_sockets, restore_tty
+from . import restore_anon, restore_bpf, restore_fanotify, restore_pidfd, restore_sockets, restore_tty
 from .guard import journal_path
 from .kernel import personality
 
@@ -206,10 +206,15 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
     skipped = f.get("skipped")
     if skipped == "network" and kind == "socket":
         return _skipped_socket(f)
-    if skipped and kind != "regular":
+    if skipped and kind != "regular" and skipped != "notify-events":
         return None  # io_uring, perf event...: the policy restores them closed
     if kind in restore_anon.KINDS:
         return restore_anon.open_anon(f)
+    if kind == restore_fanotify.KIND:
+        try:
+            return restore_fanotify.open_fanotify(f)
+        except OSError as e:
+            raise ChildError("files", str(e)) from None
     if kind == restore_bpf.KIND:
         try:
             return restore_bpf.open_map(f)

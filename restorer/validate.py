@@ -212,4 +212,7 @@ def _skip_note(fd: int, f: dict) -> str:
     if why == "file-contents":
         return (f"fd {fd}: content of deleted file {f['path']} was skipped by policy "
                 "'file-contents': restored as zeros")
+    if why == "notify-events":
+        return (f"fd {fd}: the {f['kind'][5:]} events queued at the checkpoint were skipped by "
+                f"policy '{why}': restored with its watches or marks and an empty queue")
     return f"fd {fd}: {f['kind']} was skipped by policy '{why}': restored closed"

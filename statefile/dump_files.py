@@ -14,7 +14,7 @@ import os
 import socket
 import stat as st
 
-from . import dump_anon, dump_bpf, dump_pidfd, dump_pipes, dump_sockets, dump_tty, procfs
+from . import dump_anon, dump_bpf, dump_fanotify, dump_pidfd, dump_pipes, dump_sockets, dump_tty, procfs
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -188,6 +188,9 @@ class FileTable:
                     rec = dump_pidfd.parse(info, s.st_ino)
                     if rec is not None:
                         entry["pidfd"] = rec
+                if kind == "anon:fanotify":
+                    entry["anon"] = dump_fanotify.parse(
+                        pid, fd, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines())
                 if kind == "anon:bpf-map":
                     entry["bpf"] = dump_bpf.parse(pid, fd, info)
                 if kind == "regular" and deleted and not target.startswith("/memfd:"):

@@ -179,8 +179,10 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:signalfd", "signalfd (mask)", SUPPORTED),
     Resource("fd:inotify", "inotify instance (watches by path, same watch numbers)", SUPPORTED),
     Resource("fd:inotify-unread", "inotify instance with events queued and not read yet",
-             UNSUPPORTED, "queued inotify events cannot be read without consuming them; "
-             "checkpoint again once the program has read them"),
+             SKIPPABLE, "queued inotify events cannot be read without consuming them (nor put "
+             "back: the kernel has no call for it); checkpoint again once the program has read "
+             "them, or policy 'notify-events' restores the instance with its watches and an "
+             "empty queue (those events are lost)", "notify-events"),
     Resource("fd:anon-shared", "eventfd/epoll/timerfd/signalfd/inotify shared by several "
              "processes", UNSUPPORTED, f"sharing these between processes is {_NOT_YET}"),
     Resource("fd:inotify-lost", "inotify watch whose file cannot be found", UNSUPPORTED,
@@ -198,8 +200,17 @@ TABLE: tuple[Resource, ...] = (
              "map of maps, an offloaded map or one with BTF types", UNSUPPORTED,
              "its state is more than entries crelf can read back (a program would have to be "
              "loaded and attached again): not restored by this version of crelf"),
-    Resource("fd:fanotify", "fanotify group", UNSUPPORTED,
-             "fanotify groups cannot be checkpointed"),
+    Resource("fd:fanotify", "a fanotify group of the notification class, its inode, mount and "
+             "file system marks (added again on their paths; needs root)", SUPPORTED),
+    Resource("fd:fanotify-unread", "a fanotify group with events queued and not read yet",
+             SKIPPABLE, "queued fanotify events cannot be read without consuming them (nor put "
+             "back); a mark on a busy mount fills the queue all the time, crcheckpoint's own "
+             "file accesses included. Policy 'notify-events' restores the group with its marks "
+             "and an empty queue (those events are lost)", "notify-events"),
+    Resource("fd:fanotify-other", "a fanotify group with a mark whose object cannot be "
+             "found, or of a permission class", UNSUPPORTED,
+             "a mark needs the object it is on (deleted, or not visible), and a permission "
+             "event a task is answering cannot be given back"),
     Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
              "a userfaultfd owned by the application cannot be checkpointed"),
     Resource("fd:pidfd", "a pidfd of a process or thread of the tree, or of a process that "
@@ -445,6 +456,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
+    from .dump_fanotify import problem as fanotify_problem
     from .dump_pidfd import in_tree
     from .dump_pipes import external, stdio_passthrough
     external_pipes = external(tasks, files)
@@ -476,6 +488,12 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             key = fd_key(f)
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
+            if key == "fd:fanotify" and fanotify_problem(f.get("anon") or {}):
+                key = "fd:fanotify-other"
+                detail = f"{detail}: {fanotify_problem(f.get('anon') or {})}"
+            elif key == "fd:fanotify" and (f.get("anon") or {}).get("unread"):
+                add("fd:fanotify-unread", pid, where, f"fanotify fd {fd['fd']} has unread "
+                    f"events ({f['anon']['unread']} bytes queued)")
             if key == "fd:bpf" and f.get("bpf", {}).get("unsupported"):
                 detail = f"{detail}: {f['bpf']['unsupported']}"
             if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):
