@@ -18,7 +18,8 @@ from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
 
 # Trees are checked below with their own message.
-_TREE_KEYS = {"task:tree", "task:zombie"}
+_TREE_KEYS = {"task:tree", "task:zombie",
+              "task:cgroup"}   # (checked at checkpoint; a restart uses crrestart's cgroups)
 
 
 def _ident_problem(path: str, want: dict, what: str, check_size_mtime: bool = True) -> str | None:

@@ -65,6 +65,11 @@ TABLE: tuple[Resource, ...] = (
              "crelf's own", UNSUPPORTED,
              "a restart would put the tasks in crelf's own mount, network, user, cgroup and "
              f"time namespaces: tasks in other ones are {_NOT_YET}"),
+    Resource("task:cgroup", "a task or thread in a cgroup other than crcheckpoint's own (in "
+             "any hierarchy)", UNSUPPORTED, "a restart puts every task in crrestart's own "
+             "cgroups, so it would come back without its cgroup's limits and accounting; "
+             f"restoring cgroup membership is {_NOT_YET} (checkpoint from inside the same "
+             "cgroup: a tree in crcheckpoint's own cgroups comes back in crrestart's)"),
     Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
              f"POSIX timers are {_NOT_YET}"),
     Resource("task:traced", "a task traced by another tracer (debugger, strace); a traced "
@@ -466,6 +471,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     from .dump_ns import KINDS as NS_KINDS
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in NS_KINDS}
     out += _ns_findings(tasks, own_ns)
+    from .dump_cgroup import differences
+    for pid, tid, what in differences(tasks):
+        add("task:cgroup", pid, f"pid {pid}" + (f" thread {tid}" if tid != pid else ""), what)
     for t in tasks:
         pid = t["pid"]
         add("task:process", pid, f"pid {pid}", f"{t['comm']} ({len(t['threads'])} threads)")
