@@ -14,7 +14,8 @@ import os
 import socket
 import stat as st
 
-from . import dump_anon, dump_bpf, dump_pidfd, dump_pipes, dump_sockets, dump_tty, procfs
+from . import (dump_anon, dump_bpf, dump_locks, dump_pidfd, dump_pipes, dump_sockets,
+               dump_tty, procfs)
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -111,6 +112,7 @@ class FileTable:
         self.blobs: list[SegmentPlan] = []
         self.pipes = dump_pipes.PipeTable()   # pipe/FIFO records, bytes in flight
         self.shmem: list[dict] = []             # memfds and shared file objects (dump_memfd)
+        self.task_locks: dict[int, list[dict]] = {}   # pid -> its POSIX locks (dump_locks)
         self._diag: dict | None = None
 
     def unix_diag(self) -> dict:
@@ -145,6 +147,7 @@ class FileTable:
 
     def dump_fds(self, pid: int) -> list[dict]:
         fds = []
+        posix = self.task_locks.setdefault(pid, [])
         for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
             fd = int(name)
             try:
@@ -156,6 +159,7 @@ class FileTable:
             flags = int(info.get("flags", "0"), 8)
             ident = (s.st_dev, s.st_ino)
             fid = self._same_as(pid, fd, ident)
+            first = fid is None
             if fid is None:
                 fid = len(self.files)
                 kind = _kind(target, s.st_mode, s.st_rdev)
@@ -170,7 +174,7 @@ class FileTable:
                     "owner_pid": pid, "owner_fd": fd,
                 }
                 extra = {k: v for k, v in info.items()
-                         if k not in ("pos", "flags", "mnt_id", "ino")}
+                         if k not in ("pos", "flags", "mnt_id", "ino", "lock")}
                 if extra:
                     entry["fdinfo"] = extra
                 if kind == "socket":
@@ -195,6 +199,7 @@ class FileTable:
                     self.add_blob(entry, f"content of deleted file {entry['path']}")
                 self.files.append(entry)
                 self._by_ident[ident].insert(self._insert_at, fid)
+            dump_locks.add_fd(self, posix, self.files[fid], fid, pid, fd, info, first)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
         return fds
 
