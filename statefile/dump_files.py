@@ -159,7 +159,6 @@ class FileTable:
             flags = int(info.get("flags", "0"), 8)
             ident = (s.st_dev, s.st_ino)
             fid = self._same_as(pid, fd, ident)
-            first = fid is None
             if fid is None:
                 fid = len(self.files)
                 kind = _kind(target, s.st_mode, s.st_rdev)
@@ -177,6 +176,8 @@ class FileTable:
                          if k not in ("pos", "flags", "mnt_id", "ino", "lock")}
                 if extra:
                     entry["fdinfo"] = extra
+                # locks and owner first: whether its content may be read (dump_locks)
+                dump_locks.add_fd(self, posix, entry, fid, pid, fd, info, True)
                 if kind == "socket":
                     entry["socket"] = socket_info(pid, fd, self.unix_diag)
                 if kind in ("pipe", "fifo"):
@@ -194,12 +195,14 @@ class FileTable:
                         entry["pidfd"] = rec
                 if kind == "anon:bpf-map":
                     entry["bpf"] = dump_bpf.parse(pid, fd, info)
-                if kind == "regular" and deleted and not target.startswith("/memfd:"):
+                if kind == "regular" and deleted and not target.startswith("/memfd:") \
+                        and not dump_locks.open_breaks_lease(entry):
                     # (a memfd's content is saved once per object: dump_memfd.py)
                     self.add_blob(entry, f"content of deleted file {entry['path']}")
                 self.files.append(entry)
                 self._by_ident[ident].insert(self._insert_at, fid)
-            dump_locks.add_fd(self, posix, self.files[fid], fid, pid, fd, info, first)
+            else:
+                dump_locks.add_fd(self, posix, self.files[fid], fid, pid, fd, info, False)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
         return fds
 
@@ -227,6 +230,7 @@ class FileTable:
         """Policy dump_tmpfs: keep the content of regular files on tmpfs (/dev/shm...)."""
         for entry in self.files:
             if entry["kind"] == "regular" and "blob" not in entry and "shmem" not in entry \
+                    and not dump_locks.open_breaks_lease(entry) \
                     and fstype(entry["owner_pid"], entry["mnt_id"]) in ("tmpfs", "ramfs"):
                 self.add_blob(entry, f"content of tmpfs file {entry['path']}")
 

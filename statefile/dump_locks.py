@@ -136,6 +136,14 @@ def add_fd(files, task_locks: list[dict], entry: dict, fid: int, pid: int, fd: i
             entry["fown"] = fown
 
 
+def open_breaks_lease(entry: dict) -> bool:
+    """Whether opening the file to read its content (a deleted file's blob)
+    would break its lease, and wait for the frozen holder to give it up: any
+    lease but an active read lease conflicts with a reader."""
+    le = entry.get("lease")
+    return bool(le) and not (le["state"] == "active" and le["type"] == "read")
+
+
 # --- what the support table says about them (statefile/support.py) -------------------
 
 def findings(tasks: list[dict], files: list[dict], zombies: list[dict]):
@@ -167,6 +175,12 @@ def findings(tasks: list[dict], files: list[dict], zombies: list[dict]):
             if le:
                 yield ("fd:lease", pid, where, f"{le['state']} lease ({le['type']}) on "
                        f"{f['path']}")
+                if f.get("deleted") and f["kind"] == "regular" and open_breaks_lease(f) \
+                        and "shmem" not in f and not f["path"].startswith("/memfd:"):
+                    what = (f"a {le['type']} lease" if le["state"] == "active"
+                            else f"a lease being broken (to {le['type']})")
+                    yield ("fd:lease-deleted", pid, where, f"{f['path']}: deleted, under "
+                           f"{what}")
             fo = f.get("fown")
             if fo:
                 o, ty = fo.get("pid", 0), fo.get("pid_type")

@@ -180,6 +180,9 @@ TABLE: tuple[Resource, ...] = (
              "only POSIX, OFD and flock locks and leases can be taken again by a restart"),
     Resource("fd:lease", "file lease (F_SETLEASE read or write lease; one being broken comes "
              "back being broken, to the same type, its break time starting again)", SUPPORTED),
+    Resource("fd:lease-deleted", "deleted-but-open file under a write lease (or one being "
+             "broken)", UNSUPPORTED, "its content cannot be read without opening it, and an "
+             "open breaks the lease (and waits for the frozen holder to give it up)"),
     Resource("fd:fown", "SIGIO owner of a file (F_SETOWN/F_SETOWN_EX: a process, thread or "
              "process group of the tree, with the uid and euid it was set with), its signal "
              "(F_SETSIG) and O_ASYNC", SUPPORTED),

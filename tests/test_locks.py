@@ -265,6 +265,27 @@ int main(void) {
 }
 '''
 
+DELETED_LEASE = r'''
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+/* A write lease on a file deleted after it was opened. argv: path. */
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    write(fd, "content", 7);
+    if (fcntl(fd, F_SETLEASE, F_WRLCK) || unlink(argv[1])) {
+        perror("lease");
+        return 1;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    for (int i = 0; i < 600; i++)
+        usleep(50000);
+    return 0;
+}
+'''
+
 HOLDER = r'''
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -372,23 +393,40 @@ def test_leases_and_sigio_owner(procs, tmp_path):
     assert out.read_bytes() == ref
 
 
-def test_sigio_owner_outside_the_tree_is_refused(procs, tmp_path):
-    """A file whose SIGIO goes to a process outside the tree: exit 6 with the
-    support row's reason, nothing written, the target runs on."""
+@pytest.mark.parametrize("case", ["owner-outside", "deleted-under-lease"])
+def test_refused_up_front(procs, tmp_path, case):
+    """A file whose SIGIO goes to a process outside the tree, or a deleted
+    file under a write lease (reading its content would break the lease and
+    wait for the frozen holder): exit 6 with the support row's reason,
+    nothing written, the target runs on untouched (its lease not broken)."""
     require_root()
-    prog = build_c(tmp_path, "outside", OWNER_OUTSIDE)
-    out = tmp_path / "outside.out"
-    proc = procs.spawn([prog], stdout=out)
+    if case == "owner-outside":
+        prog = build_c(tmp_path, "outside", OWNER_OUTSIDE)
+        argv = [prog]
+        why = [f"SIGIO goes to pid {os.getpid()}, outside the tree",
+               "cannot make a process outside the tree the owner"]
+    else:
+        prog = build_c(tmp_path, "deleted", DELETED_LEASE)
+        argv = [prog, tmp_path / "leased"]
+        why = ["leased (deleted): deleted, under a write lease",
+               "an open breaks the lease"]
+    out = tmp_path / "target.out"
+    proc = procs.spawn(argv, stdout=out)
     wait_for_line(out, r"ready", proc=proc)
-    sf = tmp_path / "outside.cr"
+    sf = tmp_path / "target.cr"
+    t0 = time.monotonic()
     r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(sf)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 6, r.stderr
-    assert f"SIGIO goes to pid {os.getpid()}, outside the tree" in r.stderr
-    assert "cannot make a process outside the tree the owner" in r.stderr
+    assert time.monotonic() - t0 < 20           # (no wait for a lease break)
+    for text in why:
+        assert text in r.stderr, r.stderr
     assert not sf.exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".cr") or ".tmp" in p]
     assert proc.poll() is None and pid_alive(proc.pid)
+    if case == "deleted-under-lease":
+        with open(f"/proc/{proc.pid}/fdinfo/3") as f:
+            assert any("LEASE  ACTIVE    WRITE" in line for line in f)
 
 
 @pytest.mark.parametrize("kind", ["flock", "posix"])
