@@ -65,12 +65,53 @@ def _needs_owner(f: dict) -> bool:
     return bool(f.get("fown") or f.get("lease") or f.get("flags", 0) & FASYNC)
 
 
+def _int(v, lo: int = 0, hi: int = 2**63 - 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _range_ok(lk: dict) -> bool:
+    end = lk.get("end")
+    return _int(lk.get("start")) and (end is None or _int(end, lk["start"]))
+
+
+def check(sf) -> None:
+    """Raise ValueError for lock, lease or owner records this restorer could
+    not use (a foreign or damaged writer), before anything is created."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"malformed {what}")
+    nfiles = len(sf.files)
+    for t in sf.tasks:
+        fds = {d["fd"] for d in t["fds"]}
+        for lk in t.get("locks", []):
+            if not (isinstance(lk, dict) and lk.get("type") in LOCK_TYPE and _range_ok(lk)
+                    and lk.get("fd") in fds and _int(lk.get("file"), 0, nfiles - 1)):
+                raise bad(f"POSIX lock of pid {t['pid']}")
+    for f in sf.files:
+        for lk in f.get("locks", []):
+            if not (isinstance(lk, dict) and lk.get("type") in LOCK_TYPE and (
+                    lk.get("kind") == "flock" or (lk.get("kind") == "ofd" and _range_ok(lk)))):
+                raise bad(f"lock of {f['path']}")
+        le = f.get("lease")
+        if le is not None and not (isinstance(le, dict) and (
+                (le.get("state") == "active" and le.get("type") in LOCK_TYPE)
+                or (le.get("state") == "breaking" and le.get("type") in ("read", "unlck")))):
+            raise bad(f"lease of {f['path']}")
+        fo = f.get("fown")
+        if fo is not None and not (isinstance(fo, dict) and fo.get("pid_type") in OWNER_TYPE
+                                   and _int(fo.get("pid"), 0, 2**31 - 1)
+                                   and _int(fo.get("signum", 0), 0, 64)
+                                   and all(_int(fo.get(k, 0), 0, 2**32 - 2)
+                                           for k in ("uid", "euid"))):
+            raise bad(f"SIGIO owner of {f['path']}")
+
+
 def assign(sf) -> None:
     """Decide, before the tree is forked, which task takes each description's
     locks and lease (`_locks_by`) and sets its owner (`_fown_by`): [pid, fd]
     (the pids as the tasks see them; statefile pids of a tree that had its own
     pid namespace are translated, as restore_ns.to_inner did for the tasks)."""
     from .restore_ns import own_pidns
+    check(sf)
     ids = {int(k): int(v) for k, v in ((own_pidns(sf) or {}).get("ids") or {}).items()}
     holders: dict[int, list[tuple[int, int]]] = {}
     tids: dict[int, int] = {}

@@ -452,3 +452,85 @@ def test_lock_held_outside_fails_the_restart_cleanly(procs, tmp_path, kind):
     assert proc.poll() is None
     with open(f"/proc/{proc.pid}/fdinfo/3") as f:
         assert any(line.startswith("lock:") for line in f)
+
+
+def _forge(path, ntype: int, edit) -> None:
+    """Edit the first JSON note of type ntype that `edit` (obj -> bool) changes,
+    and fix its checksum in CR_INTEGRITY: every checksum still passes."""
+    import json
+    import zlib
+
+    import fuzzing as fz
+    from statefile import notes as nt
+    data = bytearray(open(path, "rb").read())
+    lay = fz.layout(str(path))
+    records = fz._records(data, lay)
+    for i, (_, _, d0, d1, owner, t) in enumerate(lay.notes):
+        if owner != "CRELF" or t != ntype:
+            continue
+        obj = json.loads(bytes(data[d0:d1]).rstrip(b"\0"))
+        if edit(obj):
+            break
+    else:
+        raise AssertionError("nothing to forge")
+    desc = nt.encode_json({k: v for k, v in obj.items() if k != "v"})
+    records[i] = fz._pack("CRELF", ntype, desc)
+    ii = next(k for k, n in enumerate(lay.notes) if n[5] == fz.CR_INTEGRITY)
+    integ = json.loads(bytes(data[lay.notes[ii][2]:lay.notes[ii][3]]).rstrip(b"\0"))
+    others = [k for k in range(len(lay.notes)) if k != ii]
+    integ["notes"][others.index(i)][2] = zlib.crc32(desc)
+    records[ii] = fz._pack("CRELF", fz.CR_INTEGRITY, nt.encode_json(
+        {k: v for k, v in integ.items() if k != "v"}))
+    open(path, "wb").write(fz._set_notes(data, lay, records))
+
+
+def _set_in_files(key: str, value):
+    def edit(obj) -> bool:
+        for f in obj["files"]:
+            if key in f:
+                f[key] = value
+                return True
+        return False
+    return edit
+
+
+def _set_in_task(value):
+    def edit(obj) -> bool:
+        if obj.get("locks"):
+            obj["locks"][0]["type"] = value
+            return True
+        return False
+    return edit
+
+
+@pytest.mark.parametrize("what", ["lease", "fown", "posix"])
+def test_forged_lock_records_refused_in_one_line(procs, tmp_path, what):
+    """Lock, lease and owner records a restorer cannot use (a damaged or
+    foreign writer whose checksums still pass) stop the restart before
+    anything is created: one line, no traceback, no process left."""
+    require_root()
+    from statefile.notes import CR_FILES, CR_TASK
+    name, src = ("leases", LEASES) if what != "posix" else ("locks", LOCKS)
+    prog = build_c(tmp_path, name, src)
+    d = tmp_path / "run"
+    d.mkdir()
+    out = tmp_path / "out"
+    proc = procs.spawn([prog, d, "400"], stdout=out)
+    wait_for_line(out, r"tick 3", proc=proc)
+    cr = tmp_path / "forged.cr"
+    _checkpoint(proc, cr)
+    if what == "lease":
+        _forge(cr, CR_FILES, _set_in_files("lease", {"state": "breaking", "type": "write"}))
+    elif what == "fown":
+        _forge(cr, CR_FILES, _set_in_files("fown", {"pid": proc.pid, "pid_type": "pid",
+                                                      "signum": 99}))
+    else:
+        _forge(cr, CR_TASK, _set_in_task("exclusive"))
+    before = {c for c in children(os.getpid()) if pid_alive(c)}
+    code, err = finish(restart(procs, cr))
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("crrestart: failed at plan: malformed statefile"), err
+    time.sleep(0.2)
+    assert {c for c in children(os.getpid()) if pid_alive(c)} <= before
