@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from statefile.integrity import DamagedError, SegmentReader
 
-from . import restore_anon, restore_bpf, restore_fanotify, restore_pidfd, restore_sockets, restore_tty
+from . import (restore_anon, restore_bpf, restore_fanotify, restore_locks, restore_pidfd,
+               restore_sockets, restore_tty)
 from .guard import journal_path
 from .kernel import personality
 
@@ -350,6 +351,11 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
             _place(fd, e.fd, True)
         if "tty" in keep:
             os.close(keep.pop("tty"))
+        step = "file locks"   # OFD/flock locks, leases (POSIX ones: restore_task.py)
+        try:
+            restore_locks.take_in_task(task, plan.files)
+        except restore_locks.LockError as ex:
+            raise ChildError(step, str(ex)) from None
         step = "cwd"
         os.chdir(task.get("cwd") or "/")
         if task.get("root", "/") not in ("/", ""):

@@ -177,6 +177,27 @@ TABLE: tuple[Resource, ...] = (
              "subscriptions and queued messages are lost)", "network"),
     Resource("fd:socket:other", "socket of another family", UNSUPPORTED,
              "this socket family cannot be checkpointed"),
+    Resource("fd:lock", "file lock: POSIX record lock (fcntl F_SETLK, taken again by its "
+             "process), OFD lock (F_OFD_SETLK) or flock(2) lock (taken again on its open file "
+             "description)", SUPPORTED),
+    Resource("fd:lock-other", "a lock of another kind (an NFS delegation or layout, a lock "
+             "on a file without an inode)", UNSUPPORTED,
+             "only POSIX, OFD and flock locks and leases can be taken again by a restart"),
+    Resource("fd:lease", "file lease (F_SETLEASE read or write lease; one being broken comes "
+             "back being broken, to the same type, its break time starting again)", SUPPORTED),
+    Resource("fd:lease-deleted", "deleted-but-open file under a write lease (or one being "
+             "broken)", UNSUPPORTED, "its content cannot be read without opening it, and an "
+             "open breaks the lease (and waits for the frozen holder to give it up)"),
+    Resource("fd:fown", "SIGIO owner of a file (F_SETOWN/F_SETOWN_EX: a process, thread or "
+             "process group of the tree, with the uid and euid it was set with), its signal "
+             "(F_SETSIG) and O_ASYNC", SUPPORTED),
+    Resource("fd:fown-external", "SIGIO owner (F_SETOWN) that is a process, thread or process "
+             "group outside the tree", UNSUPPORTED,
+             "a restart cannot make a process outside the tree the owner of a restored file "
+             "(it may be gone or be another process by then)"),
+    Resource("fd:fown-thread", "SIGIO owner (F_SETOWN_EX F_OWNER_TID) that is a thread of "
+             "another process of the tree, one that does not hold the file itself",
+             UNSUPPORTED, f"such an owner is {_NOT_YET}"),
     Resource("fd:eventfd", "eventfd (counter, semaphore mode)", SUPPORTED),
     Resource("fd:epoll", "epoll instance (watched fds with events and data)", SUPPORTED),
     Resource("fd:timerfd", "timerfd (clock, remaining time, interval, expirations not read "
@@ -533,6 +554,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             if key in ("mem:private", "mem:file-shared", "mem:vdso"):
                 continue  # not worth a line each; counted in the summary
             add(key, pid, where, detail)
+    from .dump_locks import findings as lock_findings
+    for key, p, where, detail in lock_findings(tasks, files, zombies):
+        add(key, p, where, detail)     # file locks, leases, SIGIO owners
     for z in zombies:
         add("task:zombie", z["pid"], f"pid {z['pid']}", f"{z['comm']} (exited, not reaped)")
     root = tasks[0]["pid"] if tasks else 0
