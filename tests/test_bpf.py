@@ -6,6 +6,7 @@ refusing writes: the output must be the uninterrupted run's byte for byte.
 A per-CPU map is refused before anything is written."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 from helpers import build_c, require_root, wait_for_line
@@ -62,7 +63,11 @@ int main(int argc, char **argv) {
     if (bpf(BPF_MAP_FREEZE, &a) < 0) { perror("freeze"); return 1; }
     int h2 = dup(h);
     printf("ready\n"); fflush(stdout);
-    for (int i = 0; i < 30; i++) { printf("tick %d\n", i); fflush(stdout); usleep(20000); }
+    const char *go = getenv("GO");           /* ticks 0-9, then on until the file GO exists */
+    for (int i = 0; i < 10 || (go && access(go, F_OK)); i++) {
+        if (i < 10) { printf("tick %d\n", i); fflush(stdout); }
+        usleep(20000);
+    }
     show("hash", h); show("array", r); show("lru", l);
     long sum = 0; for (unsigned k = 0; k < 20; k++) sum += get(h, k * 7);
     printf("hash sum %ld, missing key: %ld\n", sum, get(h, 3));
@@ -84,10 +89,13 @@ def test_bpf_maps_come_back(procs, tmp_path):
     assert b"hash sum 20190, missing key: -2" in ref and b"dup shares the map: 33" in ref, ref
     assert b"array write when frozen: Operation not permitted" in ref, ref
     out = tmp_path / "maps.out"
-    proc = procs.spawn([prog], stdout=out)
+    go = tmp_path / "go"
+    proc = procs.spawn([prog], stdout=out, env={**os.environ, "GO": str(go)})
     wait_for_line(out, r"tick 5\b", proc=proc)
     _checkpoint(proc, tmp_path / "maps.cr")
-    code, err = finish(restart(procs, tmp_path / "maps.cr"))
+    rp = restart(procs, tmp_path / "maps.cr")
+    go.touch()
+    code, err = finish(rp)
     assert code == 0, err
     assert out.read_bytes() == ref
 
@@ -96,7 +104,7 @@ def test_per_cpu_bpf_map_is_refused(procs, tmp_path):
     require_root()
     prog = build_c(tmp_path, "maps", MAPS)
     out = tmp_path / "percpu.out"
-    proc = procs.spawn([prog, "percpu"], stdout=out)
+    proc = procs.spawn([prog, "percpu"], stdout=out, env={**os.environ, "GO": str(tmp_path / "never")})
     wait_for_line(out, r"tick 2\b", proc=proc)
     cr = tmp_path / "percpu.cr"
     r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,

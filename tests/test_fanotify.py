@@ -7,6 +7,7 @@ Events queued at the checkpoint are refused, or with policy notify-events
 dropped (said at both ends), the group coming back with its marks."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 from helpers import build_c, require_root, wait_for_line
@@ -67,7 +68,11 @@ int main(int argc, char **argv) {
     }
     if (argc > 2) close(open(file, O_RDONLY));
     printf("ready\n"); fflush(stdout);
-    for (int i = 0; i < 30; i++) { printf("tick %d\n", i); fflush(stdout); usleep(20000); }
+    const char *go = getenv("GO");           /* ticks 0-9, then on until the file GO exists */
+    for (int i = 0; i < 10 || (go && access(go, F_OK)); i++) {
+        if (i < 10) { printf("tick %d\n", i); fflush(stdout); }
+        usleep(20000);
+    }
     marks(fd);
     events(fd);                           /* (with "queue", what the checkpoint kept) */
     int w = open(file, O_WRONLY);
@@ -94,10 +99,13 @@ def test_fanotify_group_and_marks_come_back(procs, tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     out = tmp_path / "fan.out"
-    proc = procs.spawn([prog, d], stdout=out)
+    go = tmp_path / "go"
+    proc = procs.spawn([prog, d], stdout=out, env={**os.environ, "GO": str(go)})
     wait_for_line(out, r"tick 5\b", proc=proc)
     _checkpoint(proc, tmp_path / "fan.cr")
-    code, err = finish(restart(procs, tmp_path / "fan.cr"))
+    rp = restart(procs, tmp_path / "fan.cr")
+    go.touch()
+    code, err = finish(rp)
     assert code == 0, err
     assert out.read_bytes() == ref
 
@@ -108,7 +116,8 @@ def test_fanotify_unread_events_refused_or_dropped_by_policy(procs, tmp_path):
     d = tmp_path / "q"
     d.mkdir()
     out = tmp_path / "q.out"
-    proc = procs.spawn([prog, d, "queue"], stdout=out)
+    go = tmp_path / "go"
+    proc = procs.spawn([prog, d, "queue"], stdout=out, env={**os.environ, "GO": str(go)})
     wait_for_line(out, r"tick 2\b", proc=proc)
     cr = tmp_path / "q.cr"
     r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,
@@ -116,10 +125,12 @@ def test_fanotify_unread_events_refused_or_dropped_by_policy(procs, tmp_path):
     assert r.returncode == 6 and "has unread events" in r.stderr, r.stderr
     assert not cr.exists() and proc.poll() is None
     _checkpoint(proc, cr, "--skip", "notify-events")
-    code, err = finish(restart(procs, cr))
+    rp = restart(procs, cr)
+    go.touch()
+    code, err = finish(rp)
     assert code == 0, err
     assert "skipped by policy 'notify-events'" in err, err
     lines = out.read_text().splitlines()
-    after = lines[lines.index("tick 29") + 1:]
+    after = lines[lines.index("tick 9") + 1:]
     assert after.count("read: Resource temporarily unavailable") == 1, after  # queue was empty
     assert "event 0x2a on /watched" in after and "event 0x20 on /child" in after, after

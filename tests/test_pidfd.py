@@ -6,6 +6,7 @@ and its output must be the uninterrupted run's byte for byte.  A pidfd of a
 process outside the tree is refused before anything is written."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 from helpers import build_c, require_root, wait_for_line
@@ -53,7 +54,11 @@ int main(int argc, char **argv) {
     if (argc > 1 && pidfd_open(atoi(argv[1]), 0) < 0) { perror("pidfd_open"); return 1; }
     if (pa < 0 || pb < 0 || pb2 < 0 || pt < 0) { perror("pidfd_open"); return 1; }
     printf("ready\n"); fflush(stdout);
-    for (int i = 0; i < 40; i++) { printf("tick %d\n", i); fflush(stdout); usleep(20000); }
+    const char *go = getenv("GO");           /* ticks 0-9, then on until the file GO exists */
+    for (int i = 0; i < 10 || (go && access(go, F_OK)); i++) {
+        if (i < 10) { printf("tick %d\n", i); fflush(stdout); }
+        usleep(20000);
+    }
     printf("fds %d %d %d %d %d\n", pa, pa2, pb, pb2, pt);
     printf("exited: same inode %d, not the child's %d, signal 0: %s, readable %d\n",
            ino(pb) == ino(pb2), ino(pb) != ino(pa), psignal_(pb, 0) < 0 && errno == ESRCH
@@ -82,10 +87,13 @@ def test_pidfds_come_back(procs, tmp_path):
     assert b"exited: same inode 1, not the child's 1, signal 0: ESRCH, readable 1" in ref, ref
     assert b"child killed through its pidfd: signal 9, readable 1" in ref, ref
     out = tmp_path / "pidfds.out"
-    proc = procs.spawn([prog], stdout=out)
+    go = tmp_path / "go"
+    proc = procs.spawn([prog], stdout=out, env={**os.environ, "GO": str(go)})
     wait_for_line(out, r"tick 5\b", proc=proc)
     _checkpoint(proc, tmp_path / "pidfds.cr")
-    code, err = finish(restart(procs, tmp_path / "pidfds.cr"))
+    rp = restart(procs, tmp_path / "pidfds.cr")
+    go.touch()
+    code, err = finish(rp)
     assert code == 0, err
     assert out.read_bytes() == ref
 
@@ -95,7 +103,7 @@ def test_pidfd_of_a_process_outside_the_tree_is_refused(procs, tmp_path):
     prog = build_c(tmp_path, "pidfds", PIDFDS)
     outsider = procs.spawn(["sleep", "60"])
     out = tmp_path / "ext.out"
-    proc = procs.spawn([prog, str(outsider.pid)], stdout=out)
+    proc = procs.spawn([prog, str(outsider.pid)], stdout=out, env={**os.environ, "GO": str(tmp_path / "never")})
     wait_for_line(out, r"tick 2\b", proc=proc)
     cr = tmp_path / "ext.cr"
     r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,
