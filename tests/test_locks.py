@@ -370,7 +370,7 @@ def test_leases_and_sigio_owner(procs, tmp_path):
     signal comes with si_fd = the read end again."""
     require_root()
     prog = build_c(tmp_path, "leases", LEASES)
-    ref = _reference(prog, tmp_path, "leases", 40)
+    ref = _reference(prog, tmp_path, "leases", 100)
     for line in (b"lease d 0 e 0, e breaking 1",
                  b"pipe owner is me 1, uids 0 1, signal 10, async 1",
                  b"signals so far 1, wrong fd 0", b"signals 2 (last SIGUSR1), wrong fd 0"):
@@ -378,7 +378,7 @@ def test_leases_and_sigio_owner(procs, tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     out = tmp_path / "leases.out"
-    proc = procs.spawn([prog, d, "40"], stdout=out)
+    proc = procs.spawn([prog, d, "100"], stdout=out)
     wait_for_line(out, r"tick 10", proc=proc)
     _checkpoint(proc, tmp_path / "leases.cr")
     sf = reader.load(str(tmp_path / "leases.cr"))
