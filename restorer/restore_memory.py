@@ -11,9 +11,10 @@ import os
 from statefile.integrity import DamagedError, SegmentReader, read_ahead
 
 from .errors import RestoreError
-from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE,
-                     MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC,
-                     PROT_READ, PROT_WRITE, TASK_SIZE)
+from .kernel import (MADV, MADV_GUARD_INSTALL, MAP_ANONYMOUS, MAP_DROPPABLE, MAP_FIXED,
+                     MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED, MLOCK_ONFAULT,
+                     MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC, PROT_READ, PROT_WRITE,
+                     TASK_SIZE)
 from .restore_files import ExtraOpen
 from .restore_memfd import extra_key, inherited_id, mapped_rw
 
@@ -115,6 +116,7 @@ class Memory:
         self.sfd = os.open(sf.path, os.O_RDONLY | os.O_CLOEXEC)
         self._reader: SegmentReader | None = None
         self.mprotect_after: list[tuple[int, int, int]] = []
+        self.mlock_after: list[tuple[int, int, int]] = []
         self._attached: dict[int, tuple[int, int]] = {}   # shmid -> (address, offset)
 
     # --- the restorer's own mappings out, the vDSO to its place --------------------
@@ -202,7 +204,8 @@ class Memory:
                                    "cannot be restored")
             else:
                 shared = m["perms"][3] == "s"
-                flags = (MAP_SHARED if shared else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED
+                flags = ((MAP_SHARED if shared else MAP_DROPPABLE if "dp" in vmf
+                          else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED)
                 if "gd" in vmf:
                     flags |= MAP_GROWSDOWN
                 if "nr" in vmf:
@@ -221,6 +224,14 @@ class Memory:
             for flag, advice in MADV.items():
                 if flag in vmf:
                     inj.call("madvise", start, size, advice)
+            for rel, ln in m.get("guards", []):
+                # never written by the copy (their pages are not stored)
+                inj.check("madvise", start + rel, ln, MADV_GUARD_INSTALL)
+            if "lo" in vmf:
+                # mlock'ed (MAP_LOCKED, mlock, mlockall): locked once its
+                # content is in (finish), so that locking faults nothing in
+                # before the copy
+                self.mlock_after.append((start, size, MLOCK_ONFAULT if "lf" in vmf else 0))
         return anon_ranges
 
     def _shmat(self, inj, m: dict, prot: int) -> int:
@@ -245,6 +256,8 @@ class Memory:
     def finish(self, inj) -> None:
         for start, size, prot in self.mprotect_after:
             inj.check("mprotect", start, size, prot)
+        for start, size, flags in self.mlock_after:
+            inj.check("mlock2", start, size, flags)
 
     # --- content -------------------------------------------------------------------
     def copy_all(self, skip_anon: bool = False) -> None:

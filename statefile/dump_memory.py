@@ -37,6 +37,8 @@ PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
 PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_GUARD = 1 << 8        # a MADV_GUARD_INSTALL marker (Linux 6.14+)
+PM_GUARD_REGION = 1 << 58     # the same in a /proc/PID/pagemap entry
 
 
 class pm_scan_arg(ctypes.Structure):
@@ -103,6 +105,7 @@ class PageScanner:
     def __init__(self, pid: int):
         self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
         self.have_scan = True
+        self.guard_bit = PAGE_IS_GUARD   # 0 once the kernel refuses the category
         self.vec = (page_region * 1024)()
 
     def close(self):
@@ -119,16 +122,51 @@ class PageScanner:
                 self.have_scan = False
         return self._pagemap(start, end, want_anon_only)
 
-    def _scan(self, start, end, anon_only):
+    def guards(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Absolute [start, end) runs of guard pages (MADV_GUARD_INSTALL): no
+        memory behind them, a fault on access.  Their PTE markers look like
+        swap entries, so runs() must leave them out and the restorer must
+        install them again."""
+        if self.have_scan and self.guard_bit:
+            try:
+                return self._scan(start, end, False, guards=True)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.guard_bit = 0   # a kernel without the category: no guard pages
+                return []
+        if self.have_scan:
+            return []
         out: list[tuple[int, int]] = []
-        inverted = PAGE_IS_PFNZERO | (PAGE_IS_FILE if anon_only else 0)
+        for a, e in self._entries(start, end):
+            if e & PM_GUARD_REGION:
+                if out and out[-1][1] == a:
+                    out[-1] = (out[-1][0], a + PAGE)
+                else:
+                    out.append((a, a + PAGE))
+        return out
+
+    def _scan(self, start, end, anon_only, guards=False):
+        out: list[tuple[int, int]] = []
+        if guards:
+            inverted, mask, anyof = 0, PAGE_IS_GUARD, 0
+            ret = PAGE_IS_GUARD
+        else:
+            inverted = PAGE_IS_PFNZERO | (PAGE_IS_FILE if anon_only else 0) | self.guard_bit
+            mask, anyof = inverted, PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+            ret = anyof
         while start < end:
             a = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), start=start, end=end,
                             vec=ctypes.addressof(self.vec), vec_len=len(self.vec),
-                            category_inverted=inverted, category_mask=inverted,
-                            category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                            return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
-            n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, a)
+                            category_inverted=inverted, category_mask=mask,
+                            category_anyof_mask=anyof, return_mask=ret)
+            try:
+                n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, a)
+            except OSError as e:
+                if e.errno != errno.EINVAL or guards or not self.guard_bit:
+                    raise
+                self.guard_bit = 0    # PAGE_IS_GUARD unknown here: retry without it
+                return self._scan(start, end, anon_only)
             for i in range(n):
                 r = self.vec[i]
                 if out and out[-1][1] == r.start:
@@ -140,23 +178,28 @@ class PageScanner:
             start = a.walk_end
         return out
 
-    def _pagemap(self, start, end, anon_only):
-        out: list[tuple[int, int]] = []
+    def _entries(self, start, end):
+        """(address, pagemap entry) of every page in [start, end)."""
         chunk = 1 << 16  # pages per read
         for base in range(start, end, chunk * PAGE):
             npages = min(chunk, (end - base) // PAGE)
             data = os.pread(self.fd, npages * 8, (base // PAGE) * 8)
             for i, (e,) in enumerate(struct.iter_unpack("<Q", data)):
-                present = e >> 63 & 1
-                swapped = e >> 62 & 1
-                filepage = e >> 61 & 1
-                if not (present or swapped) or (anon_only and filepage and not swapped):
-                    continue
-                a = base + i * PAGE
-                if out and out[-1][1] == a:
-                    out[-1] = (out[-1][0], a + PAGE)
-                else:
-                    out.append((a, a + PAGE))
+                yield base + i * PAGE, e
+
+    def _pagemap(self, start, end, anon_only):
+        out: list[tuple[int, int]] = []
+        for a, e in self._entries(start, end):
+            present = e >> 63 & 1
+            swapped = e >> 62 & 1
+            filepage = e >> 61 & 1
+            if e & PM_GUARD_REGION or not (present or swapped) or (
+                    anon_only and filepage and not swapped):
+                continue
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], a + PAGE)
+            else:
+                out.append((a, a + PAGE))
         return out
 
 
@@ -205,6 +248,23 @@ def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _minus(runs: list[tuple[int, int]], base: int,
+           holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) runs relative to base, less the absolute [a, b) holes."""
+    out = []
+    for o, n in runs:
+        lo, hi = base + o, base + o + n
+        for a, b in holes:
+            if b <= lo or a >= hi:
+                continue
+            if a > lo:
+                out.append((lo - base, a - lo))
+            lo = max(lo, b)
+        if lo < hi:
+            out.append((lo - base, hi - lo))
+    return out
+
+
 def _file_ident(pid: int, m: dict, cache: dict) -> tuple[int, int] | None:
     """Size and mtime of the file a mapping maps (so a restart can tell a
     library rewritten in place, same inode, from the one that was mapped).
@@ -240,12 +300,20 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                 if ident:
                     m["file_size"], m["file_mtime_ns"] = ident
             size = m["end"] - m["start"]
+            guards = [] if kind in ("vvar", "vdso", "vsyscall", "special") else \
+                scanner.guards(m["start"], m["end"])
+            if guards:
+                # MADV_GUARD_INSTALL ranges: nothing to read, installed again
+                # by the restorer (restore_memory.py)
+                m["guards"] = [[a - m["start"], b - a] for a, b in guards]
 
             # A fork()ed snapshot lacks MADV_DONTFORK memory, sees MADV_WIPEONFORK
             # memory as zeros and shares shared memory: read those while frozen.
             frozen_only = m["perms"][3] == "s" or "dc" in m["vmflags"] or "wf" in m["vmflags"]
 
             def plan(vaddr, memsz, store, runs, **kw):
+                if guards and store and kw.get("src", "mem") == "mem":
+                    runs = _minus(runs, vaddr, guards)
                 p = SegmentPlan(pid, vaddr, memsz, m["perms"], store, runs, mapping=idx,
                                 frozen_only=frozen_only, **kw)
                 m["segments"].append(len(plans))
@@ -256,6 +324,10 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                 plan(m["start"], size, False, [])
             elif kind == "vdso":
                 plan(m["start"], size, True, [(0, size)])
+            elif "dp" in m["vmflags"]:
+                # MAP_DROPPABLE: the kernel may drop its pages whenever it
+                # likes (they read as zeros then); nothing is kept, like CRIU
+                plan(m["start"], size, False, [])
             elif kind == "memfd" and m["perms"][3] == "s" or (
                     kind == "file-shared" and m["deleted"]):
                 # one object for every fd and mapping: its content is saved
