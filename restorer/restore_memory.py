@@ -78,7 +78,7 @@ def plan_extras(task: dict, first_fd: int,
                                         shared=inherited_id(m["shmem"], rw))
                 fd += 1
             continue
-        if m["kind"] == "anon-shared" and shared_ids:
+        if m["kind"] in ("anon-shared", "shmem-private") and shared_ids:
             key = (shared_key(m), -1)
             if key not in extras:
                 extras[key] = ExtraOpen(key[0], "", os.O_RDWR, fd,
@@ -197,6 +197,12 @@ class Memory:
                 flags = MAP_SHARED | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
                 res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
                                 m["offset"])
+            elif kind == "shmem-private":
+                # the object again (restore_ipc.py), privately: its own pages
+                # on top (copy_all)
+                flags = MAP_PRIVATE | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
+                res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
+                                m["offset"])
             elif kind == "sysv-shm":
                 res = self._shmat(inj, m, prot)
             elif kind == "special":
@@ -268,7 +274,7 @@ class Memory:
             kind = m["kind"]
             if kind in SKIP_KINDS:
                 continue
-            if m.get("shmem") is not None or (
+            if m.get("shmem") is not None or kind == "shmem-private" or (
                     kind in ("file-private", "file-shared") and not m.get("deleted")):
                 # the object holds the content; a private mapping's own pages on top
                 for rel, ln in m.get("cow_runs", []):

@@ -76,7 +76,11 @@ def mapping_kind(m: dict) -> str:
     if path.startswith("/memfd:"):
         return "memfd"
     if path.startswith("/dev/zero") and shared or path.startswith("[anon_shmem:"):
-        return "anon-shared"
+        return "anon-shared" if shared else "shmem-private"
+    if path == "/dev/zero (deleted)":
+        # MAP_PRIVATE of a shared anonymous object (through its map_files
+        # entry): the object's pages until the task writes one
+        return "shmem-private"
     if not path or path.startswith("[anon:"):
         return "anon-shared" if shared else "anon-private"
     if path.startswith("["):
@@ -204,7 +208,8 @@ class PageScanner:
 
 
 def _shmem_runs(pid: int, m: dict) -> tuple[str, list[tuple[int, int]]] | None:
-    """Data runs of a shmem-backed mapping from its map_files entry (root only)."""
+    """Data runs of a shmem-backed mapping from its map_files entry (root
+    only); notes the object's size in m["object_size"]."""
     path = f"/proc/{pid}/map_files/{m['start']:x}-{m['end']:x}"
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -212,7 +217,8 @@ def _shmem_runs(pid: int, m: dict) -> tuple[str, list[tuple[int, int]]] | None:
         return None
     try:
         size = m["end"] - m["start"]
-        lo, hi = m["offset"], m["offset"] + size
+        m["object_size"] = os.fstat(fd).st_size
+        lo, hi = m["offset"], min(m["offset"] + size, m["object_size"])
         runs, pos = [], lo
         while pos < hi:
             try:
@@ -341,6 +347,22 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                 else:
                     runs = scanner.runs(m["start"], m["end"], False)
                     plan(m["start"], size, True, [(a - m["start"], b - a) for a, b in runs])
+            elif kind == "shmem-private":
+                # Its copied-on-write pages (cow_runs) and the object's bytes
+                # it sees (the restorer puts those in the object again: it
+                # may be mapped by nobody else); read while frozen.
+                frozen_only = True
+                cow = scanner.runs(m["start"], m["end"], True)
+                m["cow_runs"] = [[a - m["start"], b - a] for a, b in cow]
+                seen = [(a - m["start"], b - a) for a, b in
+                        scanner.runs(m["start"], m["end"], False)]
+                shm = _shmem_runs(pid, m)
+                if shm is not None:
+                    seen += shm[1]
+                    end = m["object_size"] - m["offset"]   # beyond: SIGBUS, not memory
+                    seen = [(o, min(n, end - o)) for o, n in seen if o < end]
+                runs = _merge(sorted((o, o + n) for o, n in seen))
+                plan(m["start"], size, True, [(a, b - a) for a, b in runs])
             elif kind == "file-shared":
                 plan(m["start"], size, False, [])
             elif kind in ("file-private", "memfd"):   # (a memfd here is MAP_PRIVATE)
