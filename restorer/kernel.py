@@ -79,18 +79,22 @@ def errno_of(res: int) -> int:
     return -res if -4096 < res < 0 else 0
 
 
-def fork_with_pid(pid: int | None) -> int:
-    """fork(), the child getting `pid` (clone3 set_tid) when given.
+def fork_with_pid(pid: int | None, flags: int = 0) -> int:
+    """fork(), the child getting `pid` (clone3 set_tid) when given, and
+    clone `flags` (CLONE_FILES) when given.
 
     Returns like os.fork().  Raises OSError (EEXIST when the pid is taken,
     EPERM without CAP_SYS_ADMIN over the pid namespace).  Only call it while the
     process is single-threaded: the child runs Python without the
     interpreter's after-fork hooks.
     """
-    if pid is None:
+    if pid is None and not flags:
         return os.fork()
+    if pid is None:
+        return clone3(clone_args(flags=flags, exit_signal=signal.SIGCHLD), f"flags={flags:#x}")
     tids = (ctypes.c_int32 * 1)(pid)
-    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids), set_tid_size=1)
+    args = clone_args(flags=flags, exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids),
+                      set_tid_size=1)
     return clone3(args, f"set_tid={pid}")
 
 

@@ -96,6 +96,7 @@ class TaskRestorer:
         self.scratch = 0
         self.timings: dict[str, float] = {}
         self.lazy_server = None
+        self.keep_fds = False    # an fd table shared with a task restored later
 
     @property
     def step(self) -> str:
@@ -186,7 +187,7 @@ class TaskRestorer:
         inj.check("prctl", PR_SET_PDEATHSIG, pr.get("pdeathsig", 0), 0, 0, 0)
         inj.check("prctl", PR_SET_CHILD_SUBREAPER, 1 if pr.get("child_subreaper") else 0,
                   0, 0, 0)
-        for fd in sorted(set(self.fds.values())):
+        for fd in sorted(set(self.fds.values())) if not self.keep_fds else ():
             inj.call("close", fd)
         inj.check("munmap", self.scratch, SCRATCH_PAGES * PAGE)
         self.scratch = 0

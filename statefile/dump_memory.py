@@ -394,3 +394,86 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
     finally:
         scanner.close()
     return maps, plans
+
+
+# --- pages shared copy-on-write with the parent -------------------------------------
+COW_KINDS = ("anon-private", "heap", "stack", "file-private")
+PM_PRESENT, PM_FILE, PFN_MASK = 1 << 63, 1 << 61, (1 << 55) - 1
+
+
+def _pfns(fd: int, start: int, end: int) -> list[int]:
+    """PFN of each page of [start, end) that is present and anonymous, else 0
+    (PFNs read as 0 without CAP_SYS_ADMIN: nothing is found shared then)."""
+    out = []
+    data = os.pread(fd, (end - start) // PAGE * 8, start // PAGE * 8)
+    for (e,) in struct.iter_unpack("<Q", data):
+        out.append(e & PFN_MASK if e & PM_PRESENT and not e & PM_FILE else 0)
+    return out
+
+
+def mark_cow(tasks: list[dict], plans_by_task: list[list[SegmentPlan]]) -> None:
+    """Find the private pages a task still shares with its parent since a
+    fork (the same physical page at the same address in a mapping of the same
+    range and kind) and leave them out of the task's stored content: the
+    mapping gets ``cow_parent`` (runs, relative to its start) and the
+    restorer makes them shared again (restore_memory.py, premapped regions).
+    Call while the tree is frozen."""
+    by_pid = {t["pid"]: (t, plans) for t, plans in zip(tasks, plans_by_task)}
+    fds: dict[int, int] = {}
+
+    def fd_of(pid):
+        if pid not in fds:
+            fds[pid] = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        return fds[pid]
+
+    try:
+        for t, plans in zip(tasks, plans_by_task):
+            parent = by_pid.get(t["ppid"])
+            if parent is None:
+                continue
+            pmaps = {(m["start"], m["end"]): m for m in parent[0]["mappings"]}
+            for m in t["mappings"]:
+                pm = pmaps.get((m["start"], m["end"]))
+                if (m["kind"] not in COW_KINDS or pm is None or pm["kind"] != m["kind"]
+                        or pm["perms"] != m["perms"] or pm.get("offset") != m.get("offset")
+                        or pm.get("inode") != m.get("inode") or m.get("deleted")
+                        or ("gd" in m["vmflags"]) != ("gd" in pm["vmflags"])
+                        or "dp" in m["vmflags"] or "dc" in m["vmflags"]
+                        or "wf" in m["vmflags"]):
+                    continue
+                try:
+                    mine = _pfns(fd_of(t["pid"]), m["start"], m["end"])
+                    theirs = _pfns(fd_of(t["ppid"]), m["start"], m["end"])
+                except OSError:
+                    continue
+                # only pages the parent stores (not its zero page: not stored)
+                pstored = [False] * len(theirs)
+                for j in pm["segments"]:
+                    p = parent[1][j]
+                    if not p.store:
+                        continue
+                    for o, n in p.runs:
+                        a = (p.vaddr - m["start"] + o) // PAGE
+                        for k in range(a, a + n // PAGE):
+                            pstored[k] = True
+                runs: list[tuple[int, int]] = []
+                for i, (a, b) in enumerate(zip(mine, theirs)):
+                    if a and a == b and pstored[i]:
+                        if runs and runs[-1][1] == i * PAGE:
+                            runs[-1] = (runs[-1][0], (i + 1) * PAGE)
+                        else:
+                            runs.append((i * PAGE, (i + 1) * PAGE))
+                if not runs:
+                    continue
+                m["cow_parent"] = [[a, b - a] for a, b in runs]
+                holes = [(m["start"] + a, m["start"] + b) for a, b in runs]
+                for j in m["segments"]:
+                    p = plans[j]
+                    if p.store:
+                        p.runs = _minus(p.runs, p.vaddr, holes)
+                if "cow_runs" in m:
+                    m["cow_runs"] = [[o, n] for o, n in
+                                     _minus([tuple(r) for r in m["cow_runs"]], m["start"], holes)]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
