@@ -447,7 +447,11 @@ def mark_cow(tasks: list[dict], plans_by_task: list[list[SegmentPlan]]) -> None:
                 except OSError:
                     continue
                 # only pages the parent stores (not its zero page: not stored)
+                # or has from its own parent (tasks come parents first)
                 pstored = [False] * len(theirs)
+                for o, n in pm.get("cow_parent", []):
+                    for k in range(o // PAGE, (o + n) // PAGE):
+                        pstored[k] = True
                 for j in pm["segments"]:
                     p = parent[1][j]
                     if not p.store:
