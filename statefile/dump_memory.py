@@ -13,7 +13,12 @@ Which pages are stored:
 * memfds and files mapped MAP_SHARED after they were deleted: nothing per
   mapping (the object's content is saved once: dump_memfd.py); a MAP_PRIVATE
   mapping of a memfd keeps its copied-on-write pages, like a file mapping;
-* the [vdso] image (gdb unwinds through it); never [vvar]/[vvar_vclock].
+* the [vdso] image (gdb unwinds through it); never [vvar]/[vvar_vclock];
+* never guard pages (MADV_GUARD_INSTALL: listed in the mapping's `guards`),
+  MAP_DROPPABLE memory, or a child's pages still shared copy-on-write with
+  its parent (`cow_parent`: stored once, in the parent; mark_cow);
+* a MAP_PRIVATE mapping of a shared anonymous object (`shmem-private`): the
+  object's bytes it sees and its own pages (`cow_runs`), read while frozen.
 
 Page selection uses the PAGEMAP_SCAN ioctl (Linux 6.7+: ranges, not one entry
 per page), falling back to reading /proc/PID/pagemap.  Restored by
