@@ -27,6 +27,7 @@ restorer/restore_memory.py.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import fcntl
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from . import procfs
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TASK_SIZE = 0x7FFFFFFFF000    # x86-64 user space ([vsyscall] lies above it)
 
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
@@ -259,6 +261,20 @@ def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _within(runs: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of sorted absolute runs inside [start, end)."""
+    i = bisect.bisect_right(runs, (start, start))
+    if i and runs[i - 1][1] > start:
+        i -= 1
+    out = []
+    while i < len(runs) and runs[i][0] < end:
+        a, b = max(runs[i][0], start), min(runs[i][1], end)
+        if a < b:
+            out.append((a, b))
+        i += 1
+    return out
+
+
 def _minus(runs: list[tuple[int, int]], base: int,
            holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(offset, length) runs relative to base, less the absolute [a, b) holes."""
@@ -301,6 +317,9 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
     plans: list[SegmentPlan] = []
     idents: dict[tuple, tuple[int, int] | None] = {}
     try:
+        # one scan for the whole address space (one per mapping costs ~25 µs each)
+        user = [m for m in maps if m["end"] <= TASK_SIZE]
+        all_guards = scanner.guards(user[0]["start"], user[-1]["end"]) if user else []
         for idx, m in enumerate(maps):
             kind = mapping_kind(m)
             m["kind"] = kind
@@ -312,7 +331,7 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                     m["file_size"], m["file_mtime_ns"] = ident
             size = m["end"] - m["start"]
             guards = [] if kind in ("vvar", "vdso", "vsyscall", "special") else \
-                scanner.guards(m["start"], m["end"])
+                _within(all_guards, m["start"], m["end"])
             if guards:
                 # MADV_GUARD_INSTALL ranges: nothing to read, installed again
                 # by the restorer (restore_memory.py)
