@@ -301,6 +301,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
         ipc.create_sysv()
         shared.update(ipc.create_memfds(shared_ids))
+        shared.update(ipc.object_fds(shared_ids, ipc.memfds))   # fds of those objects
         ipc.memfds = {}           # closed with `shared`
         shared.update(objs.create())   # memfds, shared deleted/tmpfs files (restore_memfd)
         if own_pidns:

@@ -297,6 +297,28 @@ class SharedIPC:
             rd.close()
         return dict(self.memfds)
 
+    def object_fds(self, shared_ids: dict[tuple, int], memfds: dict[int, int]) -> dict[int, int]:
+        """Fds open on a shared anonymous object (opened through
+        /proc/PID/map_files, shown as "/dev/zero (deleted)") are opened again
+        from the object's memfd: {file id: fd} for the tasks to inherit."""
+        out: dict[int, int] = {}
+        for f in self.sf.files:
+            if f.get("kind") != "regular" or not f.get("path", "").startswith("/dev/zero"):
+                continue
+            key = (f"{os.major(f['dev']):02x}:{os.minor(f['dev']):02x}", f["ino"])   # as in maps
+            fid = shared_ids.get(key)
+            if fid is None or fid not in memfds:
+                continue
+            flags = f["flags"] & (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK) | os.O_CLOEXEC
+            try:
+                fd = os.open(f"/proc/self/fd/{memfds[fid]}", flags)
+                if f.get("pos"):
+                    os.lseek(fd, f["pos"], os.SEEK_SET)
+            except OSError as e:
+                raise RestoreError("memfds", f"{f['path']}: {e.strerror or e}") from None
+            out[f["id"]] = fd
+        return out
+
     @staticmethod
     def _object_bytes(rd: SegmentReader, fd: int, m: dict, seg: dict) -> None:
         """The bytes a MAP_PRIVATE mapping of the object saw of it: its

@@ -327,7 +327,7 @@ SHMEM_PRIVATE = r'''#define _GNU_SOURCE
    /proc/self/map_files entry: MAP_PRIVATE from page 1 (6 pages: the last one
    is past the object's end) and MAP_SHARED from page 2.  After the go file:
    the private mapping's own page is kept, the pages it never wrote still
-   follow the object, and the two shared mappings are one object.
+   follow the object, the two shared mappings and the fd are one object.
    argv: go-file. */
 #define P 4096
 int bad;
@@ -340,7 +340,6 @@ int main(int argc, char **argv) {
     int fd = open(path, O_RDWR);
     char *priv = mmap(NULL, 6 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, P);
     char *again = mmap(NULL, 3 * P, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 2 * P);
-    close(fd);
     if (priv == MAP_FAILED || again == MAP_FAILED) { printf("PRECHECK mmap\n"); return 1; }
     priv[P] = 99;                       /* object page 2, copied */
     printf("ready\n"); fflush(stdout);
@@ -354,6 +353,11 @@ int main(int argc, char **argv) {
     EXPECT(priv[2 * P] == 77, "private mapping does not follow the object");
     obj[4 * P] = 55;
     EXPECT(priv[3 * P] == 55, "private mapping page 4");
+    char v = 33, r = 0;                 /* the fd is the object too */
+    pwrite(fd, &v, 1, 0);
+    EXPECT(obj[0] == 33, "a write through the fd is not in the object");
+    pread(fd, &r, 1, 3 * P);
+    EXPECT(r == 77, "the fd does not read the object");
     if (!bad) printf("PASS\n");
     fflush(stdout);
     return bad;
@@ -511,7 +515,8 @@ def test_guard_pages_droppable_and_vmflags(procs, tmp_path):
 def test_private_mapping_of_shared_anonymous_memory(procs, tmp_path):
     """MAP_PRIVATE of a MAP_SHARED anonymous object (through map_files), one
     page past the object's end: its own page is kept and the others follow
-    the object, which is one object again for every shared mapping."""
+    the object, which is one object again for every shared mapping and for
+    the fd it was mapped through."""
     require_root()
     binary = build_c(tmp_path, "shpriv", SHMEM_PRIVATE)
     code, lines, _, err = _cycle(procs, tmp_path, binary)
