@@ -18,6 +18,10 @@ parks.  The protocol is in docs/TREE.md.
    zombies (a child that exits at once with the saved status), then sets up
    its own files from the inherited ones (dup within the task: the same open
    file description), closes every other inherited fd, reports up and parks.
+   Before it forks, a task builds the memory its children share with it
+   copy-on-write (restore_memory.premap_in_python); a child that shared its
+   parent's fd table is cloned with CLONE_FILES and leaves the table to the
+   group's topmost task (statefile/dump_fdt.py).
 4. The initiator seizes every parked task and rebuilds it by injection
    (restore_task.TaskRestorer), then releases all of them at once.
 """
