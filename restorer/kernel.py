@@ -44,7 +44,12 @@ CLONE_THREAD, CLONE_SYSVSEM, CLONE_NEWUSER, CLONE_NEWPID = 0x10000, 0x40000, 0x1
 CLONE_NEWNS = 0x20000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 
-MADV = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15}
+MADV = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15,
+        "sr": 2, "rr": 1, "mg": 12}   # smaps VmFlags -> the madvise advice that sets it
+MADV_GUARD_INSTALL = 102
+MAP_LOCKED, MAP_DROPPABLE = 0x2000, 0x08
+MLOCK_ONFAULT = 1
+NR["mlock2"] = 325
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 TIMER_ABSTIME = 1
@@ -74,18 +79,22 @@ def errno_of(res: int) -> int:
     return -res if -4096 < res < 0 else 0
 
 
-def fork_with_pid(pid: int | None) -> int:
-    """fork(), the child getting `pid` (clone3 set_tid) when given.
+def fork_with_pid(pid: int | None, flags: int = 0) -> int:
+    """fork(), the child getting `pid` (clone3 set_tid) when given, and
+    clone `flags` (CLONE_FILES) when given.
 
     Returns like os.fork().  Raises OSError (EEXIST when the pid is taken,
     EPERM without CAP_SYS_ADMIN over the pid namespace).  Only call it while the
     process is single-threaded: the child runs Python without the
     interpreter's after-fork hooks.
     """
-    if pid is None:
+    if pid is None and not flags:
         return os.fork()
+    if pid is None:
+        return clone3(clone_args(flags=flags, exit_signal=signal.SIGCHLD), f"flags={flags:#x}")
     tids = (ctypes.c_int32 * 1)(pid)
-    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids), set_tid_size=1)
+    args = clone_args(flags=flags, exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids),
+                      set_tid_size=1)
     return clone3(args, f"set_tid={pid}")
 
 

@@ -24,7 +24,7 @@ from .restore_files import ChildPlan
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_locks import assign as assign_locks
 from .restore_memfd import SharedObjects
-from .restore_memory import plan_extras
+from .restore_memory import plan_extras, plan_premaps
 from .restore_ns import Namespaces, to_inner
 from .restore_ns import own_pidns as own_pidns_of
 from .restore_task import TaskRestorer
@@ -269,9 +269,22 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     plans: dict[int, ChildPlan] = {}
     extras_of: dict[int, list] = {}
     shared_ids = shared_anon_ids(tasks)
+    plan_premaps(tasks)    # memory shared copy-on-write by parents and children
+    fdt_groups: dict[int, list[dict]] = {}     # fd tables shared (CLONE_FILES)
+    for t in tasks:
+        if t.get("fdt"):
+            fdt_groups.setdefault(t["fdt"], []).append(t)
     for t in tasks:
         target_fds = [d["fd"] for d in t["fds"]]
-        extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1, shared_ids)
+        group = fdt_groups.get(t.get("fdt"), [t])
+        if len(group) > 1:
+            # one table: the owner places the mapped files of all of them
+            # (restore_tree.py); the same fd numbers for every member
+            target_fds = [d["fd"] for g in group for d in g["fds"]]
+            t_all = {**group[0], "mappings": [m for g in group for m in g["mappings"]]}
+            extras_of[t["pid"]] = plan_extras(t_all, max(target_fds + [2]) + 1, shared_ids)
+        else:
+            extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1, shared_ids)
         plans[t["pid"]] = ChildPlan(
             task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs, sf=sf,
             extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
@@ -308,6 +321,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
         ipc.create_sysv()
         shared.update(ipc.create_memfds(shared_ids))
+        shared.update(ipc.object_fds(shared_ids, ipc.memfds))   # fds of those objects
         ipc.memfds = {}           # closed with `shared`
         shared.update(objs.create())   # memfds, shared deleted/tmpfs files (restore_memfd)
         shared.update(restore_pidfd.corpses(sf.files, tasks))   # pidfds of exited processes
@@ -392,9 +406,12 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             g.task(rpids[n.pid])
         res.timings["fork+files"] = time.perf_counter() - t0
         # --- every task rebuilt by injection ---------------------------------------------------
+        last_of_fdt = {n.task["fdt"]: n.pid for n in order if n.task.get("fdt")}
         for n in order:
             fds = {e.key: e.fd for e in extras_of[n.pid]}
             tr = TaskRestorer(sf, n.task, rpids[n.pid], fds, lazy=lazy, log=log)
+            if last_of_fdt.get(n.task.get("fdt"), n.pid) != n.pid:
+                tr.keep_fds = True      # one fd table: the last of its tasks closes them
             trs.append(tr)
             tr.run()
         ipc.finish()              # every task attached its SysV segments

@@ -58,6 +58,7 @@ class ChildPlan:
     in_pidns: bool = False
     ctty: int | None = None                     # inherited slave to take as controlling tty
     fg_pgrp: int | None = None                  # ... and its saved foreground process group
+    shares_files: bool = False                  # cloned with CLONE_FILES: its parent's table
 
 
 class ChildError(Exception):
@@ -280,6 +281,12 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
     created for the whole tree (pipes, FIFOs, files several tasks share): the
     task places the ones it uses at their numbers and closes all the others."""
     task = plan.task
+    if plan.shares_files:
+        # The fd table is its parent's (one files_struct): the group's owner
+        # sets it up for all of them, once they are parked (restore_tree.py).
+        plan._status_fd = status_fd
+        _own_state(plan, None)
+        return
     inherited = inherited or {}
     targets = {d["fd"] for d in task["fds"]} | {e.fd for e in plan.extras}
     high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
@@ -356,7 +363,19 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
             restore_locks.take_in_task(task, plan.files)
         except restore_locks.LockError as ex:
             raise ChildError(step, str(ex)) from None
-        step = "cwd"
+    except ChildError:
+        raise
+    except OSError as ex:
+        raise ChildError(step, f"{ex.strerror or ex}" + (f" ({ex.filename})" if ex.filename else ""))
+    _own_state(plan, ctty)
+
+
+def _own_state(plan: ChildPlan, ctty: int | None) -> None:
+    """The per-process part of child_setup: cwd, root, umask, session,
+    controlling terminal, personality, rlimits."""
+    task = plan.task
+    step = "cwd"
+    try:
         os.chdir(task.get("cwd") or "/")
         if task.get("root", "/") not in ("/", ""):
             step = "root"

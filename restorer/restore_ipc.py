@@ -269,26 +269,70 @@ class SharedIPC:
         try:
             for key, fid in shared_ids.items():
                 maps = [m for t in self.sf.tasks for m in t["mappings"]
-                        if m["kind"] == "anon-shared" and anon_shared_key(m) == key]
-                size = max(m["offset"] + m["end"] - m["start"] for m in maps)
+                        if m["kind"] in SHARED_KINDS and anon_shared_key(m) == key]
+                # its size when the checkpoint could see it (root), else what
+                # the mappings reach
+                size = max(m.get("object_size") or m["offset"] + m["end"] - m["start"]
+                           for m in maps)
                 fd = os.memfd_create(f"crelf-shared-{key[1]}", MFD_CLOEXEC)
                 self.memfds[fid] = fd
                 os.ftruncate(fd, size)
                 seen = set()
-                for m in maps:
-                    rng = (m["offset"], m["end"] - m["start"])
+                # MAP_PRIVATE ones first: a MAP_SHARED mapping's bytes win
+                for m in sorted(maps, key=lambda m: m["kind"] == "anon-shared"):
+                    rng = (m["offset"], m["end"] - m["start"], m["kind"])
                     if rng in seen:
                         continue   # the same bytes, seen by another task
                     seen.add(rng)
                     for p in m["segments"]:
                         seg = self.sf.segment(p)
                         try:
-                            rd.write_into(fd, seg, m["offset"] + seg["vaddr"] - m["start"])
+                            if m["kind"] == "anon-shared":
+                                rd.write_into(fd, seg, m["offset"] + seg["vaddr"] - m["start"])
+                            else:
+                                self._object_bytes(rd, fd, m, seg)
                         except DamagedError as e:
                             raise RestoreError("verify", f"{e}: not restarted") from None
         finally:
             rd.close()
         return dict(self.memfds)
+
+    def object_fds(self, shared_ids: dict[tuple, int], memfds: dict[int, int]) -> dict[int, int]:
+        """Fds open on a shared anonymous object (opened through
+        /proc/PID/map_files, shown as "/dev/zero (deleted)") are opened again
+        from the object's memfd: {file id: fd} for the tasks to inherit."""
+        out: dict[int, int] = {}
+        for f in self.sf.files:
+            if f.get("kind") != "regular" or not f.get("path", "").startswith("/dev/zero"):
+                continue
+            key = (f"{os.major(f['dev']):02x}:{os.minor(f['dev']):02x}", f["ino"])   # as in maps
+            fid = shared_ids.get(key)
+            if fid is None or fid not in memfds:
+                continue
+            flags = f["flags"] & (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK) | os.O_CLOEXEC
+            try:
+                fd = os.open(f"/proc/self/fd/{memfds[fid]}", flags)
+                if f.get("pos"):
+                    os.lseek(fd, f["pos"], os.SEEK_SET)
+            except OSError as e:
+                raise RestoreError("memfds", f"{f['path']}: {e.strerror or e}") from None
+            out[f["id"]] = fd
+        return out
+
+    @staticmethod
+    def _object_bytes(rd: SegmentReader, fd: int, m: dict, seg: dict) -> None:
+        """The bytes a MAP_PRIVATE mapping of the object saw of it: its
+        saved pages but the ones it copied-on-write (cow_runs, its own)."""
+        cow = [(m["start"] + o, m["start"] + o + n) for o, n in m.get("cow_runs", [])]
+        base = m["offset"] - m["start"]
+        for off, view in rd.pieces(seg):
+            lo, hi = seg["vaddr"] + off, seg["vaddr"] + off + len(view)
+            for a, b in _minus(lo, hi, cow):
+                part = view[a - lo:b - lo]
+                pos = base + a
+                while len(part):
+                    n = os.pwrite(fd, part, pos)
+                    part, pos = part[n:], pos + n
 
     # --- end -------------------------------------------------------------------------
     def close(self) -> None:
@@ -318,6 +362,22 @@ class SharedIPC:
         self.close()
 
 
+SHARED_KINDS = ("anon-shared", "shmem-private")
+
+
+def _minus(lo: int, hi: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for a, b in sorted(holes):
+        if b <= lo or a >= hi:
+            continue
+        if a > lo:
+            out.append((lo, a))
+        lo = max(lo, b)
+    if lo < hi:
+        out.append((lo, hi))
+    return out
+
+
 def anon_shared_key(m: dict) -> tuple:
     return (m.get("dev", ""), m["inode"])
 
@@ -327,6 +387,6 @@ def shared_anon_ids(tasks: list[dict]) -> dict[tuple, int]:
     out: dict[tuple, int] = {}
     for t in tasks:
         for m in t["mappings"]:
-            if m["kind"] == "anon-shared":
+            if m["kind"] in SHARED_KINDS:
                 out.setdefault(anon_shared_key(m), SHARED_ID_BASE - len(out))
     return out

@@ -45,6 +45,7 @@ F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
 LATE_SEALS = F_SEAL_FUTURE_WRITE | F_SEAL_SEAL   # added once every task is mapped
+SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | 0o20000  # O_ASYNC
 SHMEM_ID_BASE = -100000      # synthetic "file ids" of the objects in the inherited fds
 
 
@@ -124,6 +125,7 @@ class SharedObjects:
                     self.fds[o["id"]] = self._make(o, rd)
                 except OSError as e:
                     raise RestoreError("memfds", f"{describe(o)}: {e.strerror or e}") from None
+            own: set[int] = set()     # memfds whose memfd_create'd description is taken
             for f in self.sf.files:
                 i = f.get("shmem")
                 if i is None:
@@ -131,7 +133,15 @@ class SharedObjects:
                 o = self.sf.shmem[i]
                 flags = (f["flags"] & REG_FLAG_MASK) | os.O_CLOEXEC
                 try:
-                    if o["kind"] == "tmpfs":     # by its path: O_NOFOLLOW as it was
+                    if o["kind"] == "memfd" and i not in own and \
+                            f["flags"] & os.O_ACCMODE == os.O_RDWR:
+                        # The description memfd_create made: unlike an O_RDWR
+                        # reopen through /proc it holds no write access that
+                        # would make execveat(memfd) fail (ETXTBSY).
+                        own.add(i)
+                        fd = fcntl.fcntl(self.fds[i], fcntl.F_DUPFD_CLOEXEC, 0)
+                        fcntl.fcntl(fd, fcntl.F_SETFL, f["flags"] & SETFL_MASK)
+                    elif o["kind"] == "tmpfs":   # by its path: O_NOFOLLOW as it was
                         fd = os.open(o["path"], flags)
                     else:                        # (a /proc/self/fd link is a symlink)
                         fd = os.open(f"/proc/self/fd/{self.fds[i]}", flags & ~os.O_NOFOLLOW)

@@ -11,9 +11,11 @@ import os
 from statefile.integrity import DamagedError, SegmentReader, read_ahead
 
 from .errors import RestoreError
-from .kernel import (MADV, MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE,
-                     MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC,
-                     PROT_READ, PROT_WRITE, TASK_SIZE)
+from .kernel import (MADV, MADV_GUARD_INSTALL, MAP_ANONYMOUS, MAP_DROPPABLE, MAP_FIXED,
+                     MAP_FIXED_NOREPLACE, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE,
+                     MAP_SHARED, MLOCK_ONFAULT,
+                     MREMAP_FIXED, MREMAP_MAYMOVE, PROT_EXEC, PROT_READ, PROT_WRITE,
+                     TASK_SIZE)
 from .restore_files import ExtraOpen
 from .restore_memfd import extra_key, inherited_id, mapped_rw
 
@@ -77,7 +79,7 @@ def plan_extras(task: dict, first_fd: int,
                                         shared=inherited_id(m["shmem"], rw))
                 fd += 1
             continue
-        if m["kind"] == "anon-shared" and shared_ids:
+        if m["kind"] in ("anon-shared", "shmem-private") and shared_ids:
             key = (shared_key(m), -1)
             if key not in extras:
                 extras[key] = ExtraOpen(key[0], "", os.O_RDWR, fd,
@@ -115,6 +117,7 @@ class Memory:
         self.sfd = os.open(sf.path, os.O_RDONLY | os.O_CLOEXEC)
         self._reader: SegmentReader | None = None
         self.mprotect_after: list[tuple[int, int, int]] = []
+        self.mlock_after: list[tuple[int, int, int]] = []
         self._attached: dict[int, tuple[int, int]] = {}   # shmid -> (address, offset)
 
     # --- the restorer's own mappings out, the vDSO to its place --------------------
@@ -124,11 +127,14 @@ class Memory:
                  if m["path"] in VDSO_NAMES}
         lo = min(s for s, _ in cur.values())
         hi = max(s + n for s, n in cur.values())
-        # Everything but the vDSO area goes.
-        if lo > 0:
-            inj.check("munmap", 0, lo)
-        if hi < TASK_SIZE:
-            inj.check("munmap", hi, TASK_SIZE - hi)
+        # Everything but the vDSO area (and the premapped regions) goes.
+        pos = 0
+        for a, b in sorted([(lo, hi)] + self._premapped()):
+            if a > pos:
+                inj.check("munmap", pos, a - pos)
+            pos = max(pos, b)
+        if pos < TASK_SIZE:
+            inj.check("munmap", pos, TASK_SIZE - pos)
         if not saved:
             return
         tlo = min(s for s, _ in saved.values())
@@ -159,8 +165,17 @@ class Memory:
             out[name] = (dst, size)
         return out
 
+    def _premapped(self) -> list[tuple[int, int]]:
+        """[addr, end) of this task's premapped regions (plan_premaps)."""
+        out = []
+        for p in self.task.get("_premap", []):
+            m = self.task["mappings"][p["mapping"]]
+            out.append((p["addr"], p["addr"] + m["end"] - m["start"]))
+        return out
+
     def _free_range(self, size: int, avoid: list[tuple[int, int]]) -> int:
-        used = [(m["start"], m["end"]) for m in self.task["mappings"]] + avoid
+        used = [(m["start"], m["end"]) for m in self.task["mappings"]] + avoid \
+            + self._premapped()
         for cand in (0x100000000000, 0x200000000000, 0x300000000000, 0x500000000000,
                      0x10000000000):
             if all(cand + size <= a or b <= cand for a, b in used):
@@ -171,14 +186,22 @@ class Memory:
     def map_all(self, inj, lazy: bool = False) -> list[tuple[int, int]]:
         """mmap every saved mapping; returns the anonymous ranges with saved content."""
         anon_ranges = []
-        for m in self.task["mappings"]:
+        premap = {p["mapping"]: p["addr"] for p in self.task.get("_premap", [])}
+        for i, m in enumerate(self.task["mappings"]):
             kind = m["kind"]
             if kind in SKIP_KINDS:
                 continue
             start, size = m["start"], m["end"] - m["start"]
             prot = prot_of(m["perms"])
             vmf = m.get("vmflags", [])
-            if m.get("shmem") is not None:
+            if i in premap:
+                # built (content in) by the task's Python before the fork:
+                # moved, not copied, so its pages stay shared
+                res = inj.check("mremap", premap[i], size, size, MREMAP_MAYMOVE | MREMAP_FIXED,
+                                start)
+                if res == start and prot != PROT_READ | PROT_WRITE:
+                    inj.check("mprotect", start, size, prot)
+            elif m.get("shmem") is not None:
                 # a memfd or shared file, one object for every task (restore_memfd.py)
                 flags = ((MAP_SHARED if m["perms"][3] == "s" else MAP_PRIVATE) | MAP_FIXED
                          | (MAP_NORESERVE if "nr" in vmf else 0))
@@ -195,6 +218,12 @@ class Memory:
                 flags = MAP_SHARED | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
                 res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
                                 m["offset"])
+            elif kind == "shmem-private":
+                # the object again (restore_ipc.py), privately: its own pages
+                # on top (copy_all)
+                flags = MAP_PRIVATE | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
+                res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
+                                m["offset"])
             elif kind == "sysv-shm":
                 res = self._shmat(inj, m, prot)
             elif kind == "special":
@@ -202,7 +231,8 @@ class Memory:
                                    "cannot be restored")
             else:
                 shared = m["perms"][3] == "s"
-                flags = (MAP_SHARED if shared else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED
+                flags = ((MAP_SHARED if shared else MAP_DROPPABLE if "dp" in vmf
+                          else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED)
                 if "gd" in vmf:
                     flags |= MAP_GROWSDOWN
                 if "nr" in vmf:
@@ -221,6 +251,14 @@ class Memory:
             for flag, advice in MADV.items():
                 if flag in vmf:
                     inj.call("madvise", start, size, advice)
+            for rel, ln in m.get("guards", []):
+                # never written by the copy (their pages are not stored)
+                inj.check("madvise", start + rel, ln, MADV_GUARD_INSTALL)
+            if "lo" in vmf:
+                # mlock'ed (MAP_LOCKED, mlock, mlockall): locked once its
+                # content is in (finish), so that locking faults nothing in
+                # before the copy
+                self.mlock_after.append((start, size, MLOCK_ONFAULT if "lf" in vmf else 0))
         return anon_ranges
 
     def _shmat(self, inj, m: dict, prot: int) -> int:
@@ -245,17 +283,20 @@ class Memory:
     def finish(self, inj) -> None:
         for start, size, prot in self.mprotect_after:
             inj.check("mprotect", start, size, prot)
+        for start, size, flags in self.mlock_after:
+            inj.check("mlock2", start, size, flags)
 
     # --- content -------------------------------------------------------------------
     def copy_all(self, skip_anon: bool = False) -> None:
         """Write every saved page into the task (anonymous private memory too
         unless skip_anon: the lazy server brings it then)."""
         jobs = []
-        for m in self.task["mappings"]:
+        premap = {p["mapping"] for p in self.task.get("_premap", [])}
+        for i, m in enumerate(self.task["mappings"]):
             kind = m["kind"]
-            if kind in SKIP_KINDS:
+            if kind in SKIP_KINDS or i in premap:
                 continue
-            if m.get("shmem") is not None or (
+            if m.get("shmem") is not None or kind == "shmem-private" or (
                     kind in ("file-private", "file-shared") and not m.get("deleted")):
                 # the object holds the content; a private mapping's own pages on top
                 for rel, ln in m.get("cow_runs", []):
@@ -322,3 +363,144 @@ class Memory:
         if self.sfd >= 0:
             os.close(self.sfd)
             self.sfd = -1
+
+
+# --- pages shared copy-on-write between a parent and its children ---------------------
+# A mapping whose pages a child shares with its parent since a fork (CR_TASK
+# mapping "cow_parent", statefile/dump_memory.mark_cow) is built before the
+# child exists: the parent's Python, before it forks its children, maps a
+# "premapped" region at a free address and writes its own content for that
+# mapping there; the children inherit it (the same physical pages), each
+# drops what it did not share (MADV_DONTNEED) and writes its own pages on top
+# before forking its own children.  In the injection phase every task keeps
+# its premapped regions through the big munmap and moves each one to its
+# address (mremap keeps the pages, so the sharing).
+PREMAP_BASE = 0x400000000000
+MADV_DONTNEED = 4
+
+
+def plan_premaps(tasks: list[dict]) -> None:
+    """Set task["_premap"] = [{"mapping", "addr", "create"}] on the tasks
+    that take part in copy-on-write sharing (tasks parents-first)."""
+    by_pid = {t["pid"]: t for t in tasks}
+    used = sorted((m["start"], m["end"]) for t in tasks for m in t["mappings"])
+    nxt = PREMAP_BASE
+
+    def alloc(size: int) -> int:
+        nonlocal nxt
+        while True:
+            a, b = nxt, nxt + size
+            clash = [e for s, e in used if s < b and a < e]
+            if not clash:
+                nxt = b + 16 * 4096
+                return a
+            nxt = max(clash) + 16 * 4096
+
+    need: dict[tuple[int, int, int], bool] = {}   # (parent pid, start, end) -> a child shares
+    for t in tasks:
+        for m in t["mappings"]:
+            if m.get("cow_parent"):
+                need[(t["ppid"], m["start"], m["end"])] = True
+    where: dict[tuple[int, int, int], int] = {}   # (pid, start, end) -> premap address
+
+    def depth(t):
+        d = 0
+        while t["ppid"] in by_pid and d < len(tasks):
+            t, d = by_pid[t["ppid"]], d + 1
+        return d
+
+    for t in sorted(tasks, key=depth):
+        pre = []
+        for i, m in enumerate(t["mappings"]):
+            key = (m["start"], m["end"])
+            inherited = where.get((t["ppid"], *key)) if m.get("cow_parent") else None
+            if m.get("cow_parent") and inherited is None:
+                raise RestoreError("memory", f"pid {t['pid']} shares pages at {key[0]:#x} "
+                                   f"with its parent {t['ppid']}, which does not map them")
+            if inherited is not None:
+                where[(t["pid"], *key)] = inherited
+                pre.append({"mapping": i, "addr": inherited, "create": False})
+            elif need.get((t["pid"], *key)):
+                a = alloc(key[1] - key[0])
+                where[(t["pid"], *key)] = a
+                pre.append({"mapping": i, "addr": a, "create": True})
+        if pre:
+            t["_premap"] = pre
+        else:
+            t.pop("_premap", None)
+
+
+def own_jobs(sf, m: dict) -> list:
+    """[(segment, lo, hi)]: the bytes of mapping m the task itself writes
+    (a file or memfd mapping: its copied-on-write pages; else every stored byte)."""
+    if m.get("shmem") is not None or m["kind"] == "shmem-private" or (
+            m["kind"] in ("file-private", "file-shared") and not m.get("deleted")):
+        jobs = []
+        for rel, ln in m.get("cow_runs", []):
+            a, b = m["start"] + rel, m["start"] + rel + ln
+            for p in m["segments"]:
+                seg = sf.segment(p)
+                lo, hi = max(a, seg["vaddr"]), min(b, seg["vaddr"] + seg["filesz"])
+                if lo < hi:
+                    jobs.append((seg, lo - seg["vaddr"], hi - seg["vaddr"]))
+        return jobs
+    return [(sf.segment(p), 0, sf.segment(p)["filesz"]) for p in m["segments"]
+            if sf.segment(p)["filesz"]]
+
+
+def premap_in_python(sf, task: dict) -> None:
+    """Run by the task's own Python (restore_tree.task_main) before it forks
+    its children: build its premapped regions (see above)."""
+    import ctypes
+    pre = task.get("_premap")
+    if not pre:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    rd = SegmentReader(sf)
+    try:
+        for p in pre:
+            m = task["mappings"][p["mapping"]]
+            start, size, addr = m["start"], m["end"] - m["start"], p["addr"]
+            vmf = m.get("vmflags", [])
+            if p["create"]:
+                flags = MAP_PRIVATE | MAP_FIXED_NOREPLACE | (MAP_GROWSDOWN if "gd" in vmf else 0) \
+                    | (MAP_NORESERVE if "nr" in vmf else 0)
+                fd = -1
+                if m["kind"] == "file-private":
+                    fd = os.open(file_path(m), os.O_RDONLY | os.O_CLOEXEC)
+                    st = os.fstat(fd)
+                    if m.get("inode") and st.st_ino != m["inode"]:
+                        os.close(fd)
+                        raise RestoreError("memory", f"{file_path(m)} changed since the "
+                                           "checkpoint (different inode)")
+                else:
+                    flags |= MAP_ANONYMOUS
+                try:
+                    res = libc.mmap(addr, size, PROT_READ | PROT_WRITE, flags, fd,
+                                    m["offset"] if fd >= 0 else 0)
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+                if res != addr:
+                    raise RestoreError("memory", f"cannot premap {size} bytes at {addr:#x} "
+                                       f"({os.strerror(ctypes.get_errno())})")
+            else:
+                # inherited from the parent: drop what this task did not share
+                shared = [(start + o, start + o + n) for o, n in m["cow_parent"]]
+                pos = start
+                for a, b in shared + [(m["end"], m["end"])]:
+                    if a > pos:
+                        libc.madvise(addr + pos - start, a - pos, MADV_DONTNEED)
+                    pos = max(pos, b)
+            for seg, lo, hi in own_jobs(sf, m):
+                for off, view in rd.pieces(seg, lo, hi):
+                    dst = addr + seg["vaddr"] + off - start
+                    ctypes.memmove(dst, bytes(view), len(view))
+    except DamagedError as e:
+        raise RestoreError("verify", f"{e}: not restarted") from None
+    finally:
+        rd.close()

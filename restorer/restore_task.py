@@ -81,6 +81,17 @@ def _status_caps(rpid: int, tid: int) -> dict:
     return out
 
 
+def _collect_dead_tracee(tid: int) -> None:
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(tid, os.WNOHANG | 0x40000000)[0] == tid:   # __WALL
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.001)
+
+
 class TaskRestorer:
     def __init__(self, sf, task: dict, rpid: int, fds: dict[str, int],
                  lazy: bool = False, log=None):
@@ -97,6 +108,7 @@ class TaskRestorer:
         self.scratch = 0
         self.timings: dict[str, float] = {}
         self.lazy_server = None
+        self.keep_fds = False    # an fd table shared with a task restored later
 
     @property
     def step(self) -> str:
@@ -191,7 +203,7 @@ class TaskRestorer:
         inj.check("prctl", PR_SET_PDEATHSIG, pr.get("pdeathsig", 0), 0, 0, 0)
         inj.check("prctl", PR_SET_CHILD_SUBREAPER, 1 if pr.get("child_subreaper") else 0,
                   0, 0, 0)
-        for fd in sorted(set(self.fds.values())):
+        for fd in sorted(set(self.fds.values())) if not self.keep_fds else ():
             inj.call("close", fd)
         # POSIX locks only now: the closes above would drop them
         restore_locks.take_posix(inj, task, self.sf.files, self.scratch + 3 * PAGE)
@@ -210,7 +222,14 @@ class TaskRestorer:
         """Detach every thread: the task runs from here."""
         self.step = "detach"
         for vtid, rtid in sorted(self.tids.items(), key=lambda kv: kv[1] == self.rpid):
-            pt.detach(rtid, 0)
+            try:
+                pt.detach(rtid, 0)
+            except ProcessLookupError:
+                # Killed (SIGKILL reaches a traced task) by a task of the tree
+                # released before it: the program's doing, not a failed
+                # restore.  Collect it as its tracer, so that its parent can
+                # reap it.
+                _collect_dead_tracee(rtid)
         if self.task.get("group_stopped"):
             os.kill(self.rpid, signal.SIGSTOP)
 

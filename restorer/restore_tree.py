@@ -18,6 +18,10 @@ parks.  The protocol is in docs/TREE.md.
    zombies (a child that exits at once with the saved status), then sets up
    its own files from the inherited ones (dup within the task: the same open
    file description), closes every other inherited fd, reports up and parks.
+   Before it forks, a task builds the memory its children share with it
+   copy-on-write (restore_memory.premap_in_python); a child that shared its
+   parent's fd table is cloned with CLONE_FILES and leaves the table to the
+   group's topmost task (statefile/dump_fdt.py).
 4. The initiator seizes every parked task and rebuilds it by injection
    (restore_task.TaskRestorer), then releases all of them at once.
 """
@@ -38,9 +42,10 @@ from statefile.integrity import DamagedError, SegmentReader
 
 from .errors import RestoreError, ValidationError
 from .guard import journal_path
-from .kernel import (PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
-                     pidfd_open, prctl)
+from .kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all,
+                     fork_with_pid, pidfd_open, prctl)
 from .restore_files import ChildError, ChildPlan, _open_file, child_setup
+from .restore_memory import premap_in_python
 from .restore_sockets import open_named
 from .restore_tty import open_ptys
 
@@ -61,6 +66,7 @@ class Node:
     zombies: list[dict] = field(default_factory=list)
     early_zombies: list[dict] = field(default_factory=list)   # forked before the children
     adopted_by: int = 0           # parent that adopts it when its session helper exits
+    share_files: bool = False     # cloned with CLONE_FILES: its parent's fd table
 
     @property
     def pid(self) -> int:
@@ -170,6 +176,15 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
         node = Node(t, plans.get(t["pid"]), session_of(t, parent))
         if parent is not None and parent.get("ghost") == "session":
             node.adopted_by = parent["ppid"]
+        if t.get("fdt") and t["fdt"] != t["pid"]:
+            # shares the fd table of its parent (statefile/dump_fdt.py)
+            if parent is None or parent.get("fdt") != t["fdt"]:
+                raise ValidationError(f"pid {t['pid']} shares the fd table of pid {t['fdt']} "
+                                      "but is not forked by a task that shares it; not "
+                                      "restored by this version")
+            node.share_files = True
+            if node.plan is not None:
+                node.plan.shares_files = True
         if not t.get("ghost"):
             order.append(node)    # ghosts are gone before the tree is rebuilt
         # A zombie that leads its process group is forked first: live
@@ -387,13 +402,13 @@ def _is_zombie(pid: int) -> bool:
         return True   # gone (or going): worth another try
 
 
-def fork_pid_waiting_zombie(pid: int) -> int:
+def fork_pid_waiting_zombie(pid: int, flags: int = 0) -> int:
     """fork_with_pid, waiting up to 2 s while the pid belongs to a dying
     process (the checkpointed original, killed and not yet reaped)."""
     deadline = time.monotonic() + 2.0
     while True:
         try:
-            return fork_with_pid(pid)
+            return fork_with_pid(pid, flags)
         except OSError as e:
             if e.errno != errno.EEXIST or time.monotonic() > deadline or not _is_zombie(pid):
                 raise
@@ -413,6 +428,37 @@ def read_status(fd: int) -> str:
     return out.decode(errors="replace").strip()
 
 
+def _read_status_shared(r: int, w: int, pid: int) -> str:
+    """read_status for a child that shares our fd table: EOF comes when it
+    closes w; if it dies first, w stays open (it is ours too), so its pidfd
+    ends the wait and w is closed here."""
+    pfd = pidfd_open(pid)
+    out = b""
+    try:
+        while True:
+            ready = select.select([r, pfd], [], [])[0]
+            if r in ready:
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    break
+                out += chunk
+                continue
+            # dead: what it wrote is in the pipe
+            os.set_blocking(r, False)
+            try:
+                out += os.read(r, 4096)
+            except BlockingIOError:
+                pass
+            try:
+                os.close(w)
+            except OSError:
+                pass
+            break
+    finally:
+        os.close(pfd)
+    return out.decode(errors="replace").strip()
+
+
 class _Forwarded(Exception):
     """A child's ERR line, passed up unchanged."""
 
@@ -426,9 +472,9 @@ def _set_session(how: str, pgid: int) -> None:
         os.setpgid(0, pgid)
 
 
-def _fork_child(pid: int) -> int:
+def _fork_child(pid: int, flags: int = 0) -> int:
     try:
-        return fork_pid_waiting_zombie(pid)
+        return fork_pid_waiting_zombie(pid, flags)
     except OSError as e:
         if e.errno == errno.EEXIST:
             raise ChildError("pid", f"pid {pid} is in use by another process (--pidns "
@@ -506,7 +552,12 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
         # injection before the tree runs: restore_task.py, step "cleanup").
         # Not yet for a task whose parent is a session helper: that one exits
         # on purpose; the task sets it once adopted (below, when parked).
-        if not node.adopted_by:
+        if node.share_files:
+            # parent_pidfd is the parent's own fd (one table): it closes it
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if parent_pidfd >= 0 and select.select([parent_pidfd], [], [], 0)[0]:
+                os._exit(1)
+        elif not node.adopted_by:
             die_with_parent(parent_pidfd)
         elif parent_pidfd >= 0:
             os.close(parent_pidfd)
@@ -519,6 +570,13 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
                              f"pgid {node.task['pgid']})") from None
         if any(c.task.get("ghost") == "session" for c in node.children):
             prctl(PR_SET_CHILD_SUBREAPER, 1)   # adopt the orphans again (saved flag later)
+        if node.task.get("_premap"):
+            step = "premap"
+            # memory shared copy-on-write with the children: before they fork
+            try:
+                premap_in_python(node.plan.sf, node.task)
+            except RestoreError as e:
+                raise ChildError(step, str(e)) from None
         for z in node.early_zombies:
             pid = _fork_child(z["pid"])
             if pid == 0:
@@ -528,13 +586,19 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
         me = self_pidfd()
         for child in node.children:
             r, w = os.pipe2(os.O_CLOEXEC)
-            pid = _fork_child(child.pid)
+            pid = _fork_child(child.pid, CLONE_FILES if child.share_files else 0)
             if pid == 0:
-                os.close(r)
+                if not child.share_files:
+                    os.close(r)
                 task_main(child, w, inherited, me)
             forked.append(pid)
-            os.close(w)
-            msg = read_status(r)
+            if child.share_files:
+                # One fd table: the child closes w (its end) when it has
+                # reported; a death is seen on its pidfd.
+                msg = _read_status_shared(r, w, pid)
+            else:
+                os.close(w)
+                msg = read_status(r)
             os.close(r)
             if msg != "OK":
                 if msg.startswith("ERR "):

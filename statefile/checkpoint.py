@@ -8,10 +8,10 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, dump_ns, flags, hooks, procfs, snapshot, support, xsave
+from . import FORMAT_VERSION, __version__, dump_fdt, dump_ns, flags, hooks, procfs, snapshot, support, xsave
 from .dump_files import FileTable
 from .dump_memfd import collect as collect_shmem
-from .dump_memory import PAGE, dump_mappings
+from .dump_memory import PAGE, dump_mappings, mark_cow
 from .dump_task import dump_task
 from .errors import CrelfError, TargetError
 from .freeze import Freezer, check_target
@@ -184,6 +184,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             tasks.append(task)
             regs += task_regs
             plans_by_task.append(plans)
+        dump_fdt.mark_groups(tasks)                   # fd tables shared (CLONE_FILES)
+        mark_cow(tasks, plans_by_task)                # pages shared with the parent since fork
         zombies = [{"pid": z["pid"], "ppid": z["ppid"], "pgid": z["pgid"], "sid": z["sid"],
                     "comm": z["comm"], "exit_code": z["exit_code"]}
                    for z in freezer.zombies.values()]

@@ -8,7 +8,7 @@ same table and the same assessment crcheckpoint applies to a frozen tree.
 
 from __future__ import annotations
 
-from . import dump_ns, flags, procfs, support
+from . import dump_fdt, dump_ns, flags, procfs, support
 from .dump_files import FileTable
 from .dump_memfd import collect as collect_shmem
 from .dump_memory import mapping_kind
@@ -62,6 +62,7 @@ def check(pid: int, policy: Policy | None = None) -> dict:
             continue
     if not tasks:
         raise TargetError(f"pid {pid} exited")
+    dump_fdt.mark_groups(tasks)           # fd tables shared (CLONE_FILES)
     dump_ns.dump_namespaces(tasks)        # a namespace it cannot read is refused
     ipc = dump_ns.dump_ipc_objects(tasks)  # inside the tree's own IPC namespace, if any
     findings = support.assess(tasks, files.files, zombies,

@@ -33,6 +33,12 @@ TABLE: tuple[Resource, ...] = (
     Resource("task:process", "a single process, any number of threads", SUPPORTED),
     Resource("task:tree", "more than one process (a process tree: original pids, "
              "parent/child links, sessions and process groups)", SUPPORTED),
+    Resource("task:fdt-shared", "processes sharing one fd table (clone with CLONE_FILES, "
+             "each cloned by a parent that shares it: cloned so again)", SUPPORTED),
+    Resource("task:fdt-shared-other", "processes sharing one fd table whose sharers are "
+             "not parent and child (a sharer's parent exited)", UNSUPPORTED,
+             "an fd table shared by tasks that are not parent and child is not restored "
+             "by this version"),
     Resource("task:zombie", "an exited child not reaped yet (recreated with its exit status)",
              SUPPORTED),
     Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
@@ -507,6 +513,10 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
         elif t["creds"].get("seccomp") == 1:
             add("task:seccomp-strict", pid, f"pid {pid}", "seccomp strict mode")
+        if t.get("fdt_unsupported"):
+            add("task:fdt-shared-other", pid, f"pid {pid}", t["fdt_unsupported"])
+        elif t.get("fdt") and t["fdt"] != pid:
+            add("task:fdt-shared", pid, f"pid {pid}", f"shares the fd table of pid {t['fdt']}")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
         for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):

@@ -53,6 +53,47 @@ def task_segments(sf, pid: int) -> list[dict]:
                   key=lambda s: s["vaddr"])
 
 
+def _from_parent(sf, pid: int, m: dict, a: int, b: int, depth: int = 0) -> list:
+    """[(lo, hi, statefile offset)]: where the bytes of [a, b) of mapping m
+    of task pid live when the task shares them copy-on-write with its parent
+    (mapping "cow_parent": stored once, in the parent, or further up)."""
+    try:
+        parent = sf.task(sf.task(pid)["ppid"])
+    except KeyError:
+        return []
+    idx, pm = next(((i, x) for i, x in enumerate(parent["mappings"])
+                    if (x["start"], x["end"]) == (m["start"], m["end"])), (None, None))
+    if pm is None or depth > len(sf.tasks):
+        return []
+    out = []
+    for seg in sf.segments:
+        if seg["pid"] != parent["pid"] or seg.get("mapping") != idx or "blob" in seg:
+            continue
+        for rel, ln in seg.get("runs", []):
+            lo, hi = max(a, seg["vaddr"] + rel), min(b, seg["vaddr"] + rel + ln)
+            if lo < hi:
+                out.append((lo, hi, seg["offset"] + lo - seg["vaddr"]))
+    for rel, ln in pm.get("cow_parent", []):
+        lo, hi = max(a, pm["start"] + rel), min(b, pm["start"] + rel + ln)
+        if lo < hi:
+            out += _from_parent(sf, parent["pid"], pm, lo, hi, depth + 1)
+    return out
+
+
+def _pieces(sf, pid: int, task: dict, s: dict) -> list[tuple[int, int, int]]:
+    """[(offset in segment, length, statefile offset)] of a segment's data:
+    its own runs, and the pages it shares with its parent."""
+    out = [(rel, ln, s["offset"] + rel) for rel, ln in s.get("runs", [])]
+    m = task["mappings"][s["mapping"]] if 0 <= s["mapping"] < len(task["mappings"]) else {}
+    for rel, ln in m.get("cow_parent", []):
+        a = max(s["vaddr"], m["start"] + rel)
+        b = min(s["vaddr"] + s["memsz"], m["start"] + rel + ln)
+        if a < b:
+            out += [(lo - s["vaddr"], hi - lo, off) for lo, hi, off in
+                    _from_parent(sf, pid, m, a, b)]
+    return sorted(out)
+
+
 def write_core(sf, pid: int, out_path: str) -> dict:
     try:
         task = sf.task(pid)
@@ -74,11 +115,17 @@ def write_core(sf, pid: int, out_path: str) -> dict:
     pos = _align(phdrs[0].p_offset + len(notes), page)
     placed = []
     for s in segs:
+        for rel, ln in s.get("runs", []):
+            if rel < 0 or rel + ln > s["filesz"]:
+                raise FormatError(f"{sf.path}: segment {s['phdr']} has a run "
+                                  "outside its data")
+        pieces = _pieces(sf, pid, task, s)
+        filesz = max([s["filesz"]] + [rel + ln for rel, ln, _ in pieces])
         phdrs.append(ec.Elf64_Phdr(p_type=ec.PT_LOAD, p_flags=flags.get(s["phdr"], ec.PF_R),
-                                   p_offset=pos, p_vaddr=s["vaddr"], p_filesz=s["filesz"],
+                                   p_offset=pos, p_vaddr=s["vaddr"], p_filesz=filesz,
                                    p_memsz=s["memsz"], p_align=page))
-        placed.append((s, pos))
-        pos = _align(pos + s["filesz"], page)
+        placed.append((pieces, pos))
+        pos = _align(pos + filesz, page)
     head = bytearray(ec.build_headers(phdrs))
     head[ec.EI_PAD:16] = bytes(16 - ec.EI_PAD)  # a plain core: no CRELF marker
 
@@ -92,12 +139,9 @@ def write_core(sf, pid: int, out_path: str) -> dict:
         with sf.open() as src:
             os.pwrite(fd, bytes(head), 0)
             os.pwrite(fd, notes, phdrs[0].p_offset)
-            for s, off in placed:
-                for rel, ln in s.get("runs", []):
-                    if rel < 0 or rel + ln > s["filesz"]:
-                        raise FormatError(f"{sf.path}: segment {s['phdr']} has a run "
-                                          "outside its data")
-                    _copy(src.fileno(), fd, s["offset"] + rel, off + rel, ln)
+            for pieces, off in placed:
+                for rel, ln, src_off in pieces:
+                    _copy(src.fileno(), fd, src_off, off + rel, ln)
                     stored += ln
         os.ftruncate(fd, pos)
         os.fchmod(fd, 0o600)
