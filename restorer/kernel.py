@@ -26,6 +26,7 @@ NR = {
     "clock_nanosleep": 230, "exit_group": 231, "set_robust_list": 273,
     "rt_tgsigqueueinfo": 297, "userfaultfd": 323, "rseq": 334, "clone3": 435,
     "pidfd_open": 434, "pidfd_getfd": 438, "dup3": 292,
+    "io_setup": 206, "io_getevents": 208, "io_submit": 209, "openat": 257,
 }
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4

@@ -226,6 +226,8 @@ class Memory:
                                 m["offset"])
             elif kind == "sysv-shm":
                 res = self._shmat(inj, m, prot)
+            elif kind == "aio":
+                continue      # its range stays free: rebuilt by restore_aio (restore_task)
             elif kind == "special":
                 raise RestoreError("memory", f"special mapping {m['path']} at {start:#x} "
                                    "cannot be restored")

@@ -14,7 +14,7 @@ from statefile import elfcore as ec
 from statefile import ptrace as pt
 from statefile.inject import InjectError, find_syscall_insn
 
-from . import restore_locks, restore_pidfd
+from . import restore_aio, restore_locks, restore_pidfd
 from . import restore_signals as rs
 from .errors import RestoreError
 from .injector import RestoreInjector
@@ -159,6 +159,10 @@ class TaskRestorer:
         anon = mem.map_all(inj, lazy=self.lazy)
         self.scratch = inj.check("mmap", 0, SCRATCH_PAGES * PAGE, PROT_READ | PROT_WRITE,
                                  MAP_PRIVATE | MAP_ANONYMOUS, 2**64 - 1, 0)
+        for m in task["mappings"]:
+            if m["kind"] == "aio":
+                self.step = "aio"
+                restore_aio.restore_ring(inj, m, self.scratch, PAGE)
         t = self._t("mmap", t)
         self.step = "memory"
         if self.lazy:

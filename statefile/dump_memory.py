@@ -35,7 +35,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from . import procfs
+from . import dump_aio, procfs
+from .dump_aio import AIO_PATH
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TASK_SIZE = 0x7FFFFFFFF000    # x86-64 user space ([vsyscall] lies above it)
@@ -82,6 +83,8 @@ def mapping_kind(m: dict) -> str:
         return "sysv-shm"
     if path.startswith("/memfd:"):
         return "memfd"
+    if path == AIO_PATH:
+        return "aio"
     if path.startswith("/dev/zero") and shared or path.startswith("[anon_shmem:"):
         return "anon-shared" if shared else "shmem-private"
     if path == "/dev/zero (deleted)":
@@ -330,7 +333,7 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                 if ident:
                     m["file_size"], m["file_mtime_ns"] = ident
             size = m["end"] - m["start"]
-            guards = [] if kind in ("vvar", "vdso", "vsyscall", "special") else \
+            guards = [] if kind in ("vvar", "vdso", "vsyscall", "special", "aio") else \
                 _within(all_guards, m["start"], m["end"])
             if guards:
                 # MADV_GUARD_INSTALL ranges: nothing to read, installed again
@@ -354,6 +357,10 @@ def dump_mappings(pid: int) -> tuple[list[dict], list[SegmentPlan]]:
                 plan(m["start"], size, False, [])
             elif kind == "vdso":
                 plan(m["start"], size, True, [(0, size)])
+            elif kind == "aio":
+                # an AIO context's ring: rebuilt, not copied (dump_aio.py)
+                m["aio"] = dump_aio.parse(pid, m)
+                plan(m["start"], size, False, [])
             elif "dp" in m["vmflags"]:
                 # MAP_DROPPABLE: the kernel may drop its pages whenever it
                 # likes (they read as zeros then); nothing is kept, like CRIU

@@ -278,6 +278,11 @@ TABLE: tuple[Resource, ...] = (
     Resource("mem:shared-other", "memfd or shared deleted/tmpfs file crelf cannot save "
              "(on hugetlbfs; mapped only, without root)", UNSUPPORTED,
              "its content cannot be saved or recreated by this version of crelf"),
+    Resource("mem:aio", "an AIO context (io_setup) and its ring: size, head, tail and the "
+             "completed events not reaped yet (requests still in flight at the checkpoint "
+             "cannot be seen and are not restored)", SUPPORTED),
+    Resource("mem:aio-other", "an AIO ring crelf cannot read", UNSUPPORTED,
+             "its header is not the kernel's aio_ring layout crelf knows"),
     Resource("mem:device", "device (I/O or PFN) mapping", UNSUPPORTED,
              "device mappings cannot be checkpointed"),
 )
@@ -381,6 +386,8 @@ def is_scratch(m: dict) -> bool:
 def mapping_key(m: dict) -> str:
     if m["kind"] in ("vdso", "vvar", "vsyscall"):
         return "mem:vdso"
+    if m["kind"] == "aio":
+        return "mem:aio-other" if "unsupported" in m.get("aio", {}) else "mem:aio"
     if "io" in m.get("vmflags", []) or "pf" in m.get("vmflags", []):
         return "mem:device"
     if is_scratch(m):
