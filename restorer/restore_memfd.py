@@ -31,6 +31,7 @@ after every task's mappings are made (finish()).
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 
 from statefile.integrity import DamagedError, SegmentReader
@@ -44,6 +45,7 @@ F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
+MFD_HUGETLB, MFD_HUGE_SHIFT = 0x4, 26
 LATE_SEALS = F_SEAL_FUTURE_WRITE | F_SEAL_SEAL   # added once every task is mapped
 SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | 0o20000  # O_ASYNC
 SHMEM_ID_BASE = -100000      # synthetic "file ids" of the objects in the inherited fds
@@ -168,7 +170,9 @@ class SharedObjects:
         if kind == "tmpfs" and os.path.exists(o["path"]):
             return os.open(o["path"], os.O_RDWR | os.O_CLOEXEC)   # its content is current
         mode = o.get("mode", 0o600)
-        if kind == "memfd":
+        if o.get("hugetlb"):
+            fd = self._hugetlb(o)
+        elif kind == "memfd":
             fd = self._memfd(o)
         elif kind == "deleted":
             fd = self._deleted_file(o["path"], mode)
@@ -186,7 +190,9 @@ class SharedObjects:
             if os.geteuid() == 0 and "uid" in o:
                 os.fchown(fd, o["uid"], o["gid"])
             os.ftruncate(fd, o.get("size", 0))
-            if "blob" in o:
+            if "blob" in o and o.get("hugetlb"):
+                self._map_content(fd, o, self.sf.segment(o["blob"]), rd)
+            elif "blob" in o:
                 self._write_content(fd, self.sf.segment(o["blob"]), rd)
             early = o.get("seals", 0) & ~LATE_SEALS & ~self._seals(fd)
             if kind == "memfd" and early:
@@ -215,6 +221,35 @@ class SharedObjects:
             except OSError:
                 pass        # a kernel without MFD_EXEC: its memfds are executable anyway
         return os.memfd_create(o["name"], flags)
+
+    @staticmethod
+    def _hugetlb(o: dict) -> int:
+        """A memfd on hugetlbfs with the saved page size, for a hugetlb memfd,
+        MAP_SHARED|MAP_HUGETLB memory or a deleted hugetlbfs file."""
+        size = o["hugetlb"] if isinstance(o["hugetlb"], int) and o["hugetlb"] > 1 else 2 << 20
+        name = o.get("name") or os.path.basename(o.get("path", "")) or "crelf-hugetlb"
+        try:
+            return os.memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB
+                                   | (size.bit_length() - 1) << MFD_HUGE_SHIFT)
+        except OSError as e:
+            raise RestoreError("memfds", f"cannot create {describe(o)} on hugetlbfs again "
+                               f"({e.strerror}: free {size >> 10} kB huge pages are needed, "
+                               "/proc/sys/vm/nr_hugepages)") from None
+
+    @staticmethod
+    def _map_content(fd: int, o: dict, seg: dict, rd: SegmentReader) -> None:
+        """hugetlbfs takes no write(2): the content goes in through a shared
+        mapping, each chunk verified first."""
+        if not o.get("size"):
+            return
+        m = mmap.mmap(fd, o["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            for pos, view in rd.pieces(seg):
+                m[pos:pos + len(view)] = view
+        except DamagedError as e:
+            raise RestoreError("verify", f"{e}: not restarted") from None
+        finally:
+            m.close()
 
     @staticmethod
     def _deleted_file(path: str, mode: int) -> int:

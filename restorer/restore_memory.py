@@ -22,6 +22,7 @@ from .restore_memfd import extra_key, inherited_id, mapped_rw
 VDSO_NAMES = ("[vvar]", "[vvar_vclock]", "[vdso]")
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 READ_AHEAD = 8 << 20      # bytes of content from which the copy reads ahead in a thread
+MAP_HUGETLB, MAP_HUGE_SHIFT = 0x40000, 26
 SKIP_KINDS = ("vvar", "vdso", "vsyscall")
 
 
@@ -239,6 +240,10 @@ class Memory:
                     flags |= MAP_GROWSDOWN
                 if "nr" in vmf:
                     flags |= MAP_NORESERVE
+                if "ht" in vmf:
+                    # MAP_HUGETLB memory (its deleted file-private view, /anon_hugepage)
+                    flags |= MAP_HUGETLB | ((m.get("page_kb", 2048) << 10).bit_length() - 1) \
+                        << MAP_HUGE_SHIFT
                 has_data = any(self.sf.segment(p)["filesz"] for p in m["segments"])
                 map_prot = prot
                 if has_data and shared and not (prot & PROT_WRITE) and not lazy:
@@ -246,7 +251,7 @@ class Memory:
                     map_prot = prot | PROT_READ | PROT_WRITE
                     self.mprotect_after.append((start, size, prot))
                 res = inj.check("mmap", start, size, map_prot, flags, 2**64 - 1, 0)
-                if has_data and not shared:
+                if has_data and not shared and "ht" not in vmf:
                     anon_ranges.append((start, m["end"]))
             if res != start:
                 raise RestoreError("memory", f"mapping {start:#x} landed at {res:#x}")
@@ -306,8 +311,8 @@ class Memory:
                 continue
             if kind in ("anon-shared", "sysv-shm"):
                 continue   # the initiator wrote it into the shared object (restore_ipc.py)
-            if skip_anon and m["perms"][3] == "p":
-                continue
+            if skip_anon and m["perms"][3] == "p" and "ht" not in m.get("vmflags", []):
+                continue      # (hugetlb memory is copied eagerly: never served lazily)
             for p in m["segments"]:
                 seg = self.sf.segment(p)
                 if seg["filesz"]:

@@ -28,7 +28,6 @@ F_GET_SEALS = 1034
 F_SEAL_SEAL = 1
 MEMFD_PREFIX = "/memfd:"
 DELETED = " (deleted)"
-HUGETLB_REASON = "it is on hugetlbfs (MFD_HUGETLB or a hugetlbfs file)"
 
 
 def is_memfd_path(path: str) -> bool:
@@ -119,7 +118,7 @@ def collect(tasks: list[dict], files, dump_tmpfs: bool = False) -> list[dict]:
             o = obj(key, okind, m["path"])
             m["shmem"] = o["id"]
             if "ht" in m.get("vmflags", []):
-                o["unsupported"] = HUGETLB_REASON
+                o["hugetlb"] = True      # (its page size: _describe)
             sources[key].append((pid, f"/proc/{pid}/map_files/{m['start']:x}-{m['end']:x}"))
     for f in files.files:
         if f["kind"] != "regular":
@@ -161,8 +160,10 @@ def _describe(o: dict, sources: list[tuple[int, str]], files) -> None:
     try:
         s = os.fstat(fd)
         o.update(size=s.st_size, mode=s.st_mode & 0o7777, uid=s.st_uid, gid=s.st_gid)
-        if s.st_blksize > os.sysconf("SC_PAGE_SIZE") and "unsupported" not in o:
-            o["unsupported"] = HUGETLB_REASON
+        if s.st_blksize > os.sysconf("SC_PAGE_SIZE") or o.get("hugetlb"):
+            # on hugetlbfs (MFD_HUGETLB, MAP_HUGETLB shared memory, a
+            # hugetlbfs file): recreated as a hugetlb memfd of that page size
+            o["hugetlb"] = s.st_blksize
         if o["kind"] == "memfd":
             try:
                 o["seals"] = fcntl.fcntl(fd, F_GET_SEALS)

@@ -95,6 +95,8 @@ def smaps(pid: int) -> list[dict]:
                 cur["vmflags"] = v.split()
             elif k in ("Rss", "Anonymous", "Swap"):
                 cur[k.lower() + "_kb"] = int(v.split()[0])
+            elif k == "KernelPageSize" and v.split()[0] != "4":
+                cur["page_kb"] = int(v.split()[0])     # a hugetlb mapping's page size
             continue
         cur = _mapping(line)
         if cur is not None:

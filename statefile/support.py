@@ -276,7 +276,7 @@ TABLE: tuple[Resource, ...] = (
              "for every task; MAP_PRIVATE: its copied-on-write pages too) or MAP_SHARED "
              "mapping of a deleted file (a shm_unlink'ed POSIX shm)", SUPPORTED),
     Resource("mem:shared-other", "memfd or shared deleted/tmpfs file crelf cannot save "
-             "(on hugetlbfs; mapped only, without root)", UNSUPPORTED,
+             "(mapped only, without root)", UNSUPPORTED,
              "its content cannot be saved or recreated by this version of crelf"),
     Resource("mem:aio", "an AIO context (io_setup) and its ring: size, head, tail and the "
              "completed events not reaped yet (requests still in flight at the checkpoint "
