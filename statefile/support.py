@@ -129,10 +129,13 @@ TABLE: tuple[Resource, ...] = (
              "an abstract name of an accepted stream or seqpacket connection, or a path when "
              "crrestart may not chroot (unprivileged), comes back unnamed (crrestart warns)"),
     Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name; a stale "
-             "socket file nobody is bound to is replaced)", SUPPORTED),
+             "socket file nobody is bound to is replaced; a socket whose file was deleted or "
+             "replaced gets its name back without a file, the path left as it is)", SUPPORTED),
     Resource("fd:socket:unix-dgram", "unconnected unix socket (datagram, or a stream or "
-             "seqpacket socket not connected yet; bound again to its name); queued datagrams "
-             "are sent to it again from their sender's address", SUPPORTED),
+             "seqpacket socket not connected yet; bound again to its name, also when its file "
+             "was deleted or replaced); a datagram socket connected to itself or whose peer "
+             "closed; queued datagrams are sent to it again from their sender's address",
+             SUPPORTED),
     Resource("fd:socket:unix-peerless", "connected unix stream or seqpacket socket whose peer "
              "has closed (its unread data kept; reads then see end-of-file, writes EPIPE)",
              SUPPORTED),
