@@ -132,6 +132,7 @@ def finish_epoll(fds: list[dict], files: list[dict]) -> None:
                     saved = fcntl.fcntl(tfd, fcntl.F_DUPFD_CLOEXEC, 3)
                 except OSError:
                     saved = None
+                _room_for(tfd)
                 os.dup2(src, tfd)
             try:
                 _check(_libc.epoll_ctl(d["fd"], EPOLL_CTL_ADD, tfd, ctypes.byref(ev)),
@@ -143,3 +144,15 @@ def finish_epoll(fds: list[dict], files: list[dict]) -> None:
                         os.close(saved)
                     else:
                         os.close(tfd)
+
+
+def _room_for(fd: int) -> None:
+    """Let fd number `fd` be used (RLIMIT_NOFILE raised if it is below it: the
+    saved limits are set again afterwards, restore_files' rlimits step)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if fd >= soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 1, max(hard, fd + 1)))
+        except (OSError, ValueError):
+            pass

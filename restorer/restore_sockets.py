@@ -243,8 +243,8 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
         peer = peer_of(f)
         mutual = peer is not None and peer is not f and peer_of(peer) is f
         if info.get("listening") or (info["type"] != "dgram" and not mutual):
-            if _gone(info):   # (listening, or not connected): its name, no file
-                ghosts.append(f)
+            if _gone(info) and (info.get("listening") or info.get("state") != 1):
+                ghosts.append(f)    # (listening, or not connected): its name, no file
             continue
         if not (_named(info) or (peer is not None and _named(peer["socket"]))):
             continue

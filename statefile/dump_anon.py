@@ -24,6 +24,7 @@ same open file, nothing consumed):
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 
@@ -96,16 +97,24 @@ def _epoll_sources(pid: int, epfd: int, targets: list[dict]) -> None:
     by_ino: dict[tuple[int, int], list[int]] | None = None
     seen: dict[int, int] = {}
 
+    no_kcmp = False
+
     def same(cand: int, slot) -> bool:
+        nonlocal no_kcmp
         try:
             return syscall(NR_kcmp, pid, pid, KCMP_EPOLL_TFD, cand, ctypes.byref(slot)) == 0
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.ENOENT, errno.EINVAL):
+                no_kcmp = True      # (no kcmp here: the item's number, as before)
             return False
     for t in targets:
         toff = seen.get(t["tfd"], 0)
         seen[t["tfd"]] = toff + 1
         slot = _kcmp_epoll_slot(epfd, t["tfd"], toff)
         if same(t["tfd"], slot):
+            t["fd"] = t["tfd"]
+            continue
+        if no_kcmp:
             t["fd"] = t["tfd"]
             continue
         if by_ino is None:

@@ -1,5 +1,5 @@
-"""epoll items whose fd number was closed, reused by another file, or shared
-by several items (an item is a (file, fd number) pair fixed at EPOLL_CTL_ADD)
+"""epoll items whose fd number was closed (also one above the fd limit the
+program set afterwards), reused by another file, or shared by several items (an item is a (file, fd number) pair fixed at EPOLL_CTL_ADD)
 come back under their own numbers across a --kill checkpoint and a restart;
 an epoll instance watching a file its task no longer holds is refused."""
 
@@ -25,7 +25,7 @@ def out(*a):
 
 ep = select.epoll()
 ep2 = select.epoll()
-pipes = [os.pipe() for _ in range(6)]
+pipes = [os.pipe() for _ in range(7)]
 # pipe 0: watched as fd 900, which is then closed
 os.dup2(pipes[0][0], 900); ep.register(900, select.EPOLLIN); os.close(900)
 # pipes 1, 2, 3: all watched as fd 901; 901 ends up holding pipe 3
@@ -37,6 +37,12 @@ r4 = os.dup(pipes[4][0])
 ep.register(r4, select.EPOLLIN)
 keep4 = os.dup(r4); os.dup2(pipes[5][0], r4)
 ep.register(pipes[5][0], select.EPOLLIN)      # and pipe 5 at its own number too
+# pipe 6: watched as fd 3000, closed, and the fd limit lowered below it
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, max(hard, 4096)))
+os.dup2(pipes[6][0], 3000); ep.register(3000, select.EPOLLIN); os.close(3000)
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, max(hard, 4096)))
 out("ready")
 while not os.path.exists(f"{D}/go"):
     time.sleep(0.02)
@@ -77,6 +83,7 @@ def test_epoll_items_under_closed_and_reused_numbers(procs, tmp_path):
     lines = ref.stdout.decode().splitlines()
     assert lines[1:5] == ["pipe 0 -> [900]", "pipe 1 -> [901]", "pipe 2 -> [901]",
                           "pipe 3 -> [901]"], lines
+    assert lines[7] == "pipe 6 -> [3000]", lines
 
 def test_epoll_watching_a_file_only_a_child_holds_is_refused(procs, tmp_path):
     require_root()
