@@ -170,8 +170,7 @@ def _bind_in_chroot(binds: list[tuple[socket.socket, str]],
                 try:
                     os.chroot(tmp)
                 except PermissionError:
-                    from .kernel import CLONE_NEWUSER, unshare
-                    unshare(CLONE_NEWUSER)
+                    _own_user_ns()
                     os.chroot(tmp)
                 os.chdir("/")
                 for sock, path in binds:
@@ -190,6 +189,18 @@ def _bind_in_chroot(binds: list[tuple[socket.socket, str]],
         return os.waitstatus_to_exitcode(status) == 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _own_user_ns() -> None:
+    """Enter a user namespace of our own, our uid and gid mapped to
+    themselves (files made in it belong to us), to chroot unprivileged."""
+    from .kernel import CLONE_NEWUSER, unshare
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER)
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as fh:
+            fh.write(text)
 
 
 @contextlib.contextmanager

@@ -13,12 +13,18 @@ must be the same bytes."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from helpers import require_root, wait_for_line
 from test_checkpoint import checkpoint
+from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody
 
 from statefile import reader
 
@@ -283,3 +289,46 @@ ready_then_go()
     (d / "go").touch()
     assert proc.wait(timeout=10) == 0
 
+
+
+@pytest.fixture
+def nobody_dir():
+    d = Path(tempfile.mkdtemp(prefix="crelf-unpriv-"))
+    os.chmod(d, 0o755)
+    os.chown(d, NOBODY, NOBODY)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sockets_whose_file_is_gone_unprivileged(procs, nobody_dir):
+    """The same, checkpointed and restarted by user 65534 (the private roots
+    are made without privilege)."""
+    require_root()
+    py, env = _python_for_nobody()
+    run_dir = nobody_dir / "run"
+    run_dir.mkdir()
+    os.chown(run_dir, NOBODY, NOBODY)
+    out, err = nobody_dir / "p.out", nobody_dir / "p.err"
+    for f in (out, err):
+        f.touch()
+        os.chown(f, NOBODY, NOBODY)
+    proc = procs.spawn(as_nobody("/usr/bin/python3", "-c", GHOSTS, run_dir), stdout=out,
+                       stderr=err, cwd=nobody_dir)
+    wait_for_line(out, "^ready$", proc=proc)
+    cr = nobody_dir / "p.cr"
+    r = subprocess.run(as_nobody(py, "-m", "statefile.cli", proc.pid, "-o", cr, "--kill"),
+                       capture_output=True, text=True, env=env, cwd=nobody_dir, timeout=60)
+    assert r.returncode == 0, r.stderr
+    proc.wait(timeout=10)
+    (run_dir / "go").touch()
+    rr = subprocess.run(as_nobody(py, "-m", "restorer.cli", cr), capture_output=True,
+                        env=env, cwd=nobody_dir, timeout=60)
+    assert rr.returncode == 0, rr.stderr
+    text = out.read_text().replace(str(run_dir), "DIR")
+    assert "srv queued: b'queued before the checkpoint'" in text, (text, err.read_text())
+    for line in ("l2 name DIR/l.sock", "srv2 name DIR/dg/s.sock", "fsrv name DIR/f.sock",
+                 "srv b'to srv' srv2 b'to srv2' fsrv b'to fsrv'", "f.sock is a fifo: True",
+                 "dg exists: False", "l1 accepted: b'hello l1'"):
+        assert line in text, (text, err.read_text())
