@@ -15,7 +15,14 @@ connects to them:
   from a listening socket: the accepted end has the listener's path): a new
   socketpair whose ends are bound to the saved paths inside a private chroot
   (a forked helper), so getsockname/getpeername give the paths again and the
-  real files are left alone; queues and shutdown states as below.
+  real files are left alone; queues and shutdown states as below;
+* every socket whose file was deleted or replaced since it was bound
+  (`file_gone`: listening, unconnected, or a datagram socket): bound to its
+  name in a private root of its own (_bind_in_chroot), where the datagram
+  sockets connected to it connect again and its queued datagrams are sent
+  again; the path is left as it is now (another socket's file, a FIFO,
+  nothing, a removed directory). A datagram socket connected to itself is
+  bound, then connected to its own name.
 
 Created by the restored task itself (open_unix, from restore_files):
 
@@ -24,10 +31,16 @@ Created by the restored task itself (open_unix, from restore_files):
   queue is sent again from the other end, message by message, then the saved
   shutdown states are applied;
 * a listening socket: bound again to its path (a stale socket file left by the
-  killed original is replaced) or abstract name, and listening;
+  killed original is replaced) or abstract name, and listening; a relative
+  path from the task's saved working directory;
 * an unconnected socket: bound again to its name, if it had one;
-* a connected stream or seqpacket socket whose peer has closed: one end of a
-  new pair, the other end sends its unread data and is closed.
+* a connected socket whose peer has closed (stream, seqpacket, or an unnamed
+  datagram socket): one end of a new pair, the other end sends its unread
+  data and is closed.
+
+Every unix socket gets its saved options again (set_sockopts; SO_PEEK_OFF
+once its queue is refilled).  set_sockopts and bind_inet serve the TCP and
+UDP sockets of restore_files too.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ queue are read from a duplicate of the task's fd (pidfd_getfd) with MSG_PEEK,
 stepping with SO_PEEK_OFF, so nothing is consumed: a leave-running checkpoint
 changes nothing (fds passed in flight, SCM_RIGHTS, are noted and closed
 again in crelf).  A datagram socket's queue keeps each message's sender
-address.  Restored by restorer/restore_sockets.py.
+address.  A path-bound socket whose file is no longer at its path (deleted,
+or replaced) is marked `file_gone` (UNIX_DIAG_VFS names the file it was bound
+to).  Socket options (SOCKOPTS) are saved for unix, TCP and UDP sockets.
+Restored by restorer/restore_sockets.py.
 """
 
 from __future__ import annotations
