@@ -327,11 +327,13 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
         for fa, fb in pairs:
             out[fa["id"]] = _finish(socks.pop(fa["id"]), fa)
             out[fb["id"]] = _finish(socks.pop(fb["id"]), fb)
-    except BaseException:
+    except BaseException as e:
         for s in socks.values():
             s.close()
         for fd in out.values():
             os.close(fd)
+        if isinstance(e, OSError):      # (listen, an option: one line, not a traceback)
+            raise RestoreError("sockets", f"unix socket: {e.strerror or e}") from None
         raise
     finally:
         for path in made:
