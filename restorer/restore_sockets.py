@@ -322,7 +322,7 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
         for f in ghosts:
             if f["socket"].get("listening"):
                 socks[f["id"]].listen(128)
-        for f in dgram + [g for g in ghosts if g not in dgram]:
+        for f in dgram + [g for g in ghosts if g["socket"]["type"] != "dgram"]:
             out[f["id"]] = _finish(socks.pop(f["id"]), f)
         for fa, fb in pairs:
             out[fa["id"]] = _finish(socks.pop(fa["id"]), fa)
