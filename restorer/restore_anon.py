@@ -13,7 +13,9 @@ Created by the restored task itself (in child_setup, before it parks) from the
   that fell due since the restart;
 * signalfd: its signal mask;
 * epoll: created empty; once every fd of the task is in place, each watched
-  fd is added back with its events and data (finish_epoll);
+  file is added back with its events and data under the fd number it was
+  added with (finish_epoll), also when that number was closed since or holds
+  another file now;
 * inotify: each watch added again on its path with its mask, with the same
   watch descriptor numbers (the counter is advanced with throw-away watches
   where the original had gaps); events queued at the checkpoint are never
@@ -107,12 +109,50 @@ def open_anon(f: dict) -> int:
 
 
 def finish_epoll(fds: list[dict], files: list[dict]) -> None:
-    """Add every epoll instance's watched fds back, now that all fds are in place."""
+    """Add every epoll instance's watched files back, now that all fds are in
+    place.  An item is added under the fd number it had (`tfd`); when that
+    number does not hold the item's file now (the original closed it or put
+    another file there), the file (at `fd`) is put at that number for the
+    epoll_ctl only, and the number given back what it held."""
+    import fcntl
+    cloexec = {d["fd"]: d["cloexec"] for d in fds}
     for d in fds:
         f = files[d["file"]]
         if f["kind"] != "anon:eventpoll":
             continue
         for t in f["anon"]["targets"]:
             ev = epoll_event(t["events"], t["data"])
-            _check(_libc.epoll_ctl(d["fd"], EPOLL_CTL_ADD, t["tfd"], ctypes.byref(ev)),
-                   f"epoll_ctl(ADD fd {t['tfd']})")
+            tfd, src = t["tfd"], t.get("fd", t["tfd"])
+            if src is None:
+                raise AnonError(0, f"epoll fd {d['fd']}: the file watched as fd {tfd} "
+                                "was not open in the task")
+            saved = None
+            if src != tfd:
+                try:
+                    saved = fcntl.fcntl(tfd, fcntl.F_DUPFD_CLOEXEC, 3)
+                except OSError:
+                    saved = None
+                _room_for(tfd)
+                os.dup2(src, tfd)
+            try:
+                _check(_libc.epoll_ctl(d["fd"], EPOLL_CTL_ADD, tfd, ctypes.byref(ev)),
+                       f"epoll_ctl(ADD fd {tfd})")
+            finally:
+                if src != tfd:
+                    if saved is not None:
+                        os.dup2(saved, tfd, inheritable=not cloexec.get(tfd, False))
+                        os.close(saved)
+                    else:
+                        os.close(tfd)
+
+
+def _room_for(fd: int) -> None:
+    """Let fd number `fd` be used (RLIMIT_NOFILE raised if it is below it: the
+    saved limits are set again afterwards, restore_files' rlimits step)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if fd >= soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 1, max(hard, fd + 1)))
+        except (OSError, ValueError):
+            pass

@@ -126,9 +126,10 @@ def _inet_socket(f: dict) -> int:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if fam == socket.AF_INET6 and "v6only" in info:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
+        restore_sockets.set_sockopts(sock, info)
         local = tuple(info["local"])
         if local[1]:                    # port 0: never bound, binds itself when used
-            sock.bind(local)
+            restore_sockets.bind_inet(sock, local, info)
         if info.get("listening"):
             with open("/proc/sys/net/core/somaxconn") as s:
                 sock.listen(int(s.read()))
@@ -227,7 +228,7 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
             raise ChildError("pidfds", "the pidfd of an exited process was not inherited")
         return None   # opened by injection once every task exists (restore_pidfd.inject)
     if kind == "socket" and f.get("socket", {}).get("family") == "unix":
-        return restore_sockets.open_unix(f, plan.files)
+        return restore_sockets.open_unix(f, plan.files, plan.task.get("cwd"))
     if kind == "socket" and f.get("socket", {}).get("family") in ("inet", "inet6"):
         try:
             return _inet_socket(f)

@@ -15,7 +15,14 @@ connects to them:
   from a listening socket: the accepted end has the listener's path): a new
   socketpair whose ends are bound to the saved paths inside a private chroot
   (a forked helper), so getsockname/getpeername give the paths again and the
-  real files are left alone; queues and shutdown states as below.
+  real files are left alone; queues and shutdown states as below;
+* every socket whose file was deleted or replaced since it was bound
+  (`file_gone`: listening, unconnected, or a datagram socket): bound to its
+  name in a private root of its own (_bind_in_chroot), where the datagram
+  sockets connected to it connect again and its queued datagrams are sent
+  again; the path is left as it is now (another socket's file, a FIFO,
+  nothing, a removed directory). A datagram socket connected to itself is
+  bound, then connected to its own name.
 
 Created by the restored task itself (open_unix, from restore_files):
 
@@ -24,15 +31,22 @@ Created by the restored task itself (open_unix, from restore_files):
   queue is sent again from the other end, message by message, then the saved
   shutdown states are applied;
 * a listening socket: bound again to its path (a stale socket file left by the
-  killed original is replaced) or abstract name, and listening;
+  killed original is replaced) or abstract name, and listening; a relative
+  path from the task's saved working directory;
 * an unconnected socket: bound again to its name, if it had one;
-* a connected stream or seqpacket socket whose peer has closed: one end of a
-  new pair, the other end sends its unread data and is closed.
+* a connected socket whose peer has closed (stream, seqpacket, or an unnamed
+  datagram socket): one end of a new pair, the other end sends its unread
+  data and is closed.
+
+Every unix socket gets its saved options again (set_sockopts; SO_PEEK_OFF
+once its queue is refilled).  set_sockopts and bind_inet serve the TCP and
+UDP sockets of restore_files too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -59,10 +73,12 @@ def _address(info: dict):
 
 def _finish(sock: socket.socket, f: dict) -> int:
     info = f["socket"]
+    set_sockopts(sock, info)
     how = info.get("shutdown", 0) & (RCV_SHUTDOWN | SEND_SHUTDOWN)
     if how:
         sock.shutdown({SEND_SHUTDOWN: socket.SHUT_WR, RCV_SHUTDOWN: socket.SHUT_RD}.get(
             how, socket.SHUT_RDWR))
+    finish_sockopts(sock, info)
     sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
     return sock.detach()
 
@@ -105,32 +121,37 @@ def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
         a.sendall(bytes.fromhex(data))
 
 
-def open_unix(f: dict, files: list[dict]) -> int:
+def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
+    """The task's own unix socket (see the module docstring); `cwd` is the
+    task's saved working directory, where a relative name is bound again."""
     if f["id"] in _made:
         return _made.pop(f["id"])
     info = f["socket"]
     stype = _TYPES[info["type"]]
     if info.get("listening"):
         sock = socket.socket(socket.AF_UNIX, stype)
-        _bind(sock, _address(info))  # (replacing the killed original's socket file)
+        with _in_dir(cwd):
+            _bind(sock, _address(info))  # (replacing the killed original's socket file)
         sock.listen(128)
         return _finish(sock, f)
     peer = next((g for g in files if g.get("socket", {}).get("ino") == info.get("peer_ino")
                  and info.get("peer_ino")), None)
-    if peer is None and info.get("state") == 1 and stype != socket.SOCK_DGRAM:
+    if peer is None and info.get("state") == 1 and not (
+            stype == socket.SOCK_DGRAM and _named(info)):
         # Connected, but its peer has closed: a pair whose other end sends
-        # the unread data and closes (reads then see EOF, writes EPIPE).
+        # the unread data and closes (stream and seqpacket reads then see
+        # end-of-file, writes EPIPE; a datagram socket's writes ECONNREFUSED).
         a, b = socket.socketpair(socket.AF_UNIX, stype)
         for data in info.get("queue", []):
             b.sendall(bytes.fromhex(data))
         b.close()
-        a.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
-        return a.detach()
+        return _finish(a, f)
     if peer is None:  # unconnected socket (datagram, or stream not connected yet)
         sock = socket.socket(socket.AF_UNIX, stype)
         addr = _address(info)
         if addr:
-            _bind(sock, addr)
+            with _in_dir(cwd):
+                _bind(sock, addr)
         return _finish(sock, f)
     a, b = socket.socketpair(socket.AF_UNIX, stype)
     _fill_pair(a, b, f, peer)
@@ -144,11 +165,14 @@ def _named(info: dict) -> bool:
     return bool(info.get("name"))
 
 
-def _bind_in_chroot(binds: list[tuple[socket.socket, str]]) -> bool:
+def _bind_in_chroot(binds: list[tuple[socket.socket, str]],
+                    then=None) -> bool:
     """Bind sockets to paths inside a private, empty root (a forked helper
-    chroots into a temporary directory): the sockets get those names, the
-    real files at those paths are left as they are.  False if the helper
-    cannot (chroot needs privilege)."""
+    chroots into a temporary directory; unprivileged, inside a user namespace
+    of its own): the sockets get those names, the real files at those paths
+    are left as they are.  `then()`, if given, runs in the helper afterwards,
+    in the same root (connecting clients to the names just bound).  False if
+    the helper cannot."""
     tmp = tempfile.mkdtemp(prefix="crelf-names-")
     journal_path(tmp)
     try:
@@ -156,20 +180,40 @@ def _bind_in_chroot(binds: list[tuple[socket.socket, str]]) -> bool:
         if pid == 0:
             code = 1
             try:
-                os.chroot(tmp)
+                try:
+                    os.chroot(tmp)
+                except PermissionError:
+                    _own_user_ns()
+                    os.chroot(tmp)
                 os.chdir("/")
                 for sock, path in binds:
                     d = os.path.dirname(path)
                     if d:
                         os.makedirs(d, exist_ok=True)
                     sock.bind(path)
+                if then is not None:
+                    then()
                 code = 0
+            except BaseException:  # noqa: BLE001 - reported by the exit status
+                code = 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         return os.waitstatus_to_exitcode(status) == 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _own_user_ns() -> None:
+    """Enter a user namespace of our own, our uid and gid mapped to
+    themselves (files made in it belong to us), to chroot unprivileged."""
+    from .kernel import CLONE_NEWUSER, unshare
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER)
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as fh:
+            fh.write(text)
 
 
 @contextlib.contextmanager
@@ -195,6 +239,11 @@ def _err(f: dict, what: str, e: OSError) -> RestoreError:
     return RestoreError("sockets", f"unix socket {name}: {what}: {e.strerror or e}")
 
 
+def _gone(info: dict) -> bool:
+    """A socket bound to a path whose file was deleted or replaced since."""
+    return bool(info.get("file_gone")) and isinstance(_address(info), str)
+
+
 def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dict[int, int]:
     """Create the named unix sockets of the tree and the sockets connected to
     them (see the module docstring); returns {file id: fd} for the tasks to
@@ -210,34 +259,49 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
     def peer_of(f: dict) -> dict | None:
         return by_ino.get(f["socket"].get("peer_ino") or -1)
 
-    dgram, pairs = [], []
+    dgram, pairs, ghosts = [], [], []
     for f in by_ino.values():
         info = f["socket"]
-        if info.get("listening") or info.get("type") not in _TYPES:
+        if info.get("type") not in _TYPES:
             continue
         peer = peer_of(f)
+        mutual = peer is not None and peer is not f and peer_of(peer) is f
+        if info.get("listening") or (info["type"] != "dgram" and not mutual):
+            if _gone(info) and (info.get("listening") or info.get("state") != 1):
+                ghosts.append(f)    # (listening, or not connected): its name, no file
+            continue
         if not (_named(info) or (peer is not None and _named(peer["socket"]))):
             continue
-        mutual = peer is not None and peer_of(peer) is f
         if mutual:
             if f["id"] < peer["id"]:
                 pairs.append((f, peer))
         elif info["type"] == "dgram":
             dgram.append(f)
+            if _gone(info):
+                ghosts.append(f)
     socks: dict[int, socket.socket] = {}
     made: list[str] = []            # transient socket files to remove again
     out: dict[int, int] = {}
     try:
         for fa, fb in pairs:
             _make_pair(fa, fb, socks, warnings)
+        for f in ghosts:
+            if f["socket"]["type"] != "dgram":
+                socks[f["id"]] = socket.socket(socket.AF_UNIX, _TYPES[f["socket"]["type"]])
         for f in dgram:             # bound first ...
             s = socks[f["id"]] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            if _named(f["socket"]):
+            if _named(f["socket"]) and not _gone(f["socket"]):
                 with _in_dir(cwd[f["id"]]):
                     try:
                         _bind(s, _address(f["socket"]))
                     except OSError as e:
                         raise _err(f, "cannot bind it again", e) from None
+        senders = {(g["socket"]["name"], bool(g["socket"].get("abstract"))): socks[g["id"]]
+                   for g in dgram + [g for p in pairs for g in p]
+                   if g["socket"]["type"] == "dgram" and _named(g["socket"])}
+        for f in ghosts:            # ... a name without a file: in a private root,
+            _make_ghost(f, socks, [c for c in dgram if peer_of(c) is f],
+                        senders, peer_of(f))
         for f in dgram:             # ... then connected
             peer = peer_of(f)
             if peer is None:
@@ -245,26 +309,31 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
                     raise RestoreError("sockets", f"unix socket {f['path']}: its peer is "
                                        "not in the tree")
                 continue
+            if _gone(peer["socket"]):
+                continue            # (connected in the ghost's private root)
             with _in_dir(cwd[peer["id"]]):
                 try:
                     socks[f["id"]].connect(_address(peer["socket"]))
                 except OSError as e:
                     raise _err(peer, "cannot connect to it again", e) from None
-        senders = {(g["socket"]["name"], bool(g["socket"].get("abstract"))): socks[g["id"]]
-                   for g in dgram + [g for p in pairs for g in p]
-                   if g["socket"]["type"] == "dgram" and _named(g["socket"])}
         for f in dgram:
-            _resend(f, socks, peer_of(f), senders, made, cwd)
-        for f in dgram:
+            if not _gone(f["socket"]):
+                _resend(f, socks, peer_of(f), senders, made, cwd)
+        for f in ghosts:
+            if f["socket"].get("listening"):
+                socks[f["id"]].listen(128)
+        for f in dgram + [g for g in ghosts if g["socket"]["type"] != "dgram"]:
             out[f["id"]] = _finish(socks.pop(f["id"]), f)
         for fa, fb in pairs:
             out[fa["id"]] = _finish(socks.pop(fa["id"]), fa)
             out[fb["id"]] = _finish(socks.pop(fb["id"]), fb)
-    except BaseException:
+    except BaseException as e:
         for s in socks.values():
             s.close()
         for fd in out.values():
             os.close(fd)
+        if isinstance(e, OSError):      # (listen, an option: one line, not a traceback)
+            raise RestoreError("sockets", f"unix socket: {e.strerror or e}") from None
         raise
     finally:
         for path in made:
@@ -275,19 +344,40 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
     return out
 
 
+def _make_ghost(f: dict, socks: dict, clients: list[dict], senders: dict,
+                peer: dict | None) -> None:
+    """A socket whose file was deleted or replaced: bound to its name in a
+    private root (so it has the name, and the path is left as it is now),
+    where the datagram sockets connected to it connect again and its queued
+    datagrams are sent to it again."""
+    sock, name = socks[f["id"]], _address(f["socket"])
+
+    def then() -> None:
+        for c in clients:
+            socks[c["id"]].connect(name)
+        if f["socket"]["type"] == "dgram":
+            _resend(f, socks, peer, senders, None, {})
+    if not _bind_in_chroot([(sock, name)], then):
+        raise RestoreError("sockets", f"unix socket {name}: its file was deleted or "
+                           "replaced, and it cannot get its name again without one "
+                           "(no private root could be made)")
+
+
 def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
     """A connected pair with a name at one end or both: a socketpair whose ends
-    get the saved names (paths in a private chroot; abstract names of a
-    datagram pair bound here; an accepted stream connection's abstract name,
-    the listener's, cannot be held by a second socket: left out)."""
+    get the saved names (paths in a private chroot, one per end: both may have
+    the same name; abstract names of a datagram pair bound here; an accepted
+    stream connection's abstract name, the listener's, cannot be held by a
+    second socket: left out)."""
     stype = _TYPES[fa["socket"]["type"]]
     a, b = socket.socketpair(socket.AF_UNIX, stype)
     socks[fa["id"]], socks[fb["id"]] = a, b
-    paths, lost = [], []
+    lost = []
     for sock, f in ((a, fa), (b, fb)):
         addr = _address(f["socket"])
-        if isinstance(addr, str):
-            paths.append((sock, addr))      # (a relative name stays relative)
+        if isinstance(addr, str):           # (a relative name stays relative)
+            if not _bind_in_chroot([(sock, addr)]):
+                lost.append(f)
         elif addr and stype == socket.SOCK_DGRAM:
             try:
                 sock.bind(addr)
@@ -295,8 +385,6 @@ def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
                 lost.append(f)
         elif addr:
             lost.append(f)
-    if paths and not _bind_in_chroot(paths):
-        lost += [f for f in (fa, fb) if isinstance(_address(f["socket"]), str)]
     for f in lost:
         warnings.append(f"unix socket {f['path']}: its name "
                         f"{_shown(f['socket'])} was not given back (it comes back unnamed)")
@@ -310,9 +398,11 @@ def _shown(info: dict) -> str:
     return name
 
 
-def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[str],
+def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[str] | None,
             cwd: dict) -> None:
-    """Send f's queued datagrams again, in order, each from its sender's name."""
+    """Send f's queued datagrams again, in order, each from its sender's name.
+    made None: in a ghost's private root (_make_ghost), where a transient
+    sender is bound inside that root and nothing is recorded."""
     info = f["socket"]
     queue = info.get("queue", [])
     if not queue:
@@ -334,9 +424,14 @@ def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[s
                     src = transient[key] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                     addr = _address(who)
                     try:
-                        with _in_dir(cwd.get(f["id"])):
-                            if _bind(src, addr):
-                                made.append(os.path.abspath(addr))
+                        if made is None:
+                            if isinstance(addr, str) and os.path.dirname(addr):
+                                os.makedirs(os.path.dirname(addr), exist_ok=True)
+                            src.bind(addr)
+                        else:
+                            with _in_dir(cwd.get(f["id"])):
+                                if _bind(src, addr):
+                                    made.append(os.path.abspath(addr))
                     except OSError as e:
                         raise RestoreError("sockets", f"unix socket {_shown(info)}: cannot "
                                            f"send a queued datagram again from "
@@ -357,3 +452,74 @@ def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[s
     finally:
         for s in transient.values():
             s.close()
+
+
+# ------------------------------------------------------------ socket options
+
+def set_sockopts(sock: socket.socket, info: dict, before_bind: bool = False) -> None:
+    """Set the saved options (dump_sockets.SOCKOPTS) that differ from this new
+    socket's.  Buffer sizes only when the application had fixed them (SO_BUF_LOCK);
+    IP_FREEBIND is left to bind_inet, SO_PEEK_OFF to the end (after the queue is
+    refilled).  Raises OSError naming the option it cannot set."""
+    from statefile.dump_sockets import (SOCK_RCVBUF_LOCK, SOCK_SNDBUF_LOCK, SOCKOPTS)
+    saved = info.get("sockopts") or {}
+    lock = saved.get("buf_lock", 0)
+    for name, value in saved.items():
+        if name in ("freebind", "peek_off", "buf_lock") or name not in SOCKOPTS:
+            continue
+        if name == "sndbuf" and not lock & SOCK_SNDBUF_LOCK:
+            continue
+        if name == "rcvbuf" and not lock & SOCK_RCVBUF_LOCK:
+            continue
+        level, opt, kind, _fam = SOCKOPTS[name]
+        try:
+            now = sock.getsockopt(level, opt) if kind == "int" else \
+                sock.getsockopt(level, opt, kind).hex()
+        except OSError:
+            now = None
+        if now == value:
+            continue
+        try:
+            if name in ("sndbuf", "rcvbuf"):
+                # (the kernel doubles what is set; SO_*BUFFORCE passes the
+                # system maximum where crrestart may)
+                try:
+                    sock.setsockopt(level, 32 if name == "sndbuf" else 33, value // 2)
+                except PermissionError:
+                    sock.setsockopt(level, opt, value // 2)
+            elif kind == "int":
+                sock.setsockopt(level, opt, value)
+            elif name == "bindtodevice":
+                sock.setsockopt(level, opt, bytes.fromhex(value).rstrip(b"\0"))
+            else:
+                sock.setsockopt(level, opt, bytes.fromhex(value))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot set socket option {name} = {value} again: "
+                          f"{e.strerror}") from None
+    if lock:
+        sock.setsockopt(socket.SOL_SOCKET, 72, lock)    # SO_BUF_LOCK
+
+
+def finish_sockopts(sock: socket.socket, info: dict) -> None:
+    """Options set once the socket holds its data again (SO_PEEK_OFF)."""
+    off = (info.get("sockopts") or {}).get("peek_off", -1)
+    if off != -1:
+        sock.setsockopt(socket.SOL_SOCKET, 42, off)
+
+
+def bind_inet(sock: socket.socket, addr: tuple, info: dict) -> None:
+    """Bind a TCP or UDP socket again.  IP_FREEBIND as it was; an address
+    that is not on this machine (any more) is bound with IP_FREEBIND set for
+    the bind only, as the original could be (it had it when it bound, or the
+    address was there then)."""
+    freebind = (info.get("sockopts") or {}).get("freebind", 0)
+    if freebind:
+        sock.setsockopt(socket.SOL_IP, 15, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        if freebind or e.errno != errno.EADDRNOTAVAIL:
+            raise
+        sock.setsockopt(socket.SOL_IP, 15, 1)
+        sock.bind(addr)
+        sock.setsockopt(socket.SOL_IP, 15, 0)

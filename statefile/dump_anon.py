@@ -24,6 +24,7 @@ same open file, nothing consumed):
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 
@@ -77,6 +78,58 @@ def _unread_bytes(pid: int, fd: int | None) -> int | None:
         os.close(dup)
 
 
+class _kcmp_epoll_slot(ctypes.Structure):
+    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
+
+
+KCMP_EPOLL_TFD = 7
+
+
+def _epoll_sources(pid: int, epfd: int, targets: list[dict]) -> None:
+    """Which fd of the task holds each watched file (`fd`; None when none
+    does).  An epoll item is a (file, fd number) pair fixed when it was
+    added: the number may since have been closed or hold another file, and
+    several items may share a number (their `toff` tells them apart, in
+    fdinfo's order).  kcmp(KCMP_EPOLL_TFD) says whether a fd of the task is
+    an item's file; the candidates are the item's number first, then the fds
+    with the item's inode."""
+    from .ptrace import NR_kcmp, syscall
+    by_ino: dict[tuple[int, int], list[int]] | None = None
+    seen: dict[int, int] = {}
+
+    no_kcmp = False
+
+    def same(cand: int, slot) -> bool:
+        nonlocal no_kcmp
+        try:
+            return syscall(NR_kcmp, pid, pid, KCMP_EPOLL_TFD, cand, ctypes.byref(slot)) == 0
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.ENOENT, errno.EINVAL):
+                no_kcmp = True      # (no kcmp here: the item's number, as before)
+            return False
+    for t in targets:
+        toff = seen.get(t["tfd"], 0)
+        seen[t["tfd"]] = toff + 1
+        slot = _kcmp_epoll_slot(epfd, t["tfd"], toff)
+        if same(t["tfd"], slot):
+            t["fd"] = t["tfd"]
+            continue
+        if no_kcmp:
+            t["fd"] = t["tfd"]
+            continue
+        if by_ino is None:
+            by_ino = {}
+            for name in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    st_ = os.stat(f"/proc/{pid}/fd/{name}")
+                except OSError:
+                    continue
+                by_ino.setdefault((st_.st_ino, os.major(st_.st_dev), os.minor(st_.st_dev)),
+                                  []).append(int(name))
+        key = (t["ino"], t["sdev"] >> 20, t["sdev"] & 0xFFFFF)
+        t["fd"] = next((c for c in sorted(by_ino.get(key, [])) if same(c, slot)), None)
+
+
 def _fields(line: str) -> dict[str, str]:
     """'tfd:  3 events: 19 data: 3 ...' -> {'tfd': '3', 'events': '19', ...}"""
     return dict(re.findall(r"([\w-]+):\s*(\S+)", line))
@@ -100,7 +153,13 @@ def parse(kind: str, lines: list[str], pid: int, fd: int | None = None) -> dict 
             if line.startswith("tfd:"):
                 f = _fields(line)
                 targets.append({"tfd": int(f["tfd"]), "events": int(f["events"], 16),
-                                "data": int(f["data"], 16)})
+                                "data": int(f["data"], 16),
+                                "ino": int(f.get("ino", "0"), 16),
+                                "sdev": int(f.get("sdev", "0"), 16)})
+        if fd is not None:
+            _epoll_sources(pid, fd, targets)
+        for t in targets:
+            del t["ino"], t["sdev"]
         return {"targets": targets}
     if kind == "anon:timerfd":
         def pair(text):

@@ -72,7 +72,8 @@ def socket_info(pid: int, fd: int, unix_diag=None) -> dict:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             info.update(_inet_details(pid, sock, os.fstat(dup).st_ino))
         if sock.family == socket.AF_UNIX and unix_diag is not None:
-            info.update(dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag()))
+            info.update(dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag(),
+                                                  pid))
         return info
     finally:
         sock.detach()
@@ -91,6 +92,9 @@ def _inet_details(pid: int, sock: socket.socket, ino: int) -> dict:
     proto = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
     if sock.type == socket.SOCK_STREAM:
         info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if not info["listening"] and dump_sockets.tcp_fresh(sock):
+            info["fresh"] = True        # never connected (support: fd:socket:inet-fresh)
+    info["sockopts"] = dump_sockets.sockopts(sock)
     table = f"/proc/{pid}/net/{proto}{'6' if sock.family == socket.AF_INET6 else ''}"
     try:
         for line in procfs.read(table).splitlines()[1:]:

@@ -7,7 +7,10 @@ queue are read from a duplicate of the task's fd (pidfd_getfd) with MSG_PEEK,
 stepping with SO_PEEK_OFF, so nothing is consumed: a leave-running checkpoint
 changes nothing (fds passed in flight, SCM_RIGHTS, are noted and closed
 again in crelf).  A datagram socket's queue keeps each message's sender
-address.  Restored by restorer/restore_sockets.py.
+address.  A path-bound socket whose file is no longer at its path (deleted,
+or replaced) is marked `file_gone` (UNIX_DIAG_VFS names the file it was bound
+to).  Socket options (SOCKOPTS) are saved for unix, TCP and UDP sockets.
+Restored by restorer/restore_sockets.py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import termios
 
@@ -23,20 +27,22 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_DONE, NLMSG_ERROR = 3, 2
-UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 2, 4, 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = \
+    0, 1, 2, 4, 6
 TCP_LISTEN = 10
 SO_PEEK_OFF = 42
 MAX_INFLIGHT = 16 << 20
 
 
 def unix_diag() -> dict[int, dict]:
-    """inode -> {type, state, peer, name, rqueue, wqueue, shutdown} for every
-    unix socket of this network namespace."""
+    """inode -> {type, state, peer, name, rqueue, wqueue, shutdown, vfs} for
+    every unix socket of this network namespace (vfs: the kernel's device
+    number and inode of the socket file a path-bound socket was bound to)."""
     out: dict[int, dict] = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         req = struct.pack("<BBHIII II", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0,
-                          UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN,
+                          UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN,
                           0xFFFFFFFF, 0xFFFFFFFF)
         hdr = struct.pack("<IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY,
                           NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
@@ -64,6 +70,9 @@ def unix_diag() -> dict[int, dict]:
                             payload.rstrip(b"\0").decode(errors="surrogateescape")
                         if payload[:1] == b"\0":
                             info["abstract"] = True
+                    elif atype == UNIX_DIAG_VFS:
+                        ino_, dev_ = struct.unpack_from("<II", payload)
+                        info["vfs"] = (dev_, ino_)
                     elif atype == UNIX_DIAG_PEER:
                         info["peer"] = struct.unpack_from("<I", payload)[0]
                     elif atype == UNIX_DIAG_RQLEN:
@@ -115,6 +124,7 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
     inq = 0
     if stype == socket.SOCK_SEQPACKET:
         inq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    peek_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
     try:
         while total < MAX_INFLIGHT:
@@ -124,8 +134,8 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.ENOTCONN):
-                    break
+                if e.errno in (errno.EAGAIN, errno.ENOTCONN, errno.EINVAL):
+                    break  # (EINVAL: a stream socket not connected has no queue)
                 raise
             if _close_passed_fds(anc):
                 fds_in_flight = True
@@ -138,19 +148,43 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
                 senders.append(_address(addr))
             total += len(data)
     finally:
-        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)   # (the task's own)
     if stype == socket.SOCK_STREAM:
         msgs = [b"".join(msgs)] if msgs else []
     return [m.hex() for m in msgs], fds_in_flight
 
 
-def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict]) -> dict:
+def _file_gone(pid: int | None, name: str, vfs: tuple[int, int] | None) -> bool:
+    """Whether the socket file a socket was bound to is no longer at its name
+    (deleted, or replaced by another file: the socket keeps the name, nobody
+    can connect to it by that name any more).  The name is looked up the way
+    the task sees it (its root; a relative name from its working directory)."""
+    if pid is None or vfs is None:
+        return False
+    where = f"/proc/{pid}/root{name}" if name.startswith("/") else f"/proc/{pid}/cwd/{name}"
+    try:
+        st_ = os.lstat(where)
+    except OSError:
+        return True
+    dev, ino = vfs
+    return not (stat.S_ISSOCK(st_.st_mode) and (st_.st_ino & 0xFFFFFFFF) == ino
+                and os.major(st_.st_dev) == dev >> 20
+                and os.minor(st_.st_dev) == dev & 0xFFFFF)
+
+
+def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
+                 pid: int | None = None) -> dict:
     d = diag.get(ino)
     if d is None:
         return {"diag": False}
     info = {"ino": ino, "peer_ino": d["peer"], "name": d["name"],
             "abstract": d.get("abstract", False), "shutdown": d["shutdown"],
             "listening": d["state"] == TCP_LISTEN, "state": d["state"]}
+    if d["name"] and not info["abstract"] and _file_gone(pid, d["name"], d.get("vfs")):
+        # Its file was deleted or replaced: a restart gives it the name back
+        # without a file (restore_sockets.py), and leaves what is at the path.
+        info["file_gone"] = True
+    info["sockopts"] = sockopts(sock)
     if info["listening"]:
         info["backlog_queued"] = d["rqueue"]
         return info
@@ -170,3 +204,86 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict]) -> dict:
                               and d["name"] == s["name"]
                               and bool(d.get("abstract")) == s["abstract"]]
     return info
+
+
+# ---------------------------------------------------------------- options
+#
+# Socket options saved for every unix, TCP and UDP socket and set again at
+# restart where they differ from a new socket's (restore_sockets.set_sockopts).
+# name -> (level, option, kind, families): kind "int", or the size in bytes of
+# a raw struct; families: which sockets have it (None: every socket).
+
+SOL_SOCKET, SOL_IP, SOL_TCP, SOL_IPV6 = socket.SOL_SOCKET, 0, 6, 41
+SO_BUF_LOCK = 72
+SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+INET = (socket.AF_INET, socket.AF_INET6)
+SOCKOPTS = {
+    "priority": (SOL_SOCKET, 12, "int", None),
+    "rcvlowat": (SOL_SOCKET, 18, "int", None),
+    "mark": (SOL_SOCKET, 36, "int", None),
+    "passcred": (SOL_SOCKET, 16, "int", None),
+    "passsec": (SOL_SOCKET, 34, "int", None),
+    "dontroute": (SOL_SOCKET, 5, "int", None),
+    "no_check": (SOL_SOCKET, 11, "int", None),
+    "oobinline": (SOL_SOCKET, 10, "int", None),
+    "broadcast": (SOL_SOCKET, 6, "int", None),
+    "keepalive": (SOL_SOCKET, 9, "int", None),
+    "rcvtimeo": (SOL_SOCKET, 20, 16, None),        # struct timeval
+    "sndtimeo": (SOL_SOCKET, 21, 16, None),
+    "linger": (SOL_SOCKET, 13, 8, None),           # struct linger
+    "buf_lock": (SOL_SOCKET, SO_BUF_LOCK, "int", None),
+    "sndbuf": (SOL_SOCKET, 7, "int", None),        # (set again only if locked)
+    "rcvbuf": (SOL_SOCKET, 8, "int", None),
+    "bindtodevice": (SOL_SOCKET, 25, 16, INET),    # interface name (IFNAMSIZ)
+    "peek_off": (SOL_SOCKET, SO_PEEK_OFF, "int", (socket.AF_UNIX,)),
+    "ip_tos": (SOL_IP, 1, "int", (socket.AF_INET,)),
+    "ip_ttl": (SOL_IP, 2, "int", (socket.AF_INET,)),
+    "freebind": (SOL_IP, 15, "int", INET),         # (set before bind: restore_sockets)
+    "transparent": (SOL_IP, 19, "int", INET),
+    "ipv6_tclass": (SOL_IPV6, 67, "int", (socket.AF_INET6,)),
+    "ipv6_unicast_hops": (SOL_IPV6, 16, "int", (socket.AF_INET6,)),
+    "tcp_nodelay": (SOL_TCP, 1, "int", "tcp"),
+    "tcp_keepidle": (SOL_TCP, 4, "int", "tcp"),
+    "tcp_keepintvl": (SOL_TCP, 5, "int", "tcp"),
+    "tcp_keepcnt": (SOL_TCP, 6, "int", "tcp"),
+}
+
+
+def _applies(sock: socket.socket, families) -> bool:
+    if families is None:
+        return True
+    if families == "tcp":
+        return sock.family in INET and sock.type == socket.SOCK_STREAM
+    return sock.family in families
+
+
+def sockopts(sock: socket.socket) -> dict:
+    """The options of SOCKOPTS this socket has (ints, raw structs in hex);
+    an option the kernel does not give for this socket is left out."""
+    out: dict = {}
+    for name, (level, opt, kind, families) in SOCKOPTS.items():
+        if not _applies(sock, families):
+            continue
+        try:
+            if kind == "int":
+                out[name] = sock.getsockopt(level, opt)
+            else:
+                out[name] = sock.getsockopt(level, opt, kind).hex()
+        except OSError:
+            continue
+    return out
+
+
+def tcp_fresh(sock: socket.socket) -> bool:
+    """Whether a TCP socket that is neither connected nor listening never
+    sent or received a segment (TCP_INFO: closed, segs_out = segs_in = 0): a
+    new socket is then the same thing, not a connection that ended."""
+    try:
+        ti = sock.getsockopt(SOL_TCP, 11, 144)          # TCP_INFO
+    except OSError:
+        return False
+    if len(ti) < 144:
+        return False
+    state = ti[0]
+    segs_out, segs_in = struct.unpack_from("<II", ti, 136)
+    return state == 7 and segs_out == 0 and segs_in == 0   # TCP_CLOSE

@@ -140,10 +140,13 @@ TABLE: tuple[Resource, ...] = (
              "an abstract name of an accepted stream or seqpacket connection, or a path when "
              "crrestart may not chroot (unprivileged), comes back unnamed (crrestart warns)"),
     Resource("fd:socket:unix-listen", "listening unix socket (path or abstract name; a stale "
-             "socket file nobody is bound to is replaced)", SUPPORTED),
+             "socket file nobody is bound to is replaced; a socket whose file was deleted or "
+             "replaced gets its name back without a file, the path left as it is)", SUPPORTED),
     Resource("fd:socket:unix-dgram", "unconnected unix socket (datagram, or a stream or "
-             "seqpacket socket not connected yet; bound again to its name); queued datagrams "
-             "are sent to it again from their sender's address", SUPPORTED),
+             "seqpacket socket not connected yet; bound again to its name, also when its file "
+             "was deleted or replaced); a datagram socket connected to itself or whose peer "
+             "closed; queued datagrams are sent to it again from their sender's address",
+             SUPPORTED),
     Resource("fd:socket:unix-peerless", "connected unix stream or seqpacket socket whose peer "
              "has closed (its unread data kept; reads then see end-of-file, writes EPIPE)",
              SUPPORTED),
@@ -169,6 +172,8 @@ TABLE: tuple[Resource, ...] = (
              "and IPV6_V6ONLY as they were)", SUPPORTED),
     Resource("fd:socket:inet-udp", "unconnected UDP socket with no datagram queued (bound "
              "again to its address)", SUPPORTED),
+    Resource("fd:socket:inet-fresh", "TCP socket never connected nor listening (bound "
+             "again if it was bound; its options as they were)", SUPPORTED),
     Resource("fd:socket:inet", "TCP connection, or a listening or UDP socket with "
              "connections or datagrams queued", SKIPPABLE,
              f"TCP connections and queued connections or datagrams are {_NOT_YET}; policy "
@@ -205,7 +210,13 @@ TABLE: tuple[Resource, ...] = (
              "another process of the tree, one that does not hold the file itself",
              UNSUPPORTED, f"such an owner is {_NOT_YET}"),
     Resource("fd:eventfd", "eventfd (counter, semaphore mode)", SUPPORTED),
-    Resource("fd:epoll", "epoll instance (watched fds with events and data)", SUPPORTED),
+    Resource("fd:epoll", "epoll instance (watched files with events and data, each under "
+             "the fd number it was added with, also when that fd was closed or now holds "
+             "another file)", SUPPORTED),
+    Resource("fd:epoll-elsewhere", "epoll instance watching a file that no fd of its task "
+             "holds any more (open only in another process)", UNSUPPORTED,
+             "an epoll instance watches a file its task no longer has open: a restart could "
+             "not add it again"),
     Resource("fd:timerfd", "timerfd (clock, remaining time, interval, expirations not read "
              "yet; the time spent checkpointed does not count)", SUPPORTED),
     Resource("fd:signalfd", "signalfd (mask)", SUPPORTED),
@@ -358,6 +369,9 @@ def fd_key(f: dict) -> str:
     if kind == "socket":
         info = f.get("socket", {})
         fam = info.get("family")
+        if fam in ("inet", "inet6") and info.get("type") == "stream" and info.get("fresh") \
+                and "peer" not in info:
+            return "fd:socket:inet-fresh"
         if fam in ("inet", "inet6") and info.get("queued") == 0:
             if info.get("type") == "stream" and info.get("listening"):
                 return "fd:socket:inet-listen"
@@ -556,6 +570,10 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 add("fd:anon-shared", pid, where, detail)
             if _shmem_problem(f, shmem):
                 add("mem:shared-other", pid, where, f"{detail}: {_shmem_problem(f, shmem)}")
+            if key == "fd:epoll" and any("fd" in t and t["fd"] is None
+                                         for t in f.get("anon", {}).get("targets", [])):
+                add("fd:epoll-elsewhere", pid, where, f"epoll fd {fd['fd']} watches a file "
+                    "no fd of the task holds")
             if key == "fd:inotify" and any(not w.get("path")
                                            for w in f.get("anon", {}).get("watches", [])):
                 add("fd:inotify-lost", pid, where, detail)
