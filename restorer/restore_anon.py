@@ -16,7 +16,9 @@ Created by the restored task itself (in child_setup, before it parks) from the
   file is added back with its events and data under the fd number it was
   added with (finish_epoll), also when that number was closed since or holds
   another file now;
-* inotify: each watch added again on its path with its mask, with the same
+* inotify: created empty; once every fd and mapped file of the task is in
+  place (finish_inotify), each watch added again on its path (a file deleted
+  since: on its inode through the task's fd still open on it) with its mask, with the same
   watch descriptor numbers (the counter is advanced with throw-away watches
   where the original had gaps); events queued at the checkpoint are never
   in a statefile (crcheckpoint refuses them: fd:inotify-unread).
@@ -89,23 +91,40 @@ def open_anon(f: dict) -> int:
     if kind == "anon:eventpoll":
         return _check(_libc.epoll_create1(0), "epoll_create1")
     if kind == "anon:inotify":
-        fd = _check(_libc.inotify_init1(os.O_NONBLOCK if nonblock else 0), "inotify_init1")
-        next_wd = 1
-        for w in sorted(a["watches"], key=lambda w: w["wd"]):
-            if not w.get("path"):
+        # its watches come once every fd of the task is in place (finish_inotify)
+        return _check(_libc.inotify_init1(os.O_NONBLOCK if nonblock else 0), "inotify_init1")
+    raise AnonError(0, f"{kind} is not restored")
+
+
+def finish_inotify(fds: list[dict], files: list[dict]) -> None:
+    """Add every inotify instance's watches back with their numbers, once
+    every fd and mapped file of the task is in place (so that setting those
+    up queues no event), a watch on a file deleted since on that inode
+    through the task's fd still open on it (/proc/self/fd/N)."""
+    fd_of = {}
+    for d in fds:
+        fd_of.setdefault(d["file"], d["fd"])
+    for d in fds:
+        f = files[d["file"]]
+        if f["kind"] != "anon:inotify" or f.get("anon") is None:
+            continue
+        fd, next_wd = d["fd"], 1
+        for w in sorted(f["anon"]["watches"], key=lambda w: w["wd"]):
+            path = w.get("path")
+            if not path and w.get("file") in fd_of:
+                path = f"/proc/self/fd/{fd_of[w['file']]}"
+            if not path:
                 raise AnonError(0, f"inotify watch {w['wd']}: its file was not found at "
                                 "checkpoint")
             while next_wd < w["wd"]:  # the original had removed watches here
                 tmp = _check(_libc.inotify_add_watch(fd, b"/", 0x100), "inotify_add_watch")
                 _libc.inotify_rm_watch(fd, tmp)
                 next_wd = tmp + 1
-            wd = _check(_libc.inotify_add_watch(fd, w["path"].encode(), w["mask"]),
-                        f"inotify_add_watch {w['path']}")
+            wd = _check(_libc.inotify_add_watch(fd, path.encode(), w["mask"]),
+                        f"inotify_add_watch {path}")
             if wd != w["wd"]:
-                raise AnonError(0, f"inotify watch on {w['path']} got wd {wd}, not {w['wd']}")
+                raise AnonError(0, f"inotify watch on {path} got wd {wd}, not {w['wd']}")
             next_wd = wd + 1
-        return fd
-    raise AnonError(0, f"{kind} is not restored")
 
 
 def finish_epoll(fds: list[dict], files: list[dict]) -> None:

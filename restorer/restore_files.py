@@ -364,6 +364,8 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
             restore_locks.take_in_task(task, plan.files)
         except restore_locks.LockError as ex:
             raise ChildError(step, str(ex)) from None
+        step = "inotify"
+        restore_anon.finish_inotify(task["fds"], plan.files)
     except ChildError:
         raise
     except OSError as ex:

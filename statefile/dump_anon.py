@@ -178,8 +178,14 @@ def parse(kind: str, lines: list[str], pid: int, fd: int | None = None) -> dict 
                 f = _fields(line[len("inotify "):])
                 w = {"wd": int(f["wd"], 16), "ino": int(f["ino"], 16),
                      "mask": int(f["mask"], 16), "ignored_mask": int(f["ignored_mask"], 16)}
-                w["path"] = _handle_path(pid, int(f["sdev"], 16), int(f["fhandle-type"], 16),
-                                         bytes.fromhex(f["f_handle"]))
+                target = _handle_target(pid, int(f["sdev"], 16), int(f["fhandle-type"], 16),
+                                        bytes.fromhex(f["f_handle"]))
+                w["path"] = None if target is None or target.endswith(" (deleted)") else target
+                if target is not None and target.endswith(" (deleted)"):
+                    # a file deleted since: restorable through an fd of the
+                    # tree still open on it (support.assess sets `file`)
+                    w["deleted"] = target[:-len(" (deleted)")]
+                    w["sdev"] = int(f["sdev"], 16)
                 watches.append(w)
         out = {"watches": watches}
         unread = _unread_bytes(pid, fd)
@@ -195,7 +201,15 @@ class _file_handle(ctypes.Structure):
 
 
 def _handle_path(pid: int, sdev: int, htype: int, handle: bytes) -> str | None:
-    """Path of the inode an inotify watch names (None when it cannot be found)."""
+    """Path of the inode an inotify watch names (None when it cannot be found
+    or was deleted)."""
+    target = _handle_target(pid, sdev, htype, handle)
+    return None if target is None or target.endswith(" (deleted)") else target
+
+
+def _handle_target(pid: int, sdev: int, htype: int, handle: bytes) -> str | None:
+    """The /proc link text of the inode a watch or mark names (None when it
+    cannot be opened)."""
     major, minor = sdev >> 20, sdev & 0xFFFFF
     mount = None
     for line in procfs.read(f"/proc/{pid}/mountinfo").splitlines():
@@ -216,9 +230,8 @@ def _handle_path(pid: int, sdev: int, htype: int, handle: bytes) -> str | None:
         if fd < 0:
             return None
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
+            return os.readlink(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
-        return None if path.endswith(" (deleted)") else path
     finally:
         os.close(mfd)

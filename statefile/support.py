@@ -229,8 +229,9 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:anon-shared", "eventfd/epoll/timerfd/signalfd/inotify shared by several "
              "processes", UNSUPPORTED, f"sharing these between processes is {_NOT_YET}"),
     Resource("fd:inotify-lost", "inotify watch whose file cannot be found", UNSUPPORTED,
-             "an inotify watch names a file crelf could not find (deleted, or no "
-             "permission to resolve its handle)"),
+             "an inotify watch names a file crelf could not find (no permission to resolve "
+             "its handle, or deleted and not open in the task any more: a deleted file the "
+             "task still holds open is watched again on its recreated inode)"),
     Resource("fd:io_uring", "io_uring instance", SKIPPABLE,
              "io_uring instances cannot be checkpointed (in-flight requests live in the "
              "kernel); policy 'io_uring' restores the fd closed", "io_uring"),
@@ -574,7 +575,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                                          for t in f.get("anon", {}).get("targets", [])):
                 add("fd:epoll-elsewhere", pid, where, f"epoll fd {fd['fd']} watches a file "
                     "no fd of the task holds")
-            if key == "fd:inotify" and any(not w.get("path")
+            if key == "fd:inotify":
+                _inotify_deleted_watches(f, t, files)
+            if key == "fd:inotify" and any(not w.get("path") and w.get("file") is None
                                            for w in f.get("anon", {}).get("watches", [])):
                 add("fd:inotify-lost", pid, where, detail)
             if key == "fd:inotify" and f.get("anon", {}).get("unread"):
@@ -674,6 +677,23 @@ def _pidns_findings(tasks: list[dict], own: dict[str, str], add) -> None:
     if rns[-1] == 1 and len(rns) == depth + 1 and not odd:
         add("task:ns-pid", rpid, f"own pid namespace {rlink}, the root is its init (pid 1), "
             f"shared by the {len(tasks)} task(s) of the tree")
+
+
+def _inotify_deleted_watches(f: dict, task: dict, files: list[dict]) -> None:
+    """A watch on a file deleted since can be restored on the same inode
+    through an fd of the task still open on it: `file` names that entry
+    (restorer/restore_anon.finish_inotify watches /proc/self/fd/N)."""
+    for w in (f.get("anon") or {}).get("watches", []):
+        if w.get("path") or not w.get("deleted") or w.get("file") is not None:
+            continue
+        sdev = w.get("sdev", -1)
+        for d in task["fds"]:
+            g = files[d["file"]]
+            if g.get("kind") == "regular" and g.get("deleted") and g.get("ino") == w["ino"] \
+                    and (os.major(g.get("dev", 0)), os.minor(g.get("dev", 0))) == \
+                    (sdev >> 20, sdev & 0xFFFFF):
+                w["file"] = d["file"]
+                break
 
 
 def _shmem_problem(entry: dict, shmem: list[dict] | None) -> str:

@@ -245,6 +245,61 @@ def test_inotify_with_unread_events_is_refused(procs, tmp_path):
     assert read_lines(out)[-1] == "inotify wd 1 IN_CREATE queued"
 
 
+INOTIFY_DELETED = r'''
+d = sys.argv[2]
+path = os.path.join(d, "victim")
+real = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+os.write(real, b"kept")
+ifd = libc.inotify_init1(os.O_NONBLOCK)
+assert libc.inotify_add_watch(ifd, d.encode(), 0x100 | 0x200) == 1   # IN_CREATE | IN_DELETE
+assert libc.inotify_add_watch(ifd, path.encode(), 0x8) == 2          # IN_CLOSE_WRITE
+os.unlink(path)
+os.read(ifd, 4096)                                                    # the IN_DELETE
+print("ready", flush=True)
+wait_go()
+os.close(real)                      # the deleted file's watch sees it closed
+open(os.path.join(d, "again"), "w").close()
+time.sleep(0.1)
+data = os.read(ifd, 4096)
+while data:
+    wd, mask, _cookie, ln = struct.unpack("iIII", data[:16])
+    print("event wd", wd, hex(mask), data[16:16 + ln].rstrip(b"\0").decode(), flush=True)
+    data = data[16 + ln:]
+'''
+
+
+def test_inotify_watch_on_a_deleted_open_file(procs, tmp_path):
+    """A watch on a file deleted since but still open comes back on the
+    recreated inode (through the restored fd): closing the fd after the
+    restart is reported on that watch, and the directory's watch sees the
+    next file created; no event from the restore itself."""
+    require_root()
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    prog = _program(tmp_path, "inodel", INOTIFY_DELETED)
+    out, go, cr = (tmp_path / f"inodel.{ext}" for ext in ("out", "go", "cr"))
+    proc = procs.spawn([sys.executable, prog, go, watched], stdout=out)
+    wait_for_line(out, "^ready$", proc=proc)
+    checkpoint(proc.pid, cr, "--kill")
+    proc.wait(timeout=10)
+    [a] = _anon(reader.load(str(cr)), "anon:inotify")
+    ws = sorted(a["watches"], key=lambda w: w["wd"])
+    assert [w["path"] for w in ws] == [str(watched), None]
+    assert ws[1]["deleted"] == str(watched / "victim") and ws[1]["file"] is not None
+    r = restart(procs, cr)
+    go.touch()
+    code, err = finish(r)
+    assert code == 0, err
+    lines = read_lines(out)
+    ref_dir, ref_go = tmp_path / "ref", tmp_path / "ref.go"
+    ref_dir.mkdir()
+    ref_go.touch()
+    ref = subprocess.run([sys.executable, prog, ref_go, ref_dir], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.splitlines()
+    assert ref[ref.index("go seen") + 1:][0].startswith("event wd 2 0x8")    # IN_CLOSE_WRITE
+    assert lines[lines.index("go seen") + 1:] == ref[ref.index("go seen") + 1:], (lines, ref)
+
+
 def test_inotify_unread_events_dropped_by_policy(procs, tmp_path):
     """With policy notify-events the queued event is left out (said by
     crrestart), the watch comes back, and the first event read after the
