@@ -45,6 +45,7 @@ F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
 LATE_SEALS = F_SEAL_FUTURE_WRITE | F_SEAL_SEAL   # added once every task is mapped
+O_TMPFILE = 0o20000000 | os.O_DIRECTORY
 SHMEM_ID_BASE = -100000      # synthetic "file ids" of the objects in the inherited fds
 
 
@@ -161,23 +162,25 @@ class SharedObjects:
         if kind == "memfd":
             fd = self._memfd(o)
         elif kind == "deleted":
-            fd = self._deleted_file(o["path"], mode)
+            fd = self._deleted_file(o["path"], mode, o.get("tmpfile", False))
         else:
             journal_path(o["path"])
             fd = os.open(o["path"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             self.created.append(o["path"])
         try:
+            if os.geteuid() == 0 and "uid" in o:
+                os.fchown(fd, o["uid"], o["gid"])   # (before the mode: it clears set-id bits)
             if os.fstat(fd).st_mode & 0o7777 != mode:
                 try:
                     os.fchmod(fd, mode)
                 except OSError:
                     if kind != "memfd":
                         raise       # (a noexec memfd refuses exec bits: it was one)
-            if os.geteuid() == 0 and "uid" in o:
-                os.fchown(fd, o["uid"], o["gid"])
             os.ftruncate(fd, o.get("size", 0))
             if "blob" in o:
                 self._write_content(fd, self.sf.segment(o["blob"]), rd)
+            if "mtime_ns" in o:     # a deleted file's times, after its content
+                os.utime(fd, ns=(o.get("atime_ns", o["mtime_ns"]), o["mtime_ns"]))
             early = o.get("seals", 0) & ~LATE_SEALS & ~self._seals(fd)
             if kind == "memfd" and early:
                 fcntl.fcntl(fd, F_ADD_SEALS, early)
@@ -207,10 +210,19 @@ class SharedObjects:
         return os.memfd_create(o["name"], flags)
 
     @staticmethod
-    def _deleted_file(path: str, mode: int) -> int:
-        """A new unlinked file beside where the deleted one was (else in /tmp)."""
+    def _deleted_file(path: str, mode: int, tmpfile: bool = False) -> int:
+        """A new unlinked file where the deleted one was: an O_TMPFILE file in
+        its directory (never named; linkable with linkat only if the old one
+        was an O_TMPFILE file too), else a scratch name beside it or in /tmp,
+        unlinked at once."""
         base = os.path.basename(path)
-        for where in (os.path.dirname(path) or "/", "/tmp"):
+        where = os.path.dirname(path) or "/"
+        try:
+            return os.open(where, O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+                           | (0 if tmpfile else os.O_EXCL), mode)
+        except OSError:
+            pass    # no such directory now, or a file system without O_TMPFILE
+        for where in (where, "/tmp"):
             cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
             journal_path(cand)
             try:

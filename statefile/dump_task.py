@@ -152,6 +152,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
     for th in task["threads"]:
         th["deferred_signals"] = list(ft.threads[th["tid"]].deferred)
     task["fds"] = file_table.dump_fds(pid)
+    file_table.dump_cwd(task)      # a removed working directory (dump_files.py)
     return task, list(regs.values())
 
 
