@@ -19,7 +19,7 @@ from .errors import RestoreError
 from .guard import Guard
 from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
                      prctl, unshare)
-from .restore_files import ChildPlan
+from .restore_files import ChildPlan, end_dead_procs
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memfd import SharedObjects
 from .restore_memory import plan_extras
@@ -265,7 +265,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs, sf=sf,
             extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
             shell_job=shell_job and t is sf.root, force_files=opts.force_files,
-            in_pidns=pidns)
+            in_pidns=pidns, tree_pids=frozenset(x["pid"] for x in tasks))
     plan_ctty(tasks, sf.files, plans)   # session leaders take their pty again
     root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
                             root_keeps_session=shell_job)
@@ -341,6 +341,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         os.close(status_w)
         status_w = -1
         msg = read_status(status_r)
+        end_dead_procs()          # every task entered its dead /proc directories
         if msg != "OK":
             if msg.startswith("ERR "):
                 step, _, what = msg[4:].partition(": ")
@@ -364,6 +365,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         for n in order:
             fds = {e.key: e.fd for e in extras_of[n.pid]}
             tr = TaskRestorer(sf, n.task, rpids[n.pid], fds, lazy=lazy, log=log)
+            tr.pids = res.pids        # (its fds on the tree's /proc files)
             trs.append(tr)
             tr.run()
         ipc.finish()              # every task attached its SysV segments
@@ -393,6 +395,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         res.injections = RestoreInjector.count
     except BaseException:
         close_all(shared)
+        end_dead_procs()
         for tr in trs:
             tr.kill()
         for pid in created:

@@ -305,7 +305,8 @@ class FileTable:
             s = os.stat(f"/proc/{pid}/cwd")
         except OSError:
             return
-        g = {"dev": s.st_dev, "ino": s.st_ino, "mode": s.st_mode, "uid": s.st_uid,
+        g = {"path": link, "dev": s.st_dev, "ino": s.st_ino, "mode": s.st_mode,
+             "uid": s.st_uid,
              "gid": s.st_gid, "atime_ns": s.st_atime_ns, "mtime_ns": s.st_mtime_ns}
         proc = proc_ref(pid, link, f"/proc/{pid}/cwd")
         if proc is not None:
