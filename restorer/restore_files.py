@@ -545,7 +545,8 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
                 pass
         return fd
     if kind == "chr":
-        fd = os.open(path, flags | os.O_NOCTTY)   # (a console: never our terminal)
+        # (a terminal device is our controlling terminal only if it was)
+        fd = os.open(path, flags | (0 if f.get("ctty") else os.O_NOCTTY))
         s = os.fstat(fd)
         if not st.S_ISCHR(s.st_mode) or (f.get("rdev") is not None and s.st_rdev != f["rdev"]):
             raise ChildError("files", f"{path} is not the same character device")

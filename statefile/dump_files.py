@@ -288,7 +288,9 @@ class FileTable:
                     elif target.endswith(DELETED) and not deleted and s.st_nlink > 0:
                         # its name was removed, other hard links keep it: opened
                         # again through a file handle (same inode)
-                        entry["linked"] = file_handle(f"/proc/{pid}/fd/{fd}") or {}
+                        # (open_by_handle_at needs root: none saved otherwise)
+                        entry["linked"] = (file_handle(f"/proc/{pid}/fd/{fd}")
+                                           if os.geteuid() == 0 else None) or {}
                 self.files.append(entry)
                 self._by_ident[ident].insert(self._insert_at, fid)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})

@@ -117,7 +117,15 @@ def add(entry: dict, pid: int, fd: int) -> None:
         index = ctty_index(procfs.stat(pid)["tty_nr"])
         alias = "/dev/tty"
     if entry["kind"] != "pty-master" and index is None:
-        return        # another terminal (a console, a serial line): stays `tty`
+        # another terminal (a console, a virtual console, a serial line): a
+        # device node reopened at its path (kind `chr`, `tty_device`: the same
+        # device number again); `ctty` when it was the task's controlling
+        # terminal (a session leader takes it again by opening it)
+        if (major, minor) != DEV_TTY:
+            entry["kind"] = "chr"
+            entry["tty_device"] = True
+            entry["ctty"] = tty_nr_dev(procfs.stat(pid)["tty_nr"]) == (major, minor)
+        return
     try:
         dup = pt.dup_fd_of(pid, fd)
     except OSError as e:
