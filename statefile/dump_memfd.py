@@ -196,7 +196,7 @@ def _describe(o: dict, sources: list[tuple[int, str]], files) -> None:
     finally:
         os.close(fd)
     what = {"memfd": f"content of memfd {o.get('name')}",
-            "deleted": f"content of deleted shared file {o.get('path')}",
+            "deleted": f"content of deleted file {o.get('path')}",
             "tmpfs": f"content of tmpfs file {o.get('path')}"}[o["kind"]]
     o["blob"] = len(files.blobs)
     files.blobs.append(SegmentPlan(pid, 0, o["size"], "r--p", True, runs, src="file",
