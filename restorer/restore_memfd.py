@@ -46,6 +46,7 @@ F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
 MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
 LATE_SEALS = F_SEAL_FUTURE_WRITE | F_SEAL_SEAL   # added once every task is mapped
 O_TMPFILE = 0o20000000 | os.O_DIRECTORY
+O_NOATIME = 0o1000000
 SHMEM_ID_BASE = -100000      # synthetic "file ids" of the objects in the inherited fds
 
 
@@ -103,6 +104,14 @@ def check(sf, force_files: bool, warnings: list[str]) -> None:
             raise ValidationError(f"{describe(o)} has no saved content")
 
 
+def _reopen(fd: int, flags: int) -> int:
+    """A new description of object fd, O_NOATIME where we may (owner or root)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC | O_NOATIME)
+    except PermissionError:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
+
 class SharedObjects:
     """The objects the initiator made: kept open until every task is mapped
     (then the late seals are added), removed on failure."""
@@ -144,9 +153,10 @@ class SharedObjects:
             mapped = {m["shmem"] for t in self.sf.tasks for m in t["mappings"]
                       if m.get("shmem") is not None}
             for i in sorted(mapped):
-                out[inherited_id(i, True)] = fcntl.fcntl(self.fds[i], fcntl.F_DUPFD_CLOEXEC, 0)
-                out[inherited_id(i, False)] = os.open(f"/proc/self/fd/{self.fds[i]}",
-                                                      os.O_RDONLY | os.O_CLOEXEC)
+                # O_NOATIME: mapping a file updates its atime (file_accessed),
+                # which the restart must leave as it was saved
+                out[inherited_id(i, True)] = _reopen(self.fds[i], os.O_RDWR)
+                out[inherited_id(i, False)] = _reopen(self.fds[i], os.O_RDONLY)
         except BaseException:
             close_all(out)
             raise
