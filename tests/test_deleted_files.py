@@ -20,7 +20,6 @@ exactly what an uninterrupted run prints.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
