@@ -152,9 +152,13 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
     # open files
     used = {d["file"]: d["fd"] for d in task["fds"]}
     for f in sf.files:
-        if f["id"] not in used or f["id"] in seen or f.get("shmem") is not None:
-            continue    # (memfds and shared file objects: restore_memfd.check)
+        if f["id"] not in used or f["id"] in seen:
+            continue
         seen.add(f["id"])
+        if f.get("shmem") is not None:      # (memfds, deleted and shared file
+            if f.get("skipped"):            # objects: restore_memfd.check)
+                warnings.append(_skip_note(used[f["id"]], f))
+            continue
         kind = f["kind"]
         skipped = f.get("skipped")
         p = _special_file_problem(f, {t["pid"] for t in sf.tasks}, force_files, warnings)
