@@ -19,7 +19,7 @@ from .errors import RestoreError
 from .guard import Guard
 from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
                      prctl, unshare)
-from .restore_files import ChildPlan, end_dead_procs
+from .restore_files import ChildPlan, end_dead_procs, remap_proc_pids
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_memfd import SharedObjects
 from .restore_memory import plan_extras
@@ -225,7 +225,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         if unpriv:
             raise RestoreError("pid namespace", "the tree ran in a pid namespace of its own; "
                                "recreating it with its pids needs root (CAP_SYS_ADMIN)")
-        to_inner(sf)
+        remap_proc_pids(sf, to_inner(sf))   # (and the pids in the tree's /proc paths)
     tasks = sf.tasks
     res.vpid = sf.root["pid"]
     lazy = opts.lazy

@@ -219,6 +219,15 @@ def tree_proc(f: dict, pids: set[int]) -> bool:
     return bool(proc) and not proc.get("dead") and proc["pid"] in pids
 
 
+def remap_proc_pids(sf, ids: dict[int, int]) -> None:
+    """A tree restored in a pid namespace of its own (restore_ns.to_inner):
+    the pids of its /proc paths become the tasks' inner ones too."""
+    for f in sf.files:
+        proc = f.get("proc")
+        if proc and proc["pid"] in ids:
+            proc["pid"] = ids[proc["pid"]]
+
+
 def _dead_proc(x: dict) -> dict | None:
     proc = x.get("proc")
     return proc if proc and proc.get("dead") else None
