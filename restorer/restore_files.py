@@ -244,7 +244,7 @@ def _ghost_dir(path: str, g: dict) -> int:
     try:
         parent = os.path.dirname(path)
         missing = []
-        while parent not in ("/", "") and not os.path.isdir(parent)                 and not os.path.lexists(parent):
+        while parent not in ("/", "") and not os.path.lexists(parent):
             missing.append(parent)
             parent = os.path.dirname(parent)
         cands = []
