@@ -21,14 +21,18 @@ write, below PIPE_BUF, so it is in the pipe whole or not at all):
     K <pidfd> <pid>       the lazily served process (killed with its
                           descendants if its server dies before every page is in)
     W <pidfd> <pid> / U <pidfd>  watch / stop watching a serving process
+    F <kind> <path>\t<home>  the release freezer's cgroup (restorer/freezer.py)
     C                     the tree is released: it owns everything now
+    G                     the release freezer's cgroup is thawed, emptied, removed
     A                     crrestart ended the restore itself (failed, cleaned up)
     D                     every lazy page is in, or the served tree is gone
 
 The guard watches crrestart (then the lazy daemon) through a pidfd.  When a
 watched process dies, the guard first reads every line already written, then:
 
-* before C: SIGKILLs every task (pidfds, no pid-reuse race) and their
+* before C: SIGKILLs everything in the release freezer's cgroup while it is
+  frozen and then thaws it (so a task detached just before crrestart died dies
+  without running), SIGKILLs every task (pidfds, no pid-reuse race) and their
   descendants, waits until they are gone, removes the SysV objects, socket
   files, FIFOs and files the restore created (only those whose change time is
   not older than the line announcing them), says so on stderr and in the
@@ -37,6 +41,8 @@ watched process dies, the guard first reads every line already written, then:
   it stops and SIGKILLs the served process and its descendants *before* its
   copy of the userfaultfds goes (a task blocked on a fault dies instead of
   getting a zero page), says so, and exits;
+* after C, before G: thaws the release freezer's cgroup (the whole tree runs
+  on), moves its processes back to crrestart's cgroup and removes it;
 * after C without K, after A or D: exits quietly.
 
 The other way round, the lazy server watches the guard's pidfd: a guard that
@@ -197,8 +203,16 @@ class Guard:
     def unwatch_me(self) -> None:
         self.note(f"U {self.me}")
 
+    def freezer(self, fz) -> None:
+        """The release freezer (before crrestart joins its cgroup)."""
+        self.note(f"F {fz.kind} {fz.path}\t{fz.home}")
+
     def commit(self) -> None:
         self.note("C")
+
+    def thawed(self) -> None:
+        """The release freezer's cgroup is gone (the tree is back home)."""
+        self.note("G")
 
     def abort(self) -> None:
         self.note("A")
@@ -222,12 +236,13 @@ class Guard:
         watch = {self.me: self.owner}   # pidfd -> pid of each process we watch
         served: tuple[int, int] | None = None
         committed = False
+        fz = None                       # the release freezer, until G
         os.set_blocking(self.r, False)
         buf = b""
 
         def drain() -> str:
             """Apply every complete line in the pipe; "A"/"D"/"C" when read."""
-            nonlocal buf, served, committed
+            nonlocal buf, served, committed, fz
             end = ""
             while True:
                 try:
@@ -253,6 +268,12 @@ class Guard:
                     watch[int(w[1])] = int(w[2])
                 elif w[0] == "U":
                     watch.pop(int(w[1]), None)
+                elif w[0] == "F":
+                    from .freezer import ReleaseFreezer
+                    kind, (path, home) = w[1], w[2].split("\t", 1)
+                    fz = ReleaseFreezer(path, home, kind)
+                elif w[0] == "G":
+                    fz = None
                 elif w[0] == "C":
                     committed, end = True, end or "C"
                 elif w[0] in ("A", "D"):
@@ -262,21 +283,28 @@ class Guard:
         while True:
             poll_fds([self.r, *watch], None)
             end = drain()
-            if end in ("A", "D") or (committed and served is None):
+            if end in ("A", "D") or (committed and served is None and fz is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
                 continue
             end = drain()     # what the dead one wrote before it died
-            if end in ("A", "D") or (committed and served is None):
+            if end in ("A", "D") or (committed and served is None and fz is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
                 continue
             who = watch[dead[0]]
             if not committed:
+                if fz is not None:
+                    fz.kill_all()     # frozen: nothing of it runs again
                 self._undo(who, tasks, sysv, paths)
+            elif served is None:
+                fz.thaw()             # released: all of the tree runs on
+                fz.move_home()
             else:
+                if fz is not None:
+                    fz.kill_all()
                 from .lazy import kill_tree
                 fd, pid = served
                 kill_tree(fd, pid)

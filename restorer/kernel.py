@@ -25,7 +25,7 @@ NR = {
     "arch_prctl": 158, "gettid": 186, "set_tid_address": 218, "restart_syscall": 219,
     "clock_nanosleep": 230, "exit_group": 231, "set_robust_list": 273,
     "rt_tgsigqueueinfo": 297, "userfaultfd": 323, "rseq": 334, "clone3": 435,
-    "pidfd_open": 434, "pidfd_getfd": 438,
+    "pidfd_open": 434, "pidfd_getfd": 438, "dup3": 292,
 }
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4

@@ -16,6 +16,7 @@ from statefile.errors import FormatError
 from statefile.reader import MALFORMED, load, verify_notes
 
 from .errors import RestoreError
+from . import freezer, restore_pidfd
 from .guard import Guard
 from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
                      prctl, unshare)
@@ -30,6 +31,15 @@ from .restore_tty import plan_ctty
 from .restore_tree import (Node, die_with_parent, fork_pid_waiting_zombie, host_pids,
                            open_shared, plan_tree, read_status, self_pidfd, task_main)
 from .validate import validate
+
+_DIE_AT = os.environ.get("CRELF_RESTORE_DIE_AT", "")
+
+
+def _die_here(point: str) -> None:
+    """Test hook: crrestart SIGKILLs itself at this point of the release
+    (tests/test_crashsafe.py proves the release is all or nothing)."""
+    if _DIE_AT == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -273,6 +283,14 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     # Before anything exists: the guard (restorer/guard.py) undoes the restore
     # if crrestart dies before the release, and keeps lazy memory safe after.
     g = Guard(path)
+    # Every task is born in a cgroup with a freezer, so the release is atomic
+    # (restorer/freezer.py); None without root or a writable freezer.
+    fz = freezer.find()
+    if fz is not None:
+        g.freezer(fz)
+        if not freezer.make(fz, log):
+            fz = None
+            g.thawed()
     status_r, status_w = os.pipe()
     rel_r = rel_w = ack_r = ack_w = -1      # the release handshake with a --pidns init
     created: list[int] = []
@@ -290,6 +308,15 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         shared.update(ipc.create_memfds(shared_ids))
         ipc.memfds = {}           # closed with `shared`
         shared.update(objs.create())   # memfds, shared deleted/tmpfs files (restore_memfd)
+        shared.update(restore_pidfd.corpses(sf.files, tasks))   # pidfds of exited processes
+        if fz is not None:
+            try:
+                fz.join()         # the root is born in it, and every task after it
+            except OSError as e:
+                log(f"no release freezer: {e.strerror}")
+                fz.remove()
+                fz = None
+                g.thawed()
         if own_pidns:
             # the root itself is pid 1 of the new namespace (crrestart's child)
             try:
@@ -336,6 +363,8 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                 task_main(root, status_w, shared, g.me)
             created.append(child)
             g.task(child)
+        if fz is not None:
+            fz.leave()            # crrestart itself is never frozen
         close_all(shared)     # else a reader would never see EOF
         shared = {}
         os.close(status_w)
@@ -380,10 +409,28 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         if lazy:
             g.served(res.pid)     # from now on the guard keeps the lazy memory safe
         t_rel = time.perf_counter()
+        if fz is not None:
+            try:
+                fz.freeze()
+            except OSError as e:
+                raise RestoreError("release", f"cannot freeze the tree for its release: {e}") \
+                    from None
         for tr in trs:
             tr.release()
+            _die_here("detach")
         g.commit()
-        res.timings["release"] = time.perf_counter() - t_rel   # (the window of docs/RESTORE.md)
+        _die_here("commit")
+        if fz is not None:
+            try:
+                fz.thaw()         # all of the tree runs from this one write
+            except OSError:
+                pass              # (moving them home below thaws them one by one)
+        res.timings["release"] = time.perf_counter() - t_rel   # (docs/RESTORE.md)
+        if fz is not None:
+            _die_here("home")
+            fz.move_home()        # back into crrestart's cgroup, the crelf one removed
+            fz = None
+            g.thawed()
         if not lazy:
             g.forget()            # (it exits on reading the commit)
         for tr in trs:
@@ -395,6 +442,12 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         res.injections = RestoreInjector.count
     except BaseException:
         close_all(shared)
+        if fz is not None:
+            try:
+                fz.leave()
+            except OSError:
+                pass
+            fz.kill_all()     # (a frozen task dies only once thawed)
         end_dead_procs()
         for tr in trs:
             tr.kill()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from statefile.integrity import DamagedError, SegmentReader
 
-from . import restore_anon, restore_sockets, restore_tty
+from . import restore_anon, restore_bpf, restore_pidfd, restore_sockets, restore_tty
 from .errors import RestoreError
 from .guard import journal_path
 from .kernel import close_all, personality
@@ -514,6 +514,15 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return None  # io_uring, perf event...: the policy restores them closed
     if kind in restore_anon.KINDS:
         return restore_anon.open_anon(f)
+    if kind == restore_bpf.KIND:
+        try:
+            return restore_bpf.open_map(f)
+        except OSError as e:
+            raise ChildError("files", str(e)) from None
+    if kind == restore_pidfd.KIND:
+        if restore_pidfd.is_dead(f):
+            raise ChildError("pidfds", "the pidfd of an exited process was not inherited")
+        return None   # opened by injection once every task exists (restore_pidfd.inject)
     if kind == "socket" and f.get("socket", {}).get("family") == "unix":
         return restore_sockets.open_unix(f, plan.files)
     if kind == "socket" and f.get("socket", {}).get("family") in ("inet", "inet6"):

@@ -95,6 +95,9 @@ def to_inner(sf) -> dict[int, int]:
             for key in ("sid", "fg_pgrp"):   # a pty's session and foreground group
                 if pty.get(key):
                     pty[key] = ids.get(pty[key], 0)
+        pidfd = f.get("pidfd")
+        if isinstance(pidfd, dict) and isinstance(pidfd.get("pid"), int) and pidfd["pid"] > 0:
+            pidfd["pid"] = ids.get(pidfd["pid"], 0)   # (restore_pidfd)
     return ids
 
 

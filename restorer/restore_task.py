@@ -14,6 +14,7 @@ from statefile import elfcore as ec
 from statefile import ptrace as pt
 from statefile.inject import InjectError, find_syscall_insn
 
+from . import restore_pidfd
 from . import restore_signals as rs
 from .errors import RestoreError
 from .injector import RestoreInjector
@@ -170,6 +171,8 @@ class TaskRestorer:
         injs = {task["threads"][0]["tid"]: inj}
         for th in task["threads"][1:]:
             injs[th["tid"]] = self._clone_thread(inj, th)
+        self.step = "pidfds"
+        restore_pidfd.inject(inj, task, self.sf.files)
         self.step = "thread state"
         for th in task["threads"]:
             self._thread_state(injs[th["tid"]], th)

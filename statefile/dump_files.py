@@ -16,7 +16,7 @@ import re
 import socket
 import stat as st
 
-from . import dump_anon, dump_pipes, dump_sockets, dump_tty, procfs
+from . import dump_anon, dump_bpf, dump_pidfd, dump_pipes, dump_sockets, dump_tty, procfs
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -275,6 +275,12 @@ class FileTable:
                         kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid, fd)
                     if anon is not None:
                         entry["anon"] = anon
+                if kind == "anon:pidfd":
+                    rec = dump_pidfd.parse(info, s.st_ino)
+                    if rec is not None:
+                        entry["pidfd"] = rec
+                if kind == "anon:bpf-map":
+                    entry["bpf"] = dump_bpf.parse(pid, fd, info)
                 # (the content of a deleted file or memfd is saved once per
                 # object, for every fd and mapping of it: dump_memfd.py)
                 if kind in ("regular", "directory"):

@@ -217,12 +217,23 @@ TABLE: tuple[Resource, ...] = (
              "kernel); policy 'io_uring' restores the fd closed", "io_uring"),
     Resource("fd:perf_event", "perf event", SKIPPABLE,
              "perf events cannot be checkpointed; policy 'perf' restores the fd closed", "perf"),
-    Resource("fd:bpf", "BPF map or program", UNSUPPORTED, "BPF objects cannot be checkpointed"),
+    Resource("fd:bpf-map", "a BPF hash, array or LRU hash map (its definition, name, entries "
+             "and frozen state; created again at restart, which needs root or CAP_BPF)",
+             SUPPORTED),
+    Resource("fd:bpf", "any other BPF object: a program, link or BTF object, a per-CPU map, a "
+             "map of maps, an offloaded map or one with BTF types", UNSUPPORTED,
+             "its state is more than entries crelf can read back (a program would have to be "
+             "loaded and attached again): not restored by this version of crelf"),
     Resource("fd:fanotify", "fanotify group", UNSUPPORTED,
              "fanotify groups cannot be checkpointed"),
     Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
              "a userfaultfd owned by the application cannot be checkpointed"),
-    Resource("fd:pidfd", "pidfd", UNSUPPORTED, f"pidfds are {_NOT_YET}"),
+    Resource("fd:pidfd", "a pidfd of a process or thread of the tree, or of a process that "
+             "has exited (opened again on the restarted one; an exited one refers to an "
+             "exited process again)", SUPPORTED),
+    Resource("fd:pidfd-external", "a pidfd of a live process outside the tree", UNSUPPORTED,
+             "that process is not part of the checkpoint, so the restarted tree could not "
+             "refer to it; checkpoint the process with the tree (a common ancestor)"),
     Resource("fd:other", "other anonymous-inode file", UNSUPPORTED,
              "this kind of file cannot be checkpointed"),
     # --- SysV IPC ----------------------------------------------------------------
@@ -348,6 +359,8 @@ def fd_key(f: dict) -> str:
                 "netlink": "fd:socket:netlink"}.get(fam, "fd:socket:other")
     if kind.startswith("anon:"):
         name = kind[5:]
+        if name == "bpf-map" and "entries" in f.get("bpf", {}):
+            return "fd:bpf-map"
         if name.startswith("bpf"):
             return "fd:bpf"
         return _ANON.get(name, "fd:other")
@@ -472,6 +485,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
+    from .dump_pidfd import in_tree
     from .dump_pipes import external, stdio_passthrough
     external_pipes = external(tasks, files)
     passthrough = stdio_passthrough(tasks, files)
@@ -506,6 +520,11 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 key = "fd:proc-tree"
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
+            if key == "fd:bpf" and f.get("bpf", {}).get("unsupported"):
+                detail = f"{detail}: {f['bpf']['unsupported']}"
+            if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):
+                key = "fd:pidfd-external"
+                detail = f"{detail}: refers to pid {f.get('pidfd', {}).get('pid', '?')}"
             add(key, pid, where, detail)
             if fd["file"] in passthrough:
                 add("fd:stdio-external", pid, where, external_pipes[fd["file"]])

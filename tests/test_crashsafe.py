@@ -367,3 +367,112 @@ def test_lazy_server_killed_never_runs_on_missing_pages(bigticker, procs, tmp_pa
     report(f"lazy, {victim} killed", counts)
     # (the guard's and the foreground's deaths may come after the last page: either is fine)
     assert counts["killed"] or victim != "server", "never caught the server with pages missing"
+
+
+
+SPINNERS = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+/* A parent and a child that each append consecutive numbers to a file of
+   their own as fast as they can: any instruction either runs shows. */
+int main(int argc, char **argv) {
+    char path[4096];
+    pid_t c = fork();
+    snprintf(path, sizeof path, "%s.%s", argv[1], c == 0 ? "child" : "parent");
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    if (fd < 0) return 1;
+    if (c != 0) { write(1, "ready\n", 6); close(1); }
+    for (long i = 0;; i++) {
+        char line[32];
+        int n = snprintf(line, sizeof line, "%ld\n", i);
+        if (write(fd, line, n) != n) return 1;
+    }
+}
+"""
+
+
+def _release_cgroups() -> list[str]:
+    """crelf's release cgroups left anywhere (restorer/freezer.py)."""
+    from restorer.freezer import _mounts
+    left = []
+    for mnt, _, _ in _mounts():
+        for dirpath, dirnames, _ in os.walk(mnt):
+            left += [os.path.join(dirpath, d) for d in dirnames if d.startswith("crelf-restore-")]
+    return left
+
+
+def _consecutive(path: Path) -> int:
+    """The number of lines of a spinner file, checking they count up by one."""
+    nums = path.read_bytes().split(b"\n")
+    assert nums[-1] == b"" or True
+    full = [int(x) for x in nums[:-1]]
+    assert full == list(range(len(full))), f"{path.name}: a gap or a repeat"
+    return len(full)
+
+
+@pytest.fixture(scope="module")
+def spinners(tmp_path_factory):
+    """(statefile, file prefix, line counts at the checkpoint) of two spinning
+    tasks, checkpointed with --kill."""
+    require_root()
+    _set_child_subreaper()
+    tmp = tmp_path_factory.mktemp("spinners")
+    prog = build_c(tmp, "spinners", SPINNERS)
+    prefix = tmp / "out"
+    cr = tmp / "spin.cr"
+    checkpoint_piped([prog, prefix], r"ready", cr)
+    files = [Path(f"{prefix}.parent"), Path(f"{prefix}.child")]
+    data = [f.read_bytes() for f in files]
+    return cr, files, data
+
+
+@pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--pidns"]], ids=["eager", "pidns"])
+@pytest.mark.parametrize("point", ["detach", "commit", "home"])
+def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, point):
+    """crrestart SIGKILLed inside the release of two tasks that write as fast
+    as they can: after the first task was detached ("detach"): neither may
+    run one instruction (both files unchanged, nothing left); just after the
+    guard was told "released", before the thaw ("commit"), or before the
+    tasks were moved back home ("home"): both tasks run on, counting on from
+    where they were.  No release cgroup is left either way."""
+    from restorer.freezer import find, make
+    fz = None if os.environ.get("CRELF_NO_FREEZER") else find()   # (a negative check)
+    assert os.environ.get("CRELF_NO_FREEZER") or (fz is not None and make(fz)), \
+        "no writable cgroup freezer here: the release cannot be atomic"
+    if fz is not None:
+        fz.remove()
+    cr, files, data = spinners
+    for f, d in zip(files, data):
+        f.write_bytes(d)          # as the checkpoint left them
+    baseline = set(_ours())
+    err = tmp_path / f"{point}.err"
+    with open(err, "wb") as fe:
+        p = subprocess.Popen([*CRRESTART, *mode, "--force-files", str(cr)],
+                             stdout=subprocess.DEVNULL,
+                             stderr=fe, stdin=subprocess.DEVNULL, close_fds=True, cwd=REPO,
+                             start_new_session=True,
+                             env={**os.environ, "CRELF_RESTORE_DIE_AT": point})
+    assert p.wait(timeout=120) == -signal.SIGKILL, err.read_text()
+    said = err.read_text()
+    if point == "detach":
+        _settle(baseline, {})
+        assert [f.read_bytes() for f in files] == data, \
+            f"part of the tree ran after crrestart died in its release: {said}"
+        assert "before the tree was released" in said, said
+    else:
+        deadline = time.monotonic() + 30
+        while any(f.stat().st_size < len(d) + 100_000 for f, d in zip(files, data)):
+            assert time.monotonic() < deadline, f"the released tree does not run on: {said}"
+            time.sleep(0.01)
+        for pid in set(_ours()) - baseline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _settle(baseline, {})
+        for f, d in zip(files, data):
+            assert f.read_bytes().startswith(d)
+            _consecutive(f)
+    assert not _release_cgroups(), _release_cgroups()
