@@ -81,7 +81,9 @@ TABLE: tuple[Resource, ...] = (
              "back untraced)"),
     # --- file descriptors ----------------------------------------------------
     Resource("fd:regular", "regular file (path, flags, offset)", SUPPORTED),
-    Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED,
+    Resource("fd:deleted", "deleted-but-open regular file (content, size, owner, mode and "
+             "times saved; one inode again for every fd and private mapping of it, in every "
+             "task)", SUPPORTED,
              "policy 'file-contents' leaves the content out (restored as zeros)",
              "file-contents"),
     Resource("fd:deleted-linked", "regular file whose opened name was removed while another "
