@@ -12,19 +12,26 @@ restarted (restorer/restore_files.py, restore_memfd.py, restore_tree.py):
   directory;
 * terminal devices: a console device node comes back with its device number,
   a pty slave with its owner and mode;
-* a namespace fd of a namespace the process is not in is refused (exit 6,
-  nothing written, the target runs on).
+* a namespace fd of a namespace the process is not in, and (unprivileged) a
+  file still linked elsewhere whose opened name was removed, are refused
+  (exit 6, nothing written, the target runs on).
 
 Each program prints what it sees at the end; the restarted run must print
 exactly what an uninterrupted run prints.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from helpers import build_c, read_lines, require_root, wait_for_line
+from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody
 from test_tree import CRCHECKPOINT, checkpoint_tree, finish, restart
+
+import test_restart_unpriv
+
+nobody_dir = test_restart_unpriv.nobody_dir     # (the fixture: a directory user 65534 owns)
 
 FILES = r'''
 #define _GNU_SOURCE
@@ -371,4 +378,43 @@ def test_namespace_fd_of_another_namespace_is_refused(procs, tmp_path):
     assert not cr.exists()
     n = len(read_lines(out))
     wait_for_line(out, rf"^tick {n + 2}$", proc=proc)      # still running
+    assert proc.poll() is None
+
+
+LINKED = r'''
+import os, sys, time
+d = sys.argv[1]
+fd = os.open(f"{d}/a", os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, b"kept")
+os.link(f"{d}/a", f"{d}/b")
+os.unlink(f"{d}/a")
+print("ready", flush=True)
+for i in range(600):
+    print("tick", i, flush=True)
+    time.sleep(0.1)
+'''
+
+
+def test_linked_elsewhere_refused_without_root(procs, nobody_dir):
+    """A file whose opened name was removed while another link keeps it,
+    checkpointed by its (unprivileged) owner: no file handle can be used to
+    find it again, so crcheckpoint refuses it up front (exit 6, the reason
+    named), writes nothing, and the process runs on."""
+    require_root()
+    py, env = _python_for_nobody()
+    out = nobody_dir / "l.out"
+    out.touch()
+    os.chown(out, NOBODY, NOBODY)
+    proc = procs.spawn(as_nobody(py, "-c", LINKED, nobody_dir), stdout=out, env=env,
+                       cwd=nobody_dir, close_fds=True)
+    wait_for_line(out, r"^ready$", proc=proc)
+    cr = nobody_dir / "l.cr"
+    r = subprocess.run(as_nobody(py, "-m", "statefile.cli", proc.pid, "-o", cr, "--kill"),
+                       capture_output=True, text=True, env=env, cwd=nobody_dir, timeout=60)
+    assert r.returncode == 6, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "checkpoint as root, or keep a name for it" in r.stderr, r.stderr
+    assert not cr.exists()
+    n = len(read_lines(out))
+    wait_for_line(out, rf"^tick {n + 2}$", proc=proc)
     assert proc.poll() is None
