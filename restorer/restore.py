@@ -22,6 +22,7 @@ from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, f
                      prctl, unshare)
 from .restore_files import ChildPlan, end_dead_procs, remap_proc_pids
 from .restore_ipc import SharedIPC, shared_anon_ids
+from .restore_locks import assign as assign_locks
 from .restore_memfd import SharedObjects
 from .restore_memory import plan_extras
 from .restore_ns import Namespaces, to_inner
@@ -277,6 +278,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             shell_job=shell_job and t is sf.root, force_files=opts.force_files,
             in_pidns=pidns, tree_pids=frozenset(x["pid"] for x in tasks))
     plan_ctty(tasks, sf.files, plans)   # session leaders take their pty again
+    assign_locks(sf)                    # which task takes each lock, lease, SIGIO owner
     root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
                             root_keeps_session=shell_job)
     res.planned = True

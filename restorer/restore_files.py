@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from statefile.integrity import DamagedError, SegmentReader
 
-from . import restore_anon, restore_bpf, restore_pidfd, restore_sockets, restore_tty
+from . import (restore_anon, restore_bpf, restore_fanotify, restore_locks, restore_pidfd,
+               restore_sockets, restore_tty)
 from .errors import RestoreError
 from .guard import journal_path
 from .kernel import close_all, personality
@@ -510,10 +511,15 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return fd
     if skipped == "network" and kind == "socket":
         return _skipped_socket(f)
-    if skipped and kind != "regular":
+    if skipped and kind != "regular" and skipped != "notify-events":
         return None  # io_uring, perf event...: the policy restores them closed
     if kind in restore_anon.KINDS:
         return restore_anon.open_anon(f)
+    if kind == restore_fanotify.KIND:
+        try:
+            return restore_fanotify.open_fanotify(f)
+        except OSError as e:
+            raise ChildError("files", str(e)) from None
     if kind == restore_bpf.KIND:
         try:
             return restore_bpf.open_map(f)
@@ -652,6 +658,11 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
             _place(fd, e.fd, True)
         if "tty" in keep:
             os.close(keep.pop("tty"))
+        step = "file locks"   # OFD/flock locks, leases (POSIX ones: restore_task.py)
+        try:
+            restore_locks.take_in_task(task, plan.files)
+        except restore_locks.LockError as ex:
+            raise ChildError(step, str(ex)) from None
         step = "cwd"
         if ghost_cwd is not None:     # a removed directory made again (open_ghosts)
             os.fchdir(ghost_cwd)

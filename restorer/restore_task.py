@@ -14,7 +14,7 @@ from statefile import elfcore as ec
 from statefile import ptrace as pt
 from statefile.inject import InjectError, find_syscall_insn
 
-from . import restore_pidfd
+from . import restore_locks, restore_pidfd
 from . import restore_signals as rs
 from .errors import RestoreError
 from .injector import RestoreInjector
@@ -182,6 +182,8 @@ class TaskRestorer:
         for th in task["threads"]:
             rs.queue_signals(injs[th["tid"]], self.vpid, th["tid"], th.get("pending", []),
                              self.scratch)
+        self.step = "file owners"   # SIGIO owners (with their uid/euid), before the creds
+        restore_locks.set_owners(inj, task, self.sf.files, rpid, self.scratch + 3 * PAGE)
         self.step = "credentials"
         for th in task["threads"]:
             self._creds(injs[th["tid"]], th["tid"])
@@ -194,6 +196,8 @@ class TaskRestorer:
                   0, 0, 0)
         for fd in sorted(set(self.fds.values())):
             inj.call("close", fd)
+        # POSIX locks only now: the closes above would drop them
+        restore_locks.take_posix(inj, task, self.sf.files, self.scratch + 3 * PAGE)
         inj.check("munmap", self.scratch, SCRATCH_PAGES * PAGE)
         self.scratch = 0
         t = self._t("state", t)

@@ -19,7 +19,8 @@ from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
 
 # Trees are checked below with their own message.
-_TREE_KEYS = {"task:tree", "task:zombie"}
+_TREE_KEYS = {"task:tree", "task:zombie",
+              "task:cgroup"}   # (checked at checkpoint; a restart uses crrestart's cgroups)
 
 
 def _ident_problem(path: str, want: dict, what: str, check_size_mtime: bool = True) -> str | None:
@@ -252,4 +253,7 @@ def _skip_note(fd: int, f: dict) -> str:
     if why == "file-contents":
         return (f"fd {fd}: content of deleted file {f['path']} was skipped by policy "
                 "'file-contents': restored as zeros")
+    if why == "notify-events":
+        return (f"fd {fd}: the {f['kind'][5:]} events queued at the checkpoint were skipped by "
+                f"policy '{why}': restored with its watches or marks and an empty queue")
     return f"fd {fd}: {f['kind']} was skipped by policy '{why}': restored closed"

@@ -16,7 +16,8 @@ import re
 import socket
 import stat as st
 
-from . import dump_anon, dump_bpf, dump_pidfd, dump_pipes, dump_sockets, dump_tty, procfs
+from . import (dump_anon, dump_bpf, dump_fanotify, dump_locks, dump_pidfd, dump_pipes,
+               dump_sockets, dump_tty, procfs)
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -201,6 +202,7 @@ class FileTable:
         self.blobs: list[SegmentPlan] = []
         self.pipes = dump_pipes.PipeTable()   # pipe/FIFO records, bytes in flight
         self.shmem: list[dict] = []             # memfds and shared file objects (dump_memfd)
+        self.task_locks: dict[int, list[dict]] = {}   # pid -> its POSIX locks (dump_locks)
         self._diag: dict | None = None
 
     def unix_diag(self) -> dict:
@@ -235,6 +237,7 @@ class FileTable:
 
     def dump_fds(self, pid: int) -> list[dict]:
         fds = []
+        posix = self.task_locks.setdefault(pid, [])
         for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
             fd = int(name)
             try:
@@ -261,9 +264,11 @@ class FileTable:
                     "owner_pid": pid, "owner_fd": fd,
                 }
                 extra = {k: v for k, v in info.items()
-                         if k not in ("pos", "flags", "mnt_id", "ino")}
+                         if k not in ("pos", "flags", "mnt_id", "ino", "lock")}
                 if extra:
                     entry["fdinfo"] = extra
+                # locks and owner first: whether its content may be read (dump_locks)
+                dump_locks.add_fd(self, posix, entry, fid, pid, fd, info, True)
                 if kind == "socket":
                     entry["socket"] = socket_info(pid, fd, self.unix_diag)
                 if kind in ("pipe", "fifo"):
@@ -279,6 +284,9 @@ class FileTable:
                     rec = dump_pidfd.parse(info, s.st_ino)
                     if rec is not None:
                         entry["pidfd"] = rec
+                if kind == "anon:fanotify":
+                    entry["anon"] = dump_fanotify.parse(
+                        pid, fd, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines())
                 if kind == "anon:bpf-map":
                     entry["bpf"] = dump_bpf.parse(pid, fd, info)
                 # (the content of a deleted file or memfd is saved once per
@@ -299,6 +307,8 @@ class FileTable:
                                            if os.geteuid() == 0 else None) or {}
                 self.files.append(entry)
                 self._by_ident[ident].insert(self._insert_at, fid)
+            else:
+                dump_locks.add_fd(self, posix, self.files[fid], fid, pid, fd, info, False)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
         return fds
 
@@ -345,6 +355,7 @@ class FileTable:
         """Policy dump_tmpfs: keep the content of regular files on tmpfs (/dev/shm...)."""
         for entry in self.files:
             if entry["kind"] == "regular" and "blob" not in entry and "shmem" not in entry \
+                    and not dump_locks.open_breaks_lease(entry) \
                     and fstype(entry["owner_pid"], entry["mnt_id"]) in ("tmpfs", "ramfs"):
                 self.add_blob(entry, f"content of tmpfs file {entry['path']}")
 

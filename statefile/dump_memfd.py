@@ -22,6 +22,7 @@ import fcntl
 import os
 
 from . import procfs
+from .dump_locks import open_breaks_lease
 from .dump_memory import SegmentPlan
 
 F_GET_SEALS = 1034
@@ -127,7 +128,9 @@ def collect(tasks: list[dict], files, dump_tmpfs: bool = False) -> list[dict]:
         key = _file_key(f)
         if is_memfd_path(f["path"]) and f.get("deleted"):
             o = obj(key, "memfd", f["path"])
-        elif f.get("deleted") and "proc" not in f:
+        elif f.get("deleted") and "proc" not in f and not open_breaks_lease(f):
+            # (under a lease an open would break: not read, refused as
+            # fd:lease-deleted)
             # a deleted-but-open file: one object for all its open file
             # descriptions (same inode again) and private mappings
             o = obj(key, "deleted", f["path"])

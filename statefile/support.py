@@ -65,6 +65,11 @@ TABLE: tuple[Resource, ...] = (
              "crelf's own", UNSUPPORTED,
              "a restart would put the tasks in crelf's own mount, network, user, cgroup and "
              f"time namespaces: tasks in other ones are {_NOT_YET}"),
+    Resource("task:cgroup", "a task or thread in a cgroup other than crcheckpoint's own (in "
+             "any hierarchy)", UNSUPPORTED, "a restart puts every task in crrestart's own "
+             "cgroups, so it would come back without its cgroup's limits and accounting; "
+             f"restoring cgroup membership is {_NOT_YET} (checkpoint from inside the same "
+             "cgroup: a tree in crcheckpoint's own cgroups comes back in crrestart's)"),
     Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
              f"POSIX timers are {_NOT_YET}"),
     Resource("task:traced", "a task traced by another tracer (debugger, strace); a traced "
@@ -200,6 +205,27 @@ TABLE: tuple[Resource, ...] = (
              "subscriptions and queued messages are lost)", "network"),
     Resource("fd:socket:other", "socket of another family", UNSUPPORTED,
              "this socket family cannot be checkpointed"),
+    Resource("fd:lock", "file lock: POSIX record lock (fcntl F_SETLK, taken again by its "
+             "process), OFD lock (F_OFD_SETLK) or flock(2) lock (taken again on its open file "
+             "description)", SUPPORTED),
+    Resource("fd:lock-other", "a lock of another kind (an NFS delegation or layout, a lock "
+             "on a file without an inode)", UNSUPPORTED,
+             "only POSIX, OFD and flock locks and leases can be taken again by a restart"),
+    Resource("fd:lease", "file lease (F_SETLEASE read or write lease; one being broken comes "
+             "back being broken, to the same type, its break time starting again)", SUPPORTED),
+    Resource("fd:lease-deleted", "deleted-but-open file under a write lease (or one being "
+             "broken)", UNSUPPORTED, "its content cannot be read without opening it, and an "
+             "open breaks the lease (and waits for the frozen holder to give it up)"),
+    Resource("fd:fown", "SIGIO owner of a file (F_SETOWN/F_SETOWN_EX: a process, thread or "
+             "process group of the tree, with the uid and euid it was set with), its signal "
+             "(F_SETSIG) and O_ASYNC", SUPPORTED),
+    Resource("fd:fown-external", "SIGIO owner (F_SETOWN) that is a process, thread or process "
+             "group outside the tree", UNSUPPORTED,
+             "a restart cannot make a process outside the tree the owner of a restored file "
+             "(it may be gone or be another process by then)"),
+    Resource("fd:fown-thread", "SIGIO owner (F_SETOWN_EX F_OWNER_TID) that is a thread of "
+             "another process of the tree, one that does not hold the file itself",
+             UNSUPPORTED, f"such an owner is {_NOT_YET}"),
     Resource("fd:eventfd", "eventfd (counter, semaphore mode)", SUPPORTED),
     Resource("fd:epoll", "epoll instance (watched fds with events and data)", SUPPORTED),
     Resource("fd:timerfd", "timerfd (clock, remaining time, interval, expirations not read "
@@ -207,8 +233,10 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:signalfd", "signalfd (mask)", SUPPORTED),
     Resource("fd:inotify", "inotify instance (watches by path, same watch numbers)", SUPPORTED),
     Resource("fd:inotify-unread", "inotify instance with events queued and not read yet",
-             UNSUPPORTED, "queued inotify events cannot be read without consuming them; "
-             "checkpoint again once the program has read them"),
+             SKIPPABLE, "queued inotify events cannot be read without consuming them (nor put "
+             "back: the kernel has no call for it); checkpoint again once the program has read "
+             "them, or policy 'notify-events' restores the instance with its watches and an "
+             "empty queue (those events are lost)", "notify-events"),
     Resource("fd:anon-shared", "eventfd/epoll/timerfd/signalfd/inotify shared by several "
              "processes", UNSUPPORTED, f"sharing these between processes is {_NOT_YET}"),
     Resource("fd:inotify-lost", "inotify watch whose file cannot be found", UNSUPPORTED,
@@ -226,8 +254,17 @@ TABLE: tuple[Resource, ...] = (
              "map of maps, an offloaded map or one with BTF types", UNSUPPORTED,
              "its state is more than entries crelf can read back (a program would have to be "
              "loaded and attached again): not restored by this version of crelf"),
-    Resource("fd:fanotify", "fanotify group", UNSUPPORTED,
-             "fanotify groups cannot be checkpointed"),
+    Resource("fd:fanotify", "a fanotify group of the notification class, its inode, mount and "
+             "file system marks (added again on their paths; needs root)", SUPPORTED),
+    Resource("fd:fanotify-unread", "a fanotify group with events queued and not read yet",
+             SKIPPABLE, "queued fanotify events cannot be read without consuming them (nor put "
+             "back); a mark on a busy mount fills the queue all the time, crcheckpoint's own "
+             "file accesses included. Policy 'notify-events' restores the group with its marks "
+             "and an empty queue (those events are lost)", "notify-events"),
+    Resource("fd:fanotify-other", "a fanotify group with a mark whose object cannot be "
+             "found, or of a permission class", UNSUPPORTED,
+             "a mark needs the object it is on (deleted, or not visible), and a permission "
+             "event a task is answering cannot be given back"),
     Resource("fd:userfaultfd", "userfaultfd", UNSUPPORTED,
              "a userfaultfd owned by the application cannot be checkpointed"),
     Resource("fd:pidfd", "a pidfd of a process or thread of the tree, or of a process that "
@@ -487,6 +524,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
+    from .dump_fanotify import problem as fanotify_problem
     from .dump_pidfd import in_tree
     from .dump_pipes import external, stdio_passthrough
     external_pipes = external(tasks, files)
@@ -496,6 +534,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     from .dump_ns import KINDS as NS_KINDS
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in NS_KINDS}
     out += _ns_findings(tasks, own_ns)
+    from .dump_cgroup import differences
+    for pid, tid, what in differences(tasks):
+        add("task:cgroup", pid, f"pid {pid}" + (f" thread {tid}" if tid != pid else ""), what)
     tree_pids = {t["pid"] for t in tasks}
     for t in tasks:
         pid = t["pid"]
@@ -522,6 +563,12 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 key = "fd:proc-tree"
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
+            if key == "fd:fanotify" and fanotify_problem(f.get("anon") or {}):
+                key = "fd:fanotify-other"
+                detail = f"{detail}: {fanotify_problem(f.get('anon') or {})}"
+            elif key == "fd:fanotify" and (f.get("anon") or {}).get("unread"):
+                add("fd:fanotify-unread", pid, where, f"fanotify fd {fd['fd']} has unread "
+                    f"events ({f['anon']['unread']} bytes queued)")
             if key == "fd:bpf" and f.get("bpf", {}).get("unsupported"):
                 detail = f"{detail}: {f['bpf']['unsupported']}"
             if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):
@@ -553,6 +600,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             if key in ("mem:private", "mem:file-shared", "mem:vdso"):
                 continue  # not worth a line each; counted in the summary
             add(key, pid, where, detail)
+    from .dump_locks import findings as lock_findings
+    for key, p, where, detail in lock_findings(tasks, files, zombies):
+        add(key, p, where, detail)     # file locks, leases, SIGIO owners
     for z in zombies:
         add("task:zombie", z["pid"], f"pid {z['pid']}", f"{z['comm']} (exited, not reaped)")
     root = tasks[0]["pid"] if tasks else 0

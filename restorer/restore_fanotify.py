@@ -1,0 +1,49 @@
+"""fanotify groups (statefile/dump_fanotify.py): created again by the task
+that holds them (in child_setup): fanotify_init with the saved flags, then
+every mark added on its path (inode marks on the file, mount marks on the
+mount point, filesystem marks on a mount of the file system), with its mask
+and its ignored mask."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
+                                ctypes.c_char_p]
+
+KIND = "anon:fanotify"
+FAN_CLOEXEC = 0x1
+FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_MARK_IGNORED_MASK = 0x1, 0x10, 0x20
+FAN_MARK_FILESYSTEM = 0x100
+AT_FDCWD = -100
+_TYPE_FLAGS = {"inode": 0, "mount": FAN_MARK_MOUNT, "filesystem": FAN_MARK_FILESYSTEM}
+
+
+class FanotifyError(OSError):
+    pass
+
+
+def open_fanotify(f: dict) -> int:
+    rec = f.get("anon") or {}
+    if "flags" not in rec:
+        raise FanotifyError(0, "fanotify: no saved state")
+    fd = _libc.fanotify_init(rec["flags"] & ~FAN_CLOEXEC, rec["event_flags"])
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise FanotifyError(e, f"fanotify_init: {os.strerror(e)}")
+    try:
+        for m in reversed(rec["marks"]):   # (fdinfo lists the newest first)
+            base = FAN_MARK_ADD | _TYPE_FLAGS[m["type"]] | m["mflags"]
+            for flags, mask in ((base, m["mask"]), (base | FAN_MARK_IGNORED_MASK,
+                                                    m["ignored_mask"])):
+                if not mask:
+                    continue
+                if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, m["path"].encode()) < 0:
+                    e = ctypes.get_errno()
+                    raise FanotifyError(e, f"fanotify mark on {m['path']}: {os.strerror(e)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,125 @@
+"""fanotify groups (statefile/dump_fanotify.py, restorer/restore_fanotify.py):
+a program with inode marks (a file, a directory's children) and a mount mark
+carrying only an ignored mask is checkpointed with --kill mid-run and
+restarted; afterwards it lists its marks from fdinfo, touches the files and
+reads the events: the output must be the uninterrupted run's byte for byte.
+Events queued at the checkpoint are refused, or with policy notify-events
+dropped (said at both ends), the group coming back with its marks."""
+from __future__ import annotations
+
+import subprocess
+
+from helpers import build_c, require_root, wait_for_line
+from test_memfd import _checkpoint
+from test_tree import CRCHECKPOINT, finish, restart
+
+FANOTIFY = r'''
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/fanotify.h>
+
+static void marks(int fd) {              /* fdinfo's marks without inode numbers */
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+    FILE *f = fopen(path, "r");
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "fanotify ", 9)) continue;
+        char *m = strstr(line, "mflags:"), *h = strstr(line, " fhandle");
+        if (h) strcpy(h, "\n");          /* (the handle names the inode: another per run) */
+        printf("%s %s", strstr(line, "ino:") ? "inode" : strstr(line, "mnt_id:") ? "mount"
+               : strstr(line, "event-flags") ? "group" : "fs", m ? m : line + 9);
+    }
+    fclose(f);
+}
+static void events(int fd) {
+    char buf[4096];
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0) { printf("read: %s\n", strerror(errno)); return; }
+    for (struct fanotify_event_metadata *e = (void *)buf; FAN_EVENT_OK(e, n);
+         e = FAN_EVENT_NEXT(e, n)) {
+        char p[64], target[512] = "";
+        snprintf(p, sizeof p, "/proc/self/fd/%d", e->fd);
+        readlink(p, target, sizeof target - 1);
+        printf("event %#llx on %s\n", (unsigned long long)e->mask, strrchr(target, '/'));
+        close(e->fd);
+    }
+}
+/* argv: a directory; argv[2] "queue": leave events unread at the checkpoint */
+int main(int argc, char **argv) {
+    char file[4096], sub[4096];
+    snprintf(file, sizeof file, "%s/watched", argv[1]);
+    snprintf(sub, sizeof sub, "%s/child", argv[1]);
+    close(open(file, O_CREAT | O_WRONLY, 0600));
+    close(open(sub, O_CREAT | O_WRONLY, 0600));
+    int fd = fanotify_init(FAN_CLASS_NOTIF | FAN_NONBLOCK, O_RDONLY | O_LARGEFILE);
+    if (fd < 0) { perror("fanotify_init"); return 1; }
+    if (fanotify_mark(fd, FAN_MARK_ADD, FAN_OPEN | FAN_MODIFY | FAN_CLOSE_WRITE, AT_FDCWD,
+                      file) ||
+        fanotify_mark(fd, FAN_MARK_ADD, FAN_OPEN | FAN_EVENT_ON_CHILD, AT_FDCWD, argv[1]) ||
+        fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_MOUNT | FAN_MARK_IGNORED_MASK |
+                      FAN_MARK_IGNORED_SURV_MODIFY, FAN_ACCESS, AT_FDCWD, argv[1])) {
+        perror("fanotify_mark"); return 1;
+    }
+    if (argc > 2) close(open(file, O_RDONLY));
+    printf("ready\n"); fflush(stdout);
+    for (int i = 0; i < 30; i++) { printf("tick %d\n", i); fflush(stdout); usleep(20000); }
+    marks(fd);
+    events(fd);                           /* (with "queue", what the checkpoint kept) */
+    int w = open(file, O_WRONLY);
+    write(w, "x", 1);
+    close(w);
+    close(open(sub, O_RDONLY));
+    events(fd);
+    return 0;
+}
+'''
+
+
+def test_fanotify_group_and_marks_come_back(procs, tmp_path):
+    require_root()
+    prog = build_c(tmp_path, "fan", FANOTIFY)
+    d = tmp_path / "ref"
+    d.mkdir()
+    ref = subprocess.run([prog, d], capture_output=True, timeout=60, check=True,
+                         close_fds=True).stdout
+    assert b"event 0x2a on /watched\nevent 0x20 on /child" in ref, ref
+    assert b"inode mflags:0 mask:2a ignored_mask:0" in ref, ref
+    assert b"mount mflags:40 mask:0 ignored_mask:1" in ref, ref
+    assert b"read: Resource temporarily unavailable" in ref
+    d = tmp_path / "run"
+    d.mkdir()
+    out = tmp_path / "fan.out"
+    proc = procs.spawn([prog, d], stdout=out)
+    wait_for_line(out, r"tick 5\b", proc=proc)
+    _checkpoint(proc, tmp_path / "fan.cr")
+    code, err = finish(restart(procs, tmp_path / "fan.cr"))
+    assert code == 0, err
+    assert out.read_bytes() == ref
+
+
+def test_fanotify_unread_events_refused_or_dropped_by_policy(procs, tmp_path):
+    require_root()
+    prog = build_c(tmp_path, "fan", FANOTIFY)
+    d = tmp_path / "q"
+    d.mkdir()
+    out = tmp_path / "q.out"
+    proc = procs.spawn([prog, d, "queue"], stdout=out)
+    wait_for_line(out, r"tick 2\b", proc=proc)
+    cr = tmp_path / "q.cr"
+    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 6 and "has unread events" in r.stderr, r.stderr
+    assert not cr.exists() and proc.poll() is None
+    _checkpoint(proc, cr, "--skip", "notify-events")
+    code, err = finish(restart(procs, cr))
+    assert code == 0, err
+    assert "skipped by policy 'notify-events'" in err, err
+    lines = out.read_text().splitlines()
+    after = lines[lines.index("tick 29") + 1:]
+    assert after.count("read: Resource temporarily unavailable") == 1, after  # queue was empty
+    assert "event 0x2a on /watched" in after and "event 0x20 on /child" in after, after
