@@ -332,7 +332,7 @@ class Guard:
                 elif os.path.basename(path).startswith("crelf-"):
                     shutil.rmtree(path, ignore_errors=True)   # a private scratch directory
                 else:
-                    continue
+                    os.rmdir(path)    # a removed directory made again (empty, or kept)
                 removed += 1
             except OSError:
                 pass

@@ -20,7 +20,7 @@ from . import freezer, restore_pidfd
 from .guard import Guard
 from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
                      prctl, unshare)
-from .restore_files import ChildPlan
+from .restore_files import ChildPlan, end_dead_procs, remap_proc_pids
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_locks import assign as assign_locks
 from .restore_memfd import SharedObjects
@@ -236,7 +236,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         if unpriv:
             raise RestoreError("pid namespace", "the tree ran in a pid namespace of its own; "
                                "recreating it with its pids needs root (CAP_SYS_ADMIN)")
-        to_inner(sf)
+        remap_proc_pids(sf, to_inner(sf))   # (and the pids in the tree's /proc paths)
     tasks = sf.tasks
     res.vpid = sf.root["pid"]
     lazy = opts.lazy
@@ -289,7 +289,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs, sf=sf,
             extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
             shell_job=shell_job and t is sf.root, force_files=opts.force_files,
-            in_pidns=pidns)
+            in_pidns=pidns, tree_pids=frozenset(x["pid"] for x in tasks))
     plan_ctty(tasks, sf.files, plans)   # session leaders take their pty again
     assign_locks(sf)                    # which task takes each lock, lease, SIGIO owner
     root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
@@ -386,6 +386,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         os.close(status_w)
         status_w = -1
         msg = read_status(status_r)
+        end_dead_procs()          # every task entered its dead /proc directories
         if msg != "OK":
             if msg.startswith("ERR "):
                 step, _, what = msg[4:].partition(": ")
@@ -412,6 +413,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             tr = TaskRestorer(sf, n.task, rpids[n.pid], fds, lazy=lazy, log=log)
             if last_of_fdt.get(n.task.get("fdt"), n.pid) != n.pid:
                 tr.keep_fds = True      # one fd table: the last of its tasks closes them
+            tr.pids = res.pids        # (its fds on the tree's /proc files)
             trs.append(tr)
             tr.run()
         ipc.finish()              # every task attached its SysV segments
@@ -465,6 +467,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             except OSError:
                 pass
             fz.kill_all()     # (a frozen task dies only once thawed)
+        end_dead_procs()
         for tr in trs:
             tr.kill()
         for pid in created:

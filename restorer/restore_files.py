@@ -9,6 +9,8 @@ the status pipe as "ERR <step>: <message>" and the task exits.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import socket
 import signal
@@ -20,8 +22,9 @@ from statefile.integrity import DamagedError, SegmentReader
 
 from . import (restore_anon, restore_bpf, restore_fanotify, restore_locks, restore_pidfd,
                restore_sockets, restore_tty)
+from .errors import RestoreError
 from .guard import journal_path
-from .kernel import personality
+from .kernel import close_all, personality
 
 RLIMITS = ("cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock",
            "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime")
@@ -57,6 +60,7 @@ class ChildPlan:
     force_files: bool = False
     in_pidns: bool = False
     ctty: int | None = None                     # inherited slave to take as controlling tty
+    tree_pids: frozenset = frozenset()          # saved pids of the tree (its /proc files)
     fg_pgrp: int | None = None                  # ... and its saved foreground process group
     shares_files: bool = False                  # cloned with CLONE_FILES: its parent's table
 
@@ -201,12 +205,312 @@ def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
     return fd
 
 
+# ------------------------------------------------- ghosts: removed directories, dead /proc
+
+GHOST_KEY_BASE = -(1 << 26)     # {file id: fd} keys of the working directories made here
+
+
+def cwd_key(i: int) -> int:
+    """The inherited-fd key of task i's working directory made by open_ghosts."""
+    return GHOST_KEY_BASE - i
+
+
+def tree_proc(f: dict, pids: set[int]) -> bool:
+    """A file or directory under /proc/PID of a process of the tree: opened
+    again by the restored task once every task exists (open_late)."""
+    proc = f.get("proc")
+    return bool(proc) and not proc.get("dead") and proc["pid"] in pids
+
+
+def remap_proc_pids(sf, ids: dict[int, int]) -> None:
+    """A tree restored in a pid namespace of its own (restore_ns.to_inner):
+    the pids of its /proc paths become the tasks' inner ones too."""
+    for f in sf.files:
+        proc = f.get("proc")
+        if proc and proc["pid"] in ids:
+            proc["pid"] = ids[proc["pid"]]
+
+
+def _dead_proc(x: dict) -> dict | None:
+    proc = x.get("proc")
+    return proc if proc and proc.get("dead") else None
+
+
+def _ghost_dir(path: str, g: dict) -> int:
+    """A removed directory made again, for its open fds and working
+    directories: at its old path when that is free (its parents made for the
+    time it takes when they are gone too), else at a scratch name beside it or
+    in /tmp; with the saved mode, owner and times; opened; removed again at
+    once.  Returns an O_RDONLY fd of it (nlink 0, as it was)."""
+    path = path.removesuffix(" (deleted)") or "/"
+    made: list[str] = []
+    try:
+        parent = os.path.dirname(path)
+        missing = []
+        while parent not in ("/", "") and not os.path.lexists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        cands = []
+        if os.path.isdir(parent or "/"):
+            for d in reversed(missing):
+                journal_path(d)
+                try:
+                    os.mkdir(d, 0o700)
+                except OSError:
+                    break
+                made.append(d)
+            if len(made) == len(missing):
+                if not os.path.lexists(path):
+                    cands.append(path)
+                cands.append(os.path.join(os.path.dirname(path),
+                                          f".{os.path.basename(path)}.crelf-{os.getpid()}"))
+        cands.append(os.path.join("/tmp", f".{os.path.basename(path)}.crelf-{os.getpid()}"))
+        for cand in cands:
+            journal_path(cand)
+            try:
+                os.mkdir(cand, 0o700)
+            except OSError:
+                continue
+            made.append(cand)
+            fd = os.open(cand, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if os.geteuid() == 0 and "uid" in g:
+                    os.fchown(fd, g["uid"], g["gid"])
+                os.fchmod(fd, g.get("mode", 0o700) & 0o7777)
+                if "mtime_ns" in g:
+                    os.utime(fd, ns=(g.get("atime_ns", g["mtime_ns"]), g["mtime_ns"]))
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
+        raise RestoreError("files", f"cannot make removed directory {path} again: no "
+                           "writable directory")
+    finally:
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+_HELPERS: list[int] = []     # processes standing in for dead ones (end_dead_procs)
+
+
+def _dead_proc_fds(pid: int, rests: list[str]) -> dict[str, int]:
+    """{rest: fd} of /proc/PID/rest for a process that had exited: a helper
+    process is forked (with that pid when it is free) and the paths opened
+    under its /proc directory.  end_dead_procs() kills and reaps it once every
+    task has its fds and working directory (a working directory must be
+    entered while the process is alive: fchdir to a dead one's is ESRCH); the
+    fds then lead to a /proc directory of a dead process, as they did."""
+    from .kernel import PR_SET_PDEATHSIG, fork_with_pid, prctl
+    me = os.getpid()
+    try:
+        child = fork_with_pid(pid)
+    except OSError:
+        child = os.fork()
+    if child == 0:
+        try:
+            os.closerange(0, 1 << 20)   # (crrestart's status pipe must see its EOF)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() == me:
+                while True:
+                    signal.pause()
+        finally:
+            os._exit(0)
+    _HELPERS.append(child)
+    out: dict[str, int] = {}
+    try:
+        for rest in rests:
+            p = f"/proc/{child}" + (f"/{rest}" if rest else "")
+            try:
+                out[rest] = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise RestoreError("files", f"/proc/{pid}/{rest}: cannot make it again "
+                                   f"({e.strerror})") from None
+    except BaseException:
+        for fd in out.values():
+            os.close(fd)
+        end_dead_procs()
+        raise
+    return out
+
+
+def end_dead_procs() -> None:
+    """Kill and reap the helpers of _dead_proc_fds (every task is set up, or
+    the restore failed)."""
+    while _HELPERS:
+        child = _HELPERS.pop()
+        try:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        except OSError:
+            pass
+
+
+def open_ghosts(files: list[dict], tasks: list[dict]) -> dict[int, int]:
+    """In the initiator, before the tree forks: every removed directory and
+    dead process's /proc entry an fd or a working directory of the tree was
+    on, made again (_ghost_dir, _dead_proc_fds), one per saved inode.  Returns
+    {file id or cwd_key(i): fd} for the tasks to inherit; a task whose working
+    directory is one gets `_cwd_key` (it fchdir()s to it)."""
+    used = {d["file"] for t in tasks for d in t["fds"]}
+    refs: list[tuple[object, dict]] = [(f["id"], f) for f in files if f["id"] in used and (
+        _dead_proc(f) or (f["kind"] == "directory" and f.get("deleted")))]
+    refs += [(cwd_key(i), {"path": t.get("cwd"), **t["cwd_ghost"]})
+             for i, t in enumerate(tasks) if t.get("cwd_ghost")]
+    out: dict[int, int] = {}
+    bases: dict[tuple, int] = {}
+    try:
+        dead: dict[int, set[str]] = {}
+        for _, x in refs:
+            proc = _dead_proc(x)
+            if proc:
+                dead.setdefault(proc["pid"], set()).add(proc["rest"])
+        procs: dict[tuple, int] = {}
+        for pid, rests in sorted(dead.items()):
+            for rest, fd in _dead_proc_fds(pid, sorted(rests)).items():
+                procs[(pid, rest)] = fd
+        for key, x in refs:
+            proc = _dead_proc(x)
+            if proc:
+                base = procs[(proc["pid"], proc["rest"])]
+            else:
+                ident = (x["dev"], x["ino"])
+                if ident not in bases:
+                    bases[ident] = _ghost_dir(x.get("path") or "", x)
+                base = bases[ident]
+            if isinstance(key, int) and key <= GHOST_KEY_BASE:
+                out[key] = os.dup(base)
+            else:
+                flags = (x["flags"] & OPEN_FLAG_MASK) | os.O_CLOEXEC
+                out[key] = os.open(f"/proc/self/fd/{base}", flags)
+                if x.get("pos"):
+                    try:
+                        os.lseek(out[key], x["pos"], os.SEEK_SET)
+                    except OSError:
+                        pass
+        for i, t in enumerate(tasks):
+            if cwd_key(i) in out:
+                t["_cwd_key"] = cwd_key(i)
+        for fd in procs.values():
+            os.close(fd)
+    except BaseException:
+        close_all(out)
+        raise
+    finally:
+        close_all(bases)
+    return out
+
+
+def _mount_fd(f: dict) -> int:
+    """An fd on the file system of entry f (its saved st_dev; not O_PATH:
+    open_by_handle_at refuses those): the
+    nearest directory of its old path still there, else a mount point."""
+    want = f.get("dev")
+    d = os.path.dirname(f["path"].removesuffix(" (deleted)")) or "/"
+    cands = []
+    while True:
+        cands.append(d)
+        if d in ("/", ""):
+            break
+        d = os.path.dirname(d)
+    try:
+        with open("/proc/self/mountinfo") as mi:
+            cands += [line.split()[4] for line in mi if len(line.split()) > 4]
+    except OSError:
+        pass
+    for c in cands:
+        try:
+            fd = os.open(c or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if os.fstat(fd).st_dev == want:
+            return fd
+        os.close(fd)
+    raise ChildError("files", f"{f['path']}: its file system is not mounted here")
+
+
+def open_linked(f: dict, flags: int) -> int:
+    """A file whose opened name was removed while another hard link keeps it
+    (statefile/dump_files.py `linked`): opened again by its file handle, the
+    same inode (open_by_handle_at needs CAP_DAC_READ_SEARCH: root)."""
+    from statefile.dump_files import _FileHandle, _libc
+    h = f.get("linked") or {}
+    if not h.get("handle"):
+        raise ChildError("files", f"{f['path']}: no file handle was saved")
+    raw = bytes.fromhex(h["handle"])
+    fh = _FileHandle(handle_bytes=len(raw), handle_type=h["type"])
+    ctypes.memmove(fh.f_handle, raw, len(raw))
+    mfd = _mount_fd(f)
+    try:
+        fd = _libc.open_by_handle_at(mfd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            why = ("it no longer exists (its last link was removed)" if e == errno.ESTALE
+                   else "reopening it by file handle needs root" if e == errno.EPERM
+                   else os.strerror(e))
+            raise ChildError("files", f"{f['path']} (still linked elsewhere): {why}")
+    finally:
+        os.close(mfd)
+    return fd
+
+
+AT_FDCWD, NR_LSEEK, NR_OPENAT, NR_DUP3, F_SETFD = -100, 8, 257, 292, 2
+
+
+def open_late(inj, task: dict, files: list[dict], scratch: int, pids: dict[int, int]) -> None:
+    """In the restored task, by injection once every task of the tree exists:
+    its fds on /proc/PID/... of processes of the tree, opened for the pid the
+    process has now (`pids`: saved pid -> pid in crrestart's /proc), placed at
+    their numbers with their flags and offsets.  Descriptions shared by two
+    tasks come back as one each (the offset of a /proc file is rarely shared)."""
+    tree = set(pids)
+    done: dict[int, int] = {}
+    for d in sorted(task["fds"], key=lambda d: d["fd"]):
+        f = files[d["file"]]
+        if not tree_proc(f, tree):
+            continue
+        cloexec = os.O_CLOEXEC if d["cloexec"] else 0
+        if d["file"] in done:
+            inj.check(NR_DUP3, done[d["file"]], d["fd"], cloexec)
+            continue
+        proc = f["proc"]
+        path = f"{proc['mount'].rstrip('/')}/{pids[proc['pid']]}" + (
+            f"/{proc['rest']}" if proc["rest"] else "")
+        inj.write(scratch, os.fsencode(path) + b"\0")
+        flags = (f["flags"] & OPEN_FLAG_MASK) | os.O_CLOEXEC
+        try:
+            fd = inj.check(NR_OPENAT, AT_FDCWD, scratch, flags, 0)
+        except OSError as e:
+            raise RestoreError("proc files", f"{f['path']} as {path}: {e}") from None
+        if fd != d["fd"]:
+            inj.check(NR_DUP3, fd, d["fd"], cloexec)
+            inj.check("close", fd)
+        elif not cloexec:
+            inj.check("fcntl", fd, F_SETFD, 0)
+        if f.get("pos"):
+            inj.call(NR_LSEEK, d["fd"], f["pos"], os.SEEK_SET)
+        done[d["file"]] = d["fd"]
+
+
 def _open_file(plan: ChildPlan, f: dict) -> int | None:
     """The restored fd for open file description f, or None to leave it closed."""
     kind = f["kind"]
     flags = f["flags"] & OPEN_FLAG_MASK
     path = f["path"]
     skipped = f.get("skipped")
+    if tree_proc(f, plan.tree_pids):
+        return None     # opened by the restored task once every task exists (open_late)
+    if f.get("nsfs"):
+        # the namespace the restored task is in (its own again, or the one a
+        # restart made for the tree): refused at checkpoint if it was another
+        return os.open(f"/proc/self/ns/{f['nsfs']['name']}", flags)
+    if f.get("linked") is not None:
+        fd = open_linked(f, flags & REG_FLAG_MASK)
+        if f.get("pos"):
+            os.lseek(fd, f["pos"], os.SEEK_SET)
+        return fd
     if skipped == "network" and kind == "socket":
         return _skipped_socket(f)
     if skipped and kind != "regular" and skipped != "notify-events":
@@ -267,7 +571,8 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
                 pass
         return fd
     if kind == "chr":
-        fd = os.open(path, flags)
+        # (a terminal device is our controlling terminal only if it was)
+        fd = os.open(path, flags | (0 if f.get("ctty") else os.O_NOCTTY))
         s = os.fstat(fd)
         if not st.S_ISCHR(s.st_mode) or (f.get("rdev") is not None and s.st_rdev != f["rdev"]):
             raise ChildError("files", f"{path} is not the same character device")
@@ -293,7 +598,7 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
     high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
     need = ({d["file"] for d in task["fds"]} | {e.shared for e in plan.extras
                                                  if e.shared is not None}
-            | {plan.ctty}) & set(inherited)
+            | {plan.ctty, task.get("_cwd_key")}) & set(inherited)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if high + len(need) + 16 > soft:
         try:
@@ -341,6 +646,8 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
                     raise ChildError("mapped files", f"{e.key} was not inherited")
                 os.dup2(mine[e.shared], e.fd, inheritable=False)
         ctty = _dup_above(mine[plan.ctty], high) if plan.ctty in mine else None
+        ghost_cwd = mine.get(task.get("_cwd_key"))
+        ghost_cwd = _dup_above(ghost_cwd, high) if ghost_cwd is not None else None
         for fd in mine.values():
             os.close(fd)
         step = "epoll"
@@ -370,16 +677,20 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
         raise
     except OSError as ex:
         raise ChildError(step, f"{ex.strerror or ex}" + (f" ({ex.filename})" if ex.filename else ""))
-    _own_state(plan, ctty)
+    _own_state(plan, ctty, ghost_cwd)
 
 
-def _own_state(plan: ChildPlan, ctty: int | None) -> None:
+def _own_state(plan: ChildPlan, ctty: int | None, ghost_cwd: int | None = None) -> None:
     """The per-process part of child_setup: cwd, root, umask, session,
     controlling terminal, personality, rlimits."""
     task = plan.task
     step = "cwd"
     try:
-        os.chdir(task.get("cwd") or "/")
+        if ghost_cwd is not None:     # a removed directory made again (open_ghosts)
+            os.fchdir(ghost_cwd)
+            os.close(ghost_cwd)
+        else:
+            os.chdir(task.get("cwd") or "/")
         if task.get("root", "/") not in ("/", ""):
             step = "root"
             os.chroot(task["root"])

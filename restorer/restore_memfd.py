@@ -48,6 +48,8 @@ MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x8, 0x10
 MFD_HUGETLB, MFD_HUGE_SHIFT = 0x4, 26
 LATE_SEALS = F_SEAL_FUTURE_WRITE | F_SEAL_SEAL   # added once every task is mapped
 SETFL_MASK = os.O_APPEND | os.O_NONBLOCK | os.O_DIRECT | os.O_NOATIME | 0o20000  # O_ASYNC
+O_TMPFILE = 0o20000000 | os.O_DIRECTORY
+O_NOATIME = 0o1000000
 SHMEM_ID_BASE = -100000      # synthetic "file ids" of the objects in the inherited fds
 
 
@@ -105,6 +107,14 @@ def check(sf, force_files: bool, warnings: list[str]) -> None:
             raise ValidationError(f"{describe(o)} has no saved content")
 
 
+def _reopen(fd: int, flags: int) -> int:
+    """A new description of object fd, O_NOATIME where we may (owner or root)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC | O_NOATIME)
+    except PermissionError:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
+
+
 class SharedObjects:
     """The objects the initiator made: kept open until every task is mapped
     (then the late seals are added), removed on failure."""
@@ -155,9 +165,10 @@ class SharedObjects:
             mapped = {m["shmem"] for t in self.sf.tasks for m in t["mappings"]
                       if m.get("shmem") is not None}
             for i in sorted(mapped):
-                out[inherited_id(i, True)] = fcntl.fcntl(self.fds[i], fcntl.F_DUPFD_CLOEXEC, 0)
-                out[inherited_id(i, False)] = os.open(f"/proc/self/fd/{self.fds[i]}",
-                                                      os.O_RDONLY | os.O_CLOEXEC)
+                # O_NOATIME: mapping a file updates its atime (file_accessed),
+                # which the restart must leave as it was saved
+                out[inherited_id(i, True)] = _reopen(self.fds[i], os.O_RDWR)
+                out[inherited_id(i, False)] = _reopen(self.fds[i], os.O_RDONLY)
         except BaseException:
             close_all(out)
             raise
@@ -175,25 +186,27 @@ class SharedObjects:
         elif kind == "memfd":
             fd = self._memfd(o)
         elif kind == "deleted":
-            fd = self._deleted_file(o["path"], mode)
+            fd = self._deleted_file(o["path"], mode, o.get("tmpfile", False))
         else:
             journal_path(o["path"])
             fd = os.open(o["path"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             self.created.append(o["path"])
         try:
+            if os.geteuid() == 0 and "uid" in o:
+                os.fchown(fd, o["uid"], o["gid"])   # (before the mode: it clears set-id bits)
             if os.fstat(fd).st_mode & 0o7777 != mode:
                 try:
                     os.fchmod(fd, mode)
                 except OSError:
                     if kind != "memfd":
                         raise       # (a noexec memfd refuses exec bits: it was one)
-            if os.geteuid() == 0 and "uid" in o:
-                os.fchown(fd, o["uid"], o["gid"])
             os.ftruncate(fd, o.get("size", 0))
             if "blob" in o and o.get("hugetlb"):
                 self._map_content(fd, o, self.sf.segment(o["blob"]), rd)
             elif "blob" in o:
                 self._write_content(fd, self.sf.segment(o["blob"]), rd)
+            if "mtime_ns" in o:     # a deleted file's times, after its content
+                os.utime(fd, ns=(o.get("atime_ns", o["mtime_ns"]), o["mtime_ns"]))
             early = o.get("seals", 0) & ~LATE_SEALS & ~self._seals(fd)
             if kind == "memfd" and early:
                 fcntl.fcntl(fd, F_ADD_SEALS, early)
@@ -252,10 +265,19 @@ class SharedObjects:
             m.close()
 
     @staticmethod
-    def _deleted_file(path: str, mode: int) -> int:
-        """A new unlinked file beside where the deleted one was (else in /tmp)."""
+    def _deleted_file(path: str, mode: int, tmpfile: bool = False) -> int:
+        """A new unlinked file where the deleted one was: an O_TMPFILE file in
+        its directory (never named; linkable with linkat only if the old one
+        was an O_TMPFILE file too), else a scratch name beside it or in /tmp,
+        unlinked at once."""
         base = os.path.basename(path)
-        for where in (os.path.dirname(path) or "/", "/tmp"):
+        where = os.path.dirname(path) or "/"
+        try:
+            return os.open(where, O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+                           | (0 if tmpfile else os.O_EXCL), mode)
+        except OSError:
+            pass    # no such directory now, or a file system without O_TMPFILE
+        for where in (where, "/tmp"):
             cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
             journal_path(cand)
             try:

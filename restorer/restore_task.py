@@ -23,6 +23,7 @@ from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERES
                      PR_SET_CHILD_SUBREAPER, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS,
                      PR_SET_PDEATHSIG, PROT_READ, PROT_WRITE, RSEQ_FLAG_UNREGISTER, THREAD_FLAGS,
                      TIMER_ABSTIME, clone_args, prctl_mm_map)
+from .restore_files import open_late
 from .restore_memory import Memory, parse_maps
 
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -175,6 +176,8 @@ class TaskRestorer:
         t = self._t("memory", t)
         self.step = "mm (PR_SET_MM_MAP)"
         self._set_mm(inj)
+        self.step = "proc files"
+        open_late(inj, task, self.sf.files, self.scratch, getattr(self, "pids", {}))
         self.step = "xstate permissions"
         self._amx(inj)
         self.step = "signals"

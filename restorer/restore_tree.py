@@ -44,7 +44,7 @@ from .errors import RestoreError, ValidationError
 from .guard import journal_path
 from .kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all,
                      fork_with_pid, pidfd_open, prctl)
-from .restore_files import ChildError, ChildPlan, _open_file, child_setup
+from .restore_files import ChildError, ChildPlan, _open_file, child_setup, open_ghosts
 from .restore_memory import premap_in_python
 from .restore_sockets import open_named
 from .restore_tty import open_ptys
@@ -282,7 +282,7 @@ def _make_pipe(group: list[dict], data: bytes, size: int) -> dict[int, int]:
 def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -> dict[int, int]:
     path = group[0]["path"]
     if path.endswith(" (deleted)"):
-        raise RestoreError("fifos", f"FIFO {path} was deleted; not restored by this version")
+        return _open_deleted_fifo(group, data, size, warnings)
     if not os.path.exists(path):
         journal_path(path)
         os.mkfifo(path, group[0].get("mode", 0o600) & 0o7777)
@@ -321,6 +321,31 @@ def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -
     return out
 
 
+def _open_deleted_fifo(group: list[dict], data: bytes, size: int,
+                       warnings: list[str]) -> dict[int, int]:
+    """A FIFO removed while open: a new one at a scratch name beside where it
+    was (else in /tmp), with the saved mode and owner, opened for every saved
+    description like a named one, its name removed at once."""
+    path = group[0]["path"].removesuffix(" (deleted)")
+    f0 = group[0]
+    base = os.path.basename(path)
+    for where in (os.path.dirname(path) or "/", "/tmp"):
+        cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
+        journal_path(cand)
+        try:
+            os.mkfifo(cand, 0o600)
+        except OSError:
+            continue
+        try:
+            if os.geteuid() == 0 and "uid" in f0:
+                os.chown(cand, f0["uid"], f0["gid"])
+            os.chmod(cand, f0.get("mode", 0o600) & 0o7777)
+            return _open_fifo([dict(f, path=cand) for f in group], data, size, warnings)
+        finally:
+            os.unlink(cand)
+    raise RestoreError("fifos", f"cannot recreate deleted FIFO {path}: no writable directory")
+
+
 def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
                 warnings: list[str]) -> dict[int, int]:
     """Create, in the initiator, every open file description the tasks will
@@ -333,6 +358,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
     out: dict[int, int] = {}
     try:
         out.update(open_ptys(files, tasks, warnings))   # pseudo-terminal pairs (restore_tty)
+        out.update(open_ghosts(files, tasks))   # removed directories, dead /proc (restore_files)
         for fid, num in stdio_passthrough(tasks, files).items():
             # a pipe to a process outside the tree at stdin/stdout/stderr:
             # crrestart's own (dump_pipes.stdio_passthrough)

@@ -116,10 +116,16 @@ def _make_pair(p: dict, ctty: bool, warnings: list[str]) -> dict[int, int]:
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", *info["winsize"]))
         if info.get("packet"):
             fcntl.ioctl(master, TIOCPKT, struct.pack("i", 1))
+        owned = False
         for f in p["slaves"]:
             fd = _open_slave(master, f["flags"])
             _setfl(fd, f["flags"])
             out[f["id"]] = fd
+            if not owned and "uid" in f:     # the slave's owner and mode (fchown on it)
+                owned = True
+                if os.geteuid() == 0:
+                    os.fchown(fd, f["uid"], f["gid"])
+                os.fchmod(fd, f.get("mode", 0o620) & 0o7777)
         if ctty:
             out[ctty_key(info["index"])] = _open_slave(master, os.O_RDWR)
         if not p["slaves"] and not ctty and info.get("slave_closed"):

@@ -13,6 +13,7 @@ from statefile.integrity import DamagedError, SegmentReader
 
 from . import restore_ipc, restore_memfd, restore_ns
 from .errors import RestoreError, ValidationError
+from .restore_files import ChildError, open_linked, tree_proc
 from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
 
@@ -152,11 +153,20 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
     # open files
     used = {d["file"]: d["fd"] for d in task["fds"]}
     for f in sf.files:
-        if f["id"] not in used or f["id"] in seen or f.get("shmem") is not None:
-            continue    # (memfds and shared file objects: restore_memfd.check)
+        if f["id"] not in used or f["id"] in seen:
+            continue
         seen.add(f["id"])
+        if f.get("shmem") is not None:      # (memfds, deleted and shared file
+            if f.get("skipped"):            # objects: restore_memfd.check)
+                warnings.append(_skip_note(used[f["id"]], f))
+            continue
         kind = f["kind"]
         skipped = f.get("skipped")
+        p = _special_file_problem(f, {t["pid"] for t in sf.tasks}, force_files, warnings)
+        if p is not None:
+            if p:
+                raise ValidationError(p)
+            continue
         if skipped:
             warnings.append(_skip_note(used[f["id"]], f))
             if kind != "regular":
@@ -181,7 +191,7 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
         elif kind == "fifo" and os.path.exists(f["path"]) and \
                 not stat.S_ISFIFO(os.stat(f["path"]).st_mode):
             raise ValidationError(f"{f['path']} is no longer a FIFO")
-    if task.get("cwd") and not os.path.isdir(task["cwd"]):
+    if task.get("cwd") and not task.get("cwd_ghost") and not os.path.isdir(task["cwd"]):
         raise ValidationError(f"working directory {task['cwd']} no longer exists")
     if task.get("posix_timers"):
         raise ValidationError(f"the process had {task['posix_timers']} POSIX timer(s) "
@@ -196,6 +206,36 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
         if m.get("skipped") == "scratch":
             warnings.append(f"scratch memory {m['start']:#x}-{m['end']:#x} was left out by "
                             "policy: restored as zeros")
+
+
+def _special_file_problem(f: dict, pids: set[int], force_files: bool,
+                          warnings: list[str]) -> str | None:
+    """Files a restart makes or finds other than by their path (restore_files):
+    None if f is none of them, "" if it can be restored, else why not."""
+    if f.get("proc") and (f["proc"].get("dead") or tree_proc(f, pids)):
+        return ""      # a dead process's /proc entry, or one of the tree's (opened late)
+    if f["kind"] == "directory" and f.get("deleted"):
+        return ""      # a removed directory, made again (open_ghosts)
+    if f.get("nsfs"):
+        if not f["nsfs"].get("name"):
+            return f"{f['path']} is a namespace the process was not in; not restored"
+        return ""
+    if f.get("linked") is not None:
+        try:
+            fd = open_linked(f, os.O_PATH)
+        except ChildError as e:
+            return str(e).partition(": ")[2] or str(e)
+        try:
+            s = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (s.st_size, s.st_mtime_ns) != (f.get("size"), f.get("mtime_ns")):
+            p = f"file {f['path']} (still linked elsewhere) was modified since the checkpoint"
+            if not force_files:
+                return p + " (--force-files restores anyway)"
+            warnings.append(p)
+        return ""
+    return None
 
 
 def _skip_note(fd: int, f: dict) -> str:

@@ -45,9 +45,11 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
             fd = int(f.where.rsplit(" ", 1)[1])
             entry = files.files[next(d["file"] for d in task["fds"] if d["fd"] == fd)]
             entry["skipped"] = f.policy
-            if f.key == "fd:deleted" and "blob" in entry:
-                blob = files.blobs[entry["blob"]]
-                blob.store, blob.runs = False, []
+            if f.key == "fd:deleted":   # (its content is its object's: dump_memfd.py)
+                holder = entry if entry.get("shmem") is None else files.shmem[entry["shmem"]]
+                if "blob" in holder:
+                    blob = files.blobs[holder["blob"]]
+                    blob.store, blob.runs = False, []
     if "scratch" in policy.skip:
         for task, plans in zip(tasks, plans_by_task):
             for m in task["mappings"]:

@@ -10,7 +10,9 @@ blob segment.  Restored by restorer/restore_files.py.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import socket
 import stat as st
 
@@ -20,6 +22,94 @@ from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
 TTY_MAJORS = {4, 5} | set(range(136, 144))
+PROC_SUPER_MAGIC = 0x9FA0
+NS_LINK = re.compile(r"^(\w+):\[(\d+)\]$")     # an nsfs file: "net:[4026531833]"
+DELETED = " (deleted)"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def fs_magic(path: str) -> int:
+    """statfs(path).f_type (0 if it cannot be told)."""
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return 0
+    return buf.f_type & 0xFFFFFFFF
+
+
+def _proc_mounts(pid: int) -> list[str]:
+    """Mount points of procfs as task pid sees them, longest first."""
+    out = []
+    try:
+        for line in procfs.read(f"/proc/{pid}/mountinfo").splitlines():
+            fields = line.split()
+            if " - " in line and line.split(" - ", 1)[1].split()[0] == "proc":
+                out.append(fields[4])
+    except OSError:
+        pass
+    return sorted(out, key=len, reverse=True)
+
+
+def proc_ref(pid: int, link: str, how: str) -> dict | None:
+    """A file or directory on procfs (`how`: /proc/PID/fd/N or /proc/PID/cwd)
+    under a pid's directory: {"mount", "pid", "rest", "dead"}.  A restart opens
+    it again for the restored process of that pid (restorer/restore_files.py),
+    or, for a process that had exited ("dead": the link ends in " (deleted)"),
+    from a short-lived helper process."""
+    if not link.startswith("/") or fs_magic(how) != PROC_SUPER_MAGIC:
+        return None
+    dead = link.endswith(DELETED)
+    path = link[:-len(DELETED)] if dead else link
+    for mnt in _proc_mounts(pid):
+        if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
+            rest = path[len(mnt.rstrip("/")):].lstrip("/")
+            first, _, tail = rest.partition("/")
+            if first.isdigit():
+                return {"mount": mnt, "pid": int(first), "rest": tail, "dead": dead}
+            return None
+    return None
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+def file_handle(path: str) -> dict | None:
+    """name_to_handle_at of what path leads to: {"type", "handle" (hex),
+    "mount_id"}, or None when the file system cannot give one."""
+    fh = _FileHandle(handle_bytes=128)
+    mnt = ctypes.c_int()
+    if _libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), ctypes.byref(fh),
+                               ctypes.byref(mnt), AT_SYMLINK_FOLLOW) != 0:
+        return None
+    return {"type": fh.handle_type, "handle": bytes(fh.f_handle[:fh.handle_bytes]).hex(),
+            "mount_id": mnt.value}
+
+
+def ns_link(pid: int, link: str) -> dict | None:
+    """An fd on a namespace (nsfs): its kind, inode and which of the task's own
+    /proc/PID/ns/* it is ("name"; None: a namespace the task is not in)."""
+    m = NS_LINK.match(link)
+    if not m:
+        return None
+    name = None
+    try:
+        for n in sorted(os.listdir(f"/proc/{pid}/ns")):
+            try:
+                if os.readlink(f"/proc/{pid}/ns/{n}") == link:
+                    name = n if name is None or n == m.group(1) else name
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return {"type": m.group(1), "ino": int(m.group(2)), "name": name}
 
 
 def _kind(target: str, mode: int, rdev: int) -> str:
@@ -173,6 +263,7 @@ class FileTable:
                     "pos": int(info.get("pos", "0")), "mode": s.st_mode,
                     "dev": s.st_dev, "ino": s.st_ino, "rdev": s.st_rdev,
                     "size": s.st_size, "mtime_ns": s.st_mtime_ns, "nlink": s.st_nlink,
+                    "atime_ns": s.st_atime_ns, "uid": s.st_uid, "gid": s.st_gid,
                     "deleted": deleted, "mnt_id": int(info.get("mnt_id", "0")),
                     "owner_pid": pid, "owner_fd": fd,
                 }
@@ -202,16 +293,47 @@ class FileTable:
                         pid, fd, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines())
                 if kind == "anon:bpf-map":
                     entry["bpf"] = dump_bpf.parse(pid, fd, info)
-                if kind == "regular" and deleted and not target.startswith("/memfd:") \
-                        and not dump_locks.open_breaks_lease(entry):
-                    # (a memfd's content is saved once per object: dump_memfd.py)
-                    self.add_blob(entry, f"content of deleted file {entry['path']}")
+                # (the content of a deleted file or memfd is saved once per
+                # object, for every fd and mapping of it: dump_memfd.py)
+                if kind in ("regular", "directory"):
+                    proc = proc_ref(pid, target, f"/proc/{pid}/fd/{fd}")
+                    if proc is not None:
+                        entry["proc"] = proc
+                if kind == "regular" and "proc" not in entry:
+                    ns = ns_link(pid, target)
+                    if ns is not None:
+                        entry["nsfs"] = ns
+                    elif target.endswith(DELETED) and not deleted and s.st_nlink > 0:
+                        # its name was removed, other hard links keep it: opened
+                        # again through a file handle (same inode)
+                        # (open_by_handle_at needs root: none saved otherwise)
+                        entry["linked"] = (file_handle(f"/proc/{pid}/fd/{fd}")
+                                           if os.geteuid() == 0 else None) or {}
                 self.files.append(entry)
                 self._by_ident[ident].insert(self._insert_at, fid)
             else:
                 dump_locks.add_fd(self, posix, self.files[fid], fid, pid, fd, info, False)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
         return fds
+
+    def dump_cwd(self, task: dict) -> None:
+        """A working directory that was removed (rmdir), or that is the /proc
+        directory of a process that exited: `cwd_ghost`, what a restart needs
+        to make one again (restorer/restore_files.py)."""
+        pid, link = task["pid"], task.get("cwd") or ""
+        if not link.endswith(DELETED):
+            return
+        try:
+            s = os.stat(f"/proc/{pid}/cwd")
+        except OSError:
+            return
+        g = {"path": link, "dev": s.st_dev, "ino": s.st_ino, "mode": s.st_mode,
+             "uid": s.st_uid,
+             "gid": s.st_gid, "atime_ns": s.st_atime_ns, "mtime_ns": s.st_mtime_ns}
+        proc = proc_ref(pid, link, f"/proc/{pid}/cwd")
+        if proc is not None:
+            g["proc"] = proc
+        task["cwd_ghost"] = g
 
     def add_blob(self, entry: dict, what: str) -> None:
         """Keep the content of an open file (sparse, by SEEK_DATA) in a blob segment."""

@@ -22,6 +22,7 @@ import fcntl
 import os
 
 from . import procfs
+from .dump_locks import open_breaks_lease
 from .dump_memory import SegmentPlan
 
 F_GET_SEALS = 1034
@@ -126,6 +127,12 @@ def collect(tasks: list[dict], files, dump_tmpfs: bool = False) -> list[dict]:
         key = _file_key(f)
         if is_memfd_path(f["path"]) and f.get("deleted"):
             o = obj(key, "memfd", f["path"])
+        elif f.get("deleted") and "proc" not in f and not open_breaks_lease(f):
+            # (under a lease an open would break: not read, refused as
+            # fd:lease-deleted)
+            # a deleted-but-open file: one object for all its open file
+            # descriptions (same inode again) and private mappings
+            o = obj(key, "deleted", f["path"])
         elif key in objs:
             o = objs[key]       # a deleted or tmpfs file that is also mapped shared
         else:
@@ -136,6 +143,15 @@ def collect(tasks: list[dict], files, dump_tmpfs: bool = False) -> list[dict]:
         # an fd is the better source: /proc/PID/fd/N opens without root
         sources[key].insert(0, (f["owner_pid"], f"/proc/{f['owner_pid']}/fd/{f['owner_fd']}"))
 
+    # A private mapping of a deleted file one of the fds above holds: mapped
+    # from the object again, so writes through the fd show in its pages not
+    # copied-on-write (its own copied pages are written on top).
+    for t in tasks:
+        for m in t["mappings"]:
+            if m["kind"] == "file-private" and m.get("deleted") and m.get("shmem") is None:
+                key = _map_key(m)
+                if key in objs and objs[key]["kind"] == "deleted":
+                    m["shmem"] = objs[key]["id"]
     out = sorted(objs.values(), key=lambda o: o["id"])
     for key, o in objs.items():
         _describe(o, sources[key], files)
@@ -160,6 +176,11 @@ def _describe(o: dict, sources: list[tuple[int, str]], files) -> None:
     try:
         s = os.fstat(fd)
         o.update(size=s.st_size, mode=s.st_mode & 0o7777, uid=s.st_uid, gid=s.st_gid)
+        if o["kind"] == "deleted":   # put back on the new file (content first)
+            o.update(atime_ns=s.st_atime_ns, mtime_ns=s.st_mtime_ns)
+            base = os.path.basename(o["path"])
+            if base == f"#{o['ino']}":
+                o["tmpfile"] = True      # made by O_TMPFILE, never named
         if s.st_blksize > os.sysconf("SC_PAGE_SIZE") or o.get("hugetlb"):
             # on hugetlbfs (MFD_HUGETLB, MAP_HUGETLB shared memory, a
             # hugetlbfs file): recreated as a hugetlb memfd of that page size
@@ -179,7 +200,7 @@ def _describe(o: dict, sources: list[tuple[int, str]], files) -> None:
     finally:
         os.close(fd)
     what = {"memfd": f"content of memfd {o.get('name')}",
-            "deleted": f"content of deleted shared file {o.get('path')}",
+            "deleted": f"content of deleted file {o.get('path')}",
             "tmpfs": f"content of tmpfs file {o.get('path')}"}[o["kind"]]
     o["blob"] = len(files.blobs)
     files.blobs.append(SegmentPlan(pid, 0, o["size"], "r--p", True, runs, src="file",

@@ -152,6 +152,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
     for th in task["threads"]:
         th["deferred_signals"] = list(ft.threads[th["tid"]].deferred)
     task["fds"] = file_table.dump_fds(pid)
+    file_table.dump_cwd(task)      # a removed working directory (dump_files.py)
     if file_table.task_locks.get(pid):
         task["locks"] = file_table.task_locks[pid]   # POSIX locks (dump_locks.py)
     return task, list(regs.values())

@@ -117,7 +117,15 @@ def add(entry: dict, pid: int, fd: int) -> None:
         index = ctty_index(procfs.stat(pid)["tty_nr"])
         alias = "/dev/tty"
     if entry["kind"] != "pty-master" and index is None:
-        return        # another terminal (a console, a serial line): stays `tty`
+        # another terminal (a console, a virtual console, a serial line): a
+        # device node reopened at its path (kind `chr`, `tty_device`: the same
+        # device number again); `ctty` when it was the task's controlling
+        # terminal (a session leader takes it again by opening it)
+        if (major, minor) != DEV_TTY:
+            entry["kind"] = "chr"
+            entry["tty_device"] = True
+            entry["ctty"] = tty_nr_dev(procfs.stat(pid)["tty_nr"]) == (major, minor)
+        return
     try:
         dup = pt.dup_fd_of(pid, fd)
     except OSError as e:
@@ -154,6 +162,17 @@ def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
     checkpoint time (each decision is kept in the entry: `tty_check`), so a
     restart never looks at today's processes."""
     used = {d["file"] for t in tasks for d in t["fds"]}
+    # A console or serial line that is the controlling terminal of a session
+    # whose leader is outside the tree (a shell job on it): crrestart's own
+    # terminal stands in for it, as for a pty slave; reopened at its path only
+    # when the session is the tree's own, or it was nobody's terminal here.
+    leaders = {t["pid"] for t in tasks if t.get("sid") == t["pid"]}
+    for t in tasks:
+        for d in t["fds"]:
+            f = files[d["file"]]
+            if f.get("tty_device") and f.get("ctty") and t.get("sid") not in leaders:
+                f["kind"] = "tty"
+                del f["tty_device"], f["ctty"]
     ttys = [f for f in files if f["id"] in used
             and f["kind"] in ("tty", "pty-master", "pty-slave")]
     if ttys and all("tty_check" in f for f in ttys):

@@ -107,7 +107,9 @@ def describe(sf, seg: dict, lo: int, hi: int) -> str:
         for o in sf.shmem:
             if o.get("blob") == phdr:
                 name = o.get("name") if o.get("kind") == "memfd" else o.get("path")
-                what = f"the content of {o.get('kind')} {name}"
+                kind = {"deleted": "deleted file", "tmpfs": "tmpfs file"}.get(
+                    o.get("kind"), o.get("kind"))
+                what = f"the content of {kind} {name}"
                 break
     return f"{what} (bytes {lo:#x}-{hi:#x})"
 

@@ -92,9 +92,37 @@ TABLE: tuple[Resource, ...] = (
              "back untraced)"),
     # --- file descriptors ----------------------------------------------------
     Resource("fd:regular", "regular file (path, flags, offset)", SUPPORTED),
-    Resource("fd:deleted", "deleted-but-open regular file (content saved)", SUPPORTED,
+    Resource("fd:deleted", "deleted-but-open regular file (content, size, owner, mode and "
+             "times saved; one inode again for every fd and private mapping of it, in every "
+             "task)", SUPPORTED,
              "policy 'file-contents' leaves the content out (restored as zeros)",
              "file-contents"),
+    Resource("fd:deleted-linked", "regular file whose opened name was removed while another "
+             "hard link keeps it (reopened by its file handle: the same inode; restarting needs "
+             "root)", SUPPORTED),
+    Resource("fd:deleted-lost", "regular file whose opened name was removed while another "
+             "hard link keeps it, where no file handle can be had (a file system without "
+             "them, or crcheckpoint not root)", UNSUPPORTED,
+             "a restart could neither find the file again nor make a copy that stays the "
+             "same file as its other links; checkpoint as root, or keep a name for it"),
+    Resource("fd:deleted-dir", "removed directory still open, or a removed working "
+             "directory (made again at its old path when that is free, with its mode, owner "
+             "and times, then removed: nlink 0 as it was)", SUPPORTED),
+    Resource("fd:fifo-deleted", "FIFO removed while open (made again at a scratch name, "
+             "opened for every description with its bytes in flight, the name removed)",
+             SUPPORTED),
+    Resource("fd:proc-tree", "/proc/PID file or directory of a process of the tree (opened "
+             "again for the restored process, by its new pid, once every task exists)",
+             SUPPORTED),
+    Resource("fd:proc-dead", "/proc/PID directory (or working directory) of a process that "
+             "had exited (made again from a short-lived helper process)", SUPPORTED),
+    Resource("fd:nsfs", "namespace file of a namespace the task is in (/proc/PID/ns/*; "
+             "reopened in the restored task's namespace of that kind)", SUPPORTED),
+    Resource("fd:nsfs-other", "namespace file of a namespace the task is not in", UNSUPPORTED,
+             f"namespace files of other namespaces are {_NOT_YET}"),
+    Resource("fd:tty-device", "terminal device node other than a pseudo-terminal (console, "
+             "virtual console, serial line; reopened at its path, the same device number, "
+             "taken again as controlling terminal if it was one)", SUPPORTED),
     Resource("fd:memfd", "memfd (name, size, content, seals, offset and flags; one object "
              "again for every fd and mapping of it, in every task)", SUPPORTED),
     Resource("fd:directory", "directory", SUPPORTED),
@@ -353,6 +381,18 @@ def _unreproducible_sender(info: dict, held: list[dict]) -> bool:
 
 def fd_key(f: dict) -> str:
     kind = f["kind"]
+    if f.get("proc") and kind in ("regular", "directory"):
+        if f["proc"].get("dead"):
+            return "fd:proc-dead"
+        # (a /proc file of a process outside the tree: by its path, as any file)
+    if f.get("nsfs"):
+        return "fd:nsfs" if f["nsfs"].get("name") else "fd:nsfs-other"
+    if f.get("linked") is not None:
+        return "fd:deleted-linked" if f["linked"].get("handle") else "fd:deleted-lost"
+    if kind == "directory" and f.get("deleted"):
+        return "fd:deleted-dir"
+    if kind == "fifo" and f.get("deleted"):
+        return "fd:fifo-deleted"
     if kind == "regular":
         if f.get("deleted") and f["path"].startswith("/memfd:"):
             return "fd:memfd"
@@ -364,6 +404,8 @@ def fd_key(f: dict) -> str:
     if kind in ("pty-master", "pty-slave"):
         return "fd:pty"
     if kind in ("chr", "blk"):
+        if f.get("tty_device") and kind == "chr":
+            return "fd:tty-device"
         return "fd:dev" if f["path"] in DEV_FILES else "fd:chr"
     if kind in ("pipe", "fifo"):
         return f"fd:{kind}"
@@ -523,6 +565,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     from .dump_cgroup import differences
     for pid, tid, what in differences(tasks):
         add("task:cgroup", pid, f"pid {pid}" + (f" thread {tid}" if tid != pid else ""), what)
+    tree_pids = {t["pid"] for t in tasks}
     for t in tasks:
         pid = t["pid"]
         add("task:process", pid, f"pid {pid}", f"{t['comm']} ({len(t['threads'])} threads)")
@@ -547,6 +590,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             f = files[fd["file"]]
             where, detail = f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})"
             key = fd_key(f)
+            if f.get("proc") and not f["proc"].get("dead") and f["proc"]["pid"] in tree_pids \
+                    and f["kind"] in ("regular", "directory"):
+                key = "fd:proc-tree"
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
             if key == "fd:fanotify" and fanotify_problem(f.get("anon") or {}):

@@ -219,12 +219,11 @@ def test_damaged_blobs_are_never_used(procs, tmp_path):
     sf = reader.load(str(cr))
     blobs = {}
     for f in sf.files:
-        if "blob" in f:
-            key = "pipe" if f["kind"] == "pipe" else "deleted"
-            blobs[key] = sf.segment(f["blob"])
-    for o in sf.shmem:
-        if "blob" in o:
-            blobs["memfd"] = sf.segment(o["blob"])
+        if "blob" in f and f["kind"] == "pipe":
+            blobs["pipe"] = sf.segment(f["blob"])
+    for o in sf.shmem:      # (a deleted file's content is its object's: dump_memfd.py)
+        if "blob" in o and (o["kind"] == "memfd" or o.get("path", "").endswith("gone.txt")):
+            blobs["memfd" if o["kind"] == "memfd" else "deleted"] = sf.segment(o["blob"])
     assert set(blobs) == {"deleted", "pipe", "memfd"}, blobs
     names = {"deleted": "the content of deleted file ", "pipe": "the bytes in flight of pipe ",
              "memfd": "the content of memfd crelf blob"}
