@@ -171,6 +171,8 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
             warnings.append(_skip_note(used[f["id"]], f))
             if kind != "regular":
                 continue
+        if kind == "regular" and f.get("deleted") and f["path"].startswith("/dev/zero"):
+            continue      # a shared anonymous object a task maps (restore_ipc.object_fds)
         if kind == "regular" and f.get("deleted"):
             if "blob" not in f and f.get("size"):
                 raise ValidationError(f"deleted file {f['path']} has no saved content")

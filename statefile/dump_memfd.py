@@ -121,13 +121,18 @@ def collect(tasks: list[dict], files, dump_tmpfs: bool = False) -> list[dict]:
             if "ht" in m.get("vmflags", []):
                 o["hugetlb"] = True      # (its page size: _describe)
             sources[key].append((pid, f"/proc/{pid}/map_files/{m['start']:x}-{m['end']:x}"))
+    anon_objects = {_map_key(m) for t in tasks for m in t["mappings"]
+                    if m["kind"] in ("anon-shared", "shmem-private")}
     for f in files.files:
         if f["kind"] != "regular":
             continue
         key = _file_key(f)
         if is_memfd_path(f["path"]) and f.get("deleted"):
             o = obj(key, "memfd", f["path"])
-        elif f.get("deleted") and "proc" not in f and not open_breaks_lease(f):
+        elif f.get("deleted") and "proc" not in f and not open_breaks_lease(f) \
+                and key not in anon_objects:
+            # (an fd on a shared anonymous object a task maps, "/dev/zero
+            # (deleted)" through map_files, is restore_ipc's: one memfd)
             # (under a lease an open would break: not read, refused as
             # fd:lease-deleted)
             # a deleted-but-open file: one object for all its open file
