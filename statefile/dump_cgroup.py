@@ -34,6 +34,8 @@ def differences(tasks: list[dict]) -> list[tuple[int, int, str]]:
     out = []
     for t in tasks:
         for th in t["threads"]:
+            if not isinstance(th, dict):      # (crcheck's tasks list bare tids)
+                th = {"tid": th}
             if "cgroups" not in th:
                 try:
                     th["cgroups"] = membership(t["pid"], th["tid"])

@@ -5,10 +5,12 @@ How it works
 A classic-BPF seccomp filter is installed in the launched program between
 fork and exec.  It returns ``SECCOMP_RET_ALLOW`` for almost every syscall and
 ``SECCOMP_RET_USER_NOTIF`` only for the few that create state crelf cannot
-save (the ``WATCHED`` table below: io_uring_setup, perf_event_open, bpf,
-userfaultfd, fanotify_init, ptrace attach/seize/traceme, socket of a family
-other than unix/inet/inet6/netlink).  Argument checks (socket family, ptrace
-request) are done in the filter, so allowed calls never reach userspace.  The
+save (the ``WATCHED`` table below: io_uring_setup, perf_event_open, bpf
+loading a program, BTF or a link, userfaultfd, fanotify_init of a permission
+class, ptrace attach/seize/traceme, socket of a family other than
+unix/inet/inet6/netlink).  Argument checks (socket family, ptrace request,
+bpf command, fanotify class) are done in the filter, so allowed calls never
+reach userspace.  The
 filter is inherited by every thread and descendant, so the whole tree is
 watched.  The kernel's seccomp action cache (5.11+) recognises the syscalls
 whose verdict is always ALLOW and skips the filter for them entirely, which
@@ -160,7 +162,8 @@ class Watch:
     name: str
     resource: str
     strict_errno: int
-    check: str = ""  # "" (always), "socket" (family), "ptrace" (request), "socketcall"
+    check: str = ""  # "" (always), "socket" (family), "ptrace" (request), "socketcall",
+    #                  "fanotify" (a permission class only)
 
     @property
     def row(self) -> support.Resource:
@@ -173,9 +176,14 @@ class Watch:
 
 _IO_URING = Watch("io_uring_setup", "fd:io_uring", errno.ENOSYS)  # liburing falls back
 _PERF = Watch("perf_event_open", "fd:perf_event", errno.EPERM)
-_BPF = Watch("bpf", "fd:bpf", errno.EPERM)
+_BPF = Watch("bpf", "fd:bpf", errno.EPERM, "bpf")
+# bpf() commands that make what a checkpoint refuses: a program, a raw
+# tracepoint, BTF, a link (maps are checked at checkpoint: most are saved)
+BPF_REFUSED_CMDS = {5: "BPF_PROG_LOAD", 17: "BPF_RAW_TRACEPOINT_OPEN", 18: "BPF_BTF_LOAD",
+                    28: "BPF_LINK_CREATE"}
 _UFFD = Watch("userfaultfd", "fd:userfaultfd", errno.EPERM)
-_FANOTIFY = Watch("fanotify_init", "fd:fanotify", errno.EPERM)
+_FANOTIFY = Watch("fanotify_init", "fd:fanotify-other", errno.EPERM, "fanotify")
+FAN_CLASS_PERMISSION = 0x0C    # FAN_CLASS_CONTENT | FAN_CLASS_PRE_CONTENT
 _PTRACE = Watch("ptrace", "task:ptrace", errno.EPERM, "ptrace")
 _SOCKET = Watch("socket", "fd:socket:other", errno.EAFNOSUPPORT, "socket")
 _SOCKETCALL = Watch("socketcall", "fd:socket:other", errno.EAFNOSUPPORT, "socketcall")
@@ -193,6 +201,7 @@ WATCHED: dict[int, dict[int, Watch]] = {
 BPF_LD_W_ABS = 0x20      # BPF_LD | BPF_W | BPF_ABS
 BPF_JEQ_K = 0x15         # BPF_JMP | BPF_JEQ | BPF_K
 BPF_JGE_K = 0x35         # BPF_JMP | BPF_JGE | BPF_K
+BPF_JSET_K = 0x45        # BPF_JMP | BPF_JSET | BPF_K
 BPF_RET_K = 0x06         # BPF_RET | BPF_K
 
 
@@ -214,6 +223,9 @@ class _Asm:
 
     def jge(self, k: int, jt, jf=None) -> None:
         self.code.append((BPF_JGE_K, jt, jf, k))
+
+    def jset(self, k: int, jt, jf=None) -> None:
+        self.code.append((BPF_JSET_K, jt, jf, k))
 
     def ret(self, k: int) -> None:
         self.code.append((BPF_RET_K, None, None, k))
@@ -276,6 +288,14 @@ def build_filter() -> list[tuple[int, int, int, int]]:
             elif w.check == "socketcall":        # socketcall(int call, ulong *args)
                 a.ld(OFF_ARG_LO(0))
                 a.jeq(SYS_SOCKET, "notify", "allow")
+            elif w.check == "bpf":               # bpf(int cmd, ...)
+                a.ld(OFF_ARG_LO(0))
+                for cmd in BPF_REFUSED_CMDS:
+                    a.jeq(cmd, "notify")
+                a.ret(SECCOMP_RET_ALLOW)
+            elif w.check == "fanotify":          # fanotify_init(unsigned flags, ...)
+                a.ld(OFF_ARG_LO(0))
+                a.jset(FAN_CLASS_PERMISSION, "notify", "allow")
     a.label("notify")
     a.ret(SECCOMP_RET_USER_NOTIF)
     a.label("allow")
@@ -482,6 +502,10 @@ class Monitor:
             name = _PTRACE_NAMES.get(req, str(req))
             return f"ptrace({name})" if req == PTRACE_TRACEME else \
                 f"ptrace({name}, {args[1] & 0xFFFFFFFF})"
+        if w.check == "bpf":
+            return f"bpf({BPF_REFUSED_CMDS.get(args[0] & 0xFFFFFFFF, args[0] & 0xFFFFFFFF)})"
+        if w.check == "fanotify":
+            return f"fanotify_init({args[0] & 0xFFFFFFFF:#x}: a permission class)"
         if w.check == "socketcall":
             fam = self._read_u32(n, args[1])
             if fam is None or fam in ALLOWED_FAMILIES:
