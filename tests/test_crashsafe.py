@@ -393,13 +393,15 @@ int main(int argc, char **argv) {
 """
 
 
-def _release_cgroups() -> list[str]:
-    """crelf's release cgroups left anywhere (restorer/freezer.py)."""
+def _release_cgroups(pid: int) -> list[str]:
+    """The release cgroups (restorer/freezer.py) crrestart `pid` left anywhere
+    (other restores may have theirs meanwhile)."""
     from restorer.freezer import _mounts
     left = []
     for mnt, _, _ in _mounts():
         for dirpath, dirnames, _ in os.walk(mnt):
-            left += [os.path.join(dirpath, d) for d in dirnames if d.startswith("crelf-restore-")]
+            left += [os.path.join(dirpath, d) for d in dirnames
+                     if d.startswith(f"crelf-restore-{pid}-")]
     return left
 
 
@@ -475,4 +477,4 @@ def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, point):
         for f, d in zip(files, data):
             assert f.read_bytes().startswith(d)
             _consecutive(f)
-    assert not _release_cgroups(), _release_cgroups()
+    assert not _release_cgroups(p.pid), _release_cgroups(p.pid)
