@@ -124,13 +124,14 @@ class ReleaseFreezer:
         else:
             self._write("cgroup.freeze", "0")
 
-    def kill_all(self) -> None:
+    def kill_all(self, timeout: float = 10.0) -> None:
         """SIGKILL everything in the cgroup while it is frozen, then thaw it:
         the tasks die without running (a frozen task dies when thawed)."""
-        for _ in range(100):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             pids = self.procs()
-            if not pids:
-                break
+            if not pids and self.remove():
+                return
             for pid in pids:
                 try:
                     os.kill(pid, 9)
@@ -140,13 +141,14 @@ class ReleaseFreezer:
                 self.thaw()
             except OSError:
                 pass
-            time.sleep(0.002)
+            time.sleep(0.005)
         self.remove()
 
-    def move_home(self) -> None:
+    def move_home(self, timeout: float = 10.0) -> None:
         """Every process of the crelf cgroup back to crrestart's cgroup, then
         remove it (forks racing with the move are moved on a later round)."""
-        for _ in range(1000):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             pids = self.procs()
             for pid in pids:
                 try:
@@ -155,6 +157,8 @@ class ReleaseFreezer:
                     pass          # exited meanwhile
             if not pids and self.remove():
                 return
+            if not pids:
+                time.sleep(0.002)
         self.remove()
 
     def remove(self) -> bool:

@@ -457,16 +457,21 @@ def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, point):
                              start_new_session=True,
                              env={**os.environ, "CRELF_RESTORE_DIE_AT": point})
     assert p.wait(timeout=120) == -signal.SIGKILL, err.read_text()
-    said = err.read_text()
     if point == "detach":
-        _settle(baseline, {})
+        _settle(baseline, {})       # (the guard too: it says why)
+        said = err.read_text()
         assert [f.read_bytes() for f in files] == data, \
             f"part of the tree ran after crrestart died in its release: {said}"
         assert "before the tree was released" in said, said
     else:
         deadline = time.monotonic() + 30
         while any(f.stat().st_size < len(d) + 100_000 for f, d in zip(files, data)):
-            assert time.monotonic() < deadline, f"the released tree does not run on: {said}"
+            assert time.monotonic() < deadline, \
+                f"the released tree does not run on: {err.read_text()}"
+            time.sleep(0.01)
+        while any(_comm(c) == "crelf-guard" for c in set(_ours()) - baseline):
+            assert time.monotonic() < deadline, "the guard does not finish the release"
+            _reap_all({})         # (it moves the tree home, removes the cgroup, exits)
             time.sleep(0.01)
         for pid in set(_ours()) - baseline:
             try:
