@@ -116,6 +116,23 @@ def unshare(flags: int) -> None:
         raise OSError(e, f"unshare({flags:#x}): {os.strerror(e)}")
 
 
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns({nstype:#x}): {os.strerror(e)}")
+
+
+def children_back_in_own_pidns(own: int) -> None:
+    """After unshare(CLONE_NEWPID) and the fork of the new namespace's first
+    process: later children (and threads: the kernel refuses CLONE_THREAD
+    while the two differ) are made in our own pid namespace again.  `own` is
+    an fd of /proc/self/ns/pid opened before the unshare; it is closed."""
+    try:
+        setns(own, 0x20000000)        # CLONE_NEWPID
+    finally:
+        os.close(own)
+
+
 def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
     res = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(a2), ctypes.c_ulong(a3),
                       ctypes.c_ulong(a4), ctypes.c_ulong(a5))

@@ -18,7 +18,8 @@ from statefile.reader import MALFORMED, load, verify_notes
 from .errors import RestoreError
 from . import freezer, restore_pidfd
 from .guard import Guard
-from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, close_all, fork_with_pid,
+from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, children_back_in_own_pidns,
+                     close_all, fork_with_pid,
                      prctl, unshare)
 from .restore_files import ChildPlan, end_dead_procs, remap_proc_pids
 from .restore_ipc import SharedIPC, shared_anon_ids
@@ -336,6 +337,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         if own_pidns:
             # the root itself is pid 1 of the new namespace (crrestart's child)
             try:
+                own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
                 unshare(CLONE_NEWPID)
                 child = fork_with_pid(1)
             except OSError as e:
@@ -344,6 +346,10 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             if child == 0:
                 os.close(status_r)
                 task_main(root, status_w, shared, g.me)
+            if lazy:
+                children_back_in_own_pidns(own_ns)    # (the lazy server is a thread)
+            else:
+                os.close(own_ns)
             created.append(child)
             g.task(child)
         elif pidns:
@@ -354,6 +360,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                     raise RestoreError("user namespace", f"{e} (unprivileged restore needs "
                                        "user namespaces)") from None
             else:
+                own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
                 unshare(CLONE_NEWPID)
             rel_r, rel_w = os.pipe2(os.O_CLOEXEC)
             ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
@@ -361,6 +368,10 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             if init == 0:
                 os.close(status_r)
                 _init_main(root, status_w, shared, g.me, (rel_r, ack_w))
+            if not unpriv and lazy:
+                children_back_in_own_pidns(own_ns)    # (the lazy server is a thread)
+            elif not unpriv:
+                os.close(own_ns)
             created.append(init)
             g.task(init)
             close_all((rel_r, ack_w))
