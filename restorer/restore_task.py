@@ -33,6 +33,7 @@ XFEATURE_XTILEDATA = 18
 EINTR = 4
 SCRATCH_PAGES = 4
 ALL_SIGNALS = 2**64 - 1
+PR_GET_SECUREBITS, PR_SET_SECUREBITS, SECBIT_KEEP_CAPS = 27, 28, 1 << 4
 _FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
 
 
@@ -379,17 +380,35 @@ class TaskRestorer:
                 capset(cap("CapPrm"), cap("CapPrm"), cap("CapInh"))
             inj.call(ra.NR_SETFSUID, c["uid"][3])
             cur = _status_caps(self.rpid, inj.tid)
+        amb = c.get("cap_amb", 0)
+        sb = (self.task.get("attrs") or {}).get("securebits")
+        cur_sb = inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) if sb is not None else None
+        if cap("CapAmb") != amb or cur_sb != sb:
+            # Ambient capabilities and securebits while the permitted set is
+            # still the restorer's: raising an ambient one needs it permitted
+            # and inheritable, securebits need CAP_SETPCAP, and
+            # SECBIT_NO_CAP_AMBIENT_RAISE forbids raising after it is set.
+            if (cap("CapEff"), cap("CapInh")) != (cap("CapPrm"), c["cap_inh"]):
+                capset(cap("CapPrm"), cap("CapPrm"), c["cap_inh"])
+            if cap("CapAmb") != amb:
+                inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+                for bit in range(64):
+                    if amb >> bit & 1:
+                        inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, bit, 0, 0)
+            if cur_sb != sb:
+                if (cur_sb ^ sb) == SECBIT_KEEP_CAPS:
+                    inj.check("prctl", PR_SET_KEEPCAPS, 1 if sb & SECBIT_KEEP_CAPS else 0,
+                              0, 0, 0)
+                else:
+                    inj.check("prctl", PR_SET_SECUREBITS, sb, 0, 0, 0)
+            cur = _status_caps(self.rpid, inj.tid)
         if (cap("CapEff"), cap("CapPrm"), cap("CapInh")) != (c["cap_eff"], c["cap_prm"],
                                                              c["cap_inh"]):
             capset(c["cap_eff"], c["cap_prm"], c["cap_inh"])
         cur = _status_caps(self.rpid, inj.tid)
-        amb = c.get("cap_amb", 0)
-        if cap("CapAmb") != amb:
-            inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-            for bit in range(64):
-                if amb >> bit & 1:
-                    inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, bit, 0, 0)
-        cur = _status_caps(self.rpid, inj.tid)
+        if sb is not None and inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) != sb:
+            raise RestoreError("credentials", f"thread {vtid}: securebits are not the saved "
+                               f"{sb:#x}")
         got = {"uid": ids("Uid"), "gid": ids("Gid"), "cap_eff": cap("CapEff"),
                "cap_prm": cap("CapPrm"), "cap_inh": cap("CapInh"), "cap_amb": cap("CapAmb")}
         for k, v in got.items():
