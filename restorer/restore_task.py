@@ -246,6 +246,16 @@ class TaskRestorer:
     def release(self) -> None:
         """Detach every thread: the task runs from here."""
         self.step = "detach"
+        if self.task.get("group_stopped"):
+            # The signal that stopped it (a parent's waitid sees it again),
+            # sent while every thread is still held: it is pending when they
+            # resume, so the task stops before it runs a single instruction
+            # (sent after the detach, a task blocked in read() on a pipe that
+            # had data would read it and run on first).
+            try:
+                os.kill(self.rpid, self.task.get("stop_signal") or signal.SIGSTOP)
+            except ProcessLookupError:
+                pass        # killed by a task released before it (below)
         for vtid, rtid in sorted(self.tids.items(), key=lambda kv: kv[1] == self.rpid):
             try:
                 pt.detach(rtid, 0)
@@ -255,9 +265,6 @@ class TaskRestorer:
                 # restore.  Collect it as its tracer, so that its parent can
                 # reap it.
                 _collect_dead_tracee(rtid)
-        if self.task.get("group_stopped"):
-            # the signal that stopped it (a parent's waitid sees it again)
-            os.kill(self.rpid, self.task.get("stop_signal") or signal.SIGSTOP)
 
     # --- pieces ------------------------------------------------------------------------
     def _set_mm(self, inj) -> None:

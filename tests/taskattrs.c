@@ -5,9 +5,11 @@
  * prio 3, nice 7, SCHED_IDLE), oom_score_adj 321, login uid 1234,
  * PR_SET_THP_DISABLE, two membarrier registrations, an mlock()ed mapping.
  * Its children: "creds" (gids 5 6 7, fsgid 8, uids 1 2 3, fsuid 9, kept
- * permitted capabilities, ambient ones, securebits noroot and keep-caps), "stopped" (stopped by SIGTSTP in
- * its own process group), zombies (exit 3, SIGKILL, SIGSEGV) and a zombie
- * whose process group's leader was reaped.
+ * permitted capabilities, ambient ones, securebits noroot and keep-caps),
+ * "stopped" (stopped by SIGTSTP in its own process group, in read() on a
+ * pipe that got a byte while it was stopped: after SIGCONT it exits 7),
+ * zombies (exit 3, SIGKILL, SIGSEGV) and a zombie whose process group's
+ * leader was reaped.
  *
  * Every process prints "before KEY=VALUE" lines, main prints "ready" and
  * waits for DIR/go; then every process prints the same lines as "after
@@ -229,7 +231,7 @@ static const char *pgid_of(pid_t pid, pid_t leader)
 
 int main(int argc, char **argv)
 {
-	int go[2], ready[2], member[2];
+	int go[2], ready[2], member[2], sp[2];
 	pid_t creds, stopped, z_exit, z_kill, z_segv, z_leader, z_member = 0;
 	pthread_t th[3];
 	char path[4096], c;
@@ -238,7 +240,7 @@ int main(int argc, char **argv)
 	if (argc != 2)
 		return 2;
 	setvbuf(stdout, NULL, _IONBF, 0);
-	if (pipe(go) || pipe(ready) || pipe(member))
+	if (pipe(go) || pipe(ready) || pipe(member) || pipe(sp))
 		die("pipe");
 
 	creds = fork();
@@ -248,9 +250,14 @@ int main(int argc, char **argv)
 	}
 	stopped = fork();
 	if (stopped == 0) {
+		char b = 0;
 		setpgid(0, 0);   /* not an orphaned process group: SIGTSTP stops it */
-		for (;;)
-			pause();
+		close(sp[1]);
+		/* the byte is written while it is stopped: a restored copy that
+		 * ran before it stopped again would read it and exit */
+		while (read(sp[0], &b, 1) < 0 && errno == EINTR)
+			;
+		_exit(b == 'x' ? 7 : 8);
 	}
 	setpgid(stopped, stopped);
 	if ((z_exit = fork()) == 0)
@@ -282,6 +289,9 @@ int main(int argc, char **argv)
 		die("SIGTSTP");
 	if (waitid(P_PID, stopped, &si, WSTOPPED | WNOWAIT))
 		die("waitid stopped");
+	if (write(sp[1], "x", 1) != 1)
+		die("write sp");
+	close(sp[0]);
 	pid_t zombies[] = { z_exit, z_kill, z_segv, z_member };
 	for (int i = 0; i < 4; i++)
 		if (waitid(P_PID, zombies[i], &si, WEXITED | WNOWAIT))
@@ -310,9 +320,11 @@ int main(int argc, char **argv)
 
 	report_main("before");
 	put("before", "stopped", "pgid %d", getpgid(stopped) == stopped);
-	if (waitid(P_PID, stopped, &si, WSTOPPED | WNOWAIT))
+	si.si_pid = 0;
+	if (waitid(P_PID, stopped, &si, WSTOPPED | WNOWAIT | WNOHANG))
 		die("waitid stopped");
-	put("before", "stopped", "code %d status %d", si.si_code, si.si_status);
+	put("before", "stopped", "pid %d code %d status %d", si.si_pid == stopped, si.si_code,
+	    si.si_status);
 	for (int i = 0; i < 4; i++) {
 		if (waitid(P_PID, zombies[i], &si, WEXITED | WNOWAIT))
 			die("waitid zombie");
@@ -328,9 +340,11 @@ int main(int argc, char **argv)
 
 	report_main("after");
 	put("after", "stopped", "pgid %d", getpgid(stopped) == stopped);
-	if (waitid(P_PID, stopped, &si, WSTOPPED | WNOWAIT))
+	si.si_pid = 0;
+	if (waitid(P_PID, stopped, &si, WSTOPPED | WNOWAIT | WNOHANG))
 		die("waitid stopped");
-	put("after", "stopped", "code %d status %d", si.si_code, si.si_status);
+	put("after", "stopped", "pid %d code %d status %d", si.si_pid == stopped, si.si_code,
+	    si.si_status);
 	for (int i = 0; i < 4; i++) {
 		if (waitid(P_PID, zombies[i], &si, WEXITED | WNOWAIT))
 			die("waitid zombie");
@@ -349,8 +363,11 @@ int main(int argc, char **argv)
 		printf("reaped %d %s %d\n", i, WIFEXITED(status) ? "exited" : WIFSIGNALED(status) ?
 		       "signaled" : "other", WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
 	}
-	kill(stopped, SIGKILL);
-	waitpid(stopped, NULL, 0);
+	kill(stopped, SIGCONT);
+	if (waitpid(stopped, &status, 0) != stopped)
+		die("waitpid stopped");
+	printf("reaped stopped %s %d\n", WIFEXITED(status) ? "exited" : "other",
+	       WIFEXITED(status) ? WEXITSTATUS(status) : status);
 	printf("done\n");
 	return 0;
 }

@@ -50,7 +50,7 @@ def test_task_attributes_survive_restart(taskattrs, procs, tmp_path, mode):
                  "thread1=policy 0 prio 0 nice 7", "thread2=policy 5 prio 0 nice 0",
                  "oom_score_adj=321", "loginuid=1234", "thp_disable=1",
                  "membarrier=0x14", "locked_vmflags=lo", "locked_data=42",
-                 "stopped=code 5 status 20",                    # CLD_STOPPED by SIGTSTP
+                 "stopped=pid 1 code 5 status 20",              # CLD_STOPPED by SIGTSTP
                  "zombie=1 code 2 status 9 pgid own",           # CLD_KILLED by SIGKILL
                  "zombie=3 code 1 status 0 pgid leader"):
         assert main + want in before, (want, sorted(before))
@@ -70,7 +70,7 @@ def test_task_attributes_survive_restart(taskattrs, procs, tmp_path, mode):
     assert code == 0, err + out.read_text()
     assert _lines(out, "after") == before
     text = out.read_text()
-    for want in ("reaped 0 exited 3", "reaped 1 signaled 9", "reaped 2 signaled 11",
+    for want in ("reaped stopped exited 7", "reaped 0 exited 3", "reaped 1 signaled 9", "reaped 2 signaled 11",
                  "reaped 3 exited 0", "done"):
         assert f"\n{want}\n" in text, text
     assert "creds child status" not in text and "error" not in text
