@@ -1,8 +1,8 @@
-"""Task attributes saved by statefile/dump_attrs.py: locked memory,
-THP-disable, membarrier registrations, audit login uid (injected: only the task
-itself may set them), then scheduling and the OOM score adjustment (set from
-the tracer, last, so the restore itself runs at crrestart's own priority and a
-SCHED_RESET_ON_FORK policy is not reset by the threads being cloned)."""
+"""Task attributes saved by statefile/dump_attrs.py: THP-disable, membarrier
+registrations, audit login uid (injected: only the task itself may set them),
+then scheduling and the OOM score adjustment (set from the tracer, last, so
+the restore itself runs at crrestart's own priority and a SCHED_RESET_ON_FORK
+policy is not reset by the threads being cloned)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import struct
 from .errors import RestoreError
 
 NR_SCHED_SETATTR, NR_SCHED_GETATTR = 314, 315
-NR_MEMBARRIER, NR_MLOCK2 = 324, 325
+NR_MEMBARRIER = 324
 NR_OPENAT, NR_SETFSUID, NR_SETFSGID = 257, 122, 123
 PR_SET_THP_DISABLE = 41
-MLOCK_ONFAULT = 1
 AT_FDCWD = -100
 O_WRONLY, O_CLOEXEC = 1, 0o2000000
 SCHED_ATTR_SIZE = 56
@@ -30,17 +29,9 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def locked(m: dict) -> bool:
+    """A mapping that was mlock()ed (restore_memory locks it again): under
+    --lazy its content is copied at once rather than served on fault."""
     return "lo" in m.get("vmflags", [])
-
-
-def lock_mappings(inj, task: dict) -> None:
-    """mlock every mapping that was locked (VM_LOCKED, "lo" in smaps; with
-    "lf" it was locked on fault: MLOCK_ONFAULT), after its content is in and
-    before the credentials change (RLIMIT_MEMLOCK applies to the new user)."""
-    for m in task.get("mappings", []):
-        if locked(m):
-            flags = MLOCK_ONFAULT if "lf" in m.get("vmflags", []) else 0
-            inj.check(NR_MLOCK2, m["start"], m["end"] - m["start"], flags)
 
 
 def process_state(inj, task: dict) -> None:

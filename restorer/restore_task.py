@@ -181,8 +181,6 @@ class TaskRestorer:
         else:
             mem.copy_all()
         mem.finish(inj)
-        self.step = "locked memory"
-        ra.lock_mappings(inj, task)
         t = self._t("memory", t)
         self.step = "mm (PR_SET_MM_MAP)"
         self._set_mm(inj)
