@@ -15,13 +15,15 @@ from statefile import ptrace as pt
 from statefile.inject import InjectError, find_syscall_insn
 
 from . import restore_aio, restore_locks, restore_pidfd
+from . import restore_attrs as ra
 from . import restore_signals as rs
 from .errors import RestoreError
 from .injector import RestoreInjector
 from .kernel import (ERESTART_RESTARTBLOCK, ERESTARTNOHAND, ERESTARTNOINTR, ERESTARTSYS,
                      MAP_ANONYMOUS, MAP_PRIVATE, NR, PAGE, PR_CAPBSET_DROP, PR_SET_KEEPCAPS,
                      PR_SET_CHILD_SUBREAPER, PR_SET_MM, PR_SET_MM_MAP, PR_SET_NO_NEW_PRIVS,
-                     PR_SET_PDEATHSIG, PROT_READ, PROT_WRITE, RSEQ_FLAG_UNREGISTER, THREAD_FLAGS,
+                     PR_SET_PDEATHSIG, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL,
+                     PR_CAP_AMBIENT_RAISE, PROT_READ, PROT_WRITE, RSEQ_FLAG_UNREGISTER, THREAD_FLAGS,
                      TIMER_ABSTIME, clone_args, prctl_mm_map)
 from .restore_files import open_late
 from .restore_memory import Memory, parse_maps
@@ -31,6 +33,7 @@ XFEATURE_XTILEDATA = 18
 EINTR = 4
 SCRATCH_PAGES = 4
 ALL_SIGNALS = 2**64 - 1
+PR_GET_SECUREBITS, PR_SET_SECUREBITS, SECBIT_KEEP_CAPS = 27, 28, 1 << 4
 _FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
 
 
@@ -169,6 +172,11 @@ class TaskRestorer:
         if self.lazy:
             from .lazy import start_lazy
             mem.copy_all(skip_anon=True)
+            # locked memory is resident anyway: copied now, not served on fault
+            for m in task["mappings"]:
+                if ra.locked(m) and (m["start"], m["end"]) in anon:
+                    anon.remove((m["start"], m["end"]))
+                    mem.copy_range(m, m["start"], m["end"])
             self.lazy_server = start_lazy(self, inj, anon)
         else:
             mem.copy_all()
@@ -178,6 +186,8 @@ class TaskRestorer:
         self._set_mm(inj)
         self.step = "proc files"
         open_late(inj, task, self.sf.files, self.scratch, getattr(self, "pids", {}))
+        self.step = "process attributes"
+        ra.process_state(inj, task)
         self.step = "xstate permissions"
         self._amx(inj)
         self.step = "signals"
@@ -192,6 +202,7 @@ class TaskRestorer:
         self.step = "thread state"
         for th in task["threads"]:
             self._thread_state(injs[th["tid"]], th)
+            ra.thread_loginuid(injs[th["tid"]], rpid, self.tids[th["tid"]], th, self.scratch)
         self.step = "pending signals"
         sig = task.get("signals", {})
         rs.queue_signals(inj, self.vpid, None, sig.get("shared_pending", []), self.scratch)
@@ -210,6 +221,11 @@ class TaskRestorer:
         inj.check("prctl", PR_SET_PDEATHSIG, pr.get("pdeathsig", 0), 0, 0, 0)
         inj.check("prctl", PR_SET_CHILD_SUBREAPER, 1 if pr.get("child_subreaper") else 0,
                   0, 0, 0)
+        self.step = "scheduling"
+        for th in task["threads"]:
+            ra.thread_sched(self.tids[th["tid"]], th)
+        ra.oom_score_adj(rpid, task)
+        self.step = "cleanup"
         for fd in sorted(set(self.fds.values())) if not self.keep_fds else ():
             inj.call("close", fd)
         # POSIX locks only now: the closes above would drop them
@@ -228,6 +244,16 @@ class TaskRestorer:
     def release(self) -> None:
         """Detach every thread: the task runs from here."""
         self.step = "detach"
+        if self.task.get("group_stopped"):
+            # The signal that stopped it (a parent's waitid sees it again),
+            # sent while every thread is still held: it is pending when they
+            # resume, so the task stops before it runs a single instruction
+            # (sent after the detach, a task blocked in read() on a pipe that
+            # had data would read it and run on first).
+            try:
+                os.kill(self.rpid, self.task.get("stop_signal") or signal.SIGSTOP)
+            except ProcessLookupError:
+                pass        # killed by a task released before it (below)
         for vtid, rtid in sorted(self.tids.items(), key=lambda kv: kv[1] == self.rpid):
             try:
                 pt.detach(rtid, 0)
@@ -237,8 +263,6 @@ class TaskRestorer:
                 # restore.  Collect it as its tracer, so that its parent can
                 # reap it.
                 _collect_dead_tracee(rtid)
-        if self.task.get("group_stopped"):
-            os.kill(self.rpid, signal.SIGSTOP)
 
     # --- pieces ------------------------------------------------------------------------
     def _set_mm(self, inj) -> None:
@@ -335,6 +359,9 @@ class TaskRestorer:
                 inj.check("prctl", PR_CAPBSET_DROP, bit, 0, 0, 0)
         if ids("Gid")[:3] != c["gid"][:3]:
             inj.check("setresgid", *c["gid"][:3])
+        if len(c["gid"]) > 3:
+            # fsgid after setresgid (which sets it to the egid), while CAP_SETGID holds
+            inj.call(ra.NR_SETFSGID, c["gid"][3])
         uid_change = ids("Uid")[:3] != c["uid"][:3]
         if uid_change:
             if c["cap_prm"]:
@@ -342,14 +369,58 @@ class TaskRestorer:
             inj.check("setresuid", *c["uid"][:3])
             if c["cap_prm"]:
                 inj.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0)
-        cur = _status_caps(self.rpid, inj.tid)
-        if (cap("CapEff"), cap("CapPrm"), cap("CapInh")) != (c["cap_eff"], c["cap_prm"],
-                                                             c["cap_inh"]):
-            lo = lambda v: v & 0xFFFFFFFF  # noqa: E731
-            data = struct.pack("<IIIIII", lo(c["cap_eff"]), lo(c["cap_prm"]), lo(c["cap_inh"]),
-                               c["cap_eff"] >> 32, c["cap_prm"] >> 32, c["cap_inh"] >> 32)
+        lo = lambda v: v & 0xFFFFFFFF  # noqa: E731
+
+        def capset(eff: int, prm: int, inh: int) -> None:
+            data = struct.pack("<IIIIII", lo(eff), lo(prm), lo(inh), eff >> 32, prm >> 32,
+                               inh >> 32)
             inj.write(sc, struct.pack("<Ii", 0x20080522, 0) + data)
             inj.check("capset", sc, sc + 8)
+        cur = _status_caps(self.rpid, inj.tid)
+        if len(c["uid"]) > 3 and ids("Uid")[3] != c["uid"][3]:
+            # setresuid set the fsuid to the euid; setfsuid needs CAP_SETUID
+            # unless it is one of the ids: the kept permitted set, effective
+            # for this call (the saved sets come next)
+            if cap("CapEff") != cap("CapPrm"):
+                capset(cap("CapPrm"), cap("CapPrm"), cap("CapInh"))
+            inj.call(ra.NR_SETFSUID, c["uid"][3])
+            cur = _status_caps(self.rpid, inj.tid)
+        amb = c.get("cap_amb", 0)
+        sb = (self.task.get("attrs") or {}).get("securebits")
+        cur_sb = inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) if sb is not None else None
+        if cap("CapAmb") != amb or cur_sb != sb:
+            # Ambient capabilities and securebits while the permitted set is
+            # still the restorer's: raising an ambient one needs it permitted
+            # and inheritable, securebits need CAP_SETPCAP, and
+            # SECBIT_NO_CAP_AMBIENT_RAISE forbids raising after it is set.
+            if (cap("CapEff"), cap("CapInh")) != (cap("CapPrm"), c["cap_inh"]):
+                capset(cap("CapPrm"), cap("CapPrm"), c["cap_inh"])
+            if cap("CapAmb") != amb:
+                inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+                for bit in range(64):
+                    if amb >> bit & 1:
+                        inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, bit, 0, 0)
+            if cur_sb != sb:
+                if (cur_sb ^ sb) == SECBIT_KEEP_CAPS:
+                    inj.check("prctl", PR_SET_KEEPCAPS, 1 if sb & SECBIT_KEEP_CAPS else 0,
+                              0, 0, 0)
+                else:
+                    inj.check("prctl", PR_SET_SECUREBITS, sb, 0, 0, 0)
+            cur = _status_caps(self.rpid, inj.tid)
+        if (cap("CapEff"), cap("CapPrm"), cap("CapInh")) != (c["cap_eff"], c["cap_prm"],
+                                                             c["cap_inh"]):
+            capset(c["cap_eff"], c["cap_prm"], c["cap_inh"])
+        cur = _status_caps(self.rpid, inj.tid)
+        if sb is not None and inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) != sb:
+            raise RestoreError("credentials", f"thread {vtid}: securebits are not the saved "
+                               f"{sb:#x}")
+        got = {"uid": ids("Uid"), "gid": ids("Gid"), "cap_eff": cap("CapEff"),
+               "cap_prm": cap("CapPrm"), "cap_inh": cap("CapInh"), "cap_amb": cap("CapAmb")}
+        for k, v in got.items():
+            if k in c and c[k] != v:
+                show = (lambda x: " ".join(map(str, x))) if k in ("uid", "gid") else hex
+                raise RestoreError("credentials", f"thread {vtid}: {k} is {show(v)}, "
+                                   f"not the saved {show(c[k])}")
         if c.get("no_new_privs"):
             inj.check("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 

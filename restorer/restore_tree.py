@@ -124,6 +124,12 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
             raise ValidationError(f"zombie pid {z['pid']} has parent {z['ppid']}, which is not "
                                   "in the tree")
         dead.setdefault(z["ppid"], []).append(z)
+        parent = by_pid[z["ppid"]]
+        if (z["pgid"] not in (z["pid"], parent["pgid"]) and z["pgid"] not in used
+                and z["sid"] == parent["sid"]):
+            # A zombie whose process group's leader has exited and been reaped
+            # (it kept the group alive): a helper recreates the group for it.
+            ghost(z["pgid"], z["ppid"], z["sid"], "group")
 
     def leads_group(t: dict) -> bool:
         return t["pgid"] == t["pid"] or any(leads_group(c) for c in kids.get(t["pid"], []))
@@ -509,22 +515,27 @@ def _fork_child(pid: int, flags: int = 0) -> int:
 
 
 def _wait_group(pid: int, z: dict) -> None:
-    """Make sure a zombie that leads a process group has created it before
-    siblings join it (setpgid from both sides, as shells do)."""
-    if z.get("session") != "setpgid":
+    """Make sure a zombie is in its process group (one it leads, created
+    before siblings join it, or one it joins) before it is left: setpgid from
+    both sides, as shells do."""
+    how = z.get("session")
+    if how not in ("setpgid", "join"):
         return
+    pgid = pid if how == "setpgid" else z["pgid"]
     try:
-        os.setpgid(pid, pid)
+        os.setpgid(pid, pgid)
     except OSError:
         pass    # it did it itself (or already exited)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
-            if os.getpgid(pid) == pid:
+            if os.getpgid(pid) == pgid:
                 return
         except OSError:
-            return
+            break
         time.sleep(0.001)
+    raise ChildError("zombies", f"zombie {z['pid']} could not be put in its process group "
+                     f"{z['pgid']}")
 
 
 def _zombie_main(z: dict) -> None:
@@ -537,14 +548,15 @@ def _zombie_main(z: dict) -> None:
     status = z.get("exit_code", 0)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        try:
-            import resource
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # no core file for the replay
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-        except (OSError, ValueError):
-            pass
+        import resource
+        for step in (lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),  # no core file
+                     lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig]),
+                     lambda: signal.signal(sig, signal.SIG_DFL)):
+            try:
+                step()      # (SIGKILL and SIGSTOP cannot be caught or blocked: skipped)
+            except (OSError, ValueError):
+                pass
+        os.kill(os.getpid(), sig)
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128)
 
 
@@ -631,17 +643,19 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
                     raise _Forwarded(msg)
                 raise ChildError("setup", f"task {child.pid} died before it was ready "
                                  f"({msg!r})")
-        for child, pid in zip(node.children, forked[len(node.early_zombies):]):
-            if child.task.get("ghost"):
-                # Its work is done and it has exited; reaped only now that
-                # every sibling that joins its group is in it.
-                os.waitpid(pid, 0)
-                forked.remove(pid)
+        kids = forked[len(node.early_zombies):]
         for z in node.zombies:
             pid = _fork_child(z["pid"])
             if pid == 0:
                 _zombie_main(z)
             forked.append(pid)
+            _wait_group(pid, z)
+        for child, pid in zip(node.children, kids):
+            if child.task.get("ghost"):
+                # Its work is done and it has exited; reaped only now that
+                # every sibling (and zombie) that joins its group is in it.
+                os.waitpid(pid, 0)
+                forked.remove(pid)
         os.close(me)
         if node.task.get("ghost"):
             # A session or group helper: the session or group exists now and

@@ -11,7 +11,7 @@ import os
 import resource
 import struct
 
-from . import dump_signals, procfs, snapshot
+from . import dump_attrs, dump_signals, procfs, snapshot
 from . import elfcore as ec
 from . import ptrace as pt
 from .errors import TargetError
@@ -94,6 +94,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
         "pid": pid, "tgid": int(status["Tgid"]), "ppid": s["ppid"], "pgid": s["pgid"],
         "sid": s["sid"], "comm": s["comm"], "state": ft.state_before,
         "group_stopped": any(t.group_stop for t in ft.threads.values()),
+        "stop_signal": next((t.stop_signal for t in ft.threads.values() if t.group_stop), 0),
         "nice": s["nice"], "flags": s["flags"], "exit_signal": s["exit_signal"],
         "tty_nr": s["tty_nr"],
         "cmdline": [a.decode(errors="surrogateescape") for a in
@@ -135,6 +136,7 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
             scratch = inj.scratch
             task["mm"]["brk"] = inj.check("brk", 0)
             task["prctl"] = _dump_prctl(inj, scratch)
+            task["attrs"] = dump_attrs.process_attrs(pid, inj)
             task["sigactions"] = dump_signals.dump_sigactions(inj, scratch)
             task["itimers"] = dump_signals.dump_itimers(inj, scratch)
             task["signals"] = dump_signals.dump_process_signals(pid, leader)
@@ -176,6 +178,7 @@ def _dump_thread(pid, tid, regs: ThreadRegs, inj, gadgets, memfd, deferred) -> d
           "utime": s["utime"], "stime": s["stime"],
           "fs_base": r.fs_base, "gs_base": r.gs_base, "syscall": _in_syscall(r)}
     th.update(dump_signals.dump_thread_signals(pid, tid))
+    th["attrs"] = dump_attrs.thread_attrs(pid, tid)
     if inj is not None:
         th["sigmask"] = inj.sigmask     # its injections block every signal meanwhile
     head, ln = pt.get_robust_list(tid)

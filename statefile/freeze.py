@@ -24,6 +24,7 @@ GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIG
 class FrozenThread:
     tid: int
     group_stop: bool = False
+    stop_signal: int = 0       # the signal that group-stopped it (SIGSTOP, SIGTSTP, ...)
     # Signals that arrived while we held the thread; re-delivered on detach.
     deferred: list[int] = field(default_factory=list)
 
@@ -194,6 +195,7 @@ class Freezer:
             event = status >> 16
             if event == pt.PTRACE_EVENT_STOP:
                 ft.group_stop = sig in GROUP_STOP_SIGNALS
+                ft.stop_signal = sig if ft.group_stop else 0
                 return
             # A signal-delivery stop came before our interrupt: let the signal
             # be delivered as it would have been, then wait for the interrupt.

@@ -26,7 +26,7 @@ SYSCALL_INSN = b"\x0f\x05"
 NR = {
     "mmap": 9, "munmap": 11, "brk": 12, "rt_sigaction": 13, "getitimer": 36,
     "sigaltstack": 131, "prctl": 157, "arch_prctl": 158, "timer_gettime": 224,
-    "clone": 56, "wait4": 61,
+    "clone": 56, "wait4": 61, "membarrier": 324,
     # the snapshot writing its own memory (snapshot.SelfWriter)
     "close": 3, "pwrite64": 18, "openat": 257, "unshare": 272, "close_range": 436,
 }

@@ -78,6 +78,18 @@ TABLE: tuple[Resource, ...] = (
              "cgroup: a tree in crcheckpoint's own cgroups comes back in crrestart's)"),
     Resource("task:posix-timer", "POSIX timers (timer_create)", UNSUPPORTED,
              f"POSIX timers are {_NOT_YET}"),
+    Resource("task:attrs", "task attributes: scheduling policy, real-time priority and "
+             "nice (per thread), oom_score_adj, audit login uid, THP-disable (prctl), "
+             "membarrier registrations, mlock()ed memory, fsuid/fsgid, ambient capabilities, "
+             "securebits, "
+             "the signal that stopped a stopped task", SUPPORTED),
+    Resource("task:oom-score-low", "an oom_score_adj below crelf's own when crelf lacks "
+             "CAP_SYS_RESOURCE", UNSUPPORTED, "lowering oom_score_adj needs CAP_SYS_RESOURCE: "
+             "a restart here could not set it back"),
+    Resource("task:sched-privileged", "a scheduling policy or nice value the task's own "
+             "RLIMIT_RTPRIO / RLIMIT_NICE do not allow, when crelf lacks CAP_SYS_NICE",
+             UNSUPPORTED, "setting it again needs CAP_SYS_NICE: a restart here could not "
+             "set it back"),
     Resource("task:traced", "a task traced by another tracer (debugger, strace); a traced "
              "descendant is listed with every other reason, a traced root is refused at "
              "once (crcheckpoint exit 3)", UNSUPPORTED,
@@ -584,6 +596,10 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             add("task:fdt-shared", pid, f"pid {pid}", f"shares the fd table of pid {t['fdt']}")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
+        if t.get("attrs"):
+            from .dump_attrs import attr_problems
+            for key, detail in attr_problems(t):
+                add(key, pid, f"pid {pid}", detail)
         for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):
             out.append(flag_finding(fl, pid, skip))
         for fd in t["fds"]:
