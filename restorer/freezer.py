@@ -129,10 +129,12 @@ class ReleaseFreezer:
         the tasks die without running (a frozen task dies when thawed)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            pids = self.procs()
+            pids = [p for p in self.procs() if p != os.getpid()]
             if not pids and self.remove():
                 return
             for pid in pids:
+                if pid == os.getpid():
+                    continue      # (crrestart, if it could not leave: never itself)
                 try:
                     os.kill(pid, 9)
                 except OSError:

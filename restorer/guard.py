@@ -300,7 +300,10 @@ class Guard:
                     fz.kill_all()     # frozen: nothing of it runs again
                 self._undo(who, tasks, sysv, paths)
             elif served is None:
-                fz.thaw()             # released: all of the tree runs on
+                try:
+                    fz.thaw()         # released: all of the tree runs on
+                except OSError:
+                    pass              # (crrestart had removed it already)
                 fz.move_home()
             else:
                 if fz is not None:

@@ -1,7 +1,8 @@
 """AIO rings (statefile/dump_aio.py), rebuilt by injection in the task:
 
 1. io_setup with a request count that gives a ring of the saved size (the
-   kernel rounds up: at least 4 per possible CPU, doubled, to whole pages);
+   kernel rounds up: at least 4 per possible CPU, doubled, plus 2, to whole
+   pages);
 2. mremap of the new ring onto the saved address (the kernel's aio file
    follows the move: the context id is the saved address again);
 3. head and tail brought to their saved places with writes to
@@ -25,7 +26,7 @@ _IOCB = struct.Struct("<QIIHhIQQqQII")   # struct iocb, 64 bytes
 
 
 def _ring_pages(nr_events: int, cpus: int, page: int) -> int:
-    n = max(nr_events, cpus * 4) * 2
+    n = max(nr_events, cpus * 4) * 2 + 2     # (as aio_setup_ring sizes it)
     return -(-(HEADER.size + n * EVENT) // page)
 
 

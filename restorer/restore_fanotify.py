@@ -17,6 +17,7 @@ KIND = "anon:fanotify"
 FAN_CLOEXEC = 0x1
 FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_MARK_IGNORED_MASK = 0x1, 0x10, 0x20
 FAN_MARK_FILESYSTEM = 0x100
+FAN_MARK_IGNORED_SURV_MODIFY, FAN_MARK_EVICTABLE, FAN_MARK_IGNORE = 0x40, 0x200, 0x400
 AT_FDCWD = -100
 _TYPE_FLAGS = {"inode": 0, "mount": FAN_MARK_MOUNT, "filesystem": FAN_MARK_FILESYSTEM}
 
@@ -35,9 +36,10 @@ def open_fanotify(f: dict) -> int:
         raise FanotifyError(e, f"fanotify_init: {os.strerror(e)}")
     try:
         for m in reversed(rec["marks"]):   # (fdinfo lists the newest first)
-            base = FAN_MARK_ADD | _TYPE_FLAGS[m["type"]] | m["mflags"]
-            for flags, mask in ((base, m["mask"]), (base | FAN_MARK_IGNORED_MASK,
-                                                    m["ignored_mask"])):
+            base = FAN_MARK_ADD | _TYPE_FLAGS[m["type"]] | m["mflags"] & FAN_MARK_EVICTABLE
+            ignore = FAN_MARK_IGNORE if m["mflags"] & FAN_MARK_IGNORE else FAN_MARK_IGNORED_MASK
+            ignore |= m["mflags"] & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE)
+            for flags, mask in ((base, m["mask"]), (base | ignore, m["ignored_mask"])):
                 if not mask:
                     continue
                 if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, m["path"].encode()) < 0:

@@ -37,6 +37,31 @@ PR_GET_SECUREBITS, PR_SET_SECUREBITS, SECBIT_KEEP_CAPS = 27, 28, 1 << 4
 _FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
 
 
+def _orphaned_group(pid: int) -> bool:
+    """Is pid's process group orphaned (no member has a parent in another
+    group of the same session)?  The kernel discards a SIGTSTP, SIGTTIN or
+    SIGTTOU sent to a task of one, so such a task is stopped with SIGSTOP."""
+    try:
+        pgid, sid = os.getpgid(pid), os.getsid(pid)
+    except OSError:
+        return False
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                st = f.read()
+            fields = st[st.rindex(b")") + 2:].split()
+            ppid, grp = int(fields[1]), int(fields[2])
+            if grp != pgid:
+                continue
+            if os.getsid(ppid) == sid and os.getpgid(ppid) != pgid:
+                return False
+        except (OSError, ValueError):
+            continue
+    return True
+
+
 def seize_stopped(tid: int, options: int) -> None:
     pt.seize(tid, options)
     pt.interrupt(tid)
@@ -250,8 +275,11 @@ class TaskRestorer:
             # resume, so the task stops before it runs a single instruction
             # (sent after the detach, a task blocked in read() on a pipe that
             # had data would read it and run on first).
+            sig = self.task.get("stop_signal") or signal.SIGSTOP
+            if sig != signal.SIGSTOP and _orphaned_group(self.rpid):
+                sig = signal.SIGSTOP    # (the kernel drops SIGTSTP/TTIN/TTOU there)
             try:
-                os.kill(self.rpid, self.task.get("stop_signal") or signal.SIGSTOP)
+                os.kill(self.rpid, sig)
             except ProcessLookupError:
                 pass        # killed by a task released before it (below)
         for vtid, rtid in sorted(self.tids.items(), key=lambda kv: kv[1] == self.rpid):

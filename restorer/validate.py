@@ -91,7 +91,7 @@ def validate(sf, force_files: bool = False) -> list[str]:
     # on what the statefile holds, with the policy it was written under.
     skip = set(h.get("policy", {}).get("skip", []))
     bad = support.problems(support.assess(sf.tasks, sf.files, h.get("zombies", []), {}, skip,
-                                          sf.ipc, sf.shmem))
+                                          sf.ipc, sf.shmem, live=False))
     bad = [b for b in bad if b.key not in _TREE_KEYS]
     if bad:
         raise ValidationError(f"{bad[0].where}: {bad[0].detail}: {bad[0].reason}")

@@ -26,7 +26,7 @@ from . import ptrace as pt
 NR_BPF = 321
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM = 0, 1, 2
 BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET_INFO_BY_FD, BPF_MAP_FREEZE = 4, 15, 22
-BPF_F_WRONLY = 1 << 4
+BPF_F_RDONLY, BPF_F_WRONLY = 1 << 3, 1 << 4
 MAP_TYPES = {1: "hash", 2: "array", 9: "lru_hash"}   # restorable: entries are the state
 OTHER_TYPES = {3: "program array", 4: "perf event array", 5: "per-CPU hash",
                6: "per-CPU array", 10: "per-CPU LRU hash", 12: "array of maps",
@@ -137,6 +137,9 @@ def parse(pid: int, fd: int, fdinfo: dict[str, str]) -> dict:
             why = "it carries BTF type information"
         elif info.map_flags & BPF_F_WRONLY:
             why = "it is write-only from user space (BPF_F_WRONLY): its entries cannot be read"
+        elif info.map_flags & BPF_F_RDONLY:
+            why = ("it is read-only from user space (BPF_F_RDONLY): its entries could not be "
+                   "written back")
         if why:
             rec["unsupported"] = why
             return rec

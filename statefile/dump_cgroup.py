@@ -24,7 +24,7 @@ def membership(pid: int, tid: int | None = None) -> dict[str, str]:
     return out
 
 
-def differences(tasks: list[dict]) -> list[tuple[int, int, str]]:
+def differences(tasks: list[dict], live: bool = True) -> list[tuple[int, int, str]]:
     """(pid, tid, what) for each thread not in crcheckpoint's own cgroups.
     Each thread's membership is read once, live, and kept in its CR_TASK
     thread record (`cgroups`); a loaded statefile's records are compared as
@@ -37,6 +37,8 @@ def differences(tasks: list[dict]) -> list[tuple[int, int, str]]:
             if not isinstance(th, dict):      # (crcheck's tasks list bare tids)
                 th = {"tid": th}
             if "cgroups" not in th:
+                if not live:
+                    continue      # (a loaded statefile's task: /proc shows another process)
                 try:
                     th["cgroups"] = membership(t["pid"], th["tid"])
                 except OSError:

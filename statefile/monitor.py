@@ -179,8 +179,10 @@ _PERF = Watch("perf_event_open", "fd:perf_event", errno.EPERM)
 _BPF = Watch("bpf", "fd:bpf", errno.EPERM, "bpf")
 # bpf() commands that make what a checkpoint refuses: a program, a raw
 # tracepoint, BTF, a link (maps are checked at checkpoint: most are saved)
-BPF_REFUSED_CMDS = {5: "BPF_PROG_LOAD", 17: "BPF_RAW_TRACEPOINT_OPEN", 18: "BPF_BTF_LOAD",
-                    28: "BPF_LINK_CREATE"}
+BPF_REFUSED_CMDS = {5: "BPF_PROG_LOAD", 13: "BPF_PROG_GET_FD_BY_ID",
+                    17: "BPF_RAW_TRACEPOINT_OPEN", 18: "BPF_BTF_LOAD",
+                    19: "BPF_BTF_GET_FD_BY_ID", 28: "BPF_LINK_CREATE",
+                    30: "BPF_LINK_GET_FD_BY_ID", 33: "BPF_ITER_CREATE", 36: "BPF_TOKEN_CREATE"}
 _UFFD = Watch("userfaultfd", "fd:userfaultfd", errno.EPERM)
 _FANOTIFY = Watch("fanotify_init", "fd:fanotify-other", errno.EPERM, "fanotify")
 FAN_CLASS_PERMISSION = 0x0C    # FAN_CLASS_CONTENT | FAN_CLASS_PRE_CONTENT

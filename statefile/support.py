@@ -39,6 +39,11 @@ TABLE: tuple[Resource, ...] = (
              "not parent and child (a sharer's parent exited)", UNSUPPORTED,
              "an fd table shared by tasks that are not parent and child is not restored "
              "by this version"),
+    Resource("task:fdt-shared-state", "processes sharing one fd table where a sharer other "
+             "than the first holds file locks or leases, or works in a deleted directory",
+             UNSUPPORTED, "the sharers after the first get their fd table from it; taking "
+             "their locks and leases and entering their deleted working directory is not done "
+             "by this version"),
     Resource("task:zombie", "an exited child not reaped yet (recreated with its exit status)",
              SUPPORTED),
     Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
@@ -549,7 +554,8 @@ def seccomp_findings(tids: list[tuple[int, int]]) -> list[Finding]:
 
 def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
            flags_by_pid: dict[int, list[dict]], skip: set[str],
-           ipc: dict | None = None, shmem: list[dict] | None = None) -> list[Finding]:
+           ipc: dict | None = None, shmem: list[dict] | None = None,
+           live: bool = True) -> list[Finding]:
     """One finding per resource of the tree, with its verdict under `skip`
     (`shmem`: the memfd and shared file objects, statefile/dump_memfd.py)."""
     out: list[Finding] = []
@@ -575,7 +581,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in NS_KINDS}
     out += _ns_findings(tasks, own_ns)
     from .dump_cgroup import differences
-    for pid, tid, what in differences(tasks):
+    for pid, tid, what in differences(tasks, live):
         add("task:cgroup", pid, f"pid {pid}" + (f" thread {tid}" if tid != pid else ""), what)
     tree_pids = {t["pid"] for t in tasks}
     for t in tasks:
@@ -594,6 +600,10 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             add("task:fdt-shared-other", pid, f"pid {pid}", t["fdt_unsupported"])
         elif t.get("fdt") and t["fdt"] != pid:
             add("task:fdt-shared", pid, f"pid {pid}", f"shares the fd table of pid {t['fdt']}")
+            if t.get("locks") or t.get("cwd_ghost") or any(
+                    files[d["file"]].get(k) for d in t["fds"] for k in ("locks", "lease")):
+                add("task:fdt-shared-state", pid, f"pid {pid}", "locks, a lease or a deleted "
+                    f"working directory in the fd table it shares with pid {t['fdt']}")
         if t.get("posix_timers"):
             add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
         if t.get("attrs"):
