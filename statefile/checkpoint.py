@@ -165,7 +165,8 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         freezer.freeze()
         t_frozen = time.monotonic()
         # Before any syscall is run in a task: threads that one would kill
-        unsafe = support.seccomp_findings(freezer.all_tids())
+        unsafe = support.seccomp_findings(freezer.all_tids()) + \
+            support.vdso_findings(freezer.tasks)
         if unsafe:
             raise NotCheckpointable(pid, unsafe)
         tasks, regs, plans_by_task = [], [], []

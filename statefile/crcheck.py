@@ -68,6 +68,7 @@ def check(pid: int, policy: Policy | None = None) -> dict:
     findings = support.assess(tasks, files.files, zombies,
                               {t["pid"]: flags.read(t["pid"]) for t in tasks}, policy.skip, ipc,
                               collect_shmem(tasks, files, policy.dump_tmpfs))
+    findings += support.vdso_findings(t["pid"] for t in tasks)
     bad = support.problems(findings)
     return {"pid": pid, "checkpointable": not bad, "policy": policy.as_dict(),
             "tasks": [{"pid": t["pid"], "ppid": t["ppid"], "comm": t["comm"],

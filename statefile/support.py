@@ -44,6 +44,11 @@ TABLE: tuple[Resource, ...] = (
              UNSUPPORTED, "the sharers after the first get their fd table from it; taking "
              "their locks and leases and entering their deleted working directory is not done "
              "by this version"),
+    Resource("task:no-vdso", "a task that unmapped its vDSO", UNSUPPORTED,
+             "crelf runs the syscalls that read a task's state in the task itself, through "
+             "the `syscall` instruction of its vDSO and a way back there if crcheckpoint "
+             "dies (docs/CRASHSAFE.md); without a vDSO it cannot do so safely, so nothing "
+             "is run in it"),
     Resource("task:zombie", "an exited child not reaped yet (recreated with its exit status)",
              SUPPORTED),
     Resource("task:seccomp", "a seccomp filter (other than crrun's monitor, which a "
@@ -532,6 +537,21 @@ def finding(key: str, pid: int, where: str, detail: str) -> Finding:
     """One finding of row `key` (no policy can skip what this is used for)."""
     r = BY_KEY[key]
     return Finding(key, where, detail, r.status, r.reason, r.policy, pid)
+
+
+def vdso_findings(pids) -> list[Finding]:
+    """Tasks crelf must not run a syscall in because they unmapped their vDSO
+    (every call crelf runs in a task goes through its `syscall; ret` and
+    returns through a frame of its own there: docs/CRASHSAFE.md)."""
+    from . import procfs
+    out = []
+    for pid in pids:
+        try:
+            if not any(m["path"] == "[vdso]" for m in procfs.maps(pid)):
+                out.append(finding("task:no-vdso", pid, f"pid {pid}", "no [vdso] mapping"))
+        except OSError:
+            continue
+    return out
 
 
 def seccomp_findings(tids: list[tuple[int, int]]) -> list[Finding]:
