@@ -246,6 +246,13 @@ SOCKOPTS = {
     "tcp_keepidle": (SOL_TCP, 4, "int", "tcp"),
     "tcp_keepintvl": (SOL_TCP, 5, "int", "tcp"),
     "tcp_keepcnt": (SOL_TCP, 6, "int", "tcp"),
+    "tcp_cork": (SOL_TCP, 3, "int", "tcp"),
+    "tcp_syncnt": (SOL_TCP, 7, "int", "tcp"),
+    "tcp_linger2": (SOL_TCP, 8, "int", "tcp"),
+    "tcp_defer_accept": (SOL_TCP, 9, "int", "tcp"),
+    "tcp_window_clamp": (SOL_TCP, 10, "int", "tcp"),
+    "tcp_user_timeout": (SOL_TCP, 18, "int", "tcp"),
+    "tcp_notsent_lowat": (SOL_TCP, 25, "int", "tcp"),
 }
 
 

@@ -162,6 +162,8 @@ t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 3, 500000)
 t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 4))
 t.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 t.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 33)
+t.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+t.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 4321)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # IP_FREEBIND kept
 u.setsockopt(socket.SOL_IP, 15, 1)
 u.bind(("192.0.2.77", 0))
@@ -178,7 +180,8 @@ out("tcp", g(t, socket.SOL_SOCKET, SO_PRIORITY), g(t, socket.SOL_SOCKET, socket.
     g(t, socket.SOL_SOCKET, socket.SO_OOBINLINE), g(t, socket.SOL_SOCKET, socket.SO_SNDBUF),
     struct.unpack("ll", g(t, socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)),
     struct.unpack("ii", g(t, socket.SOL_SOCKET, socket.SO_LINGER, 8)),
-    g(t, socket.IPPROTO_TCP, socket.TCP_NODELAY), g(t, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+    g(t, socket.IPPROTO_TCP, socket.TCP_NODELAY), g(t, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+    g(t, socket.IPPROTO_TCP, socket.TCP_CORK), g(t, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
 try:
     t.recv(1)
 except OSError as e:
