@@ -20,9 +20,13 @@ from test_restart import finish, reference, restart
 BIN = Path(sys.executable).parent
 
 
-def leave_running(pid: int, out: Path) -> dict:
-    r = subprocess.run([str(BIN / "crcheckpoint"), str(pid), "-o", str(out), "--json"],
-                       capture_output=True, text=True, timeout=120)
+def leave_running(pid: int, out: Path, join: Path | None = None) -> dict:
+    """A leave-running checkpoint (join: a cgroup.procs file crcheckpoint
+    enters first: a tree in another cgroup than crcheckpoint's is refused)."""
+    argv = [str(BIN / "crcheckpoint"), str(pid), "-o", str(out), "--json"]
+    if join is not None:
+        argv = ["sh", "-c", f'echo $$ > "{join}" && exec "$@"', "sh", *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["copy_on_write"] and not summary["killed"]
@@ -138,7 +142,7 @@ def test_task_in_a_memory_limited_cgroup_is_read_the_usual_way(sample_bin, procs
         p = procs.spawn([sample_bin / "ticker", 30, 16, 50], stdout=out)
         procs_file.write_text(str(p.pid))
         wait_for_line(out, r"^tick 5 ", proc=p)
-        summary = leave_running(p.pid, tmp_path / "c.cr")
+        summary = leave_running(p.pid, tmp_path / "c.cr", join=procs_file)
         assert summary["bytes_written_by_snapshots"] == 0
         assert summary["bytes_stored"] >= 16 << 20
         kill_and_reap(p)
