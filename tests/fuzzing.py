@@ -143,7 +143,7 @@ def build_bases(sample_bin: Path, work: Path, procs) -> list[Base]:
     bases = []
     # the ticker: 1 MiB heap checksummed at every tick
     out = work / "ticker.out"
-    p = procs.spawn([sample_bin / "ticker", 8, 1, 30], stdout=out, stderr=subprocess.DEVNULL)
+    p = procs.spawn([sample_bin / "ticker", 8, 1, 80], stdout=out, stderr=subprocess.DEVNULL)
     wait_for_line(out, r"^tick 2 ", proc=p)
     bases.append(_seed("ticker", p, out, work,
                        [sample_bin / "ticker", "8", "1", "0"]))
