@@ -95,6 +95,8 @@ def command(statefile, detach, pidns, force_files, lazy, as_json, verbose, regis
         click.echo(f"crrestart: failed at restore: internal error ({type(e).__name__}: {e}); "
                    "nothing was left running", err=True)
         sys.exit(EXIT_FAILED)
+    from statefile.ledger import note
+    note("R", statefile)
     for w in res.warnings:
         click.echo(f"crrestart: warning: {w}", err=True)
     _restart_hook(res.saved_pids)

@@ -112,6 +112,9 @@ def main(ctx: click.Context, pid: int, output: str, kill: bool, fsync: bool, no_
         hook_timeout=hook_timeout,
         policy=pol.build(policy_file, skip, dump_tmpfs, snapshot, pid=pid)), prog="crcheckpoint")
     progress.finish()
+    if summary["restartable"]:
+        from .ledger import note
+        note("W", summary["statefile"])
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -12,6 +12,7 @@ Helpers live in tests/helpers.py (``from helpers import wait_for_line, ...``).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,51 @@ def procs():
         yield mgr
     finally:
         mgr.kill_all()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "checkpoint_only(reason): this test checkpoints without restarting what it "
+        "wrote (the restart self-check below lets it, for the reason given)")
+
+
+@pytest.fixture(autouse=True)
+def restart_self_check(request, tmp_path_factory):
+    """Issue 16: a statefile crcheckpoint writes always restarts.  Every
+    restartable statefile a test writes (crcheckpoint notes it in the ledger,
+    statefile/ledger.py) must also be restored successfully by that test
+    (crrestart notes that); a test that only checkpoints fails here, unless
+    it is marked checkpoint_only with its reason."""
+    ledger = tmp_path_factory.mktemp("ledger") / "ledger"
+    old = os.environ.get("CRELF_TEST_LEDGER")
+    os.environ["CRELF_TEST_LEDGER"] = str(ledger)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CRELF_TEST_LEDGER", None)
+        else:
+            os.environ["CRELF_TEST_LEDGER"] = old
+    if request.node.get_closest_marker("checkpoint_only"):
+        return
+    written, restarted = [], set()
+    if ledger.exists():
+        for line in ledger.read_text().splitlines():
+            kind, _, path = line.partition(" ")
+            (written.append if kind == "W" else restarted.add)(path)
+    never = sorted({p for p in written if p not in restarted})
+    if never and not getattr(request.node, "_crelf_failed", False):
+        pytest.fail("restart self-check: this test checkpointed without restarting "
+                    f"{', '.join(never)} (every statefile crcheckpoint writes must restart; "
+                    "mark the test checkpoint_only(reason) if it cannot)", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.when == "call" and rep.failed:
+        item._crelf_failed = True     # (the self-check adds nothing to a failed test)
+    return rep
 
 
 @pytest.fixture
