@@ -49,17 +49,19 @@ def procs():
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "checkpoint_only(reason): this test checkpoints without restarting what it "
-        "wrote (the restart self-check below lets it, for the reason given)")
+        "markers", "checkpoint_only(reason): the restart self-check below leaves the "
+        "statefiles this test writes alone, for the reason given")
 
 
 @pytest.fixture(autouse=True)
 def restart_self_check(request, tmp_path_factory):
     """Issue 16: a statefile crcheckpoint writes always restarts.  Every
-    restartable statefile a test writes (crcheckpoint notes it in the ledger,
-    statefile/ledger.py) must also be restored successfully by that test
-    (crrestart notes that); a test that only checkpoints fails here, unless
-    it is marked checkpoint_only with its reason."""
+    restartable statefile a test writes (crcheckpoint notes it in a ledger,
+    statefile/ledger.py) that the test did not restore itself (crrestart
+    notes that) is restored here once the test is over: `crrestart --pidns
+    --detach --force-files` in an IPC namespace of its own (its SysV objects
+    go with it), and the restored tree killed.  A statefile that does not
+    restart fails the test, unless it is marked checkpoint_only(reason)."""
     ledger = tmp_path_factory.mktemp("ledger") / "ledger"
     old = os.environ.get("CRELF_TEST_LEDGER")
     os.environ["CRELF_TEST_LEDGER"] = str(ledger)
@@ -70,18 +72,54 @@ def restart_self_check(request, tmp_path_factory):
             os.environ.pop("CRELF_TEST_LEDGER", None)
         else:
             os.environ["CRELF_TEST_LEDGER"] = old
-    if request.node.get_closest_marker("checkpoint_only"):
+    if request.node.get_closest_marker("checkpoint_only") or \
+            getattr(request.node, "_crelf_failed", False) or not ledger.exists():
         return
     written, restarted = [], set()
-    if ledger.exists():
-        for line in ledger.read_text().splitlines():
-            kind, _, path = line.partition(" ")
-            (written.append if kind == "W" else restarted.add)(path)
-    never = sorted({p for p in written if p not in restarted})
-    if never and not getattr(request.node, "_crelf_failed", False):
-        pytest.fail("restart self-check: this test checkpointed without restarting "
-                    f"{', '.join(never)} (every statefile crcheckpoint writes must restart; "
-                    "mark the test checkpoint_only(reason) if it cannot)", pytrace=False)
+    for line in ledger.read_text().splitlines():
+        kind, _, path = line.partition(" ")
+        (written.append if kind == "W" else restarted.add)(path)
+    failed = []
+    for path in dict.fromkeys(p for p in written if p not in restarted):
+        if os.path.exists(path):
+            err = _self_check_restart(path)
+            if err:
+                failed.append(f"{path}: {err}")
+    if failed:
+        pytest.fail("restart self-check: a statefile this test wrote does not restart: "
+                    + "; ".join(failed), pytrace=False)
+
+
+def _self_check_restart(path: str) -> str:
+    """Restart one statefile out of the way and kill it; "" or the error."""
+    import json
+    from helpers import _set_child_subreaper
+    _set_child_subreaper()       # the detached tree's init comes to us, to be reaped
+    import signal
+    repo = Path(__file__).resolve().parent.parent
+    import tempfile
+    # (files, not pipes: the restored tree inherits them and may hold them open)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        r = subprocess.run(["unshare", "--ipc", sys.executable, "-m", "restorer.cli",
+                            "--pidns", "--detach", "--force-files", "--json", path],
+                           stdout=out, stderr=err, timeout=180, close_fds=True,
+                           stdin=subprocess.DEVNULL, cwd=repo,
+                           env={**os.environ, "CRELF_TEST_LEDGER": ""})
+        out.seek(0)
+        err.seek(0)
+        said, text = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if r.returncode != 0:
+        return text.strip().splitlines()[-1] if text.strip() else f"exit {r.returncode}"
+    try:
+        init = json.loads(said.strip().splitlines()[-1])["init_pid"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return f"crrestart said no pid: {said[-300:]!r}"
+    os.kill(init, signal.SIGKILL)          # the namespace's init: the whole tree goes
+    try:
+        os.waitpid(init, 0)                # (ours: we are a subreaper)
+    except ChildProcessError:
+        pass
+    return ""
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
