@@ -105,15 +105,15 @@ def _self_check_restart(path: str) -> str:
                            stdout=out, stderr=err, timeout=180, close_fds=True,
                            stdin=subprocess.DEVNULL, cwd=repo,
                            env={**os.environ, "CRELF_TEST_LEDGER": ""})
-        out.seek(0)
         err.seek(0)
-        said, text = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        text = err.read().decode(errors="replace")
     if r.returncode != 0:
         return text.strip().splitlines()[-1] if text.strip() else f"exit {r.returncode}"
-    try:
-        init = json.loads(said.strip().splitlines()[-1])["init_pid"]
-    except (ValueError, KeyError, TypeError, IndexError):
-        return f"crrestart said no pid: {said[-300:]!r}"
+    try:                                   # (--json reports on stderr)
+        init = json.loads(next(line for line in reversed(text.splitlines())
+                               if line.startswith("{")))["init_pid"]
+    except (ValueError, KeyError, TypeError, StopIteration):
+        return f"crrestart said no pid: {text[-300:]!r}"
     os.kill(init, signal.SIGKILL)          # the namespace's init: the whole tree goes
     try:
         os.waitpid(init, 0)                # (ours: we are a subreaper)
