@@ -1,9 +1,10 @@
 """The test suite's restart self-check (issue 16: a statefile crcheckpoint
 writes always restarts).
 
-When CRELF_TEST_LEDGER names a file, crcheckpoint appends `W <statefile>` for
-every restartable statefile it wrote and crrestart `R <statefile>` for every
-statefile it restored; tests/conftest.py then fails a test that checkpointed
+When CRELF_TEST_LEDGER names a file, crcheckpoint appends `W <identity>
+<statefile>` for every restartable statefile it wrote and crrestart `R ...` for
+every statefile it restored (identity: inode, size and mtime, so that a file
+the test damaged or forged afterwards is told apart); tests/conftest.py then fails a test that checkpointed
 without restarting what it wrote.  Outside the tests the variable is unset and
 this does nothing.
 """
@@ -20,7 +21,13 @@ def note(kind: str, statefile: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, f"{kind} {os.path.realpath(statefile)}\n".encode())
+            real = os.path.realpath(statefile)
+            try:
+                st = os.stat(real)
+                ident = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                ident = "-"
+            os.write(fd, f"{kind} {ident} {real}\n".encode())
         finally:
             os.close(fd)
     except OSError:

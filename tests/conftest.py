@@ -75,16 +75,26 @@ def restart_self_check(request, tmp_path_factory):
     if request.node.get_closest_marker("checkpoint_only") or \
             getattr(request.node, "_crelf_failed", False) or not ledger.exists():
         return
-    written, restarted = [], set()
+    written, restarted = {}, set()
     for line in ledger.read_text().splitlines():
-        kind, _, path = line.partition(" ")
-        (written.append if kind == "W" else restarted.add)(path)
+        kind, ident, path = line.split(" ", 2)
+        if kind == "W":
+            written[path] = ident
+        else:
+            restarted.add(path)
     failed = []
-    for path in dict.fromkeys(p for p in written if p not in restarted):
-        if os.path.exists(path):
-            err = _self_check_restart(path)
-            if err:
-                failed.append(f"{path}: {err}")
+    for path, ident in written.items():
+        if path in restarted:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue          # removed by the test
+        if f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" != ident:
+            continue          # damaged or forged by the test after crcheckpoint wrote it
+        err = _self_check_restart(path)
+        if err:
+            failed.append(f"{path}: {err}")
     if failed:
         pytest.fail("restart self-check: a statefile this test wrote does not restart: "
                     + "; ".join(failed), pytrace=False)
