@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+
+import pytest
 import uuid
 
 from helpers import build_c, require_root, wait_for_line
@@ -296,6 +298,8 @@ def test_sealed_memfds_keep_their_seals(procs, tmp_path):
     assert out.read_bytes() == ref
 
 
+@pytest.mark.checkpoint_only("one statefile is kept without the /dev/shm content on "
+                              "purpose: its restart must refuse once the file is gone")
 def test_dev_shm_recreated_from_the_statefile(procs, tmp_path):
     """With --dump-tmpfs, POSIX shm files (one only mapped, one mapped and
     open) deleted from /dev/shm after the checkpoint, as on another host, are

@@ -318,6 +318,8 @@ for i in range(200):
 """
 
 
+@pytest.mark.checkpoint_only("the test rewrites the mapped file to show that the "
+                              "restart refuses")
 def test_private_mapping_rewritten_in_place_is_refused(procs, tmp_path):
     """A file mapped privately (like a library) whose content changed in place
     (same inode) would feed the restarted process new pages: refused."""
