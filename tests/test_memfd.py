@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
 
 import pytest
-import uuid
 
 from helpers import build_c, require_root, wait_for_line
 from test_tree import CRCHECKPOINT, CRRESTART, REPO, finish, reap, restart
