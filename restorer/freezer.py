@@ -132,9 +132,7 @@ class ReleaseFreezer:
             pids = [p for p in self.procs() if p != os.getpid()]
             if not pids and self.remove():
                 return
-            for pid in pids:
-                if pid == os.getpid():
-                    continue      # (crrestart, if it could not leave: never itself)
+            for pid in pids:          # (never crrestart itself, if it could not leave)
                 try:
                     os.kill(pid, 9)
                 except OSError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import procfs
 
 
-def membership(pid: int, tid: int | None = None) -> dict[str, str]:
+def membership(pid: int | str, tid: int | None = None) -> dict[str, str]:
     """{hierarchy: path} ("cpu,cpuacct": "/user.slice", "": "/" for v2...)."""
     path = f"/proc/{pid}/cgroup" if tid is None else f"/proc/{pid}/task/{tid}/cgroup"
     out = {}
@@ -30,7 +30,7 @@ def differences(tasks: list[dict], live: bool = True) -> list[tuple[int, int, st
     thread record (`cgroups`); a loaded statefile's records are compared as
     they are (with crrestart's own cgroups: restorer/validate.py ignores
     that, the check is the checkpoint's)."""
-    mine = _own()
+    mine = membership("self")
     out = []
     for t in tasks:
         for th in t["threads"]:
@@ -48,12 +48,4 @@ def differences(tasks: list[dict], live: bool = True) -> list[tuple[int, int, st
                     for h, p in sorted(theirs.items()) if mine.get(h) != p]
             if diff:
                 out.append((t["pid"], th["tid"], ", ".join(diff)))
-    return out
-
-
-def _own() -> dict[str, str]:
-    out = {}
-    for line in procfs.read("/proc/self/cgroup").splitlines():
-        _, ctrls, cg = line.split(":", 2)
-        out[ctrls] = cg
     return out

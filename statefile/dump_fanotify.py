@@ -23,16 +23,10 @@ give back a permission event a task is answering.
 
 from __future__ import annotations
 
-import re
-
 from . import procfs
-from .dump_anon import _handle_path, _unread_bytes
+from .dump_anon import _fields, _handle_path, _unread_bytes
 
 FAN_CLASS_MASK = 0x0C     # FAN_CLASS_CONTENT 0x04, FAN_CLASS_PRE_CONTENT 0x08
-
-
-def _fields(text: str) -> dict[str, str]:
-    return dict(re.findall(r"([\w-]+):(\S+)", text))
 
 
 def _mount_point(pid: int, mnt_id: int | None = None, sdev: int | None = None) -> str | None:
