@@ -439,6 +439,9 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         if lazy:
             g.served(res.pid)     # from now on the guard keeps the lazy memory safe
         t_rel = time.perf_counter()
+        for tr in trs:
+            if tr.task.get("group_stopped"):
+                tr.release_stopped()    # stopped again before anything of the tree runs
         if fz is not None:
             try:
                 fz.freeze()

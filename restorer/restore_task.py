@@ -138,6 +138,7 @@ class TaskRestorer:
         self.timings: dict[str, float] = {}
         self.lazy_server = None
         self.keep_fds = False    # an fd table shared with a task restored later
+        self.released = False
 
     @property
     def step(self) -> str:
@@ -267,7 +268,11 @@ class TaskRestorer:
         self._t("registers", t)
 
     def release(self) -> None:
-        """Detach every thread: the task runs from here."""
+        """Detach every thread: the task runs from here (once: a stopped
+        task is released ahead of the others, see release_stopped)."""
+        if self.released:
+            return
+        self.released = True
         self.step = "detach"
         if self.task.get("group_stopped"):
             # The signal that stopped it (a parent's waitid sees it again),
@@ -291,6 +296,31 @@ class TaskRestorer:
                 # restore.  Collect it as its tracer, so that its parent can
                 # reap it.
                 _collect_dead_tracee(rtid)
+
+    def release_stopped(self, timeout: float = 10.0) -> None:
+        """Release a task that was group-stopped and wait until its group
+        stop is complete (every thread in state T): from then on its
+        parent's waitid(WSTOPPED) reports it, as before the checkpoint.
+        Released with the others, a parent could look before the child had
+        taken its stop signal and find nothing.  It runs no instruction of
+        its own on the way: the stop signal is pending when it is detached."""
+        self.release()
+        end = time.monotonic() + timeout
+        while True:
+            states = []
+            for rtid in self.tids.values():
+                try:
+                    with open(f"/proc/{self.rpid}/task/{rtid}/stat", "rb") as f:
+                        st = f.read()
+                    states.append(st[st.rindex(b")") + 2:st.rindex(b")") + 3])
+                except (OSError, ValueError):
+                    return      # (killed: the release of the others says so)
+            if all(s in (b"T", b"t") for s in states):
+                return
+            if time.monotonic() > end:
+                raise RestoreError(f"task {self.task['pid']}",
+                                   f"did not stop again within {timeout:g} s of its release")
+            time.sleep(0.0002)
 
     # --- pieces ------------------------------------------------------------------------
     def _set_mm(self, inj) -> None:
