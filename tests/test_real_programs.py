@@ -54,13 +54,16 @@ PROGRAMS = {
     # multi-threaded: worker threads with their condition variables
     "xz-threads": ("xz", lambda d: ["xz", "-T2", "-3", "-c"], "in.txt"),
     "zstd-threads": ("zstd", lambda d: ["zstd", "-T2", "-15", "-c"], "in.txt"),
-    "sort-parallel": ("sort", lambda d: ["sort", "--parallel=2", "-r", "-S", "100M"], "in.txt"),
+    # sort reads its input whole before it writes a line: three copies of it,
+    # as files it opened itself, keep it busy long enough to be caught mid-run
+    "sort-parallel": ("sort", lambda d: ["sort", "--parallel=2", "-r", "-S", "100M",
+                                         *[str(d / "in.txt")] * 3], None),
     "bzip2": ("bzip2", lambda d: ["bzip2", "-9", "-c"], "in.txt"),
     "zstd": ("zstd", lambda d: ["zstd", "-12", "-c"], "in.txt"),
     "perl": ("perl", lambda d: ["perl", "-ne", "$s += $_; if ($. % 100000 == 0) "
                                 "{ print \"$s\\n\"; select(undef, undef, undef, 0.01) }"],
              "in.txt"),
-    "sort": ("sort", lambda d: ["sort", "-r", "-S", "50M"], "in.txt"),
+    "sort": ("sort", lambda d: ["sort", "-r", "-S", "50M", *[str(d / "in.txt")] * 3], None),
     "sqlite3": ("sqlite3", lambda d: ["sqlite3", str(d / "db.sqlite")], "q.sql"),
     "node": ("node", lambda d: ["node", str(d / "n.js")], None),
     # a JVM: ~20 threads, JIT-compiled code, a peerless unix socket
