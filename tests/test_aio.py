@@ -6,12 +6,8 @@ the same context ids and reads the file back: the output must be the
 uninterrupted run's byte for byte."""
 from __future__ import annotations
 
-import os
-import subprocess
-
-from helpers import build_c, require_root, wait_for_line
-from test_memfd import _checkpoint
-from test_tree import finish, restart
+from helpers import build_c, require_root
+from roundtrip import same_after_restart
 
 AIO = r'''
 #include <fcntl.h>
@@ -73,18 +69,6 @@ int main(int argc, char **argv) {
 def test_aio_rings_come_back(procs, tmp_path):
     require_root()
     prog = build_c(tmp_path, "aio", AIO)
-    ref = subprocess.run([prog, tmp_path / "ref.dat"], capture_output=True, timeout=60,
-                         check=True, close_fds=True).stdout
+    ref = same_after_restart(procs, tmp_path, [prog, tmp_path / "run.dat"], "aio")
     assert b"after: 3 events: tag 102 res 6 tag 103 res 6 tag 104 res 8" in ref, ref
     assert b"file: alpha beta gamma delta epsilon zeta!" in ref, ref
-    out = tmp_path / "aio.out"
-    go = tmp_path / "go"
-    proc = procs.spawn([prog, tmp_path / "run.dat"], stdout=out,
-                       env={**os.environ, "GO": str(go)})
-    wait_for_line(out, r"tick 5\b", proc=proc)
-    _checkpoint(proc, tmp_path / "aio.cr")
-    rp = restart(procs, tmp_path / "aio.cr")
-    go.touch()
-    code, err = finish(rp)
-    assert code == 0, err
-    assert out.read_bytes() == ref

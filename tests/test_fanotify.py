@@ -8,11 +8,11 @@ dropped (said at both ends), the group coming back with its marks."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 from helpers import build_c, require_root, wait_for_line
+from roundtrip import refused_up_front, same_after_restart
 from test_memfd import _checkpoint
-from test_tree import CRCHECKPOINT, finish, restart
+from test_tree import finish, restart
 
 FANOTIFY = r'''
 #define _GNU_SOURCE
@@ -93,27 +93,15 @@ int main(int argc, char **argv) {
 def test_fanotify_group_and_marks_come_back(procs, tmp_path):
     require_root()
     prog = build_c(tmp_path, "fan", FANOTIFY)
-    d = tmp_path / "ref"
-    d.mkdir()
-    ref = subprocess.run([prog, d, "-", "ignore"], capture_output=True, timeout=60, check=True,
-                         close_fds=True).stdout
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    ref = same_after_restart(procs, tmp_path, [prog, tmp_path / "run", "-", "ignore"], "fan",
+                             ref_argv=[prog, tmp_path / "ref", "-", "ignore"])
     assert b"event 0x2a on /watched" in ref and b"on /child" not in ref, ref  # (ignored)
     assert b"inode mflags:440 mask:0 ignored_mask:20" in ref, ref
     assert b"inode mflags:0 mask:2a ignored_mask:0" in ref, ref
     assert b"mount mflags:40 mask:0 ignored_mask:1" in ref, ref
     assert b"read: Resource temporarily unavailable" in ref
-    d = tmp_path / "run"
-    d.mkdir()
-    out = tmp_path / "fan.out"
-    go = tmp_path / "go"
-    proc = procs.spawn([prog, d, "-", "ignore"], stdout=out, env={**os.environ, "GO": str(go)})
-    wait_for_line(out, r"tick 5\b", proc=proc)
-    _checkpoint(proc, tmp_path / "fan.cr")
-    rp = restart(procs, tmp_path / "fan.cr")
-    go.touch()
-    code, err = finish(rp)
-    assert code == 0, err
-    assert out.read_bytes() == ref
 
 
 def test_fanotify_unread_events_refused_or_dropped_by_policy(procs, tmp_path):
@@ -126,10 +114,7 @@ def test_fanotify_unread_events_refused_or_dropped_by_policy(procs, tmp_path):
     proc = procs.spawn([prog, d, "queue"], stdout=out, env={**os.environ, "GO": str(go)})
     wait_for_line(out, r"tick 2\b", proc=proc)
     cr = tmp_path / "q.cr"
-    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 6 and "has unread events" in r.stderr, r.stderr
-    assert not cr.exists() and proc.poll() is None
+    refused_up_front(proc, cr, "has unread events")
     _checkpoint(proc, cr, "--skip", "notify-events")
     rp = restart(procs, cr)
     go.touch()

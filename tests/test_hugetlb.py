@@ -6,14 +6,10 @@ back on huge pages (smaps KernelPageSize), the shared memory is still one
 object between the tasks, and the output is the uninterrupted run's."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
-from helpers import build_c, require_root, wait_for_line
-from test_memfd import _checkpoint
-from test_tree import finish, restart
+from helpers import build_c, require_root
+from roundtrip import same_after_restart
 
 HUGE = r'''
 #define _GNU_SOURCE
@@ -88,18 +84,7 @@ def huge_pages():
 
 def test_hugetlb_memory_comes_back(procs, tmp_path, huge_pages):
     prog = build_c(tmp_path, "huge", HUGE)
-    ref = subprocess.run([prog], capture_output=True, timeout=60, check=True,
-                         close_fds=True).stdout
+    ref = same_after_restart(procs, tmp_path, [prog], "huge", r"tick 9\b")
     assert b"shared start | abcdefghijklmnopqrstuvwxyzabcd | from the child after | " \
         b"private deep | memfd | 0" in ref, ref
     assert b"page sizes 2048 2048 2048, child 0" in ref, ref
-    out = tmp_path / "huge.out"
-    go = tmp_path / "go"
-    proc = procs.spawn([prog], stdout=out, env={**os.environ, "GO": str(go)})
-    wait_for_line(out, r"tick 9\b", proc=proc)
-    _checkpoint(proc, tmp_path / "huge.cr")
-    rp = restart(procs, tmp_path / "huge.cr")
-    go.touch()
-    code, err = finish(rp)
-    assert code == 0, err
-    assert out.read_bytes() == ref

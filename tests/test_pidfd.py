@@ -7,11 +7,9 @@ process outside the tree is refused before anything is written."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 from helpers import build_c, require_root, wait_for_line
-from test_memfd import _checkpoint
-from test_tree import CRCHECKPOINT, finish, restart
+from roundtrip import refused_up_front, same_after_restart
 
 PIDFDS = r'''
 #define _GNU_SOURCE
@@ -82,20 +80,9 @@ int main(int argc, char **argv) {
 def test_pidfds_come_back(procs, tmp_path):
     require_root()
     prog = build_c(tmp_path, "pidfds", PIDFDS + "\n")
-    ref = subprocess.run([prog], capture_output=True, timeout=60, check=True,
-                         close_fds=True).stdout
+    ref = same_after_restart(procs, tmp_path, [prog], "pidfds")
     assert b"exited: same inode 1, not the child's 1, signal 0: ESRCH, readable 1" in ref, ref
     assert b"child killed through its pidfd: signal 9, readable 1" in ref, ref
-    out = tmp_path / "pidfds.out"
-    go = tmp_path / "go"
-    proc = procs.spawn([prog], stdout=out, env={**os.environ, "GO": str(go)})
-    wait_for_line(out, r"tick 5\b", proc=proc)
-    _checkpoint(proc, tmp_path / "pidfds.cr")
-    rp = restart(procs, tmp_path / "pidfds.cr")
-    go.touch()
-    code, err = finish(rp)
-    assert code == 0, err
-    assert out.read_bytes() == ref
 
 
 def test_pidfd_of_a_process_outside_the_tree_is_refused(procs, tmp_path):
@@ -105,12 +92,7 @@ def test_pidfd_of_a_process_outside_the_tree_is_refused(procs, tmp_path):
     out = tmp_path / "ext.out"
     proc = procs.spawn([prog, str(outsider.pid)], stdout=out, env={**os.environ, "GO": str(tmp_path / "never")})
     wait_for_line(out, r"tick 2\b", proc=proc)
-    cr = tmp_path / "ext.cr"
-    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 6, r.stderr
-    assert f"refers to pid {outsider.pid}" in r.stderr and "not part of the checkpoint" \
-        in r.stderr, r.stderr
-    assert not cr.exists()
+    refused_up_front(proc, tmp_path / "ext.cr", f"refers to pid {outsider.pid}",
+                     "not part of the checkpoint")
     wait_for_line(out, r"tick 8\b", proc=proc)      # it runs on, unharmed
     assert proc.poll() is None
