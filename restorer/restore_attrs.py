@@ -15,6 +15,7 @@ from .errors import RestoreError
 NR_SCHED_SETATTR, NR_SCHED_GETATTR = 314, 315
 NR_MEMBARRIER = 324
 NR_OPENAT, NR_SETFSUID, NR_SETFSGID = 257, 122, 123
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 PR_SET_THP_DISABLE = 41
 AT_FDCWD = -100
 O_WRONLY, O_CLOEXEC = 1, 0o2000000
@@ -48,6 +49,23 @@ def process_state(inj, task: dict) -> None:
     left = mb & ~sum(MEMBARRIER_REGISTER)
     if left:
         raise RestoreError("membarrier", f"unknown membarrier registrations {left:#x}")
+
+
+def dumpable(inj, task: dict) -> None:
+    """The dumpable flag, last of all that is injected: the credentials set
+    before it reset it (to fs.suid_dumpable) on any uid or gid change, and a
+    task that is not dumpable has its /proc files owned by root.  prctl sets
+    only 0 or 1; a saved 2 (suid_dumpable's root-only dumps) is what the
+    kernel set after the credentials where fs.suid_dumpable is 2."""
+    want = (task.get("attrs") or {}).get("dumpable")
+    if want is None:
+        return
+    if want in (0, 1):
+        inj.check("prctl", PR_SET_DUMPABLE, want, 0, 0, 0)
+    got = inj.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+    if got != want:
+        raise RestoreError("dumpable", f"the task's dumpable flag was {want}, it is {got} "
+                           "here (fs.suid_dumpable differs?)")
 
 
 def _read(path: str) -> str:

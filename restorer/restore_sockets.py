@@ -96,21 +96,33 @@ def _live(path: str) -> bool:
         return True
 
 
-def _bind(sock: socket.socket, addr) -> bool:
+def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
     """Bind sock to a saved name.  A socket file at the path that nobody is
     bound to (the killed original's) is replaced; one a live socket holds is
-    left alone (EADDRINUSE).  Returns whether the path did not exist before."""
+    left alone (EADDRINUSE).  The new socket file gets the saved owner and
+    mode (`info`'s file_owner).  Returns whether the path did not exist before."""
+    new = False
     if isinstance(addr, str):
         journal_path(addr)      # (removed if crrestart dies before the release)
         try:
             st_ = os.lstat(addr)
         except FileNotFoundError:
-            sock.bind(addr)
-            return True
-        if stat.S_ISSOCK(st_.st_mode) and not _live(addr):
-            os.unlink(addr)
+            new = True
+        else:
+            if stat.S_ISSOCK(st_.st_mode) and not _live(addr):
+                os.unlink(addr)
     sock.bind(addr)
-    return False
+    owner = (info or {}).get("file_owner")
+    if owner and isinstance(addr, str):
+        # bound by crrestart (root): root's file, mode from the umask, else
+        try:
+            if os.geteuid() == 0:
+                os.chown(addr, owner[0], owner[1], follow_symlinks=False)
+            os.chmod(addr, owner[2])
+        except OSError as e:
+            raise RestoreError("unix socket", f"cannot give the socket file {addr} its "
+                               f"owner and mode back: {e.strerror}") from None
+    return new
 
 
 def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
@@ -131,7 +143,7 @@ def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
     if info.get("listening"):
         sock = socket.socket(socket.AF_UNIX, stype)
         with _in_dir(cwd):
-            _bind(sock, _address(info))  # (replacing the killed original's socket file)
+            _bind(sock, _address(info), info)  # (replacing the killed original's file)
         sock.listen(128)
         return _finish(sock, f)
     peer = next((g for g in files if g.get("socket", {}).get("ino") == info.get("peer_ino")
@@ -151,7 +163,7 @@ def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
         addr = _address(info)
         if addr:
             with _in_dir(cwd):
-                _bind(sock, addr)
+                _bind(sock, addr, info)
         return _finish(sock, f)
     a, b = socket.socketpair(socket.AF_UNIX, stype)
     _fill_pair(a, b, f, peer)
@@ -293,7 +305,7 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
             if _named(f["socket"]) and not _gone(f["socket"]):
                 with _in_dir(cwd[f["id"]]):
                     try:
-                        _bind(s, _address(f["socket"]))
+                        _bind(s, _address(f["socket"]), f["socket"])
                     except OSError as e:
                         raise _err(f, "cannot bind it again", e) from None
         senders = {(g["socket"]["name"], bool(g["socket"].get("abstract"))): socks[g["id"]]

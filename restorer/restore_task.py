@@ -256,6 +256,7 @@ class TaskRestorer:
             inj.call("close", fd)
         # POSIX locks only now: the closes above would drop them
         restore_locks.take_posix(inj, task, self.sf.files, self.scratch + 3 * PAGE)
+        ra.dumpable(inj, task)      # (last: see there)
         inj.check("munmap", self.scratch, SCRATCH_PAGES * PAGE)
         self.scratch = 0
         t = self._t("state", t)

@@ -1,6 +1,7 @@
 """Task attributes outside credentials, limits and signals: scheduling (policy,
 priority, nice, per thread), OOM score adjustment, audit login uid (per
-thread), the THP-disable prctl and membarrier registrations (per mm).
+thread), the THP-disable prctl, the dumpable flag and membarrier
+registrations (per mm).
 
 Restored by restorer/restore_attrs.py.  The fields are described in
 docs/FORMAT.md ("Task attributes").
@@ -17,6 +18,7 @@ from .inject import Injector
 
 NR_SCHED_GETATTR = 315
 SCHED_ATTR_SIZE = 56            # SCHED_ATTR_SIZE_VER1: with the utilization clamps
+PR_GET_DUMPABLE = 3
 PR_GET_THP_DISABLE = 42
 PR_GET_SECUREBITS = 27
 MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
@@ -72,6 +74,9 @@ def process_attrs(pid: int, inj: Injector) -> dict:
     sb = inj.call("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0)
     if sb >= 0:
         out["securebits"] = sb       # SECBIT_* of the leader (keep-caps, noroot, ...)
+    dumpable = inj.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+    if dumpable >= 0:
+        out["dumpable"] = dumpable   # 0, 1, 2 (suid_dumpable's root-only)
     mb = inj.call("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0)
     if mb >= 0:
         out["membarrier"] = mb       # the MEMBARRIER_CMD_REGISTER_* bits registered

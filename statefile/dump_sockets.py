@@ -154,22 +154,25 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
     return [m.hex() for m in msgs], fds_in_flight
 
 
-def _file_gone(pid: int | None, name: str, vfs: tuple[int, int] | None) -> bool:
-    """Whether the socket file a socket was bound to is no longer at its name
-    (deleted, or replaced by another file: the socket keeps the name, nobody
-    can connect to it by that name any more).  The name is looked up the way
-    the task sees it (its root; a relative name from its working directory)."""
+def _socket_file(pid: int | None, name: str,
+                 vfs: tuple[int, int] | None) -> os.stat_result | bool | None:
+    """The socket file a socket was bound to, if it is still at its name;
+    None if it is not (deleted, or replaced by another file: the socket keeps
+    the name, nobody can connect to it by that name any more); True when
+    there is no telling.  The name is looked up the way the task sees it (its
+    root; a relative name from its working directory)."""
     if pid is None or vfs is None:
-        return False
+        return True
     where = f"/proc/{pid}/root{name}" if name.startswith("/") else f"/proc/{pid}/cwd/{name}"
     try:
         st_ = os.lstat(where)
     except OSError:
-        return True
+        return None
     dev, ino = vfs
-    return not (stat.S_ISSOCK(st_.st_mode) and (st_.st_ino & 0xFFFFFFFF) == ino
-                and os.major(st_.st_dev) == dev >> 20
-                and os.minor(st_.st_dev) == dev & 0xFFFFF)
+    if (stat.S_ISSOCK(st_.st_mode) and (st_.st_ino & 0xFFFFFFFF) == ino
+            and os.major(st_.st_dev) == dev >> 20 and os.minor(st_.st_dev) == dev & 0xFFFFF):
+        return st_
+    return None
 
 
 def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
@@ -180,10 +183,15 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
     info = {"ino": ino, "peer_ino": d["peer"], "name": d["name"],
             "abstract": d.get("abstract", False), "shutdown": d["shutdown"],
             "listening": d["state"] == TCP_LISTEN, "state": d["state"]}
-    if d["name"] and not info["abstract"] and _file_gone(pid, d["name"], d.get("vfs")):
-        # Its file was deleted or replaced: a restart gives it the name back
-        # without a file (restore_sockets.py), and leaves what is at the path.
-        info["file_gone"] = True
+    if d["name"] and not info["abstract"]:
+        st_ = _socket_file(pid, d["name"], d.get("vfs"))
+        if st_ is None:
+            # Its file was deleted or replaced: a restart gives it the name back
+            # without a file (restore_sockets.py), and leaves what is at the path.
+            info["file_gone"] = True
+        elif st_ is not True:
+            # who may connect to it: the file's owner and mode come back with it
+            info["file_owner"] = [st_.st_uid, st_.st_gid, stat.S_IMODE(st_.st_mode)]
     info["sockopts"] = sockopts(sock)
     if info["listening"]:
         info["backlog_queued"] = d["rqueue"]

@@ -33,7 +33,8 @@ def same_after_restart(procs, tmp_path, argv, name: str, ready: str = r"tick 5\b
     go.touch()
     code, err = finish(rp)
     assert code == 0, err
-    assert out.read_bytes() == ref
+    got = out.read_bytes()
+    assert got == ref, f"restarted run:\n{got[-1500:]!r}\nuninterrupted:\n{ref[-1500:]!r}"
     return ref
 
 
