@@ -43,7 +43,8 @@ watched process dies, the guard first reads every line already written, then:
   getting a zero page), says so, and exits;
 * after C, before G: thaws the release freezer's cgroup (the whole tree runs
   on), moves its processes back to crrestart's cgroup and removes it;
-* after C without K, after A or D: exits quietly.
+* after A, or after C with no lazy memory missing (no K, or D read: a D
+  before C ends only the lazy duty, the rest stays): exits quietly.
 
 The other way round, the lazy server watches the guard's pidfd: a guard that
 dies while pages are missing makes the server kill the tree (lazy.py), since
@@ -241,7 +242,7 @@ class Guard:
         buf = b""
 
         def drain() -> str:
-            """Apply every complete line in the pipe; "A"/"D"/"C" when read."""
+            """Apply every complete line in the pipe; "A" or "C" when read."""
             nonlocal buf, served, committed, fz
             end = ""
             while True:
@@ -276,20 +277,24 @@ class Guard:
                     fz = None
                 elif w[0] == "C":
                     committed, end = True, end or "C"
-                elif w[0] in ("A", "D"):
+                elif w[0] == "D":
+                    # every lazy page is in (or the served tree is gone): only
+                    # the lazy duty ends; before the release the rest remains
+                    served = None
+                elif w[0] == "A":
                     return w[0]
             return end
 
         while True:
             poll_fds([self.r, *watch], None)
             end = drain()
-            if end in ("A", "D") or (committed and served is None and fz is None):
+            if end == "A" or (committed and served is None and fz is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
                 continue
             end = drain()     # what the dead one wrote before it died
-            if end in ("A", "D") or (committed and served is None and fz is None):
+            if end == "A" or (committed and served is None and fz is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
