@@ -16,12 +16,12 @@ from statefile.errors import FormatError
 from statefile.reader import MALFORMED, load, verify_notes
 
 from .errors import RestoreError
-from . import freezer, restore_pidfd
+from . import freezer, gate, restore_pidfd
 from .guard import Guard
 from .kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG, children_back_in_own_pidns,
                      close_all, fork_with_pid,
                      prctl, unshare)
-from .restore_files import ChildPlan, end_dead_procs, remap_proc_pids
+from .restore_files import ChildPlan, ExtraOpen, end_dead_procs, remap_proc_pids
 from .restore_ipc import SharedIPC, shared_anon_ids
 from .restore_locks import assign as assign_locks
 from .restore_memfd import SharedObjects
@@ -307,6 +307,14 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         if not freezer.make(fz, log):
             fz = None
             g.thawed()
+    # Without a freezer, the release gate (restorer/gate.py) makes it atomic:
+    # every task inherits the read end of a pipe whose only write end is ours.
+    gate_r = gate_w = -1
+    if fz is None and gate.wanted():
+        gate_r, gate_w = gate.make()
+        for t in tasks:
+            ex = extras_of[t["pid"]]
+            ex.append(ExtraOpen("gate", "", os.O_RDONLY, gate.extra_fd(ex), shared=gate.GATE_ID))
     status_r, status_w = os.pipe()
     rel_r = rel_w = ack_r = ack_w = -1      # the release handshake with a --pidns init
     created: list[int] = []
@@ -320,6 +328,9 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
         _journal_task_paths(sf, g)
         ns.enter()                # the SysV objects below are created inside it
         shared = open_shared(sf.files, tasks, plans[root.pid], res.warnings)
+        if gate_r >= 0:
+            shared[gate.GATE_ID] = gate_r
+            gate_r = -1           # (closed with `shared`)
         ipc.create_sysv()
         shared.update(ipc.create_memfds(shared_ids))
         shared.update(ipc.object_fds(shared_ids, ipc.memfds))   # fds of those objects
@@ -427,6 +438,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             tr.pids = res.pids        # (its fds on the tree's /proc files)
             trs.append(tr)
             tr.run()
+            res.warnings += tr.warnings
         ipc.finish()              # every task attached its SysV segments
         objs.finish()             # every task mapped its memfds: the late seals
         # --- barrier 2: release them all at once -----------------------------------------------
@@ -453,6 +465,9 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             _die_here("detach")
         g.commit()
         _die_here("commit")
+        if gate_w >= 0:
+            os.close(gate_w)      # the gate opens: all of the tree runs from this one close
+            gate_w = -1
         if fz is not None:
             try:
                 fz.thaw()         # all of the tree runs from this one write
@@ -491,6 +506,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                 pass
         for pid in created:
             pt.wait_exit(pid)  # traced, or our child
+        close_all((gate_r, gate_w))   # (only now: end-of-file would let gated tasks run)
         ipc.remove()          # the SysV objects created for the tree
         objs.remove()         # and the memfds, the tmpfs files recreated
         g.abort()             # all undone here: the guard has nothing left to do

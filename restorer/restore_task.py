@@ -14,7 +14,7 @@ from statefile import elfcore as ec
 from statefile import ptrace as pt
 from statefile.inject import InjectError, find_syscall_insn
 
-from . import restore_aio, restore_locks, restore_pidfd
+from . import gate, restore_aio, restore_locks, restore_pidfd
 from . import restore_attrs as ra
 from . import restore_signals as rs
 from .errors import RestoreError
@@ -139,6 +139,9 @@ class TaskRestorer:
         self.lazy_server = None
         self.keep_fds = False    # an fd table shared with a task restored later
         self.released = False
+        self.gate: dict[int, tuple] = {}  # saved tid -> (its gate fd, stack pointer, scratch)
+        self.gadgets = None
+        self.warnings: list[str] = []     # (the restore's, said by crrestart)
 
     @property
     def step(self) -> str:
@@ -251,6 +254,9 @@ class TaskRestorer:
         for th in task["threads"]:
             ra.thread_sched(self.tids[th["tid"]], th)
         ra.oom_score_adj(rpid, task)
+        if "gate" in self.fds and not task.get("group_stopped"):
+            self.step = "release gate"
+            self._gate_fds(inj)
         self.step = "cleanup"
         for fd in sorted(set(self.fds.values())) if not self.keep_fds else ():
             inj.call("close", fd)
@@ -488,14 +494,53 @@ class TaskRestorer:
         saved = self.sf.regs.get(th["tid"])
         if saved is None:
             raise RestoreError("registers", f"no registers saved for thread {th['tid']}")
-        r = saved.user_regs()
-        fixup_restart(r, th.get("syscall"))
+        r = self._final_regs(th)
         pt.setregs(rtid, r)
         if saved.xstate:
             pt.setregset(rtid, ec.NT_X86_XSTATE, saved.xstate)
         elif saved.fpregs:
             pt.setregset(rtid, ec.NT_PRFPREG, saved.fpregs)
         pt.setsigmask(rtid, th.get("sigmask", 0))
+        if th["tid"] in self.gate:
+            gate.enter(rtid, r, self.gadgets, *self.gate[th["tid"]])
+
+    def _final_regs(self, th: dict):
+        r = self.sf.regs[th["tid"]].user_regs()
+        fixup_restart(r, th.get("syscall"))
+        return r
+
+    def _gate_fds(self, inj) -> None:
+        """Each thread that can pass the release gate (restorer/gate.py) gets
+        its own fd of the gate's read end, above the program's, and the
+        frames of its way through it."""
+        self.gadgets = gate.gadgets(self.rpid)
+        if self.gadgets is None:
+            self.warnings.append(f"pid {self.vpid}: released without the gate (no "
+                                 "rt_sigreturn instruction in its code)")
+            return
+        maps = parse_maps(self.rpid)
+        low = max([d["fd"] for d in self.task["fds"]] + [2]) + 1
+        for th in self.task["threads"]:
+            saved, rtid = self.sf.regs.get(th["tid"]), self.tids[th["tid"]]
+            xstate = b""
+            if saved is not None and saved.xstate:
+                # the kernel's own layout of it (what rt_sigreturn checks);
+                # set again with the registers
+                pt.setregset(rtid, ec.NT_X86_XSTATE, saved.xstate)
+                xstate = pt.getregset(rtid, ec.NT_X86_XSTATE, 1 << 16)
+            final = self._final_regs(th) if saved is not None else None
+            # a page of lazy memory faulted in by the task itself, reading it
+            touch = lambda page: inj.call(gate.NR_ACCESS, page, 0)  # noqa: E731
+            why = gate.check(th, final, len(xstate), self.memfd, maps, touch) if final else \
+                "no registers"
+            if why:
+                self.warnings.append(f"pid {self.vpid} thread {th['tid']}: released without "
+                                     f"the gate ({why})")
+                continue
+            gfd = inj.check("fcntl", self.fds["gate"], gate.F_DUPFD_CLOEXEC, low)
+            sp, scratch = gate.write_frames(th, final, xstate, gfd, self.gadgets, self.memfd,
+                                            touch)
+            self.gate[th["tid"]] = (gfd, sp, scratch)
 
     def kill(self) -> None:
         """SIGKILL the task and reap every thread we trace (a traced thread must

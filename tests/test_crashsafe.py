@@ -429,21 +429,84 @@ def spinners(tmp_path_factory):
     return cr, files, data
 
 
-@pytest.mark.parametrize("mode", [["--eager"], ["--eager", "--pidns"]], ids=["eager", "pidns"])
-@pytest.mark.parametrize("point", ["detach", "commit", "home"])
-def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, point):
+@pytest.mark.parametrize("release", ["freezer", "gate"])
+def test_lazy_restore_undone_though_every_page_was_in(sample_bin, procs, tmp_path, release):
+    """A lazy restore of a one-task program (four threads) whose little
+    memory is all served before the release (the server tells the guard so):
+    crrestart SIGKILLed after the detach must still leave nothing running.
+    (The guard used to take "every page is in" for "nothing left to guard"
+    and exit, leaving the task frozen for good, or with the gate, running.)"""
+    require_root()
+    _set_child_subreaper()
+    out, cr = tmp_path / "mt.out", tmp_path / "mt.cr"
+    proc = procs.spawn([sample_bin / "mt_values"], stdout=out, close_fds=True)
+    deadline = time.monotonic() + 10
+    while b"tick 3" not in out.read_bytes():
+        assert time.monotonic() < deadline and proc.poll() is None, out.read_text()
+        time.sleep(0.01)
+    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr), "--kill"],
+                       capture_output=True, text=True, timeout=120, close_fds=True)
+    assert r.returncode == 0, r.stderr
+    proc.wait(timeout=10)
+    _settle(set(), {})
+    before = out.read_bytes()
+    env = {**os.environ, "CRELF_RESTORE_DIE_AT": "detach"}
+    if release == "gate":
+        env["CRELF_NO_FREEZER"] = "1"
+    err = tmp_path / "restart.err"
+    with open(err, "wb") as fe:
+        p = subprocess.Popen([*CRRESTART, "--lazy", "--force-files", str(cr)],
+                             stdout=subprocess.DEVNULL, stderr=fe, stdin=subprocess.DEVNULL,
+                             close_fds=True, cwd=REPO, env=env, start_new_session=True)
+    try:
+        assert p.wait(timeout=120) == -signal.SIGKILL, err.read_text()
+        _settle(set(), {}, timeout=10)      # (the guard too: it says why)
+        time.sleep(0.3)
+        assert out.read_bytes() == before, "the tree ran after crrestart died in its release"
+        assert "before the tree was released" in err.read_text(), err.read_text()
+        assert not _release_cgroups(p.pid), _release_cgroups(p.pid)
+    finally:
+        for path in _release_cgroups(p.pid):    # (a failure's leftovers: frozen tasks)
+            with open(f"{path}/cgroup.procs") as f:
+                for pid in f.read().split():
+                    os.kill(int(pid), signal.SIGKILL)
+            with open(f"{path}/freezer.state", "w") as f:
+                f.write("THAWED")
+            _settle(set(), {}, timeout=10)
+            os.rmdir(path)
+
+
+_EAGER = [["--eager"], ["--eager", "--pidns"]]
+
+
+@pytest.mark.parametrize("mode,release,point", [
+    *[(m, r, p) for m in _EAGER for r, p in (("freezer", "detach"), ("freezer", "commit"),
+                                            ("freezer", "home"), ("gate", "detach"),
+                                            ("gate", "commit"))],
+    # lazy: its memory all in before the release (a small tree): the guard
+    # must still undo a restore whose crrestart died before it
+    (["--lazy"], "freezer", "detach"), (["--lazy"], "gate", "detach")],
+    ids=lambda v: "-".join(x.strip("-") for x in v) if isinstance(v, list) else v)
+def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, release, point):
     """crrestart SIGKILLed inside the release of two tasks that write as fast
     as they can: after the first task was detached ("detach"): neither may
     run one instruction (both files unchanged, nothing left); just after the
-    guard was told "released", before the thaw ("commit"), or before the
-    tasks were moved back home ("home"): both tasks run on, counting on from
-    where they were.  No release cgroup is left either way."""
-    from restorer.freezer import find, make
-    fz = None if os.environ.get("CRELF_NO_FREEZER") else find()   # (a negative check)
-    assert os.environ.get("CRELF_NO_FREEZER") or (fz is not None and make(fz)), \
-        "no writable cgroup freezer here: the release cannot be atomic"
-    if fz is not None:
+    guard was told "released", before the thaw or the gate's opening
+    ("commit"), or before the tasks were moved back home ("home"): both tasks
+    run on, counting on from where they were.  No release cgroup is left
+    either way.  "freezer": as root, the release freezer (restorer/freezer.py);
+    "gate": without one, as an unprivileged restore is, the release gate
+    (restorer/gate.py).  CRELF_NO_GATE=1 in the environment with "gate" is
+    the negative check: the plain detach loop, where "detach" fails."""
+    env = {**os.environ, "CRELF_RESTORE_DIE_AT": point}
+    if release == "freezer":
+        from restorer.freezer import find, make
+        fz = find()
+        assert fz is not None and make(fz), \
+            "no writable cgroup freezer here: the release cannot be atomic"
         fz.remove()
+    else:
+        env["CRELF_NO_FREEZER"] = "1"
     cr, files, data = spinners
     for f, d in zip(files, data):
         f.write_bytes(d)          # as the checkpoint left them
@@ -453,8 +516,7 @@ def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, point):
         p = subprocess.Popen([*CRRESTART, *mode, "--force-files", str(cr)],
                              stdout=subprocess.DEVNULL,
                              stderr=fe, stdin=subprocess.DEVNULL, close_fds=True, cwd=REPO,
-                             start_new_session=True,
-                             env={**os.environ, "CRELF_RESTORE_DIE_AT": point})
+                             start_new_session=True, env=env)
     assert p.wait(timeout=120) == -signal.SIGKILL, err.read_text()
     if point == "detach":
         _settle(baseline, {})       # (the guard too: it says why)

@@ -1,0 +1,158 @@
+"""The release gate: an atomic release where no freezer can be had (docs/RESTORE.md,
+"The release is atomic").
+
+Without root (or with no writable freezer) crrestart cannot freeze the tree
+around its detach loop, and a crrestart killed inside that loop used to leave
+the tasks detached so far running (for the few ms until the guard killed
+them) while the rest died.  The gate makes the loop harmless: every thread is
+detached *into a read(2) on a pipe* that nothing will ever write, with every
+signal blocked, and the tree runs when the pipe's last write end is closed
+(end-of-file wakes every reader at once).  That write end is in crrestart's
+fd table only, which the guard shares (restorer/guard.py), so:
+
+* crrestart dies before the release ("C" not told): the guard kills every
+  task, each one still blocked in its read or still traced, and only then
+  exits, taking the write end with it: nothing of the tree ran;
+* crrestart closes the write end after telling the guard "C": the whole tree
+  runs from that one close;
+* crrestart dies between the two: the guard exits (the tree is released),
+  the table goes, the tree runs.
+
+Each thread reads from an fd of its own (a duplicate of the task's
+inherited read end, made by injection above the program's fds), so that it
+can close it without disturbing its siblings.  The thread gets there with
+registers crrestart sets and two signal frames it writes below the thread's
+red zone (statefile/wayback.py), run through instructions already in the
+process (the vDSO's `syscall; ret`, libc's rt_sigreturn):
+
+    read(fd, scratch, 1)   -> ret -> rt_sigreturn on frame C
+    close(fd)              -> ret -> rt_sigreturn on frame F
+    the thread's own registers, signal mask, XSAVE state and alternate stack
+
+A thread that cannot be gated (no room on its stack, no rt_sigreturn in its
+code, inside an rseq critical section) is detached as before, and said so
+in the log; a group-stopped task is released ahead of the others anyway
+(restore_task.release_stopped).  CRELF_NO_GATE=1 turns the gate off (the
+negative check of tests/test_crashsafe.py)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from statefile import elfcore as ec
+from statefile import ptrace as pt
+from statefile import procfs, wayback
+
+GATE_ID = -7            # the read end's key among the files the tasks inherit
+F_DUPFD_CLOEXEC = 1030
+NR_READ, NR_CLOSE, NR_ACCESS = 0, 3, 21
+
+
+def wanted() -> bool:
+    return not os.environ.get("CRELF_NO_GATE")
+
+
+def make() -> tuple[int, int]:
+    """(read end, write end); the write end stays with crrestart alone (the
+    tasks and a --pidns init close every inherited fd they do not use)."""
+    return os.pipe2(os.O_CLOEXEC)
+
+
+def extra_fd(extras) -> int:
+    """The fd number the gate's read end gets in a task: above its extras."""
+    return max((e.fd for e in extras), default=2) + 1
+
+
+def gadgets(rpid: int) -> wayback.Gadgets | None:
+    try:
+        return wayback.find_gadgets(rpid, procfs.maps(rpid))
+    except OSError:
+        return None
+
+
+def _pread(memfd: int, n: int, addr: int, touch) -> bytes:
+    try:
+        return os.pread(memfd, n, addr)
+    except OSError as e:
+        if e.errno != 5:
+            raise
+        touch(addr & ~4095)           # (lazy memory: see write_frames)
+        return os.pread(memfd, n, addr)
+
+
+def _in_rseq_cs(memfd: int, th: dict, touch) -> bool:
+    """Whether the thread's rseq area names a critical section (a rseq_cs
+    pointer, cleared by the kernel once the thread returns elsewhere: the
+    gate's detour would let it go on inside the section unaborted)."""
+    r = th.get("rseq") or {}
+    if not r.get("ptr"):
+        return False
+    try:
+        cs = _pread(memfd, 8, r["ptr"] + 8, touch)
+    except OSError:
+        return True
+    return len(cs) != 8 or struct.unpack("<Q", cs)[0] != 0
+
+
+def _frames(final, xstate_len: int) -> tuple[wayback.Frame, int]:
+    f = wayback.place(final.rsp, xstate_len)
+    return f, (f.low - wayback.LINK_SIZE) & ~15
+
+
+def check(th: dict, final: ec.user_regs_struct, xstate_len: int, memfd: int,
+          mappings: list[dict], touch) -> str | None:
+    """Why this thread cannot be gated, or None (before anything is changed)."""
+    if _in_rseq_cs(memfd, th, touch):
+        return "inside an rseq critical section"
+    if not xstate_len:
+        return "no XSAVE state"
+    _, close_frame = _frames(final, xstate_len)
+    ss = th.get("sigaltstack") or {}
+    if ss and ss["sp"] <= final.rsp < ss["sp"] + ss["size"] and close_frame < ss["sp"]:
+        return "its alternate signal stack has no room for the gate"
+    stack = [m for m in mappings if m["start"] < final.rsp <= m["end"]]
+    if not stack or close_frame < stack[0]["start"] or "w" not in stack[0]["perms"]:
+        return f"no room below its stack pointer {final.rsp:#x}"
+    return None
+
+
+def write_frames(th: dict, final: ec.user_regs_struct, xstate: bytes, gfd: int,
+                 g: wayback.Gadgets, memfd: int, touch) -> tuple[int, int]:
+    """Write the two frames of a thread that passed check(): the close(gfd)
+    one and the one that returns to `final` with the saved XSAVE state.
+    `touch(addr)` makes the task itself fault a page in (lazy memory, which
+    /proc/PID/mem cannot fault: EIO).  Returns (stack pointer, scratch) for
+    enter()."""
+    f, close_frame = _frames(final, len(xstate))
+    ss = th.get("sigaltstack")
+    altstack = (ss["sp"], ss["flags"] & ~1, ss["size"]) if ss else (0, wayback.SS_DISABLE, 0)
+    writes = [(f.frame, wayback.link(g, rip=final.rip, rsp=final.rsp, rax=final.rax,
+                                     regs=final, sigmask=th.get("sigmask", 0),
+                                     fpstate=f.fpstate, altstack=altstack) + bytes(128)),
+              (f.fpstate, wayback.sigframe_xstate(xstate)),
+              (close_frame, wayback.link(g, rip=g.syscall, rsp=f.frame, rax=NR_CLOSE,
+                                         args=(gfd,)))]
+    for addr, data in writes:
+        try:
+            os.pwrite(memfd, data, addr)
+        except OSError as e:
+            if e.errno != 5:
+                raise
+            for page in range(addr & ~4095, addr + len(data), 4096):
+                touch(page)
+            os.pwrite(memfd, data, addr)
+    return close_frame, f.scratch
+
+
+def enter(rtid: int, final: ec.user_regs_struct, g: wayback.Gadgets, gfd: int, sp: int,
+          scratch: int) -> None:
+    """The thread's registers at the gate (after its own were set, XSAVE
+    state included): read(gfd, scratch, 1) with every signal blocked,
+    returning through the frames write_frames() wrote."""
+    r = pt.copy_regs(final)
+    r.rip, r.rsp, r.rax, r.orig_rax = g.syscall, sp, NR_READ, 2**64 - 1
+    r.rdi, r.rsi, r.rdx = gfd, scratch, 1
+    r.eflags &= ~0x100
+    pt.setsigmask(rtid, wayback.ALL_SIGNALS)
+    pt.setregs(rtid, r)
