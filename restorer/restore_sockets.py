@@ -452,6 +452,36 @@ def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
     return clients
 
 
+def open_external(f: dict, cwd: str | None = None) -> int:
+    """A datagram socket connected to a named socket outside the tree (policy
+    'external-unix'): a new datagram socket, bound again to its own name if
+    it had one, connected to the peer's name (a relative one from the task's
+    saved working directory).  Raises OSError naming the peer when nothing
+    is bound there any more."""
+    info = f["socket"]
+    peer = _address(info.get("peer_name") or {})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with _in_dir(cwd):
+            addr = _address(info)
+            if addr:
+                _bind(sock, addr, info)
+            try:
+                sock.connect(peer)
+            except OSError as e:
+                raise OSError(e.errno, f"unix socket connected to {shown_peer(f)} outside "
+                              f"the tree: cannot connect to it again: {e.strerror}") from None
+        return _finish(sock, f)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def shown_peer(f: dict) -> str:
+    """The name of a socket's peer outside the tree, as a user writes it."""
+    return _shown(f["socket"].get("peer_name") or {}) or "?"
+
+
 def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
     """A connected pair with a name at one end or both: a socketpair whose ends
     get the saved names (paths in a private chroot, one per end: both may have

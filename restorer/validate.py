@@ -252,6 +252,10 @@ def _skip_note(fd: int, f: dict) -> str:
         return (f"fd {fd}: {info.get('family', '')} {info.get('type', '')} socket "
                 f"{info.get('local', '')} -> {info.get('peer', '')} was skipped by policy "
                 "'network': restored unconnected (the connection looks broken)")
+    if why == "external-unix":
+        from .restore_sockets import shown_peer
+        return (f"fd {fd}: unix datagram socket connected to {shown_peer(f)} outside the "
+                "tree was skipped by policy 'external-unix': connected to that name again")
     if why == "file-contents":
         return (f"fd {fd}: content of deleted file {f['path']} was skipped by policy "
                 "'file-contents': restored as zeros")

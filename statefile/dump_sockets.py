@@ -132,6 +132,21 @@ def backlog_details(info: dict, d: dict) -> None:
             info["backlog_data"] = True
 
 
+def peer_details(info: dict, d: dict, diag: dict[int, dict], pid: int | None) -> None:
+    """A connected datagram socket's peer's name (`peer_name`: {name,
+    abstract}, and `file_gone` when its path no longer leads to that peer,
+    seen from the task): what a restart connects it to again when the peer
+    is outside the tree (policy 'external-unix', restore_sockets.open_external)."""
+    if d["type"] != socket.SOCK_DGRAM or not d["peer"]:
+        return
+    p = diag.get(d["peer"])
+    if p is None or not p["name"]:
+        return
+    info["peer_name"] = {"name": p["name"], "abstract": bool(p.get("abstract"))}
+    if not p.get("abstract") and _socket_file(pid, p["name"], p.get("vfs")) is None:
+        info["peer_name"]["file_gone"] = True
+
+
 def _address(addr) -> dict | None:
     """A sender address as recvmsg gives it: None (unnamed), a path, or an
     abstract name (bytes with a leading NUL) -> {name, abstract} in the
@@ -241,6 +256,7 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
             # who may connect to it: the file's owner and mode come back with it
             info["file_owner"] = [st_.st_uid, st_.st_gid, stat.S_IMODE(st_.st_mode)]
     backlog_details(info, d)
+    peer_details(info, d, diag, pid)
     info["sockopts"] = sockopts(sock)
     if info["listening"]:
         info["backlog_queued"] = d["rqueue"]

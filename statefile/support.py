@@ -204,9 +204,18 @@ TABLE: tuple[Resource, ...] = (
              "SCM_RIGHTS message not received yet)", UNSUPPORTED,
              f"file descriptors in flight in a unix socket are {_NOT_YET}; checkpoint again "
              "once the receiver has read them"),
-    Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree",
-             UNSUPPORTED, "a unix socket connected to a process outside the tree cannot be "
-             "reconnected by a restart"),
+    Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree "
+             "(a stream or seqpacket connection, or a datagram socket whose peer has no name "
+             "or whose peer's file is no longer at its path)", UNSUPPORTED,
+             "a unix socket connected to a process outside the tree cannot be reconnected by "
+             "a restart (a new stream connection would not be the old one to that process; "
+             "an unnamed datagram peer cannot be found again)"),
+    Resource("fd:socket:unix-external-dgram", "unix datagram socket connected to a named "
+             "socket of a process outside the tree (syslog's /dev/log...)", SKIPPABLE,
+             "a restart cannot bring back a process outside the tree; policy 'external-unix' "
+             "(crcheckpoint --ext-unix-sk) connects the socket again to the same name at "
+             "restart, where that process must still be bound (else the restart fails)",
+             "external-unix"),
     Resource("fd:socket:unix-backlog", "listening unix stream or seqpacket socket with "
              "connections from sockets of the tree waiting to be accepted, and those "
              "connecting sockets (listening again with its listen() limit, then each client "
@@ -394,12 +403,22 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
     peer = next((i for i, g in enumerate(files)
                  if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
     if peer is None or not holders.get(peer):
-        return "fd:socket:unix-external"
+        return _external_key(info)
     if files[peer].get("socket", {}).get("fds_in_flight"):
         return "fd:socket:unix-fds"
     if info.get("name") or files[peer]["socket"].get("name"):
         return "fd:socket:unix-connected"
     return "fd:socket:unix-pair"
+
+
+def _external_key(info: dict) -> str:
+    """A unix socket connected to a socket no task of the tree holds: a
+    datagram one to a name that still leads to its peer can be connected to
+    that name again (policy 'external-unix'); nothing else can."""
+    name = info.get("peer_name")
+    if info.get("type") == "dgram" and name and not name.get("file_gone"):
+        return "fd:socket:unix-external-dgram"
+    return "fd:socket:unix-external"
 
 
 def _backlog_key(info: dict, held) -> str:
