@@ -196,7 +196,8 @@ def _check_saved(sf: Path) -> None:
     assert len(waiting) == 6 and not any(s.get("backlog_data") for s in waiting)
 
 
-def test_backlog_restarts_and_is_accepted_in_order(procs, tmp_path):
+@pytest.mark.parametrize("how", ["", "--pidns"])
+def test_backlog_restarts_and_is_accepted_in_order(procs, tmp_path, how):
     require_root()
     prog = _prog(tmp_path)
     ref = _reference(prog, tmp_path / "ref")
@@ -207,7 +208,7 @@ def test_backlog_restarts_and_is_accepted_in_order(procs, tmp_path):
     sf = tmp_path / "run.cr"
     checkpoint_tree(proc, sf)
     _check_saved(sf)
-    code, err = finish(restart(procs, sf))
+    code, err = finish(restart(procs, sf, *([how] if how else [])))
     assert code == 0, err
     assert read_lines(out) == ref
 
