@@ -452,13 +452,29 @@ def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
     return clients
 
 
+def reconnects(info: dict) -> bool:
+    """Whether policy 'external-unix' connects this socket to its peer's name
+    again (statefile/support.py: fd:socket:unix-external-dgram), rather than
+    restoring it as a connection its peer has closed."""
+    name = info.get("peer_name")
+    return info.get("type") == "dgram" and bool(name) and not name.get("file_gone")
+
+
 def open_external(f: dict, cwd: str | None = None) -> int:
-    """A datagram socket connected to a named socket outside the tree (policy
-    'external-unix'): a new datagram socket, bound again to its own name if
-    it had one, connected to the peer's name (a relative one from the task's
-    saved working directory).  Raises OSError naming the peer when nothing
-    is bound there any more."""
+    """A socket connected to a process outside the tree (policy
+    'external-unix').  A datagram socket whose peer has a name: a new one,
+    bound again to its own name if it had one, connected to the peer's name
+    (a relative one from the task's saved working directory); raises OSError
+    naming the peer when nothing is bound there any more.  Any other: one end
+    of a new pair whose other end sends the bytes it had not read and closes,
+    as if the process outside had gone."""
     info = f["socket"]
+    if not reconnects(info):
+        a, b = socket.socketpair(socket.AF_UNIX, _TYPES[info["type"]])
+        with b:
+            for data in info.get("queue", []):
+                b.sendall(bytes.fromhex(data))
+        return _finish(a, f)
     peer = _address(info.get("peer_name") or {})
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:

@@ -205,11 +205,16 @@ TABLE: tuple[Resource, ...] = (
              f"file descriptors in flight in a unix socket are {_NOT_YET}; checkpoint again "
              "once the receiver has read them"),
     Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree "
-             "(a stream or seqpacket connection, or a datagram socket whose peer has no name "
-             "or whose peer's file is no longer at its path)", UNSUPPORTED,
+             "(a stream or seqpacket connection, also one still waiting to be accepted there, "
+             "or a datagram socket whose peer has no name or whose peer's file is no longer "
+             "at its path)", SKIPPABLE,
              "a unix socket connected to a process outside the tree cannot be reconnected by "
-             "a restart (a new stream connection would not be the old one to that process; "
-             "an unnamed datagram peer cannot be found again)"),
+             "a restart (a new stream connection would not be the old one to that process, "
+             "which would take it for a new client; an unnamed datagram peer cannot be found "
+             "again); policy 'external-unix' (crcheckpoint --ext-unix-sk) restores it as a "
+             "connection its peer has closed, as if that process had gone: the bytes it had "
+             "not read yet, then end-of-file; writes fail (EPIPE, a datagram ECONNREFUSED), "
+             "and a program that reconnects then does so itself", "external-unix"),
     Resource("fd:socket:unix-external-dgram", "unix datagram socket connected to a named "
              "socket of a process outside the tree (syslog's /dev/log...)", SKIPPABLE,
              "a restart cannot bring back a process outside the tree; policy 'external-unix' "
@@ -433,10 +438,10 @@ def _backlog_key(info: dict, held) -> str:
                 or not set(waiting) <= tree:
             return "fd:socket:unix-backlog-external"
         return "fd:socket:unix-backlog"
-    if info.get("backlog_data"):
-        return "fd:socket:unix-backlog-data"
     if info["backlog_of"] not in tree:
         return "fd:socket:unix-external"    # (waiting on a listener outside the tree)
+    if info.get("backlog_data"):
+        return "fd:socket:unix-backlog-data"
     return "fd:socket:unix-backlog"
 
 

@@ -8,10 +8,12 @@ policy 'external-unix' (--skip external-unix, or CRIU's --ext-unix-sk).  The
 statefile records the peer's name; crrestart connects a new socket (bound
 to the program's own name again) to it.  The restarted program's datagram
 reaches the outside socket from its own name and the answer comes back; its
-output is byte-identical to an uninterrupted run's.  Without the flag, or for
-a stream connection to an outside listener even with it, crcheckpoint exits
-6 with the reason and the program runs on unharmed; when nothing is bound at
-the name any more, crrestart fails with one line and leaves nothing running."""
+output is byte-identical to an uninterrupted run's.  Without the flag,
+crcheckpoint exits 6 with the reason and the program runs on unharmed; when
+nothing is bound at the name any more, crrestart fails with one line and
+leaves nothing running.  A stream connection to a listener outside cannot be
+joined again: with the flag it comes back as a connection its peer closed
+(the bytes not read yet, then end-of-file; writes EPIPE)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from test_tree import finish, restart
 CRCHECK = str(BIN / "crcheck")
 
 PROGRAM = r"""
-import os, socket, sys, time
+import errno, os, socket, sys, time
 D, kind = sys.argv[1], sys.argv[2]
 os.chdir(D)
 
@@ -52,10 +54,18 @@ out("ready")
 for i in range(1, 26):
     time.sleep(0.1)
     out(f"tick {i}")
-    if i == 20:
+    if i == 20 and kind == "dgram":
         out(f"peer {show(s.getpeername())} sock {show(s.getsockname())}")
         s.send(b"after")
         out(f"got {s.recv(100)!r}")
+    if i == 20 and kind == "stream":
+        first = s.recv(100)
+        out(f"got {first!r} then {s.recv(100)!r}")
+        try:
+            s.send(b"after")
+            out("send: sent")
+        except OSError as e:
+            out("send:", errno.errorcode[e.errno])
 """
 
 
@@ -230,21 +240,33 @@ def test_restart_fails_cleanly_when_the_peer_is_gone(procs, tmp_path):
     assert read_lines(out) == ref
 
 
-def test_stream_connection_outside_refused_even_with_the_flag(procs, tmp_path):
+def test_stream_connection_outside_comes_back_closed_by_its_peer(procs, tmp_path):
+    """A stream connection to a listener outside the tree cannot be joined
+    again: refused without the policy; with it, the restarted program reads
+    the bytes it had not read yet, then end-of-file, and its writes fail with
+    EPIPE, as if the process outside had gone."""
     require_root()
     prog = _prog(tmp_path)
     where = tmp_path / "run"
     proc, ext, out = _start(procs, prog, where, "stream")
     try:
+        ext.conn.sendall(b"not read yet")
         sf = tmp_path / "run.cr"
-        r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(sf), "--kill",
-                            "--ext-unix-sk"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(sf), "--kill"],
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 6, r.stderr
         assert "a new stream connection would not be the old one" in r.stderr, r.stderr
-        assert not sf.exists()
-        assert proc.poll() is None
-        _serve_rest(ext, where)
-        assert proc.wait(timeout=60) == 0
+        assert "policy 'external-unix'" in r.stderr, r.stderr
+        assert not sf.exists() and proc.poll() is None
+        r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(sf), "--kill",
+                            "--ext-unix-sk"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        proc.wait(timeout=10)
     finally:
         ext.close()
-    assert "got b'answer'" in read_lines(out)
+    code, err = finish(restart(procs, sf))
+    assert code == 0, err
+    assert "restored as a connection its peer has closed" in err, err
+    lines = read_lines(out)
+    assert "got b'not read yet' then b''" in lines and "send: EPIPE" in lines, lines
+    assert lines[-1] == "tick 25"
