@@ -75,7 +75,8 @@ def _policy_options(fn):
                       callback=lambda ctx, _p, v: ctx.meta.__setitem__("ext_unix_sk", v),
                       help="Same as --skip external-unix (CRIU's name): a unix datagram "
                            "socket connected to a named socket outside the tree is "
-                           "connected to that name again at restart.")(fn)
+                           "connected to that name again at restart; any other unix "
+                           "connection outside comes back as closed by its peer.")(fn)
     return fn
 
 

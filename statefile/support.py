@@ -419,7 +419,8 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
 def _external_key(info: dict) -> str:
     """A unix socket connected to a socket no task of the tree holds: a
     datagram one to a name that still leads to its peer can be connected to
-    that name again (policy 'external-unix'); nothing else can."""
+    that name again; any other can only come back as a connection its peer
+    closed (both under policy 'external-unix')."""
     name = info.get("peer_name")
     if info.get("type") == "dgram" and name and not name.get("file_gone"):
         return "fd:socket:unix-external-dgram"
@@ -429,11 +430,11 @@ def _external_key(info: dict) -> str:
 def _backlog_key(info: dict, held) -> str:
     """A listening socket, or a socket whose connection waits in a
     listener's queue (dump_sockets.backlog_details)."""
+    if info.get("listening") and not info.get("backlog_queued") and not info.get("backlog"):
+        return "fd:socket:unix-listen"
     tree = {g["socket"].get("ino") for g in held()}
     if info.get("listening"):
         waiting = info.get("backlog")
-        if not info.get("backlog_queued") and not waiting:
-            return "fd:socket:unix-listen"
         if waiting is None or len(waiting) != info.get("backlog_queued") \
                 or not set(waiting) <= tree:
             return "fd:socket:unix-backlog-external"

@@ -191,7 +191,7 @@ def _check_saved(sf: Path) -> None:
     listeners = [s for s in socks if s.get("listening")]
     assert sorted(len(s.get("backlog", [])) for s in listeners) == [1, 2, 3]
     lst = next(s for s in listeners if len(s.get("backlog", [])) == 3)
-    assert lst["max_backlog"] == 1 and lst["sock_file"]["mode"] == 0o640
+    assert lst["max_backlog"] == 1 and lst["file_owner"][2] == 0o640
     waiting = [s for s in socks if s.get("backlog_of")]
     assert len(waiting) == 6 and not any(s.get("backlog_data") for s in waiting)
 
