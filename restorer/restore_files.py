@@ -513,6 +513,11 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         return fd
     if skipped == "network" and kind == "socket":
         return _skipped_socket(f)
+    if skipped == "external-unix" and kind == "socket":
+        try:
+            return restore_sockets.open_external(f, plan.task.get("cwd"))
+        except OSError as e:
+            raise ChildError("sockets", e.strerror or str(e)) from None
     if skipped and kind != "regular" and skipped != "notify-events":
         return None  # io_uring, perf event...: the policy restores them closed
     if kind in restore_anon.KINDS:

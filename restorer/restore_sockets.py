@@ -16,6 +16,12 @@ connects to them:
   socketpair whose ends are bound to the saved paths inside a private chroot
   (a forked helper), so getsockname/getpeername give the paths again and the
   real files are left alone; queues and shutdown states as below;
+* every listening socket with connections waiting to be accepted
+  (_make_backlog): bound again and listening with its saved listen() limit,
+  then each waiting client of the tree (bound to its own name first, if it
+  had one) connects to it again, in the saved queue order, so accept() gives
+  them in that order; a listener whose file is gone does this in its private
+  root (below);
 * every socket whose file was deleted or replaced since it was bound
   (`file_gone`: listening, unconnected, or a datagram socket): bound to its
   name in a private root of its own (_bind_in_chroot), where the datagram
@@ -30,9 +36,10 @@ Created by the restored task itself (open_unix, from restore_files):
   self-pipe...): a new socketpair of the same type; each end's saved receive
   queue is sent again from the other end, message by message, then the saved
   shutdown states are applied;
-* a listening socket: bound again to its path (a stale socket file left by the
-  killed original is replaced) or abstract name, and listening; a relative
-  path from the task's saved working directory;
+* a listening socket with no connection waiting: bound again to its path (a
+  stale socket file left by the killed original is replaced) or abstract
+  name, and listening with its saved limit; a relative path from the task's
+  saved working directory;
 * an unconnected socket: bound again to its name, if it had one;
 * a connected socket whose peer has closed (stream, seqpacket, or an unnamed
   datagram socket): one end of a new pair, the other end sends its unread
@@ -144,7 +151,7 @@ def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
         sock = socket.socket(socket.AF_UNIX, stype)
         with _in_dir(cwd):
             _bind(sock, _address(info), info)  # (replacing the killed original's file)
-        sock.listen(128)
+        sock.listen(info.get("max_backlog", 128))
         return _finish(sock, f)
     peer = next((g for g in files if g.get("socket", {}).get("ino") == info.get("peer_ino")
                  and info.get("peer_ino")), None)
@@ -271,13 +278,17 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
     def peer_of(f: dict) -> dict | None:
         return by_ino.get(f["socket"].get("peer_ino") or -1)
 
-    dgram, pairs, ghosts = [], [], []
+    dgram, pairs, ghosts, backlogs = [], [], [], []
     for f in by_ino.values():
         info = f["socket"]
         if info.get("type") not in _TYPES:
             continue
         peer = peer_of(f)
         mutual = peer is not None and peer is not f and peer_of(peer) is f
+        if info.get("backlog") or info.get("backlog_of"):
+            if info.get("backlog"):
+                backlogs.append(f)  # (with the clients waiting in it: _make_backlog)
+            continue
         if info.get("listening") or (info["type"] != "dgram" and not mutual):
             if _gone(info) and (info.get("listening") or info.get("state") != 1):
                 ghosts.append(f)    # (listening, or not connected): its name, no file
@@ -314,6 +325,7 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
         for f in ghosts:            # ... a name without a file: in a private root,
             _make_ghost(f, socks, [c for c in dgram if peer_of(c) is f],
                         senders, peer_of(f))
+        waiting = {f["id"]: _make_backlog(f, by_ino, socks, cwd) for f in backlogs}
         for f in dgram:             # ... then connected
             peer = peer_of(f)
             if peer is None:
@@ -339,6 +351,9 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
         for fa, fb in pairs:
             out[fa["id"]] = _finish(socks.pop(fa["id"]), fa)
             out[fb["id"]] = _finish(socks.pop(fb["id"]), fb)
+        for f in backlogs:
+            for g in [f] + waiting[f["id"]]:
+                out[g["id"]] = _finish(socks.pop(g["id"]), g)
     except BaseException as e:
         for s in socks.values():
             s.close()
@@ -373,6 +388,114 @@ def _make_ghost(f: dict, socks: dict, clients: list[dict], senders: dict,
         raise RestoreError("sockets", f"unix socket {name}: its file was deleted or "
                            "replaced, and it cannot get its name again without one "
                            "(no private root could be made)")
+
+
+def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
+                  cwd: dict[int, str]) -> list[dict]:
+    """A listening socket with connections waiting to be accepted: bound
+    again and listening, then each waiting client (a named one bound to its
+    name first) connects to it again, in the saved queue order, so accept()
+    gives them in that order; the listen() limit is the saved one (raised
+    while they connect if the program had lowered it below the queue).  A
+    listener whose file is gone does so in its private root.  Returns the
+    clients' file entries (their sockets are in `socks`)."""
+    info = f["socket"]
+    stype = _TYPES[info["type"]]
+    name = _address(info)
+    try:
+        clients = [by_ino[i] for i in info["backlog"]]
+    except KeyError:
+        raise RestoreError("sockets", f"unix socket {_shown(info)}: a connection waiting "
+                           "to be accepted is not in the tree") from None
+    lsk = socks[f["id"]] = socket.socket(socket.AF_UNIX, stype)
+    for c in clients:
+        csk = socks[c["id"]] = socket.socket(socket.AF_UNIX, stype)
+        addr = _address(c["socket"])
+        if not addr:
+            continue
+        if _gone(c["socket"]):
+            ok = _bind_in_chroot([(csk, addr)])
+        else:
+            with _in_dir(cwd.get(c["id"])):
+                try:
+                    _bind(csk, addr, c["socket"])
+                    ok = True
+                except OSError:
+                    ok = False
+        if not ok:
+            raise RestoreError("sockets", f"unix socket {_shown(c['socket'])}: cannot bind "
+                               "it again (its connection waits to be accepted)")
+    limit = info.get("max_backlog", 128)
+
+    def connect_all() -> None:
+        lsk.listen(max(limit, len(clients)))
+        for c in clients:
+            socks[c["id"]].setblocking(False)    # (never waits: the queue has room)
+            socks[c["id"]].connect(name)
+        if limit < len(clients):
+            lsk.listen(limit)
+    if _gone(info):
+        if not _bind_in_chroot([(lsk, name)], connect_all):
+            raise RestoreError("sockets", f"unix socket {_shown(info)}: its file was deleted "
+                               "or replaced, and it cannot get its name and its waiting "
+                               "connections back without one (no private root could be made)")
+        return clients
+    with _in_dir(cwd.get(f["id"])):
+        try:
+            _bind(lsk, name, info)
+        except OSError as e:
+            raise _err(f, "cannot bind it again", e) from None
+        try:
+            connect_all()
+        except OSError as e:
+            raise _err(f, "cannot connect its waiting connections again", e) from None
+    return clients
+
+
+def reconnects(info: dict) -> bool:
+    """Whether policy 'external-unix' connects this socket to its peer's name
+    again (statefile/support.py: fd:socket:unix-external-dgram), rather than
+    restoring it as a connection its peer has closed."""
+    name = info.get("peer_name")
+    return info.get("type") == "dgram" and bool(name) and not name.get("file_gone")
+
+
+def open_external(f: dict, cwd: str | None = None) -> int:
+    """A socket connected to a process outside the tree (policy
+    'external-unix').  A datagram socket whose peer has a name: a new one,
+    bound again to its own name if it had one, connected to the peer's name
+    (a relative one from the task's saved working directory); raises OSError
+    naming the peer when nothing is bound there any more.  Any other: one end
+    of a new pair whose other end sends the bytes it had not read and closes,
+    as if the process outside had gone."""
+    info = f["socket"]
+    if not reconnects(info):
+        a, b = socket.socketpair(socket.AF_UNIX, _TYPES[info["type"]])
+        with b:
+            for data in info.get("queue", []):
+                b.sendall(bytes.fromhex(data))
+        return _finish(a, f)
+    peer = _address(info.get("peer_name") or {})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with _in_dir(cwd):
+            addr = _address(info)
+            if addr:
+                _bind(sock, addr, info)
+            try:
+                sock.connect(peer)
+            except OSError as e:
+                raise OSError(e.errno, f"unix socket connected to {shown_peer(f)} outside "
+                              f"the tree: cannot connect to it again: {e.strerror}") from None
+        return _finish(sock, f)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def shown_peer(f: dict) -> str:
+    """The name of a socket's peer outside the tree, as a user writes it."""
+    return _shown(f["socket"].get("peer_name") or {}) or "?"
 
 
 def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:

@@ -252,6 +252,15 @@ def _skip_note(fd: int, f: dict) -> str:
         return (f"fd {fd}: {info.get('family', '')} {info.get('type', '')} socket "
                 f"{info.get('local', '')} -> {info.get('peer', '')} was skipped by policy "
                 "'network': restored unconnected (the connection looks broken)")
+    if why == "external-unix":
+        from .restore_sockets import reconnects, shown_peer
+        info = f.get("socket", {})
+        if reconnects(info):
+            return (f"fd {fd}: unix datagram socket connected to {shown_peer(f)} outside the "
+                    "tree was skipped by policy 'external-unix': connected to that name again")
+        return (f"fd {fd}: unix {info.get('type', '')} socket connected to "
+                f"{info.get('peer') or 'a socket'} outside the tree was skipped by policy "
+                "'external-unix': restored as a connection its peer has closed")
     if why == "file-contents":
         return (f"fd {fd}: content of deleted file {f['path']} was skipped by policy "
                 "'file-contents': restored as zeros")

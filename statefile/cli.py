@@ -71,7 +71,19 @@ def _policy_options(fn):
                       help=f"Leave out a resource class: {', '.join(POLICY_CLASSES)}.")(fn)
     fn = click.option("--policy", "policy_file", type=click.Path(dir_okay=False),
                       help="TOML policy file (skip, dump_tmpfs, on_unsupported).")(fn)
+    fn = click.option("--ext-unix-sk", is_flag=True, expose_value=False,
+                      callback=lambda ctx, _p, v: ctx.meta.__setitem__("ext_unix_sk", v),
+                      help="Same as --skip external-unix (CRIU's name): a unix datagram "
+                           "socket connected to a named socket outside the tree is "
+                           "connected to that name again at restart; any other unix "
+                           "connection outside comes back as closed by its peer.")(fn)
     return fn
+
+
+def _skips(skip: tuple[str, ...]) -> tuple[str, ...]:
+    """--skip classes, with the one --ext-unix-sk stands for."""
+    ext = click.get_current_context().meta.get("ext_unix_sk")
+    return tuple(skip) + (("external-unix",) if ext else ())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,7 +122,8 @@ def main(ctx: click.Context, pid: int, output: str, kill: bool, fsync: bool, no_
     summary = run_cli(lambda: checkpoint(
         pid, output, kill=kill, fsync=fsync, progress=progress, cow=not no_cow,
         hook_timeout=hook_timeout,
-        policy=pol.build(policy_file, skip, dump_tmpfs, snapshot, pid=pid)), prog="crcheckpoint")
+        policy=pol.build(policy_file, _skips(skip), dump_tmpfs, snapshot, pid=pid)),
+        prog="crcheckpoint")
     progress.finish()
     if summary["restartable"]:
         from .ledger import note
@@ -159,6 +172,7 @@ def crcheck_main(pid: int, as_json: bool, verbose: bool, policy_file, skip, dump
     from . import policy as pol
     from .crcheck import check
 
+    skip = _skips(skip)
     report = run_cli(lambda: check(pid, pol.build(policy_file, skip, dump_tmpfs, pid=pid)),
                      prog="crcheck")
     if as_json:

@@ -9,7 +9,9 @@ changes nothing (fds passed in flight, SCM_RIGHTS, are noted and closed
 again in crelf).  A datagram socket's queue keeps each message's sender
 address.  A path-bound socket whose file is no longer at its path (deleted,
 or replaced) is marked `file_gone` (UNIX_DIAG_VFS names the file it was bound
-to).  Socket options (SOCKOPTS) are saved for unix, TCP and UDP sockets.
+to).  A listening socket's connections waiting to be accepted are named by
+their connecting sockets, in queue order (see "connections waiting" below).
+Socket options (SOCKOPTS) are saved for unix, TCP and UDP sockets.
 Restored by restorer/restore_sockets.py.
 """
 
@@ -27,9 +29,10 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_DONE, NLMSG_ERROR = 3, 2
-UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 1, 2, 4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = \
-    0, 1, 2, 4, 6
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_ICONS, UDIAG_SHOW_RQLEN = \
+    1, 2, 4, 8, 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_ICONS, UNIX_DIAG_RQLEN, \
+    UNIX_DIAG_SHUTDOWN = 0, 1, 2, 3, 4, 6
 TCP_LISTEN = 10
 SO_PEEK_OFF = 42
 MAX_INFLIGHT = 16 << 20
@@ -38,11 +41,14 @@ MAX_INFLIGHT = 16 << 20
 def unix_diag() -> dict[int, dict]:
     """inode -> {type, state, peer, name, rqueue, wqueue, shutdown, vfs} for
     every unix socket of this network namespace (vfs: the kernel's device
-    number and inode of the socket file a path-bound socket was bound to)."""
+    number and inode of the socket file a path-bound socket was bound to);
+    a listening socket with connections waiting adds `icons`, a connecting
+    socket waiting in one `backlog_of` (_mark_backlogs)."""
     out: dict[int, dict] = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         req = struct.pack("<BBHIII II", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0,
-                          UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN,
+                          UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS
+                          | UDIAG_SHOW_RQLEN,
                           0xFFFFFFFF, 0xFFFFFFFF)
         hdr = struct.pack("<IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY,
                           NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
@@ -53,6 +59,7 @@ def unix_diag() -> dict[int, dict]:
             while off + 16 <= len(data):
                 ln, typ, _flags, _seq, _pid = struct.unpack_from("<IHHII", data, off)
                 if typ == NLMSG_DONE:
+                    _mark_backlogs(out)
                     return out
                 if typ == NLMSG_ERROR:
                     err = -struct.unpack_from("<i", data, off + 16)[0]
@@ -79,9 +86,65 @@ def unix_diag() -> dict[int, dict]:
                         info["rqueue"], info["wqueue"] = struct.unpack_from("<II", payload)
                     elif atype == UNIX_DIAG_SHUTDOWN:
                         info["shutdown"] = payload[0]
+                    elif atype == UNIX_DIAG_ICONS:
+                        info["icons"] = list(struct.unpack(f"<{len(payload) // 4}I",
+                                                           payload[:len(payload) // 4 * 4]))
                     a += (alen + 3) & ~3
                 out[ino] = info
                 off += (ln + 3) & ~3
+
+
+# ------------------------------------------------------- connections waiting
+#
+# A connect() to a listening stream or seqpacket socket makes a new socket in
+# the kernel (an embryo, no inode, no fd) and queues it on the listener until
+# accept() takes it; the connecting socket's peer is that embryo.  sock_diag
+# names each waiting connection by its connecting socket's inode
+# (UNIX_DIAG_ICONS, in queue order; 0 when that socket has been closed since).
+# Bytes the client sent sit in the embryo's receive queue, which nothing but
+# accept() reaches: the client's send-buffer charge (UNIX_DIAG_RQLEN's wqueue
+# for a connected socket) tells whether there are any, and such a connection
+# is refused (statefile/support.py) rather than consumed.
+
+
+def _mark_backlogs(diag: dict[int, dict]) -> None:
+    """Each connecting socket waiting in a listener's queue gets `backlog_of`
+    (the listener's inode)."""
+    for ino, d in diag.items():
+        for client in d.get("icons") or ():
+            if client and client in diag:
+                diag[client]["backlog_of"] = ino
+
+
+def backlog_details(info: dict, d: dict) -> None:
+    """The backlog fields of a listening socket (`backlog`: its waiting
+    connections' client inodes in queue order, 0 for a closed one;
+    `max_backlog`: listen()'s limit) or of a socket waiting in a backlog
+    (`backlog_of`, and `backlog_data` when it has sent bytes or fds that sit
+    unaccepted there)."""
+    if d["state"] == TCP_LISTEN:
+        info["max_backlog"] = d["wqueue"]      # (sk_max_ack_backlog for a listener)
+        if d.get("icons"):
+            info["backlog"] = list(d["icons"])
+    elif d.get("backlog_of"):
+        info["backlog_of"] = d["backlog_of"]
+        if d["wqueue"]:
+            info["backlog_data"] = True
+
+
+def peer_details(info: dict, d: dict, diag: dict[int, dict], pid: int | None) -> None:
+    """A connected datagram socket's peer's name (`peer_name`: {name,
+    abstract}, and `file_gone` when its path no longer leads to that peer,
+    seen from the task): what a restart connects it to again when the peer
+    is outside the tree (policy 'external-unix', restore_sockets.open_external)."""
+    if d["type"] != socket.SOCK_DGRAM or not d["peer"]:
+        return
+    p = diag.get(d["peer"])
+    if p is None or not p["name"]:
+        return
+    info["peer_name"] = {"name": p["name"], "abstract": bool(p.get("abstract"))}
+    if not p.get("abstract") and _socket_file(pid, p["name"], p.get("vfs")) is None:
+        info["peer_name"]["file_gone"] = True
 
 
 def _address(addr) -> dict | None:
@@ -192,6 +255,8 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
         elif st_ is not True:
             # who may connect to it: the file's owner and mode come back with it
             info["file_owner"] = [st_.st_uid, st_.st_gid, stat.S_IMODE(st_.st_mode)]
+    backlog_details(info, d)
+    peer_details(info, d, diag, pid)
     info["sockopts"] = sockopts(sock)
     if info["listening"]:
         info["backlog_queued"] = d["rqueue"]

@@ -204,12 +204,38 @@ TABLE: tuple[Resource, ...] = (
              "SCM_RIGHTS message not received yet)", UNSUPPORTED,
              f"file descriptors in flight in a unix socket are {_NOT_YET}; checkpoint again "
              "once the receiver has read them"),
-    Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree",
-             UNSUPPORTED, "a unix socket connected to a process outside the tree cannot be "
-             "reconnected by a restart"),
-    Resource("fd:socket:unix-backlog", "listening unix socket with connections waiting to be "
-             "accepted (or a socket of the tree whose connection is waiting so)", UNSUPPORTED,
-             f"connections waiting to be accepted are {_NOT_YET}; checkpoint again once they "
+    Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree "
+             "(a stream or seqpacket connection, also one still waiting to be accepted there, "
+             "or a datagram socket whose peer has no name or whose peer's file is no longer "
+             "at its path)", SKIPPABLE,
+             "a unix socket connected to a process outside the tree cannot be reconnected by "
+             "a restart (a new stream connection would not be the old one to that process, "
+             "which would take it for a new client; an unnamed datagram peer cannot be found "
+             "again); policy 'external-unix' (crcheckpoint --ext-unix-sk) restores it as a "
+             "connection its peer has closed, as if that process had gone: the bytes it had "
+             "not read yet, then end-of-file; writes fail (EPIPE, a datagram ECONNREFUSED), "
+             "and a program that reconnects then does so itself", "external-unix"),
+    Resource("fd:socket:unix-external-dgram", "unix datagram socket connected to a named "
+             "socket of a process outside the tree (syslog's /dev/log...)", SKIPPABLE,
+             "a restart cannot bring back a process outside the tree; policy 'external-unix' "
+             "(crcheckpoint --ext-unix-sk) connects the socket again to the same name at "
+             "restart, where that process must still be bound (else the restart fails)",
+             "external-unix"),
+    Resource("fd:socket:unix-backlog", "listening unix stream or seqpacket socket with "
+             "connections from sockets of the tree waiting to be accepted, and those "
+             "connecting sockets (listening again with its listen() limit, then each client "
+             "connects again in queue order: accept() gives them in the same order)",
+             SUPPORTED),
+    Resource("fd:socket:unix-backlog-data", "unix socket whose connection is waiting to be "
+             "accepted and holds bytes or file descriptors it sent", UNSUPPORTED,
+             "what a connection not accepted yet was sent sits on the listener's side, where "
+             "only accept() reaches it, and accepting it would take it from the program; "
+             "checkpoint again once it is accepted"),
+    Resource("fd:socket:unix-backlog-external", "listening unix socket with a connection "
+             "waiting to be accepted from a socket outside the tree, or from one closed "
+             "since", UNSUPPORTED, "a restart cannot connect a process outside the tree "
+             "again, and whether a closed client sent data cannot be read without accepting "
+             "its connection; checkpoint again once the connections waiting to be accepted "
              "are accepted"),
     Resource("fd:socket:unix-sender", "unix datagram socket holding a datagram whose sender's "
              "name is now bound by a socket outside the tree", UNSUPPORTED,
@@ -369,9 +395,8 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
         return [g for i, g in enumerate(files) if holders.get(i) and "socket" in g]
     if info.get("diag") is False or "ino" not in info:
         return "fd:socket:unix"
-    if info.get("listening"):
-        return "fd:socket:unix-listen" if not info.get("backlog_queued") else \
-            "fd:socket:unix-backlog"
+    if info.get("listening") or info.get("backlog_of"):
+        return _backlog_key(info, held)
     if info.get("fds_in_flight"):
         return "fd:socket:unix-fds"
     if info.get("senders") and _unreproducible_sender(info, held()):
@@ -383,15 +408,42 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
     peer = next((i for i, g in enumerate(files)
                  if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
     if peer is None or not holders.get(peer):
-        if info.get("type") != "dgram" and any(
-                g["socket"].get("backlog_queued") for g in held()):
-            return "fd:socket:unix-backlog"   # (its peer is still in the backlog)
-        return "fd:socket:unix-external"
+        return _external_key(info)
     if files[peer].get("socket", {}).get("fds_in_flight"):
         return "fd:socket:unix-fds"
     if info.get("name") or files[peer]["socket"].get("name"):
         return "fd:socket:unix-connected"
     return "fd:socket:unix-pair"
+
+
+def _external_key(info: dict) -> str:
+    """A unix socket connected to a socket no task of the tree holds: a
+    datagram one to a name that still leads to its peer can be connected to
+    that name again; any other can only come back as a connection its peer
+    closed (both under policy 'external-unix')."""
+    name = info.get("peer_name")
+    if info.get("type") == "dgram" and name and not name.get("file_gone"):
+        return "fd:socket:unix-external-dgram"
+    return "fd:socket:unix-external"
+
+
+def _backlog_key(info: dict, held) -> str:
+    """A listening socket, or a socket whose connection waits in a
+    listener's queue (dump_sockets.backlog_details)."""
+    if info.get("listening") and not info.get("backlog_queued") and not info.get("backlog"):
+        return "fd:socket:unix-listen"
+    tree = {g["socket"].get("ino") for g in held()}
+    if info.get("listening"):
+        waiting = info.get("backlog")
+        if waiting is None or len(waiting) != info.get("backlog_queued") \
+                or not set(waiting) <= tree:
+            return "fd:socket:unix-backlog-external"
+        return "fd:socket:unix-backlog"
+    if info["backlog_of"] not in tree:
+        return "fd:socket:unix-external"    # (waiting on a listener outside the tree)
+    if info.get("backlog_data"):
+        return "fd:socket:unix-backlog-data"
+    return "fd:socket:unix-backlog"
 
 
 def _unreproducible_sender(info: dict, held: list[dict]) -> bool:
