@@ -124,7 +124,13 @@ def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
         # bound by crrestart (root): root's file, mode from the umask, else
         try:
             if os.geteuid() == 0:
-                os.chown(addr, owner[0], owner[1], follow_symlinks=False)
+                try:
+                    os.chown(addr, owner[0], owner[1], follow_symlinks=False)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EINVAL):
+                        raise
+                    # (root of a user namespace that does not map the saved
+                    # ids: the file stays crrestart's, its mode comes back)
             os.chmod(addr, owner[2])
         except OSError as e:
             raise RestoreError("unix socket", f"cannot give the socket file {addr} its "
