@@ -612,9 +612,12 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
         if t.get("tracer"):
             add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}"
                 + (f" ({t['tracer_comm']})" if t.get("tracer_comm") else ""))
-        if t["creds"].get("seccomp") == 2 and not t.get("crrun"):
+        # seccomp is per thread: a thread's own `creds` when they differ
+        modes = {t["creds"].get("seccomp")} | {th["creds"].get("seccomp")
+                                               for th in t["threads"] if th.get("creds")}
+        if 2 in modes and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
-        elif t["creds"].get("seccomp") == 1:
+        elif 1 in modes:
             add("task:seccomp-strict", pid, f"pid {pid}", "seccomp strict mode")
         if t.get("fdt_unsupported"):
             add("task:fdt-shared-other", pid, f"pid {pid}", t["fdt_unsupported"])
