@@ -91,7 +91,7 @@ TABLE: tuple[Resource, ...] = (
     Resource("task:attrs", "task attributes: scheduling policy, real-time priority and "
              "nice (per thread), oom_score_adj, audit login uid, THP-disable (prctl), "
              "membarrier registrations, mlock()ed memory, fsuid/fsgid, ambient capabilities, "
-             "securebits, "
+             "securebits, credentials of a thread that differ from its leader's, "
              "the signal that stopped a stopped task", SUPPORTED),
     Resource("task:oom-score-low", "an oom_score_adj below crelf's own when crelf lacks "
              "CAP_SYS_RESOURCE", UNSUPPORTED, "lowering oom_score_adj needs CAP_SYS_RESOURCE: "
