@@ -1,8 +1,11 @@
 """fanotify groups (statefile/dump_fanotify.py): created again by the task
-that holds them (in child_setup): fanotify_init with the saved flags, then
-every mark added on its path (inode marks on the file, mount marks on the
-mount point, filesystem marks on a mount of the file system), with its mask
-and its ignored mask."""
+that holds them (in child_setup): fanotify_init with the saved flags; then,
+once every fd and mapped file of the task is in place (finish_fanotify, with
+inotify's watches), every mark added on its path (inode marks on the file,
+mount marks on the mount point, filesystem marks on a mount of the file
+system), with its mask and its ignored mask.  Marks added before would queue
+the restorer's own opens of the task's files (its executable and libraries,
+reported with the program's own pid) as events the program never caused."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class FanotifyError(OSError):
 
 
 def open_fanotify(f: dict) -> int:
+    """The group, without its marks (finish_fanotify adds them)."""
     rec = f.get("anon") or {}
     if "flags" not in rec:
         raise FanotifyError(0, "fanotify: no saved state")
@@ -34,18 +38,30 @@ def open_fanotify(f: dict) -> int:
     if fd < 0:
         e = ctypes.get_errno()
         raise FanotifyError(e, f"fanotify_init: {os.strerror(e)}")
-    try:
-        for m in reversed(rec["marks"]):   # (fdinfo lists the newest first)
-            base = FAN_MARK_ADD | _TYPE_FLAGS[m["type"]] | m["mflags"] & FAN_MARK_EVICTABLE
-            ignore = FAN_MARK_IGNORE if m["mflags"] & FAN_MARK_IGNORE else FAN_MARK_IGNORED_MASK
-            ignore |= m["mflags"] & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE)
-            for flags, mask in ((base, m["mask"]), (base | ignore, m["ignored_mask"])):
-                if not mask:
-                    continue
-                if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, m["path"].encode()) < 0:
-                    e = ctypes.get_errno()
-                    raise FanotifyError(e, f"fanotify mark on {m['path']}: {os.strerror(e)}")
-    except BaseException:
-        os.close(fd)
-        raise
     return fd
+
+
+def add_marks(fd: int, rec: dict) -> None:
+    for m in reversed(rec["marks"]):   # (fdinfo lists the newest first)
+        base = FAN_MARK_ADD | _TYPE_FLAGS[m["type"]] | m["mflags"] & FAN_MARK_EVICTABLE
+        ignore = FAN_MARK_IGNORE if m["mflags"] & FAN_MARK_IGNORE else FAN_MARK_IGNORED_MASK
+        ignore |= m["mflags"] & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE)
+        for flags, mask in ((base, m["mask"]), (base | ignore, m["ignored_mask"])):
+            if not mask:
+                continue
+            if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, m["path"].encode()) < 0:
+                e = ctypes.get_errno()
+                raise FanotifyError(e, f"fanotify mark on {m['path']}: {os.strerror(e)}")
+
+
+def finish_fanotify(fds: list[dict], files: list[dict]) -> None:
+    """Every group's marks, once every fd and mapped file of the task is in
+    place (so that setting those up queues no event); a group open on
+    several fds gets its marks once."""
+    done = set()
+    for d in fds:
+        f = files[d["file"]]
+        if f["kind"] != KIND or f.get("anon") is None or d["file"] in done:
+            continue
+        done.add(d["file"])
+        add_marks(d["fd"], f["anon"])

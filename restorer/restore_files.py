@@ -678,6 +678,11 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
             raise ChildError(step, str(ex)) from None
         step = "inotify"
         restore_anon.finish_inotify(task["fds"], plan.files)
+        step = "fanotify"
+        try:
+            restore_fanotify.finish_fanotify(task["fds"], plan.files)
+        except OSError as ex:
+            raise ChildError(step, str(ex)) from None
     except ChildError:
         raise
     except OSError as ex:

@@ -242,7 +242,7 @@ class TaskRestorer:
         restore_locks.set_owners(inj, task, self.sf.files, rpid, self.scratch + 3 * PAGE)
         self.step = "credentials"
         for th in task["threads"]:
-            self._creds(injs[th["tid"]], th["tid"])
+            self._creds(injs[th["tid"]], th)
         self.step = "cleanup"
         # PR_SET_PDEATHSIG was SIGKILL while the tree was forked: the saved one
         # now (after the credentials, whose change clears it).
@@ -407,8 +407,11 @@ class TaskRestorer:
             inj.write(sc + 1536, comm.encode(errors="surrogateescape")[:15] + b"\0")
             inj.check("prctl", 15, sc + 1536, 0, 0, 0)
 
-    def _creds(self, inj, vtid: int) -> None:
-        c = self.task.get("creds")
+    def _creds(self, inj, th: dict) -> None:
+        """The thread's own credentials (`creds` of the thread, when they
+        differ from the leader's), else the task's."""
+        vtid = th["tid"]
+        c = th.get("creds") or self.task.get("creds")
         if not c:
             return
         cur = _status_caps(self.rpid, inj.tid)
@@ -429,11 +432,12 @@ class TaskRestorer:
             inj.call(ra.NR_SETFSGID, c["gid"][3])
         uid_change = ids("Uid")[:3] != c["uid"][:3]
         if uid_change:
-            if c["cap_prm"]:
-                inj.check("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
+            # keep-caps over the change even when the saved permitted set is
+            # empty: securebits, ambient capabilities and fsuid are set after
+            # it and need capabilities; the last capset drops them
+            inj.check("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
             inj.check("setresuid", *c["uid"][:3])
-            if c["cap_prm"]:
-                inj.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0)
+            inj.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0)
         lo = lambda v: v & 0xFFFFFFFF  # noqa: E731
 
         def capset(eff: int, prm: int, inh: int) -> None:
@@ -451,7 +455,8 @@ class TaskRestorer:
             inj.call(ra.NR_SETFSUID, c["uid"][3])
             cur = _status_caps(self.rpid, inj.tid)
         amb = c.get("cap_amb", 0)
-        sb = (self.task.get("attrs") or {}).get("securebits")
+        sb = c["securebits"] if "securebits" in c else \
+            (self.task.get("attrs") or {}).get("securebits")
         cur_sb = inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) if sb is not None else None
         if cap("CapAmb") != amb or cur_sb != sb:
             # Ambient capabilities and securebits while the permitted set is

@@ -111,8 +111,11 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
     """The checks of one task of the tree; files already checked (shared with
     a task checked before) are in `seen`."""
     uid = os.geteuid()
-    creds = task.get("creds", {})
-    if uid != 0:
+    # the task's credentials, and a thread's own where they differ
+    for creds in [task.get("creds", {})] + [th["creds"] for th in task.get("threads", [])
+                                            if th.get("creds")]:
+        if uid == 0:
+            break
         ids = set(creds.get("uid", [uid])) | {None}
         if ids - {None} != {uid}:
             raise ValidationError(f"the process ran as uid {creds.get('uid')}; only root can "

@@ -153,11 +153,27 @@ def dump_task(ft: FrozenTask, file_table) -> tuple[dict, list[ThreadRegs]]:
     # Signals that arrived during the injections are delivered on thaw.
     for th in task["threads"]:
         th["deferred_signals"] = list(ft.threads[th["tid"]].deferred)
+    _thread_creds(pid, task)
     task["fds"] = file_table.dump_fds(pid)
     file_table.dump_cwd(task)      # a removed working directory (dump_files.py)
     if file_table.task_locks.get(pid):
         task["locks"] = file_table.task_locks[pid]   # POSIX locks (dump_locks.py)
     return task, list(regs.values())
+
+
+def _thread_creds(pid: int, task: dict) -> None:
+    """Credentials are per thread (a raw setresuid/capset syscall changes only
+    the calling one; glibc's wrappers change them all): a thread whose
+    credentials or securebits differ from the leader's keeps its own in
+    `creds` (the task's `creds` are the leader's)."""
+    sb = (task.get("attrs") or {}).get("securebits")
+    for th in task["threads"]:
+        c = _creds(procfs.status(pid, th["tid"]))
+        tsb = th.pop("securebits", sb)
+        if c != task["creds"] or tsb != sb:
+            if tsb is not None:
+                c["securebits"] = tsb
+            th["creds"] = c
 
 
 def _dump_prctl(inj: Injector, scratch: int) -> dict:
@@ -189,6 +205,9 @@ def _dump_thread(pid, tid, regs: ThreadRegs, inj, gadgets, memfd, deferred) -> d
         i.check("prctl", 40, i.scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
         th["clear_child_tid"] = struct.unpack("<Q", i.read(i.scratch, 8))[0]
         th["sigaltstack"] = dump_signals.sigaltstack_of(i.altstack)
+        sb = i.call("prctl", 27, 0, 0, 0, 0)    # PR_GET_SECUREBITS (per thread)
+        if sb >= 0:
+            th["securebits"] = sb               # moved into `creds` by _thread_creds
     if inj is not None:
         per_thread(inj)
     else:

@@ -91,7 +91,7 @@ TABLE: tuple[Resource, ...] = (
     Resource("task:attrs", "task attributes: scheduling policy, real-time priority and "
              "nice (per thread), oom_score_adj, audit login uid, THP-disable (prctl), "
              "membarrier registrations, mlock()ed memory, fsuid/fsgid, ambient capabilities, "
-             "securebits, "
+             "securebits, credentials of a thread that differ from its leader's, "
              "the signal that stopped a stopped task", SUPPORTED),
     Resource("task:oom-score-low", "an oom_score_adj below crelf's own when crelf lacks "
              "CAP_SYS_RESOURCE", UNSUPPORTED, "lowering oom_score_adj needs CAP_SYS_RESOURCE: "
@@ -664,9 +664,13 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
         if t.get("tracer"):
             add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}"
                 + (f" ({t['tracer_comm']})" if t.get("tracer_comm") else ""))
-        if t["creds"].get("seccomp") == 2 and not t.get("crrun"):
+        # seccomp is per thread: a thread's own `creds` when they differ (crcheck's
+        # tasks list thread ids only)
+        modes = {t["creds"].get("seccomp")} | {th["creds"].get("seccomp") for th in t["threads"]
+                                               if isinstance(th, dict) and th.get("creds")}
+        if 2 in modes and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
-        elif t["creds"].get("seccomp") == 1:
+        elif 1 in modes:
             add("task:seccomp-strict", pid, f"pid {pid}", "seccomp strict mode")
         if t.get("fdt_unsupported"):
             add("task:fdt-shared-other", pid, f"pid {pid}", t["fdt_unsupported"])

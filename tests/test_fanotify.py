@@ -8,6 +8,7 @@ dropped (said at both ends), the group coming back with its marks."""
 from __future__ import annotations
 
 import os
+import time
 
 from helpers import build_c, require_root, wait_for_line
 from roundtrip import refused_up_front, same_after_restart
@@ -125,3 +126,72 @@ def test_fanotify_unread_events_refused_or_dropped_by_policy(procs, tmp_path):
     after = lines[lines.index("tick 9") + 1:]
     assert after.count("read: Resource temporarily unavailable") == 1, after  # queue was empty
     assert "event 0x2a on /watched" in after and "event 0x20 on /child" in after, after
+
+
+OWN_EVENTS = r'''
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/fanotify.h>
+/* Counts the events of a mount mark that carry its own pid: it opens no file
+   itself (reading the group opens the events' fds without events), so after
+   a restart there must be none.  argv[1]: the file GO to wait for. */
+static long own_events(int fd, int show) {
+    char buf[65536];
+    long own = 0;
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        for (struct fanotify_event_metadata *e = (void *)buf; FAN_EVENT_OK(e, n);
+             e = FAN_EVENT_NEXT(e, n)) {
+            if (e->pid == getpid()) {
+                char p[64], t[512] = "";
+                snprintf(p, sizeof p, "/proc/self/fd/%d", e->fd);
+                readlink(p, t, sizeof t - 1);
+                if (show) printf("own event %#llx on %s\n", (unsigned long long)e->mask, t);
+                own++;
+            }
+            close(e->fd);
+        }
+    return own;
+}
+int main(int argc, char **argv) {
+    int fd = fanotify_init(FAN_CLASS_NOTIF | FAN_NONBLOCK | FAN_UNLIMITED_QUEUE, O_RDONLY);
+    if (fd < 0 || fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_OPEN | FAN_CLOSE,
+                                AT_FDCWD, "/proc/self/exe")) {
+        perror("fanotify"); return 1;
+    }
+    close(open("/proc/self/exe", O_RDONLY));    /* the count works: this one is its own */
+    printf("selftest %ld\n", own_events(fd, 0) > 0);
+    printf("ready\n"); fflush(stdout);
+    long own = 0;
+    while (access(argv[1], F_OK)) {
+        own += own_events(fd, 1);
+        usleep(10000);
+    }
+    own += own_events(fd, 1);
+    printf("own %ld\n", own);
+    return 0;
+}
+'''
+
+
+def test_fanotify_restart_queues_no_event_of_its_own(procs, tmp_path):
+    """A mount mark on the mount of the program's executable: the restart opens
+    the executable and libraries in the restored task, and the marks must come
+    back only after that, or the program reads events with its own pid for
+    opens it never made."""
+    require_root()
+    prog = build_c(tmp_path, "fanown", OWN_EVENTS)
+    out, go, cr = tmp_path / "own.out", tmp_path / "go", tmp_path / "own.cr"
+    proc = procs.spawn([prog, go], stdout=out)
+    wait_for_line(out, r"^ready$", proc=proc)
+    assert "selftest 1" in out.read_text()
+    # a mark on a busy mount: events of other processes may be queued (dropped)
+    _checkpoint(proc, cr, "--skip", "notify-events")
+    rp = restart(procs, cr)
+    time.sleep(0.3)       # (the restored program reads its queue meanwhile)
+    go.touch()
+    code, err = finish(rp)
+    assert code == 0, err
+    assert out.read_text().endswith("own 0\n"), out.read_text()

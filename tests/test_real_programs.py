@@ -19,12 +19,22 @@ BIN = Path(sys.executable).parent
 
 SQL = """
 CREATE TABLE t(a INTEGER, b TEXT);
-WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 1500000)
+WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < {rows})
   INSERT INTO t SELECT x, printf('%08x', x * 2654435761 % 4294967296) FROM c;
 SELECT count(*), sum(a), max(b) FROM t;
-WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 3000000)
+WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < {terms})
   SELECT sum(x * x % 7) FROM c;
 """
+
+# An uninterrupted run must last this long here, or it could end between the
+# check that it runs and the moment crcheckpoint seizes it (a fast machine
+# did that with a fixed 0.4 s wait): the work is made larger until it does,
+# and the program is caught at a quarter of its own run time.
+MIN_RUN = 2.0
+
+
+def _larger(scale: int, took: float) -> int:
+    return max(scale + 1, int(scale * MIN_RUN * 1.25 / max(took, 0.01)) + 1)
 
 NODE = """
 let n = 0, s = 0;
@@ -76,9 +86,7 @@ def test_real_program_restarts_identically(name, procs, tmp_path):
     require_root()
     tool, argv_of, stdin_name = PROGRAMS[name]
     require_tool(tool)
-    (tmp_path / "in.txt").write_text("".join(f"{i}\n" for i in range(1, 3_000_001)))
-    (tmp_path / "q.sql").write_text(SQL)
-    (tmp_path / "n.js").write_text(NODE)
+    (tmp_path / "n.js").write_text(NODE)          # (these two sleep 40 x 50 ms: long enough)
     (tmp_path / "Tick.java").write_text(JAVA)
 
     def stdin():
@@ -86,13 +94,24 @@ def test_real_program_restarts_identically(name, procs, tmp_path):
             return contextlib.nullcontext(subprocess.DEVNULL)
         return open(tmp_path / stdin_name, "rb")
 
-    with stdin() as f:
-        ref = subprocess.run(argv_of(tmp_path), stdin=f, capture_output=True, timeout=300).stdout
-    (tmp_path / "db.sqlite").unlink(missing_ok=True)
+    scale = 1
+    for _ in range(4):
+        (tmp_path / "in.txt").write_text("".join(f"{i}\n" for i in range(1, 3_000_000 * scale + 1)))
+        (tmp_path / "q.sql").write_text(SQL.format(rows=1_500_000 * scale, terms=3_000_000 * scale))
+        t0 = time.monotonic()
+        with stdin() as f:
+            ref = subprocess.run(argv_of(tmp_path), stdin=f, capture_output=True,
+                                 timeout=300).stdout
+        took = time.monotonic() - t0
+        (tmp_path / "db.sqlite").unlink(missing_ok=True)
+        if took >= MIN_RUN or name in ("node", "java"):
+            break
+        scale = _larger(scale, took)
+    assert took >= MIN_RUN, f"{name}: an uninterrupted run takes only {took:.2f} s"
     out = tmp_path / "run.out"
     with stdin() as f:
         proc = procs.spawn(argv_of(tmp_path), stdin=f, stdout=out, stderr=tmp_path / "err")
-    time.sleep(0.4)
+    time.sleep(took / 4)
     assert proc.poll() is None, f"{name} finished before it could be checkpointed"
     checkpoint(proc.pid, tmp_path / f"{name}.cr", "--kill")
     proc.wait(timeout=10)
@@ -125,9 +144,17 @@ def test_compiler_tree_restarts_identically(pipe, procs, tmp_path):
     object file is byte-identical to an uninterrupted compile's."""
     require_root()
     require_tool("gcc")
-    (tmp_path / "big.c").write_text(_c_source(600))
     argv = ["gcc", "-O2", *(["-pipe"] if pipe else []), "-c", "big.c"]
-    subprocess.run([*argv, "-o", "ref.o"], cwd=tmp_path, check=True, timeout=300)
+    n = 600
+    for _ in range(4):
+        (tmp_path / "big.c").write_text(_c_source(n))
+        t0 = time.monotonic()
+        subprocess.run([*argv, "-o", "ref.o"], cwd=tmp_path, check=True, timeout=300)
+        took = time.monotonic() - t0
+        if took >= MIN_RUN:
+            break
+        n = _larger(n, took)
+    assert took >= MIN_RUN, f"an uninterrupted compile takes only {took:.2f} s"
     proc = procs.spawn([*argv, "-o", "run.o"], cwd=tmp_path, stdin=subprocess.DEVNULL,
                        stdout=tmp_path / "out", stderr=tmp_path / "err")
     deadline = time.monotonic() + 30
@@ -140,7 +167,7 @@ def test_compiler_tree_restarts_identically(pipe, procs, tmp_path):
     while "cc1" not in map(comm, descendants(proc.pid)):
         assert proc.poll() is None and time.monotonic() < deadline, "gcc ended too early"
         time.sleep(0.05)
-    time.sleep(1.0)                       # well inside the compile
+    time.sleep(took / 4)                  # well inside the compile
     summary = checkpoint(proc.pid, tmp_path / "gcc.cr", "--kill")
     assert len(summary["pids"]) == (3 if pipe else 2)
     proc.wait(timeout=10)
