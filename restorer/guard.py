@@ -22,6 +22,8 @@ write, below PIPE_BUF, so it is in the pipe whole or not at all):
                           descendants if its server dies before every page is in)
     W <pidfd> <pid> / U <pidfd>  watch / stop watching a serving process
     F <kind> <path>\t<home>  the release freezer's cgroup (restorer/freezer.py)
+    Q <fd> <n>            the release gate's write end and its n waiting threads
+                          (restorer/gate.py); O: it is open
     C                     the tree is released: it owns everything now
     G                     the release freezer's cgroup is thawed, emptied, removed
     A                     crrestart ended the restore itself (failed, cleaned up)
@@ -42,7 +44,8 @@ watched process dies, the guard first reads every line already written, then:
   copy of the userfaultfds goes (a task blocked on a fault dies instead of
   getting a zero page), says so, and exits;
 * after C, before G: thaws the release freezer's cgroup (the whole tree runs
-  on), moves its processes back to crrestart's cgroup and removes it;
+  on), moves its processes back to crrestart's cgroup and removes it; after
+  C, before O: opens the release gate (writes its n GO bytes);
 * after A, or after C with no lazy memory missing (no K, or D read: a D
   before C ends only the lazy duty, the rest stays): exits quietly.
 
@@ -211,6 +214,14 @@ class Guard:
     def commit(self) -> None:
         self.note("C")
 
+    def gate(self, fd: int, n: int) -> None:
+        """The release gate's write end (in the table we share) and how many
+        threads wait at it (restorer/gate.py)."""
+        self.note(f"Q {fd} {n}")
+
+    def gate_open(self) -> None:
+        self.note("O")
+
     def thawed(self) -> None:
         """The release freezer's cgroup is gone (the tree is back home)."""
         self.note("G")
@@ -238,12 +249,13 @@ class Guard:
         served: tuple[int, int] | None = None
         committed = False
         fz = None                       # the release freezer, until G
+        gate_fd = None                  # (write end, threads waiting) of the release gate, until O
         os.set_blocking(self.r, False)
         buf = b""
 
         def drain() -> str:
             """Apply every complete line in the pipe; "A" or "C" when read."""
-            nonlocal buf, served, committed, fz
+            nonlocal buf, served, committed, fz, gate_fd
             end = ""
             while True:
                 try:
@@ -275,6 +287,10 @@ class Guard:
                     fz = ReleaseFreezer(path, home, kind)
                 elif w[0] == "G":
                     fz = None
+                elif w[0] == "Q":
+                    gate_fd = (int(w[1]), int(w[2]))
+                elif w[0] == "O":
+                    gate_fd = None
                 elif w[0] == "C":
                     committed, end = True, end or "C"
                 elif w[0] == "D":
@@ -288,13 +304,13 @@ class Guard:
         while True:
             poll_fds([self.r, *watch], None)
             end = drain()
-            if end == "A" or (committed and served is None and fz is None):
+            if end == "A" or (committed and served is None and fz is None and gate_fd is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
                 continue
             end = drain()     # what the dead one wrote before it died
-            if end == "A" or (committed and served is None and fz is None):
+            if end == "A" or (committed and served is None and fz is None and gate_fd is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
@@ -305,11 +321,15 @@ class Guard:
                     fz.kill_all()     # frozen: nothing of it runs again
                 self._undo(who, tasks, sysv, paths)
             elif served is None:
-                try:
-                    fz.thaw()         # released: all of the tree runs on
-                except OSError:
-                    pass              # (crrestart had removed it already)
-                fz.move_home()
+                if gate_fd is not None:
+                    from .gate import open_gate
+                    open_gate(*gate_fd)   # released: all of the tree runs on
+                if fz is not None:
+                    try:
+                        fz.thaw()         # released: all of the tree runs on
+                    except OSError:
+                        pass              # (crrestart had removed it already)
+                    fz.move_home()
             else:
                 if fz is not None:
                     fz.kill_all()

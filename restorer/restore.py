@@ -37,10 +37,15 @@ from .validate import validate
 _DIE_AT = os.environ.get("CRELF_RESTORE_DIE_AT", "")
 
 
-def _die_here(point: str) -> None:
+def _die_here(point: str, guard=None) -> None:
     """Test hook: crrestart SIGKILLs itself at this point of the release
-    (tests/test_crashsafe.py proves the release is all or nothing)."""
-    if _DIE_AT == point:
+    (tests/test_crashsafe.py proves the release is all or nothing);
+    POINT+guard: its guard first, then itself (both dead together)."""
+    if _DIE_AT == point + "+guard" and guard is not None:
+        os.kill(guard.pid, signal.SIGKILL)
+        import select
+        select.select([guard.pidfd], [], [], 5)    # (readable once it is gone)
+    if _DIE_AT in (point, point + "+guard"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -460,13 +465,18 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             except OSError as e:
                 raise RestoreError("release", f"cannot freeze the tree for its release: {e}") \
                     from None
+        gated = sum(len(tr.gate) for tr in trs)
+        if gate_w >= 0:
+            g.gate(gate_w, gated)     # (after "released", the guard opens it if we die)
         for tr in trs:
             tr.release()
-            _die_here("detach")
+            _die_here("detach", g)
         g.commit()
         _die_here("commit")
         if gate_w >= 0:
-            os.close(gate_w)      # the gate opens: all of the tree runs from this one close
+            gate.open_gate(gate_w, gated)   # the tree runs from this one write
+            g.gate_open()
+            os.close(gate_w)
             gate_w = -1
         if fz is not None:
             try:

@@ -139,7 +139,7 @@ class TaskRestorer:
         self.lazy_server = None
         self.keep_fds = False    # an fd table shared with a task restored later
         self.released = False
-        self.gate: dict[int, tuple] = {}  # saved tid -> (its gate fd, stack pointer, scratch)
+        self.gate: dict[int, tuple] = {}  # saved tid -> (its gate fd, stack pointer, buffer)
         self.gadgets = None
         self.warnings: list[str] = []     # (the restore's, said by crrestart)
 
@@ -543,9 +543,9 @@ class TaskRestorer:
                                      f"the gate ({why})")
                 continue
             gfd = inj.check("fcntl", self.fds["gate"], gate.F_DUPFD_CLOEXEC, low)
-            sp, scratch = gate.write_frames(th, final, xstate, gfd, self.gadgets, self.memfd,
-                                            touch)
-            self.gate[th["tid"]] = (gfd, sp, scratch)
+            sp, buf = gate.write_frames(th, self.vpid, final, xstate, gfd, self.gadgets,
+                                        self.memfd, touch)
+            self.gate[th["tid"]] = (gfd, sp, buf)
 
     def kill(self) -> None:
         """SIGKILL the task and reap every thread we trace (a traced thread must
