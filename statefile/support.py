@@ -156,14 +156,18 @@ TABLE: tuple[Resource, ...] = (
              "stands in for it)"),
     Resource("fd:pty", "pseudo-terminal pair with both ends in the tree, or a master whose "
              "slave nobody holds (termios, window size, packet mode, lock, controlling "
-             "terminal and foreground process group; the new pair has another /dev/pts "
-             "number)", SUPPORTED),
+             "terminal and foreground process group, the bytes queued in both directions: "
+             "lines typed ahead, the line being typed, output the master has not read; the "
+             "new pair has another /dev/pts number)", SUPPORTED),
     Resource("fd:pty-external", "pseudo-terminal master in the tree whose slave is open "
              "outside the tree (or a pty that could not be inspected)", UNSUPPORTED,
              "a restart cannot reconnect a pseudo-terminal to a process outside the tree"),
     Resource("fd:pty-unread", "pseudo-terminal holding bytes not read yet (typed ahead, or "
-             "output its master did not read)", UNSUPPORTED,
-             "bytes queued in a pseudo-terminal cannot be read without consuming them; "
+             "output its master did not read) that crelf cannot save: a master in packet "
+             "mode, a locked pair, a line discipline other than N_TTY, EXTPROC, a slave's "
+             "buffer full (4095 bytes), or crcheckpoint without CAP_SYS_ADMIN", UNSUPPORTED,
+             "saving the bytes means reading them (which consumes them) and putting them "
+             "back with TIOCSTI; in these cases they could not be given back as they were; "
              "checkpoint again when the terminal is idle"),
     Resource("fd:pty-session", "pseudo-terminal of the tree that is the controlling terminal "
              "of a session whose leader is not in the tree", UNSUPPORTED,
