@@ -60,7 +60,6 @@ TIOCGPTPEER = 0x5441
 N_TTY = 0
 N_TTY_BUF = 4096           # the line discipline's buffer (N_TTY_BUF_SIZE): 4095 bytes usable
 EXTPROC = 0o200000
-IUTF8 = 0o40000
 PTMX = (5, 2)
 DEV_TTY = (5, 0)
 PTS_MAJORS = range(136, 144)
@@ -496,7 +495,7 @@ def put_back(master: int, slave: int | None, t: dict, q: dict) -> None:
                   sum(len(bytes.fromhex(x)) for x in q.get("lines", ())))
     got_master = _int_ioctl(master, termios.FIONREAD)
     got_slave = _int_ioctl(slave, termios.FIONREAD) if slave is not None else 0
-    if got_master < len(head) or got_slave != want_slave:
+    if got_master != len(head) or got_slave != want_slave:
         raise OSError(errno.EIO, f"the queues hold {got_master} and {got_slave} byte(s) "
                       f"again, not {len(head)} and {want_slave}")
 
