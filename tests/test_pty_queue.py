@@ -25,7 +25,7 @@ import pytest
 
 from helpers import build_c, pid_alive, read_lines, require_root, wait_for_line
 from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody
-from test_tree import CRCHECKPOINT, checkpoint_tree, finish, restart
+from test_tree import BIN, CRCHECKPOINT, checkpoint_tree, finish, restart
 
 import test_restart_unpriv
 
@@ -116,6 +116,7 @@ int main(int argc, char **argv) {
 '''
 
 TICKS = 12
+CRINSPECT = str(BIN / "crinspect")
 
 
 def _report(lines: list[str]) -> list[str]:
@@ -160,6 +161,12 @@ def test_queued_bytes_come_back_after_kill(procs, tmp_path, prog, mode):
     proc = procs.spawn([prog, mode, TICKS], stdout=out, close_fds=True)
     wait_for_line(out, r"^tick 3$", proc=proc)
     checkpoint_tree(proc, tmp_path / "k.cr")
+    shown = subprocess.run([CRINSPECT, "shared", "--json", tmp_path / "k.cr"],
+                           capture_output=True, text=True, timeout=60)
+    pty = next(o for o in json.loads(shown.stdout)["objects"] if o["kind"] == "pty")
+    if mode == "canon":         # five whole lines, one being typed, echoes and output
+        assert pty["saved"]["lines"] == 5 and pty["saved"]["partial"], pty
+        assert pty["saved"]["to_master"] > 60, pty
     code, err = finish(restart(procs, tmp_path / "k.cr"))
     assert code == 0, err
     lines = read_lines(out)
