@@ -296,6 +296,8 @@ class FileTable:
                     self.pipes.add(self, entry, pid, fd)
                 if kind == "symlink":
                     entry["symlink"] = link_target(pid, fd)
+                    if fs_magic(f"/proc/{pid}/fd/{fd}") == PROC_SUPER_MAGIC:
+                        entry["proc_link"] = True      # (support: fd:symlink-proc)
                 if kind == "tty":     # a pty master or slave gets its `pty` record
                     dump_tty.add(entry, pid, fd)
                 if kind.startswith("anon:"):

@@ -157,6 +157,10 @@ TABLE: tuple[Resource, ...] = (
              "as it was; restarting needs CAP_MKNOD)", SUPPORTED),
     Resource("fd:symlink", "O_PATH fd on a symbolic link (open with O_PATH|O_NOFOLLOW: "
              "reopened at its path the same way, the same link)", SUPPORTED),
+    Resource("fd:symlink-proc", "O_PATH fd on a symbolic link in /proc (a process's exe, "
+             "cwd, root, fd/N, ns/*)", UNSUPPORTED,
+             f"links in /proc are {_NOT_YET}: reopened by path they would lead to another "
+             "process's"),
     Resource("fd:symlink-deleted", "O_PATH fd on a symbolic link removed since (made again "
              "with the same target, owner and times, opened for every description, removed: "
              "nlink 0 as it was)", SUPPORTED),
@@ -443,6 +447,8 @@ def fd_key(f: dict) -> str:
     if kind in ("pty-master", "pty-slave"):
         return "fd:pty"
     if kind == "symlink":
+        if f.get("proc_link"):
+            return "fd:symlink-proc"
         if f.get("deleted"):    # (made again from its target: unknown, it cannot be)
             return "fd:symlink-deleted" if f.get("symlink") is not None else "fd:other"
         return "fd:symlink"

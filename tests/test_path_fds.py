@@ -10,8 +10,9 @@ restorer/restore_files.py open_ghost_nodes):
 * a removed device node of /dev/null held by the parent and its child, and
   a node of /dev/zero at a path of its own: mode, device number, owner, the
   device works, nothing left behind in the directory;
-* a removed node of a device crelf cannot reopen (/dev/kmsg) is refused up
-  front (exit 6, nothing written, the program runs on).
+* a removed node of a device crelf cannot reopen (/dev/kmsg), and an O_PATH
+  fd on a link in /proc, are refused up front (exit 6, nothing written, the
+  program runs on).
 
 The restarted run must print exactly what an uninterrupted run prints.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+
+import pytest
 
 from helpers import build_c, read_lines, require_root, wait_for_line
 from test_tree import CRCHECKPOINT, checkpoint_tree, finish, restart
@@ -36,7 +39,7 @@ PROG = r'''
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
 
-/* argv: directory, ticks, [kmsg]. */
+/* argv: directory, ticks, [kmsg | proc]. */
 static char d[512];
 static const char *at(const char *name) {
     static char p[4][600];
@@ -85,11 +88,12 @@ int main(int argc, char **argv) {
     int fz = open(at("zero"), O_RDONLY);
     unlink(at("null"));
     int fk = -1;
-    if (argc > 3) {
+    if (argc > 3 && !strcmp(argv[3], "kmsg")) {
         mknod(at("kmsg"), S_IFCHR | 0600, makedev(1, 11));
         fk = open(at("kmsg"), O_RDONLY | O_NONBLOCK);
         unlink(at("kmsg"));
-    }
+    } else if (argc > 3)
+        fk = open("/proc/self/exe", O_PATH | O_NOFOLLOW);
     if (fl < 0 || fdang < 0 || fproc < 0 || fg1 < 0 || fg2 < 0 || fn < 0 || fnr < 0 || fz < 0
         || (argc > 3 && fk < 0)) { perror("open"); return 1; }
     int go[2];
@@ -210,21 +214,29 @@ def test_removed_link_made_elsewhere_when_its_name_is_taken(procs, tmp_path):
     assert got[-2:] == ["at gone: another file", "entries left 5"]   # (the taker's)
 
 
-def test_removed_node_of_another_device_is_refused(procs, tmp_path):
+@pytest.mark.parametrize("what", ["kmsg", "proc"])
+def test_removed_node_of_another_device_or_proc_link_is_refused(procs, tmp_path, what):
+    """A removed node of a device crelf cannot reopen (/dev/kmsg), or an
+    O_PATH fd on a link in /proc (/proc/self/exe): refused up front (exit 6,
+    the reason named), nothing written, the program runs on."""
     require_root()
     exe = build_c(tmp_path, "pathfds", PROG)
     d = tmp_path / "run"
     d.mkdir()
     out = tmp_path / "k.out"
-    proc = procs.spawn([exe, d, 40, "kmsg"], stdout=out, close_fds=True)
+    proc = procs.spawn([exe, d, 40, what], stdout=out, close_fds=True)
     wait_for_line(out, r"^tick 3$", proc=proc)
     cr = tmp_path / "k.cr"
     r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr), "--kill"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 6, r.stderr
     assert "Traceback" not in r.stderr
-    assert "kmsg (deleted) (chr)" in r.stderr and "device files other than" in r.stderr, \
-        r.stderr
+    if what == "kmsg":
+        assert "kmsg (deleted) (chr)" in r.stderr and "device files other than" in r.stderr, \
+            r.stderr
+    else:
+        assert f"/proc/{proc.pid}/exe (symlink)" in r.stderr and "links in /proc" in r.stderr, \
+            r.stderr
     assert not cr.exists()
     n = len(read_lines(out))
     wait_for_line(out, rf"^tick {n + 2}$", proc=proc)
