@@ -314,22 +314,22 @@ def queue_problem(info: dict) -> str | None:
     return None
 
 
-def _read_all(fd: int, zero_ends: bool) -> bytes:
-    """Everything fd gives without blocking (fd is O_NONBLOCK)."""
-    out = bytearray()
+def _read_all(fd: int, out: bytearray, master: bool) -> None:
+    """Append to out everything fd (O_NONBLOCK) gives without blocking.  A
+    master reads EIO once its slave is closed and nothing is left; a
+    non-canonical slave with VMIN 0 reads 0 bytes when it has nothing."""
     while True:
         try:
             b = os.read(fd, 65536)
         except BlockingIOError:
-            break
+            return
         except OSError as e:
-            if e.errno == errno.EIO:       # the other side is closed and nothing is left
-                break
+            if master and e.errno == errno.EIO:
+                return
             raise
-        if not b and zero_ends:
-            break
+        if not b and not master:
+            return
         out += b
-    return bytes(out)
 
 
 def _setattr(fd: int, t: dict) -> None:
@@ -341,10 +341,9 @@ def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
     """Read (consuming them) the bytes queued in a pair: `master` a descriptor
     of its master (O_NONBLOCK is set on it for the time it takes), `slave` a
     slave opened O_NONBLOCK for this (None: the slave is closed), `t` its
-    saved termios.  Fills q, the
-    `pty_queue` record (hex), as it reads (what was read is there if it
-    fails): `to_master`; in canonical mode `lines` (one per
-    read() of the slave), `partial` (the line being typed: read once a
+    saved termios.  Fills q, the `pty_queue` record (hex), as it reads (what
+    was read is there if it fails): `to_master`; in canonical mode `lines`
+    (one per read() of the slave), `partial` (the line being typed: read once a
     newline injected under the refill settings completes it, so ICANON is
     never switched, which would reset the line discipline's state) and
     `lnext` (a literal-next was waiting for its character: the first newline
@@ -352,17 +351,26 @@ def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
     puts them back; the slave's termios is left at the refill settings."""
     fl = fcntl.fcntl(master, fcntl.F_GETFL)
     fcntl.fcntl(master, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    buf = bytearray()
     try:
-        q["to_master"] = _read_all(master, False).hex()
+        _read_all(master, buf, True)
     finally:
+        q["to_master"] = buf.hex()
         fcntl.fcntl(master, fcntl.F_SETFL, fl)
     if slave is None:               # no slave is open: nothing waits for one
         return
     if not t["lflag"] & termios.ICANON:
-        q["to_slave"] = _read_all(slave, True).hex()
+        buf = bytearray()
+        try:
+            _read_all(slave, buf, False)
+        finally:
+            q["to_slave"] = buf.hex()
         return
-    lines = _read_lines(slave)
-    q["lines"] = [x.hex() for x in lines]
+    lines: list[bytes] = []
+    try:
+        _read_lines(slave, lines)
+    finally:
+        q["lines"] = [x.hex() for x in lines]
     r, _ = _refill(t, {})
     old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
     try:
@@ -370,7 +378,9 @@ def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
         tail = b""
         for n in (1, 2):
             fcntl.ioctl(slave, TIOCSTI, b"\n")
-            tail = b"".join(_read_lines(slave))
+            got: list[bytes] = []
+            _read_lines(slave, got)
+            tail = b"".join(got)
             if tail:
                 break
     finally:
@@ -382,16 +392,14 @@ def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
         q["lnext"] = True
 
 
-def _read_lines(fd: int) -> list[bytes]:
-    """Every whole line a canonical-mode slave (O_NONBLOCK) holds, one per
-    read() (an empty line ended by EOF reads as b"")."""
-    out = []
+def _read_lines(fd: int, out: list[bytes]) -> None:
+    """Append to out every whole line a canonical-mode slave (O_NONBLOCK)
+    holds, one per read() (an empty line ended by EOF reads as b"")."""
     for _ in range(N_TTY_BUF + 1):
         try:
             out.append(os.read(fd, N_TTY_BUF * 2))
-        except (BlockingIOError, OSError):
-            break
-    return out
+        except BlockingIOError:
+            return
 
 
 def queue_slots(q: dict, t: dict) -> int:
@@ -500,6 +508,22 @@ def put_back(master: int, slave: int | None, t: dict, q: dict) -> None:
                       f"again, not {len(head)} and {want_slave}")
 
 
+def _background(slave: int) -> str | None:
+    """Why we may not read this slave: it is crcheckpoint's own controlling
+    terminal and crcheckpoint is not in its foreground process group (a read
+    would stop it with SIGTTIN, or fail)."""
+    tty_nr = procfs.stat(os.getpid())["tty_nr"]
+    rdev = os.fstat(slave).st_rdev
+    if not tty_nr or tty_nr_dev(tty_nr) != (os.major(rdev), os.minor(rdev)):
+        return None
+    try:
+        if os.tcgetpgrp(slave) == os.getpgrp():
+            return None
+    except OSError:
+        pass
+    return "it is crcheckpoint's own terminal, and crcheckpoint runs in its background"
+
+
 def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
     """crcheckpoint, the tree frozen and assessed: read the bytes queued in
     every pair of the tree into its master's entry (`pty_queue`) and put them
@@ -520,10 +544,11 @@ def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
             if not info.get("slave_closed"):
                 slave = fcntl.ioctl(dup, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK
                                     | os.O_CLOEXEC)
-                if _int_ioctl(slave, TIOCGETD) != N_TTY:
+                why = ("its slave has a line discipline other than N_TTY"
+                       if _int_ioctl(slave, TIOCGETD) != N_TTY else _background(slave))
+                if why:
                     if info.get("unread") or info.get("slave_unread"):
-                        out.append((f, f"pty {info['index']}: its slave has a line "
-                                       "discipline other than N_TTY"))
+                        out.append((f, f"pty {info['index']}: {why}"))
                     continue
             q: dict = {}
             try:

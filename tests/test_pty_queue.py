@@ -34,6 +34,7 @@ nobody_dir = test_restart_unpriv.nobody_dir     # (the fixture: a directory user
 PROG = r'''
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,14 +79,13 @@ int main(int argc, char **argv) {
         int one = 1;
         ioctl(m, TIOCPKT, &one);
     }
+    /* the slave's output first: the echoes come after it on the master, however
+       late the kernel's workers run */
+    write(s, "output\n", 7);
     const char *in[] = {"first line\n", "ends at eol;", "ended by eof\x04", "\x04",
                         "a literal \x16\n inside\n", "typing ahx\x7f" "ead", "\x16", NULL};
-    for (int i = 0; in[i]; i++) {
+    for (int i = 0; in[i]; i++)
         write(m, in[i], strlen(in[i]));
-        usleep(10000);
-    }
-    write(s, "output\n", 7);
-    usleep(10000);
     for (int i = 1; i <= ticks; i++) {
         printf("tick %d\n", i);
         usleep(50000);
@@ -95,18 +95,46 @@ int main(int argc, char **argv) {
     ioctl(s, FIONREAD, &qs);
     add("queued: master %d slave %d\n", qm, qs);
     write(m, "\x7fX\n", 3);     /* after the waiting literal-next: a literal DEL */
-    usleep(20000);
     fcntl(s, F_SETFL, O_NONBLOCK);
     fcntl(m, F_SETFL, O_NONBLOCK);
-    unsigned char buf[8192];
-    for (int i = 0; i < 20; i++) {
+    /* Read until the last bytes written arrive (the kernel's workers deliver
+       them when they run): one report line per read in canonical mode, all
+       the bytes in one line otherwise; then the master's until its last
+       expected bytes (the echo of that line, or the slave's output). */
+    unsigned char buf[8192], all[16384];
+    int got = 0, canon = !strcmp(mode, "canon") || !strcmp(mode, "packet");
+    for (int i = 0; i < 50; i++) {
+        struct pollfd p = {s, POLLIN, 0};
+        if (poll(&p, 1, 10000) <= 0)
+            break;
         int n = read(s, buf, sizeof buf);
         if (n < 0)
+            continue;
+        if (canon)
+            show("slave read", buf, n);
+        memcpy(all + got, buf, n);
+        got += n;
+        if (got >= 2 && !memcmp(all + got - 2, "X\n", 2))
             break;
-        show("slave read", buf, n);
     }
-    int n = read(m, buf, sizeof buf);
-    show("master read", buf, n > 0 ? n : 0);
+    if (!canon)
+        show("slave read", all, got);
+    const char *last = canon ? "X\r\n" : "output\r\n";
+    got = 0;
+    for (int i = 0; i < 50; i++) {
+        struct pollfd p = {m, POLLIN, 0};
+        if (poll(&p, 1, 10000) <= 0)
+            break;
+        int n = read(m, all + got, sizeof all - got);
+        if (n > 0 && !strcmp(mode, "packet")) {     /* each read's TIOCPKT_DATA byte */
+            memmove(all + got, all + got + 1, --n);
+        }
+        if (n > 0)
+            got += n;
+        if (got >= (int)strlen(last) && !memcmp(all + got - strlen(last), last, strlen(last)))
+            break;
+    }
+    show("master read", all, got);
     tcgetattr(s, &t);
     add("termios iflag %o oflag %o lflag %o eol %d eof %d erase %d lnext %d\n", t.c_iflag,
         t.c_oflag, t.c_lflag, t.c_cc[VEOL], t.c_cc[VEOF], t.c_cc[VERASE], t.c_cc[VLNEXT]);
