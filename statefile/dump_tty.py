@@ -60,6 +60,7 @@ TIOCGPTPEER = 0x5441
 N_TTY = 0
 N_TTY_BUF = 4096           # the line discipline's buffer (N_TTY_BUF_SIZE): 4095 bytes usable
 EXTPROC = 0o200000
+NEAR_FULL = 256            # a slave holding more than N_TTY_BUF - this is refused up front
 PTMX = (5, 2)
 DEV_TTY = (5, 0)
 PTS_MAJORS = range(136, 144)
@@ -309,6 +310,9 @@ def queue_problem(info: dict) -> str | None:
         return "a line discipline other than N_TTY"
     if (info.get("termios") or {}).get("lflag", 0) & EXTPROC:
         return "EXTPROC (line editing done outside the kernel)"
+    if info.get("slave_unread", 0) >= N_TTY_BUF - NEAR_FULL:
+        return (f"the slave's line discipline buffer is (nearly) full ({info['slave_unread']} "
+                "bytes): bytes may wait behind it, which reading would run through it")
     if not can_inject():
         return "putting them back needs TIOCSTI, which needs CAP_SYS_ADMIN"
     return None
@@ -551,29 +555,32 @@ def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
                         out.append((f, f"pty {info['index']}: {why}"))
                     continue
             q: dict = {}
+            full = failed = None
             try:
-                try:
-                    read_queues(dup, slave, t, q)
-                except OSError as e:
-                    raise TargetError(f"pid {f['owner_pid']} fd {f['owner_fd']}: pty "
-                                      f"{info['index']}: reading its queued bytes: "
-                                      f"{e.strerror or e}") from None
-                slots = queue_slots(q, t)
-                if slots >= N_TTY_BUF - 2:
-                    out.append((f, f"pty {info['index']}: the slave's line discipline buffer "
-                                   f"was full ({slots} bytes): bytes waiting behind it were "
-                                   "processed by the checkpoint, and may not all be back"))
-                elif slave is None and len(q.get("to_master", "")) // 2 >= N_TTY_BUF:
-                    out.append((f, f"pty {info['index']}: more than {N_TTY_BUF - 1} bytes the "
-                                   "master has not read, and no slave to write them again"))
-                    q = dict(q, to_master=q["to_master"][:2 * (N_TTY_BUF - 1)])
-            finally:
-                try:
-                    put_back(dup, slave, t, q)
-                except OSError as e:
-                    raise TargetError(f"pid {f['owner_pid']} fd {f['owner_fd']}: pty "
-                                      f"{info['index']}: its queued bytes could not be put "
-                                      f"back: {e.strerror or e}") from None
+                read_queues(dup, slave, t, q)
+            except OSError as e:
+                failed = f"reading its queued bytes: {e.strerror or e}"
+            slots = queue_slots(q, t)
+            if failed is None and slots >= N_TTY_BUF - 2:
+                full = (f, f"pty {info['index']}: the slave's line discipline buffer was full "
+                           f"({slots} bytes, most of them a line being typed): bytes waiting "
+                           "behind it were run through it by the checkpoint's reading; those "
+                           "beyond its 4095 bytes are lost")
+                out.append(full)
+            elif failed is None and slave is None \
+                    and len(q.get("to_master", "")) // 2 >= N_TTY_BUF:
+                out.append((f, f"pty {info['index']}: more than {N_TTY_BUF - 1} bytes the "
+                               "master has not read, and no slave to write them again"))
+                q = dict(q, to_master=q["to_master"][:2 * (N_TTY_BUF - 1)])
+            try:
+                put_back(dup, slave, t, q)      # (whatever happened: what was read goes back)
+            except OSError as e:
+                if full is None:        # (refused: as much as fits went back)
+                    failed = failed or f"its queued bytes could not be put back: " \
+                                       f"{e.strerror or e}"
+            if failed:
+                raise TargetError(f"pid {f['owner_pid']} fd {f['owner_fd']}: pty "
+                                  f"{info['index']}: {failed}")
             q = {k: v for k, v in q.items() if v}
             if q:
                 f["pty_queue"] = q

@@ -180,7 +180,8 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:pty-unread", "pseudo-terminal holding bytes not read yet (typed ahead, or "
              "output its master did not read) that crelf cannot save: a master in packet "
              "mode, a locked pair, a line discipline other than N_TTY, EXTPROC, a slave's "
-             "buffer full (4095 bytes), crcheckpoint without CAP_SYS_ADMIN or in the "
+             "buffer full (4095 bytes: bytes may wait behind it), crcheckpoint without "
+             "CAP_SYS_ADMIN or in the "
              "background of that terminal", UNSUPPORTED,
              "saving the bytes means reading them (which consumes them) and putting them "
              "back with TIOCSTI; in these cases they could not be given back as they were; "
