@@ -10,15 +10,17 @@ read, byte for byte, with the queue sizes and the termios; the restarted run
 (--kill, restart) and a leave-running checkpoint (the program runs on; the
 statefile is also restarted beside it in a pid namespace) must print exactly
 what an uninterrupted run prints.  Canonical mode with echo, and raw mode.
-A master in packet mode holding bytes, and an unprivileged crcheckpoint
-(TIOCSTI needs CAP_SYS_ADMIN), are refused up front (exit 6, the reason
-named), and the program then reads what it would have read.
+A master in packet mode holding bytes, an unprivileged crcheckpoint (TIOCSTI
+needs CAP_SYS_ADMIN), and a slave whose buffer is full with more waiting
+behind it, are refused up front (exit 6, the reason named), and the program
+then reads what it would have read.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -269,3 +271,57 @@ def test_unprivileged_checkpoint_refuses_queued_bytes(procs, nobody_dir):
     assert not cr.exists()
     assert proc.wait(timeout=30) == 0
     assert _report(read_lines(out)) == want
+
+
+FULL = r'''
+import os, sys, termios, time
+m, s = os.openpty()
+a = termios.tcgetattr(s)
+a[3] &= ~termios.ECHO
+termios.tcsetattr(s, termios.TCSANOW, a)
+os.set_blocking(m, False)
+n = 0
+try:                                  # lines until the pair takes no more (4095 + the rest
+    for i in range(400):              # waiting behind the full buffer)
+        n += os.write(m, b"%039d\n" % i)
+except BlockingIOError:
+    pass
+print("wrote", n, flush=True)
+for i in range(300):
+    print("tick", i, flush=True)
+    time.sleep(0.05)
+    if os.path.exists(sys.argv[1]):
+        break
+os.set_blocking(s, False)
+got, idle = b"", 0
+while len(got) < n and idle < 250:       # (one line per read: canonical mode)
+    try:
+        got += os.read(s, 65536)
+        idle = 0
+    except BlockingIOError:
+        idle += 1
+        time.sleep(0.02)
+print("read", len(got), got == b"".join(b"%039d\n" % i for i in range(n // 40)), flush=True)
+'''
+
+
+def test_full_buffer_is_refused_before_reading(procs, tmp_path):
+    """More than the slave's line discipline holds (the rest waits in the
+    kernel's flip buffer): refused up front (exit 6, the reason named),
+    nothing read: the program then reads every line it was sent."""
+    require_root()
+    go = tmp_path / "go"
+    out = tmp_path / "f.out"
+    proc = procs.spawn([sys.executable, "-c", FULL, go], stdout=out, close_fds=True)
+    wait_for_line(out, r"^tick 3$", proc=proc)
+    wrote = int(read_lines(out)[0].split()[1])
+    assert wrote > 4096, wrote
+    cr = tmp_path / "f.cr"
+    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr), "--kill"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 6, r.stderr
+    assert "Traceback" not in r.stderr and not cr.exists()
+    assert "line discipline buffer is (nearly) full" in r.stderr, r.stderr
+    go.touch()
+    assert proc.wait(timeout=30) == 0
+    assert read_lines(out)[-1] == f"read {wrote} True"
