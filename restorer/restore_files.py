@@ -403,6 +403,104 @@ def open_ghosts(files: list[dict], tasks: list[dict]) -> dict[int, int]:
     return out
 
 
+def _open_symlink(path: str, flags: int) -> int:
+    """An O_PATH fd on the symbolic link at path itself, with the saved flags
+    (an O_PATH fd on a link opened without O_NOFOLLOW came through /proc)."""
+    if flags & os.O_NOFOLLOW:
+        return os.open(path, flags)
+    tmp = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.open(f"/proc/self/fd/{tmp}", flags)
+    finally:
+        os.close(tmp)
+
+
+def ghost_node(f: dict) -> bool:
+    """A removed symbolic link (O_PATH fd) or device node still open: made
+    again by the initiator (open_ghost_nodes)."""
+    return bool(f.get("deleted")) and f["kind"] in ("symlink", "chr")
+
+
+def _make_node(path: str, x: dict) -> None:
+    """The symbolic link or device node of entry x at path (which is free)."""
+    journal_path(path)
+    if x["kind"] == "symlink":
+        os.symlink(x["symlink"], path)
+    else:
+        os.mknod(path, st.S_IFCHR | 0o600, x["rdev"])
+        os.chmod(path, x["mode"] & 0o7777)
+    try:
+        if os.geteuid() == 0 and "uid" in x:
+            os.chown(path, x["uid"], x["gid"], follow_symlinks=False)
+        if "mtime_ns" in x:
+            os.utime(path, ns=(x.get("atime_ns", x["mtime_ns"]), x["mtime_ns"]),
+                     follow_symlinks=False)
+    except OSError:
+        os.unlink(path)
+        raise
+
+
+def open_ghost_nodes(files: list[dict], tasks: list[dict]) -> dict[int, int]:
+    """In the initiator, before the tree forks: every removed symbolic link
+    and device node an fd of the tree held (ghost_node), made again once per
+    saved inode (at its old path when that is free, else at a scratch name
+    beside it or in /tmp), opened there for each of its open file
+    descriptions with the saved flags, and removed: nlink 0, as it was.
+    Returns {file id: fd} for the tasks to inherit."""
+    used = {d["file"] for t in tasks for d in t["fds"]}
+    groups: dict[tuple, list[dict]] = {}
+    for f in files:
+        if f["id"] in used and ghost_node(f):
+            groups.setdefault((f["kind"], f.get("dev"), f.get("ino")), []).append(f)
+    out: dict[int, int] = {}
+    try:
+        for group in groups.values():
+            x = group[0]
+            path = x["path"].removesuffix(" (deleted)")
+            scratch = f".{os.path.basename(path)}.crelf-{os.getpid()}"
+            cands = [path, os.path.join(os.path.dirname(path), scratch),
+                     os.path.join("/tmp", scratch)]
+            why = "no writable directory"
+            for cand in cands:
+                if os.path.lexists(cand) or not os.path.isdir(os.path.dirname(cand) or "/"):
+                    continue
+                try:
+                    _make_node(cand, x)
+                except OSError as e:
+                    why = e.strerror or str(e)
+                    if x["kind"] == "chr" and e.errno == errno.EPERM:
+                        why += " (mknod of a device needs CAP_MKNOD: restart as root)"
+                    continue
+                try:
+                    for f in group:
+                        flags = (f["flags"] & OPEN_FLAG_MASK) | os.O_CLOEXEC
+                        if f["kind"] == "symlink":
+                            out[f["id"]] = _open_symlink(cand, flags)
+                        else:
+                            out[f["id"]] = os.open(cand, flags | os.O_NOCTTY)
+                            if f.get("pos"):
+                                try:
+                                    os.lseek(out[f["id"]], f["pos"], os.SEEK_SET)
+                                except OSError:
+                                    pass
+                except OSError as e:     # (a device on a nodev mount: the next place)
+                    why = e.strerror or str(e)
+                    for f in group:
+                        if f["id"] in out:
+                            os.close(out.pop(f["id"]))
+                    continue
+                finally:
+                    os.unlink(cand)
+                break
+            else:
+                raise RestoreError("files", f"cannot make removed {x['kind']} {path} again: "
+                                   f"{why}")
+    except BaseException:
+        close_all(out)
+        raise
+    return out
+
+
 def _mount_fd(f: dict) -> int:
     """An fd on the file system of entry f (its saved st_dev; not O_PATH:
     open_by_handle_at refuses those): the
@@ -574,6 +672,17 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
                 os.lseek(fd, f["pos"], os.SEEK_SET)
             except OSError:
                 pass
+        return fd
+    if ghost_node(f):
+        raise ChildError("files", f"removed {kind} {path} was not made again for this task")
+    if kind == "symlink":
+        fd = _open_symlink(path, flags)
+        s = os.fstat(fd)
+        if not st.S_ISLNK(s.st_mode) or not (plan.force_files or _same(fd, f.get("dev"),
+                                                                      f.get("ino"))):
+            os.close(fd)
+            raise ChildError("files", f"{path} is not the symbolic link that was open "
+                             "(inode changed; --force-files accepts another link)")
         return fd
     if kind == "chr":
         # (a terminal device is our controlling terminal only if it was)

@@ -44,7 +44,8 @@ from .errors import RestoreError, ValidationError
 from .guard import journal_path
 from .kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all,
                      fork_with_pid, pidfd_open, prctl)
-from .restore_files import ChildError, ChildPlan, _open_file, child_setup, open_ghosts
+from .restore_files import (ChildError, ChildPlan, _open_file, child_setup, open_ghost_nodes,
+                            open_ghosts)
 from .restore_memory import premap_in_python
 from .restore_sockets import open_named
 from .restore_tty import open_ptys
@@ -365,6 +366,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
     try:
         out.update(open_ptys(files, tasks, warnings))   # pseudo-terminal pairs (restore_tty)
         out.update(open_ghosts(files, tasks))   # removed directories, dead /proc (restore_files)
+        out.update(open_ghost_nodes(files, tasks))   # removed symbolic links, device nodes
         for fid, num in stdio_passthrough(tasks, files).items():
             # a pipe to a process outside the tree at stdin/stdout/stderr:
             # crrestart's own (dump_pipes.stdio_passthrough)

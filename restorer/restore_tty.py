@@ -9,7 +9,10 @@ each session leader whose controlling terminal it was takes it again.
    slave description with its flags, and one more slave fd for the session
    leader that makes it its controlling terminal (key `ctty_key(index)`).  A
    master whose slave was closed gets its slave opened and closed once, so a
-   read on it sees EIO as before.  A saved lock is put back last.
+   read on it sees EIO as before.  The bytes that were queued in the pair
+   (`pty_queue`) go back with statefile/dump_tty.put_back, the code the
+   checkpoint put them back with (TIOCSTI: crrestart must be root).  A saved
+   lock is put back last.
 2. `plan_ctty` (initiator): which task takes which pair as controlling
    terminal, and the saved foreground process group.
 3. `take_ctty` (in the session leader, before it parks, after its subtree is
@@ -22,11 +25,14 @@ checkpoint may be /dev/pts/M now (a warning says so).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
 import struct
 import termios
+
+from statefile.dump_tty import put_back
 
 from .errors import RestoreError
 from .kernel import close_all
@@ -100,6 +106,23 @@ def _open_slave(master: int, flags: int) -> int:
         return os.open(f"/dev/pts/{n}", how)
 
 
+def _put_back(master: int, info: dict, q: dict) -> None:
+    """The bytes that were queued in the pair (statefile/dump_tty.py
+    `pty_queue`), put back as they were, through a slave opened for it."""
+    slave = None if info.get("slave_closed") else _open_slave(master, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        put_back(master, slave, info["termios"], q)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            raise RestoreError("pseudo-terminals", f"pty {info['index']}: putting back the "
+                               "bytes queued in it needs CAP_SYS_ADMIN (TIOCSTI): restart "
+                               "as root") from None
+        raise
+    finally:
+        if slave is not None:
+            os.close(slave)
+
+
 def _make_pair(p: dict, ctty: bool, warnings: list[str]) -> dict[int, int]:
     info, m = p["info"], p["master"]
     mflags = m["flags"] if m is not None else os.O_RDWR
@@ -130,6 +153,8 @@ def _make_pair(p: dict, ctty: bool, warnings: list[str]) -> dict[int, int]:
             out[ctty_key(info["index"])] = _open_slave(master, os.O_RDWR)
         if not p["slaves"] and not ctty and info.get("slave_closed"):
             os.close(_open_slave(master, os.O_RDWR))   # hung up, as it was
+        if m is not None and m.get("pty_queue"):
+            _put_back(master, info, m["pty_queue"])
         if info.get("locked"):
             fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 1))
         new = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]

@@ -13,7 +13,7 @@ from statefile.integrity import DamagedError, SegmentReader
 
 from . import restore_ipc, restore_memfd, restore_ns
 from .errors import RestoreError, ValidationError
-from .restore_files import ChildError, open_linked, tree_proc
+from .restore_files import ChildError, ghost_node, open_linked, tree_proc
 from .restore_memory import VDSO_NAMES, file_path, parse_maps
 
 
@@ -221,6 +221,18 @@ def _special_file_problem(f: dict, pids: set[int], force_files: bool,
         return ""      # a dead process's /proc entry, or one of the tree's (opened late)
     if f["kind"] == "directory" and f.get("deleted"):
         return ""      # a removed directory, made again (open_ghosts)
+    if ghost_node(f):
+        return ""      # a removed symbolic link or device node, made again (open_ghost_nodes)
+    if f["kind"] == "symlink":
+        if not os.path.islink(f["path"]):
+            return f"symbolic link {f['path']} no longer exists"
+        s = os.lstat(f["path"])
+        if (s.st_dev, s.st_ino) != (f.get("dev"), f.get("ino")):
+            p = f"symbolic link {f['path']} is not the one that was open (inode changed)"
+            if not force_files:
+                return p + " (--force-files restores anyway)"
+            warnings.append(p)
+        return ""
     if f.get("nsfs"):
         if not f["nsfs"].get("name"):
             return f"{f['path']} is a namespace the process was not in; not restored"

@@ -8,7 +8,8 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import FORMAT_VERSION, __version__, dump_fdt, dump_ns, flags, hooks, procfs, snapshot, support, xsave
+from . import (FORMAT_VERSION, __version__, dump_fdt, dump_ns, dump_tty, flags, hooks, procfs,
+               snapshot, support, xsave)
 from .dump_files import FileTable
 from .dump_memfd import collect as collect_shmem
 from .dump_memory import PAGE, dump_mappings, mark_cow
@@ -206,6 +207,13 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         # A task traced by another tracer was not frozen: nothing to snapshot.
         if bad and (kill or not policy.snapshot or freezer.traced):
             raise NotCheckpointable(pid, bad)
+        if not bad:
+            # bytes queued in the tree's pseudo-terminals: read, and put back at once
+            late = [support.finding("fd:pty-unread", f["owner_pid"],
+                                    f"pid {f['owner_pid']} fd {f['owner_fd']}", detail)
+                    for f, detail in dump_tty.save_queues(tasks, files.files)]
+            if late:
+                raise NotCheckpointable(pid, late)
         if policy.dump_tmpfs:
             files.dump_tmpfs_contents()
 

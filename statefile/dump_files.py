@@ -130,7 +130,24 @@ def _kind(target: str, mode: int, rdev: int) -> str:
         return "blk"
     if st.S_ISREG(mode):
         return "regular"
+    if st.S_ISLNK(mode):
+        return "symlink"        # an O_PATH|O_NOFOLLOW fd on a symbolic link
     return "other"
+
+
+def link_target(pid: int, fd: int) -> str | None:
+    """What the symbolic link behind task pid's (O_PATH) fd points to:
+    readlinkat(fd, "") on a duplicate of it, or None."""
+    try:
+        dup = pt.dup_fd_of(pid, fd)
+    except OSError:
+        return None
+    try:
+        return os.readlink("", dir_fd=dup)
+    except OSError:
+        return None
+    finally:
+        os.close(dup)
 
 
 _FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "inet6",
@@ -277,6 +294,10 @@ class FileTable:
                     entry["socket"] = socket_info(pid, fd, self.unix_diag)
                 if kind in ("pipe", "fifo"):
                     self.pipes.add(self, entry, pid, fd)
+                if kind == "symlink":
+                    entry["symlink"] = link_target(pid, fd)
+                    if fs_magic(f"/proc/{pid}/fd/{fd}") == PROC_SUPER_MAGIC:
+                        entry["proc_link"] = True      # (support: fd:symlink-proc)
                 if kind == "tty":     # a pty master or slave gets its `pty` record
                     dump_tty.add(entry, pid, fd)
                 if kind.startswith("anon:"):

@@ -17,29 +17,50 @@ Every fd on a terminal is first a `tty` entry (dump_files.py).  Here:
   `pty-slave` sharing its master's `pty` record; a slave whose master is
   outside stays `tty`: a shell job, restored on crrestart's own terminal.
 
-Nothing is read from a terminal: bytes queued in either direction cannot be
-read without consuming them, so a pair holding some is refused
-(`fd:pty-unread`) and a leave-running checkpoint changes nothing the tasks
-can observe.  The kernel's counter does not see characters typed ahead in
-canonical mode without a newline yet (docs/TREE.md).
-Restored by restorer/restore_tty.py.
+Bytes queued in a pair of the tree (`save_queues`, run by crcheckpoint on
+the frozen tree once the assessment passed): what the master has not read
+(the slave's output, echoes) and what the slave has not read (the master's
+input as the line discipline keeps it: whole lines in canonical mode, one per
+read(), and the line being typed) are read from a duplicate of the master and
+a slave opened for it (TIOCGPTPEER), then put back at once (`put_back`, the
+same code a restart runs), so the tasks find them as they were.  Bytes go
+back with TIOCSTI (a byte into a tty's own input, through its line
+discipline, synchronously) under settings that store them unchanged (no
+echo, no signals, no input mapping; a literal-next before each byte that
+would end a line), then the saved termios is set again.  Where that cannot
+be done (no CAP_SYS_ADMIN for TIOCSTI, packet mode, a locked pair, a line
+discipline other than N_TTY, EXTPROC) a pair holding bytes the kernel's
+counter shows is refused (`fd:pty-unread`); those paths read nothing, and a
+line typed in canonical mode without its newline is not seen by the counter
+(docs/TREE.md).  Restored by restorer/restore_tty.py.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
+import signal
 import struct
 import termios
 
 from . import procfs
 from . import ptrace as pt
+from .errors import TargetError
 
 TIOCGPTN = 0x80045430
 TIOCGPKT = 0x80045438
 TIOCGPTLCK = 0x80045439
 TIOCGSID = 0x5429
+TIOCSTI = 0x5412
+TIOCGETD = 0x5424
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+N_TTY = 0
+N_TTY_BUF = 4096           # the line discipline's buffer (N_TTY_BUF_SIZE): 4095 bytes usable
+EXTPROC = 0o200000
+NEAR_FULL = 256            # a slave holding more than N_TTY_BUF - this is refused up front
 PTMX = (5, 2)
 DEV_TTY = (5, 0)
 PTS_MAJORS = range(136, 144)
@@ -101,8 +122,12 @@ def _master(dup: int, entry: dict) -> dict:
         info["sid"] = info["fg_pgrp"] = None
     info["unread"] = _int_ioctl(dup, termios.FIONREAD)   # slave output the master did not read
     p = select.poll()
-    p.register(dup, select.POLLIN)
-    info["slave_closed"] = any(ev & select.POLLHUP for _, ev in p.poll(0))
+    p.register(dup, select.POLLIN | select.POLLPRI)
+    events = [ev for _, ev in p.poll(0)]
+    info["slave_closed"] = any(ev & select.POLLHUP for ev in events)
+    if info["packet"] and any(ev & select.POLLPRI for ev in events):
+        info["packet_status"] = True      # a packet-mode status byte waits to be read
+    info["ldisc"] = _int_ioctl(dup, TIOCGETD)
     return info
 
 
@@ -135,7 +160,8 @@ def add(entry: dict, pid: int, fd: int) -> None:
         if entry["kind"] == "pty-master":
             entry["pty"] = _master(dup, entry)
         else:
-            entry["pty"] = {"index": index, "unread": _int_ioctl(dup, termios.FIONREAD)}
+            entry["pty"] = {"index": index, "unread": _int_ioctl(dup, termios.FIONREAD),
+                            "ldisc": _int_ioctl(dup, TIOCGETD)}
             if alias:
                 entry["pty"]["alias"] = alias
     except OSError as e:
@@ -199,6 +225,8 @@ def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
             why[f["id"]] = (K_EXTERNAL, f"{f['path']} could not be inspected ({info['error']})")
         f["kind"] = "pty-slave"
         master["slave_unread"] = max(master.get("slave_unread", 0), info.get("unread", 0))
+        if info.get("ldisc", N_TTY) != N_TTY:
+            master["slave_ldisc"] = info["ldisc"]
         if info.get("alias"):
             f["pty_alias"] = info["alias"]
         f["pty"] = master
@@ -216,10 +244,11 @@ def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
             held = ", ".join(map(str, sorted(outside[i])[:5]))
             problem = (K_EXTERNAL, f"the slave /dev/pts/{i} is open in pid {held} outside "
                                    "the tree")
-        elif info.get("unread") or info.get("slave_unread"):
+        elif (info.get("unread") or info.get("slave_unread") or info.get("packet_status")) \
+                and queue_problem(info):
             problem = (K_UNREAD, f"pty {i} holds {info.get('unread', 0)} byte(s) the master "
                                  f"has not read and {info.get('slave_unread', 0)} the slave "
-                                 "has not read")
+                                 f"has not read, which crelf cannot save: {queue_problem(info)}")
         elif info.get("sid") and info["sid"] not in sessions:
             problem = (K_SESSION, f"pty {i} is the controlling terminal of session "
                                   f"{info['sid']}, whose leader is not in the tree")
@@ -241,3 +270,322 @@ def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
     for f in ttys:
         f["tty_check"] = list(why.get(f["id"], ()))
     return why
+
+
+# ------------------------------------------------------------- queued bytes
+
+_CAN_INJECT: list[bool] = []
+
+
+def can_inject() -> bool:
+    """Whether TIOCSTI works here (CAP_SYS_ADMIN in the initial user
+    namespace): tried once on a pair of our own."""
+    if not _CAN_INJECT:
+        ok = False
+        try:
+            m = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            m = -1
+        if m >= 0:
+            try:
+                fcntl.ioctl(m, TIOCSPTLCK, struct.pack("i", 0))
+                fcntl.ioctl(m, TIOCSTI, b"x")
+                ok = True
+            except OSError:
+                pass
+            finally:
+                os.close(m)
+        _CAN_INJECT.append(ok)
+    return _CAN_INJECT[0]
+
+
+def queue_problem(info: dict) -> str | None:
+    """Why the bytes queued in the pair of master record `info` cannot be
+    saved and put back, or None."""
+    if info.get("packet"):
+        return "the master is in packet mode"
+    if info.get("locked"):
+        return "the pair is locked (TIOCSPTLCK): no slave can be opened to read them"
+    if info.get("ldisc", N_TTY) != N_TTY or info.get("slave_ldisc", N_TTY) != N_TTY:
+        return "a line discipline other than N_TTY"
+    if (info.get("termios") or {}).get("lflag", 0) & EXTPROC:
+        return "EXTPROC (line editing done outside the kernel)"
+    if info.get("slave_unread", 0) >= N_TTY_BUF - NEAR_FULL:
+        return (f"the slave's line discipline buffer is (nearly) full ({info['slave_unread']} "
+                "bytes): bytes may wait behind it, which reading would run through it")
+    if not can_inject():
+        return "putting them back needs TIOCSTI, which needs CAP_SYS_ADMIN"
+    return None
+
+
+def _read_all(fd: int, out: bytearray, master: bool) -> None:
+    """Append to out everything fd (O_NONBLOCK) gives without blocking.  A
+    master reads EIO once its slave is closed and nothing is left; a
+    non-canonical slave with VMIN 0 reads 0 bytes when it has nothing."""
+    while True:
+        try:
+            b = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if master and e.errno == errno.EIO:
+                return
+            raise
+        if not b and not master:
+            return
+        out += b
+
+
+def _setattr(fd: int, t: dict) -> None:
+    termios.tcsetattr(fd, termios.TCSANOW, [t["iflag"], t["oflag"], t["cflag"], t["lflag"],
+                                           t["ispeed"], t["ospeed"], list(t["cc"])])
+
+
+def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
+    """Read (consuming them) the bytes queued in a pair: `master` a descriptor
+    of its master (O_NONBLOCK is set on it for the time it takes), `slave` a
+    slave opened O_NONBLOCK for this (None: the slave is closed), `t` its
+    saved termios.  Fills q, the `pty_queue` record (hex), as it reads (what
+    was read is there if it fails): `to_master`; in canonical mode `lines`
+    (one per read() of the slave), `partial` (the line being typed: read once a
+    newline injected under the refill settings completes it, so ICANON is
+    never switched, which would reset the line discipline's state) and
+    `lnext` (a literal-next was waiting for its character: the first newline
+    became that character), or `to_slave` in non-canonical mode.  put_back()
+    puts them back; the slave's termios is left at the refill settings."""
+    fl = fcntl.fcntl(master, fcntl.F_GETFL)
+    fcntl.fcntl(master, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    buf = bytearray()
+    try:
+        _read_all(master, buf, True)
+    finally:
+        q["to_master"] = buf.hex()
+        fcntl.fcntl(master, fcntl.F_SETFL, fl)
+    if slave is None:               # no slave is open: nothing waits for one
+        return
+    if not t["lflag"] & termios.ICANON:
+        buf = bytearray()
+        try:
+            _read_all(slave, buf, False)
+        finally:
+            q["to_slave"] = buf.hex()
+        return
+    lines: list[bytes] = []
+    try:
+        _read_lines(slave, lines)
+    finally:
+        q["lines"] = [x.hex() for x in lines]
+    r, _ = _refill(t, {})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
+    try:
+        _setattr(slave, r)
+        tail = b""
+        for n in (1, 2):
+            fcntl.ioctl(slave, TIOCSTI, b"\n")
+            got: list[bytes] = []
+            _read_lines(slave, got)
+            tail = b"".join(got)
+            if tail:
+                break
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if not tail.endswith(b"\n" * n):
+        raise OSError(errno.EIO, "the line being typed could not be read")
+    q["partial"] = tail[:-n].hex()
+    if n == 2:
+        q["lnext"] = True
+
+
+def _read_lines(fd: int, out: list[bytes]) -> None:
+    """Append to out every whole line a canonical-mode slave (O_NONBLOCK)
+    holds, one per read() (an empty line ended by EOF reads as b"")."""
+    for _ in range(N_TTY_BUF + 1):
+        try:
+            out.append(os.read(fd, N_TTY_BUF * 2))
+        except BlockingIOError:
+            return
+
+
+def queue_slots(q: dict, t: dict) -> int:
+    """How much of the slave's line-discipline buffer queue q fills (an
+    end-of-file mark takes a byte)."""
+    if "to_slave" in q:
+        return len(q["to_slave"]) // 2
+    lines = [bytes.fromhex(x) for x in q.get("lines", ())]
+    return sum(len(x) + (_ending(x, t) is None) for x in lines) + len(q.get("partial", "")) // 2
+
+
+def _ending(line: bytes, t: dict) -> bytes | None:
+    """The character that ended a line read in canonical mode, or None when
+    it was ended by EOF (which read() does not return)."""
+    cc = t["cc"]
+    if line.endswith(b"\n"):
+        return b"\n"
+    if line and cc[termios.VEOL] and line[-1] == cc[termios.VEOL]:
+        return line[-1:]
+    if line and cc[termios.VEOL2] and t["lflag"] & termios.IEXTEN \
+            and line[-1] == cc[termios.VEOL2]:
+        return line[-1:]
+    return None
+
+
+_IFLAG_OFF = (termios.ICRNL | termios.INLCR | termios.IGNCR | termios.ISTRIP | termios.IUCLC
+              | termios.IXON | termios.IXOFF | termios.IXANY | termios.PARMRK | termios.INPCK
+              | termios.IMAXBEL)
+_LFLAG_OFF = (termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL
+              | termios.ECHOPRT | termios.ECHOKE | termios.ISIG | termios.IEXTEN
+              | termios.FLUSHO | termios.PENDIN | EXTPROC | termios.TOSTOP)
+
+
+def _refill(t: dict, q: dict) -> tuple[dict, bytes]:
+    """The settings under which the slave's saved queue goes back unchanged,
+    and the bytes to inject under them."""
+    canon = bool(t["lflag"] & termios.ICANON)
+    cc = list(t["cc"])
+    r = dict(t, iflag=t["iflag"] & ~_IFLAG_OFF, oflag=t["oflag"] & ~termios.OPOST,
+             lflag=t["lflag"] & ~_LFLAG_OFF, cc=cc)
+    for i in (termios.VERASE, termios.VKILL, termios.VWERASE, termios.VREPRINT,
+              termios.VDISCARD):
+        cc[i] = 0
+    if not canon:
+        return r, bytes.fromhex(q.get("to_slave", ""))
+    # Canonical: IEXTEN for a literal-next; an EOF and a literal-next character
+    # that end no saved line; the saved EOL and EOL2 end their lines.
+    eol = cc[termios.VEOL]
+    eol2 = cc[termios.VEOL2] if t["lflag"] & termios.IEXTEN else 0
+    free = [c for c in range(1, 32) if c not in (10, eol, eol2)]
+    cc[termios.VEOF], cc[termios.VLNEXT] = free[0], free[1]
+    cc[termios.VEOL2] = eol2
+    r["lflag"] |= termios.IEXTEN
+    special = {10, free[0], free[1]} | ({eol} - {0}) | ({eol2} - {0})
+    lnext = bytes([free[1]])
+
+    def literal(b: bytes) -> bytes:
+        return b"".join(lnext + bytes([c]) if c in special else bytes([c]) for c in b)
+    out = bytearray()
+    for x in q.get("lines", ()):
+        line = bytes.fromhex(x)
+        end = _ending(line, t)
+        out += literal(line[:-1]) + end if end else literal(line) + bytes([free[0]])
+    out += literal(bytes.fromhex(q.get("partial", "")))
+    if q.get("lnext"):
+        out += lnext
+    return r, bytes(out)
+
+
+def put_back(master: int, slave: int | None, t: dict, q: dict) -> None:
+    """Put the bytes of queue record q (read_queues) into a pair whose
+    termios is `t`: the slave's into its line discipline by TIOCSTI on
+    `slave` under settings that keep them as they were, the master's by
+    TIOCSTI on `master` (its own line discipline is raw); what does not fit
+    the master's buffer is written through the slave, with output processing
+    off (`slave` is O_NONBLOCK; None: the slave is closed, and nothing is
+    beyond the master's buffer).  The saved termios is set again last.
+    Raises OSError."""
+    r, inject = _refill(t, q)
+    to_master = bytes.fromhex(q.get("to_master", ""))
+    head, rest = to_master[:N_TTY_BUF - 1], to_master[N_TTY_BUF - 1:]
+    if slave is None and (inject or rest):
+        raise OSError(errno.EINVAL, "no slave to put the bytes back through")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
+    try:
+        if slave is not None:
+            _setattr(slave, r)
+        try:
+            for c in inject:
+                fcntl.ioctl(slave, TIOCSTI, bytes([c]))
+            for c in head:
+                fcntl.ioctl(master, TIOCSTI, bytes([c]))
+            while rest:
+                rest = rest[os.write(slave, rest):]
+        finally:
+            if slave is not None:
+                _setattr(slave, t)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    want_slave = (len(q["to_slave"]) // 2 if "to_slave" in q else
+                  sum(len(bytes.fromhex(x)) for x in q.get("lines", ())))
+    got_master = _int_ioctl(master, termios.FIONREAD)
+    got_slave = _int_ioctl(slave, termios.FIONREAD) if slave is not None else 0
+    if got_master != len(head) or got_slave != want_slave:
+        raise OSError(errno.EIO, f"the queues hold {got_master} and {got_slave} byte(s) "
+                      f"again, not {len(head)} and {want_slave}")
+
+
+def _background(slave: int) -> str | None:
+    """Why we may not read this slave: it is crcheckpoint's own controlling
+    terminal and crcheckpoint is not in its foreground process group (a read
+    would stop it with SIGTTIN, or fail)."""
+    tty_nr = procfs.stat(os.getpid())["tty_nr"]
+    rdev = os.fstat(slave).st_rdev
+    if not tty_nr or tty_nr_dev(tty_nr) != (os.major(rdev), os.minor(rdev)):
+        return None
+    try:
+        if os.tcgetpgrp(slave) == os.getpgrp():
+            return None
+    except OSError:
+        pass
+    return "it is crcheckpoint's own terminal, and crcheckpoint runs in its background"
+
+
+def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
+    """crcheckpoint, the tree frozen and assessed: read the bytes queued in
+    every pair of the tree into its master's entry (`pty_queue`) and put them
+    back at once (a leave-running tree, or one whose checkpoint fails later,
+    finds them as they were).  Returns [(master entry, detail)] for the pairs
+    whose bytes turned out not restorable (support key fd:pty-unread)."""
+    used = {d["file"] for t in tasks for d in t["fds"]}
+    out: list[tuple[dict, str]] = []
+    for f in files:
+        info = f.get("pty") or {}
+        if f["kind"] != "pty-master" or f["id"] not in used or f.get("tty_check") \
+                or queue_problem(info) or "termios" not in info:
+            continue
+        t = info["termios"]
+        dup = pt.dup_fd_of(f["owner_pid"], f["owner_fd"])
+        slave = None
+        try:
+            if not info.get("slave_closed"):
+                slave = fcntl.ioctl(dup, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK
+                                    | os.O_CLOEXEC)
+                why = ("its slave has a line discipline other than N_TTY"
+                       if _int_ioctl(slave, TIOCGETD) != N_TTY else _background(slave))
+                if why:
+                    if info.get("unread") or info.get("slave_unread"):
+                        out.append((f, f"pty {info['index']}: {why}"))
+                    continue
+            q: dict = {}
+            full = failed = None
+            try:
+                read_queues(dup, slave, t, q)
+            except OSError as e:
+                failed = f"reading its queued bytes: {e.strerror or e}"
+            slots = queue_slots(q, t)
+            if failed is None and slots >= N_TTY_BUF - 2:
+                full = (f, f"pty {info['index']}: the slave's line discipline buffer was full "
+                           f"({slots} bytes, most of them a line being typed): bytes waiting "
+                           "behind it were run through it by the checkpoint's reading; those "
+                           "beyond its 4095 bytes are lost")
+                out.append(full)
+            elif failed is None and slave is None \
+                    and len(q.get("to_master", "")) // 2 >= N_TTY_BUF:
+                out.append((f, f"pty {info['index']}: more than {N_TTY_BUF - 1} bytes the "
+                               "master has not read, and no slave to write them again"))
+                q = dict(q, to_master=q["to_master"][:2 * (N_TTY_BUF - 1)])
+            try:
+                put_back(dup, slave, t, q)      # (whatever happened: what was read goes back)
+            except OSError as e:
+                if full is None:        # (refused: as much as fits went back)
+                    failed = failed or f"its queued bytes could not be put back: " \
+                                       f"{e.strerror or e}"
+            if failed:
+                raise TargetError(f"pid {f['owner_pid']} fd {f['owner_fd']}: pty "
+                                  f"{info['index']}: {failed}")
+            q = {k: v for k, v in q.items() if v}
+            if q:
+                f["pty_queue"] = q
+        finally:
+            os.close(dup)
+            if slave is not None:
+                os.close(slave)
+    return out

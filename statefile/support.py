@@ -148,7 +148,22 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:memfd", "memfd (name, size, content, seals, offset and flags; one object "
              "again for every fd and mapping of it, in every task)", SUPPORTED),
     Resource("fd:directory", "directory", SUPPORTED),
-    Resource("fd:dev", "/dev/null, /dev/zero, /dev/random, /dev/urandom", SUPPORTED),
+    Resource("fd:dev", "/dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom, or a "
+             "device node of one of them elsewhere (reopened at its path, the same device "
+             "number)", SUPPORTED),
+    Resource("fd:dev-deleted", "removed device node of /dev/null, /dev/zero, /dev/full, "
+             "/dev/random or /dev/urandom still open (made again with mknod: the same mode, "
+             "device number, owner and times, opened for every description, removed: nlink 0 "
+             "as it was; restarting needs CAP_MKNOD)", SUPPORTED),
+    Resource("fd:symlink", "O_PATH fd on a symbolic link (open with O_PATH|O_NOFOLLOW: "
+             "reopened at its path the same way, the same link)", SUPPORTED),
+    Resource("fd:symlink-proc", "O_PATH fd on a symbolic link in /proc (a process's exe, "
+             "cwd, root, fd/N, ns/*)", UNSUPPORTED,
+             f"links in /proc are {_NOT_YET}: reopened by path they would lead to another "
+             "process's"),
+    Resource("fd:symlink-deleted", "O_PATH fd on a symbolic link removed since (made again "
+             "with the same target, owner and times, opened for every description, removed: "
+             "nlink 0 as it was)", SUPPORTED),
     Resource("fd:tty", "terminal outside the tree, e.g. a shell job's (restored on "
              "crrestart's terminal)", SUPPORTED),
     Resource("fd:tty-other", "a second terminal outside the tree", UNSUPPORTED,
@@ -156,20 +171,27 @@ TABLE: tuple[Resource, ...] = (
              "stands in for it)"),
     Resource("fd:pty", "pseudo-terminal pair with both ends in the tree, or a master whose "
              "slave nobody holds (termios, window size, packet mode, lock, controlling "
-             "terminal and foreground process group; the new pair has another /dev/pts "
-             "number)", SUPPORTED),
+             "terminal and foreground process group, the bytes queued in both directions: "
+             "lines typed ahead, the line being typed, output the master has not read; the "
+             "new pair has another /dev/pts number)", SUPPORTED),
     Resource("fd:pty-external", "pseudo-terminal master in the tree whose slave is open "
              "outside the tree (or a pty that could not be inspected)", UNSUPPORTED,
              "a restart cannot reconnect a pseudo-terminal to a process outside the tree"),
     Resource("fd:pty-unread", "pseudo-terminal holding bytes not read yet (typed ahead, or "
-             "output its master did not read)", UNSUPPORTED,
-             "bytes queued in a pseudo-terminal cannot be read without consuming them; "
+             "output its master did not read) that crelf cannot save: a master in packet "
+             "mode, a locked pair, a line discipline other than N_TTY, EXTPROC, a slave's "
+             "buffer full (4095 bytes: bytes may wait behind it), crcheckpoint without "
+             "CAP_SYS_ADMIN or in the "
+             "background of that terminal", UNSUPPORTED,
+             "saving the bytes means reading them (which consumes them) and putting them "
+             "back with TIOCSTI; in these cases they could not be given back as they were; "
              "checkpoint again when the terminal is idle"),
     Resource("fd:pty-session", "pseudo-terminal of the tree that is the controlling terminal "
              "of a session whose leader is not in the tree", UNSUPPORTED,
              f"such a controlling terminal is {_NOT_YET}"),
-    Resource("fd:chr", "other character or block device", UNSUPPORTED,
-             "device files other than null/zero/random/urandom/tty cannot be restored"),
+    Resource("fd:chr", "other character or block device (a removed terminal device node "
+             "included)", UNSUPPORTED,
+             "device files other than null/zero/full/random/urandom/tty cannot be restored"),
     Resource("fd:pipe", "pipe (size, O_NONBLOCK, bytes in flight)", SUPPORTED),
     Resource("fd:fifo", "FIFO (by path; size, O_NONBLOCK, bytes in flight)", SUPPORTED),
     Resource("fd:stdio-external", "stdin, stdout or stderr on a pipe to a process outside "
@@ -377,7 +399,8 @@ TABLE: tuple[Resource, ...] = (
 BY_KEY = {r.key: r for r in TABLE}
 POLICY_CLASSES = sorted({r.policy for r in TABLE if r.policy})
 SCRATCH_NAME = "[anon:crelf-scratch]"
-DEV_FILES = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+DEV_FILES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
+DEV_RDEVS = {os.makedev(1, n) for n in (3, 5, 7, 8, 9)}   # ... their device numbers
 
 _ANON = {"eventfd": "fd:eventfd", "eventpoll": "fd:epoll", "timerfd": "fd:timerfd",
          "signalfd": "fd:signalfd", "inotify": "fd:inotify", "io_uring": "fd:io_uring",
@@ -477,10 +500,19 @@ def fd_key(f: dict) -> str:
         return "fd:tty"
     if kind in ("pty-master", "pty-slave"):
         return "fd:pty"
+    if kind == "symlink":
+        if f.get("proc_link"):
+            return "fd:symlink-proc"
+        if f.get("deleted"):    # (made again from its target: unknown, it cannot be)
+            return "fd:symlink-deleted" if f.get("symlink") is not None else "fd:other"
+        return "fd:symlink"
     if kind in ("chr", "blk"):
+        memdev = kind == "chr" and f.get("rdev") in DEV_RDEVS
+        if f.get("deleted"):
+            return "fd:dev-deleted" if memdev else "fd:chr"
         if f.get("tty_device") and kind == "chr":
             return "fd:tty-device"
-        return "fd:dev" if f["path"] in DEV_FILES else "fd:chr"
+        return "fd:dev" if f["path"] in DEV_FILES or memdev else "fd:chr"
     if kind in ("pipe", "fifo"):
         return f"fd:{kind}"
     if kind == "socket":

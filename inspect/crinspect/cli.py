@@ -159,7 +159,8 @@ def shared(statefile: str, as_json: bool) -> None:
                    messages, shutdown
       socket       family, type, ino, local, peer, listening
       pty          index, path, master, unread, slave_unread, slave_closed,
-                   sid, fg_pgrp (holders: master, slave)
+                   sid, fg_pgrp, saved (bytes queued that were saved: to_master,
+                   to_slave, lines, partial) (holders: master, slave)
       sysv-shm     shmid, key, size, perms, cpid, nattch, outside, removed
       sysv-sem     semid, key, nsems, values (holders: last semop)
       sysv-msg     msqid, key, qnum, cbytes (holders: last sent, received)

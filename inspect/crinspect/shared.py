@@ -175,12 +175,21 @@ def objects(sf) -> dict:
         fids.sort(key=lambda i: files[i]["kind"] != "pty-master")
         rec = next((files[i]["pty"] for i in fids if files[i]["kind"] == "pty-master"),
                    files[fids[0]]["pty"])
+        q = next((files[i].get("pty_queue") for i in fids
+                  if files[i]["kind"] == "pty-master"), None) or {}
+        saved = None
+        if isinstance(q, dict) and q:       # the bytes saved (statefile/dump_tty.py)
+            lines = [x for x in q.get("lines", ()) if isinstance(x, str)]
+            saved = {"to_master": len(str(q.get("to_master", ""))) // 2,
+                     "to_slave": (len(str(q.get("to_slave", ""))) + sum(map(len, lines))
+                                  + len(str(q.get("partial", "")))) // 2,
+                     "lines": len(lines), "partial": bool(q.get("partial"))}
         out.append({"kind": "pty", "id": f"pty:[{index}]", "index": index,
                     "path": f"/dev/pts/{index}",
                     "master": any(files[i]["kind"] == "pty-master" for i in fids),
                     "unread": rec.get("unread"), "slave_unread": rec.get("slave_unread"),
                     "slave_closed": rec.get("slave_closed"), "sid": rec.get("sid"),
-                    "fg_pgrp": rec.get("fg_pgrp"),
+                    "fg_pgrp": rec.get("fg_pgrp"), "saved": saved,
                     "holders": fd_holders(fids, _pty_role)})
         used_files.update(fids)
 
@@ -349,6 +358,11 @@ def _title(o: dict) -> str:
             t += f", controlling terminal of session {o['sid']} (foreground {o.get('fg_pgrp')})"
         if o.get("slave_closed"):
             t += ", slave closed"
+        q = o.get("saved")
+        if q:
+            t += (f", queued: {q['to_master']} byte(s) for the master, {q['to_slave']} for the "
+                  f"slave ({q['lines']} line(s)" + (" and one being typed)" if q["partial"]
+                                                    else ")"))
         return t
     if k == "sysv-shm":
         key = o.get("key")
