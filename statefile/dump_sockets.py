@@ -96,29 +96,68 @@ def _address(addr) -> dict | None:
     return {"name": addr, "abstract": False}
 
 
-def _close_passed_fds(anc) -> bool:
-    """Close the fds a peeked SCM_RIGHTS message installed in crelf itself;
-    whether there was one."""
-    found = False
+def _passed_fds(anc) -> list[int]:
+    """The fds a peeked SCM_RIGHTS message installed in crelf itself."""
+    out: list[int] = []
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            found = True
-            for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4]):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-    return found
+            out += [fd for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
+    return out
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Passed(list):
+    """What peek_queue gives its caller of the fds in flight: one list of fds
+    (crelf's own, open) per queued message; `truncated` when a message held
+    more than crelf could receive (MSG_CTRUNC)."""
+    truncated = False
+
+
+# room for the most fds one message may carry (SCM_MAX_FD) and credentials
+_CMSG_ROOM = socket.CMSG_SPACE(4 * 253) + socket.CMSG_SPACE(12)
+
+
+def _fd_boundary(sock: socket.socket, off: int, n: int) -> int:
+    """A stream socket's peek at offset `off` gave n bytes and fds: the bytes
+    of messages sent without fds before the one that carried them come in
+    the same read.  Where that message starts (0..n-1): a 1-byte peek shows
+    fds only inside it (binary search; the fds it installs are closed)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off + mid)
+        _, anc, _, _ = sock.recvmsg(1, _CMSG_ROOM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        got = _passed_fds(anc)
+        _close_all(got)
+        if got:
+            hi = mid
+        else:
+            lo = mid + 1
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off + n)
+    return lo
 
 
 def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
-               shut_rd: bool = True) -> tuple[list[str], bool]:
+               shut_rd: bool = True, passed: Passed | None = None) -> tuple[list[str], bool]:
     """The receive queue's messages (hex; one string for a stream socket), and
     whether file descriptors are in flight in it (SCM_RIGHTS).  For a datagram
     socket, `senders` gets each message's sender address (_address).  An empty
     seqpacket record reads like end-of-file: it is one while bytes remain
-    (SIOCINQ), or when receiving was not shut down (`shut_rd`)."""
+    (SIOCINQ), or when receiving was not shut down (`shut_rd`).
+
+    With `passed`, the fds in flight are kept open for the caller (one list
+    per message returned, see Passed), and a stream socket with fds in flight
+    gives its bytes in segments: the bytes sent with each message that carried
+    fds start a segment of their own, the fds go with it."""
     msgs: list[bytes] = []
+    carried: list[list[int]] = []
     fds_in_flight = False
     total = 0
     inq = 0
@@ -129,28 +168,61 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
     try:
         while total < MAX_INFLIGHT:
             try:
-                data, anc, _flags, addr = sock.recvmsg(
-                    1 << 20, socket.CMSG_SPACE(4 * 253), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                data, anc, flags, addr = sock.recvmsg(
+                    1 << 20, _CMSG_ROOM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.ENOTCONN, errno.EINVAL):
                     break  # (EINVAL: a stream socket not connected has no queue)
                 raise
-            if _close_passed_fds(anc):
+            got = _passed_fds(anc)
+            if got or flags & socket.MSG_CTRUNC:
                 fds_in_flight = True
+            if passed is None:
+                _close_all(got)
+                got = []
+            elif flags & socket.MSG_CTRUNC:
+                passed.truncated = True
             if not data and stype == socket.SOCK_STREAM:
+                _close_all(got)
                 break  # end of stream (peer shut down)
             if not data and stype == socket.SOCK_SEQPACKET and shut_rd and total >= inq:
+                _close_all(got)
                 break  # end-of-file (trailing empty records cannot be told from it)
+            if got and stype == socket.SOCK_STREAM and len(data) > 1:
+                j = _fd_boundary(sock, total, len(data))
+                if j:
+                    msgs.append(data[:j])
+                    carried.append([])
+                    total += j
+                    data = data[j:]
             msgs.append(data)
+            carried.append(got)
             if senders is not None and stype == socket.SOCK_DGRAM:
                 senders.append(_address(addr))
             total += len(data)
+    except BaseException:
+        for got in carried:
+            _close_all(got)
+        raise
     finally:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)   # (the task's own)
-    if stype == socket.SOCK_STREAM:
-        msgs = [b"".join(msgs)] if msgs else []
+    if stype == socket.SOCK_STREAM and msgs:
+        if passed is None or not any(carried):
+            msgs, carried = [b"".join(msgs)], [[]]
+        else:   # one segment per message that carried fds, the bytes between joined
+            segs: list[bytes] = []
+            fds: list[list[int]] = []
+            for data, got in zip(msgs, carried):
+                if segs and not got and not fds[-1]:
+                    segs[-1] += data
+                else:
+                    segs.append(data)
+                    fds.append(got)
+            msgs, carried = segs, fds
+    if passed is not None:
+        passed.extend(carried)
     return [m.hex() for m in msgs], fds_in_flight
 
 
@@ -173,7 +245,7 @@ def _file_gone(pid: int | None, name: str, vfs: tuple[int, int] | None) -> bool:
 
 
 def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
-                 pid: int | None = None) -> dict:
+                 pid: int | None = None, scm=None) -> dict:
     d = diag.get(ino)
     if d is None:
         return {"diag": False}
@@ -189,9 +261,12 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
         info["backlog_queued"] = d["rqueue"]
         return info
     senders: list = []
-    queue, fds = peek_queue(sock, sock.type, senders, bool(d["shutdown"] & 1))
+    passed = Passed() if scm is not None else None
+    queue, fds = peek_queue(sock, sock.type, senders, bool(d["shutdown"] & 1), passed)
     info["queue"] = queue
     info["fds_in_flight"] = fds
+    if fds and scm is not None:
+        scm.note(info, passed)      # `scm`: which files they are (dump_scm.py)
     if sock.type == socket.SOCK_DGRAM and queue:
         # Who sent each queued datagram (recvfrom's address): a restart sends
         # it again from a socket of that name.  `bound`: the sockets of this
