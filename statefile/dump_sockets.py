@@ -116,32 +116,13 @@ def _close_all(fds) -> None:
 class Passed(list):
     """What peek_queue gives its caller of the fds in flight: one list of fds
     (crelf's own, open) per queued message; `truncated` when a message held
-    more than crelf could receive (MSG_CTRUNC)."""
+    more than crelf could receive (MSG_CTRUNC), or a stream socket's bytes
+    before fds more than it peeks (MAX_INFLIGHT)."""
     truncated = False
 
 
 # room for the most fds one message may carry (SCM_MAX_FD) and credentials
 _CMSG_ROOM = socket.CMSG_SPACE(4 * 253) + socket.CMSG_SPACE(12)
-
-
-def _fd_boundary(sock: socket.socket, off: int, n: int) -> int:
-    """A stream socket's peek at offset `off` gave n bytes and fds: the bytes
-    of messages sent without fds before the one that carried them come in
-    the same read.  Where that message starts (0..n-1): a 1-byte peek shows
-    fds only inside it (binary search; the fds it installs are closed)."""
-    lo, hi = 0, n - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off + mid)
-        _, anc, _, _ = sock.recvmsg(1, _CMSG_ROOM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        got = _passed_fds(anc)
-        _close_all(got)
-        if got:
-            hi = mid
-        else:
-            lo = mid + 1
-    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off + n)
-    return lo
 
 
 def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
@@ -154,8 +135,12 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
 
     With `passed`, the fds in flight are kept open for the caller (one list
     per message returned, see Passed), and a stream socket with fds in flight
-    gives its bytes in segments: the bytes sent with each message that carried
-    fds start a segment of their own, the fds go with it."""
+    gives its bytes in segments, as a reader gets them: a read stops at the
+    end of a message that carried fds, and they come with it.  (A peek that
+    starts in bytes sent without fds goes on into the next message with fds
+    and gets its fds too, even when it copies none of its bytes: where that
+    message began cannot be seen without consuming, so the bytes before it,
+    back to the previous one with fds, go in its segment.)"""
     msgs: list[bytes] = []
     carried: list[list[int]] = []
     fds_in_flight = False
@@ -165,11 +150,12 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
         inq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     peek_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    size = 1 << 20
     try:
         while total < MAX_INFLIGHT:
             try:
                 data, anc, flags, addr = sock.recvmsg(
-                    1 << 20, _CMSG_ROOM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    size, _CMSG_ROOM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -179,6 +165,17 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
             got = _passed_fds(anc)
             if got or flags & socket.MSG_CTRUNC:
                 fds_in_flight = True
+            if got and passed is not None and stype == socket.SOCK_STREAM \
+                    and len(data) == size:
+                # A full buffer may end inside (or just before) the message the
+                # fds came with: peek it again, whole
+                _close_all(got)
+                if size >= MAX_INFLIGHT:
+                    passed.truncated = True
+                    break
+                size *= 2
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, total)
+                continue
             if passed is None:
                 _close_all(got)
                 got = []
@@ -190,13 +187,6 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
             if not data and stype == socket.SOCK_SEQPACKET and shut_rd and total >= inq:
                 _close_all(got)
                 break  # end-of-file (trailing empty records cannot be told from it)
-            if got and stype == socket.SOCK_STREAM and len(data) > 1:
-                j = _fd_boundary(sock, total, len(data))
-                if j:
-                    msgs.append(data[:j])
-                    carried.append([])
-                    total += j
-                    data = data[j:]
             msgs.append(data)
             carried.append(got)
             if senders is not None and stype == socket.SOCK_DGRAM:

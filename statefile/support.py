@@ -462,8 +462,10 @@ def _scm_file_problem(g: dict, files: list[dict], holders: dict) -> str:
         if peer and not any(holders.get(h["id"]) for h in files
                             if h.get("socket", {}).get("ino") == peer):
             return f"{what}: a unix socket connected outside the tree"
-        if g.get("in_flight") and peer and (si.get("name") or si.get("type") == "dgram"):
-            return f"{what}: a socket connected by name, held only in flight"
+        named = si.get("name") or any(h.get("socket", {}).get("name") for h in files
+                                      if peer and h.get("socket", {}).get("ino") == peer)
+        if g.get("in_flight") and named and not si.get("listening"):
+            return f"{what}: a named socket or one connected to a name, held only in flight"
     if key == "fd:epoll" and g.get("in_flight") and any(
             "file" not in t for t in (g.get("anon") or {}).get("targets", [])):
         return f"{what}: an epoll watching a file outside the tree"
