@@ -38,6 +38,11 @@ Created by the restored task itself (open_unix, from restore_files):
   datagram socket): one end of a new pair, the other end sends its unread
   data and is closed.
 
+A socket whose queue holds fds in flight, and its peer, are made by the
+initiator too (restore_scm.py, from restore_tree.open_shared): their queues,
+shutdown states and SO_PEEK_OFF are left to restore_scm.fill (`defer`), once
+every file the messages carry exists.
+
 Every unix socket gets its saved options again (set_sockopts; SO_PEEK_OFF
 once its queue is refilled).  set_sockopts and bind_inet serve the TCP and
 UDP sockets of restore_files too.

@@ -5,8 +5,9 @@ and shutdown state through sock_diag (NETLINK_SOCK_DIAG, UNIX_DIAG): one dump
 per checkpoint gives all of them.  The bytes waiting in a socket's receive
 queue are read from a duplicate of the task's fd (pidfd_getfd) with MSG_PEEK,
 stepping with SO_PEEK_OFF, so nothing is consumed: a leave-running checkpoint
-changes nothing (fds passed in flight, SCM_RIGHTS, are noted and closed
-again in crelf).  A datagram socket's queue keeps each message's sender
+changes nothing (fds passed in flight, SCM_RIGHTS, arrive in crcheckpoint
+itself with each peeked message: dump_scm.py tells which files they are, and
+closes them once the statefile is written).  A datagram socket's queue keeps each message's sender
 address.  A path-bound socket whose file is no longer at its path (deleted,
 or replaced) is marked `file_gone` (UNIX_DIAG_VFS names the file it was bound
 to).  Socket options (SOCKOPTS) are saved for unix, TCP and UDP sockets.
