@@ -211,7 +211,8 @@ TABLE: tuple[Resource, ...] = (
              "deleted file, inotify, fanotify, io_uring, namespace, /proc file...), one with "
              "locks, a lease or a SIGIO owner, a datagram sent to a named socket by another "
              "than its peer, a message carrying more fds than crelf could receive, an epoll "
-             "watching a file outside the tree", UNSUPPORTED,
+             "watching a file outside the tree, a receiver with SO_PASSCRED (the messages' "
+             "SCM_CREDENTIALS)", UNSUPPORTED,
              "crrestart sends the queued messages again from the socket's peer, with files it "
              "makes itself before the tree is forked; this file or message cannot be made or "
              "sent so by this version of crelf (checkpoint again once the receiver has read "
@@ -428,6 +429,9 @@ def scm_problem(f: dict, files: list[dict], holders: dict) -> str:
         return "the files in flight could not be told apart"
     if info.get("scm_truncated"):
         return "a message carries more file descriptors than crelf could receive"
+    if (info.get("sockopts") or {}).get("passcred"):
+        return "its reader gets each message's sender credentials (SO_PASSCRED, " \
+            "SCM_CREDENTIALS): crrestart cannot send them again as the original sender's"
     peer = info.get("peer_ino")
     if peer:
         p = next((g for g in files if g.get("socket", {}).get("ino") == peer), None)
@@ -466,9 +470,15 @@ def _scm_file_problem(g: dict, files: list[dict], holders: dict) -> str:
                                       if peer and h.get("socket", {}).get("ino") == peer)
         if g.get("in_flight") and named and not si.get("listening"):
             return f"{what}: a named socket or one connected to a name, held only in flight"
-    if key == "fd:epoll" and g.get("in_flight") and any(
-            "file" not in t for t in (g.get("anon") or {}).get("targets", [])):
-        return f"{what}: an epoll watching a file outside the tree"
+    if key == "fd:epoll" and g.get("in_flight"):
+        targets = (g.get("anon") or {}).get("targets", [])
+        if any("file" not in t for t in targets):
+            return f"{what}: an epoll watching a file outside the tree"
+        for t in targets:       # (made by crrestart too: restorer/restore_scm.py)
+            if t["file"] != g["id"] and not files[t["file"]].get("in_flight"):
+                why = _scm_file_problem(files[t["file"]], files, holders)
+                if why:
+                    return f"{what}: it watches {why}"
     return ""
 
 

@@ -259,14 +259,18 @@ srv.bind(f"{D}/srv.sock")
 cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 r, w = os.pipe()
 send(cli, b"to a name", r, to=f"{D}/srv.sock")   # sent to a name, not by a peer
+c1, c2 = socket.socketpair()
+c2.setsockopt(SOL, socket.SO_PASSCRED, 1)        # its reader gets the sender's credentials
+send(c1, b"with creds", w)
 print("ready", flush=True)
 while not os.path.exists(f"{D}/go"):
     time.sleep(0.02)
-for s in (a2, srv):
+for s in (a2, srv, c2):
     data, anc, flags, _ = s.recvmsg(100, 100)
     fds = array.array("i")
     for level, kind, d in anc:
-        fds.frombytes(d)
+        if (level, kind) == (SOL, RIGHTS):
+            fds.frombytes(d)
     print(data, len(fds), flush=True)
 """
 
@@ -281,8 +285,10 @@ def test_fds_in_flight_refused(procs, tmp_path):
     assert "Traceback" not in res.stderr
     assert "memfd:in-flight (deleted) in flight" in res.stderr, res.stderr
     assert "datagrams sent to its name by other sockets" in res.stderr, res.stderr
+    assert "(SO_PASSCRED, SCM_CREDENTIALS)" in res.stderr, res.stderr
     assert not list(tmp_path.glob("t.cr*"))
     assert proc.poll() is None
     (run_dir / "go").touch()
     assert proc.wait(timeout=10) == 0
-    assert out.read_text().splitlines()[1:] == ["b'memfd' 1", "b'to a name' 1"]
+    assert out.read_text().splitlines()[1:] == ["b'memfd' 1", "b'to a name' 1",
+                                                "b'with creds' 1"]
