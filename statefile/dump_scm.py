@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 
 from . import procfs
 
@@ -48,6 +49,22 @@ class InFlight:
     def __init__(self):
         self.kept: set[int] = set()                     # fds that own an entry
         self._pending: list[tuple[dict, list[list[int]]]] = []
+        self._room = False
+
+    def make_room(self) -> None:
+        """Before a queue is peeked: every fd in flight lands in crcheckpoint
+        until resolve (one per message, duplicates too), so its soft
+        RLIMIT_NOFILE goes up to the hard one (a message whose fds do not
+        fit comes back MSG_CTRUNC: refused, not lost)."""
+        if self._room:
+            return
+        self._room = True
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (OSError, ValueError):
+                pass
 
     def note(self, info: dict, passed) -> None:
         """A unix socket's queue held fds (dump_sockets.Passed: crelf's fds,

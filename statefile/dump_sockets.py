@@ -253,6 +253,8 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
         return info
     senders: list = []
     passed = Passed() if scm is not None else None
+    if scm is not None and d["rqueue"]:
+        scm.make_room()
     queue, fds = peek_queue(sock, sock.type, senders, bool(d["shutdown"] & 1), passed)
     info["queue"] = queue
     info["fds_in_flight"] = fds

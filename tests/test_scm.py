@@ -8,7 +8,7 @@ a message without fds, a regular file the task holds too plus an eventfd and
 the file again, a stream socket with its own unread queue, an epoll watching
 the receiving socket, each held only by its message); a stream pair with
 bytes without fds before and after those sent with them (same read
-boundaries); a seqpacket pair whose sender closed; two datagram sockets in
+boundaries), then end-of-file; a seqpacket pair whose sender closed; two datagram sockets in
 each other's queues, one held only in flight (a cycle); a child holding one
 end of a pair the parent sent a pipe end through.  It is run once
 uninterrupted and once checkpointed and restarted: the two outputs must be the
@@ -84,6 +84,7 @@ send(s1, b"BBB", f2)
 os.close(f2)
 s1.send(b"CC")
 send(s1, b"DD", w1)
+s1.shutdown(socket.SHUT_WR)                # then end-of-file
 
 # C: a seqpacket pair whose sender closed
 q1, q2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -136,7 +137,7 @@ for i in range(5):
         out("  epoll (a2 empty):", e.poll(0))
         a1.send(b"wake"); out("  epoll:", [(fd == a2.fileno(), ev) for fd, ev in e.poll(0)])
         out("  a2:", a2.recv(10))
-for i in range(2):
+for i in range(3):
     data, fds, flags = recv(s2)
     out("B", data, len(fds), flags)
     for fd in fds:
@@ -199,7 +200,8 @@ def test_fds_in_flight_restart(procs, tmp_path):
     same boundaries; a leave-running checkpoint before changes nothing."""
     require_root()
     ref = _reference(tmp_path)
-    assert b"B b'AAAABBB' 1 0" in ref and b"B b'CCDD' 1 0" in ref, ref
+    assert b"B b'AAAABBB' 1 0" in ref and b"B b'CCDD' 1 0\n" in ref, ref
+    assert b"B b'' 0 0\n" in ref and b"C b'' 0 0\n" in ref, ref
     proc, run_dir, out = _start(tmp_path, procs)
     checkpoint(proc.pid, tmp_path / "peek.cr")          # leave running: changes nothing
     (tmp_path / "peek.cr").unlink()
