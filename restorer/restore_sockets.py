@@ -117,7 +117,9 @@ def _bind(sock: socket.socket, addr) -> bool:
             return True
         if stat.S_ISSOCK(st_.st_mode) and not _live(addr):
             os.unlink(addr)
-    sock.bind(addr)
+        sock.bind(addr)
+        return False
+    bind_abstract(sock, addr)
     return False
 
 
@@ -155,6 +157,24 @@ def standins() -> dict[int, int]:
     """{file id: fd} of the sending end made for a socket whose peer had
     closed (restore_scm.fill sends its queue from it, then closes it)."""
     return _standins
+
+
+def bind_abstract(sock: socket.socket, addr: bytes, wait: float = 2.0) -> None:
+    """Bind to an abstract name, waiting a while for it to be free: the
+    killed original's sockets that were only in flight in each other's
+    queues (a cycle) keep their names until the kernel's unix garbage
+    collector frees them (about half a second here).  A name a live socket
+    holds is still EADDRINUSE, only later."""
+    import time
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock.bind(addr)
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
 
 
 def finish_deferred(fd: int, f: dict) -> None:
@@ -432,7 +452,7 @@ def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
                 lost.append(f)
         elif addr and stype == socket.SOCK_DGRAM:
             try:
-                sock.bind(addr)
+                bind_abstract(sock, addr)
             except OSError:
                 lost.append(f)
         elif addr:

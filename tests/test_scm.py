@@ -294,3 +294,47 @@ def test_fds_in_flight_refused(procs, tmp_path):
     assert proc.wait(timeout=10) == 0
     assert out.read_text().splitlines()[1:] == ["b'memfd' 1", "b'to a name' 1",
                                                 "b'with creds' 1"]
+
+
+OVER_THEMSELVES = r"""
+import array, os, socket, sys, time
+D = sys.argv[1]
+SOL, RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+ska = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(2):
+    ska[i].bind(b"\0crelf-test-scm-%d-%d" % (os.getpid(), i))
+for i in range(2):              # each end sent through each end
+    for j in range(2):
+        ska[i].sendmsg([b"%d via %d" % (j, i)], [(SOL, RIGHTS, array.array("i", [ska[j].fileno()]))])
+print("ready", flush=True)
+while not os.path.exists(f"{D}/go"):
+    time.sleep(0.02)
+sk = ska[0]
+for i in range(3):              # (the fourth would wait: ska[0]'s queue is empty by then)
+    data, anc, _, _ = sk.recvmsg(100, 100)
+    sk = socket.socket(fileno=array.array("i", anc[0][2])[0])
+    print(data, sk.getsockname()[-2:], sk.getpeername()[-2:], flush=True)
+"""
+
+
+def test_sockets_sent_over_themselves(procs, tmp_path):
+    """A pair bound to abstract names, each end in flight in both queues (a
+    cycle: after the kill, the kernel frees those names only when its
+    garbage collector runs): the names, the peers and every message come back."""
+    require_root()
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    (ref_dir / "go").touch()
+    ref = subprocess.run([sys.executable, "-c", OVER_THEMSELVES, ref_dir], capture_output=True,
+                         timeout=60)
+    assert ref.returncode == 0, ref.stderr
+    assert ref.stdout.count(b"-0'") + ref.stdout.count(b"-1'") == 6, ref.stdout
+    proc, run_dir, out = _start(tmp_path, procs, OVER_THEMSELVES)
+    assert checkpoint(proc.pid, tmp_path / "p.cr", "--kill")["restartable"]
+    proc.wait(timeout=10)
+    (run_dir / "go").touch()
+    res = subprocess.run([str(BIN / "crrestart"), str(tmp_path / "p.cr")], capture_output=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert b"not given back" not in res.stderr, res.stderr
+    assert out.read_bytes() == ref.stdout, (out.read_text(), (tmp_path / "p.err").read_text())
