@@ -12,7 +12,9 @@ boundaries), then end-of-file; a seqpacket pair whose sender closed; two datagra
 each other's queues, one held only in flight (a cycle); a child holding one
 end of a pair the parent sent a pipe end through.  It is run once
 uninterrupted and once checkpointed and restarted: the two outputs must be the
-same bytes."""
+same bytes.  Also: a leave-running checkpoint (the tree runs on, its queues
+intact), what is refused and why, and a pair bound to abstract names with each
+end in flight through each end (scm06's case)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from helpers import descendants, require_root, wait_for_line, wait_pid_exit
 from test_checkpoint import checkpoint
 
 from statefile import reader
+from statefile.crcheck import check
 
 BIN = Path(sys.executable).parent
 
@@ -227,17 +230,19 @@ def test_fds_in_flight_restart(procs, tmp_path):
 
 def test_fds_in_flight_leave_running(procs, tmp_path):
     """A leave-running checkpoint: the tree runs on unharmed, its queues intact
-    (the same output as without a checkpoint), and crcheckpoint keeps none of
-    the fds it received; the statefile restarts too, with the same result."""
+    (the same output as without a checkpoint), and crelf keeps none of the
+    fds it received; the statefile restarts too, with the same result."""
     require_root()
     ref = _reference(tmp_path)
     proc, run_dir, out = _start(tmp_path, procs)
-    before = len(os.listdir("/proc/self/fd"))
+    # crcheck's survey, run here: it receives every fd in flight, and closes them
+    before = sorted(os.listdir("/proc/self/fd"))
+    assert check(proc.pid)["checkpointable"]
+    assert sorted(os.listdir("/proc/self/fd")) == before
     checkpoint(proc.pid, tmp_path / "p.cr")
     (run_dir / "go").touch()
     assert proc.wait(timeout=20) == 0
     assert out.read_bytes() == ref, (out.read_text(), (tmp_path / "p.err").read_text())
-    assert len(os.listdir("/proc/self/fd")) == before
     # the statefile, restarted once the original is done: the same messages
     # again (its files changed size meanwhile: --force-files)
     _restart(tmp_path / "p.cr", "--force-files")
