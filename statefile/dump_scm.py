@@ -79,15 +79,15 @@ class InFlight:
         me = os.getpid()
         made: list[int] = []
         while self._pending:
-            info, passed = self._pending.pop(0)
+            info, passed = self._pending[0]     # (still pending: close() closes the rest)
             scm = []
             for msg in passed:
                 ids = []
-                for fd in msg:
-                    fid = self._file_of(table, me, fd, made)
-                    ids.append(fid)
+                while msg:
+                    ids.append(self._file_of(table, me, msg.pop(0), made))
                 scm.append(ids)
             info["scm"] = scm
+            self._pending.pop(0)
         for fid in made:
             if table.files[fid]["kind"] == "anon:eventpoll":
                 _epoll_targets(table, table.files[fid], me)
