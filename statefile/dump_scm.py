@@ -33,13 +33,7 @@ import os
 import resource
 
 from . import procfs
-
-
-class _kcmp_epoll_slot(ctypes.Structure):
-    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
-
-
-KCMP_EPOLL_TFD = 7
+from .dump_anon import KCMP_EPOLL_TFD, _fields, _kcmp_epoll_slot
 
 
 class InFlight:
@@ -137,11 +131,10 @@ def _epoll_targets(table, entry: dict, me: int) -> None:
     tasks and crcheckpoint's fds of the other files in flight with the same
     inode; a watched file found nowhere (outside the tree) keeps no `file`
     (statefile/support.py refuses it)."""
-    from . import dump_anon
     from .ptrace import NR_kcmp, syscall
     epfd = entry["owner_fd"]
     lines = procfs.read(f"/proc/self/fdinfo/{epfd}").splitlines()
-    raw = [dump_anon._fields(line) for line in lines if line.startswith("tfd:")]
+    raw = [_fields(line) for line in lines if line.startswith("tfd:")]
     cands: dict[tuple, list[tuple[int, int, int]]] = {}     # (ino, dev) -> (pid, fd, fid)
     for pid, fds in table.fds_of.items():
         for d in fds:
