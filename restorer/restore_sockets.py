@@ -45,6 +45,11 @@ Created by the restored task itself (open_unix, from restore_files):
   datagram socket): one end of a new pair, the other end sends its unread
   data and is closed.
 
+A socket whose queue holds fds in flight, and its peer, are made by the
+initiator too (restore_scm.py, from restore_tree.open_shared): their queues,
+shutdown states and SO_PEEK_OFF are left to restore_scm.fill (`defer`), once
+every file the messages carry exists.
+
 Every unix socket gets its saved options again (set_sockopts; SO_PEEK_OFF
 once its queue is refilled).  set_sockopts and bind_inet serve the TCP and
 UDP sockets of restore_files too.
@@ -81,6 +86,9 @@ def _address(info: dict):
 def _finish(sock: socket.socket, f: dict) -> int:
     info = f["socket"]
     set_sockopts(sock, info)
+    if f["id"] in _deferred:    # its queue has fds in flight: restore_scm.fill
+        sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+        return sock.detach()
     how = info.get("shutdown", 0) & (RCV_SHUTDOWN | SEND_SHUTDOWN)
     if how:
         sock.shutdown({SEND_SHUTDOWN: socket.SHUT_WR, RCV_SHUTDOWN: socket.SHUT_RD}.get(
@@ -118,7 +126,9 @@ def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
         else:
             if stat.S_ISSOCK(st_.st_mode) and not _live(addr):
                 os.unlink(addr)
-    sock.bind(addr)
+        sock.bind(addr)
+    else:
+        bind_abstract(sock, addr)
     owner = (info or {}).get("file_owner")
     if owner and isinstance(addr, str):
         # bound by crrestart (root): root's file, mode from the umask, else
@@ -139,11 +149,70 @@ def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
 
 
 def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
-    """Each end's saved queue sent again from the other end."""
-    for data in fa["socket"].get("queue", []):
-        b.sendall(bytes.fromhex(data))
-    for data in fb["socket"].get("queue", []):
-        a.sendall(bytes.fromhex(data))
+    """Each end's saved queue sent again from the other end (one with fds in
+    flight: later, by restore_scm.fill)."""
+    if "scm" not in fa["socket"]:
+        for data in fa["socket"].get("queue", []):
+            b.sendall(bytes.fromhex(data))
+    if "scm" not in fb["socket"]:
+        for data in fb["socket"].get("queue", []):
+            a.sendall(bytes.fromhex(data))
+
+
+# --- fds in flight (restore_scm.py): what is left for it to do -----------------
+
+_deferred: set[int] = set()        # file ids whose queue, shutdown and SO_PEEK_OFF wait
+_standins: dict[int, int] = {}      # file id -> the other end of its pair (peer closed)
+
+
+def defer(ids: set[int]) -> None:
+    """Sockets (file ids) whose queue has fds in flight, and their peers:
+    _finish leaves their shutdown state and SO_PEEK_OFF to finish_deferred,
+    _fill_pair and open_unix their queue to restore_scm.fill."""
+    _deferred.clear()
+    _deferred.update(ids)
+    _standins.clear()
+
+
+def deferred() -> set[int]:
+    return set(_deferred)
+
+
+def standins() -> dict[int, int]:
+    """{file id: fd} of the sending end made for a socket whose peer had
+    closed (restore_scm.fill sends its queue from it, then closes it)."""
+    return _standins
+
+
+def bind_abstract(sock: socket.socket, addr: bytes, wait: float = 2.0) -> None:
+    """Bind to an abstract name, waiting a while for it to be free: the
+    killed original's sockets that were only in flight in each other's
+    queues (a cycle) keep their names until the kernel's unix garbage
+    collector frees them (about half a second here).  A name a live socket
+    holds is still EADDRINUSE, only later."""
+    import time
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock.bind(addr)
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
+def finish_deferred(fd: int, f: dict) -> None:
+    """What _finish left for later: the shutdown state, then SO_PEEK_OFF."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        how = f["socket"].get("shutdown", 0) & (RCV_SHUTDOWN | SEND_SHUTDOWN)
+        if how:
+            sock.shutdown({SEND_SHUTDOWN: socket.SHUT_WR, RCV_SHUTDOWN: socket.SHUT_RD}.get(
+                how, socket.SHUT_RDWR))
+        finish_sockopts(sock, f["socket"])
+    finally:
+        sock.close()
 
 
 def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
@@ -167,6 +236,9 @@ def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
         # the unread data and closes (stream and seqpacket reads then see
         # end-of-file, writes EPIPE; a datagram socket's writes ECONNREFUSED).
         a, b = socket.socketpair(socket.AF_UNIX, stype)
+        if "scm" in info:       # fds in flight: sent by restore_scm.fill, then closed
+            _standins[f["id"]] = b.detach()
+            return _finish(a, f)
         for data in info.get("queue", []):
             b.sendall(bytes.fromhex(data))
         b.close()
@@ -521,7 +593,7 @@ def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
                 lost.append(f)
         elif addr and stype == socket.SOCK_DGRAM:
             try:
-                sock.bind(addr)
+                bind_abstract(sock, addr)
             except OSError:
                 lost.append(f)
         elif addr:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from statefile.dump_pipes import stdio_passthrough
 from statefile.integrity import DamagedError, SegmentReader
 
+from . import restore_scm
 from .errors import RestoreError, ValidationError
 from .guard import journal_path
 from .kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all,
@@ -362,6 +363,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
     for t in tasks:
         for d in t["fds"]:
             users.setdefault(d["file"], set()).add(t["pid"])
+    scm = restore_scm.prepare(files, tasks, users)   # fds in flight in unix sockets
     out: dict[int, int] = {}
     try:
         out.update(open_ptys(files, tasks, warnings))   # pseudo-terminal pairs (restore_tty)
@@ -399,7 +401,8 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
         for f in files:
             if f["id"] in out or f["id"] not in users or f.get("shmem") is not None:
                 continue    # (memfds and shared file objects: restore_memfd.py)
-            if len(users[f["id"]]) < 2 and not _unix_pair_across(f, files, users):
+            if len(users[f["id"]]) < 2 and not _unix_pair_across(f, files, users) \
+                    and f["id"] not in scm.make:
                 continue
             try:
                 fd = _open_file(plan, f)
@@ -409,6 +412,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
                 raise RestoreError("files", f"{f['path']}: {e.strerror or e}") from None
             if fd is not None:
                 out[f["id"]] = fd
+        restore_scm.fill(scm, files, out)   # queues with fds in flight, now all exist
     except BaseException:
         close_all(out)
         raise

@@ -161,6 +161,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         freezer.thaw()
         t_thawed = time.monotonic()
 
+    files = FileTable()
     try:
         told = _hooks_before(pid, hook_timeout)
         freezer.freeze()
@@ -171,7 +172,6 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         if unsafe:
             raise NotCheckpointable(pid, unsafe)
         tasks, regs, plans_by_task = [], [], []
-        files = FileTable()
         order = [p for p in procfs.descendants(pid) if p in freezer.tasks]
         for p in order:
             try:
@@ -188,6 +188,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             tasks.append(task)
             regs += task_regs
             plans_by_task.append(plans)
+        files.scm.resolve(files)                      # fds in flight in unix sockets
         dump_fdt.mark_groups(tasks)                   # fd tables shared (CLONE_FILES)
         mark_cow(tasks, plans_by_task)                # pages shared with the parent since fork
         zombies = [{"pid": z["pid"], "ppid": z["ppid"], "pgid": z["pgid"], "sid": z["sid"],
@@ -259,11 +260,13 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
                              shmem=shmem, syscall_addrs=addrs if snaps else None)
     except BaseException:
         # Nothing is lost: no half-written file, the tree runs on.
+        files.scm.close()
         writer.abort()
         freezer.thaw()
         _release_snapshots(snaps)
         _hooks_after(told, hook_timeout)
         raise
+    files.scm.close()      # crcheckpoint's fds of the files in flight (dump_scm)
     t_written = time.monotonic()
     if t_thawed is None:
         freezer.thaw(kill=kill)

@@ -62,6 +62,7 @@ def check(pid: int, policy: Policy | None = None) -> dict:
             continue
     if not tasks:
         raise TargetError(f"pid {pid} exited")
+    files.scm.resolve(files)              # fds in flight in unix sockets (dump_scm)
     dump_fdt.mark_groups(tasks)           # fd tables shared (CLONE_FILES)
     dump_ns.dump_namespaces(tasks)        # a namespace it cannot read is refused
     ipc = dump_ns.dump_ipc_objects(tasks)  # inside the tree's own IPC namespace, if any
@@ -70,6 +71,7 @@ def check(pid: int, policy: Policy | None = None) -> dict:
                               collect_shmem(tasks, files, policy.dump_tmpfs))
     findings += support.vdso_findings(t["pid"] for t in tasks)
     bad = support.problems(findings)
+    files.scm.close()
     return {"pid": pid, "checkpointable": not bad, "policy": policy.as_dict(),
             "tasks": [{"pid": t["pid"], "ppid": t["ppid"], "comm": t["comm"],
                        "threads": len(t["threads"]), "fds": len(t["fds"]),

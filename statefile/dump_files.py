@@ -17,7 +17,7 @@ import socket
 import stat as st
 
 from . import (dump_anon, dump_bpf, dump_fanotify, dump_locks, dump_pidfd, dump_pipes,
-               dump_sockets, dump_tty, procfs)
+               dump_scm, dump_sockets, dump_tty, procfs)
 from . import ptrace as pt
 from .dump_memory import SegmentPlan
 
@@ -156,9 +156,10 @@ _TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
           socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_RAW: "raw"}
 
 
-def socket_info(pid: int, fd: int, unix_diag=None) -> dict:
+def socket_info(pid: int, fd: int, unix_diag=None, scm=None) -> dict:
     """Family, type and addresses of a task's socket, from a duplicate of its fd
-    (pidfd_getfd): nothing is read from or written to the socket."""
+    (pidfd_getfd): nothing is read from or written to the socket.  `scm`
+    (dump_scm.InFlight) keeps the fds a unix socket has in flight."""
     try:
         dup = pt.dup_fd_of(pid, fd)
     except OSError:
@@ -179,8 +180,11 @@ def socket_info(pid: int, fd: int, unix_diag=None) -> dict:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             info.update(_inet_details(pid, sock, os.fstat(dup).st_ino))
         if sock.family == socket.AF_UNIX and unix_diag is not None:
-            info.update(dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag(),
-                                                  pid))
+            # (the details' own dict: dump_scm fills its `scm` in later)
+            details = dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag(),
+                                                pid, scm)
+            details.update(info)
+            info = details
         return info
     finally:
         sock.detach()
@@ -225,6 +229,8 @@ class FileTable:
         self.shmem: list[dict] = []             # memfds and shared file objects (dump_memfd)
         self.task_locks: dict[int, list[dict]] = {}   # pid -> its POSIX locks (dump_locks)
         self._diag: dict | None = None
+        self.scm = dump_scm.InFlight()          # fds in flight in unix sockets (dump_scm)
+        self.fds_of: dict[int, list[dict]] = {}   # pid -> its fds (dump_fds)
 
     def unix_diag(self) -> dict:
         """sock_diag's view of every unix socket, taken once per checkpoint."""
@@ -271,71 +277,79 @@ class FileTable:
             ident = (s.st_dev, s.st_ino)
             fid = self._same_as(pid, fd, ident)
             if fid is None:
-                fid = len(self.files)
-                kind = _kind(target, s.st_mode, s.st_rdev)
-                deleted = target.endswith(" (deleted)") and s.st_nlink == 0
-                entry = {
-                    "id": fid, "kind": kind, "path": target,
-                    "flags": flags & ~0o2000000,  # O_CLOEXEC belongs to the fd
-                    "pos": int(info.get("pos", "0")), "mode": s.st_mode,
-                    "dev": s.st_dev, "ino": s.st_ino, "rdev": s.st_rdev,
-                    "size": s.st_size, "mtime_ns": s.st_mtime_ns, "nlink": s.st_nlink,
-                    "atime_ns": s.st_atime_ns, "uid": s.st_uid, "gid": s.st_gid,
-                    "deleted": deleted, "mnt_id": int(info.get("mnt_id", "0")),
-                    "owner_pid": pid, "owner_fd": fd,
-                }
-                extra = {k: v for k, v in info.items()
-                         if k not in ("pos", "flags", "mnt_id", "ino", "lock")}
-                if extra:
-                    entry["fdinfo"] = extra
-                # locks and owner first: whether its content may be read (dump_locks)
-                dump_locks.add_fd(self, posix, entry, fid, pid, fd, info, True)
-                if kind == "socket":
-                    entry["socket"] = socket_info(pid, fd, self.unix_diag)
-                if kind in ("pipe", "fifo"):
-                    self.pipes.add(self, entry, pid, fd)
-                if kind == "symlink":
-                    entry["symlink"] = link_target(pid, fd)
-                    if fs_magic(f"/proc/{pid}/fd/{fd}") == PROC_SUPER_MAGIC:
-                        entry["proc_link"] = True      # (support: fd:symlink-proc)
-                if kind == "tty":     # a pty master or slave gets its `pty` record
-                    dump_tty.add(entry, pid, fd)
-                if kind.startswith("anon:"):
-                    anon = dump_anon.parse(
-                        kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid, fd)
-                    if anon is not None:
-                        entry["anon"] = anon
-                if kind == "anon:pidfd":
-                    rec = dump_pidfd.parse(info, s.st_ino)
-                    if rec is not None:
-                        entry["pidfd"] = rec
-                if kind == "anon:fanotify":
-                    entry["anon"] = dump_fanotify.parse(
-                        pid, fd, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines())
-                if kind == "anon:bpf-map":
-                    entry["bpf"] = dump_bpf.parse(pid, fd, info)
-                # (the content of a deleted file or memfd is saved once per
-                # object, for every fd and mapping of it: dump_memfd.py)
-                if kind in ("regular", "directory"):
-                    proc = proc_ref(pid, target, f"/proc/{pid}/fd/{fd}")
-                    if proc is not None:
-                        entry["proc"] = proc
-                if kind == "regular" and "proc" not in entry:
-                    ns = ns_link(pid, target)
-                    if ns is not None:
-                        entry["nsfs"] = ns
-                    elif target.endswith(DELETED) and not deleted and s.st_nlink > 0:
-                        # its name was removed, other hard links keep it: opened
-                        # again through a file handle (same inode)
-                        # (open_by_handle_at needs root: none saved otherwise)
-                        entry["linked"] = (file_handle(f"/proc/{pid}/fd/{fd}")
-                                           if os.geteuid() == 0 else None) or {}
-                self.files.append(entry)
-                self._by_ident[ident].insert(self._insert_at, fid)
+                fid = self._add(pid, fd, target, info, s, ident, posix)
             else:
                 dump_locks.add_fd(self, posix, self.files[fid], fid, pid, fd, info, False)
             fds.append({"fd": fd, "file": fid, "cloexec": bool(flags & 0o2000000)})
+        self.fds_of[pid] = fds
         return fds
+
+    def _add(self, pid: int, fd: int, target: str, info: dict, s: os.stat_result,
+             ident: tuple, posix: list) -> int:
+        """A new entry for task pid's fd (a description not seen yet); its id."""
+        fid = len(self.files)
+        flags = int(info.get("flags", "0"), 8)
+        kind = _kind(target, s.st_mode, s.st_rdev)
+        deleted = target.endswith(" (deleted)") and s.st_nlink == 0
+        entry = {
+            "id": fid, "kind": kind, "path": target,
+            "flags": flags & ~0o2000000,  # O_CLOEXEC belongs to the fd
+            "pos": int(info.get("pos", "0")), "mode": s.st_mode,
+            "dev": s.st_dev, "ino": s.st_ino, "rdev": s.st_rdev,
+            "size": s.st_size, "mtime_ns": s.st_mtime_ns, "nlink": s.st_nlink,
+            "atime_ns": s.st_atime_ns, "uid": s.st_uid, "gid": s.st_gid,
+            "deleted": deleted, "mnt_id": int(info.get("mnt_id", "0")),
+            "owner_pid": pid, "owner_fd": fd,
+        }
+        extra = {k: v for k, v in info.items()
+                 if k not in ("pos", "flags", "mnt_id", "ino", "lock")}
+        if extra:
+            entry["fdinfo"] = extra
+        # locks and owner first: whether its content may be read (dump_locks)
+        dump_locks.add_fd(self, posix, entry, fid, pid, fd, info, True)
+        if kind == "socket":
+            entry["socket"] = socket_info(pid, fd, self.unix_diag, self.scm)
+        if kind in ("pipe", "fifo"):
+            self.pipes.add(self, entry, pid, fd)
+        if kind == "symlink":
+            entry["symlink"] = link_target(pid, fd)
+            if fs_magic(f"/proc/{pid}/fd/{fd}") == PROC_SUPER_MAGIC:
+                entry["proc_link"] = True      # (support: fd:symlink-proc)
+        if kind == "tty":     # a pty master or slave gets its `pty` record
+            dump_tty.add(entry, pid, fd)
+        if kind.startswith("anon:"):
+            anon = dump_anon.parse(
+                kind, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines(), pid, fd)
+            if anon is not None:
+                entry["anon"] = anon
+        if kind == "anon:pidfd":
+            rec = dump_pidfd.parse(info, s.st_ino)
+            if rec is not None:
+                entry["pidfd"] = rec
+        if kind == "anon:fanotify":
+            entry["anon"] = dump_fanotify.parse(
+                pid, fd, procfs.read(f"/proc/{pid}/fdinfo/{fd}").splitlines())
+        if kind == "anon:bpf-map":
+            entry["bpf"] = dump_bpf.parse(pid, fd, info)
+        # (the content of a deleted file or memfd is saved once per
+        # object, for every fd and mapping of it: dump_memfd.py)
+        if kind in ("regular", "directory"):
+            proc = proc_ref(pid, target, f"/proc/{pid}/fd/{fd}")
+            if proc is not None:
+                entry["proc"] = proc
+        if kind == "regular" and "proc" not in entry:
+            ns = ns_link(pid, target)
+            if ns is not None:
+                entry["nsfs"] = ns
+            elif target.endswith(DELETED) and not deleted and s.st_nlink > 0:
+                # its name was removed, other hard links keep it: opened
+                # again through a file handle (same inode)
+                # (open_by_handle_at needs root: none saved otherwise)
+                entry["linked"] = (file_handle(f"/proc/{pid}/fd/{fd}")
+                                   if os.geteuid() == 0 else None) or {}
+        self.files.append(entry)
+        self._by_ident[ident].insert(self._insert_at, fid)
+        return fid
 
     def dump_cwd(self, task: dict) -> None:
         """A working directory that was removed (rmdir), or that is the /proc

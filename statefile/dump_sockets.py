@@ -5,8 +5,9 @@ and shutdown state through sock_diag (NETLINK_SOCK_DIAG, UNIX_DIAG): one dump
 per checkpoint gives all of them.  The bytes waiting in a socket's receive
 queue are read from a duplicate of the task's fd (pidfd_getfd) with MSG_PEEK,
 stepping with SO_PEEK_OFF, so nothing is consumed: a leave-running checkpoint
-changes nothing (fds passed in flight, SCM_RIGHTS, are noted and closed
-again in crelf).  A datagram socket's queue keeps each message's sender
+changes nothing (fds passed in flight, SCM_RIGHTS, arrive in crcheckpoint
+itself with each peeked message: dump_scm.py tells which files they are, and
+closes them once the statefile is written).  A datagram socket's queue keeps each message's sender
 address.  A path-bound socket whose file is no longer at its path (deleted,
 or replaced) is marked `file_gone` (UNIX_DIAG_VFS names the file it was bound
 to).  A listening socket's connections waiting to be accepted are named by
@@ -159,29 +160,53 @@ def _address(addr) -> dict | None:
     return {"name": addr, "abstract": False}
 
 
-def _close_passed_fds(anc) -> bool:
-    """Close the fds a peeked SCM_RIGHTS message installed in crelf itself;
-    whether there was one."""
-    found = False
+def _passed_fds(anc) -> list[int]:
+    """The fds a peeked SCM_RIGHTS message installed in crelf itself."""
+    out: list[int] = []
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            found = True
-            for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4]):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-    return found
+            out += [fd for (fd,) in struct.iter_unpack("i", data[:len(data) - len(data) % 4])]
+    return out
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Passed(list):
+    """What peek_queue gives its caller of the fds in flight: one list of fds
+    (crelf's own, open) per queued message; `truncated` when a message held
+    more than crelf could receive (MSG_CTRUNC), or a stream socket's bytes
+    before fds more than it peeks (MAX_INFLIGHT)."""
+    truncated = False
+
+
+# room for the most fds one message may carry (SCM_MAX_FD) and credentials
+_CMSG_ROOM = socket.CMSG_SPACE(4 * 253) + socket.CMSG_SPACE(12)
 
 
 def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
-               shut_rd: bool = True) -> tuple[list[str], bool]:
+               shut_rd: bool = True, passed: Passed | None = None) -> tuple[list[str], bool]:
     """The receive queue's messages (hex; one string for a stream socket), and
     whether file descriptors are in flight in it (SCM_RIGHTS).  For a datagram
     socket, `senders` gets each message's sender address (_address).  An empty
     seqpacket record reads like end-of-file: it is one while bytes remain
-    (SIOCINQ), or when receiving was not shut down (`shut_rd`)."""
+    (SIOCINQ), or when receiving was not shut down (`shut_rd`).
+
+    With `passed`, the fds in flight are kept open for the caller (one list
+    per message returned, see Passed), and a stream socket with fds in flight
+    gives its bytes in segments, as a reader gets them: a read stops at the
+    end of a message that carried fds, and they come with it.  (A peek that
+    starts in bytes sent without fds goes on into the next message with fds
+    and gets its fds too, even when it copies none of its bytes: where that
+    message began cannot be seen without consuming, so the bytes before it,
+    back to the previous one with fds, go in its segment.)"""
     msgs: list[bytes] = []
+    carried: list[list[int]] = []
     fds_in_flight = False
     total = 0
     inq = 0
@@ -189,31 +214,69 @@ def peek_queue(sock: socket.socket, stype: int, senders: list | None = None,
         inq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     peek_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    size = 1 << 20
     try:
         while total < MAX_INFLIGHT:
             try:
-                data, anc, _flags, addr = sock.recvmsg(
-                    1 << 20, socket.CMSG_SPACE(4 * 253), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                data, anc, flags, addr = sock.recvmsg(
+                    size, _CMSG_ROOM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.ENOTCONN, errno.EINVAL):
                     break  # (EINVAL: a stream socket not connected has no queue)
                 raise
-            if _close_passed_fds(anc):
+            got = _passed_fds(anc)
+            if got or flags & socket.MSG_CTRUNC:
                 fds_in_flight = True
+            if got and passed is not None and stype == socket.SOCK_STREAM \
+                    and len(data) == size:
+                # A full buffer may end inside (or just before) the message the
+                # fds came with: peek it again, whole
+                _close_all(got)
+                if size >= MAX_INFLIGHT:
+                    passed.truncated = True
+                    break
+                size *= 2
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, total)
+                continue
+            if passed is None:
+                _close_all(got)
+                got = []
+            elif flags & socket.MSG_CTRUNC:
+                passed.truncated = True
             if not data and stype == socket.SOCK_STREAM:
+                _close_all(got)
                 break  # end of stream (peer shut down)
             if not data and stype == socket.SOCK_SEQPACKET and shut_rd and total >= inq:
+                _close_all(got)
                 break  # end-of-file (trailing empty records cannot be told from it)
             msgs.append(data)
+            carried.append(got)
             if senders is not None and stype == socket.SOCK_DGRAM:
                 senders.append(_address(addr))
             total += len(data)
+    except BaseException:
+        for got in carried:
+            _close_all(got)
+        raise
     finally:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)   # (the task's own)
-    if stype == socket.SOCK_STREAM:
-        msgs = [b"".join(msgs)] if msgs else []
+    if stype == socket.SOCK_STREAM and msgs:
+        if passed is None or not any(carried):
+            msgs, carried = [b"".join(msgs)], [[]]
+        else:   # one segment per message that carried fds, the bytes between joined
+            segs: list[bytes] = []
+            fds: list[list[int]] = []
+            for data, got in zip(msgs, carried):
+                if segs and not got and not fds[-1]:
+                    segs[-1] += data
+                else:
+                    segs.append(data)
+                    fds.append(got)
+            msgs, carried = segs, fds
+    if passed is not None:
+        passed.extend(carried)
     return [m.hex() for m in msgs], fds_in_flight
 
 
@@ -239,7 +302,7 @@ def _socket_file(pid: int | None, name: str,
 
 
 def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
-                 pid: int | None = None) -> dict:
+                 pid: int | None = None, scm=None) -> dict:
     d = diag.get(ino)
     if d is None:
         return {"diag": False}
@@ -262,9 +325,14 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
         info["backlog_queued"] = d["rqueue"]
         return info
     senders: list = []
-    queue, fds = peek_queue(sock, sock.type, senders, bool(d["shutdown"] & 1))
+    passed = Passed() if scm is not None else None
+    if scm is not None and d["rqueue"]:
+        scm.make_room()
+    queue, fds = peek_queue(sock, sock.type, senders, bool(d["shutdown"] & 1), passed)
     info["queue"] = queue
     info["fds_in_flight"] = fds
+    if fds and scm is not None:
+        scm.note(info, passed)      # `scm`: which files they are (dump_scm.py)
     if sock.type == socket.SOCK_DGRAM and queue:
         # Who sent each queued datagram (recvfrom's address): a restart sends
         # it again from a socket of that name.  `bound`: the sockets of this

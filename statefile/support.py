@@ -222,10 +222,23 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:socket:unix-peerless", "connected unix stream or seqpacket socket whose peer "
              "has closed (its unread data kept; reads then see end-of-file, writes EPIPE)",
              SUPPORTED),
-    Resource("fd:socket:unix-fds", "unix socket with file descriptors in flight (an "
-             "SCM_RIGHTS message not received yet)", UNSUPPORTED,
-             f"file descriptors in flight in a unix socket are {_NOT_YET}; checkpoint again "
-             "once the receiver has read them"),
+    Resource("fd:socket:unix-fds", "unix socket with file descriptors in flight (SCM_RIGHTS "
+             "messages sent, not received yet) in a socket pair, or whose peer has closed: "
+             "the queue sent again with the same message boundaries and the same files "
+             "(pipes, regular files, directories, devices, eventfd/timerfd/signalfd/epoll, unix "
+             "and listening or unconnected inet sockets, also files whose only reference is the "
+             "message, and sockets in flight in each other's queues)", SUPPORTED),
+    Resource("fd:socket:unix-fds-other", "file descriptors in flight in a unix socket that a "
+             "restart cannot send again: a file of another kind (pidfd, tty, pty, memfd or "
+             "deleted file, inotify, fanotify, io_uring, namespace, /proc file...), one with "
+             "locks, a lease or a SIGIO owner, a datagram sent to a named socket by another "
+             "than its peer, a message carrying more fds than crelf could receive, an epoll "
+             "watching a file outside the tree, a receiver with SO_PASSCRED (the messages' "
+             "SCM_CREDENTIALS)", UNSUPPORTED,
+             "crrestart sends the queued messages again from the socket's peer, with files it "
+             "makes itself before the tree is forked; this file or message cannot be made or "
+             "sent so by this version of crelf (checkpoint again once the receiver has read "
+             "it)"),
     Resource("fd:socket:unix-external", "unix socket connected to a process outside the tree "
              "(a stream or seqpacket connection, also one still waiting to be accepted there, "
              "or a datagram socket whose peer has no name or whose peer's file is no longer "
@@ -421,7 +434,8 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
     if info.get("listening") or info.get("backlog_of"):
         return _backlog_key(info, held)
     if info.get("fds_in_flight"):
-        return "fd:socket:unix-fds"
+        return "fd:socket:unix-fds" if not scm_problem(f, files, holders) else \
+            "fd:socket:unix-fds-other"
     if info.get("senders") and _unreproducible_sender(info, held()):
         return "fd:socket:unix-sender"
     if not info.get("peer_ino"):
@@ -432,8 +446,6 @@ def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
                  if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
     if peer is None or not holders.get(peer):
         return _external_key(info)
-    if files[peer].get("socket", {}).get("fds_in_flight"):
-        return "fd:socket:unix-fds"
     if info.get("name") or files[peer]["socket"].get("name"):
         return "fd:socket:unix-connected"
     return "fd:socket:unix-pair"
@@ -474,6 +486,99 @@ def _unreproducible_sender(info: dict, held: list[dict]) -> bool:
     tree: a restart could not send it again from that name."""
     tree = {g["socket"].get("ino") for g in held}
     return any(s and set(s.get("bound", ())) - tree for s in info.get("senders", ()))
+
+
+# Files a restart can make in crrestart (before the tree is forked) and send
+# again in flight (restorer/restore_scm.py), by support key.
+_SCM_KINDS = {"fd:regular", "fd:directory", "fd:dev", "fd:chr", "fd:pipe", "fd:fifo",
+              "fd:eventfd", "fd:epoll", "fd:timerfd", "fd:signalfd",
+              "fd:socket:inet-listen", "fd:socket:inet-udp", "fd:socket:inet-fresh",
+              "fd:socket:unix"}
+
+
+def scm_problem(f: dict, files: list[dict], holders: dict) -> str:
+    """Why the messages in flight in unix socket f (its `scm`, dump_scm.py)
+    cannot be sent again ("" when they can)."""
+    info = f.get("socket", {})
+    if info.get("scm") is None:
+        return "the files in flight could not be told apart"
+    if info.get("scm_truncated"):
+        return "a message carries more file descriptors than crelf could receive"
+    if (info.get("sockopts") or {}).get("passcred"):
+        return "its reader gets each message's sender credentials (SO_PASSCRED, " \
+            "SCM_CREDENTIALS): crrestart cannot send them again as the original sender's"
+    peer = info.get("peer_ino")
+    if peer:
+        p = next((g for g in files if g.get("socket", {}).get("ino") == peer), None)
+        if p is None or not holders.get(p["id"]) or p["socket"].get("peer_ino") != info["ino"]:
+            return "its messages were not sent by a peer connected to it in the tree"
+    elif info.get("state") != 1 or (info.get("type") == "dgram" and info.get("name")):
+        return "datagrams sent to its name by other sockets (crrestart sends them again " \
+            "from its peer only)"
+    for ids in info["scm"]:
+        for fid in ids:
+            why = _scm_file_problem(files[fid], files, holders)
+            if why:
+                return why
+    return ""
+
+
+def _scm_file_problem(g: dict, files: list[dict], holders: dict) -> str:
+    """Why file g cannot be sent again in flight ("" when it can)."""
+    key = fd_key(g)
+    what = f"{g['path']} in flight"
+    if key not in _SCM_KINDS or g.get("proc"):
+        return f"{what}: a {g['kind']} file ({key}) is not sent again by this version"
+    if any(g.get(k) for k in ("locks", "lease", "fown", "locks_other")):
+        return f"{what}: it has locks, a lease or a SIGIO owner"
+    if key == "fd:socket:unix":
+        si = g.get("socket", {})
+        if si.get("diag") is False or "ino" not in si:
+            return f"{what}: a unix socket that could not be inspected"
+        if si.get("backlog_queued"):
+            return f"{what}: a listening socket with connections waiting"
+        peer = si.get("peer_ino")
+        if peer and not any(holders.get(h["id"]) for h in files
+                            if h.get("socket", {}).get("ino") == peer):
+            return f"{what}: a unix socket connected outside the tree"
+        named = si.get("name") or any(h.get("socket", {}).get("name") for h in files
+                                      if peer and h.get("socket", {}).get("ino") == peer)
+        if g.get("in_flight") and named and not si.get("listening"):
+            return f"{what}: a named socket or one connected to a name, held only in flight"
+    if key == "fd:epoll" and g.get("in_flight"):
+        targets = (g.get("anon") or {}).get("targets", [])
+        if any("file" not in t for t in targets):
+            return f"{what}: an epoll watching a file outside the tree"
+        for t in targets:       # (made by crrestart too: restorer/restore_scm.py)
+            if t["file"] != g["id"] and not files[t["file"]].get("in_flight"):
+                why = _scm_file_problem(files[t["file"]], files, holders)
+                if why:
+                    return f"{what}: it watches {why}"
+    return ""
+
+
+def scm_carriers(tasks: list[dict], files: list[dict]) -> dict[int, tuple[int, int, int]]:
+    """{file id: (pid, fd, socket file id)} for every file held only in
+    flight (no task holds it): the task and fd of a socket of the tree whose
+    queue holds it (maybe through sockets in flight in each other's queues),
+    and the socket whose queue holds it."""
+    held: dict[int, tuple[int, int]] = {}
+    for t in tasks:
+        for d in t["fds"]:
+            held.setdefault(d["file"], (t["pid"], d["fd"]))
+    out: dict[int, tuple[int, int, int]] = {}
+    todo = [(fid, at) for fid, at in held.items()
+            if files[fid].get("socket", {}).get("scm")]
+    while todo:
+        via, at = todo.pop()
+        for ids in files[via]["socket"]["scm"]:
+            for fid in ids:
+                if fid in held or fid in out:
+                    continue
+                out[fid] = (*at, via)
+                if files[fid].get("socket", {}).get("scm"):
+                    todo.append((fid, at))
+    return out
 
 
 def fd_key(f: dict) -> str:
@@ -674,6 +779,9 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for t in tasks:
         for fd in t["fds"]:
             holders.setdefault(fd["file"], set()).add(t["pid"])
+    carriers = scm_carriers(tasks, files)   # files held only in flight (dump_scm.py)
+    for fid, (pid, _fd, _via) in carriers.items():
+        holders.setdefault(fid, {pid})
     from .dump_fanotify import problem as fanotify_problem
     from .dump_pidfd import in_tree
     from .dump_pipes import external, stdio_passthrough
@@ -729,6 +837,8 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
                 key = "fd:proc-tree"
             if key == "fd:socket:unix":
                 key = _unix_key(f, files, holders, fd["file"])
+                if key == "fd:socket:unix-fds-other":
+                    detail = f"{detail}: {scm_problem(f, files, holders)}"
             if key == "fd:fanotify" and fanotify_problem(f.get("anon") or {}):
                 key = "fd:fanotify-other"
                 detail = f"{detail}: {fanotify_problem(f.get('anon') or {})}"
@@ -772,6 +882,18 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             if key in ("mem:private", "mem:file-shared", "mem:vdso"):
                 continue  # not worth a line each; counted in the summary
             add(key, pid, where, detail)
+    for fid, (pid, fd, via) in carriers.items():
+        g = files[fid]
+        where = f"pid {pid} fd {fd} (in flight)"
+        detail = f"{g['path']} ({g['kind']}) in flight in {files[via]['path']}"
+        key = fd_key(g)
+        if key == "fd:socket:unix":
+            key = _unix_key(g, files, holders, fid)
+            if key == "fd:socket:unix-fds-other":
+                detail = f"{detail}: {scm_problem(g, files, holders)}"
+        why = _scm_file_problem(g, files, holders)
+        add("fd:socket:unix-fds-other" if why else key, pid, where,
+            f"{detail}: {why}" if why else detail)
     from .dump_locks import findings as lock_findings
     for key, p, where, detail in lock_findings(tasks, files, zombies):
         add(key, p, where, detail)     # file locks, leases, SIGIO owners

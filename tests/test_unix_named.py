@@ -344,7 +344,8 @@ case = sys.argv[2]
 keep = []
 if case == "fds":
     a, b = socket.socketpair()
-    socket.send_fds(a, [b"an fd"], [os.open("/dev/null", os.O_RDONLY)])
+    # (a pipe or /dev/null in flight is restored: test_scm.py; a memfd is not)
+    socket.send_fds(a, [b"an fd"], [os.memfd_create("in-flight")])
     keep += [a, b]
 elif case == "backlog":
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -362,7 +363,7 @@ for i in range(1, 100000):
     print(f"tick {i}", flush=True)
 """
 
-REASONS = {"fds": "file descriptors in flight",
+REASONS = {"fds": "(fd:memfd) is not sent again",
            "external": "connected to a process outside the tree",
            "backlog": "connections waiting to be accepted",
            "sender": "from its sender's address"}

@@ -153,7 +153,8 @@ def shared(statefile: str, as_json: bool) -> None:
                    (bytes saved or "unknown"), readers, writers, nonblock,
                    external
       unix-pair    type, ends [{label A|B, ino, name, abstract, queued
-                   (bytes), messages, fds_in_flight, shutdown}]
+                   (bytes), messages, fds_in_flight, in_flight_files (the
+                   CR_FILES ids the queued messages carry), shutdown}]
       unix-listen  type, ino, name, abstract, backlog_queued
       unix-socket  type, ino, name, abstract, peer_ino, peer, queued,
                    messages, shutdown

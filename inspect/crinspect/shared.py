@@ -118,6 +118,7 @@ def objects(sf) -> dict:
         return {"label": label, "ino": ino, "name": s.get("name"),
                 "abstract": bool(s.get("abstract")), "queued": qbytes, "messages": qmsgs,
                 "fds_in_flight": bool(s.get("fds_in_flight")),
+                "in_flight_files": [i for ids in s.get("scm") or [] for i in ids],
                 "shutdown": _shutdown(s.get("shutdown", 0))}
 
     for ino in sorted(by_ino):
@@ -416,7 +417,9 @@ def render(objs: list[dict]) -> list[str]:
             lines.append(f"    end {e['label']} socket:[{e['ino']}]: "
                          f"{_name(e['name'], e['abstract'])}, {queued} queued, "
                          f"shutdown {e['shutdown']}"
-                         + (", fds in flight" if e["fds_in_flight"] else ""))
+                         + (", fds in flight" if e["fds_in_flight"] else "")
+                         + (" (files " + ", ".join(map(str, e["in_flight_files"])) + ")"
+                            if e.get("in_flight_files") else ""))
         for h in o["holders"]:
             lines.append(f"    {_who(h)}")
     return lines
