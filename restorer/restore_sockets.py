@@ -188,8 +188,8 @@ def bind_abstract(sock: socket.socket, addr: bytes, wait: float = 2.0) -> None:
     """Bind to an abstract name, waiting a while for it to be free: the
     killed original's sockets that were only in flight in each other's
     queues (a cycle) keep their names until the kernel's unix garbage
-    collector frees them (about half a second here).  A name a live socket
-    holds is still EADDRINUSE, only later."""
+    collector frees them, which it does when some unix socket is released.
+    A name a live socket holds is still EADDRINUSE, only later."""
     import time
     deadline = time.monotonic() + wait
     while True:
@@ -199,6 +199,9 @@ def bind_abstract(sock: socket.socket, addr: bytes, wait: float = 2.0) -> None:
         except OSError as e:
             if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
                 raise
+        # the kernel schedules its collector when a unix socket is released
+        # (unix_release_sock): release one, else it may not run for long
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close()
         time.sleep(0.01)
 
 
