@@ -133,7 +133,6 @@ def finish_epoll(fds: list[dict], files: list[dict]) -> None:
     number does not hold the item's file now (the original closed it or put
     another file there), the file (at `fd`) is put at that number for the
     epoll_ctl only, and the number given back what it held."""
-    import fcntl
     cloexec = {d["fd"]: d["cloexec"] for d in fds}
     for d in fds:
         f = files[d["file"]]
@@ -145,24 +144,32 @@ def finish_epoll(fds: list[dict], files: list[dict]) -> None:
             if src is None:
                 raise AnonError(0, f"epoll fd {d['fd']}: the file watched as fd {tfd} "
                                 "was not open in the task")
+            epoll_add_as(d["fd"], src, tfd, ev, cloexec.get(tfd, False))
+
+
+def epoll_add_as(epfd: int, src: int, tfd: int, ev, cloexec: bool) -> None:
+    """epoll_ctl(ADD) of the file at `src` under fd number `tfd`: put there
+    for the call only when it is elsewhere, and the number given back what
+    it held (with its close-on-exec flag `cloexec`)."""
+    import fcntl
+    saved = None
+    if src != tfd:
+        try:
+            saved = fcntl.fcntl(tfd, fcntl.F_DUPFD_CLOEXEC, 3)
+        except OSError:
             saved = None
-            if src != tfd:
-                try:
-                    saved = fcntl.fcntl(tfd, fcntl.F_DUPFD_CLOEXEC, 3)
-                except OSError:
-                    saved = None
-                _room_for(tfd)
-                os.dup2(src, tfd)
-            try:
-                _check(_libc.epoll_ctl(d["fd"], EPOLL_CTL_ADD, tfd, ctypes.byref(ev)),
-                       f"epoll_ctl(ADD fd {tfd})")
-            finally:
-                if src != tfd:
-                    if saved is not None:
-                        os.dup2(saved, tfd, inheritable=not cloexec.get(tfd, False))
-                        os.close(saved)
-                    else:
-                        os.close(tfd)
+        _room_for(tfd)
+        os.dup2(src, tfd)
+    try:
+        _check(_libc.epoll_ctl(epfd, EPOLL_CTL_ADD, tfd, ctypes.byref(ev)),
+               f"epoll_ctl(ADD fd {tfd})")
+    finally:
+        if src != tfd:
+            if saved is not None:
+                os.dup2(saved, tfd, inheritable=not cloexec)
+                os.close(saved)
+            else:
+                os.close(tfd)
 
 
 def _room_for(fd: int) -> None:

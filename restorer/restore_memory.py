@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from statefile.inject import find_syscall_insn
 from statefile.integrity import DamagedError, SegmentReader, read_ahead
 
 from .errors import RestoreError
@@ -137,6 +138,13 @@ class Memory:
         if pos < TASK_SIZE:
             inj.check("munmap", pos, TASK_SIZE - pos)
         if not saved:
+            # The task had unmapped its vDSO: this one is unmapped once the
+            # task's own code is in (drop_vdso); till then it must not be in
+            # the way of the saved mappings.
+            used = [(m["start"], m["end"]) for m in self.task["mappings"]] + self._premapped()
+            if any(lo < b and a < hi for a, b in used):
+                dst = self._free_range(hi - lo, avoid=[(lo, hi)])
+                self._mremap_all(inj, cur, {k: dst + (s - lo) for k, (s, _) in cur.items()})
             return
         tlo = min(s for s, _ in saved.values())
         thi = max(s + n for s, n in saved.values())
@@ -148,6 +156,16 @@ class Memory:
             moves = self._mremap_all(inj, moves, {k: bounce + (s - lo) for k, (s, _) in
                                                   cur.items()})
         self._mremap_all(inj, moves, {k: s for k, (s, _) in saved.items()})
+
+    def drop_vdso(self, inj, rpid: int) -> None:
+        """A task that had unmapped its vDSO: injections go through a
+        `syscall` of its own code from here, and the vDSO crrestart's fork
+        gave it is unmapped ([vvar] and [vvar_vclock] with it)."""
+        if any(m["path"] in VDSO_NAMES for m in self.task["mappings"]):
+            return
+        inj.addr = find_syscall_insn(rpid, parse_maps(rpid), vdso=False)
+        for start, size in vdso_layout(parse_maps(rpid)).values():
+            inj.check("munmap", start, size)
 
     def _mremap_all(self, inj, cur: dict, target: dict) -> dict:
         out = {}

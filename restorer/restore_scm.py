@@ -26,7 +26,6 @@ Made by the initiator (restore_tree.open_shared), before the tree is forked:
 from __future__ import annotations
 
 import array
-import ctypes
 import fcntl
 import os
 import socket
@@ -137,33 +136,19 @@ def _epoll_targets(f: dict, out: dict[int, int]) -> None:
     """An epoll held only in flight: each watched file added again with its
     events and data under the fd number it was added with (put there for the
     epoll_ctl only, and the number given back what it held in crrestart)."""
-    from .restore_anon import EPOLL_CTL_ADD, _check, _libc, _room_for, epoll_event
+    from .restore_anon import epoll_add_as, epoll_event
     for t in f["anon"]["targets"]:
         epfd, src, tfd = out[f["id"]], out[t["file"]], t["tfd"]
         if epfd == tfd:     # (the epoll itself is at that number in crrestart)
             epfd = fcntl.fcntl(epfd, fcntl.F_DUPFD_CLOEXEC, 3)
-        ev = epoll_event(t["events"], t["data"])
-        saved = cloexec = None
-        if src != tfd:
-            try:
-                cloexec = fcntl.fcntl(tfd, fcntl.F_GETFD)
-                saved = fcntl.fcntl(tfd, fcntl.F_DUPFD_CLOEXEC, 3)
-            except OSError:
-                saved = None
-            _room_for(tfd)
-            os.dup2(src, tfd)
         try:
             try:
-                _check(_libc.epoll_ctl(epfd, EPOLL_CTL_ADD, tfd, ctypes.byref(ev)),
-                       f"epoll_ctl(ADD fd {tfd})")
-            except OSError as e:
-                raise RestoreError("epoll", f"an epoll in flight: {e}") from None
+                cloexec = bool(fcntl.fcntl(tfd, fcntl.F_GETFD))
+            except OSError:
+                cloexec = False
+            epoll_add_as(epfd, src, tfd, epoll_event(t["events"], t["data"]), cloexec)
+        except OSError as e:
+            raise RestoreError("epoll", f"an epoll in flight: {e}") from None
         finally:
-            if src != tfd:
-                if saved is not None:
-                    os.dup2(saved, tfd, inheritable=not cloexec)
-                    os.close(saved)
-                else:
-                    os.close(tfd)
             if epfd != out[f["id"]]:
                 os.close(epfd)

@@ -211,6 +211,8 @@ class TaskRestorer:
             mem.copy_all()
         mem.finish(inj)
         t = self._t("memory", t)
+        self.step = "vdso"
+        mem.drop_vdso(inj, rpid)    # (a task that had unmapped its own)
         self.step = "mm (PR_SET_MM_MAP)"
         self._set_mm(inj)
         self.step = "proc files"

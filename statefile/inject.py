@@ -41,17 +41,24 @@ def _signed(v: int) -> int:
     return v - 2**64 if v >= 2**63 else v
 
 
-def find_syscall_insn(pid: int, maps: list[dict]) -> int:
-    """Address of a `syscall` instruction inside the task's [vdso]."""
-    for m in maps:
-        if m["path"] == "[vdso]":
+def find_syscall_insn(pid: int, maps: list[dict], vdso: bool = True) -> int:
+    """Address of a `syscall` instruction inside the task's [vdso], or (a
+    task without one, or vdso=False) in its code, libc's first."""
+    vdsos = [m for m in maps if m["path"] == "[vdso]"] if vdso else []
+    others = sorted((m for m in maps if m["perms"][2] == "x"
+                     and m["path"] not in ("[vdso]", "[vsyscall]")),
+                    key=lambda m: "libc" not in m["path"])
+    for m in vdsos + others:
+        try:
             with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
                 f.seek(m["start"])
                 image = f.read(m["end"] - m["start"])
-            i = image.find(SYSCALL_INSN)
-            if i >= 0:
-                return m["start"] + i
-    raise InjectError(0, f"pid {pid}: no [vdso] syscall instruction to inject through")
+        except OSError:
+            continue
+        i = image.find(SYSCALL_INSN)
+        if i >= 0:
+            return m["start"] + i
+    raise InjectError(0, f"pid {pid}: no syscall instruction to inject through")
 
 
 class Injector:

@@ -44,10 +44,12 @@ TABLE: tuple[Resource, ...] = (
              UNSUPPORTED, "the sharers after the first get their fd table from it; taking "
              "their locks and leases and entering their deleted working directory is not done "
              "by this version"),
-    Resource("task:no-vdso", "a task that unmapped its vDSO", UNSUPPORTED,
+    Resource("task:no-vdso", "a task that unmapped its vDSO and whose code has no "
+             "`syscall; ret` or no rt_sigreturn instruction (one that unmapped its vDSO "
+             "and has them, a libc's, is restored without a vDSO)", UNSUPPORTED,
              "crelf runs the syscalls that read a task's state in the task itself, through "
-             "the `syscall` instruction of its vDSO and a way back there if crcheckpoint "
-             "dies (docs/CRASHSAFE.md); without a vDSO it cannot do so safely, so nothing "
+             "a `syscall; ret` of its vDSO or its code and a way back there if crcheckpoint "
+             "dies (docs/CRASHSAFE.md); without one it cannot do so safely, so nothing "
              "is run in it"),
     Resource("task:zombie", "an exited child not reaped yet (recreated with its exit status)",
              SUPPORTED),
@@ -729,15 +731,21 @@ def finding(key: str, pid: int, where: str, detail: str) -> Finding:
 
 
 def vdso_findings(pids) -> list[Finding]:
-    """Tasks crelf must not run a syscall in because they unmapped their vDSO
-    (every call crelf runs in a task goes through its `syscall; ret` and
-    returns through a frame of its own there: docs/CRASHSAFE.md)."""
-    from . import procfs
+    """Tasks crelf must not run a syscall in: they unmapped their vDSO and
+    their code has no `syscall; ret` either (every call crelf runs in a task
+    goes through one and returns through a frame of its own: docs/CRASHSAFE.md),
+    or no rt_sigreturn."""
+    from . import procfs, wayback
     out = []
     for pid in pids:
         try:
-            if not any(m["path"] == "[vdso]" for m in procfs.maps(pid)):
-                out.append(finding("task:no-vdso", pid, f"pid {pid}", "no [vdso] mapping"))
+            maps = procfs.maps(pid)
+            if any(m["path"] == "[vdso]" for m in maps):
+                continue
+            wayback.find_gadgets(pid, maps)
+        except wayback.NoWayBack as e:
+            out.append(finding("task:no-vdso", pid, f"pid {pid}",
+                               f"no [vdso] mapping, and {str(e).partition(': ')[2]}"))
         except OSError:
             continue
     return out

@@ -101,22 +101,43 @@ def _read(pid: int, start: int, end: int) -> bytes:
 _sigreturn_cache: dict[tuple, int] = {}     # (dev, inode, offset, size) -> offset in mapping
 
 
+def _syscall_ret(code: bytes) -> int:
+    """Offset of a `syscall` followed only by register clearing and `ret`, or -1."""
+    i = code.find(b"\x0f\x05")
+    while i >= 0 and not _returns_after(code, i):
+        i = code.find(b"\x0f\x05", i + 1)
+    return i
+
+
+def _executable(maps: list[dict]) -> list[dict]:
+    """The task's executable mappings but the vDSO's, libc's first (nearly
+    always there)."""
+    execs = [m for m in maps if m["perms"][2] == "x" and m["path"] not in ("[vdso]", "[vsyscall]")]
+    return sorted(execs, key=lambda m: "libc" not in m["path"])
+
+
 def find_gadgets(pid: int, maps: list[dict]) -> Gadgets:
-    """The two instructions the way back needs, in task pid's own memory."""
+    """The two instructions the way back needs, in task pid's own memory:
+    the `syscall; ret` in the vDSO, or in the program's code for a task that
+    unmapped its vDSO (libc's stubs of calls that cannot fail end so)."""
     syscall = 0
     for m in maps:
         if m["path"] == "[vdso]":
-            code = _read(pid, m["start"], m["end"])
-            i = code.find(b"\x0f\x05")
-            while i >= 0 and not _returns_after(code, i):
-                i = code.find(b"\x0f\x05", i + 1)
+            i = _syscall_ret(_read(pid, m["start"], m["end"]))
             if i >= 0:
                 syscall = m["start"] + i
     if not syscall:
-        raise NoWayBack(0, f"pid {pid}: no `syscall; ret` in its vDSO")
-    # libc first (nearly always there), then every other executable mapping
-    execs = [m for m in maps if m["perms"][2] == "x" and m["path"] not in ("[vdso]", "[vsyscall]")]
-    execs.sort(key=lambda m: "libc" not in m["path"])
+        for m in _executable(maps):
+            try:
+                i = _syscall_ret(_read(pid, m["start"], m["end"]))
+            except OSError:
+                continue
+            if i >= 0:
+                syscall = m["start"] + i
+                break
+    if not syscall:
+        raise NoWayBack(0, f"pid {pid}: no `syscall; ret` in its vDSO or its code")
+    execs = _executable(maps)
     for m in execs:
         key = (m.get("dev"), m.get("inode"), m.get("offset"), m["end"] - m["start"], m["path"])
         off = _sigreturn_cache.get(key) if m.get("inode") else None
