@@ -40,7 +40,15 @@ def restore_itimers(inj, task: dict, scratch: int) -> None:
         t = task.get("itimers", {}).get(name)
         if not t:
             continue
-        inj.write(scratch, struct.pack("<qqqq", *t["interval"], *t["value"]))
+        value = t["value"]
+        if name == "real" and value == [0, 0]:
+            # Expired, its SIGALRM not taken yet: the kernel arms a periodic
+            # ITIMER_REAL again only when that SIGALRM is dequeued, and
+            # setitimer with a zero value would disarm it for good.  Expiring
+            # at once leaves it so again (the SIGALRM it sends merges with the
+            # pending one queued after).
+            value = [0, 1]
+        inj.write(scratch, struct.pack("<qqqq", *t["interval"], *value))
         inj.check("setitimer", which, scratch, 0)
 
 
