@@ -250,12 +250,13 @@ class Guard:
         committed = False
         fz = None                       # the release freezer, until G
         gate_fd = None                  # (write end, threads waiting) of the release gate, until O
+        lazy_done = False               # D read
         os.set_blocking(self.r, False)
         buf = b""
 
         def drain() -> str:
             """Apply every complete line in the pipe; "A" or "C" when read."""
-            nonlocal buf, served, committed, fz, gate_fd
+            nonlocal buf, served, committed, fz, gate_fd, lazy_done
             end = ""
             while True:
                 try:
@@ -275,7 +276,7 @@ class Guard:
                     sysv.append((kind, int(ident), int(key), int(t0)))
                 elif w[0] == "P":
                     paths.append((int(w[1]), w[2]))
-                elif w[0] == "K":
+                elif w[0] == "K" and not lazy_done:
                     served = (int(w[1]), int(w[2]))
                 elif w[0] == "W":
                     watch[int(w[1])] = int(w[2])
@@ -295,8 +296,10 @@ class Guard:
                     committed, end = True, end or "C"
                 elif w[0] == "D":
                     # every lazy page is in (or the served tree is gone): only
-                    # the lazy duty ends; before the release the rest remains
-                    served = None
+                    # the lazy duty ends, for good (a K crrestart sends later,
+                    # when the pages were all in before the release, is moot);
+                    # before the release the rest remains
+                    served, lazy_done = None, True
                 elif w[0] == "A":
                     return w[0]
             return end
