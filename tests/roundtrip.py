@@ -38,10 +38,10 @@ def same_after_restart(procs, tmp_path, argv, name: str, ready: str = r"tick 5\b
     return ref
 
 
-def refused_up_front(proc, cr, *needles: str) -> str:
-    """Returns crcheckpoint's stderr."""
-    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr)], capture_output=True,
-                       text=True, timeout=120)
+def refused_up_front(proc, cr, *needles: str, args=()) -> str:
+    """Returns crcheckpoint's stderr (`args`: more crcheckpoint options)."""
+    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr), *args],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 6, r.stderr
     for needle in needles:
         assert needle in r.stderr, r.stderr

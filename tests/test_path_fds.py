@@ -24,7 +24,8 @@ import subprocess
 import pytest
 
 from helpers import build_c, read_lines, require_root, wait_for_line
-from test_tree import CRCHECKPOINT, checkpoint_tree, finish, restart
+from roundtrip import refused_up_front
+from test_tree import checkpoint_tree, finish, restart
 
 PROG = r'''
 #define _GNU_SOURCE
@@ -226,18 +227,9 @@ def test_removed_node_of_another_device_or_proc_link_is_refused(procs, tmp_path,
     out = tmp_path / "k.out"
     proc = procs.spawn([exe, d, 40, what], stdout=out, close_fds=True)
     wait_for_line(out, r"^tick 3$", proc=proc)
-    cr = tmp_path / "k.cr"
-    r = subprocess.run([CRCHECKPOINT, str(proc.pid), "-o", str(cr), "--kill"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 6, r.stderr
-    assert "Traceback" not in r.stderr
-    if what == "kmsg":
-        assert "kmsg (deleted) (chr)" in r.stderr and "device files other than" in r.stderr, \
-            r.stderr
-    else:
-        assert f"/proc/{proc.pid}/exe (symlink)" in r.stderr and "links in /proc" in r.stderr, \
-            r.stderr
-    assert not cr.exists()
+    why = ["kmsg (deleted) (chr)", "device files other than"] if what == "kmsg" else \
+        [f"/proc/{proc.pid}/exe (symlink)", "links in /proc"]
+    refused_up_front(proc, tmp_path / "k.cr", *why, args=("--kill",))
     n = len(read_lines(out))
     wait_for_line(out, rf"^tick {n + 2}$", proc=proc)
     assert proc.poll() is None
