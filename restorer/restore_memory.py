@@ -163,8 +163,9 @@ class Memory:
         gave it is unmapped ([vvar] and [vvar_vclock] with it)."""
         if any(m["path"] in VDSO_NAMES for m in self.task["mappings"]):
             return
-        inj.addr = find_syscall_insn(rpid, parse_maps(rpid), vdso=False)
-        for start, size in vdso_layout(parse_maps(rpid)).values():
+        maps = parse_maps(rpid)
+        inj.addr = find_syscall_insn(rpid, maps, vdso=False)
+        for start, size in vdso_layout(maps).values():
             inj.check("munmap", start, size)
 
     def _mremap_all(self, inj, cur: dict, target: dict) -> dict:

@@ -44,21 +44,10 @@ def _signed(v: int) -> int:
 def find_syscall_insn(pid: int, maps: list[dict], vdso: bool = True) -> int:
     """Address of a `syscall` instruction inside the task's [vdso], or (a
     task without one, or vdso=False) in its code, libc's first."""
-    vdsos = [m for m in maps if m["path"] == "[vdso]"] if vdso else []
-    others = sorted((m for m in maps if m["perms"][2] == "x"
-                     and m["path"] not in ("[vdso]", "[vsyscall]")),
-                    key=lambda m: "libc" not in m["path"])
-    for m in vdsos + others:
-        try:
-            with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-                f.seek(m["start"])
-                image = f.read(m["end"] - m["start"])
-        except OSError:
-            continue
-        i = image.find(SYSCALL_INSN)
-        if i >= 0:
-            return m["start"] + i
-    raise InjectError(0, f"pid {pid}: no syscall instruction to inject through")
+    addr = wayback.find_in_code(pid, maps, lambda code: code.find(SYSCALL_INSN), vdso)
+    if not addr:
+        raise InjectError(0, f"pid {pid}: no syscall instruction to inject through")
+    return addr
 
 
 class Injector:

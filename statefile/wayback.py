@@ -109,36 +109,36 @@ def _syscall_ret(code: bytes) -> int:
     return i
 
 
-def _executable(maps: list[dict]) -> list[dict]:
+def executable(maps: list[dict]) -> list[dict]:
     """The task's executable mappings but the vDSO's, libc's first (nearly
     always there)."""
     execs = [m for m in maps if m["perms"][2] == "x" and m["path"] not in ("[vdso]", "[vsyscall]")]
     return sorted(execs, key=lambda m: "libc" not in m["path"])
 
 
+def find_in_code(pid: int, maps: list[dict], find, vdso: bool = True) -> int:
+    """The first address where find(bytes) -> offset (-1: none) finds its
+    instruction: in the task's [vdso] (unless vdso=False), else in its other
+    code (executable(): a task that unmapped its vDSO); 0 if nowhere."""
+    vdsos = [m for m in maps if m["path"] == "[vdso]"] if vdso else []
+    for m in vdsos + executable(maps):
+        try:
+            i = find(_read(pid, m["start"], m["end"]))
+        except OSError:
+            continue
+        if i >= 0:
+            return m["start"] + i
+    return 0
+
+
 def find_gadgets(pid: int, maps: list[dict]) -> Gadgets:
     """The two instructions the way back needs, in task pid's own memory:
     the `syscall; ret` in the vDSO, or in the program's code for a task that
     unmapped its vDSO (libc's stubs of calls that cannot fail end so)."""
-    syscall = 0
-    for m in maps:
-        if m["path"] == "[vdso]":
-            i = _syscall_ret(_read(pid, m["start"], m["end"]))
-            if i >= 0:
-                syscall = m["start"] + i
-    if not syscall:
-        for m in _executable(maps):
-            try:
-                i = _syscall_ret(_read(pid, m["start"], m["end"]))
-            except OSError:
-                continue
-            if i >= 0:
-                syscall = m["start"] + i
-                break
+    syscall = find_in_code(pid, maps, _syscall_ret)
     if not syscall:
         raise NoWayBack(0, f"pid {pid}: no `syscall; ret` in its vDSO or its code")
-    execs = _executable(maps)
-    for m in execs:
+    for m in executable(maps):
         key = (m.get("dev"), m.get("inode"), m.get("offset"), m["end"] - m["start"], m["path"])
         off = _sigreturn_cache.get(key) if m.get("inode") else None
         if off is None:
