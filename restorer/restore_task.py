@@ -11,6 +11,7 @@ import struct
 import time
 
 from statefile import elfcore as ec
+from statefile import procfs
 from statefile import ptrace as pt
 from statefile.inject import InjectError, find_syscall_insn
 
@@ -316,15 +317,11 @@ class TaskRestorer:
         self.release()
         end = time.monotonic() + timeout
         while True:
-            states = []
-            for rtid in self.tids.values():
-                try:
-                    with open(f"/proc/{self.rpid}/task/{rtid}/stat", "rb") as f:
-                        st = f.read()
-                    states.append(st[st.rindex(b")") + 2:st.rindex(b")") + 3])
-                except (OSError, ValueError):
-                    return      # (killed: the release of the others says so)
-            if all(s in (b"T", b"t") for s in states):
+            try:
+                states = [procfs.stat(self.rpid, rtid)["state"] for rtid in self.tids.values()]
+            except (OSError, ValueError):
+                return          # (killed: the release of the others says so)
+            if all(s in ("T", "t") for s in states):
                 return
             if time.monotonic() > end:
                 raise RestoreError(f"task {self.task['pid']}",
@@ -527,6 +524,8 @@ class TaskRestorer:
             return
         maps = parse_maps(self.rpid)
         low = max([d["fd"] for d in self.task["fds"]] + [2]) + 1
+        # a page of lazy memory faulted in by the task itself, reading it
+        touch = lambda page: inj.call(gate.NR_ACCESS, page, 0)  # noqa: E731
         for th in self.task["threads"]:
             saved, rtid = self.sf.regs.get(th["tid"]), self.tids[th["tid"]]
             xstate = b""
@@ -536,8 +535,6 @@ class TaskRestorer:
                 pt.setregset(rtid, ec.NT_X86_XSTATE, saved.xstate)
                 xstate = pt.getregset(rtid, ec.NT_X86_XSTATE, 1 << 16)
             final = self._final_regs(th) if saved is not None else None
-            # a page of lazy memory faulted in by the task itself, reading it
-            touch = lambda page: inj.call(gate.NR_ACCESS, page, 0)  # noqa: E731
             why = gate.check(th, final, len(xstate), self.memfd, maps, touch) if final else \
                 "no registers"
             if why:
