@@ -186,10 +186,9 @@ def _check_task(sf, task: dict, force_files: bool, warnings: list[str], seen: se
             continue
         if kind == "regular":
             p = _ident_problem(f["path"], f, "file")
-            if p and not force_files:
-                raise ValidationError(p + " (--force-files restores anyway)")
-            if p:
-                warnings.append(p)
+            refusal = _changed(p, force_files, warnings) if p else ""
+            if refusal:
+                raise ValidationError(refusal)
         elif kind in ("directory", "chr"):
             if not os.path.exists(f["path"]):
                 raise ValidationError(f"{f['path']} no longer exists")
@@ -228,10 +227,8 @@ def _special_file_problem(f: dict, pids: set[int], force_files: bool,
             return f"symbolic link {f['path']} no longer exists"
         s = os.lstat(f["path"])
         if (s.st_dev, s.st_ino) != (f.get("dev"), f.get("ino")):
-            p = f"symbolic link {f['path']} is not the one that was open (inode changed)"
-            if not force_files:
-                return p + " (--force-files restores anyway)"
-            warnings.append(p)
+            return _changed(f"symbolic link {f['path']} is not the one that was open "
+                            "(inode changed)", force_files, warnings)
         return ""
     if f.get("nsfs"):
         if not f["nsfs"].get("name"):
@@ -247,12 +244,19 @@ def _special_file_problem(f: dict, pids: set[int], force_files: bool,
         finally:
             os.close(fd)
         if (s.st_size, s.st_mtime_ns) != (f.get("size"), f.get("mtime_ns")):
-            p = f"file {f['path']} (still linked elsewhere) was modified since the checkpoint"
-            if not force_files:
-                return p + " (--force-files restores anyway)"
-            warnings.append(p)
+            return _changed(f"file {f['path']} (still linked elsewhere) was modified since "
+                            "the checkpoint", force_files, warnings)
         return ""
     return None
+
+
+def _changed(problem: str, force_files: bool, warnings: list[str]) -> str:
+    """A file that changed since the checkpoint: the refusal, or with
+    --force-files a warning and no refusal ("")."""
+    if not force_files:
+        return problem + " (--force-files restores anyway)"
+    warnings.append(problem)
+    return ""
 
 
 def _skip_note(fd: int, f: dict) -> str:
