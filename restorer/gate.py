@@ -139,14 +139,11 @@ def write_frames(th: dict, vpid: int, final: ec.user_regs_struct, xstate: bytes,
     f, close_frame, go_frame = _frames(final, len(xstate))
     ss = th.get("sigaltstack")
     altstack = (ss["sp"], ss["flags"] & ~1, ss["size"]) if ss else (0, wayback.SS_DISABLE, 0)
-    writes = [(f.frame, wayback.link(g, rip=final.rip, rsp=final.rsp, rax=final.rax,
-                                     regs=final, sigmask=th.get("sigmask", 0),
-                                     fpstate=f.fpstate, altstack=altstack) + bytes(128)),
-              (f.fpstate, wayback.sigframe_xstate(xstate)),
-              (close_frame, wayback.link(g, rip=g.syscall, rsp=f.frame, rax=NR_CLOSE,
-                                         args=(gfd,))),
-              (go_frame, wayback.link(g, rip=g.syscall, rsp=close_frame, rax=NR_KILL,
-                                      args=(vpid, 9)))]
+    # (final's syscall restart is done already: orig_rax -1, build changes nothing)
+    writes = wayback.build(g, final, th.get("sigmask", 0), xstate, f, altstack) + [
+        (close_frame, wayback.link(g, rip=g.syscall, rsp=f.frame, rax=NR_CLOSE, args=(gfd,))),
+        (go_frame, wayback.link(g, rip=g.syscall, rsp=close_frame, rax=NR_KILL,
+                                args=(vpid, 9)))]
     for addr, data in writes:
         try:
             os.pwrite(memfd, data, addr)

@@ -225,11 +225,12 @@ def place(rsp: int, xstate_len: int) -> Frame:
     return Frame(scratch, top, frame, fp, scratch)
 
 
-def build(g: Gadgets, regs, sigmask: int, xstate: bytes, f: Frame) -> list[tuple[int, bytes]]:
+def build(g: Gadgets, regs, sigmask: int, xstate: bytes, f: Frame,
+          altstack=(0, SS_DISABLE, 0)) -> list[tuple[int, bytes]]:
     """The frame returning to `regs` (restart applied), as writes."""
     rip, rax = restarted(regs)
     fr = link(g, rip=rip, rsp=regs.rsp, rax=rax, regs=regs, sigmask=sigmask,
-              fpstate=f.fpstate) + bytes(128)
+              fpstate=f.fpstate, altstack=altstack) + bytes(128)
     return [(f.frame, fr), (f.fpstate, sigframe_xstate(xstate))]
 
 
