@@ -8,11 +8,11 @@ the program and everything it started, which is what the monitor can add and
 is robust against other load on the machine, and the wall-clock time, which
 is what a user sees but is noisy on a shared machine.  Two ways of running "under the monitor":
 
-  monitor  the program started by statefile.monitor.launch() with a Monitor
+  monitor  the program started by statefile.check.monitor.launch() with a Monitor
            thread serving its listener, timed from spawn to exit, exactly
            like plain runs are timed (subprocess.Popen + wait).  This is the
            cost the monitored program pays.
-  crrun    the whole `python -m statefile.crrun_cli -- CMD` command, so it
+  crrun    the whole `python -m statefile.check.crrun -- CMD` command, so it
            also includes crrun's own start-up (Python + click, ~0.1 s), a
            constant that only matters for short programs.
   floor    the program under a one-instruction seccomp filter that allows
@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from statefile import monitor  # noqa: E402
+from statefile.check import monitor  # noqa: E402
 
 PYOPEN = """
 import os
@@ -120,7 +120,7 @@ def run_monitor(argv) -> tuple[float, float]:
 
 
 def run_crrun(argv) -> tuple[float, float]:
-    return run_plain([sys.executable, "-m", "statefile.crrun_cli", "--", *argv])
+    return run_plain([sys.executable, "-m", "statefile.check.crrun", "--", *argv])
 
 
 def _allow_all_filter() -> None:
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
-    os.chdir(Path(__file__).resolve().parent.parent)  # so -m statefile.crrun_cli resolves
+    os.chdir(Path(__file__).resolve().parent.parent)  # so -m statefile.check.crrun resolves
     results = []
     for name in args.workload or list(WORKLOADS):
         r = bench(name, args.runs)

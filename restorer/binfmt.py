@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 
-from statefile import elfcore as ec
+from statefile.format import elfcore as ec
 
 from .errors import RestoreError
 

@@ -77,7 +77,7 @@ def command(statefile, detach, pidns, force_files, lazy, as_json, verbose, regis
         return
     if not statefile:
         raise click.UsageError("missing STATEFILE")
-    from .restore import Options, restore, wait_root
+    from restorer.restart import Options, restore, wait_root
     opts = Options(detach=detach, pidns=pidns, force_files=force_files, lazy=lazy,
                    verbose=verbose)
     try:

@@ -1,4 +1,4 @@
-"""Syscall injection for restoring: statefile.inject's Injector with numbered
+"""Syscall injection for restoring: statefile.control.inject's Injector with numbered
 syscalls, a movable trampoline (the vDSO moves during a restore), clone events
 and counters."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import signal
 
-from statefile import ptrace as pt
-from statefile.inject import InjectError, Injector
+from statefile.control import ptrace as pt
+from statefile.control.inject import InjectError, Injector
 
 from .kernel import NR, errno_of
 

@@ -25,12 +25,12 @@ import struct
 import threading
 import time
 
-from statefile import procfs
-from statefile.integrity import DamagedError, SegmentReader, nchunks
+from statefile.control import procfs
+from statefile.format.integrity import DamagedError, SegmentReader, nchunks
 
 from .errors import RestoreError
-from .guard import clone_files, gone, poll_fds
-from .guard import current as current_guard
+from restorer.release.guard import clone_files, gone, poll_fds
+from restorer.release.guard import current as current_guard
 from .kernel import PAGE, errno_of, pidfd_getfd, pidfd_open
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -109,7 +109,7 @@ def _copy_failure(addr: int, err: int) -> str:
 
 class ChunkGuard:
     """The checksum chunks of one segment: a chunk is read and verified whole
-    (statefile/integrity.py SegmentReader.chunk) before any page of it is
+    (statefile/format/integrity.py SegmentReader.chunk) before any page of it is
     installed, once (the statefile must not change while it is served)."""
 
     def __init__(self, sf, seg: dict):
@@ -337,7 +337,7 @@ class LazyServer:
             return True
         g = current_guard()
         if g is not None and gone(g.pidfd):
-            # nothing would keep the userfaultfds if we died now (guard.py)
+            # nothing would keep the userfaultfds if we died now (restorer/release/guard.py)
             raise ServeError(f"the guard of the lazy memory (pid {g.pid}) died")
         for ctx in list(self.ctxs):
             if ctx.left and self._prefetch(ctx):

@@ -1,20 +1,21 @@
 """Checks made before anything is created: the statefile is restartable here,
 its files are still there and unchanged, the executable and libraries are the
 same, this kernel's vDSO matches the checkpointed one, and this CPU lays the
-XSAVE area out as the checkpoint's did (statefile/xsave.py)."""
+XSAVE area out as the checkpoint's did (statefile/format/xsave.py)."""
 
 from __future__ import annotations
 
 import os
 import stat
 
-from statefile import support, xsave
-from statefile.integrity import DamagedError, SegmentReader
+from statefile.check import support
+from statefile.format import xsave
+from statefile.format.integrity import DamagedError, SegmentReader
 
-from . import restore_ipc, restore_memfd, restore_ns
+from restorer.restore import ipc as restore_ipc, memfd as restore_memfd, ns as restore_ns
 from .errors import RestoreError, ValidationError
-from .restore_files import ChildError, ghost_node, open_linked, tree_proc
-from .restore_memory import VDSO_NAMES, file_path, parse_maps
+from restorer.restore.files import ChildError, ghost_node, open_linked, tree_proc
+from restorer.restore.memory import VDSO_NAMES, file_path, parse_maps
 
 
 
@@ -87,7 +88,7 @@ def validate(sf, force_files: bool = False) -> list[str]:
     if h.get("restartable") is False:
         why = "; ".join(str(x) for x in h.get("not_restartable", [])) or "see crinspect"
         raise ValidationError(f"the statefile is marked not restartable: {why}")
-    # The same assessment crcheck and crcheckpoint make (statefile/support.py),
+    # The same assessment crcheck and crcheckpoint make (statefile/check/support.py),
     # on what the statefile holds, with the policy it was written under.
     skip = set(h.get("policy", {}).get("skip", []))
     bad = support.problems(support.assess(sf.tasks, sf.files, h.get("zombies", []), {}, skip,
@@ -272,7 +273,7 @@ def _skip_note(fd: int, f: dict) -> str:
                 f"{info.get('local', '')} -> {info.get('peer', '')} was skipped by policy "
                 "'network': restored unconnected (the connection looks broken)")
     if why == "external-unix":
-        from .restore_sockets import reconnects, shown_peer
+        from restorer.restore.unix import reconnects, shown_peer
         info = f.get("socket", {})
         if reconnects(info):
             return (f"fd {fd}: unix datagram socket connected to {shown_peer(f)} outside the "

@@ -8,16 +8,19 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from . import (FORMAT_VERSION, __version__, dump_fdt, dump_ns, dump_tty, flags, hooks, procfs,
-               snapshot, support, xsave)
-from .dump_files import FileTable
-from .dump_memfd import collect as collect_shmem
-from .dump_memory import PAGE, dump_mappings, mark_cow
-from .dump_task import dump_task
+from statefile import FORMAT_VERSION, __version__, hooks
+from statefile.dump import fdt as dump_fdt, ns as dump_ns, tty as dump_tty
+from statefile.check import flags, support
+from statefile.control import procfs, snapshot
+from statefile.format import xsave
+from statefile.dump.files import FileTable
+from statefile.dump.memfd import collect as collect_shmem
+from statefile.dump.memory import PAGE, dump_mappings, mark_cow
+from statefile.dump.task import dump_task
 from .errors import CrelfError, TargetError
-from .freeze import Freezer, check_target
-from .policy import Policy
-from .writer import StatefileWriter
+from statefile.control.freeze import Freezer, check_target
+from statefile.check.policy import Policy
+from statefile.format.writer import StatefileWriter
 
 
 class NotCheckpointable(CrelfError):
@@ -46,7 +49,7 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
             fd = int(f.where.rsplit(" ", 1)[1])
             entry = files.files[next(d["file"] for d in task["fds"] if d["fd"] == fd)]
             entry["skipped"] = f.policy
-            if f.key == "fd:deleted":   # (its content is its object's: dump_memfd.py)
+            if f.key == "fd:deleted":   # (its content is its object's: statefile/dump/memfd.py)
                 holder = entry if entry.get("shmem") is None else files.shmem[entry["shmem"]]
                 if "blob" in holder:
                     blob = files.blobs[holder["blob"]]
@@ -63,10 +66,10 @@ def _apply_policy(policy: Policy, findings, tasks, plans_by_task, files: FileTab
 
 
 def _traced_tasks(freezer: Freezer, files: FileTable) -> list[dict]:
-    """The tasks another tracer holds (statefile/freeze.py left them running),
+    """The tasks another tracer holds (statefile/control/freeze.py left them running),
     surveyed from /proc like crcheck does, so that the refusal names them and
     every other reason too."""
-    from .crcheck import survey_task
+    from statefile.check.crcheck import survey_task
     out = []
     for pid, (tracer, comm) in freezer.traced.items():
         try:
@@ -144,7 +147,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
 
     With `cow` (the default when the tree runs on), the tree is released as
     soon as copy-on-write snapshots of its tasks exist, and its memory is
-    written from them while it runs (statefile/snapshot.py).
+    written from them while it runs (statefile/control/snapshot.py).
     """
     policy = policy or Policy()
     check_target(pid)

@@ -64,7 +64,7 @@ def run_cli(fn, *, json_errors: bool = False, prog: str):
 
 
 def _policy_options(fn):
-    from .support import POLICY_CLASSES
+    from statefile.check.support import POLICY_CLASSES
     fn = click.option("--dump-tmpfs", is_flag=True,
                       help="Keep the content of open files on tmpfs (/dev/shm, /tmp on tmpfs).")(fn)
     fn = click.option("--skip", multiple=True, metavar="CLASS",
@@ -115,7 +115,7 @@ def main(ctx: click.Context, pid: int, output: str, kill: bool, fsync: bool, no_
     policy, 3 target cannot be checkpointed, 4 statefile cannot be written,
     6 not checkpointable (reasons listed), 1 other errors.
     """
-    from . import policy as pol
+    from statefile.check import policy as pol
     from .checkpoint import checkpoint
 
     progress = _Progress(**(ctx.obj or {}).get("progress", {}))
@@ -169,8 +169,8 @@ def crcheck_main(pid: int, as_json: bool, verbose: bool, policy_file, skip, dump
     not stopped.  Exit 0 only when a checkpoint would succeed, 6 when it
     would be refused, 2 bad policy, 3 bad pid.
     """
-    from . import policy as pol
-    from .crcheck import check
+    from statefile.check import policy as pol
+    from statefile.check.crcheck import check
 
     skip = _skips(skip)
     report = run_cli(lambda: check(pid, pol.build(policy_file, skip, dump_tmpfs, pid=pid)),

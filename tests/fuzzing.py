@@ -18,7 +18,7 @@ limit and a per-mutant alarm) writes the mutant, runs every crinspect
 subcommand but gdb on it in-process through crinspect.cli.main (the very
 function the `crinspect` command runs, argv and streams swapped as click's
 CliRunner does), and the checks crrestart makes before it touches anything
-(restorer.restore.load_verified, then validate), and tells whether
+(restorer.restart.load_verified, then validate), and tells whether
 everything the restorer reads of the mutant (every note, program header and
 stored run of memory or blob) is what it reads of its seed: if so crrestart
 cannot behave differently.  Mutants crrestart would accept with different
@@ -192,7 +192,7 @@ def _align4(n: int) -> int:
 
 
 def layout(path: str) -> Layout:
-    from statefile import reader
+    from statefile.format import reader
     with open(path, "rb") as f:
         data = f.read()
     phoff, = struct.unpack_from("<Q", data, 32)
@@ -245,7 +245,7 @@ def _set_notes(data: bytearray, lay: Layout, records: list[bytes]) -> bytearray:
 def _forge_json(data: bytearray, lay: Layout, rng: random.Random) -> tuple[bytearray, str]:
     """Edit one JSON note (a value replaced, a key dropped, an item added)
     and fix its checksum in CR_INTEGRITY: every checksum passes."""
-    from statefile import notes as nt
+    from statefile.format import notes as nt
     records = _records(data, lay)
     json_idx = [i for i, n in enumerate(lay.notes)
                 if n[4] == "CRELF" and n[5] in JSON_TYPES and n[5] != CR_INTEGRITY]
@@ -357,7 +357,7 @@ def fingerprint(path: str) -> str | None:
     """A digest of everything the restorer reads of a statefile: every note,
     the program headers, every stored run of every segment.  None when it
     does not load."""
-    from statefile import reader
+    from statefile.format import reader
     try:
         sf = reader.load(path)
     except Exception:       # noqa: BLE001  (what does not load has no fingerprint)
@@ -521,7 +521,7 @@ def _crinspect_all(path: str, rng: random.Random, rec: dict, work: str) -> None:
 
 def _crinspect_direct(path: str, rec: dict, work: str) -> None:
     """Bench mode: one load, then what each subcommand computes and prints."""
-    from statefile import reader
+    from statefile.format import reader
     from statefile.errors import CrelfError
     from crinspect import model, render, shared as shared_view
     from crinspect.corefile import write_core
@@ -572,9 +572,9 @@ def _precheck(path: str, rec: dict) -> None:
     note checksum), then validate (the executable, the files, the
     environment); a note that lacks a field there is refused at plan."""
     from restorer.errors import RestoreError
-    from restorer.restore import load_verified
+    from restorer.restart import load_verified
     from restorer.validate import validate
-    from statefile.reader import MALFORMED
+    from statefile.format.reader import MALFORMED
     rec["notes_ok"] = False
     sf = None
     # (a malformed note met at load is the reader's to refuse: an internal error)

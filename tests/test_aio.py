@@ -1,4 +1,4 @@
-"""AIO contexts (statefile/dump_aio.py, restorer/restore_aio.py): a program
+"""AIO contexts (statefile/dump/aio.py, restorer/restore/aio.py): a program
 with two io_setup rings, one with completed events it has not reaped yet,
 is checkpointed with --kill mid-run and restarted; it then reaps those
 events (their data, obj and res as they were), submits more writes through

@@ -1,4 +1,4 @@
-"""BPF maps (statefile/dump_bpf.py, restorer/restore_bpf.py): a program with
+"""BPF maps (statefile/dump/bpf.py, restorer/restore/bpf.py): a program with
 a hash map, a frozen array map and an LRU hash map is checkpointed with
 --kill mid-run and restarted; afterwards it reads every entry, its maps'
 definitions and names, updates the hash map and finds the frozen map still

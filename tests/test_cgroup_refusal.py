@@ -1,7 +1,7 @@
 """A task in a cgroup other than crcheckpoint's own would come back in
 crrestart's cgroup, without its limits: until cgroup membership is restored
 (the containers issue) such a tree is refused before anything is written
-(statefile/dump_cgroup.py, support key task:cgroup)."""
+(statefile/dump/cgroup.py, support key task:cgroup)."""
 from __future__ import annotations
 
 import os

@@ -19,8 +19,8 @@ from helpers import (read_lines, require_root, require_tool, trace_with_another_
 
 from restorer import validate
 from restorer.errors import ValidationError
-from statefile import reader
-from statefile.elfcore import CRELF_IDENT_PAD
+from statefile.format import reader
+from statefile.format.elfcore import CRELF_IDENT_PAD
 
 BIN = Path(sys.executable).parent
 CRCHECKPOINT = str(BIN / "crcheckpoint")
@@ -111,7 +111,7 @@ def test_gdb_reads_vector_registers_and_pkru_as_from_gcore(sample_bin, procs, tm
     them from the statefile exactly as from gcore's core of the same process,
     without a "too small" warning, and pkru as the kernel gave it (on CPUs
     whose XSAVE layout is not the one gdb 13 assumes, such as AMD without
-    AVX-512, the kernel's area is moved to gdb's offsets: statefile/xsave.py;
+    AVX-512, the kernel's area is moved to gdb's offsets: statefile/format/xsave.py;
     gcore there reads pkru at the wrong offset and shows 0)."""
     require_root()
     require_tool("gcore")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import read_lines, require_root, wait_for_line
 
-from statefile import procfs
+from statefile.control import procfs
 
 CRCHECKPOINT = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "crcheckpoint")
 

@@ -394,9 +394,9 @@ int main(int argc, char **argv) {
 
 
 def _release_cgroups(pid: int) -> list[str]:
-    """The release cgroups (restorer/freezer.py) crrestart `pid` left anywhere
+    """The release cgroups (restorer/release/freezer.py) crrestart `pid` left anywhere
     (other restores may have theirs meanwhile)."""
-    from restorer.freezer import _mounts
+    from restorer.release.freezer import _mounts
     left = []
     for mnt, _, _ in _mounts():
         for dirpath, dirnames, _ in os.walk(mnt):
@@ -497,13 +497,13 @@ def test_release_is_all_or_nothing(spinners, procs, tmp_path, mode, release, poi
     guard was told "released", before the thaw or the gate's opening
     ("commit"), or before the tasks were moved back home ("home"): both tasks
     run on, counting on from where they were.  No release cgroup is left
-    either way.  "freezer": as root, the release freezer (restorer/freezer.py);
+    either way.  "freezer": as root, the release freezer (restorer/release/freezer.py);
     "gate": without one, as an unprivileged restore is, the release gate
-    (restorer/gate.py).  CRELF_NO_GATE=1 in the environment with "gate" is
+    (restorer/release/gate.py).  CRELF_NO_GATE=1 in the environment with "gate" is
     the negative check: the plain detach loop, where "detach" fails."""
     env = {**os.environ, "CRELF_RESTORE_DIE_AT": point}
     if release == "freezer":
-        from restorer.freezer import find, make
+        from restorer.release.freezer import find, make
         fz = find()
         assert fz is not None and make(fz), \
             "no writable cgroup freezer here: the release cannot be atomic"

@@ -16,8 +16,10 @@ import pytest
 from helpers import read_lines, require_root, trace_with_another_tracer, wait_for_line
 from test_checkpoint import assert_keeps_ticking, checkpoint
 
-from statefile import flags, procfs, reader, support
-from statefile.ptrace import dup_fd_of
+from statefile.check import flags, support
+from statefile.control import procfs
+from statefile.format import reader
+from statefile.control.ptrace import dup_fd_of
 
 BIN = Path(sys.executable).parent
 

@@ -18,8 +18,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from helpers import REPO_ROOT, children, require_root, require_tool, wait_for_line
 
-from statefile import reader
-from statefile.elfcore import CRELF_IDENT_PAD, EI_PAD
+from statefile.format import reader
+from statefile.format.elfcore import CRELF_IDENT_PAD, EI_PAD
 
 BIN = Path(sys.executable).parent
 CRINSPECT = str(BIN / "crinspect")

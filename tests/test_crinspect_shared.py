@@ -26,7 +26,7 @@ from test_ipc import PINGPONG, _ipcrm, _keys
 from test_tree import CHANNEL
 
 from crinspect import shared
-from statefile import reader
+from statefile.format import reader
 
 
 def fd_targets(pid: int) -> dict[int, str]:

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from helpers import pid_alive, require_root, require_tool, wait_for_line
 
-from statefile import flags, monitor, support
+from statefile.check import flags, monitor, support
 
 BIN = Path(sys.executable).parent
 
-#: crrun until pyproject.toml gets `crrun = "statefile.crrun_cli:main"`
-CRRUN = [sys.executable, "-m", "statefile.crrun_cli"]
+#: crrun until pyproject.toml gets `crrun = "statefile.check.crrun:main"`
+CRRUN = [sys.executable, "-m", "statefile.check.crrun"]
 
 WATCHED_C = r"""
 /* Performs one watched (or allowed) syscall, prints

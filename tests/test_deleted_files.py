@@ -1,5 +1,5 @@
 """Files that are gone, or that point back into the tree, checkpointed and
-restarted (restorer/restore_files.py, restore_memfd.py, restore_tree.py):
+restarted (restorer/restore/files.py, restorer/restore/memfd.py, restorer/tree.py):
 
 * deleted-but-open files: one inode again for every open file description
   and private mapping of it, in every task; its owner, mode, size, content

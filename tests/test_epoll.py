@@ -12,7 +12,7 @@ from pathlib import Path
 from helpers import require_root, wait_for_line
 from test_checkpoint import checkpoint
 
-from statefile import reader
+from statefile.format import reader
 
 BIN = Path(sys.executable).parent
 

@@ -1,5 +1,5 @@
 """timerfd, eventfd, inotify, signalfd and epoll state restarted exactly
-(statefile/dump_anon.py, restorer/restore_anon.py): small Python programs
+(statefile/dump/anon.py, restorer/restore/anon.py): small Python programs
 checkpointed with --kill while they hold the state, restarted, and checked
 on what they read afterwards (samples/eventloop.py covers the event loop as
 a whole; these pin down the details it cannot see).
@@ -19,7 +19,7 @@ from helpers import read_lines, require_root, wait_for_line
 from test_checkpoint import checkpoint
 from test_tree import finish, restart
 
-from statefile import reader
+from statefile.format import reader
 
 PRELUDE = r'''
 import ctypes, os, select, signal, struct, sys, time

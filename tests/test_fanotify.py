@@ -1,4 +1,4 @@
-"""fanotify groups (statefile/dump_fanotify.py, restorer/restore_fanotify.py):
+"""fanotify groups (statefile/dump/fanotify.py, restorer/restore/fanotify.py):
 a program with inode marks (a file, a directory's children) and a mount mark
 carrying only an ignored mask is checkpointed with --kill mid-run and
 restarted; afterwards it lists its marks from fdinfo, touches the files and

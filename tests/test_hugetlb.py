@@ -1,5 +1,5 @@
-"""hugetlb memory (statefile/dump_memfd.py, restorer/restore_memfd.py,
-restorer/restore_memory.py): MAP_SHARED|MAP_HUGETLB memory a parent shares
+"""hugetlb memory (statefile/dump/memfd.py, restorer/restore/memfd.py,
+restorer/restore/memory.py): MAP_SHARED|MAP_HUGETLB memory a parent shares
 with its child, MAP_PRIVATE|MAP_HUGETLB memory and a MFD_HUGETLB memfd, each
 with data in it, checkpointed with --kill mid-run and restarted: the data is
 back on huge pages (smaps KernelPageSize), the shared memory is still one

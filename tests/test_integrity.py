@@ -23,10 +23,10 @@ from test_restart import CRCHECKPOINT, CRRESTART, REPO, checkpoint, reference
 from test_restart_errors import (CRINSPECT, _bigheap_statefile, _now_ticks, _stack_offset,
                                  corrupt, nothing_left, one_line, run)
 
-from statefile import elfcore as ec
-from statefile import notes as nt
-from statefile import reader
-from statefile.checksum import crc32
+from statefile.format import elfcore as ec
+from statefile.format import notes as nt
+from statefile.format import reader
+from statefile.format.checksum import crc32
 
 MODES = ("--eager", "--lazy")
 
@@ -221,7 +221,7 @@ def test_damaged_blobs_are_never_used(procs, tmp_path):
     for f in sf.files:
         if "blob" in f and f["kind"] == "pipe":
             blobs["pipe"] = sf.segment(f["blob"])
-    for o in sf.shmem:      # (a deleted file's content is its object's: dump_memfd.py)
+    for o in sf.shmem:      # (a deleted file's content is its object's: statefile/dump/memfd.py)
         if "blob" in o and (o["kind"] == "memfd" or o.get("path", "").endswith("gone.txt")):
             blobs["memfd" if o["kind"] == "memfd" else "deleted"] = sf.segment(o["blob"])
     assert set(blobs) == {"deleted", "pipe", "memfd"}, blobs

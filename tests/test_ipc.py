@@ -1,4 +1,4 @@
-"""SysV IPC and shared memory restarted (restorer/restore_ipc.py): a parent
+"""SysV IPC and shared memory restarted (restorer/restore/ipc.py): a parent
 and a child alternating on SysV semaphores over a SysV shm segment and a
 MAP_SHARED anonymous page, and a message queue with queued messages, each
 checkpointed with --kill mid-run, restarted, and compared byte for byte with
@@ -12,7 +12,7 @@ import time
 from helpers import build_c, read_lines, require_root, wait_for_line
 from test_tree import CRCHECKPOINT, CRRESTART, REPO, checkpoint_tree, finish, restart
 
-from statefile import reader
+from statefile.format import reader
 
 PINGPONG = r'''
 #include <stdio.h>

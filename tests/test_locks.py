@@ -1,5 +1,5 @@
-"""File locks, leases and SIGIO owners restarted (statefile/dump_locks.py,
-restorer/restore_locks.py): real programs checkpointed with --kill mid-run,
+"""File locks, leases and SIGIO owners restarted (statefile/dump/locks.py,
+restorer/restore/locks.py): real programs checkpointed with --kill mid-run,
 restarted, and their own view of the locks compared with an uninterrupted
 run; refusals and conflicts fail up front in one line."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from helpers import build_c, children, pid_alive, require_root, wait_for_line
 from test_tree import CRCHECKPOINT, finish, restart
 
-from statefile import reader
+from statefile.format import reader
 from test_memfd import _checkpoint
 
 LOCKS = r'''
@@ -461,7 +461,7 @@ def _forge(path, ntype: int, edit) -> None:
     import zlib
 
     import fuzzing as fz
-    from statefile import notes as nt
+    from statefile.format import notes as nt
     data = bytearray(open(path, "rb").read())
     lay = fz.layout(str(path))
     records = fz._records(data, lay)
@@ -509,7 +509,7 @@ def test_forged_lock_records_refused_in_one_line(procs, tmp_path, what):
     foreign writer whose checksums still pass) stop the restart before
     anything is created: one line, no traceback, no process left."""
     require_root()
-    from statefile.notes import CR_FILES, CR_TASK
+    from statefile.format.notes import CR_FILES, CR_TASK
     name, src = ("leases", LEASES) if what != "posix" else ("locks", LOCKS)
     prog = build_c(tmp_path, name, src)
     d = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Memory shared through files restarted (restorer/restore_memfd.py): memfds
+"""Memory shared through files restarted (restorer/restore/memfd.py): memfds
 (fds and MAP_SHARED/MAP_PRIVATE mappings, sealed or not), POSIX shm in
 /dev/shm (kept on the same host, recreated from the statefile with the
 dump_tmpfs policy) and a shm_unlink'ed POSIX shm, each checkpointed with
@@ -16,7 +16,7 @@ import pytest
 from helpers import build_c, require_root, wait_for_line
 from test_tree import CRCHECKPOINT, CRRESTART, REPO, finish, reap, restart
 
-from statefile import reader
+from statefile.format import reader
 
 PINGPONG = r'''
 #define _GNU_SOURCE

@@ -1,5 +1,5 @@
-"""Memory state that must come back as it was (statefile/dump_memory.py,
-restorer/restore_memory.py), each checked by a small C program that is
+"""Memory state that must come back as it was (statefile/dump/memory.py,
+restorer/restore/memory.py), each checked by a small C program that is
 checkpointed with --kill, restarted, and then checks itself:
 
 * pages a parent, its child and a grandchild still share copy-on-write since
@@ -199,7 +199,7 @@ def test_cow_pages_shared_again(procs, tmp_path):
     code, lines, ready, err = _cycle(procs, tmp_path, binary, tmp_path / "data",
                                      expect_tasks=3)
     assert code == 0 and "PASS" in lines, (lines, err)
-    from statefile import reader
+    from statefile.format import reader
     sf = reader.load(str(tmp_path / "state.cr"))
     child = int(ready.split()[2])
     anon = int(ready.split()[1], 16)
@@ -506,7 +506,7 @@ def test_guard_pages_droppable_and_vmflags(procs, tmp_path):
     binary = build_c(tmp_path, "vmf", VMFLAGS)
     code, lines, _, err = _cycle(procs, tmp_path, binary, tmp_path / "data")
     assert code == 0 and "PASS" in lines, (lines, err)
-    from statefile import reader
+    from statefile.format import reader
     sf = reader.load(str(tmp_path / "state.cr"))
     guarded = [m for m in sf.root["mappings"] if m.get("guards")]
     assert len(guarded) == 2, guarded
@@ -542,7 +542,7 @@ def test_fd_table_shared_with_clone_files(procs, tmp_path):
     data.write_text("x")
     code, lines, _, err = _cycle(procs, tmp_path, binary, data, expect_tasks=4)
     assert code == 0 and "PASS" in lines, (lines, err)
-    from statefile import reader
+    from statefile.format import reader
     sf = reader.load(str(tmp_path / "state.cr"))
     root = sf.root["pid"]
     assert sorted(t.get("fdt") == root for t in sf.tasks) == [False, True, True, True]

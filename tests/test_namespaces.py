@@ -1,4 +1,4 @@
-"""Namespaces (statefile/dump_ns.py, restorer/restore_ns.py): a tree with a
+"""Namespaces (statefile/dump/ns.py, restorer/restore/ns.py): a tree with a
 UTS and IPC namespace of its own (`unshare --uts --ipc`) is checkpointed with
 --kill and restarted in new UTS and IPC namespaces with its hostname,
 domainname and SysV objects; other namespaces are still refused, naming them,
@@ -19,7 +19,7 @@ from test_checkpoint import assert_keeps_ticking
 from test_restart_unpriv import _python_for_nobody, as_nobody, nobody_dir  # noqa: F401 (fixture)
 from test_tree import BIN, checkpoint_tree, finish, restart
 
-from statefile import reader
+from statefile.format import reader
 
 NSPROG = r'''
 #include <stdio.h>

@@ -1,6 +1,6 @@
 """O_PATH fds on symbolic links and removed device nodes, checkpointed with
---kill and restarted (statefile/dump_files.py kind `symlink`,
-restorer/restore_files.py open_ghost_nodes):
+--kill and restarted (statefile/dump/files.py kind `symlink`,
+restorer/restore/files.py open_ghost_nodes):
 
 * a symbolic link opened with O_PATH|O_NOFOLLOW (its target readable with
   readlinkat(fd, "")), a dangling one, one opened without O_NOFOLLOW through

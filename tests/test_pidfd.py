@@ -1,4 +1,4 @@
-"""pidfds (statefile/dump_pidfd.py, restorer/restore_pidfd.py): a program
+"""pidfds (statefile/dump/pidfd.py, restorer/restore/pidfd.py): a program
 holding pidfds of its child, of one of its threads and of an exited child is
 checkpointed with --kill mid-run and restarted; it then uses them (signals
 its child through its pidfd and reaps it, compares inodes, reads the flags)

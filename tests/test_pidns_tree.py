@@ -1,9 +1,9 @@
 """A tree in a pid namespace of its own (`unshare --pid --fork`, its root the
 namespace's init, pid 1): crcheckpoint saves the ids the tasks see inside
-(CR_HEADER namespaces `pid`, statefile/dump_ns.py) and crrestart restores it
+(CR_HEADER namespaces `pid`, statefile/dump/ns.py) and crrestart restores it
 in a new pid namespace whose init is the root itself, every task with its
 inner pid, parent, process group and session, its thread with its inner tid,
-its zombie with its pid (restorer/restore_ns.py, docs/TREE.md "Namespaces").
+its zombie with its pid (restorer/restore/ns.py, docs/TREE.md "Namespaces").
 Outputs are compared byte for byte with an uninterrupted run."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from helpers import children, descendants, pid_alive, require_root, require_tool
 from test_restart_unpriv import _python_for_nobody, as_nobody, nobody_dir  # noqa: F401 (fixture)
 from test_tree import BIN, CRCHECKPOINT, finish, reap, restart
 
-from statefile import reader
+from statefile.format import reader
 
 # Every process prints, each tick, the ids it sees (deterministic inside a
 # fresh pid namespace: root 1, zombie 2, child 3, grandchild 4, its thread

@@ -1,5 +1,5 @@
-"""Policy files (statefile/policy.py), the support table as the one source of
-verdicts (statefile/support.py, docs/SUPPORT.md, crrun's WATCHED reasons)."""
+"""Policy files (statefile/check/policy.py), the support table as the one source of
+verdicts (statefile/check/support.py, docs/SUPPORT.md, crrun's WATCHED reasons)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO_ROOT, require_root, wait_for_line
 
-from statefile import monitor, policy, support
+from statefile.check import monitor, policy, support
 
 BIN = Path(sys.executable).parent
-CRRUN = [sys.executable, "-m", "statefile.crrun_cli"]
+CRRUN = [sys.executable, "-m", "statefile.check.crrun"]
 
 
 # --- the policy file ------------------------------------------------------------
@@ -70,10 +70,10 @@ def test_bad_policy_is_one_line_exit_2_in_every_command(tmp_path, content, messa
 # --- the table is the one source ------------------------------------------------
 
 def test_docs_support_md_is_generated_from_the_table():
-    """docs/SUPPORT.md is `python -m statefile.support` (regenerate it after a
+    """docs/SUPPORT.md is `python -m statefile.check.support` (regenerate it after a
     change to the table)."""
     assert (REPO_ROOT / "docs" / "SUPPORT.md").read_text() == support.markdown()
-    res = subprocess.run([sys.executable, "-m", "statefile.support"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "statefile.check.support"], capture_output=True,
                          text=True, cwd=REPO_ROOT, check=True)
     assert res.stdout == support.markdown()
 

@@ -1,5 +1,5 @@
-"""Bytes queued in a pseudo-terminal pair of the tree (statefile/dump_tty.py
-save_queues / put_back, restorer/restore_tty.py): what the master has not
+"""Bytes queued in a pseudo-terminal pair of the tree (statefile/dump/tty.py
+save_queues / put_back, restorer/restore/tty.py): what the master has not
 read (the slave's output, echoes) and what the slave has not read (whole
 lines, one ended by EOL, one by EOF, an empty EOF line, a literal newline
 inside a line, the line being typed with an erase in it, a literal-next

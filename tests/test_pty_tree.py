@@ -1,5 +1,5 @@
-"""Pseudo-terminal pairs with both ends in the tree (statefile/dump_tty.py,
-restorer/restore_tty.py): a harness holding the master drives an interactive
+"""Pseudo-terminal pairs with both ends in the tree (statefile/dump/tty.py,
+restorer/restore/tty.py): a harness holding the master drives an interactive
 bash on the slave; the whole tree is checkpointed mid-session and restarted,
 and what bash prints afterwards is compared byte for byte with an
 uninterrupted session.  Also script(1) from util-linux as the master holder,

@@ -427,8 +427,8 @@ def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path, monkeypa
     require_root()
     from restorer import validate
     from restorer.validate import vdso_problem
-    from statefile.integrity import SegmentReader
-    from statefile.reader import load
+    from statefile.format.integrity import SegmentReader
+    from statefile.format.reader import load
 
     p, out, cr = ticker_statefile(sample_bin, procs, tmp_path, "t.cr")
     sf = load(str(cr))

@@ -92,7 +92,7 @@ def nothing_left(pids=(), since: int = 0) -> None:
 
 
 def notes_of(path: Path):
-    from statefile import reader
+    from statefile.format import reader
     return reader.load(str(path)).notes
 
 
@@ -215,7 +215,7 @@ def test_corrupted_statefile_refused_in_one_line(sample_bin, procs, tmp_path):
                                                  "statefile") and "'kind'" in line, line
     nothing_left(pids, since)
 
-    from statefile import reader
+    from statefile.format import reader
     seg = max(reader.load(str(good)).segments, key=lambda s: s["filesz"])
     off = seg["offset"] + seg["runs"][0][0]
     bad = corrupt(good, tmp_path / "segment.cr", [(off, bytes([data[off] ^ 0xFF]))])
@@ -323,7 +323,7 @@ def _stack_offset(cr: Path) -> int:
     """File offset of the stack's data: stored after every other segment the
     lazy server serves, and prefetched last (highest address), while the
     process touches it first when it runs again."""
-    from statefile import reader
+    from statefile.format import reader
     sf = reader.load(str(cr))
     segs = [sf.segment(p) for m in sf.root["mappings"] if m["kind"] == "stack"
             for p in m["segments"] if sf.segment(p)["filesz"]]

@@ -30,7 +30,7 @@ def _python_for_nobody() -> tuple[str, dict]:
             continue
         r = subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
                             "--clear-groups", py, "-c",
-                            "import sys, click, elftools, statefile.reader, restorer.cli; "
+                            "import sys, click, elftools, statefile.format.reader, restorer.cli; "
                             "print(sys.version_info[:2])"],
                            capture_output=True, text=True, env=env, cwd="/")
         if r.returncode == 0 and r.stdout.strip() == str(tuple(sys.version_info[:2])):

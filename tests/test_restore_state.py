@@ -285,7 +285,7 @@ def test_default_mode_small_is_eager(sample_bin, procs, tmp_path):
 def test_default_mode_big_is_lazy(sample_bin, procs, tmp_path):
     """Above AUTO_LAZY_BYTES (root, one task) the default is lazy."""
     require_root()
-    from restorer.restore import AUTO_LAZY_BYTES
+    from restorer.restart import AUTO_LAZY_BYTES
     mib = (AUTO_LAZY_BYTES >> 20) + 8
     out, cr = tmp_path / "tick.out", tmp_path / "big.cr"
     p = procs.spawn([sample_bin / "ticker", 15, mib, 200], stdout=out)

@@ -1,6 +1,6 @@
 """File descriptors in flight in unix sockets (SCM_RIGHTS messages sent and not
-received yet) across a checkpoint and a restart (statefile/dump_scm.py,
-restorer/restore_scm.py).
+received yet) across a checkpoint and a restart (statefile/dump/scm.py,
+restorer/restore/scm.py).
 
 One program sets up every case, then waits for a "go" file and receives and
 uses what is in flight: a datagram pair with five messages (a pipe read end,
@@ -26,8 +26,8 @@ from pathlib import Path
 from helpers import descendants, require_root, wait_for_line, wait_pid_exit
 from test_checkpoint import checkpoint
 
-from statefile import reader
-from statefile.crcheck import check
+from statefile.format import reader
+from statefile.check.crcheck import check
 
 BIN = Path(sys.executable).parent
 

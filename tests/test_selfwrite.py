@@ -100,7 +100,7 @@ def test_task_under_a_seccomp_filter_is_read_the_usual_way(sample_bin, procs, tm
     injected calls: its snapshot does not write itself, nothing is lost."""
     require_root()
     out = tmp_path / "tick.out"
-    p = procs.spawn([sys.executable, "-m", "statefile.crrun_cli", "--",
+    p = procs.spawn([sys.executable, "-m", "statefile.check.crrun", "--",
                      sample_bin / "ticker", 30, 16, 50], stdout=out,
                     cwd=Path(__file__).resolve().parent.parent)
     wait_for_line(out, r"^tick 5 ", proc=p)

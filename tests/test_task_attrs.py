@@ -59,7 +59,7 @@ def test_task_attributes_survive_restart(taskattrs, procs, tmp_path, mode):
     assert "CapAmb:=0000000000002000" in creds and "securebits=0x11" in creds, creds
 
     checkpoint(p.pid, cr, proc=p)
-    from statefile import reader
+    from statefile.format import reader
     sf = reader.load(str(cr))
     for pid in [t["pid"] for t in sf.tasks[1:]] + [z["pid"] for z in sf.header["zombies"]]:
         reap(pid)       # killed with the tree, re-parented to us (a subreaper)

@@ -51,7 +51,7 @@ def test_thread_credentials_survive_restart(threadcreds, procs, tmp_path, mode):
     assert before["t2 securebits"] == "0x3"
 
     checkpoint(p.pid, cr, proc=p)
-    from statefile import reader
+    from statefile.format import reader
     threads = reader.load(str(cr)).tasks[0]["threads"]
     assert "creds" not in threads[0]             # the leader's are the task's
     assert [th["creds"]["uid"] for th in threads[1:]] == [[1, 2, 3, 2], [30, 31, 32, 31]]

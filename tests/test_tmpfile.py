@@ -1,4 +1,4 @@
-"""The statefile while crcheckpoint writes it (statefile/writer.py TempFile).
+"""The statefile while crcheckpoint writes it (statefile/format/writer.py TempFile).
 
 No temporary file outlives crcheckpoint: the statefile is written unnamed
 (O_TMPFILE) and linked under its final name once complete; over an existing
@@ -32,8 +32,8 @@ from helpers import (ProcessManager, children, read_lines, require_root, require
 from test_checkpoint import small_tmpfs  # noqa: F401  (tmp_path/mnt, unmounted at teardown)
 from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody, nobody_dir  # noqa: F401
 
-from statefile import reader
-from statefile.writer import TEMP_NAME
+from statefile.format import reader
+from statefile.format.writer import TEMP_NAME
 
 BIN = Path(sys.executable).parent
 CRCHECKPOINT = str(BIN / "crcheckpoint")

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import children, descendants, pid_alive, read_lines, require_root, wait_for_line
 
-from statefile import reader
+from statefile.format import reader
 from test_restart import finish as _finish
 
 BIN = Path(sys.executable).parent
@@ -346,7 +346,7 @@ def _pipe_size(pid: int, fd: int) -> int:
     import fcntl
     pidfd = os.pidfd_open(pid)
     try:
-        from statefile import ptrace as pt
+        from statefile.control import ptrace as pt
         dup = pt.syscall(pt.NR_pidfd_getfd, pidfd, fd, 0)
     finally:
         os.close(pidfd)

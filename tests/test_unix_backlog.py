@@ -159,7 +159,7 @@ def _start(procs, prog: Path, where: Path, out: Path, mode: str = "ok"):
 
 
 def _sockets(sf: Path) -> list[dict]:
-    from statefile.reader import load
+    from statefile.format.reader import load
     return [f["socket"] for f in load(str(sf)).files
             if f.get("socket", {}).get("family") == "unix"]
 
@@ -229,7 +229,7 @@ def test_backlog_leave_running_then_restart(procs, tmp_path):
     assert read_lines(out) == ref
     # The restart writes its output from where the program was at the
     # checkpoint: cut the file back there, so what follows is the restart's.
-    from statefile.reader import load
+    from statefile.format.reader import load
     pos = next(f["pos"] for f in load(str(sf)).files if f["path"] == str(out))
     os.truncate(out, pos)
     assert len(read_lines(out)) < len(ref)

@@ -161,7 +161,7 @@ def test_external_datagram_peer_connected_again(procs, tmp_path):
         summary = json.loads(r.stdout)
         assert [s["why"] for s in summary["skipped"]] == ["external-unix"], summary["skipped"]
         proc.wait(timeout=10)
-        from statefile.reader import load
+        from statefile.format.reader import load
         f = next(f for f in load(str(sf)).files if f.get("socket", {}).get("peer_name"))
         assert f["socket"]["peer_name"] == {"name": ext.path, "abstract": False}
         assert f["skipped"] == "external-unix"

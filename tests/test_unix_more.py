@@ -26,7 +26,7 @@ from helpers import require_root, wait_for_line
 from test_checkpoint import checkpoint
 from test_restart_unpriv import NOBODY, _python_for_nobody, as_nobody
 
-from statefile import reader
+from statefile.format import reader
 
 BIN = Path(sys.executable).parent
 

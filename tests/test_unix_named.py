@@ -259,7 +259,7 @@ def _checkpointed(procs, prog: Path, where: Path, tmp_path: Path):
 
 
 def _unix_files(sf: Path) -> list[dict]:
-    from statefile.reader import load
+    from statefile.format.reader import load
     return [f["socket"] for f in load(str(sf)).files
             if f.get("socket", {}).get("family") == "unix"]
 

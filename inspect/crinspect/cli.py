@@ -17,7 +17,8 @@ import tempfile
 
 import click
 
-from statefile import __version__, reader
+from statefile import __version__
+from statefile.format import reader
 from statefile.errors import CrelfError, FormatError
 
 from . import model, render, shared as shared_view

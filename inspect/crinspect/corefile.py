@@ -1,6 +1,6 @@
 """`crinspect core`: a standalone gdb core file for any task of a statefile.
 
-Standard notes (statefile.notes.standard_notes) for the task, one PT_LOAD per
+Standard notes (statefile.format.notes.standard_notes) for the task, one PT_LOAD per
 segment of that task, data copied run by run (holes stay holes) with
 copy_file_range, at page-aligned offsets.  The output carries no CRELF marker:
 it is a plain core, not a statefile.
@@ -12,8 +12,8 @@ import errno
 import os
 import tempfile
 
-from statefile import elfcore as ec
-from statefile import notes as nt
+from statefile.format import elfcore as ec
+from statefile.format import notes as nt
 from statefile.errors import CrelfError, FormatError, OutputError
 
 CHUNK = 1 << 20

@@ -1,13 +1,13 @@
 """The views crinspect shows, as plain JSON-able dicts with stable keys.
 
-Every function takes a loaded Statefile (statefile.reader.load) and returns
+Every function takes a loaded Statefile (statefile.format.reader.load) and returns
 lists/dicts; render.py turns them into text, cli.py into JSON.
 """
 
 from __future__ import annotations
 
-from statefile import notes as nt
-from statefile import reader
+from statefile.format import notes as nt
+from statefile.format import reader
 
 from .symbols import Symbolizer
 
@@ -77,8 +77,8 @@ def ps(sf) -> list[dict]:
 
 
 def crrun_flags(t: dict) -> list[dict]:
-    """What crrun saw the task create (statefile/flags.py), with the time."""
-    from statefile.support import flag_time
+    """What crrun saw the task create (statefile/check/flags.py), with the time."""
+    from statefile.check.support import flag_time
     return [{"syscall": f.get("syscall"), "call": f.get("call") or f.get("syscall"),
              "reason": f.get("reason", ""), "time": f.get("time"), "iso_time": flag_time(f),
              "denied": f.get("action") == "denied", "errno": f.get("errno"),

@@ -179,7 +179,7 @@ def objects(sf) -> dict:
         q = next((files[i].get("pty_queue") for i in fids
                   if files[i]["kind"] == "pty-master"), None) or {}
         saved = None
-        if isinstance(q, dict) and q:       # the bytes saved (statefile/dump_tty.py)
+        if isinstance(q, dict) and q:       # the bytes saved (statefile/dump/tty.py)
             lines = [x for x in q.get("lines", ()) if isinstance(x, str)]
             saved = {"to_master": len(str(q.get("to_master", ""))) // 2,
                      "to_slave": (len(str(q.get("to_slave", ""))) + sum(map(len, lines))

@@ -1,0 +1,734 @@
+"""Process trees: the fork plan, the shared resources the initiator creates,
+and the code every restored task runs (still crrestart's Python) before it
+parks.  The protocol is in docs/TREE.md.
+
+1. The initiator (crrestart) plans the tree: parents before children, a
+   session leader before its members, a process group's leader before the
+   tasks that join it (trees that cannot be ordered so are refused before
+   anything is created).
+2. It creates what tasks share: every pipe (size, bytes in flight,
+   O_NONBLOCK per end), every FIFO (opened by path, bytes in flight), the
+   named unix sockets and those connected to them (restore_sockets.open_named:
+   bound before anyone connects, queued datagrams sent again), every
+   other open file description used by more than one task (a shared offset:
+   the stdout file of a whole pipeline).
+3. It forks the root with its original pid; every task sets its session and
+   process group, forks its children with their original pids (one after the
+   other, each child's whole subtree ready before the next), recreates its
+   zombies (a child that exits at once with the saved status), then sets up
+   its own files from the inherited ones (dup within the task: the same open
+   file description), closes every other inherited fd, reports up and parks.
+   Before it forks, a task builds the memory its children share with it
+   copy-on-write (restore_memory.premap_in_python); a child that shared its
+   parent's fd table is cloned with CLONE_FILES and leaves the table to the
+   group's topmost task (statefile/dump/fdt.py).
+4. The initiator seizes every parked task and rebuilds it by injection
+   (restore_task.TaskRestorer), then releases all of them at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import stat as st
+import time
+from dataclasses import dataclass, field
+
+from statefile.dump.pipes import stdio_passthrough
+from statefile.format.integrity import DamagedError, SegmentReader
+
+from restorer.restore import scm as restore_scm
+from restorer.errors import RestoreError, ValidationError
+from restorer.release.guard import journal_path
+from restorer.kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all,
+                             fork_with_pid, pidfd_open, prctl)
+from restorer.restore.files import (ChildError, ChildPlan, _open_file, child_setup,
+                                    open_ghost_nodes, open_ghosts)
+from restorer.restore.memory import premap_in_python
+from restorer.restore.unix import open_named
+from restorer.restore.tty import open_ptys
+
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+O_ACCMODE = 3
+O_DIRECT = 0o40000
+_FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
+SETFL_MASK = os.O_NONBLOCK | os.O_APPEND | 0o20000  # O_NONBLOCK, O_APPEND, O_ASYNC
+
+
+@dataclass
+class Node:
+    """One task of the tree, as its parent forks it."""
+    task: dict
+    plan: ChildPlan
+    session: str = ""             # "setsid", "setpgid" (own group), "join" (pgid), ""
+    children: list["Node"] = field(default_factory=list)
+    zombies: list[dict] = field(default_factory=list)
+    early_zombies: list[dict] = field(default_factory=list)   # forked before the children
+    adopted_by: int = 0           # parent that adopts it when its session helper exits
+    share_files: bool = False     # cloned with CLONE_FILES: its parent's fd table
+
+    @property
+    def pid(self) -> int:
+        return self.task["pid"]
+
+
+def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan],
+              root_keeps_session: bool) -> tuple[Node, list[Node]]:
+    """The fork tree (root node, and every node in fork order).  Raises
+    ValidationError, naming the task, for trees this crrestart cannot rebuild."""
+    by_pid = {t["pid"]: t for t in tasks}
+    root = tasks[0]
+    kids: dict[int, list[dict]] = {}
+    used = set(by_pid) | {z["pid"] for z in zombies}
+    ghosts: dict[int, dict] = {}
+
+    def ghost(pid: int, ppid: int, sid: int, kind: str) -> dict:
+        """A helper task that exists only while the tree is forked (CRIU calls
+        them helpers): with the pid of a session or group leader that had
+        exited, it recreates that session or group for the tasks still in it."""
+        g = ghosts.get(pid)
+        if g is None:
+            if pid in used:
+                raise ValidationError(f"pid {pid} leads a session or group of the tree but "
+                                      "is not one of its tasks; not restored by this version")
+            g = ghosts[pid] = {"pid": pid, "ppid": ppid, "sid": sid, "pgid": pid,
+                               "ghost": kind, "comm": f"crelf-{kind}-helper"}
+            kids.setdefault(ppid, []).append(g)
+        elif g["ppid"] != ppid:
+            raise ValidationError(f"the tasks of {kind} {pid} have different parents; "
+                                  "not restored by this version")
+        return g
+
+    for t in tasks[1:]:
+        parent = by_pid.get(t["ppid"])
+        if parent is None:
+            raise ValidationError(f"pid {t['pid']} has parent {t['ppid']}, which is not in the "
+                                  "tree (orphans reparented to a subreaper outside the tree are "
+                                  "not restored)")
+        holder = parent
+        if t["sid"] not in (t["pid"], parent["sid"]) and t["sid"] not in by_pid:
+            # An orphan whose session leader exited (a daemon's double fork):
+            # a helper with the session's id setsid()s, forks it and exits,
+            # and the orphan is adopted by its parent, a child subreaper, again.
+            holder = ghost(t["sid"], t["ppid"], t["sid"], "session")
+        if (t["pgid"] not in (t["pid"], holder["pgid"]) and t["pgid"] not in used
+                and t["sid"] == holder["sid"]):
+            # Its process group's leader exited (the first command of a
+            # pipeline): a helper recreates the group for the tasks to join.
+            ghost(t["pgid"], holder["pid"], t["sid"], "group")
+        kids.setdefault(holder["pid"], []).append(t)
+    dead: dict[int, list[dict]] = {}
+    for z in zombies:
+        if z["ppid"] not in by_pid:
+            raise ValidationError(f"zombie pid {z['pid']} has parent {z['ppid']}, which is not "
+                                  "in the tree")
+        dead.setdefault(z["ppid"], []).append(z)
+        parent = by_pid[z["ppid"]]
+        if (z["pgid"] not in (z["pid"], parent["pgid"]) and z["pgid"] not in used
+                and z["sid"] == parent["sid"]):
+            # A zombie whose process group's leader has exited and been reaped
+            # (it kept the group alive): a helper recreates the group for it.
+            ghost(z["pgid"], z["ppid"], z["sid"], "group")
+
+    def leads_group(t: dict) -> bool:
+        return t["pgid"] == t["pid"] or any(leads_group(c) for c in kids.get(t["pid"], []))
+
+    groups: dict[int, int] = {}   # pgid created by a task forked earlier -> its session
+
+    def session_of(t: dict, parent: dict | None) -> str:
+        pid, sid, pgid = t["pid"], t["sid"], t["pgid"]
+        if parent is None:
+            if root_keeps_session:
+                return ""
+            if sid == pid:
+                groups[pgid] = sid
+                return "setsid"
+            if pgid == pid:
+                groups[pgid] = sid
+                return "setpgid"
+            return ""
+        if sid == pid:
+            if pgid != pid:
+                raise ValidationError(f"pid {pid} leads session {sid} but is in process group "
+                                      f"{pgid}; not restored by this version")
+            groups[pgid] = sid
+            return "setsid"
+        if sid != parent["sid"]:
+            raise ValidationError(f"pid {pid} is in session {sid}, neither its own nor its "
+                                  f"parent's ({parent['sid']}): its session leader is gone; "
+                                  "not restored by this version")
+        if pgid == parent["pgid"]:
+            return ""
+        if pgid == pid:
+            groups[pgid] = sid
+            return "setpgid"
+        if groups.get(pgid) == sid:
+            return "join"
+        raise ValidationError(f"pid {pid} is in process group {pgid}, whose leader is gone "
+                              "(or is not restored before it); not restored by this version")
+
+    order: list[Node] = []
+
+    def zombie(z: dict, t: dict) -> dict:
+        z = dict(z)
+        try:
+            z["session"] = session_of(z, t)
+        except ValidationError:
+            z["session"] = ""     # best effort: a zombie keeps only its status
+        return z
+
+    def build(t: dict, parent: dict | None) -> Node:
+        node = Node(t, plans.get(t["pid"]), session_of(t, parent))
+        if parent is not None and parent.get("ghost") == "session":
+            node.adopted_by = parent["ppid"]
+        if t.get("fdt") and t["fdt"] != t["pid"]:
+            # shares the fd table of its parent (statefile/dump/fdt.py)
+            if parent is None or parent.get("fdt") != t["fdt"]:
+                raise ValidationError(f"pid {t['pid']} shares the fd table of pid {t['fdt']} "
+                                      "but is not forked by a task that shares it; not "
+                                      "restored by this version")
+            node.share_files = True
+            if node.plan is not None:
+                node.plan.shares_files = True
+        if not t.get("ghost"):
+            order.append(node)    # ghosts are gone before the tree is rebuilt
+        # A zombie that leads its process group is forked first: live
+        # siblings may still be in that group (a pipeline whose first command
+        # exited) and join it.
+        mine = dead.get(t["pid"], [])
+        node.early_zombies = [zombie(z, t) for z in mine if z["pgid"] == z["pid"]]
+        for c in sorted(kids.get(t["pid"], []), key=lambda c: (not leads_group(c), c["pid"])):
+            node.children.append(build(c, t))
+        node.zombies = [zombie(z, t) for z in mine if z["pgid"] != z["pid"]]
+        return node
+
+    return build(root, None), order
+
+
+# --------------------------------------------------------------- shared resources
+
+def _pipe_key(f: dict) -> tuple:
+    return ("pipe", 0, f["ino"]) if f["kind"] == "pipe" else ("fifo", f["dev"], f["ino"])
+
+
+def _read_blob(plan, seg: dict | None) -> bytes:
+    """The bytes in flight of a pipe, verified (statefile/format/integrity.py)."""
+    if seg is None:
+        return b""
+    out = bytearray()
+    sfd = os.open(plan.statefile, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with SegmentReader(plan.sf, sfd) as rd:
+            for pos, data in rd.read_all(seg):
+                out[len(out):pos] = bytes(pos - len(out))
+                out[pos:pos + len(data)] = data
+    except DamagedError as e:
+        raise RestoreError("verify", f"{e}: not restarted") from None
+    finally:
+        os.close(sfd)
+    return bytes(out)
+
+
+def _setfl(fd: int, flags: int) -> None:
+    cur = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = (cur & ~SETFL_MASK) | (flags & SETFL_MASK)
+    if want != cur:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
+
+
+def _write_all(fd: int, data: bytes, what: str) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, data[done:])
+        except BlockingIOError:
+            raise RestoreError("pipes", f"{what}: the saved bytes in flight do not fit in "
+                               "the pipe") from None
+
+
+def _reopen(fd: int, flags: int) -> int:
+    """Another open file description of the same pipe (as /proc/PID/fd/N does)."""
+    return os.open(f"/proc/self/fd/{fd}", (flags & (O_ACCMODE | os.O_NONBLOCK)) | os.O_CLOEXEC)
+
+
+def _make_pipe(group: list[dict], data: bytes, size: int) -> dict[int, int]:
+    direct = any(f["flags"] & O_DIRECT for f in group)
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK | (O_DIRECT if direct else 0))
+    out: dict[int, int] = {}
+    try:
+        if size and fcntl.fcntl(w, F_GETPIPE_SZ) != size:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            except OSError as e:
+                if len(data) > fcntl.fcntl(w, F_GETPIPE_SZ):
+                    raise RestoreError("pipes", f"{group[0]['path']}: cannot set the pipe size "
+                                       f"to {size} ({e.strerror})") from None
+        _write_all(w, data, group[0]["path"])
+        used: set[int] = set()
+        for f in group:
+            mode = f["flags"] & O_ACCMODE
+            end = r if mode == os.O_RDONLY else w if mode == os.O_WRONLY else None
+            if end is not None and end not in used:
+                fd = end
+                used.add(end)
+            else:
+                fd = _reopen(r, f["flags"])
+            _setfl(fd, f["flags"])
+            out[f["id"]] = fd
+        for end in (r, w):
+            if end not in used:
+                os.close(end)   # an end nobody in the tree held (writers get EPIPE, as before)
+    except BaseException:
+        close_all(set(out.values()) | {r, w})
+        raise
+    return out
+
+
+def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -> dict[int, int]:
+    path = group[0]["path"]
+    if path.endswith(" (deleted)"):
+        return _open_deleted_fifo(group, data, size, warnings)
+    if not os.path.exists(path):
+        journal_path(path)
+        os.mkfifo(path, group[0].get("mode", 0o600) & 0o7777)
+        warnings.append(f"FIFO {path} was missing: created again")
+    helper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    out: dict[int, int] = {}
+    try:
+        s = os.fstat(helper)
+        if not st.S_ISFIFO(s.st_mode):
+            raise RestoreError("fifos", f"{path} is no longer a FIFO")
+        if size and fcntl.fcntl(helper, F_GETPIPE_SZ) != size:
+            try:
+                fcntl.fcntl(helper, F_SETPIPE_SZ, size)
+            except OSError:
+                pass
+        _write_all(helper, data, path)
+        for f in group:
+            fd = os.open(path, (f["flags"] & (O_ACCMODE | os.O_NONBLOCK)) | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
+            _setfl(fd, f["flags"])
+            out[f["id"]] = fd
+        # A FIFO reader sees end-of-file (poll: POLLHUP) only if a writer opened
+        # the FIFO after it did; the readers above were opened after our helper
+        # (a writer), so open and close one more writer, as the original
+        # writers did once.  Without it a reader whose writers had all exited
+        # at the checkpoint would wait in poll() for ever.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            pass  # no reader in the tree: nobody to wake
+    except BaseException:
+        close_all(out)
+        raise
+    finally:
+        os.close(helper)
+    return out
+
+
+def _open_deleted_fifo(group: list[dict], data: bytes, size: int,
+                       warnings: list[str]) -> dict[int, int]:
+    """A FIFO removed while open: a new one at a scratch name beside where it
+    was (else in /tmp), with the saved mode and owner, opened for every saved
+    description like a named one, its name removed at once."""
+    path = group[0]["path"].removesuffix(" (deleted)")
+    f0 = group[0]
+    base = os.path.basename(path)
+    for where in (os.path.dirname(path) or "/", "/tmp"):
+        cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
+        journal_path(cand)
+        try:
+            os.mkfifo(cand, 0o600)
+        except OSError:
+            continue
+        try:
+            if os.geteuid() == 0 and "uid" in f0:
+                os.chown(cand, f0["uid"], f0["gid"])
+            os.chmod(cand, f0.get("mode", 0o600) & 0o7777)
+            return _open_fifo([dict(f, path=cand) for f in group], data, size, warnings)
+        finally:
+            os.unlink(cand)
+    raise RestoreError("fifos", f"cannot recreate deleted FIFO {path}: no writable directory")
+
+
+def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
+                warnings: list[str]) -> dict[int, int]:
+    """Create, in the initiator, every open file description the tasks will
+    inherit: pipes and FIFOs (with their bytes in flight), and every other
+    description used by more than one task.  Returns {file id: fd}."""
+    users: dict[int, set[int]] = {}
+    for t in tasks:
+        for d in t["fds"]:
+            users.setdefault(d["file"], set()).add(t["pid"])
+    scm = restore_scm.prepare(files, tasks, users)   # fds in flight in unix sockets
+    out: dict[int, int] = {}
+    try:
+        out.update(open_ptys(files, tasks, warnings))   # pseudo-terminal pairs (restore_tty)
+        out.update(open_ghosts(files, tasks))   # removed directories, dead /proc (restore_files)
+        out.update(open_ghost_nodes(files, tasks))   # removed symbolic links, device nodes
+        for fid, num in stdio_passthrough(tasks, files).items():
+            # a pipe to a process outside the tree at stdin/stdout/stderr:
+            # crrestart's own (dump_pipes.stdio_passthrough)
+            try:
+                out[fid] = os.dup(num)
+            except OSError:
+                raise RestoreError("files", f"fd {num} of the tree was a pipe to a process "
+                                   f"outside it, and crrestart's own fd {num} is closed") from None
+        # named unix sockets and those connected to them (restore_sockets)
+        out.update(open_named(files, tasks, warnings))
+        groups: dict[tuple, list[dict]] = {}
+        for f in files:
+            if f["id"] in out:
+                continue
+            if f["id"] in users and f["kind"] in ("pipe", "fifo") and not f.get("skipped"):
+                groups.setdefault(_pipe_key(f), []).append(f)
+        for key, group in groups.items():
+            info = next((f["pipe"] for f in group if "pipe" in f), {})
+            holder = next((f for f in files if f["id"] == info.get("data_file")), None)
+            data = b""
+            if holder is not None and "blob" in holder:
+                data = _read_blob(plan, plan.blobs.get(holder["id"]))
+            try:
+                if key[0] == "pipe":
+                    out.update(_make_pipe(group, data, info.get("size", 0)))
+                else:
+                    out.update(_open_fifo(group, data, info.get("size", 0), warnings))
+            except OSError as e:
+                raise RestoreError("pipes", f"{group[0]['path']}: {e.strerror or e}") from None
+        for f in files:
+            if f["id"] in out or f["id"] not in users or f.get("shmem") is not None:
+                continue    # (memfds and shared file objects: restorer/restore/memfd.py)
+            if len(users[f["id"]]) < 2 and not _unix_pair_across(f, files, users) \
+                    and f["id"] not in scm.make:
+                continue
+            try:
+                fd = _open_file(plan, f)
+            except ChildError as e:
+                raise RestoreError("files", str(e).partition(": ")[2] or str(e)) from None
+            except OSError as e:
+                raise RestoreError("files", f"{f['path']}: {e.strerror or e}") from None
+            if fd is not None:
+                out[f["id"]] = fd
+        restore_scm.fill(scm, files, out)   # queues with fds in flight, now all exist
+    except BaseException:
+        close_all(out)
+        raise
+    return out
+
+
+def _unix_pair_across(f: dict, files: list[dict], users: dict[int, set[int]]) -> bool:
+    """A unix socket whose peer is held by another task: both ends are made
+    here, as one socketpair (restore_sockets), and inherited."""
+    info = f.get("socket", {})
+    if info.get("family") != "unix" or not info.get("peer_ino"):
+        return False
+    peer = next((g for g in files if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
+    return peer is not None and users.get(peer["id"]) != users.get(f["id"])
+
+
+# --------------------------------------------------------------- in every task
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            s = f.read()
+        return s[s.rindex(b")") + 2:][:1] in (b"Z", b"X")
+    except OSError:
+        return True   # gone (or going): worth another try
+
+
+def fork_pid_waiting_zombie(pid: int, flags: int = 0) -> int:
+    """fork_with_pid, waiting up to 2 s while the pid belongs to a dying
+    process (the checkpointed original, killed and not yet reaped)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            return fork_with_pid(pid, flags)
+        except OSError as e:
+            if e.errno != errno.EEXIST or time.monotonic() > deadline or not _is_zombie(pid):
+                raise
+            time.sleep(0.01)
+
+
+def read_status(fd: int) -> str:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace").strip()
+
+
+def _read_status_shared(r: int, w: int, pid: int) -> str:
+    """read_status for a child that shares our fd table: EOF comes when it
+    closes w; if it dies first, w stays open (it is ours too), so its pidfd
+    ends the wait and w is closed here."""
+    pfd = pidfd_open(pid)
+    out = b""
+    try:
+        while True:
+            ready = select.select([r, pfd], [], [])[0]
+            if r in ready:
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    break
+                out += chunk
+                continue
+            # dead: what it wrote is in the pipe
+            os.set_blocking(r, False)
+            try:
+                out += os.read(r, 4096)
+            except BlockingIOError:
+                pass
+            try:
+                os.close(w)
+            except OSError:
+                pass
+            break
+    finally:
+        os.close(pfd)
+    return out.decode(errors="replace").strip()
+
+
+class _Forwarded(Exception):
+    """A child's ERR line, passed up unchanged."""
+
+
+def _set_session(how: str, pgid: int) -> None:
+    if how == "setsid":
+        os.setsid()
+    elif how == "setpgid":
+        os.setpgid(0, 0)
+    elif how == "join":
+        os.setpgid(0, pgid)
+
+
+def _fork_child(pid: int, flags: int = 0) -> int:
+    try:
+        return fork_pid_waiting_zombie(pid, flags)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise ChildError("pid", f"pid {pid} is in use by another process (--pidns "
+                             "restores into a new pid namespace)") from None
+        raise ChildError("pid", f"cannot create pid {pid}: {e.strerror}") from None
+
+
+def _wait_group(pid: int, z: dict) -> None:
+    """Make sure a zombie is in its process group (one it leads, created
+    before siblings join it, or one it joins) before it is left: setpgid from
+    both sides, as shells do."""
+    how = z.get("session")
+    if how not in ("setpgid", "join"):
+        return
+    pgid = pid if how == "setpgid" else z["pgid"]
+    try:
+        os.setpgid(pid, pgid)
+    except OSError:
+        pass    # it did it itself (or already exited)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            if os.getpgid(pid) == pgid:
+                return
+        except OSError:
+            break
+        time.sleep(0.001)
+    raise ChildError("zombies", f"zombie {z['pid']} could not be put in its process group "
+                     f"{z['pgid']}")
+
+
+def _zombie_main(z: dict) -> None:
+    """A child that exits at once with the saved wait status, never reaped
+    until the restored parent wait()s for it."""
+    try:
+        _set_session(z.get("session", ""), z["pgid"])
+    except OSError:
+        pass
+    status = z.get("exit_code", 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        import resource
+        for step in (lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),  # no core file
+                     lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig]),
+                     lambda: signal.signal(sig, signal.SIG_DFL)):
+            try:
+                step()      # (SIGKILL and SIGSTOP cannot be caught or blocked: skipped)
+            except (OSError, ValueError):
+                pass
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128)
+
+
+def self_pidfd() -> int:
+    """A pidfd of this process, for the children it forks next to watch."""
+    return pidfd_open(os.getpid())
+
+
+def die_with_parent(parent_pidfd: int) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL), then make sure the parent did not die
+    before it was set (the signal would never come): parent_pidfd, a pidfd of
+    the parent opened before the fork, polls readable once it has exited
+    (getppid() cannot tell in a new pid namespace, where it is 0)."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent_pidfd >= 0:
+        dead = bool(select.select([parent_pidfd], [], [], 0)[0])
+        os.close(parent_pidfd)
+        if dead:
+            os._exit(1)
+
+
+def task_main(node: Node, status_w: int, inherited: dict[int, int],
+              parent_pidfd: int = -1) -> None:
+    """Entry point of every forked task: session, children, zombies, own
+    files, report "OK" (or "ERR step: message") on status_w, park.  Never
+    returns.  parent_pidfd: see die_with_parent."""
+    forked: list[int] = []
+    try:
+        step = "pdeathsig"
+        # Die with the parent while being restored (set to the saved value by
+        # injection before the tree runs: restorer/restore/task.py, step "cleanup").
+        # Not yet for a task whose parent is a session helper: that one exits
+        # on purpose; the task sets it once adopted (below, when parked).
+        if node.share_files:
+            # parent_pidfd is the parent's own fd (one table): it closes it
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if parent_pidfd >= 0 and select.select([parent_pidfd], [], [], 0)[0]:
+                os._exit(1)
+        elif not node.adopted_by:
+            die_with_parent(parent_pidfd)
+        elif parent_pidfd >= 0:
+            os.close(parent_pidfd)
+        me = -1
+        step = "session"
+        try:
+            _set_session(node.session, node.task["pgid"])
+        except OSError as e:
+            raise ChildError(step, f"{e.strerror} ({node.session} "
+                             f"pgid {node.task['pgid']})") from None
+        if any(c.task.get("ghost") == "session" for c in node.children):
+            prctl(PR_SET_CHILD_SUBREAPER, 1)   # adopt the orphans again (saved flag later)
+        if node.task.get("_premap"):
+            step = "premap"
+            # memory shared copy-on-write with the children: before they fork
+            try:
+                premap_in_python(node.plan.sf, node.task)
+            except RestoreError as e:
+                raise ChildError(step, str(e)) from None
+        for z in node.early_zombies:
+            pid = _fork_child(z["pid"])
+            if pid == 0:
+                _zombie_main(z)
+            forked.append(pid)
+            _wait_group(pid, z)
+        me = self_pidfd()
+        for child in node.children:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            pid = _fork_child(child.pid, CLONE_FILES if child.share_files else 0)
+            if pid == 0:
+                if not child.share_files:
+                    os.close(r)
+                task_main(child, w, inherited, me)
+            forked.append(pid)
+            if child.share_files:
+                # One fd table: the child closes w (its end) when it has
+                # reported; a death is seen on its pidfd.
+                msg = _read_status_shared(r, w, pid)
+            else:
+                os.close(w)
+                msg = read_status(r)
+            os.close(r)
+            if msg != "OK":
+                if msg.startswith("ERR "):
+                    raise _Forwarded(msg)
+                raise ChildError("setup", f"task {child.pid} died before it was ready "
+                                 f"({msg!r})")
+        kids = forked[len(node.early_zombies):]
+        for z in node.zombies:
+            pid = _fork_child(z["pid"])
+            if pid == 0:
+                _zombie_main(z)
+            forked.append(pid)
+            _wait_group(pid, z)
+        for child, pid in zip(node.children, kids):
+            if child.task.get("ghost"):
+                # Its work is done and it has exited; reaped only now that
+                # every sibling (and zombie) that joins its group is in it.
+                os.waitpid(pid, 0)
+                forked.remove(pid)
+        os.close(me)
+        if node.task.get("ghost"):
+            # A session or group helper: the session or group exists now and
+            # its members are parked; leave them (the session's orphans are
+            # adopted by our parent, a child subreaper).
+            os.write(status_w, b"OK\n")
+            os._exit(0)
+        if _FAIL_AT == "task setup" and not node.children:
+            # test hook: a leaf task fails after its parents forked it
+            raise ChildError("task setup", "failure injected by CRELF_RESTORE_FAIL_AT")
+        child_setup(node.plan, status_w, inherited)
+        fd = node.plan._status_fd
+        os.write(fd, b"OK\n")
+        os.close(fd)
+    except BaseException as ex:  # noqa: BLE001 - must report anything
+        for pid in forked:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if isinstance(ex, _Forwarded):
+            msg = str(ex)[4:]
+        elif isinstance(ex, ChildError):
+            msg = str(ex)
+        else:
+            msg = f"setup: {type(ex).__name__}: {ex}"
+        try:
+            os.write(getattr(node.plan, "_status_fd", status_w), f"ERR {msg}\n".encode())
+        except OSError:
+            pass
+        os._exit(1)
+    # Parked: the restorer seizes us here and replaces everything.
+    if node.adopted_by:
+        while os.getppid() not in (node.adopted_by, 1, 0):
+            time.sleep(0.001)      # the session helper is exiting
+        if os.getppid() != node.adopted_by:
+            os._exit(1)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != node.adopted_by:
+            os._exit(1)
+    while True:
+        signal.pause()
+
+
+def host_pids(init_pid: int) -> dict[int, int]:
+    """{pid inside the new pid namespace: pid as crrestart sees it} for every
+    descendant of the namespace's init."""
+    out: dict[int, int] = {}
+    todo = [init_pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            for k in kids:
+                try:
+                    with open(f"/proc/{k}/status") as f:
+                        ns = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+                except (OSError, StopIteration):
+                    continue
+                out[int(ns[-1])] = k
+                todo.append(k)
+    return out
