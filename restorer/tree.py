@@ -8,7 +8,7 @@ parks.  The protocol is in docs/TREE.md.
    anything is created).
 2. It creates what tasks share: every pipe (size, bytes in flight,
    O_NONBLOCK per end), every FIFO (opened by path, bytes in flight), the
-   named unix sockets and those connected to them (restore_sockets.open_named:
+   named unix sockets and those connected to them (restore/unix.py open_named:
    bound before anyone connects, queued datagrams sent again), every
    other open file description used by more than one task (a shared offset:
    the stdout file of a whole pipeline).
@@ -29,33 +29,26 @@ parks.  The protocol is in docs/TREE.md.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import select
 import signal
-import stat as st
 import time
 from dataclasses import dataclass, field
 
 from statefile.dump.pipes import stdio_passthrough
-from statefile.format.integrity import DamagedError, SegmentReader
 
 from restorer.restore import scm as restore_scm
 from restorer.errors import RestoreError, ValidationError
-from restorer.release.guard import journal_path
 from restorer.kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, close_all,
                              fork_with_pid, pidfd_open, prctl)
 from restorer.restore.files import (ChildError, ChildPlan, _open_file, child_setup,
                                     open_ghost_nodes, open_ghosts)
 from restorer.restore.memory import premap_in_python
+from restorer.restore.pipes import open_pipes
 from restorer.restore.unix import open_named
 from restorer.restore.tty import open_ptys
 
-F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
-O_ACCMODE = 3
-O_DIRECT = 0o40000
 _FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
-SETFL_MASK = os.O_NONBLOCK | os.O_APPEND | 0o20000  # O_NONBLOCK, O_APPEND, O_ASYNC
 
 
 @dataclass
@@ -210,150 +203,6 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
 
 # --------------------------------------------------------------- shared resources
 
-def _pipe_key(f: dict) -> tuple:
-    return ("pipe", 0, f["ino"]) if f["kind"] == "pipe" else ("fifo", f["dev"], f["ino"])
-
-
-def _read_blob(plan, seg: dict | None) -> bytes:
-    """The bytes in flight of a pipe, verified (statefile/format/integrity.py)."""
-    if seg is None:
-        return b""
-    out = bytearray()
-    sfd = os.open(plan.statefile, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with SegmentReader(plan.sf, sfd) as rd:
-            for pos, data in rd.read_all(seg):
-                out[len(out):pos] = bytes(pos - len(out))
-                out[pos:pos + len(data)] = data
-    except DamagedError as e:
-        raise RestoreError("verify", f"{e}: not restarted") from None
-    finally:
-        os.close(sfd)
-    return bytes(out)
-
-
-def _setfl(fd: int, flags: int) -> None:
-    cur = fcntl.fcntl(fd, fcntl.F_GETFL)
-    want = (cur & ~SETFL_MASK) | (flags & SETFL_MASK)
-    if want != cur:
-        fcntl.fcntl(fd, fcntl.F_SETFL, want)
-
-
-def _write_all(fd: int, data: bytes, what: str) -> None:
-    done = 0
-    while done < len(data):
-        try:
-            done += os.write(fd, data[done:])
-        except BlockingIOError:
-            raise RestoreError("pipes", f"{what}: the saved bytes in flight do not fit in "
-                               "the pipe") from None
-
-
-def _reopen(fd: int, flags: int) -> int:
-    """Another open file description of the same pipe (as /proc/PID/fd/N does)."""
-    return os.open(f"/proc/self/fd/{fd}", (flags & (O_ACCMODE | os.O_NONBLOCK)) | os.O_CLOEXEC)
-
-
-def _make_pipe(group: list[dict], data: bytes, size: int) -> dict[int, int]:
-    direct = any(f["flags"] & O_DIRECT for f in group)
-    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK | (O_DIRECT if direct else 0))
-    out: dict[int, int] = {}
-    try:
-        if size and fcntl.fcntl(w, F_GETPIPE_SZ) != size:
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, size)
-            except OSError as e:
-                if len(data) > fcntl.fcntl(w, F_GETPIPE_SZ):
-                    raise RestoreError("pipes", f"{group[0]['path']}: cannot set the pipe size "
-                                       f"to {size} ({e.strerror})") from None
-        _write_all(w, data, group[0]["path"])
-        used: set[int] = set()
-        for f in group:
-            mode = f["flags"] & O_ACCMODE
-            end = r if mode == os.O_RDONLY else w if mode == os.O_WRONLY else None
-            if end is not None and end not in used:
-                fd = end
-                used.add(end)
-            else:
-                fd = _reopen(r, f["flags"])
-            _setfl(fd, f["flags"])
-            out[f["id"]] = fd
-        for end in (r, w):
-            if end not in used:
-                os.close(end)   # an end nobody in the tree held (writers get EPIPE, as before)
-    except BaseException:
-        close_all(set(out.values()) | {r, w})
-        raise
-    return out
-
-
-def _open_fifo(group: list[dict], data: bytes, size: int, warnings: list[str]) -> dict[int, int]:
-    path = group[0]["path"]
-    if path.endswith(" (deleted)"):
-        return _open_deleted_fifo(group, data, size, warnings)
-    if not os.path.exists(path):
-        journal_path(path)
-        os.mkfifo(path, group[0].get("mode", 0o600) & 0o7777)
-        warnings.append(f"FIFO {path} was missing: created again")
-    helper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    out: dict[int, int] = {}
-    try:
-        s = os.fstat(helper)
-        if not st.S_ISFIFO(s.st_mode):
-            raise RestoreError("fifos", f"{path} is no longer a FIFO")
-        if size and fcntl.fcntl(helper, F_GETPIPE_SZ) != size:
-            try:
-                fcntl.fcntl(helper, F_SETPIPE_SZ, size)
-            except OSError:
-                pass
-        _write_all(helper, data, path)
-        for f in group:
-            fd = os.open(path, (f["flags"] & (O_ACCMODE | os.O_NONBLOCK)) | os.O_NONBLOCK
-                         | os.O_CLOEXEC)
-            _setfl(fd, f["flags"])
-            out[f["id"]] = fd
-        # A FIFO reader sees end-of-file (poll: POLLHUP) only if a writer opened
-        # the FIFO after it did; the readers above were opened after our helper
-        # (a writer), so open and close one more writer, as the original
-        # writers did once.  Without it a reader whose writers had all exited
-        # at the checkpoint would wait in poll() for ever.
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-        except OSError:
-            pass  # no reader in the tree: nobody to wake
-    except BaseException:
-        close_all(out)
-        raise
-    finally:
-        os.close(helper)
-    return out
-
-
-def _open_deleted_fifo(group: list[dict], data: bytes, size: int,
-                       warnings: list[str]) -> dict[int, int]:
-    """A FIFO removed while open: a new one at a scratch name beside where it
-    was (else in /tmp), with the saved mode and owner, opened for every saved
-    description like a named one, its name removed at once."""
-    path = group[0]["path"].removesuffix(" (deleted)")
-    f0 = group[0]
-    base = os.path.basename(path)
-    for where in (os.path.dirname(path) or "/", "/tmp"):
-        cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
-        journal_path(cand)
-        try:
-            os.mkfifo(cand, 0o600)
-        except OSError:
-            continue
-        try:
-            if os.geteuid() == 0 and "uid" in f0:
-                os.chown(cand, f0["uid"], f0["gid"])
-            os.chmod(cand, f0.get("mode", 0o600) & 0o7777)
-            return _open_fifo([dict(f, path=cand) for f in group], data, size, warnings)
-        finally:
-            os.unlink(cand)
-    raise RestoreError("fifos", f"cannot recreate deleted FIFO {path}: no writable directory")
-
-
 def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
                 warnings: list[str]) -> dict[int, int]:
     """Create, in the initiator, every open file description the tasks will
@@ -377,27 +226,9 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
             except OSError:
                 raise RestoreError("files", f"fd {num} of the tree was a pipe to a process "
                                    f"outside it, and crrestart's own fd {num} is closed") from None
-        # named unix sockets and those connected to them (restore_sockets)
+        # named unix sockets and those connected to them (restore/unix.py)
         out.update(open_named(files, tasks, warnings))
-        groups: dict[tuple, list[dict]] = {}
-        for f in files:
-            if f["id"] in out:
-                continue
-            if f["id"] in users and f["kind"] in ("pipe", "fifo") and not f.get("skipped"):
-                groups.setdefault(_pipe_key(f), []).append(f)
-        for key, group in groups.items():
-            info = next((f["pipe"] for f in group if "pipe" in f), {})
-            holder = next((f for f in files if f["id"] == info.get("data_file")), None)
-            data = b""
-            if holder is not None and "blob" in holder:
-                data = _read_blob(plan, plan.blobs.get(holder["id"]))
-            try:
-                if key[0] == "pipe":
-                    out.update(_make_pipe(group, data, info.get("size", 0)))
-                else:
-                    out.update(_open_fifo(group, data, info.get("size", 0), warnings))
-            except OSError as e:
-                raise RestoreError("pipes", f"{group[0]['path']}: {e.strerror or e}") from None
+        out.update(open_pipes(plan, files, users, out, warnings))   # (restore/pipes.py)
         for f in files:
             if f["id"] in out or f["id"] not in users or f.get("shmem") is not None:
                 continue    # (memfds and shared file objects: restorer/restore/memfd.py)
@@ -421,7 +252,7 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
 
 def _unix_pair_across(f: dict, files: list[dict], users: dict[int, set[int]]) -> bool:
     """A unix socket whose peer is held by another task: both ends are made
-    here, as one socketpair (restore_sockets), and inherited."""
+    here, as one socketpair (restore/unix.py), and inherited."""
     info = f.get("socket", {})
     if info.get("family") != "unix" or not info.get("peer_ino"):
         return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import socket
 import signal
 import resource
 import stat as st
@@ -22,7 +21,7 @@ from statefile.format.integrity import DamagedError, SegmentReader
 
 from restorer.restore import (anon as restore_anon, bpf as restore_bpf,
                               fanotify as restore_fanotify, locks as restore_locks,
-                              pidfd as restore_pidfd, unix as restore_sockets, tty as restore_tty)
+                              inet as restore_inet, pidfd as restore_pidfd, unix as restore_unix, tty as restore_tty)
 from restorer.errors import RestoreError
 from restorer.release.guard import journal_path
 from restorer.kernel import close_all, personality
@@ -89,62 +88,6 @@ def _place(fd: int, target: int, cloexec: bool) -> None:
         os.close(fd)
     else:
         os.set_inheritable(fd, not cloexec)
-
-
-_FAMILY = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "netlink": socket.AF_NETLINK}
-_SOCKTYPE = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM,
-             "seqpacket": socket.SOCK_SEQPACKET, "raw": socket.SOCK_RAW}
-
-
-def _skipped_socket(f: dict) -> int:
-    """A network socket the checkpoint policy skipped.  Listening sockets and
-    bound UDP sockets hold no connection state: they are bound again to their
-    address.  A connected socket comes back as a fresh unconnected socket of the
-    same family and type: the application sees the connection as broken
-    (ENOTCONN/EPIPE), as after a network failure."""
-    info = f.get("socket", {})
-    fam = _FAMILY.get(info.get("family"), socket.AF_INET)
-    typ = _SOCKTYPE.get(info.get("type"), socket.SOCK_STREAM)
-    proto = info.get("protocol", 0) if fam == socket.AF_NETLINK else 0
-    if fam in (socket.AF_INET, socket.AF_INET6) and info.get("local") and (
-            info.get("listening") or (typ == socket.SOCK_DGRAM and "peer" not in info)):
-        try:
-            return _inet_socket(f)
-        except OSError:
-            pass
-    sock = socket.socket(fam, typ, proto)
-    sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
-    return sock.detach()
-
-
-def _inet_socket(f: dict) -> int:
-    """A listening TCP or unconnected UDP socket, bound (and listening) again
-    on its saved address with its saved options (support: fd:socket:inet-listen,
-    fd:socket:inet-udp).  Raises OSError (EADDRINUSE...) if it cannot."""
-    info = f["socket"]
-    fam = _FAMILY[info["family"]]
-    sock = socket.socket(fam, _SOCKTYPE[info["type"]])
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
-                        1 if info.get("listening") else info.get("reuseaddr", 0))
-        if info.get("reuseport"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if fam == socket.AF_INET6 and "v6only" in info:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
-        restore_sockets.set_sockopts(sock, info)
-        local = tuple(info["local"])
-        if local[1]:                    # port 0: never bound, binds itself when used
-            restore_sockets.bind_inet(sock, local, info)
-        if info.get("listening"):
-            with open("/proc/sys/net/core/somaxconn") as s:
-                sock.listen(int(s.read()))
-            if not info.get("reuseaddr"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-        sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
-        return sock.detach()
-    except BaseException:
-        sock.close()
-        raise
 
 
 def _recreate_from_blob(plan: ChildPlan, f: dict) -> None:
@@ -611,10 +554,10 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
             os.lseek(fd, f["pos"], os.SEEK_SET)
         return fd
     if skipped == "network" and kind == "socket":
-        return _skipped_socket(f)
+        return restore_inet.skipped_socket(f)
     if skipped == "external-unix" and kind == "socket":
         try:
-            return restore_sockets.open_external(f, plan.task.get("cwd"))
+            return restore_unix.open_external(f, plan.task.get("cwd"))
         except OSError as e:
             raise ChildError("sockets", e.strerror or str(e)) from None
     if skipped and kind != "regular" and skipped != "notify-events":
@@ -636,10 +579,10 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
             raise ChildError("pidfds", "the pidfd of an exited process was not inherited")
         return None   # opened by injection once every task exists (restore_pidfd.inject)
     if kind == "socket" and f.get("socket", {}).get("family") == "unix":
-        return restore_sockets.open_unix(f, plan.files, plan.task.get("cwd"))
+        return restore_unix.open_unix(f, plan.files, plan.task.get("cwd"))
     if kind == "socket" and f.get("socket", {}).get("family") in ("inet", "inet6"):
         try:
-            return _inet_socket(f)
+            return restore_inet.open_inet(f)
         except OSError as e:
             local = f["socket"].get("local") or ["?", "?"]
             raise ChildError("sockets", f"cannot listen on or bind {local[0]} port {local[1]} "

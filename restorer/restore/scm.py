@@ -7,7 +7,7 @@ Made by the initiator (restore_tree.open_shared), before the tree is forked:
    again, every file those messages carry, the files an epoll in flight
    watches, and so on for the sockets among them (sockets in flight in each
    other's queues, cycles too).  Their queues, shutdown states and SO_PEEK_OFF
-   are left for later (restore_sockets defers them: `defer`).  The files held
+   are left for later (restore/unix.py defers them: `defer`).  The files held
    only in flight (`in_flight`, no task holds them) are counted as used, so
    that a pipe gets the ends only a message holds.
 2. open_shared makes every file of `make` in the initiator, as it makes
@@ -31,7 +31,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from restorer.restore import unix as restore_sockets
+from restorer.restore import unix as restore_unix
 from restorer.errors import RestoreError
 
 
@@ -74,7 +74,7 @@ def prepare(files: list[dict], tasks: list[dict], users: dict[int, set[int]]) ->
             todo += [t["file"] for t in f["anon"]["targets"] if "file" in t]
     for fid in plan.in_flight:
         users.setdefault(fid, set()).add(0)
-    restore_sockets.defer(set(plan.sockets) | {p["id"] for p in (
+    restore_unix.defer(set(plan.sockets) | {p["id"] for p in (
         _peer(files, files[s]) for s in plan.sockets) if p is not None})
     return plan
 
@@ -94,13 +94,13 @@ def fill(plan: ScmPlan, files: list[dict], out: dict[int, int]) -> None:
                 _epoll_targets(f, out)
         for fid in plan.sockets:
             _send_queue(files, files[fid], out)
-        for fid in restore_sockets.deferred():
+        for fid in restore_unix.deferred():
             if fid in out:
-                restore_sockets.finish_deferred(out[fid], files[fid])
+                restore_unix.finish_deferred(out[fid], files[fid])
     finally:
-        for fd in restore_sockets.standins().values():
+        for fd in restore_unix.standins().values():
             os.close(fd)
-        restore_sockets.defer(set())
+        restore_unix.defer(set())
     for fid in plan.in_flight:
         os.close(out.pop(fid))
 
@@ -109,7 +109,7 @@ def _send_queue(files: list[dict], f: dict, out: dict[int, int]) -> None:
     """f's saved queue sent again to it, each message with its files."""
     info = f["socket"]
     peer = _peer(files, f)
-    src = out.get(peer["id"]) if peer is not None else restore_sockets.standins().get(f["id"])
+    src = out.get(peer["id"]) if peer is not None else restore_unix.standins().get(f["id"])
     if src is None:
         raise RestoreError("sockets", f"unix socket {f['path']}: nothing to send its "
                            "messages in flight again from")

@@ -65,6 +65,8 @@ import socket
 import stat
 import tempfile
 
+from restorer.restore.sockets import finish_sockopts, set_sockopts
+
 from restorer.errors import RestoreError
 from restorer.release.guard import journal_path
 
@@ -668,74 +670,3 @@ def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[s
     finally:
         for s in transient.values():
             s.close()
-
-
-# ------------------------------------------------------------ socket options
-
-def set_sockopts(sock: socket.socket, info: dict, before_bind: bool = False) -> None:
-    """Set the saved options (dump_sockets.SOCKOPTS) that differ from this new
-    socket's.  Buffer sizes only when the application had fixed them (SO_BUF_LOCK);
-    IP_FREEBIND is left to bind_inet, SO_PEEK_OFF to the end (after the queue is
-    refilled).  Raises OSError naming the option it cannot set."""
-    from statefile.dump.unix import SOCK_RCVBUF_LOCK, SOCK_SNDBUF_LOCK, SOCKOPTS
-    saved = info.get("sockopts") or {}
-    lock = saved.get("buf_lock", 0)
-    for name, value in saved.items():
-        if name in ("freebind", "peek_off", "buf_lock") or name not in SOCKOPTS:
-            continue
-        if name == "sndbuf" and not lock & SOCK_SNDBUF_LOCK:
-            continue
-        if name == "rcvbuf" and not lock & SOCK_RCVBUF_LOCK:
-            continue
-        level, opt, kind, _fam = SOCKOPTS[name]
-        try:
-            now = sock.getsockopt(level, opt) if kind == "int" else \
-                sock.getsockopt(level, opt, kind).hex()
-        except OSError:
-            now = None
-        if now == value:
-            continue
-        try:
-            if name in ("sndbuf", "rcvbuf"):
-                # (the kernel doubles what is set; SO_*BUFFORCE passes the
-                # system maximum where crrestart may)
-                try:
-                    sock.setsockopt(level, 32 if name == "sndbuf" else 33, value // 2)
-                except PermissionError:
-                    sock.setsockopt(level, opt, value // 2)
-            elif kind == "int":
-                sock.setsockopt(level, opt, value)
-            elif name == "bindtodevice":
-                sock.setsockopt(level, opt, bytes.fromhex(value).rstrip(b"\0"))
-            else:
-                sock.setsockopt(level, opt, bytes.fromhex(value))
-        except OSError as e:
-            raise OSError(e.errno, f"cannot set socket option {name} = {value} again: "
-                          f"{e.strerror}") from None
-    if lock:
-        sock.setsockopt(socket.SOL_SOCKET, 72, lock)    # SO_BUF_LOCK
-
-
-def finish_sockopts(sock: socket.socket, info: dict) -> None:
-    """Options set once the socket holds its data again (SO_PEEK_OFF)."""
-    off = (info.get("sockopts") or {}).get("peek_off", -1)
-    if off != -1:
-        sock.setsockopt(socket.SOL_SOCKET, 42, off)
-
-
-def bind_inet(sock: socket.socket, addr: tuple, info: dict) -> None:
-    """Bind a TCP or UDP socket again.  IP_FREEBIND as it was; an address
-    that is not on this machine (any more) is bound with IP_FREEBIND set for
-    the bind only, as the original could be (it had it when it bound, or the
-    address was there then)."""
-    freebind = (info.get("sockopts") or {}).get("freebind", 0)
-    if freebind:
-        sock.setsockopt(socket.SOL_IP, 15, 1)
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        if freebind or e.errno != errno.EADDRNOTAVAIL:
-            raise
-        sock.setsockopt(socket.SOL_IP, 15, 1)
-        sock.bind(addr)
-        sock.setsockopt(socket.SOL_IP, 15, 0)

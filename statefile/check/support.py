@@ -466,7 +466,7 @@ def _external_key(info: dict) -> str:
 
 def _backlog_key(info: dict, held) -> str:
     """A listening socket, or a socket whose connection waits in a
-    listener's queue (dump_sockets.backlog_details)."""
+    listener's queue (dump/unix.py backlog_details)."""
     if info.get("listening") and not info.get("backlog_queued") and not info.get("backlog"):
         return "fd:socket:unix-listen"
     tree = {g["socket"].get("ino") for g in held()}

@@ -13,12 +13,12 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import socket
 import stat as st
 
 from statefile.dump import (anon as dump_anon, bpf as dump_bpf, fanotify as dump_fanotify,
                             locks as dump_locks, pidfd as dump_pidfd, pipes as dump_pipes,
-                            scm as dump_scm, unix as dump_sockets, tty as dump_tty)
+                            scm as dump_scm, sockets as dump_sockets, tty as dump_tty,
+                            unix as dump_unix)
 from statefile.control import procfs
 from statefile.control import ptrace as pt
 from statefile.dump.memory import SegmentPlan
@@ -152,74 +152,6 @@ def link_target(pid: int, fd: int) -> str | None:
         os.close(dup)
 
 
-_FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "inet", socket.AF_INET6: "inet6",
-             socket.AF_NETLINK: "netlink", 17: "packet"}
-_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
-          socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_RAW: "raw"}
-
-
-def socket_info(pid: int, fd: int, unix_diag=None, scm=None) -> dict:
-    """Family, type and addresses of a task's socket, from a duplicate of its fd
-    (pidfd_getfd): nothing is read from or written to the socket.  `scm`
-    (dump_scm.InFlight) keeps the fds a unix socket has in flight."""
-    try:
-        dup = pt.dup_fd_of(pid, fd)
-    except OSError:
-        return {"family": "unknown"}
-    sock = socket.socket(fileno=dup)
-    try:
-        info = {"family": _FAMILIES.get(sock.family, str(int(sock.family))),
-                "type": _TYPES.get(sock.type, str(int(sock.type))),
-                "protocol": sock.proto}
-        for key, getter in (("local", sock.getsockname), ("peer", sock.getpeername)):
-            try:
-                addr = getter()
-            except OSError:
-                continue
-            if isinstance(addr, bytes):
-                addr = addr.decode(errors="replace")
-            info[key] = list(addr) if isinstance(addr, tuple) else addr
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            info.update(_inet_details(pid, sock, os.fstat(dup).st_ino))
-        if sock.family == socket.AF_UNIX and unix_diag is not None:
-            # (the details' own dict: dump_scm fills its `scm` in later)
-            details = dump_sockets.unix_details(sock, os.fstat(dup).st_ino, unix_diag(),
-                                                pid, scm)
-            details.update(info)
-            info = details
-        return info
-    finally:
-        sock.detach()
-        os.close(dup)
-
-
-def _inet_details(pid: int, sock: socket.socket, ino: int) -> dict:
-    """What a listening TCP or an unconnected UDP socket needs to be bound
-    again: its options, and whether anything is queued in it (connections
-    waiting to be accepted, datagrams not read), from /proc/PID/net/*
-    (rx_queue of the socket's inode; the task's own network namespace)."""
-    info = {"reuseaddr": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
-            "reuseport": sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)}
-    if sock.family == socket.AF_INET6:
-        info["v6only"] = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-    proto = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
-    if sock.type == socket.SOCK_STREAM:
-        info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        if not info["listening"] and dump_sockets.tcp_fresh(sock):
-            info["fresh"] = True        # never connected (support: fd:socket:inet-fresh)
-    info["sockopts"] = dump_sockets.sockopts(sock)
-    table = f"/proc/{pid}/net/{proto}{'6' if sock.family == socket.AF_INET6 else ''}"
-    try:
-        for line in procfs.read(table).splitlines()[1:]:
-            cols = line.split()
-            if len(cols) > 9 and cols[9] == str(ino):
-                info["queued"] = int(cols[4].split(":")[1], 16)
-                break
-    except OSError:
-        pass
-    return info
-
-
 class FileTable:
     """Open file descriptions of the whole tree, deduplicated with kcmp."""
 
@@ -237,7 +169,7 @@ class FileTable:
     def unix_diag(self) -> dict:
         """sock_diag's view of every unix socket, taken once per checkpoint."""
         if self._diag is None:
-            self._diag = dump_sockets.unix_diag()
+            self._diag = dump_unix.unix_diag()
         return self._diag
 
     def _same_as(self, pid: int, fd: int, ident: tuple) -> int | None:
@@ -310,7 +242,7 @@ class FileTable:
         # locks and owner first: whether its content may be read (dump_locks)
         dump_locks.add_fd(self, posix, entry, fid, pid, fd, info, True)
         if kind == "socket":
-            entry["socket"] = socket_info(pid, fd, self.unix_diag, self.scm)
+            entry["socket"] = dump_sockets.socket_info(pid, fd, self.unix_diag, self.scm)
         if kind in ("pipe", "fifo"):
             self.pipes.add(self, entry, pid, fd)
         if kind == "symlink":

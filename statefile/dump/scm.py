@@ -1,7 +1,7 @@
 """File descriptors in flight in unix sockets (SCM_RIGHTS messages sent and
 not received yet).
 
-dump_sockets.peek_queue peeks a unix socket's queue with MSG_PEEK and a
+dump/unix.py peek_queue peeks a unix socket's queue with MSG_PEEK and a
 control buffer big enough for every fd a message may carry: the kernel then
 installs a new fd for each file in flight in crcheckpoint itself, message by
 message.  They are kept open (InFlight.note) until every task of the tree has
@@ -61,7 +61,7 @@ class InFlight:
                 pass
 
     def note(self, info: dict, passed) -> None:
-        """A unix socket's queue held fds (dump_sockets.Passed: crelf's fds,
+        """A unix socket's queue held fds (dump/unix.py Passed: crelf's fds,
         one list per message of info["queue"])."""
         if passed.truncated:
             info["scm_truncated"] = True

@@ -12,7 +12,7 @@ address.  A path-bound socket whose file is no longer at its path (deleted,
 or replaced) is marked `file_gone` (UNIX_DIAG_VFS names the file it was bound
 to).  A listening socket's connections waiting to be accepted are named by
 their connecting sockets, in queue order (see "connections waiting" below).
-Socket options (SOCKOPTS) are saved for unix, TCP and UDP sockets.
+Socket options: statefile/dump/sockets.py.
 Restored by restorer/restore/unix.py.
 """
 
@@ -25,6 +25,8 @@ import socket
 import stat
 import struct
 import termios
+
+from statefile.dump import sockets as dump_sockets
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -137,7 +139,7 @@ def peer_details(info: dict, d: dict, diag: dict[int, dict], pid: int | None) ->
     """A connected datagram socket's peer's name (`peer_name`: {name,
     abstract}, and `file_gone` when its path no longer leads to that peer,
     seen from the task): what a restart connects it to again when the peer
-    is outside the tree (policy 'external-unix', restore_sockets.open_external)."""
+    is outside the tree (policy 'external-unix', restore/unix.py open_external)."""
     if d["type"] != socket.SOCK_DGRAM or not d["peer"]:
         return
     p = diag.get(d["peer"])
@@ -320,7 +322,7 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
             info["file_owner"] = [st_.st_uid, st_.st_gid, stat.S_IMODE(st_.st_mode)]
     backlog_details(info, d)
     peer_details(info, d, diag, pid)
-    info["sockopts"] = sockopts(sock)
+    info["sockopts"] = dump_sockets.sockopts(sock)
     if info["listening"]:
         info["backlog_queued"] = d["rqueue"]
         return info
@@ -345,93 +347,3 @@ def unix_details(sock: socket.socket, ino: int, diag: dict[int, dict],
                               and d["name"] == s["name"]
                               and bool(d.get("abstract")) == s["abstract"]]
     return info
-
-
-# ---------------------------------------------------------------- options
-#
-# Socket options saved for every unix, TCP and UDP socket and set again at
-# restart where they differ from a new socket's (restore_sockets.set_sockopts).
-# name -> (level, option, kind, families): kind "int", or the size in bytes of
-# a raw struct; families: which sockets have it (None: every socket).
-
-SOL_SOCKET, SOL_IP, SOL_TCP, SOL_IPV6 = socket.SOL_SOCKET, 0, 6, 41
-SO_BUF_LOCK = 72
-SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
-INET = (socket.AF_INET, socket.AF_INET6)
-SOCKOPTS = {
-    "priority": (SOL_SOCKET, 12, "int", None),
-    "rcvlowat": (SOL_SOCKET, 18, "int", None),
-    "mark": (SOL_SOCKET, 36, "int", None),
-    "passcred": (SOL_SOCKET, 16, "int", None),
-    "passsec": (SOL_SOCKET, 34, "int", None),
-    "dontroute": (SOL_SOCKET, 5, "int", None),
-    "no_check": (SOL_SOCKET, 11, "int", None),
-    "oobinline": (SOL_SOCKET, 10, "int", None),
-    "broadcast": (SOL_SOCKET, 6, "int", None),
-    "keepalive": (SOL_SOCKET, 9, "int", None),
-    "rcvtimeo": (SOL_SOCKET, 20, 16, None),        # struct timeval
-    "sndtimeo": (SOL_SOCKET, 21, 16, None),
-    "linger": (SOL_SOCKET, 13, 8, None),           # struct linger
-    "buf_lock": (SOL_SOCKET, SO_BUF_LOCK, "int", None),
-    "sndbuf": (SOL_SOCKET, 7, "int", None),        # (set again only if locked)
-    "rcvbuf": (SOL_SOCKET, 8, "int", None),
-    "bindtodevice": (SOL_SOCKET, 25, 16, INET),    # interface name (IFNAMSIZ)
-    "peek_off": (SOL_SOCKET, SO_PEEK_OFF, "int", (socket.AF_UNIX,)),
-    "ip_tos": (SOL_IP, 1, "int", (socket.AF_INET,)),
-    "ip_ttl": (SOL_IP, 2, "int", (socket.AF_INET,)),
-    "freebind": (SOL_IP, 15, "int", INET),         # (set before bind: restore_sockets)
-    "transparent": (SOL_IP, 19, "int", INET),
-    "ipv6_tclass": (SOL_IPV6, 67, "int", (socket.AF_INET6,)),
-    "ipv6_unicast_hops": (SOL_IPV6, 16, "int", (socket.AF_INET6,)),
-    "tcp_nodelay": (SOL_TCP, 1, "int", "tcp"),
-    "tcp_keepidle": (SOL_TCP, 4, "int", "tcp"),
-    "tcp_keepintvl": (SOL_TCP, 5, "int", "tcp"),
-    "tcp_keepcnt": (SOL_TCP, 6, "int", "tcp"),
-    "tcp_cork": (SOL_TCP, 3, "int", "tcp"),
-    "tcp_syncnt": (SOL_TCP, 7, "int", "tcp"),
-    "tcp_linger2": (SOL_TCP, 8, "int", "tcp"),
-    "tcp_defer_accept": (SOL_TCP, 9, "int", "tcp"),
-    "tcp_window_clamp": (SOL_TCP, 10, "int", "tcp"),
-    "tcp_user_timeout": (SOL_TCP, 18, "int", "tcp"),
-    "tcp_notsent_lowat": (SOL_TCP, 25, "int", "tcp"),
-}
-
-
-def _applies(sock: socket.socket, families) -> bool:
-    if families is None:
-        return True
-    if families == "tcp":
-        return sock.family in INET and sock.type == socket.SOCK_STREAM
-    return sock.family in families
-
-
-def sockopts(sock: socket.socket) -> dict:
-    """The options of SOCKOPTS this socket has (ints, raw structs in hex);
-    an option the kernel does not give for this socket is left out."""
-    out: dict = {}
-    for name, (level, opt, kind, families) in SOCKOPTS.items():
-        if not _applies(sock, families):
-            continue
-        try:
-            if kind == "int":
-                out[name] = sock.getsockopt(level, opt)
-            else:
-                out[name] = sock.getsockopt(level, opt, kind).hex()
-        except OSError:
-            continue
-    return out
-
-
-def tcp_fresh(sock: socket.socket) -> bool:
-    """Whether a TCP socket that is neither connected nor listening never
-    sent or received a segment (TCP_INFO: closed, segs_out = segs_in = 0): a
-    new socket is then the same thing, not a connection that ended."""
-    try:
-        ti = sock.getsockopt(SOL_TCP, 11, 144)          # TCP_INFO
-    except OSError:
-        return False
-    if len(ti) < 144:
-        return False
-    state = ti[0]
-    segs_out, segs_in = struct.unpack_from("<II", ti, 136)
-    return state == 7 and segs_out == 0 and segs_in == 0   # TCP_CLOSE

@@ -1,0 +1,87 @@
+"""TCP and UDP sockets (statefile/dump/inet.py): a listening TCP or unconnected
+UDP socket is bound (and listening) again on its saved address with its saved
+options; a network socket the policy skipped comes back as a new socket."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from restorer.restore.sockets import set_sockopts
+
+
+def bind_inet(sock: socket.socket, addr: tuple, info: dict) -> None:
+    """Bind a TCP or UDP socket again.  IP_FREEBIND as it was; an address
+    that is not on this machine (any more) is bound with IP_FREEBIND set for
+    the bind only, as the original could be (it had it when it bound, or the
+    address was there then)."""
+    freebind = (info.get("sockopts") or {}).get("freebind", 0)
+    if freebind:
+        sock.setsockopt(socket.SOL_IP, 15, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        if freebind or e.errno != errno.EADDRNOTAVAIL:
+            raise
+        sock.setsockopt(socket.SOL_IP, 15, 1)
+        sock.bind(addr)
+        sock.setsockopt(socket.SOL_IP, 15, 0)
+
+
+_FAMILY = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "netlink": socket.AF_NETLINK}
+
+
+_SOCKTYPE = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM,
+             "seqpacket": socket.SOCK_SEQPACKET, "raw": socket.SOCK_RAW}
+
+
+def skipped_socket(f: dict) -> int:
+    """A network socket the checkpoint policy skipped.  Listening sockets and
+    bound UDP sockets hold no connection state: they are bound again to their
+    address.  A connected socket comes back as a fresh unconnected socket of the
+    same family and type: the application sees the connection as broken
+    (ENOTCONN/EPIPE), as after a network failure."""
+    info = f.get("socket", {})
+    fam = _FAMILY.get(info.get("family"), socket.AF_INET)
+    typ = _SOCKTYPE.get(info.get("type"), socket.SOCK_STREAM)
+    proto = info.get("protocol", 0) if fam == socket.AF_NETLINK else 0
+    if fam in (socket.AF_INET, socket.AF_INET6) and info.get("local") and (
+            info.get("listening") or (typ == socket.SOCK_DGRAM and "peer" not in info)):
+        try:
+            return open_inet(f)
+        except OSError:
+            pass
+    sock = socket.socket(fam, typ, proto)
+    sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+    return sock.detach()
+
+
+def open_inet(f: dict) -> int:
+    """A listening TCP or unconnected UDP socket, bound (and listening) again
+    on its saved address with its saved options (support: fd:socket:inet-listen,
+    fd:socket:inet-udp).  Raises OSError (EADDRINUSE...) if it cannot."""
+    info = f["socket"]
+    fam = _FAMILY[info["family"]]
+    sock = socket.socket(fam, _SOCKTYPE[info["type"]])
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
+                        1 if info.get("listening") else info.get("reuseaddr", 0))
+        if info.get("reuseport"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if fam == socket.AF_INET6 and "v6only" in info:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
+        set_sockopts(sock, info)
+        local = tuple(info["local"])
+        if local[1]:                    # port 0: never bound, binds itself when used
+            bind_inet(sock, local, info)
+        if info.get("listening"):
+            with open("/proc/sys/net/core/somaxconn") as s:
+                sock.listen(int(s.read()))
+            if not info.get("reuseaddr"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+        return sock.detach()
+    except BaseException:
+        sock.close()
+        raise
