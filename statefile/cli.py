@@ -17,28 +17,43 @@ PROGRESS_AFTER = 1.0  # seconds: shorter dumps show no progress bar
 
 
 class _Progress:
-    """A progress bar on stderr, only on a terminal and only for dumps over
-    `after` seconds (PROGRESS_AFTER; only run() in-process changes it)."""
+    """click's progress bar on stderr, only on a terminal and only for dumps
+    over `after` seconds (PROGRESS_AFTER; only run() in-process changes it).
+    The writer tells the total (expect) and each chunk written (call)."""
 
     def __init__(self, after: float = PROGRESS_AFTER):
         self.start = time.monotonic()
         self.after = after
+        self.total = 0
         self.done = 0
-        self.last = 0.0
+        self.bar = None
         self.enabled = sys.stderr.isatty()
+
+    def expect(self, total: int) -> None:
+        self.total = total
+
+    def _item(self, _) -> str:
+        rate = self.done / max(time.monotonic() - self.start, 1e-6) / 2**20
+        return f"{self.done / 2**20:.0f} MiB written, {rate:.0f} MiB/s"
 
     def __call__(self, n: int) -> None:
         self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self.start > self.after and now - self.last > 0.2:
-            self.last = now
-            rate = self.done / (now - self.start) / 2**20
-            click.echo(f"\rcrcheckpoint: {self.done / 2**20:9.0f} MiB written, {rate:6.0f} MiB/s",
-                       err=True, nl=False)
+        if not self.enabled:
+            return
+        if self.bar is None:
+            if time.monotonic() - self.start <= self.after:
+                return
+            self.bar = click.progressbar(length=max(self.total, self.done, 1),
+                                         label="crcheckpoint", file=sys.stderr, width=30,
+                                         item_show_func=self._item,
+                                         update_min_steps=max(self.total // 100, 1))
+            self.bar.__enter__()
+            n = self.done
+        self.bar.update(n, self.done)
 
     def finish(self) -> None:
-        if self.enabled and self.last:
-            click.echo("", err=True)
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 def run_cli(fn, *, json_errors: bool = False, prog: str):
@@ -119,12 +134,14 @@ def main(ctx: click.Context, pid: int, output: str, kill: bool, fsync: bool, no_
     from .checkpoint import checkpoint
 
     progress = _Progress(**(ctx.obj or {}).get("progress", {}))
-    summary = run_cli(lambda: checkpoint(
-        pid, output, kill=kill, fsync=fsync, progress=progress, cow=not no_cow,
-        hook_timeout=hook_timeout,
-        policy=pol.build(policy_file, _skips(skip), dump_tmpfs, snapshot, pid=pid)),
-        prog="crcheckpoint")
-    progress.finish()
+    try:
+        summary = run_cli(lambda: checkpoint(
+            pid, output, kill=kill, fsync=fsync, progress=progress, cow=not no_cow,
+            hook_timeout=hook_timeout,
+            policy=pol.build(policy_file, _skips(skip), dump_tmpfs, snapshot, pid=pid)),
+            prog="crcheckpoint")
+    finally:
+        progress.finish()      # (ends the bar's line before an error's)
     if summary["restartable"]:
         from .ledger import note
         note("W", summary["statefile"])

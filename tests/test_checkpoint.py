@@ -525,7 +525,10 @@ def test_every_page_lands_at_its_address(mode, sample_bin, procs, tmp_path):
 
 # --- the progress bar: stderr only, only on a terminal ------------------------
 
-PROGRESS_LINE = re.compile(r"crcheckpoint: +\d+ MiB written, +\d+ MiB/s")
+# click's progress bar: label, bar, percentage, ETA once known, then ours
+PROGRESS_LINE = re.compile(r"crcheckpoint +\[[#-]+\] +\d+%(?: +[\d:-]+)? +\d+ MiB written, "
+                           r"\d+ MiB/s")
+CURSOR = re.compile(r"\x1b\[\?25[lh]")     # click hides the cursor while the bar runs
 
 
 def _run_with_stderr_on_a_pty(argv) -> tuple[subprocess.CompletedProcess, str]:
@@ -568,7 +571,7 @@ def _in_process(pid, out, progress_after):
 
 def _assert_only_progress(text):
     """Nothing on the terminal but progress updates (\\r-separated) and a final newline."""
-    for piece in re.split(r"[\r\n]+", text):
+    for piece in re.split(r"[\r\n]+", CURSOR.sub("", text)):
         assert not piece.strip() or PROGRESS_LINE.fullmatch(piece.strip()), repr(text)
 
 
@@ -600,7 +603,7 @@ def test_progress_bar_on_a_terminal_only(sample_bin, procs, tmp_path):
     assert summary["bytes_stored"] >= 600 * 2**20
     assert PROGRESS_LINE.search(tty), repr(tty)
     _assert_only_progress(tty)
-    assert tty.endswith("\n"), repr(tty)  # the bar ends its line when done
+    assert tty.endswith("\x1b[?25h\r\n"), repr(tty)  # the bar ends its line, cursor back
     shown = [int(m[1]) for m in re.finditer(r"(\d+) MiB written", tty)]
     assert shown == sorted(shown) and shown[-1] <= summary["bytes_stored"] / 2**20 + 1
     os.unlink(cr)

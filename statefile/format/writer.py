@@ -333,6 +333,8 @@ class StatefileWriter:
                     (i, src, [(base + o, cur + o, n) for o, n in p.runs]))
                 stored += sum(n for _, n in p.runs)
                 cur = _align(cur + filesz)
+        if progress is not None and hasattr(progress, "expect"):
+            progress.expect(stored)
         t0 = time.monotonic()
         crcs: dict[int, tuple[int, list[int]]] = {}
         writers: dict = {}
