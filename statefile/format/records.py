@@ -75,6 +75,8 @@ class _DictCompat:
 
     def __setitem__(self, key, value):
         _compat_used(f"[{key!r}] = on {type(self).__name__}")
+        if key == type(self).__struct_config__.tag_field and value == getattr(self, key):
+            return      # (the tag is the record's type: it cannot change)
         setattr(self, key, value)
 
     def __contains__(self, key) -> bool:
