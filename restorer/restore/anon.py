@@ -29,6 +29,11 @@ from __future__ import annotations
 import ctypes
 import os
 
+from msgspec import UNSET
+
+from statefile.format.records import (EpollFile, EventfdFile, FdRef, File, InotifyFile,
+                                      SignalfdFile, TimerfdFile)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 KINDS = ("anon:eventfd", "anon:eventpoll", "anon:timerfd", "anon:signalfd", "anon:inotify")
@@ -60,89 +65,88 @@ class epoll_event(ctypes.Structure):
 assert ctypes.sizeof(epoll_event) == 12
 
 
-def open_anon(f: dict) -> int:
-    kind, a = f["kind"], f.get("anon")
-    if a is None:
-        raise AnonError(0, f"{kind}: no saved state")
-    nonblock = f.get("flags", 0) & os.O_NONBLOCK
-    if kind == "anon:eventfd":
-        flags = (os.EFD_SEMAPHORE if a["semaphore"] else 0) | (os.EFD_NONBLOCK if nonblock else 0)
-        fd = os.eventfd(0, flags)
-        if a["count"]:          # eventfd() takes an unsigned int; the counter is 64-bit
-            os.eventfd_write(fd, a["count"])
-        return fd
-    if kind == "anon:timerfd":
-        fd = _check(_libc.timerfd_create(a["clockid"], os.O_NONBLOCK if nonblock else 0),
-                    "timerfd_create")
-        value = a["value"]
-        if value == [0, 0] and a["interval"] != [0, 0]:
-            value = [0, 1]  # a periodic timer is always armed: next expiration due now
-        spec = itimerspec(a["interval"][0], a["interval"][1], value[0], value[1])
-        _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "timerfd_settime")
-        if a["ticks"]:
-            ticks = ctypes.c_uint64(a["ticks"])
-            _check(_libc.ioctl(fd, TFD_IOC_SET_TICKS, ctypes.byref(ticks)),
-                   "timerfd ioctl(TFD_IOC_SET_TICKS)")
-        return fd
-    if kind == "anon:signalfd":
-        mask = ctypes.c_uint64(a["sigmask"])
-        return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_NONBLOCK if nonblock else 0),
-                      "signalfd")
-    if kind == "anon:eventpoll":
-        return _check(_libc.epoll_create1(0), "epoll_create1")
-    if kind == "anon:inotify":
-        # its watches come once every fd of the task is in place (finish_inotify)
-        return _check(_libc.inotify_init1(os.O_NONBLOCK if nonblock else 0), "inotify_init1")
-    raise AnonError(0, f"{kind} is not restored")
+def open_anon(f: File) -> int:
+    nonblock = f.flags & os.O_NONBLOCK
+    match f:
+        case EventfdFile(anon=a):
+            flags = (os.EFD_SEMAPHORE if a.semaphore else 0) | (os.EFD_NONBLOCK if nonblock else 0)
+            fd = os.eventfd(0, flags)
+            if a.count:          # eventfd() takes an unsigned int; the counter is 64-bit
+                os.eventfd_write(fd, a.count)
+            return fd
+        case TimerfdFile(anon=a):
+            fd = _check(_libc.timerfd_create(a.clockid, os.O_NONBLOCK if nonblock else 0),
+                        "timerfd_create")
+            value = a.value
+            if value == [0, 0] and a.interval != [0, 0]:
+                value = [0, 1]  # a periodic timer is always armed: next expiration due now
+            spec = itimerspec(a.interval[0], a.interval[1], value[0], value[1])
+            _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "timerfd_settime")
+            if a.ticks:
+                ticks = ctypes.c_uint64(a.ticks)
+                _check(_libc.ioctl(fd, TFD_IOC_SET_TICKS, ctypes.byref(ticks)),
+                       "timerfd ioctl(TFD_IOC_SET_TICKS)")
+            return fd
+        case SignalfdFile(anon=a):
+            mask = ctypes.c_uint64(a.sigmask)
+            return _check(_libc.signalfd(-1, ctypes.byref(mask),
+                                         os.O_NONBLOCK if nonblock else 0), "signalfd")
+        case EpollFile():
+            return _check(_libc.epoll_create1(0), "epoll_create1")
+        case InotifyFile():
+            # its watches come once every fd of the task is in place (finish_inotify)
+            return _check(_libc.inotify_init1(os.O_NONBLOCK if nonblock else 0),
+                          "inotify_init1")
+    raise AnonError(0, f"{f.kind} is not restored")
 
 
-def finish_inotify(fds: list[dict], files: list[dict]) -> None:
+def finish_inotify(fds: list[FdRef], files: list[File]) -> None:
     """Add every inotify instance's watches back with their numbers, once
     every fd and mapped file of the task is in place (so that setting those
     up queues no event), a watch on a file deleted since on that inode
     through the task's fd still open on it (/proc/self/fd/N)."""
     fd_of = {}
     for d in fds:
-        fd_of.setdefault(d["file"], d["fd"])
+        fd_of.setdefault(d.file, d.fd)
     for d in fds:
-        f = files[d["file"]]
-        if f["kind"] != "anon:inotify" or f.get("anon") is None:
+        f = files[d.file]
+        if not isinstance(f, InotifyFile):
             continue
-        fd, next_wd = d["fd"], 1
-        for w in sorted(f["anon"]["watches"], key=lambda w: w["wd"]):
-            path = w.get("path")
-            if not path and w.get("file") in fd_of:
-                path = f"/proc/self/fd/{fd_of[w['file']]}"
+        fd, next_wd = d.fd, 1
+        for w in sorted(f.anon.watches, key=lambda w: w.wd):
+            path = w.path
+            if not path and w.file in fd_of:
+                path = f"/proc/self/fd/{fd_of[w.file]}"
             if not path:
-                raise AnonError(0, f"inotify watch {w['wd']}: its file was not found at "
+                raise AnonError(0, f"inotify watch {w.wd}: its file was not found at "
                                 "checkpoint")
-            while next_wd < w["wd"]:  # the original had removed watches here
+            while next_wd < w.wd:  # the original had removed watches here
                 tmp = _check(_libc.inotify_add_watch(fd, b"/", 0x100), "inotify_add_watch")
                 _libc.inotify_rm_watch(fd, tmp)
                 next_wd = tmp + 1
-            wd = _check(_libc.inotify_add_watch(fd, path.encode(), w["mask"]),
+            wd = _check(_libc.inotify_add_watch(fd, path.encode(), w.mask),
                         f"inotify_add_watch {path}")
-            if wd != w["wd"]:
-                raise AnonError(0, f"inotify watch on {path} got wd {wd}, not {w['wd']}")
+            if wd != w.wd:
+                raise AnonError(0, f"inotify watch on {path} got wd {wd}, not {w.wd}")
             next_wd = wd + 1
 
 
-def finish_epoll(fds: list[dict], files: list[dict]) -> None:
+def finish_epoll(fds: list[FdRef], files: list[File]) -> None:
     """Add every epoll instance's watched files back, now that all fds are in
     place.  An item is added under the fd number it had (`tfd`); when that
     number does not hold the item's file now (the original closed it or put
     another file there), the file (at `fd`) is put at that number for the
     epoll_ctl only, and the number given back what it held."""
-    cloexec = {d["fd"]: d["cloexec"] for d in fds}
+    cloexec = {d.fd: d.cloexec for d in fds}
     for d in fds:
-        f = files[d["file"]]
-        if f["kind"] != "anon:eventpoll":
+        f = files[d.file]
+        if not isinstance(f, EpollFile):
             continue
-        for t in f["anon"]["targets"]:
-            ev = epoll_event(t["events"], t["data"])
-            tfd, src = t["tfd"], t.get("fd", t["tfd"])
+        for t in f.anon.targets:
+            ev = epoll_event(t.events, t.data)
+            tfd, src = t.tfd, (t.tfd if t.fd is UNSET else t.fd)
             if src is None:
-                raise AnonError(0, f"epoll fd {d['fd']}: the file watched as fd {tfd} "
+                raise AnonError(0, f"epoll fd {d.fd}: the file watched as fd {tfd} "
                                 "was not open in the task")
             epoll_add_as(d["fd"], src, tfd, ev, cloexec.get(tfd, False))
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from statefile.format.records import FanotifyFile, FanotifyState, FdRef, File
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                 ctypes.c_char_p]
@@ -29,39 +31,40 @@ class FanotifyError(OSError):
     pass
 
 
-def open_fanotify(f: dict) -> int:
+def open_fanotify(f: FanotifyFile) -> int:
     """The group, without its marks (finish_fanotify adds them)."""
-    rec = f.get("anon") or {}
-    if "flags" not in rec:
-        raise FanotifyError(0, "fanotify: no saved state")
-    fd = _libc.fanotify_init(rec["flags"] & ~FAN_CLOEXEC, rec["event_flags"])
+    rec = f.anon
+    fd = _libc.fanotify_init(rec.flags & ~FAN_CLOEXEC, rec.event_flags)
     if fd < 0:
         e = ctypes.get_errno()
         raise FanotifyError(e, f"fanotify_init: {os.strerror(e)}")
     return fd
 
 
-def add_marks(fd: int, rec: dict) -> None:
-    for m in reversed(rec["marks"]):   # (fdinfo lists the newest first)
-        base = FAN_MARK_ADD | _TYPE_FLAGS[m["type"]] | m["mflags"] & FAN_MARK_EVICTABLE
-        ignore = FAN_MARK_IGNORE if m["mflags"] & FAN_MARK_IGNORE else FAN_MARK_IGNORED_MASK
-        ignore |= m["mflags"] & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE)
-        for flags, mask in ((base, m["mask"]), (base | ignore, m["ignored_mask"])):
+def add_marks(fd: int, rec: FanotifyState) -> None:
+    for m in reversed(rec.marks):   # (fdinfo lists the newest first)
+        base = FAN_MARK_ADD | _TYPE_FLAGS[m.type] | m.mflags & FAN_MARK_EVICTABLE
+        ignore = FAN_MARK_IGNORE if m.mflags & FAN_MARK_IGNORE else FAN_MARK_IGNORED_MASK
+        ignore |= m.mflags & (FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE)
+        for flags, mask in ((base, m.mask), (base | ignore, m.ignored_mask)):
             if not mask:
                 continue
-            if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, m["path"].encode()) < 0:
+            if m.path is None:
+                raise FanotifyError(0, f"fanotify mark on inode {m.ino}: its path was not found "
+                                    "at checkpoint")
+            if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, m.path.encode()) < 0:
                 e = ctypes.get_errno()
-                raise FanotifyError(e, f"fanotify mark on {m['path']}: {os.strerror(e)}")
+                raise FanotifyError(e, f"fanotify mark on {m.path}: {os.strerror(e)}")
 
 
-def finish_fanotify(fds: list[dict], files: list[dict]) -> None:
+def finish_fanotify(fds: list[FdRef], files: list[File]) -> None:
     """Every group's marks, once every fd and mapped file of the task is in
     place (so that setting those up queues no event); a group open on
     several fds gets its marks once."""
     done = set()
     for d in fds:
-        f = files[d["file"]]
-        if f["kind"] != KIND or f.get("anon") is None or d["file"] in done:
+        f = files[d.file]
+        if not isinstance(f, FanotifyFile) or d.file in done:
             continue
-        done.add(d["file"])
-        add_marks(d["fd"], f["anon"])
+        done.add(d.file)
+        add_marks(d.fd, f.anon)

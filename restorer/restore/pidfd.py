@@ -17,28 +17,25 @@ from __future__ import annotations
 import os
 
 from statefile.dump.pidfd import PIDFD_THREAD
+from statefile.format.records import File, PidfdFile, TaskNote
 
 from restorer.errors import RestoreError
 
 KIND = "anon:pidfd"
 
 
-def _rec(f: dict) -> dict:
-    return f.get("pidfd") or {}
+def is_dead(f: File) -> bool:
+    return isinstance(f, PidfdFile) and f.pidfd is not None and f.pidfd.pid == -1
 
 
-def is_dead(f: dict) -> bool:
-    return f["kind"] == KIND and _rec(f).get("pid") == -1
-
-
-def corpses(files: list[dict], tasks: list[dict]) -> dict[int, int]:
+def corpses(files: list[File], tasks: list[TaskNote]) -> dict[int, int]:
     """{file id: fd} of a pidfd on an exited process for every saved pidfd
     whose process had exited (in crrestart, before the tree is forked)."""
-    used = {d["file"] for t in tasks for d in t["fds"]}
-    by_ino: dict[int, list[dict]] = {}
+    used = {d.file for t in tasks for d in t.fds}
+    by_ino: dict[int, list[PidfdFile]] = {}
     for f in files:
-        if f["id"] in used and is_dead(f):
-            by_ino.setdefault(_rec(f).get("ino", -f["id"]), []).append(f)
+        if f.id in used and is_dead(f):
+            by_ino.setdefault(f.pidfd.ino, []).append(f)
     out: dict[int, int] = {}
     try:
         for group in by_ino.values():
@@ -47,8 +44,8 @@ def corpses(files: list[dict], tasks: list[dict]) -> dict[int, int]:
                 os._exit(0)
             try:
                 for f in group:
-                    out[f["id"]] = os.pidfd_open(child, f["flags"] & os.O_NONBLOCK |
-                                                 (PIDFD_THREAD if _rec(f).get("thread") else 0))
+                    out[f.id] = os.pidfd_open(child, f.flags & os.O_NONBLOCK |
+                                              (PIDFD_THREAD if f.pidfd.thread else 0))
             finally:
                 os.waitpid(child, 0)
     except OSError as e:
@@ -59,28 +56,30 @@ def corpses(files: list[dict], tasks: list[dict]) -> dict[int, int]:
     return out
 
 
-def inject(inj, task: dict, files: list[dict]) -> None:
+def inject(inj, task: TaskNote, files: list[File]) -> None:
     """Open the task's pidfds of live processes of the tree again (their pids
     are the ones the tasks see: restore_ns.to_inner rewrote them)."""
     opened: dict[int, int] = {}       # file id -> the task's fd holding it
-    for d in sorted(task["fds"], key=lambda d: d["fd"]):
-        f = files[d["file"]]
-        if f["kind"] != KIND or is_dead(f):
+    for d in sorted(task.fds, key=lambda d: d.fd):
+        f = files[d.file]
+        if not isinstance(f, PidfdFile) or is_dead(f):
             continue
-        cloexec = os.O_CLOEXEC if d["cloexec"] else 0
-        if d["file"] in opened:       # one open file description, several fds
-            inj.check("dup3", opened[d["file"]], d["fd"], cloexec)
+        cloexec = os.O_CLOEXEC if d.cloexec else 0
+        if d.file in opened:       # one open file description, several fds
+            inj.check("dup3", opened[d.file], d.fd, cloexec)
             continue
-        rec = _rec(f)
-        flags = f["flags"] & os.O_NONBLOCK | (PIDFD_THREAD if rec.get("thread") else 0)
+        rec = f.pidfd
+        if rec is None:
+            raise RestoreError("pidfds", f"fd {d.fd}: the process of this pidfd was not saved")
+        flags = f.flags & os.O_NONBLOCK | (PIDFD_THREAD if rec.thread else 0)
         try:
-            fd = inj.check("pidfd_open", rec["pid"], flags)
+            fd = inj.check("pidfd_open", rec.pid, flags)
         except OSError as e:
-            raise RestoreError("pidfds", f"fd {d['fd']}: cannot open a pidfd of pid "
-                               f"{rec.get('pid')} again ({e.strerror or e})") from None
-        if fd != d["fd"]:
-            inj.check("dup3", fd, d["fd"], cloexec)
+            raise RestoreError("pidfds", f"fd {d.fd}: cannot open a pidfd of pid "
+                               f"{rec.pid} again ({e.strerror or e})") from None
+        if fd != d.fd:
+            inj.check("dup3", fd, d.fd, cloexec)
             inj.check("close", fd)
         elif not cloexec:
             inj.check("fcntl", fd, 2, 0)      # F_SETFD: pidfd_open sets FD_CLOEXEC
-        opened[d["file"]] = d["fd"]
+        opened[d.file] = d.fd

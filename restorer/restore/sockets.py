@@ -6,17 +6,22 @@ from __future__ import annotations
 import socket
 
 from statefile.dump.sockets import SOCK_RCVBUF_LOCK, SOCK_SNDBUF_LOCK, SOCKOPTS
+from statefile.format.records import Socket
 
 
-def set_sockopts(sock: socket.socket, info: dict, before_bind: bool = False) -> None:
+def set_sockopts(sock: socket.socket, info: Socket, before_bind: bool = False) -> None:
     """Set the saved options (dump/sockets.py SOCKOPTS) that differ from this new
     socket's.  Buffer sizes only when the application had fixed them (SO_BUF_LOCK);
     IP_FREEBIND is left to bind_inet, SO_PEEK_OFF to the end (after the queue is
     refilled).  Raises OSError naming the option it cannot set."""
-    saved = info.get("sockopts") or {}
-    lock = saved.get("buf_lock", 0)
-    for name, value in saved.items():
-        if name in ("freebind", "peek_off", "buf_lock") or name not in SOCKOPTS:
+    saved = info.sockopts
+    if saved is None:
+        return
+    lock = saved.buf_lock
+    for name in saved.__struct_fields__:
+        value = getattr(saved, name)
+        if value is None or name in ("freebind", "peek_off", "buf_lock") \
+                or name not in SOCKOPTS:
             continue
         if name == "sndbuf" and not lock & SOCK_SNDBUF_LOCK:
             continue
@@ -51,8 +56,8 @@ def set_sockopts(sock: socket.socket, info: dict, before_bind: bool = False) -> 
         sock.setsockopt(socket.SOL_SOCKET, 72, lock)    # SO_BUF_LOCK
 
 
-def finish_sockopts(sock: socket.socket, info: dict) -> None:
+def finish_sockopts(sock: socket.socket, info: Socket) -> None:
     """Options set once the socket holds its data again (SO_PEEK_OFF)."""
-    off = (info.get("sockopts") or {}).get("peek_off", -1)
+    off = info.sockopts.peek_off if info.sockopts is not None else -1
     if off != -1:
         sock.setsockopt(socket.SOL_SOCKET, 42, off)
