@@ -31,6 +31,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from statefile.format.records import EpollFile, File, SocketFile, TaskNote
+
 from restorer.restore import unix as restore_unix
 from restorer.errors import RestoreError
 
@@ -42,19 +44,23 @@ class ScmPlan:
     in_flight: set[int] = field(default_factory=set)     # ids held only by messages
 
 
-def _peer(files: list[dict], f: dict) -> dict | None:
-    ino = f.get("socket", {}).get("peer_ino")
-    if not ino:
+_unix = restore_unix.unix_info
+
+
+def _peer(files: list[File], f: File) -> SocketFile | None:
+    info = _unix(f)
+    if info is None or not info.peer_ino:
         return None
-    return next((g for g in files if g.get("socket", {}).get("ino") == ino), None)
+    return next((g for g in files if (u := _unix(g)) is not None and u.ino == info.peer_ino),
+                None)
 
 
-def prepare(files: list[dict], tasks: list[dict], users: dict[int, set[int]]) -> ScmPlan:
+def prepare(files: list[File], tasks: list[TaskNote], users: dict[int, set[int]]) -> ScmPlan:
     """The files of the tree that take part in messages in flight (see the
     module docstring); files held only in flight are added to `users`."""
     plan = ScmPlan()
-    held = {d["file"] for t in tasks for d in t["fds"]}
-    todo = [fid for fid in held if files[fid].get("socket", {}).get("scm")]
+    held = {d.file for t in tasks for d in t.fds}
+    todo = [fid for fid in held if (u := _unix(files[fid])) is not None and u.scm]
     while todo:
         fid = todo.pop()
         if fid in plan.make:
@@ -63,34 +69,34 @@ def prepare(files: list[dict], tasks: list[dict], users: dict[int, set[int]]) ->
         f = files[fid]
         if fid not in held:
             plan.in_flight.add(fid)
-        info = f.get("socket", {})
-        peer = _peer(files, f) if info.get("family") == "unix" else None
+        info = _unix(f)
+        peer = _peer(files, f)
         if peer is not None:
-            todo.append(peer["id"])
-        if info.get("scm"):
+            todo.append(peer.id)
+        if info is not None and info.scm:
             plan.sockets.append(fid)
-            todo += [g for ids in info["scm"] for g in ids]
-        if f["kind"] == "anon:eventpoll" and fid not in held:
-            todo += [t["file"] for t in f["anon"]["targets"] if "file" in t]
+            todo += [g for ids in info.scm for g in ids]
+        if isinstance(f, EpollFile) and fid not in held:
+            todo += [t.file for t in f.anon.targets if t.file is not None]
     for fid in plan.in_flight:
         users.setdefault(fid, set()).add(0)
-    restore_unix.defer(set(plan.sockets) | {p["id"] for p in (
+    restore_unix.defer(set(plan.sockets) | {p.id for p in (
         _peer(files, files[s]) for s in plan.sockets) if p is not None})
     return plan
 
 
-def fill(plan: ScmPlan, files: list[dict], out: dict[int, int]) -> None:
+def fill(plan: ScmPlan, files: list[File], out: dict[int, int]) -> None:
     """Steps 3 (module docstring), once every file of plan.make is in `out`
     ({file id: fd}); the fds of the files held only in flight leave `out`."""
     missing = [fid for fid in plan.make if fid not in out]
     if missing:
         f = files[missing[0]]
-        raise RestoreError("sockets", f"{f['path']}, in flight in a unix socket, was not "
+        raise RestoreError("sockets", f"{f.path}, in flight in a unix socket, was not "
                            "made again")
     try:
         for fid in sorted(plan.in_flight):
             f = files[fid]
-            if f["kind"] == "anon:eventpoll":
+            if isinstance(f, EpollFile):
                 _epoll_targets(f, out)
         for fid in plan.sockets:
             _send_queue(files, files[fid], out)
@@ -105,18 +111,18 @@ def fill(plan: ScmPlan, files: list[dict], out: dict[int, int]) -> None:
         os.close(out.pop(fid))
 
 
-def _send_queue(files: list[dict], f: dict, out: dict[int, int]) -> None:
+def _send_queue(files: list[File], f: SocketFile, out: dict[int, int]) -> None:
     """f's saved queue sent again to it, each message with its files."""
-    info = f["socket"]
+    info = f.socket
     peer = _peer(files, f)
-    src = out.get(peer["id"]) if peer is not None else restore_unix.standins().get(f["id"])
+    src = out.get(peer.id) if peer is not None else restore_unix.standins().get(f.id)
     if src is None:
-        raise RestoreError("sockets", f"unix socket {f['path']}: nothing to send its "
+        raise RestoreError("sockets", f"unix socket {f.path}: nothing to send its "
                            "messages in flight again from")
     sock = socket.socket(fileno=os.dup(src))
     try:
         stream = sock.type == socket.SOCK_STREAM
-        for data, ids in zip(info.get("queue", []), info["scm"]):
+        for data, ids in zip(info.queue, info.scm):
             data = bytes.fromhex(data)
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                     array.array("i", [out[i] for i in ids]))] if ids else []
@@ -125,20 +131,20 @@ def _send_queue(files: list[dict], f: dict, out: dict[int, int]) -> None:
                 while stream and done < len(data):
                     done += sock.send(data[done:], socket.MSG_DONTWAIT)
             except OSError as e:
-                raise RestoreError("sockets", f"unix socket {f['path']}: cannot queue its "
+                raise RestoreError("sockets", f"unix socket {f.path}: cannot queue its "
                                    f"messages with fds in flight again: "
                                    f"{e.strerror or e}") from None
     finally:
         sock.close()
 
 
-def _epoll_targets(f: dict, out: dict[int, int]) -> None:
+def _epoll_targets(f: EpollFile, out: dict[int, int]) -> None:
     """An epoll held only in flight: each watched file added again with its
     events and data under the fd number it was added with (put there for the
     epoll_ctl only, and the number given back what it held in crrestart)."""
     from restorer.restore.anon import epoll_add_as, epoll_event
-    for t in f["anon"]["targets"]:
-        epfd, src, tfd = out[f["id"]], out[t["file"]], t["tfd"]
+    for t in f.anon.targets:
+        epfd, src, tfd = out[f.id], out[t.file], t.tfd
         if epfd == tfd:     # (the epoll itself is at that number in crrestart)
             epfd = fcntl.fcntl(epfd, fcntl.F_DUPFD_CLOEXEC, 3)
         try:
@@ -146,9 +152,9 @@ def _epoll_targets(f: dict, out: dict[int, int]) -> None:
                 cloexec = bool(fcntl.fcntl(tfd, fcntl.F_GETFD))
             except OSError:
                 cloexec = False
-            epoll_add_as(epfd, src, tfd, epoll_event(t["events"], t["data"]), cloexec)
+            epoll_add_as(epfd, src, tfd, epoll_event(t.events, t.data), cloexec)
         except OSError as e:
             raise RestoreError("epoll", f"an epoll in flight: {e}") from None
         finally:
-            if epfd != out[f["id"]]:
+            if epfd != out[f.id]:
                 os.close(epfd)

@@ -65,6 +65,8 @@ import socket
 import stat
 import tempfile
 
+from statefile.format.records import File, Sender, SocketFile, TaskNote, UnixName, UnixSocket
+
 from restorer.restore.sockets import finish_sockopts, set_sockopts
 
 from restorer.errors import RestoreError
@@ -78,25 +80,32 @@ RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
 _made: dict[int, int] = {}
 
 
-def _address(info: dict):
-    name = info.get("name")
+def unix_info(f: File) -> UnixSocket | None:
+    """The unix socket record of entry f, or None when it is no unix socket."""
+    if isinstance(f, SocketFile) and isinstance(f.socket, UnixSocket):
+        return f.socket
+    return None
+
+
+def _address(info: UnixSocket | UnixName | Sender):
+    name = info.name
     if not name:
         return None
-    return bytes.fromhex(name) if info.get("abstract") else name
+    return bytes.fromhex(name) if info.abstract else name
 
 
-def _finish(sock: socket.socket, f: dict) -> int:
-    info = f["socket"]
+def _finish(sock: socket.socket, f: SocketFile) -> int:
+    info = f.socket
     set_sockopts(sock, info)
-    if f["id"] in _deferred:    # its queue has fds in flight: restore_scm.fill
-        sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+    if f.id in _deferred:    # its queue has fds in flight: restore_scm.fill
+        sock.setblocking(not f.flags & os.O_NONBLOCK)
         return sock.detach()
-    how = info.get("shutdown", 0) & (RCV_SHUTDOWN | SEND_SHUTDOWN)
+    how = info.shutdown & (RCV_SHUTDOWN | SEND_SHUTDOWN)
     if how:
         sock.shutdown({SEND_SHUTDOWN: socket.SHUT_WR, RCV_SHUTDOWN: socket.SHUT_RD}.get(
             how, socket.SHUT_RDWR))
     finish_sockopts(sock, info)
-    sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+    sock.setblocking(not f.flags & os.O_NONBLOCK)
     return sock.detach()
 
 
@@ -113,7 +122,7 @@ def _live(path: str) -> bool:
         return True
 
 
-def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
+def _bind(sock: socket.socket, addr, info: UnixSocket | None = None) -> bool:
     """Bind sock to a saved name.  A socket file at the path that nobody is
     bound to (the killed original's) is replaced; one a live socket holds is
     left alone (EADDRINUSE).  The new socket file gets the saved owner and
@@ -131,7 +140,7 @@ def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
         sock.bind(addr)
     else:
         bind_abstract(sock, addr)
-    owner = (info or {}).get("file_owner")
+    owner = info.file_owner if info is not None else None
     if owner and isinstance(addr, str):
         # bound by crrestart (root): root's file, mode from the umask, else
         try:
@@ -150,14 +159,14 @@ def _bind(sock: socket.socket, addr, info: dict | None = None) -> bool:
     return new
 
 
-def _fill_pair(a: socket.socket, b: socket.socket, fa: dict, fb: dict) -> None:
+def _fill_pair(a: socket.socket, b: socket.socket, fa: SocketFile, fb: SocketFile) -> None:
     """Each end's saved queue sent again from the other end (one with fds in
     flight: later, by restore_scm.fill)."""
-    if "scm" not in fa["socket"]:
-        for data in fa["socket"].get("queue", []):
+    if not fa.socket.scm:
+        for data in fa.socket.queue:
             b.sendall(bytes.fromhex(data))
-    if "scm" not in fb["socket"]:
-        for data in fb["socket"].get("queue", []):
+    if not fb.socket.scm:
+        for data in fb.socket.queue:
             a.sendall(bytes.fromhex(data))
 
 
@@ -207,44 +216,44 @@ def bind_abstract(sock: socket.socket, addr: bytes, wait: float = 2.0) -> None:
         time.sleep(0.01)
 
 
-def finish_deferred(fd: int, f: dict) -> None:
+def finish_deferred(fd: int, f: SocketFile) -> None:
     """What _finish left for later: the shutdown state, then SO_PEEK_OFF."""
     sock = socket.socket(fileno=os.dup(fd))
     try:
-        how = f["socket"].get("shutdown", 0) & (RCV_SHUTDOWN | SEND_SHUTDOWN)
+        how = f.socket.shutdown & (RCV_SHUTDOWN | SEND_SHUTDOWN)
         if how:
             sock.shutdown({SEND_SHUTDOWN: socket.SHUT_WR, RCV_SHUTDOWN: socket.SHUT_RD}.get(
                 how, socket.SHUT_RDWR))
-        finish_sockopts(sock, f["socket"])
+        finish_sockopts(sock, f.socket)
     finally:
         sock.close()
 
 
-def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
+def open_unix(f: SocketFile, files: list[File], cwd: str | None = None) -> int:
     """The task's own unix socket (see the module docstring); `cwd` is the
     task's saved working directory, where a relative name is bound again."""
-    if f["id"] in _made:
-        return _made.pop(f["id"])
-    info = f["socket"]
-    stype = _TYPES[info["type"]]
-    if info.get("listening"):
+    if f.id in _made:
+        return _made.pop(f.id)
+    info = f.socket
+    stype = _TYPES[info.type]
+    if info.listening:
         sock = socket.socket(socket.AF_UNIX, stype)
         with _in_dir(cwd):
             _bind(sock, _address(info), info)  # (replacing the killed original's file)
-        sock.listen(info.get("max_backlog", 128))
+        sock.listen(info.max_backlog)
         return _finish(sock, f)
-    peer = next((g for g in files if g.get("socket", {}).get("ino") == info.get("peer_ino")
-                 and info.get("peer_ino")), None)
-    if peer is None and info.get("state") == 1 and not (
+    peer = next((g for g in files if info.peer_ino and (u := unix_info(g)) is not None
+                 and u.ino == info.peer_ino), None)
+    if peer is None and info.state == 1 and not (
             stype == socket.SOCK_DGRAM and _named(info)):
         # Connected, but its peer has closed: a pair whose other end sends
         # the unread data and closes (stream and seqpacket reads then see
         # end-of-file, writes EPIPE; a datagram socket's writes ECONNREFUSED).
         a, b = socket.socketpair(socket.AF_UNIX, stype)
-        if "scm" in info:       # fds in flight: sent by restore_scm.fill, then closed
-            _standins[f["id"]] = b.detach()
+        if info.scm:       # fds in flight: sent by restore_scm.fill, then closed
+            _standins[f.id] = b.detach()
             return _finish(a, f)
-        for data in info.get("queue", []):
+        for data in info.queue:
             b.sendall(bytes.fromhex(data))
         b.close()
         return _finish(a, f)
@@ -257,14 +266,14 @@ def open_unix(f: dict, files: list[dict], cwd: str | None = None) -> int:
         return _finish(sock, f)
     a, b = socket.socketpair(socket.AF_UNIX, stype)
     _fill_pair(a, b, f, peer)
-    _made[peer["id"]] = _finish(b, peer)
+    _made[peer.id] = _finish(b, peer)
     return _finish(a, f)
 
 
 # ------------------------------------------------------------ in the initiator
 
-def _named(info: dict) -> bool:
-    return bool(info.get("name"))
+def _named(info: UnixSocket) -> bool:
+    return bool(info.name)
 
 
 def _bind_in_chroot(binds: list[tuple[socket.socket, str]],
@@ -336,52 +345,52 @@ def _in_dir(path: str | None):
         os.close(here)
 
 
-def _err(f: dict, what: str, e: OSError) -> RestoreError:
-    name = f["socket"].get("name") or f["path"]
+def _err(f: SocketFile, what: str, e: OSError) -> RestoreError:
+    name = f.socket.name or f.path
     return RestoreError("sockets", f"unix socket {name}: {what}: {e.strerror or e}")
 
 
-def _gone(info: dict) -> bool:
+def _gone(info: UnixSocket) -> bool:
     """A socket bound to a path whose file was deleted or replaced since."""
-    return bool(info.get("file_gone")) and isinstance(_address(info), str)
+    return info.file_gone and isinstance(_address(info), str)
 
 
-def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dict[int, int]:
+def open_named(files: list[File], tasks: list[TaskNote],
+               warnings: list[str]) -> dict[int, int]:
     """Create the named unix sockets of the tree and the sockets connected to
     them (see the module docstring); returns {file id: fd} for the tasks to
     inherit."""
     cwd: dict[int, str] = {}
     for t in tasks:
-        for d in t["fds"]:
-            cwd.setdefault(d["file"], t.get("cwd") or "")
-    by_ino = {f["socket"]["ino"]: f for f in files
-              if f["id"] in cwd and f.get("socket", {}).get("family") == "unix"
-              and f["socket"].get("ino") and not f.get("skipped")}
+        for d in t.fds:
+            cwd.setdefault(d.file, t.cwd or "")
+    by_ino = {f.socket.ino: f for f in files
+              if f.id in cwd and unix_info(f) is not None and f.socket.ino and not f.skipped}
 
-    def peer_of(f: dict) -> dict | None:
-        return by_ino.get(f["socket"].get("peer_ino") or -1)
+    def peer_of(f: SocketFile) -> SocketFile | None:
+        return by_ino.get(f.socket.peer_ino or -1)
 
     dgram, pairs, ghosts, backlogs = [], [], [], []
     for f in by_ino.values():
-        info = f["socket"]
-        if info.get("type") not in _TYPES:
+        info = f.socket
+        if info.type not in _TYPES:
             continue
         peer = peer_of(f)
         mutual = peer is not None and peer is not f and peer_of(peer) is f
-        if info.get("backlog") or info.get("backlog_of"):
-            if info.get("backlog"):
+        if info.backlog or info.backlog_of:
+            if info.backlog:
                 backlogs.append(f)  # (with the clients waiting in it: _make_backlog)
             continue
-        if info.get("listening") or (info["type"] != "dgram" and not mutual):
-            if _gone(info) and (info.get("listening") or info.get("state") != 1):
+        if info.listening or (info.type != "dgram" and not mutual):
+            if _gone(info) and (info.listening or info.state != 1):
                 ghosts.append(f)    # (listening, or not connected): its name, no file
             continue
-        if not (_named(info) or (peer is not None and _named(peer["socket"]))):
+        if not (_named(info) or (peer is not None and _named(peer.socket))):
             continue
         if mutual:
-            if f["id"] < peer["id"]:
+            if f.id < peer.id:
                 pairs.append((f, peer))
-        elif info["type"] == "dgram":
+        elif info.type == "dgram":
             dgram.append(f)
             if _gone(info):
                 ghosts.append(f)
@@ -392,51 +401,51 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
         for fa, fb in pairs:
             _make_pair(fa, fb, socks, warnings)
         for f in ghosts:
-            if f["socket"]["type"] != "dgram":
-                socks[f["id"]] = socket.socket(socket.AF_UNIX, _TYPES[f["socket"]["type"]])
+            if f.socket.type != "dgram":
+                socks[f.id] = socket.socket(socket.AF_UNIX, _TYPES[f.socket.type])
         for f in dgram:             # bound first ...
-            s = socks[f["id"]] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            if _named(f["socket"]) and not _gone(f["socket"]):
-                with _in_dir(cwd[f["id"]]):
+            s = socks[f.id] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            if _named(f.socket) and not _gone(f.socket):
+                with _in_dir(cwd[f.id]):
                     try:
-                        _bind(s, _address(f["socket"]), f["socket"])
+                        _bind(s, _address(f.socket), f.socket)
                     except OSError as e:
                         raise _err(f, "cannot bind it again", e) from None
-        senders = {(g["socket"]["name"], bool(g["socket"].get("abstract"))): socks[g["id"]]
+        senders = {(g.socket.name, g.socket.abstract): socks[g.id]
                    for g in dgram + [g for p in pairs for g in p]
-                   if g["socket"]["type"] == "dgram" and _named(g["socket"])}
+                   if g.socket.type == "dgram" and _named(g.socket)}
         for f in ghosts:            # ... a name without a file: in a private root,
             _make_ghost(f, socks, [c for c in dgram if peer_of(c) is f],
                         senders, peer_of(f))
-        waiting = {f["id"]: _make_backlog(f, by_ino, socks, cwd) for f in backlogs}
+        waiting = {f.id: _make_backlog(f, by_ino, socks, cwd) for f in backlogs}
         for f in dgram:             # ... then connected
             peer = peer_of(f)
             if peer is None:
-                if f["socket"].get("peer_ino"):
-                    raise RestoreError("sockets", f"unix socket {f['path']}: its peer is "
+                if f.socket.peer_ino:
+                    raise RestoreError("sockets", f"unix socket {f.path}: its peer is "
                                        "not in the tree")
                 continue
-            if _gone(peer["socket"]):
+            if _gone(peer.socket):
                 continue            # (connected in the ghost's private root)
-            with _in_dir(cwd[peer["id"]]):
+            with _in_dir(cwd[peer.id]):
                 try:
-                    socks[f["id"]].connect(_address(peer["socket"]))
+                    socks[f.id].connect(_address(peer.socket))
                 except OSError as e:
                     raise _err(peer, "cannot connect to it again", e) from None
         for f in dgram:
-            if not _gone(f["socket"]):
+            if not _gone(f.socket):
                 _resend(f, socks, peer_of(f), senders, made, cwd)
         for f in ghosts:
-            if f["socket"].get("listening"):
-                socks[f["id"]].listen(128)
-        for f in dgram + [g for g in ghosts if g["socket"]["type"] != "dgram"]:
-            out[f["id"]] = _finish(socks.pop(f["id"]), f)
+            if f.socket.listening:
+                socks[f.id].listen(128)
+        for f in dgram + [g for g in ghosts if g.socket.type != "dgram"]:
+            out[f.id] = _finish(socks.pop(f.id), f)
         for fa, fb in pairs:
-            out[fa["id"]] = _finish(socks.pop(fa["id"]), fa)
-            out[fb["id"]] = _finish(socks.pop(fb["id"]), fb)
+            out[fa.id] = _finish(socks.pop(fa.id), fa)
+            out[fb.id] = _finish(socks.pop(fb.id), fb)
         for f in backlogs:
-            for g in [f] + waiting[f["id"]]:
-                out[g["id"]] = _finish(socks.pop(g["id"]), g)
+            for g in [f] + waiting[f.id]:
+                out[g.id] = _finish(socks.pop(g.id), g)
     except BaseException as e:
         for s in socks.values():
             s.close()
@@ -454,18 +463,18 @@ def open_named(files: list[dict], tasks: list[dict], warnings: list[str]) -> dic
     return out
 
 
-def _make_ghost(f: dict, socks: dict, clients: list[dict], senders: dict,
-                peer: dict | None) -> None:
+def _make_ghost(f: SocketFile, socks: dict, clients: list[SocketFile], senders: dict,
+                peer: SocketFile | None) -> None:
     """A socket whose file was deleted or replaced: bound to its name in a
     private root (so it has the name, and the path is left as it is now),
     where the datagram sockets connected to it connect again and its queued
     datagrams are sent to it again."""
-    sock, name = socks[f["id"]], _address(f["socket"])
+    sock, name = socks[f.id], _address(f.socket)
 
     def then() -> None:
         for c in clients:
-            socks[c["id"]].connect(name)
-        if f["socket"]["type"] == "dgram":
+            socks[c.id].connect(name)
+        if f.socket.type == "dgram":
             _resend(f, socks, peer, senders, None, {})
     if not _bind_in_chroot([(sock, name)], then):
         raise RestoreError("sockets", f"unix socket {name}: its file was deleted or "
@@ -473,8 +482,8 @@ def _make_ghost(f: dict, socks: dict, clients: list[dict], senders: dict,
                            "(no private root could be made)")
 
 
-def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
-                  cwd: dict[int, str]) -> list[dict]:
+def _make_backlog(f: SocketFile, by_ino: dict[int, SocketFile], socks: dict,
+                  cwd: dict[int, str]) -> list[SocketFile]:
     """A listening socket with connections waiting to be accepted: bound
     again and listening, then each waiting client (a named one bound to its
     name first) connects to it again, in the saved queue order, so accept()
@@ -482,39 +491,39 @@ def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
     while they connect if the program had lowered it below the queue).  A
     listener whose file is gone does so in its private root.  Returns the
     clients' file entries (their sockets are in `socks`)."""
-    info = f["socket"]
-    stype = _TYPES[info["type"]]
+    info = f.socket
+    stype = _TYPES[info.type]
     name = _address(info)
     try:
-        clients = [by_ino[i] for i in info["backlog"]]
+        clients = [by_ino[i] for i in info.backlog]
     except KeyError:
         raise RestoreError("sockets", f"unix socket {_shown(info)}: a connection waiting "
                            "to be accepted is not in the tree") from None
-    lsk = socks[f["id"]] = socket.socket(socket.AF_UNIX, stype)
+    lsk = socks[f.id] = socket.socket(socket.AF_UNIX, stype)
     for c in clients:
-        csk = socks[c["id"]] = socket.socket(socket.AF_UNIX, stype)
-        addr = _address(c["socket"])
+        csk = socks[c.id] = socket.socket(socket.AF_UNIX, stype)
+        addr = _address(c.socket)
         if not addr:
             continue
-        if _gone(c["socket"]):
+        if _gone(c.socket):
             ok = _bind_in_chroot([(csk, addr)])
         else:
-            with _in_dir(cwd.get(c["id"])):
+            with _in_dir(cwd.get(c.id)):
                 try:
-                    _bind(csk, addr, c["socket"])
+                    _bind(csk, addr, c.socket)
                     ok = True
                 except OSError:
                     ok = False
         if not ok:
-            raise RestoreError("sockets", f"unix socket {_shown(c['socket'])}: cannot bind "
+            raise RestoreError("sockets", f"unix socket {_shown(c.socket)}: cannot bind "
                                "it again (its connection waits to be accepted)")
-    limit = info.get("max_backlog", 128)
+    limit = info.max_backlog
 
     def connect_all() -> None:
         lsk.listen(max(limit, len(clients)))
         for c in clients:
-            socks[c["id"]].setblocking(False)    # (never waits: the queue has room)
-            socks[c["id"]].connect(name)
+            socks[c.id].setblocking(False)    # (never waits: the queue has room)
+            socks[c.id].connect(name)
         if limit < len(clients):
             lsk.listen(limit)
     if _gone(info):
@@ -523,7 +532,7 @@ def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
                                "or replaced, and it cannot get its name and its waiting "
                                "connections back without one (no private root could be made)")
         return clients
-    with _in_dir(cwd.get(f["id"])):
+    with _in_dir(cwd.get(f.id)):
         try:
             _bind(lsk, name, info)
         except OSError as e:
@@ -535,15 +544,15 @@ def _make_backlog(f: dict, by_ino: dict[int, dict], socks: dict,
     return clients
 
 
-def reconnects(info: dict) -> bool:
+def reconnects(info: UnixSocket) -> bool:
     """Whether policy 'external-unix' connects this socket to its peer's name
     again (statefile/check/support.py: fd:socket:unix-external-dgram), rather than
     restoring it as a connection its peer has closed."""
-    name = info.get("peer_name")
-    return info.get("type") == "dgram" and bool(name) and not name.get("file_gone")
+    name = info.peer_name
+    return info.type == "dgram" and name is not None and not name.file_gone
 
 
-def open_external(f: dict, cwd: str | None = None) -> int:
+def open_external(f: SocketFile, cwd: str | None = None) -> int:
     """A socket connected to a process outside the tree (policy
     'external-unix').  A datagram socket whose peer has a name: a new one,
     bound again to its own name if it had one, connected to the peer's name
@@ -551,14 +560,14 @@ def open_external(f: dict, cwd: str | None = None) -> int:
     naming the peer when nothing is bound there any more.  Any other: one end
     of a new pair whose other end sends the bytes it had not read and closes,
     as if the process outside had gone."""
-    info = f["socket"]
+    info = f.socket
     if not reconnects(info):
-        a, b = socket.socketpair(socket.AF_UNIX, _TYPES[info["type"]])
+        a, b = socket.socketpair(socket.AF_UNIX, _TYPES[info.type])
         with b:
-            for data in info.get("queue", []):
+            for data in info.queue:
                 b.sendall(bytes.fromhex(data))
         return _finish(a, f)
-    peer = _address(info.get("peer_name") or {})
+    peer = _address(info.peer_name)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         with _in_dir(cwd):
@@ -576,23 +585,24 @@ def open_external(f: dict, cwd: str | None = None) -> int:
         raise
 
 
-def shown_peer(f: dict) -> str:
+def shown_peer(f: SocketFile) -> str:
     """The name of a socket's peer outside the tree, as a user writes it."""
-    return _shown(f["socket"].get("peer_name") or {}) or "?"
+    peer = f.socket.peer_name
+    return (_shown(peer) if peer is not None else "") or "?"
 
 
-def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
+def _make_pair(fa: SocketFile, fb: SocketFile, socks: dict, warnings: list[str]) -> None:
     """A connected pair with a name at one end or both: a socketpair whose ends
     get the saved names (paths in a private chroot, one per end: both may have
     the same name; abstract names of a datagram pair bound here; an accepted
     stream connection's abstract name, the listener's, cannot be held by a
     second socket: left out)."""
-    stype = _TYPES[fa["socket"]["type"]]
+    stype = _TYPES[fa.socket.type]
     a, b = socket.socketpair(socket.AF_UNIX, stype)
-    socks[fa["id"]], socks[fb["id"]] = a, b
+    socks[fa.id], socks[fb.id] = a, b
     lost = []
     for sock, f in ((a, fa), (b, fb)):
-        addr = _address(f["socket"])
+        addr = _address(f.socket)
         if isinstance(addr, str):           # (a relative name stays relative)
             if not _bind_in_chroot([(sock, addr)]):
                 lost.append(f)
@@ -604,39 +614,40 @@ def _make_pair(fa: dict, fb: dict, socks: dict, warnings: list[str]) -> None:
         elif addr:
             lost.append(f)
     for f in lost:
-        warnings.append(f"unix socket {f['path']}: its name "
-                        f"{_shown(f['socket'])} was not given back (it comes back unnamed)")
+        warnings.append(f"unix socket {f.path}: its name "
+                        f"{_shown(f.socket)} was not given back (it comes back unnamed)")
     _fill_pair(a, b, fa, fb)
 
 
-def _shown(info: dict) -> str:
-    name = info.get("name") or ""
-    if info.get("abstract"):
+def _shown(info: UnixSocket | UnixName | Sender) -> str:
+    name = info.name or ""
+    if info.abstract:
         return "@" + bytes.fromhex(name)[1:].decode(errors="replace")
     return name
 
 
-def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[str] | None,
+def _resend(f: SocketFile, socks: dict, peer: SocketFile | None, by_name: dict,
+            made: list[str] | None,
             cwd: dict) -> None:
     """Send f's queued datagrams again, in order, each from its sender's name.
     made None: in a ghost's private root (_make_ghost), where a transient
     sender is bound inside that root and nothing is recorded."""
-    info = f["socket"]
-    queue = info.get("queue", [])
+    info = f.socket
+    queue = info.queue
     if not queue:
         return
-    senders = info.get("senders") or [None] * len(queue)
+    senders = info.senders or [None] * len(queue)
     dest = _address(info)
     transient: dict[tuple, socket.socket] = {}
     try:
         for data, who in zip(queue, senders):
             data = bytes.fromhex(data)
             if peer is not None:        # a connected socket hears only its peer
-                src = socks.get(peer["id"])
+                src = socks.get(peer.id)
             elif who is None:
                 src = None
             else:
-                key = (who["name"], bool(who.get("abstract")))
+                key = (who.name, bool(who.abstract))
                 src = by_name.get(key) or transient.get(key)
                 if src is None:
                     src = transient[key] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -647,7 +658,7 @@ def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[s
                                 os.makedirs(os.path.dirname(addr), exist_ok=True)
                             src.bind(addr)
                         else:
-                            with _in_dir(cwd.get(f["id"])):
+                            with _in_dir(cwd.get(f.id)):
                                 if _bind(src, addr):
                                     made.append(os.path.abspath(addr))
                     except OSError as e:
@@ -657,7 +668,7 @@ def _resend(f: dict, socks: dict, peer: dict | None, by_name: dict, made: list[s
             one = src if src is not None else socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
                 one.setblocking(False)
-                with _in_dir(cwd.get(f["id"])):
+                with _in_dir(cwd.get(f.id)):
                     if dest is None:
                         one.send(data)
                     else:
