@@ -40,8 +40,10 @@ import fcntl
 import os
 import struct
 
-from statefile.format.records import Record  # (transitional: issue 15)
+from msgspec import UNSET
+
 from statefile.dump.locks import FASYNC
+from statefile.format.records import File, FileLock, PosixLock, TaskNote
 
 from restorer.errors import RestoreError
 
@@ -55,55 +57,57 @@ assert _FLOCK.size == 32
 NONE = 2**32 - 1                       # (uid_t)-1: leave this id as it is
 
 
-def flock_struct(lk: dict) -> bytes:
-    end = lk.get("end")
-    start = lk.get("start", 0)
-    length = 0 if end is None else end - start + 1
-    return _FLOCK.pack(LOCK_TYPE[lk["type"]], os.SEEK_SET, start, length, 0)
+def _end(lk: PosixLock | FileLock) -> int | None:
+    """The last byte of a lock, None: to end of file (a flock has none)."""
+    return None if lk.end is UNSET else lk.end
 
 
-def _needs_owner(f: dict) -> bool:
-    return bool(f.get("fown") or f.get("lease") or f.get("flags", 0) & FASYNC)
+def flock_struct(lk: PosixLock | FileLock) -> bytes:
+    end = _end(lk)
+    length = 0 if end is None else end - lk.start + 1
+    return _FLOCK.pack(LOCK_TYPE[lk.type], os.SEEK_SET, lk.start, length, 0)
 
 
-def _int(v, lo: int = 0, hi: int = 2**63 - 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+def _needs_owner(f: File) -> bool:
+    return bool(f.fown or f.lease or f.flags & FASYNC)
 
 
-def _range_ok(lk: dict) -> bool:
-    end = lk.get("end")
-    return _int(lk.get("start")) and (end is None or _int(end, lk["start"]))
+def _in(v: int, lo: int = 0, hi: int = 2**63 - 1) -> bool:
+    return lo <= v <= hi
+
+
+def _range_ok(lk: PosixLock | FileLock) -> bool:
+    end = _end(lk)
+    return _in(lk.start) and (end is None or _in(end, lk.start))
 
 
 def check(sf) -> None:
     """Raise ValueError for lock, lease or owner records this restorer could
-    not use (a foreign or damaged writer), before anything is created."""
+    not use (values the typed decode lets through), before anything is created."""
     def bad(what: str) -> ValueError:
         return ValueError(f"malformed {what}")
     nfiles = len(sf.files)
     for t in sf.tasks:
-        fds = {d["fd"] for d in t["fds"]}
-        for lk in t.get("locks", []):
-            if not (isinstance(lk, (dict, Record)) and lk.get("type") in LOCK_TYPE and _range_ok(lk)
-                    and lk.get("fd") in fds and _int(lk.get("file"), 0, nfiles - 1)):
-                raise bad(f"POSIX lock of pid {t['pid']}")
+        fds = {d.fd for d in t.fds}
+        for lk in t.locks:
+            if not (lk.type in LOCK_TYPE and _range_ok(lk) and lk.fd in fds
+                    and _in(lk.file, 0, nfiles - 1)):
+                raise bad(f"POSIX lock of pid {t.pid}")
     for f in sf.files:
-        for lk in f.get("locks", []):
-            if not (isinstance(lk, (dict, Record)) and lk.get("type") in LOCK_TYPE and (
-                    lk.get("kind") == "flock" or (lk.get("kind") == "ofd" and _range_ok(lk)))):
-                raise bad(f"lock of {f['path']}")
-        le = f.get("lease")
-        if le is not None and not (isinstance(le, (dict, Record)) and (
-                (le.get("state") == "active" and le.get("type") in LOCK_TYPE)
-                or (le.get("state") == "breaking" and le.get("type") in ("read", "unlck")))):
-            raise bad(f"lease of {f['path']}")
-        fo = f.get("fown")
-        if fo is not None and not (isinstance(fo, (dict, Record)) and fo.get("pid_type") in OWNER_TYPE
-                                   and _int(fo.get("pid"), 0, 2**31 - 1)
-                                   and _int(fo.get("signum", 0), 0, 64)
-                                   and all(_int(fo.get(k, 0), 0, 2**32 - 2)
-                                           for k in ("uid", "euid"))):
-            raise bad(f"SIGIO owner of {f['path']}")
+        for lk in f.locks:
+            if not (lk.type in LOCK_TYPE and (lk.kind == "flock" or _range_ok(lk))):
+                raise bad(f"lock of {f.path}")
+        le = f.lease
+        if le is not None and not (
+                (le.state == "active" and le.type in LOCK_TYPE)
+                or (le.state == "breaking" and le.type in ("read", "unlck"))):
+            raise bad(f"lease of {f.path}")
+        fo = f.fown
+        if fo is not None and not (fo.pid_type in OWNER_TYPE and _in(fo.pid, 0, 2**31 - 1)
+                                   and _in(fo.signum, 0, 64)
+                                   and all(v is None or _in(v, 0, 2**32 - 2)
+                                           for v in (fo.uid, fo.euid))):
+            raise bad(f"SIGIO owner of {f.path}")
 
 
 def assign(sf) -> None:
@@ -113,35 +117,36 @@ def assign(sf) -> None:
     pid namespace are translated, as restore_ns.to_inner did for the tasks)."""
     from restorer.restore.ns import own_pidns
     check(sf)
-    ids = {int(k): int(v) for k, v in ((own_pidns(sf) or {}).get("ids") or {}).items()}
+    pidns = own_pidns(sf)
+    ids = {int(k): v for k, v in pidns.ids.items()} if pidns is not None else {}
     holders: dict[int, list[tuple[int, int]]] = {}
     tids: dict[int, int] = {}
     for t in sf.tasks:
-        for th in t.get("threads", []):
-            tids[th["tid"]] = t["pid"]
-        for d in sorted(t["fds"], key=lambda d: d["fd"]):
-            holders.setdefault(d["file"], []).append((t["pid"], d["fd"]))
+        for th in t.threads:
+            tids[th.tid] = t.pid
+        for d in sorted(t.fds, key=lambda d: d.fd):
+            holders.setdefault(d.file, []).append((t.pid, d.fd))
 
     def prefer(hs: list[tuple[int, int]], pid: int | None) -> list[int]:
         return list(next((h for h in hs if h[0] == pid), hs[0]))
     for f in sf.files:
-        hs = holders.get(f["id"])
-        if not hs or f.get("skipped"):
+        hs = holders.get(f.id)
+        if not hs or f.skipped:
             continue
-        lk = (f.get("locks") or [{}])[0] if f.get("locks") else f.get("lease")
-        if lk:
-            f["_locks_by"] = prefer(hs, ids.get(lk.get("pid"), lk.get("pid")))
+        lk = f.locks[0] if f.locks else f.lease
+        if lk is not None:
+            f._locks_by = prefer(hs, ids.get(lk.pid, lk.pid))
         if _needs_owner(f):
-            fo = f.get("fown") or {}
-            owner = ids.get(fo.get("pid"), fo.get("pid"))
-            if fo.get("pid_type") == "tid":
+            pid = f.fown.pid if f.fown is not None else 0
+            owner = ids.get(pid, pid)
+            if f.fown is not None and f.fown.pid_type == "tid":
                 owner = tids.get(owner, owner)
-            f["_fown_by"] = prefer(hs, owner)
-            f["_fown_pid"] = ids.get(fo.get("pid", 0), fo.get("pid", 0))
+            f._fown_by = prefer(hs, owner)
+            f._fown_pid = ids.get(pid, pid)
 
 
-def _mine(f: dict, key: str, pid: int, fd: int) -> bool:
-    return f.get(key) == [pid, fd]
+def _mine(f: File, key: str, pid: int, fd: int) -> bool:
+    return getattr(f, key, None) == [pid, fd]
 
 
 # --- in the task (restore_files.child_setup) ------------------------------------------
@@ -150,51 +155,49 @@ class LockError(Exception):
     pass
 
 
-def _held_elsewhere(f: dict, what: str, e: OSError) -> LockError:
+def _held_elsewhere(f: File, what: str, e: OSError) -> LockError:
     if e.errno in (errno.EAGAIN, errno.EACCES):
-        return LockError(f"{f['path']}: its {what} cannot be taken again: a process outside "
+        return LockError(f"{f.path}: its {what} cannot be taken again: a process outside "
                          "the restored tree holds a conflicting lock or open (is the "
                          "checkpointed tree still running?)")
-    return LockError(f"{f['path']}: its {what} cannot be taken again ({e.strerror or e})")
+    return LockError(f"{f.path}: its {what} cannot be taken again ({e.strerror or e})")
 
 
-def take_in_task(task: dict, files: list[dict]) -> None:
+def take_in_task(task: TaskNote, files: list[File]) -> None:
     """OFD locks, flock locks and leases of the descriptions this task takes
     (assign() chose it); runs in the task, its fds in place.  Raises LockError."""
-    pid = task["pid"]
-    for d in sorted(task["fds"], key=lambda d: d["fd"]):
-        f, fd = files[d["file"]], d["fd"]
+    pid = task.pid
+    for d in sorted(task.fds, key=lambda d: d.fd):
+        f, fd = files[d.file], d.fd
         if not _mine(f, "_locks_by", pid, fd):
             continue
-        for lk in f.get("locks", []):
+        for lk in f.locks:
             try:
-                if lk["kind"] == "flock":
-                    op = fcntl.LOCK_EX if lk["type"] == "write" else fcntl.LOCK_SH
+                if lk.kind == "flock":
+                    op = fcntl.LOCK_EX if lk.type == "write" else fcntl.LOCK_SH
                     fcntl.flock(fd, op | fcntl.LOCK_NB)
                 else:
                     fcntl.fcntl(fd, F_OFD_SETLK, flock_struct(lk))
             except OSError as e:
-                raise _held_elsewhere(f, "flock" if lk["kind"] == "flock" else "OFD lock",
+                raise _held_elsewhere(f, "flock" if lk.kind == "flock" else "OFD lock",
                                       e) from None
-        if f.get("lease"):
+        if f.lease is not None:
             _take_lease(f, fd)
 
 
-def _take_lease(f: dict, fd: int) -> None:
-    le = f["lease"]
-    rdonly = f.get("flags", 0) & os.O_ACCMODE == os.O_RDONLY
-    if le["state"] == "breaking":
+def _take_lease(f: File, fd: int) -> None:
+    le = f.lease
+    rdonly = f.flags & os.O_ACCMODE == os.O_RDONLY
+    if le.state == "breaking":
         # being broken to a read lease: it was a write lease, broken by a
         # reader; to no lease: a write or a read lease, broken by a writer
-        typ = "write" if le["type"] == "read" or not rdonly else "read"
-        breaker = os.O_RDONLY if le["type"] == "read" else os.O_WRONLY
+        typ = "write" if le.type == "read" or not rdonly else "read"
+        breaker = os.O_RDONLY if le.type == "read" else os.O_WRONLY
     else:
-        typ, breaker = le["type"], None
+        typ, breaker = le.type, None
     try:
         fcntl.fcntl(fd, F_SETLEASE, LOCK_TYPE[typ])
-    except (OSError, KeyError) as e:
-        if isinstance(e, KeyError):
-            raise LockError(f"{f['path']}: lease type {le['type']} unknown") from None
+    except OSError as e:
         raise _held_elsewhere(f, f"{typ} lease", e) from None
     if breaker is None:
         return
@@ -204,10 +207,10 @@ def _take_lease(f: dict, fd: int) -> None:
     except BlockingIOError:
         return                       # EWOULDBLOCK: the lease is being broken
     except OSError as e:
-        raise LockError(f"{f['path']}: its lease cannot be put back in its breaking state "
+        raise LockError(f"{f.path}: its lease cannot be put back in its breaking state "
                         f"({e.strerror})") from None
     os.close(probe)
-    raise LockError(f"{f['path']}: its lease cannot be put back in its breaking state")
+    raise LockError(f"{f.path}: its lease cannot be put back in its breaking state")
 
 
 # --- by injection (restore_task.TaskRestorer) -------------------------------------------
@@ -221,31 +224,33 @@ def _ids(rpid: int, tid: int) -> tuple[int, int]:
     return 0, 0
 
 
-def set_owners(inj, task: dict, files: list[dict], rpid: int, scratch: int) -> None:
+def set_owners(inj, task: TaskNote, files: list[File], rpid: int, scratch: int) -> None:
     """O_ASYNC, F_SETOWN_EX (with the saved uid/euid) and F_SETSIG for every
     description this task sets up (assign())."""
-    pid = task["pid"]
-    for d in sorted(task["fds"], key=lambda d: d["fd"]):
-        f, fd = files[d["file"]], d["fd"]
+    pid = task.pid
+    for d in sorted(task.fds, key=lambda d: d.fd):
+        f, fd = files[d.file], d.fd
         if not _mine(f, "_fown_by", pid, fd):
             continue
         try:
             _set_owner(inj, f, fd, rpid, scratch)
         except OSError as e:
-            raise RestoreError("file owners", f"fd {fd} ({f['path']}): {e}") from None
+            raise RestoreError("file owners", f"fd {fd} ({f.path}): {e}") from None
 
 
-def _set_owner(inj, f: dict, fd: int, rpid: int, scratch: int) -> None:
-    if f.get("flags", 0) & FASYNC:
+def _set_owner(inj, f: File, fd: int, rpid: int, scratch: int) -> None:
+    if f.flags & FASYNC:
         # registered again through this fd (its number is the signal's si_fd)
         cur = inj.check("fcntl", fd, F_GETFL)
         inj.check("fcntl", fd, F_SETFL, cur & ~FASYNC)
         inj.check("fcntl", fd, F_SETFL, cur | FASYNC)
-    fo = f.get("fown") or {}
-    owner = f.get("_fown_pid", 0)      # as the tasks see it (assign())
-    inj.write(scratch, struct.pack("ii", OWNER_TYPE.get(fo.get("pid_type"), 1), owner))
+    fo = f.fown
+    owner = getattr(f, "_fown_pid", 0)      # as the tasks see it (assign())
+    inj.write(scratch, struct.pack("ii", OWNER_TYPE[fo.pid_type] if fo is not None else 1,
+                                   owner))
     now = _ids(rpid, inj.tid)
-    want = (fo.get("uid", now[0]), fo.get("euid", now[1]))
+    want = now if fo is None else (now[0] if fo.uid is None else fo.uid,
+                                   now[1] if fo.euid is None else fo.euid)
     if owner and want != now:
         inj.check("setresuid", want[0], want[1], NONE)
         try:
@@ -254,19 +259,19 @@ def _set_owner(inj, f: dict, fd: int, rpid: int, scratch: int) -> None:
             inj.check("setresuid", now[0], now[1], NONE)
     else:
         inj.check("fcntl", fd, F_SETOWN_EX, scratch)
-    inj.check("fcntl", fd, F_SETSIG, fo.get("signum", 0))
+    inj.check("fcntl", fd, F_SETSIG, fo.signum if fo is not None else 0)
 
 
-def take_posix(inj, task: dict, files: list[dict], scratch: int) -> None:
+def take_posix(inj, task: TaskNote, files: list[File], scratch: int) -> None:
     """The task's own POSIX locks, by injected fcntl(F_SETLK) through the fd
     each was taken through."""
-    for lk in task.get("locks", []):
-        f = files[lk["file"]]
-        if f.get("skipped") and f["kind"] != "regular":
+    for lk in task.locks:
+        f = files[lk.file]
+        if f.skipped and f.kind != "regular":
             continue
         inj.write(scratch, flock_struct(lk))
-        res = inj.call("fcntl", lk["fd"], F_SETLK, scratch)
+        res = inj.call("fcntl", lk.fd, F_SETLK, scratch)
         if res < 0:
             e = OSError(-res, os.strerror(-res))
-            raise RestoreError("file locks", str(_held_elsewhere(f, f"POSIX {lk['type']} "
+            raise RestoreError("file locks", str(_held_elsewhere(f, f"POSIX {lk.type} "
                                "lock", e)))
