@@ -34,7 +34,11 @@ import fcntl
 import mmap
 import os
 
+from msgspec import UNSET
+
 from statefile.format.integrity import DamagedError, SegmentReader
+from statefile.format.records import (DeletedFileObject, Mapping, MemfdObject, RegularFile,
+                                      Segment, Shmem, TmpfsFileObject)
 
 from restorer.errors import RestoreError, ValidationError
 from restorer.release.guard import journal_path
@@ -63,10 +67,10 @@ def extra_key(obj: int, rw: bool) -> str:
     return f"shmem:{obj}:{'rw' if rw else 'ro'}"
 
 
-def mapped_rw(m: dict) -> bool:
+def mapped_rw(m: Mapping) -> bool:
     """A mapping is made from the O_RDWR fd when it is shared and may be
     writable (VM_MAYWRITE, "mw"), else from the O_RDONLY one, as before."""
-    return m["perms"][3] == "s" and "mw" in m.get("vmflags", [])
+    return m.perms[3] == "s" and "mw" in m.vmflags
 
 
 def _dev(devstr: str) -> tuple[int, int]:
@@ -74,36 +78,41 @@ def _dev(devstr: str) -> tuple[int, int]:
     return int(maj, 16), int(mnr, 16)
 
 
-def describe(o: dict) -> str:
-    if o["kind"] == "memfd":
-        return f"memfd {o.get('name', '')!r}"
-    if o["kind"] == "deleted":
-        return f"deleted shared file {o.get('path')}"
-    return f"tmpfs file {o.get('path')}"
+def describe(o: Shmem) -> str:
+    if isinstance(o, MemfdObject):
+        return f"memfd {o.name or ''!r}"
+    if isinstance(o, DeletedFileObject):
+        return f"deleted shared file {o.path}"
+    return f"tmpfs file {o.path}"
+
+
+def _seals(o: Shmem) -> int:
+    """The saved seals of an object (only a memfd has any)."""
+    return o.seals if isinstance(o, MemfdObject) else 0
 
 
 def check(sf, force_files: bool, warnings: list[str]) -> None:
     """Refuse what cannot be recreated here, before anything is created."""
     for o in sf.shmem:
-        if o.get("unsupported"):
-            raise ValidationError(f"{describe(o)}: {o['unsupported']}")
-        if o["kind"] == "tmpfs":
-            path = o["path"]
+        if o.unsupported:
+            raise ValidationError(f"{describe(o)}: {o.unsupported}")
+        if isinstance(o, TmpfsFileObject):
+            path = o.path
             try:
                 s = os.stat(path)
             except FileNotFoundError:
-                if "blob" not in o:
+                if o.blob is None:
                     raise ValidationError(f"{path} no longer exists") from None
                 warnings.append(f"{path} (tmpfs) is missing here; recreated from the content "
                                 "saved in the statefile")
                 continue
             if (s.st_ino, (os.major(s.st_dev), os.minor(s.st_dev))) != \
-                    (o["ino"], _dev(o["dev"])):
+                    (o.ino, _dev(o.dev)):
                 if not force_files:
                     raise ValidationError(f"{path} was replaced since the checkpoint (another "
                                           "inode; --force-files restores with it)")
                 warnings.append(f"{path} was replaced since the checkpoint; used as it is")
-        elif "blob" not in o and o.get("size"):
+        elif o.blob is None and o.size:
             raise ValidationError(f"{describe(o)} has no saved content")
 
 
@@ -134,36 +143,36 @@ class SharedObjects:
         try:
             for o in self.sf.shmem:
                 try:
-                    self.fds[o["id"]] = self._make(o, rd)
+                    self.fds[o.id] = self._make(o, rd)
                 except OSError as e:
                     raise RestoreError("memfds", f"{describe(o)}: {e.strerror or e}") from None
             own: set[int] = set()     # memfds whose memfd_create'd description is taken
             for f in self.sf.files:
-                i = f.get("shmem")
-                if i is None:
+                if not isinstance(f, RegularFile) or f.shmem is None:
                     continue
+                i = f.shmem
                 o = self.sf.shmem[i]
-                flags = (f["flags"] & REG_FLAG_MASK) | os.O_CLOEXEC
+                flags = (f.flags & REG_FLAG_MASK) | os.O_CLOEXEC
                 try:
-                    if o["kind"] == "memfd" and i not in own and \
-                            f["flags"] & os.O_ACCMODE == os.O_RDWR:
+                    if isinstance(o, MemfdObject) and i not in own and \
+                            f.flags & os.O_ACCMODE == os.O_RDWR:
                         # The description memfd_create made: unlike an O_RDWR
                         # reopen through /proc it holds no write access that
                         # would make execveat(memfd) fail (ETXTBSY).
                         own.add(i)
                         fd = fcntl.fcntl(self.fds[i], fcntl.F_DUPFD_CLOEXEC, 0)
-                        fcntl.fcntl(fd, fcntl.F_SETFL, f["flags"] & SETFL_MASK)
-                    elif o["kind"] == "tmpfs":   # by its path: O_NOFOLLOW as it was
-                        fd = os.open(o["path"], flags)
+                        fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_MASK)
+                    elif isinstance(o, TmpfsFileObject):   # by its path: O_NOFOLLOW as it was
+                        fd = os.open(o.path, flags)
                     else:                        # (a /proc/self/fd link is a symlink)
                         fd = os.open(f"/proc/self/fd/{self.fds[i]}", flags & ~os.O_NOFOLLOW)
-                    out[f["id"]] = fd
-                    if f.get("pos"):
-                        os.lseek(fd, f["pos"], os.SEEK_SET)
+                    out[f.id] = fd
+                    if f.pos:
+                        os.lseek(fd, f.pos, os.SEEK_SET)
                 except OSError as e:
-                    raise RestoreError("memfds", f"{f['path']}: {e.strerror or e}") from None
-            mapped = {m["shmem"] for t in self.sf.tasks for m in t["mappings"]
-                      if m.get("shmem") is not None}
+                    raise RestoreError("memfds", f"{f.path}: {e.strerror or e}") from None
+            mapped = {m.shmem for t in self.sf.tasks for m in t.mappings
+                      if m.shmem is not None}
             for i in sorted(mapped):
                 # O_NOATIME: mapping a file updates its atime (file_accessed),
                 # which the restart must leave as it was saved
@@ -176,38 +185,40 @@ class SharedObjects:
             rd.close()
         return out
 
-    def _make(self, o: dict, rd: SegmentReader) -> int:
-        kind = o["kind"]
-        if kind == "tmpfs" and os.path.exists(o["path"]):
-            return os.open(o["path"], os.O_RDWR | os.O_CLOEXEC)   # its content is current
-        mode = o.get("mode", 0o600)
-        if o.get("hugetlb"):
+    def _make(self, o: Shmem, rd: SegmentReader) -> int:
+        kind = o.kind
+        if isinstance(o, TmpfsFileObject) and os.path.exists(o.path):
+            return os.open(o.path, os.O_RDWR | os.O_CLOEXEC)   # its content is current
+        mode = o.mode
+        if o.hugetlb:
             fd = self._hugetlb(o)
-        elif kind == "memfd":
+        elif isinstance(o, MemfdObject):
             fd = self._memfd(o)
-        elif kind == "deleted":
-            fd = self._deleted_file(o["path"], mode, o.get("tmpfile", False))
+        elif isinstance(o, DeletedFileObject):
+            fd = self._deleted_file(o.path, mode, o.tmpfile)
         else:
-            journal_path(o["path"])
-            fd = os.open(o["path"], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-            self.created.append(o["path"])
+            journal_path(o.path)
+            fd = os.open(o.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            self.created.append(o.path)
         try:
-            if os.geteuid() == 0 and "uid" in o:
-                os.fchown(fd, o["uid"], o["gid"])   # (before the mode: it clears set-id bits)
+            if os.geteuid() == 0 and o.uid is not None:
+                os.fchown(fd, o.uid, o.gid)   # (before the mode: it clears set-id bits)
             if os.fstat(fd).st_mode & 0o7777 != mode:
                 try:
                     os.fchmod(fd, mode)
                 except OSError:
                     if kind != "memfd":
                         raise       # (a noexec memfd refuses exec bits: it was one)
-            os.ftruncate(fd, o.get("size", 0))
-            if "blob" in o and o.get("hugetlb"):
-                self._map_content(fd, o, self.sf.segment(o["blob"]), rd)
-            elif "blob" in o:
-                self._write_content(fd, self.sf.segment(o["blob"]), rd)
-            if "mtime_ns" in o:     # a deleted file's times, after its content
-                os.utime(fd, ns=(o.get("atime_ns", o["mtime_ns"]), o["mtime_ns"]))
-            early = o.get("seals", 0) & ~LATE_SEALS & ~self._seals(fd)
+            os.ftruncate(fd, o.size)
+            if o.blob is not None and o.hugetlb:
+                self._map_content(fd, o, self.sf.segment(o.blob), rd)
+            elif o.blob is not None:
+                self._write_content(fd, self.sf.segment(o.blob), rd)
+            if isinstance(o, DeletedFileObject) and o.mtime_ns is not None:
+                # a deleted file's times, after its content
+                atime = o.mtime_ns if o.atime_ns is UNSET else o.atime_ns
+                os.utime(fd, ns=(atime, o.mtime_ns))
+            early = _seals(o) & ~LATE_SEALS & ~self._seals(fd)
             if kind == "memfd" and early:
                 fcntl.fcntl(fd, F_ADD_SEALS, early)
         except BaseException:
@@ -223,24 +234,25 @@ class SharedObjects:
             return 0
 
     @staticmethod
-    def _memfd(o: dict) -> int:
-        seals, mode = o.get("seals", 0), o.get("mode", 0o777)
+    def _memfd(o: MemfdObject) -> int:
+        seals, mode = o.seals, o.mode
         flags = MFD_CLOEXEC | MFD_ALLOW_SEALING   # an unsealable one gets F_SEAL_SEAL later
         if seals & F_SEAL_EXEC and not mode & 0o111:
             flags |= MFD_NOEXEC_SEAL
         elif mode & 0o111:
             try:
-                return os.memfd_create(o["name"], flags | MFD_EXEC)
+                return os.memfd_create(o.name, flags | MFD_EXEC)
             except OSError:
                 pass        # a kernel without MFD_EXEC: its memfds are executable anyway
-        return os.memfd_create(o["name"], flags)
+        return os.memfd_create(o.name, flags)
 
     @staticmethod
-    def _hugetlb(o: dict) -> int:
+    def _hugetlb(o: Shmem) -> int:
         """A memfd on hugetlbfs with the saved page size, for a hugetlb memfd,
         MAP_SHARED|MAP_HUGETLB memory or a deleted hugetlbfs file."""
-        size = o["hugetlb"] if isinstance(o["hugetlb"], int) and o["hugetlb"] > 1 else 2 << 20
-        name = o.get("name") or os.path.basename(o.get("path", "")) or "crelf-hugetlb"
+        size = o.hugetlb if o.hugetlb is not True and o.hugetlb > 1 else 2 << 20
+        name = (o.name if isinstance(o, MemfdObject) else os.path.basename(o.path)) \
+            or "crelf-hugetlb"
         try:
             return os.memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB
                                    | (size.bit_length() - 1) << MFD_HUGE_SHIFT)
@@ -250,12 +262,12 @@ class SharedObjects:
                                "/proc/sys/vm/nr_hugepages)") from None
 
     @staticmethod
-    def _map_content(fd: int, o: dict, seg: dict, rd: SegmentReader) -> None:
+    def _map_content(fd: int, o: Shmem, seg: Segment, rd: SegmentReader) -> None:
         """hugetlbfs takes no write(2): the content goes in through a shared
         mapping, each chunk verified first."""
-        if not o.get("size"):
+        if not o.size:
             return
-        m = mmap.mmap(fd, o["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        m = mmap.mmap(fd, o.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             for pos, view in rd.pieces(seg):
                 m[pos:pos + len(view)] = view
@@ -290,7 +302,7 @@ class SharedObjects:
                            "writable directory")
 
     @staticmethod
-    def _write_content(fd: int, seg: dict, rd: SegmentReader) -> None:
+    def _write_content(fd: int, seg: Segment, rd: SegmentReader) -> None:
         """The blob's stored runs, at their offsets in the object (holes stay
         holes), each chunk verified before a byte of it is written."""
         try:
@@ -302,9 +314,9 @@ class SharedObjects:
         """Every task has its mappings: add the late seals, close the objects."""
         try:
             for o in self.sf.shmem:
-                late = o.get("seals", 0) & LATE_SEALS
-                fd = self.fds.get(o["id"])
-                if o["kind"] == "memfd" and late and fd is not None:
+                late = _seals(o) & LATE_SEALS
+                fd = self.fds.get(o.id)
+                if late and fd is not None:
                     try:
                         fcntl.fcntl(fd, F_ADD_SEALS, late)
                     except OSError as e:

@@ -32,7 +32,12 @@ import signal
 import struct
 import termios
 
+import msgspec
+from msgspec import UNSET
+
 from statefile.dump.tty import put_back
+from statefile.format.records import (File, PtyInfo, PtyMasterFile, PtyQueue, PtySlaveFile,
+                                      TaskNote)
 
 from restorer.errors import RestoreError
 from restorer.kernel import close_all
@@ -53,41 +58,41 @@ def ctty_key(index: int) -> int:
     return -(1 << 24) - index
 
 
-def _pairs(files: list[dict], used: set[int]) -> dict[int, dict]:
+def _pairs(files: list[File], used: set[int]) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for f in files:
-        if f["kind"] in KINDS and f["id"] in used:
-            p = out.setdefault(f["pty"]["index"], {"info": f["pty"], "master": None,
-                                                  "slaves": []})
-            if f["kind"] == "pty-master":
+        if isinstance(f, (PtyMasterFile, PtySlaveFile)) and f.id in used:
+            p = out.setdefault(f.pty.index, {"info": f.pty, "master": None, "slaves": []})
+            if isinstance(f, PtyMasterFile):
                 p["master"] = f
-                p["info"] = f["pty"]
+                p["info"] = f.pty
             else:
                 p["slaves"].append(f)
     return out
 
 
-def _ctty_of(task: dict, pairs: dict[int, dict]) -> int | None:
+def _ctty_of(task: TaskNote, pairs: dict[int, dict]) -> int | None:
     """The saved pair index whose slave was this session leader's controlling
     terminal, or None."""
-    if task.get("sid") != task["pid"]:
+    if task.sid != task.pid:
         return None
     for i, p in pairs.items():
-        if p["info"].get("sid") == task["pid"] and p["master"] is not None:
+        if p["info"].sid == task.pid and p["master"] is not None:
             return i
     return None
 
 
-def plan_ctty(tasks: list[dict], files: list[dict], plans: dict) -> None:
+def plan_ctty(tasks: list[TaskNote], files: list[File], plans: dict) -> None:
     """Tell each session leader's plan which inherited fd to take as its
     controlling terminal, and the foreground process group to give it."""
-    used = {d["file"] for t in tasks for d in t["fds"]}
+    used = {d.file for t in tasks for d in t.fds}
     pairs = _pairs(files, used)
     for t in tasks:
         i = _ctty_of(t, pairs)
-        if i is not None and t["pid"] in plans:
-            plans[t["pid"]].ctty = ctty_key(i)
-            plans[t["pid"]].fg_pgrp = pairs[i]["info"].get("fg_pgrp") or None
+        if i is not None and t.pid in plans:
+            fg = pairs[i]["info"].fg_pgrp
+            plans[t.pid].ctty = ctty_key(i)
+            plans[t.pid].fg_pgrp = None if fg is UNSET else fg or None
 
 
 def _setfl(fd: int, flags: int) -> None:
@@ -106,15 +111,16 @@ def _open_slave(master: int, flags: int) -> int:
         return os.open(f"/dev/pts/{n}", how)
 
 
-def _put_back(master: int, info: dict, q: dict) -> None:
+def _put_back(master: int, info: PtyInfo, q: PtyQueue) -> None:
     """The bytes that were queued in the pair (statefile/dump/tty.py
-    `pty_queue`), put back as they were, through a slave opened for it."""
-    slave = None if info.get("slave_closed") else _open_slave(master, os.O_RDWR | os.O_NONBLOCK)
+    `pty_queue`), put back as they were, through a slave opened for it (by
+    the checkpoint's own code, which takes the dicts it saved)."""
+    slave = None if info.slave_closed else _open_slave(master, os.O_RDWR | os.O_NONBLOCK)
     try:
-        put_back(master, slave, info["termios"], q)
+        put_back(master, slave, msgspec.to_builtins(info.termios), msgspec.to_builtins(q))
     except OSError as e:
         if e.errno == errno.EPERM:
-            raise RestoreError("pseudo-terminals", f"pty {info['index']}: putting back the "
+            raise RestoreError("pseudo-terminals", f"pty {info.index}: putting back the "
                                "bytes queued in it needs CAP_SYS_ADMIN (TIOCSTI): restart "
                                "as root") from None
         raise
@@ -125,42 +131,42 @@ def _put_back(master: int, info: dict, q: dict) -> None:
 
 def _make_pair(p: dict, ctty: bool, warnings: list[str]) -> dict[int, int]:
     info, m = p["info"], p["master"]
-    mflags = m["flags"] if m is not None else os.O_RDWR
+    mflags = m.flags if m is not None else os.O_RDWR
     master = os.open("/dev/ptmx", (mflags & O_ACCMODE) | os.O_NOCTTY | os.O_CLOEXEC)
     out: dict[int, int] = {}
     try:
         fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
-        t = info.get("termios")
-        if t:
+        t = info.termios
+        if t is not None:
             termios.tcsetattr(master, termios.TCSANOW,
-                              [t["iflag"], t["oflag"], t["cflag"], t["lflag"], t["ispeed"],
-                               t["ospeed"], list(t["cc"])])
-        if info.get("winsize"):
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", *info["winsize"]))
-        if info.get("packet"):
+                              [t.iflag, t.oflag, t.cflag, t.lflag, t.ispeed, t.ospeed,
+                               list(t.cc)])
+        if info.winsize:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", *info.winsize))
+        if info.packet:
             fcntl.ioctl(master, TIOCPKT, struct.pack("i", 1))
         owned = False
         for f in p["slaves"]:
-            fd = _open_slave(master, f["flags"])
-            _setfl(fd, f["flags"])
-            out[f["id"]] = fd
-            if not owned and "uid" in f:     # the slave's owner and mode (fchown on it)
+            fd = _open_slave(master, f.flags)
+            _setfl(fd, f.flags)
+            out[f.id] = fd
+            if not owned:     # the slave's owner and mode (fchown on it)
                 owned = True
                 if os.geteuid() == 0:
-                    os.fchown(fd, f["uid"], f["gid"])
-                os.fchmod(fd, f.get("mode", 0o620) & 0o7777)
+                    os.fchown(fd, f.uid, f.gid)
+                os.fchmod(fd, f.mode & 0o7777)
         if ctty:
-            out[ctty_key(info["index"])] = _open_slave(master, os.O_RDWR)
-        if not p["slaves"] and not ctty and info.get("slave_closed"):
+            out[ctty_key(info.index)] = _open_slave(master, os.O_RDWR)
+        if not p["slaves"] and not ctty and info.slave_closed:
             os.close(_open_slave(master, os.O_RDWR))   # hung up, as it was
-        if m is not None and m.get("pty_queue"):
-            _put_back(master, info, m["pty_queue"])
-        if info.get("locked"):
+        if m is not None and m.pty_queue is not None:
+            _put_back(master, info, m.pty_queue)
+        if info.locked:
             fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 1))
         new = struct.unpack("i", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
         if m is not None:
-            _setfl(master, m["flags"])
-            out[m["id"]] = master
+            _setfl(master, m.flags)
+            out[m.id] = master
         else:
             os.close(master)
     except BaseException:
@@ -170,15 +176,16 @@ def _make_pair(p: dict, ctty: bool, warnings: list[str]) -> dict[int, int]:
             except OSError:
                 pass
         raise
-    if new != info["index"] and (p["slaves"] or ctty):
-        warnings.append(f"pseudo-terminal /dev/pts/{info['index']} of the tree is "
+    if new != info.index and (p["slaves"] or ctty):
+        warnings.append(f"pseudo-terminal /dev/pts/{info.index} of the tree is "
                         f"/dev/pts/{new} now (its tasks' ttyname() changes)")
     return out
 
 
-def open_ptys(files: list[dict], tasks: list[dict], warnings: list[str]) -> dict[int, int]:
+def open_ptys(files: list[File], tasks: list[TaskNote],
+              warnings: list[str]) -> dict[int, int]:
     """Every pseudo-terminal pair of the tree, new: {file id (or ctty_key): fd}."""
-    used = {d["file"] for t in tasks for d in t["fds"]}
+    used = {d.file for t in tasks for d in t.fds}
     pairs = _pairs(files, used)
     cttys = {i for i in (_ctty_of(t, pairs) for t in tasks) if i is not None}
     out: dict[int, int] = {}
