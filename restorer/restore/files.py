@@ -17,7 +17,12 @@ import resource
 import stat as st
 from dataclasses import dataclass, field
 
+from msgspec import UNSET
+
 from statefile.format.integrity import DamagedError, SegmentReader
+from statefile.format.records import (CharDevice, CwdGhost, DirectoryFile, File,
+                                      ProcRef, RegularFile, SocketFile, SymlinkFile, TaskNote,
+                                      UnixSocket)
 
 from restorer.restore import (anon as restore_anon, bpf as restore_bpf,
                               fanotify as restore_fanotify, locks as restore_locks,
@@ -49,8 +54,8 @@ class ExtraOpen:
 @dataclass
 class ChildPlan:
     """What the forked task does before it parks (all plain data: built before fork)."""
-    task: dict
-    files: list[dict]
+    task: TaskNote
+    files: list[File]
     statefile: str
     blobs: dict = field(default_factory=dict)   # file id -> its blob's CR_SEGMENTS entry
     sf: object = None                           # the Statefile (blobs are read verified)
@@ -90,21 +95,21 @@ def _place(fd: int, target: int, cloexec: bool) -> None:
         os.set_inheritable(fd, not cloexec)
 
 
-def _recreate_from_blob(plan: ChildPlan, f: dict) -> None:
+def _recreate_from_blob(plan: ChildPlan, f: RegularFile) -> None:
     """Policy dump_tmpfs: a file on tmpfs missing here is recreated at its path."""
-    path = f["path"]
+    path = f.path
     journal_path(path)      # (crrestart's own opens: the tasks' are announced before the fork)
-    wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, f.get("mode", 0o600) & 0o7777)
+    wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, f.mode & 0o7777)
     try:
         _write_blob(plan, f, wfd, path)
-        os.ftruncate(wfd, f.get("size", 0))
+        os.ftruncate(wfd, f.size)
     finally:
         os.close(wfd)
 
 
-def _write_blob(plan: ChildPlan, f: dict, wfd: int, path: str) -> None:
+def _write_blob(plan: ChildPlan, f: RegularFile, wfd: int, path: str) -> None:
     """The saved content, each chunk verified before a byte of it is written."""
-    seg = plan.blobs.get(f["id"])
+    seg = plan.blobs.get(f.id)
     if seg is None:
         return
     sfd = os.open(plan.statefile, os.O_RDONLY | os.O_CLOEXEC)
@@ -117,10 +122,10 @@ def _write_blob(plan: ChildPlan, f: dict, wfd: int, path: str) -> None:
         os.close(sfd)
 
 
-def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
+def _recreate_deleted(plan: ChildPlan, f: RegularFile) -> int:
     """A deleted-but-open file: write its saved content into a new file in the
     same directory (or /tmp), open it with the saved flags, unlink it."""
-    path = f["path"]
+    path = f.path
     if path.endswith(" (deleted)"):
         path = path[: -len(" (deleted)")]
     d = os.path.dirname(path) or "/"
@@ -130,7 +135,7 @@ def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
         cand = os.path.join(where, f".{base}.crelf-{os.getpid()}")
         journal_path(cand)
         try:
-            wfd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL, f.get("mode", 0o600) & 0o7777)
+            wfd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL, f.mode & 0o7777)
             tmp = cand
             break
         except OSError:
@@ -138,11 +143,10 @@ def _recreate_deleted(plan: ChildPlan, f: dict) -> int:
     if tmp is None:
         raise ChildError("files", f"cannot recreate deleted file {path}: no writable directory")
     try:
-        size = f.get("size", 0)
-        if "blob" in f:
+        if f.blob is not None:
             _write_blob(plan, f, wfd, path)
-        os.ftruncate(wfd, size)
-        fd = os.open(tmp, f["flags"] & REG_FLAG_MASK)
+        os.ftruncate(wfd, f.size)
+        fd = os.open(tmp, f.flags & REG_FLAG_MASK)
     finally:
         os.close(wfd)
         os.unlink(tmp)
@@ -159,28 +163,36 @@ def cwd_key(i: int) -> int:
     return GHOST_KEY_BASE - i
 
 
-def tree_proc(f: dict, pids: set[int]) -> bool:
+def _proc(x: File | CwdGhost) -> ProcRef | None:
+    """Where under /proc/PID a file, directory or working directory is (None:
+    elsewhere; only those three kinds of record can be)."""
+    if isinstance(x, (RegularFile, DirectoryFile, CwdGhost)):
+        return x.proc
+    return None
+
+
+def tree_proc(f: File, pids: set[int]) -> bool:
     """A file or directory under /proc/PID of a process of the tree: opened
     again by the restored task once every task exists (open_late)."""
-    proc = f.get("proc")
-    return bool(proc) and not proc.get("dead") and proc["pid"] in pids
+    proc = _proc(f)
+    return proc is not None and not proc.dead and proc.pid in pids
 
 
 def remap_proc_pids(sf, ids: dict[int, int]) -> None:
     """A tree restored in a pid namespace of its own (restore_ns.to_inner):
     the pids of its /proc paths become the tasks' inner ones too."""
     for f in sf.files:
-        proc = f.get("proc")
-        if proc and proc["pid"] in ids:
-            proc["pid"] = ids[proc["pid"]]
+        proc = _proc(f)
+        if proc is not None and proc.pid in ids:
+            proc.pid = ids[proc.pid]
 
 
-def _dead_proc(x: dict) -> dict | None:
-    proc = x.get("proc")
-    return proc if proc and proc.get("dead") else None
+def _dead_proc(x: File | CwdGhost) -> ProcRef | None:
+    proc = _proc(x)
+    return proc if proc is not None and proc.dead else None
 
 
-def _ghost_dir(path: str, g: dict) -> int:
+def _ghost_dir(path: str, g: DirectoryFile | CwdGhost) -> int:
     """A removed directory made again, for its open fds and working
     directories: at its old path when that is free (its parents made for the
     time it takes when they are gone too), else at a scratch name beside it or
@@ -218,11 +230,11 @@ def _ghost_dir(path: str, g: dict) -> int:
             made.append(cand)
             fd = os.open(cand, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                if os.geteuid() == 0 and "uid" in g:
-                    os.fchown(fd, g["uid"], g["gid"])
-                os.fchmod(fd, g.get("mode", 0o700) & 0o7777)
-                if "mtime_ns" in g:
-                    os.utime(fd, ns=(g.get("atime_ns", g["mtime_ns"]), g["mtime_ns"]))
+                if os.geteuid() == 0:
+                    os.fchown(fd, g.uid, g.gid)
+                os.fchmod(fd, g.mode & 0o7777)
+                atime = g.mtime_ns if g.atime_ns is UNSET else g.atime_ns
+                os.utime(fd, ns=(atime, g.mtime_ns))
             except OSError:
                 os.close(fd)
                 raise
@@ -292,17 +304,16 @@ def end_dead_procs() -> None:
             pass
 
 
-def open_ghosts(files: list[dict], tasks: list[dict]) -> dict[int, int]:
+def open_ghosts(files: list[File], tasks: list[TaskNote]) -> dict[int, int]:
     """In the initiator, before the tree forks: every removed directory and
     dead process's /proc entry an fd or a working directory of the tree was
     on, made again (_ghost_dir, _dead_proc_fds), one per saved inode.  Returns
     {file id or cwd_key(i): fd} for the tasks to inherit; a task whose working
     directory is one gets `_cwd_key` (it fchdir()s to it)."""
-    used = {d["file"] for t in tasks for d in t["fds"]}
-    refs: list[tuple[object, dict]] = [(f["id"], f) for f in files if f["id"] in used and (
-        _dead_proc(f) or (f["kind"] == "directory" and f.get("deleted")))]
-    refs += [(cwd_key(i), {"path": t.get("cwd"), **t["cwd_ghost"]})
-             for i, t in enumerate(tasks) if t.get("cwd_ghost")]
+    used = {d.file for t in tasks for d in t.fds}
+    refs: list[tuple[int, File | CwdGhost]] = [(f.id, f) for f in files if f.id in used and (
+        _dead_proc(f) or (isinstance(f, DirectoryFile) and f.deleted))]
+    refs += [(cwd_key(i), t.cwd_ghost) for i, t in enumerate(tasks) if t.cwd_ghost is not None]
     out: dict[int, int] = {}
     bases: dict[tuple, int] = {}
     try:
@@ -310,7 +321,7 @@ def open_ghosts(files: list[dict], tasks: list[dict]) -> dict[int, int]:
         for _, x in refs:
             proc = _dead_proc(x)
             if proc:
-                dead.setdefault(proc["pid"], set()).add(proc["rest"])
+                dead.setdefault(proc.pid, set()).add(proc.rest)
         procs: dict[tuple, int] = {}
         for pid, rests in sorted(dead.items()):
             for rest, fd in _dead_proc_fds(pid, sorted(rests)).items():
@@ -318,25 +329,25 @@ def open_ghosts(files: list[dict], tasks: list[dict]) -> dict[int, int]:
         for key, x in refs:
             proc = _dead_proc(x)
             if proc:
-                base = procs[(proc["pid"], proc["rest"])]
+                base = procs[(proc.pid, proc.rest)]
             else:
-                ident = (x["dev"], x["ino"])
+                ident = (x.dev, x.ino)
                 if ident not in bases:
-                    bases[ident] = _ghost_dir(x.get("path") or "", x)
+                    bases[ident] = _ghost_dir(x.path, x)
                 base = bases[ident]
-            if isinstance(key, int) and key <= GHOST_KEY_BASE:
+            if key <= GHOST_KEY_BASE:
                 out[key] = os.dup(base)
             else:
-                flags = (x["flags"] & OPEN_FLAG_MASK) | os.O_CLOEXEC
+                flags = (x.flags & OPEN_FLAG_MASK) | os.O_CLOEXEC
                 out[key] = os.open(f"/proc/self/fd/{base}", flags)
-                if x.get("pos"):
+                if x.pos:
                     try:
-                        os.lseek(out[key], x["pos"], os.SEEK_SET)
+                        os.lseek(out[key], x.pos, os.SEEK_SET)
                     except OSError:
                         pass
         for i, t in enumerate(tasks):
             if cwd_key(i) in out:
-                t["_cwd_key"] = cwd_key(i)
+                t._cwd_key = cwd_key(i)
         for fd in procs.values():
             os.close(fd)
     except BaseException:
@@ -359,48 +370,48 @@ def _open_symlink(path: str, flags: int) -> int:
         os.close(tmp)
 
 
-def ghost_node(f: dict) -> bool:
+def ghost_node(f: File) -> bool:
     """A removed symbolic link (O_PATH fd) or device node still open: made
     again by the initiator (open_ghost_nodes)."""
-    return bool(f.get("deleted")) and f["kind"] in ("symlink", "chr")
+    return f.deleted and isinstance(f, (SymlinkFile, CharDevice))
 
 
-def _make_node(path: str, x: dict) -> None:
+def _make_node(path: str, x: SymlinkFile | CharDevice) -> None:
     """The symbolic link or device node of entry x at path (which is free)."""
     journal_path(path)
-    if x["kind"] == "symlink":
-        os.symlink(x["symlink"], path)
+    if isinstance(x, SymlinkFile):
+        if x.symlink is None:
+            raise OSError(errno.ENOENT, "its target was not readable at checkpoint")
+        os.symlink(x.symlink, path)
     else:
-        os.mknod(path, st.S_IFCHR | 0o600, x["rdev"])
-        os.chmod(path, x["mode"] & 0o7777)
+        os.mknod(path, st.S_IFCHR | 0o600, x.rdev)
+        os.chmod(path, x.mode & 0o7777)
     try:
-        if os.geteuid() == 0 and "uid" in x:
-            os.chown(path, x["uid"], x["gid"], follow_symlinks=False)
-        if "mtime_ns" in x:
-            os.utime(path, ns=(x.get("atime_ns", x["mtime_ns"]), x["mtime_ns"]),
-                     follow_symlinks=False)
+        if os.geteuid() == 0:
+            os.chown(path, x.uid, x.gid, follow_symlinks=False)
+        os.utime(path, ns=(x.atime_ns, x.mtime_ns), follow_symlinks=False)
     except OSError:
         os.unlink(path)
         raise
 
 
-def open_ghost_nodes(files: list[dict], tasks: list[dict]) -> dict[int, int]:
+def open_ghost_nodes(files: list[File], tasks: list[TaskNote]) -> dict[int, int]:
     """In the initiator, before the tree forks: every removed symbolic link
     and device node an fd of the tree held (ghost_node), made again once per
     saved inode (at its old path when that is free, else at a scratch name
     beside it or in /tmp), opened there for each of its open file
     descriptions with the saved flags, and removed: nlink 0, as it was.
     Returns {file id: fd} for the tasks to inherit."""
-    used = {d["file"] for t in tasks for d in t["fds"]}
-    groups: dict[tuple, list[dict]] = {}
+    used = {d.file for t in tasks for d in t.fds}
+    groups: dict[tuple, list[SymlinkFile | CharDevice]] = {}
     for f in files:
-        if f["id"] in used and ghost_node(f):
-            groups.setdefault((f["kind"], f.get("dev"), f.get("ino")), []).append(f)
+        if f.id in used and ghost_node(f):
+            groups.setdefault((f.kind, f.dev, f.ino), []).append(f)
     out: dict[int, int] = {}
     try:
         for group in groups.values():
             x = group[0]
-            path = x["path"].removesuffix(" (deleted)")
+            path = x.path.removesuffix(" (deleted)")
             scratch = f".{os.path.basename(path)}.crelf-{os.getpid()}"
             cands = [path, os.path.join(os.path.dirname(path), scratch),
                      os.path.join("/tmp", scratch)]
@@ -412,32 +423,32 @@ def open_ghost_nodes(files: list[dict], tasks: list[dict]) -> dict[int, int]:
                     _make_node(cand, x)
                 except OSError as e:
                     why = e.strerror or str(e)
-                    if x["kind"] == "chr" and e.errno == errno.EPERM:
+                    if isinstance(x, CharDevice) and e.errno == errno.EPERM:
                         why += " (mknod of a device needs CAP_MKNOD: restart as root)"
                     continue
                 try:
                     for f in group:
-                        flags = (f["flags"] & OPEN_FLAG_MASK) | os.O_CLOEXEC
-                        if f["kind"] == "symlink":
-                            out[f["id"]] = _open_symlink(cand, flags)
+                        flags = (f.flags & OPEN_FLAG_MASK) | os.O_CLOEXEC
+                        if isinstance(f, SymlinkFile):
+                            out[f.id] = _open_symlink(cand, flags)
                         else:
-                            out[f["id"]] = os.open(cand, flags | os.O_NOCTTY)
-                            if f.get("pos"):
+                            out[f.id] = os.open(cand, flags | os.O_NOCTTY)
+                            if f.pos:
                                 try:
-                                    os.lseek(out[f["id"]], f["pos"], os.SEEK_SET)
+                                    os.lseek(out[f.id], f.pos, os.SEEK_SET)
                                 except OSError:
                                     pass
                 except OSError as e:     # (a device on a nodev mount: the next place)
                     why = e.strerror or str(e)
                     for f in group:
-                        if f["id"] in out:
-                            os.close(out.pop(f["id"]))
+                        if f.id in out:
+                            os.close(out.pop(f.id))
                     continue
                 finally:
                     os.unlink(cand)
                 break
             else:
-                raise RestoreError("files", f"cannot make removed {x['kind']} {path} again: "
+                raise RestoreError("files", f"cannot make removed {x.kind} {path} again: "
                                    f"{why}")
     except BaseException:
         close_all(out)
@@ -445,12 +456,12 @@ def open_ghost_nodes(files: list[dict], tasks: list[dict]) -> dict[int, int]:
     return out
 
 
-def _mount_fd(f: dict) -> int:
+def _mount_fd(f: RegularFile) -> int:
     """An fd on the file system of entry f (its saved st_dev; not O_PATH:
     open_by_handle_at refuses those): the
     nearest directory of its old path still there, else a mount point."""
-    want = f.get("dev")
-    d = os.path.dirname(f["path"].removesuffix(" (deleted)")) or "/"
+    want = f.dev
+    d = os.path.dirname(f.path.removesuffix(" (deleted)")) or "/"
     cands = []
     while True:
         cands.append(d)
@@ -470,19 +481,19 @@ def _mount_fd(f: dict) -> int:
         if os.fstat(fd).st_dev == want:
             return fd
         os.close(fd)
-    raise ChildError("files", f"{f['path']}: its file system is not mounted here")
+    raise ChildError("files", f"{f.path}: its file system is not mounted here")
 
 
-def open_linked(f: dict, flags: int) -> int:
+def open_linked(f: RegularFile, flags: int) -> int:
     """A file whose opened name was removed while another hard link keeps it
     (statefile/dump/files.py `linked`): opened again by its file handle, the
     same inode (open_by_handle_at needs CAP_DAC_READ_SEARCH: root)."""
     from statefile.dump.files import _FileHandle, _libc
-    h = f.get("linked") or {}
-    if not h.get("handle"):
-        raise ChildError("files", f"{f['path']}: no file handle was saved")
-    raw = bytes.fromhex(h["handle"])
-    fh = _FileHandle(handle_bytes=len(raw), handle_type=h["type"])
+    h = f.linked
+    if not h.handle:
+        raise ChildError("files", f"{f.path}: no file handle was saved")
+    raw = bytes.fromhex(h.handle)
+    fh = _FileHandle(handle_bytes=len(raw), handle_type=h.type)
     ctypes.memmove(fh.f_handle, raw, len(raw))
     mfd = _mount_fd(f)
     try:
@@ -492,7 +503,7 @@ def open_linked(f: dict, flags: int) -> int:
             why = ("it no longer exists (its last link was removed)" if e == errno.ESTALE
                    else "reopening it by file handle needs root" if e == errno.EPERM
                    else os.strerror(e))
-            raise ChildError("files", f"{f['path']} (still linked elsewhere): {why}")
+            raise ChildError("files", f"{f.path} (still linked elsewhere): {why}")
     finally:
         os.close(mfd)
     return fd
@@ -501,7 +512,8 @@ def open_linked(f: dict, flags: int) -> int:
 AT_FDCWD, NR_LSEEK, NR_OPENAT, NR_DUP3, F_SETFD = -100, 8, 257, 292, 2
 
 
-def open_late(inj, task: dict, files: list[dict], scratch: int, pids: dict[int, int]) -> None:
+def open_late(inj, task: TaskNote, files: list[File], scratch: int,
+              pids: dict[int, int]) -> None:
     """In the restored task, by injection once every task of the tree exists:
     its fds on /proc/PID/... of processes of the tree, opened for the pid the
     process has now (`pids`: saved pid -> pid in crrestart's /proc), placed at
@@ -509,55 +521,55 @@ def open_late(inj, task: dict, files: list[dict], scratch: int, pids: dict[int, 
     tasks come back as one each (the offset of a /proc file is rarely shared)."""
     tree = set(pids)
     done: dict[int, int] = {}
-    for d in sorted(task["fds"], key=lambda d: d["fd"]):
-        f = files[d["file"]]
+    for d in sorted(task.fds, key=lambda d: d.fd):
+        f = files[d.file]
         if not tree_proc(f, tree):
             continue
-        cloexec = os.O_CLOEXEC if d["cloexec"] else 0
-        if d["file"] in done:
-            inj.check(NR_DUP3, done[d["file"]], d["fd"], cloexec)
+        cloexec = os.O_CLOEXEC if d.cloexec else 0
+        if d.file in done:
+            inj.check(NR_DUP3, done[d.file], d.fd, cloexec)
             continue
-        proc = f["proc"]
-        path = f"{proc['mount'].rstrip('/')}/{pids[proc['pid']]}" + (
-            f"/{proc['rest']}" if proc["rest"] else "")
+        proc = f.proc
+        path = f"{proc.mount.rstrip('/')}/{pids[proc.pid]}" + (
+            f"/{proc.rest}" if proc.rest else "")
         inj.write(scratch, os.fsencode(path) + b"\0")
-        flags = (f["flags"] & OPEN_FLAG_MASK) | os.O_CLOEXEC
+        flags = (f.flags & OPEN_FLAG_MASK) | os.O_CLOEXEC
         try:
             fd = inj.check(NR_OPENAT, AT_FDCWD, scratch, flags, 0)
         except OSError as e:
-            raise RestoreError("proc files", f"{f['path']} as {path}: {e}") from None
-        if fd != d["fd"]:
-            inj.check(NR_DUP3, fd, d["fd"], cloexec)
+            raise RestoreError("proc files", f"{f.path} as {path}: {e}") from None
+        if fd != d.fd:
+            inj.check(NR_DUP3, fd, d.fd, cloexec)
             inj.check("close", fd)
         elif not cloexec:
             inj.check("fcntl", fd, F_SETFD, 0)
-        if f.get("pos"):
-            inj.call(NR_LSEEK, d["fd"], f["pos"], os.SEEK_SET)
-        done[d["file"]] = d["fd"]
+        if f.pos:
+            inj.call(NR_LSEEK, d.fd, f.pos, os.SEEK_SET)
+        done[d.file] = d.fd
 
 
-def _open_file(plan: ChildPlan, f: dict) -> int | None:
+def _open_file(plan: ChildPlan, f: File) -> int | None:
     """The restored fd for open file description f, or None to leave it closed."""
-    kind = f["kind"]
-    flags = f["flags"] & OPEN_FLAG_MASK
-    path = f["path"]
-    skipped = f.get("skipped")
+    kind = f.kind
+    flags = f.flags & OPEN_FLAG_MASK
+    path = f.path
+    skipped = f.skipped
     if tree_proc(f, plan.tree_pids):
         return None     # opened by the restored task once every task exists (open_late)
-    if f.get("nsfs"):
+    if isinstance(f, RegularFile) and f.nsfs is not None:
         # the namespace the restored task is in (its own again, or the one a
         # restart made for the tree): refused at checkpoint if it was another
-        return os.open(f"/proc/self/ns/{f['nsfs']['name']}", flags)
-    if f.get("linked") is not None:
+        return os.open(f"/proc/self/ns/{f.nsfs.name}", flags)
+    if isinstance(f, RegularFile) and f.linked is not None:
         fd = open_linked(f, flags & REG_FLAG_MASK)
-        if f.get("pos"):
-            os.lseek(fd, f["pos"], os.SEEK_SET)
+        if f.pos:
+            os.lseek(fd, f.pos, os.SEEK_SET)
         return fd
     if skipped == "network" and kind == "socket":
         return restore_inet.skipped_socket(f)
     if skipped == "external-unix" and kind == "socket":
         try:
-            return restore_unix.open_external(f, plan.task.get("cwd"))
+            return restore_unix.open_external(f, plan.task.cwd)
         except OSError as e:
             raise ChildError("sockets", e.strerror or str(e)) from None
     if skipped and kind != "regular" and skipped != "notify-events":
@@ -578,13 +590,13 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         if restore_pidfd.is_dead(f):
             raise ChildError("pidfds", "the pidfd of an exited process was not inherited")
         return None   # opened by injection once every task exists (restore_pidfd.inject)
-    if kind == "socket" and f.get("socket", {}).get("family") == "unix":
-        return restore_unix.open_unix(f, plan.files, plan.task.get("cwd"))
-    if kind == "socket" and f.get("socket", {}).get("family") in ("inet", "inet6"):
+    if isinstance(f, SocketFile) and isinstance(f.socket, UnixSocket):
+        return restore_unix.open_unix(f, plan.files, plan.task.cwd)
+    if isinstance(f, SocketFile) and f.socket.family in ("inet", "inet6"):
         try:
             return restore_inet.open_inet(f)
         except OSError as e:
-            local = f["socket"].get("local") or ["?", "?"]
+            local = f.socket.local or ["?", "?"]
             raise ChildError("sockets", f"cannot listen on or bind {local[0]} port {local[1]} "
                              f"again: {e.strerror or e}") from None
     if kind in restore_tty.KINDS:   # made by the initiator (restore_tty.open_ptys)
@@ -593,46 +605,45 @@ def _open_file(plan: ChildPlan, f: dict) -> int | None:
         if plan.tty_fd is None:
             return os.open("/dev/null", os.O_RDWR)
         return os.dup(plan.tty_fd)
-    if kind == "regular" and f.get("shmem") is not None:
+    if isinstance(f, RegularFile) and f.shmem is not None:
         raise ChildError("files", f"{path} was not inherited (restorer/restore/memfd.py makes it)")
-    if kind == "regular":
-        if f.get("deleted"):
+    if isinstance(f, RegularFile):
+        if f.deleted:
             fd = _recreate_deleted(plan, f)
         else:
-            recreated = "blob" in f and not os.path.exists(path)
+            recreated = f.blob is not None and not os.path.exists(path)
             if recreated:
                 _recreate_from_blob(plan, f)
             fd = os.open(path, flags & REG_FLAG_MASK)
-            if not (plan.force_files or recreated) and not _same(fd, f.get("dev"), f.get("ino")):
+            if not (plan.force_files or recreated) and not _same(fd, f.dev, f.ino):
                 raise ChildError("files", f"{path} is not the file that was open "
                                  "(inode changed; --force-files accepts it)")
-        if f.get("pos"):
-            os.lseek(fd, f["pos"], os.SEEK_SET)
+        if f.pos:
+            os.lseek(fd, f.pos, os.SEEK_SET)
         return fd
-    if kind == "directory":
+    if isinstance(f, DirectoryFile):
         fd = os.open(path, flags | os.O_DIRECTORY)
-        if f.get("pos"):
+        if f.pos:
             try:
-                os.lseek(fd, f["pos"], os.SEEK_SET)
+                os.lseek(fd, f.pos, os.SEEK_SET)
             except OSError:
                 pass
         return fd
     if ghost_node(f):
         raise ChildError("files", f"removed {kind} {path} was not made again for this task")
-    if kind == "symlink":
+    if isinstance(f, SymlinkFile):
         fd = _open_symlink(path, flags)
         s = os.fstat(fd)
-        if not st.S_ISLNK(s.st_mode) or not (plan.force_files or _same(fd, f.get("dev"),
-                                                                      f.get("ino"))):
+        if not st.S_ISLNK(s.st_mode) or not (plan.force_files or _same(fd, f.dev, f.ino)):
             os.close(fd)
             raise ChildError("files", f"{path} is not the symbolic link that was open "
                              "(inode changed; --force-files accepts another link)")
         return fd
-    if kind == "chr":
+    if isinstance(f, CharDevice):
         # (a terminal device is our controlling terminal only if it was)
-        fd = os.open(path, flags | (0 if f.get("ctty") else os.O_NOCTTY))
+        fd = os.open(path, flags | (0 if f.ctty else os.O_NOCTTY))
         s = os.fstat(fd)
-        if not st.S_ISCHR(s.st_mode) or (f.get("rdev") is not None and s.st_rdev != f["rdev"]):
+        if not st.S_ISCHR(s.st_mode) or s.st_rdev != f.rdev:
             raise ChildError("files", f"{path} is not the same character device")
         return fd
     raise ChildError("files", f"fd kind {kind} ({path}) is not restored by this crelf")
@@ -652,11 +663,11 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
         _own_state(plan, None)
         return
     inherited = inherited or {}
-    targets = {d["fd"] for d in task["fds"]} | {e.fd for e in plan.extras}
+    targets = {d.fd for d in task.fds} | {e.fd for e in plan.extras}
     high = max(list(targets) + [status_fd, plan.tty_fd or 0, 2]) + 1
-    need = ({d["file"] for d in task["fds"]} | {e.shared for e in plan.extras
-                                                 if e.shared is not None}
-            | {plan.ctty, task.get("_cwd_key")}) & set(inherited)
+    need = ({d.file for d in task.fds} | {e.shared for e in plan.extras
+                                          if e.shared is not None}
+            | {plan.ctty, getattr(task, "_cwd_key", None)}) & set(inherited)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if high + len(need) + 16 > soft:
         try:
@@ -684,32 +695,32 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
     step = "files"
     try:
         opened: dict[int, int] = {}   # file id -> fd number where it was placed
-        for d in sorted(task["fds"], key=lambda d: d["fd"]):
-            fid = d["file"]
+        for d in sorted(task.fds, key=lambda d: d.fd):
+            fid = d.file
             if fid in opened:
-                os.dup2(opened[fid], d["fd"], inheritable=not d["cloexec"])
+                os.dup2(opened[fid], d.fd, inheritable=not d.cloexec)
                 continue
             if fid in mine:     # created by the initiator: the same open file description
-                os.dup2(mine[fid], d["fd"], inheritable=not d["cloexec"])
-                opened[fid] = d["fd"]
+                os.dup2(mine[fid], d.fd, inheritable=not d.cloexec)
+                opened[fid] = d.fd
                 continue
             fd = _open_file(plan, plan.files[fid])
             if fd is None:
                 continue
-            _place(fd, d["fd"], d["cloexec"])
-            opened[fid] = d["fd"]
+            _place(fd, d.fd, d.cloexec)
+            opened[fid] = d.fd
         for e in plan.extras:
             if e.shared is not None:   # a memfd of shared memory (restorer/restore/ipc.py)
                 if e.shared not in mine:
                     raise ChildError("mapped files", f"{e.key} was not inherited")
                 os.dup2(mine[e.shared], e.fd, inheritable=False)
         ctty = _dup_above(mine[plan.ctty], high) if plan.ctty in mine else None
-        ghost_cwd = mine.get(task.get("_cwd_key"))
+        ghost_cwd = mine.get(getattr(task, "_cwd_key", None))
         ghost_cwd = _dup_above(ghost_cwd, high) if ghost_cwd is not None else None
         for fd in mine.values():
             os.close(fd)
         step = "epoll"
-        restore_anon.finish_epoll(task["fds"], plan.files)
+        restore_anon.finish_epoll(task.fds, plan.files)
         step = "mapped files"
         for e in plan.extras:
             if e.shared is not None:
@@ -730,10 +741,10 @@ def child_setup(plan: ChildPlan, status_fd: int, inherited: dict[int, int] | Non
         except restore_locks.LockError as ex:
             raise ChildError(step, str(ex)) from None
         step = "inotify"
-        restore_anon.finish_inotify(task["fds"], plan.files)
+        restore_anon.finish_inotify(task.fds, plan.files)
         step = "fanotify"
         try:
-            restore_fanotify.finish_fanotify(task["fds"], plan.files)
+            restore_fanotify.finish_fanotify(task.fds, plan.files)
         except OSError as ex:
             raise ChildError(step, str(ex)) from None
     except ChildError:
@@ -753,20 +764,20 @@ def _own_state(plan: ChildPlan, ctty: int | None, ghost_cwd: int | None = None) 
             os.fchdir(ghost_cwd)
             os.close(ghost_cwd)
         else:
-            os.chdir(task.get("cwd") or "/")
-        if task.get("root", "/") not in ("/", ""):
+            os.chdir(task.cwd or "/")
+        if task.root not in ("/", ""):
             step = "root"
-            os.chroot(task["root"])
+            os.chroot(task.root)
         step = "umask"
-        os.umask(task.get("umask", 0o022))
+        os.umask(task.umask)
         step = "session"
         pid = os.getpid()
         if not plan.shell_job:
-            if task["sid"] == task["pid"] and os.getsid(0) != pid:
+            if task.sid == task.pid and os.getsid(0) != pid:
                 os.setsid()
-            elif task["pgid"] == task["pid"] and os.getpgid(0) != pid:
+            elif task.pgid == task.pid and os.getpgid(0) != pid:
                 os.setpgid(0, 0)
-        elif task["pgid"] == task["pid"] or task["sid"] == task["pid"]:
+        elif task.pgid == task.pid or task.sid == task.pid:
             # A shell job on crrestart's terminal: its own process group (a
             # shell keeps job control by it), in the terminal's foreground.
             os.setpgid(0, 0)
@@ -777,12 +788,12 @@ def _own_state(plan: ChildPlan, ctty: int | None, ghost_cwd: int | None = None) 
                 restore_tty.take_ctty(ctty, plan.fg_pgrp)
             os.close(ctty)
         step = "personality"
-        if task.get("personality"):
-            personality(task["personality"])
+        if task.personality:
+            personality(task.personality)
         step = "rlimits"
         for i, name in enumerate(RLIMITS):
-            if name in task.get("rlimits", {}):
-                soft, hard = task["rlimits"][name]
+            if task.rlimits is not None:
+                soft, hard = getattr(task.rlimits, "as_" if name == "as" else name)
                 want = (_rl(soft), _rl(hard))
                 if resource.getrlimit(i) != want:
                     try:
@@ -795,9 +806,9 @@ def _own_state(plan: ChildPlan, ctty: int | None, ghost_cwd: int | None = None) 
         raise ChildError(step, f"{ex.strerror or ex}" + (f" ({ex.filename})" if ex.filename else ""))
 
 
-def _take_foreground(task: dict, files: list[dict]) -> None:
+def _take_foreground(task: TaskNote, files: list[File]) -> None:
     """Make our process group the foreground one of the terminal we were given."""
-    tty = next((d["fd"] for d in task["fds"] if files[d["file"]]["kind"] == "tty"), None)
+    tty = next((d.fd for d in task.fds if files[d.file].kind == "tty"), None)
     if tty is None:
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
