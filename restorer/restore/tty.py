@@ -117,7 +117,9 @@ def _put_back(master: int, info: PtyInfo, q: PtyQueue) -> None:
     the checkpoint's own code, which takes the dicts it saved)."""
     slave = None if info.slave_closed else _open_slave(master, os.O_RDWR | os.O_NONBLOCK)
     try:
-        put_back(master, slave, msgspec.to_builtins(info.termios), msgspec.to_builtins(q))
+        # (every termios field; the queue without its empty parts, as it was saved)
+        t = msgspec.structs.asdict(info.termios) if info.termios is not None else None
+        put_back(master, slave, t, msgspec.to_builtins(q))
     except OSError as e:
         if e.errno == errno.EPERM:
             raise RestoreError("pseudo-terminals", f"pty {info.index}: putting back the "
