@@ -148,7 +148,7 @@ def finish_epoll(fds: list[FdRef], files: list[File]) -> None:
             if src is None:
                 raise AnonError(0, f"epoll fd {d.fd}: the file watched as fd {tfd} "
                                 "was not open in the task")
-            epoll_add_as(d["fd"], src, tfd, ev, cloexec.get(tfd, False))
+            epoll_add_as(d.fd, src, tfd, ev, cloexec.get(tfd, False))
 
 
 def epoll_add_as(epfd: int, src: int, tfd: int, ev, cloexec: bool) -> None:
