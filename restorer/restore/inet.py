@@ -1,6 +1,7 @@
 """TCP and UDP sockets (statefile/dump/inet.py): a listening TCP or unconnected
 UDP socket is bound (and listening) again on its saved address with its saved
-options; a network socket the policy skipped comes back as a new socket."""
+options; an established TCP connection is restorer/restore/tcp.py's; a network
+socket the policy skipped comes back as a new socket."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import os
 import socket
 
+from restorer.restore import tcp as restore_tcp
 from restorer.restore.sockets import set_sockopts
 
 
@@ -62,6 +64,8 @@ def open_inet(f: dict) -> int:
     on its saved address with its saved options (support: fd:socket:inet-listen,
     fd:socket:inet-udp).  Raises OSError (EADDRINUSE...) if it cannot."""
     info = f["socket"]
+    if restore_tcp.is_connection(f):
+        return restore_tcp.open_tcp(f)      # an established connection
     fam = _FAMILY[info["family"]]
     sock = socket.socket(fam, _SOCKTYPE[info["type"]])
     try:
