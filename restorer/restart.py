@@ -487,7 +487,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             except OSError:
                 pass              # (moving them home below thaws them one by one)
         res.timings["release"] = time.perf_counter() - t_rel   # (docs/RESTORE.md)
-        live.lift()               # the connections' firewall lock (docs/NETWORK.md)
+        res.warnings += live.lift()   # the connections' firewall lock (docs/NETWORK.md)
         if fz is not None:
             _die_here("home")
             fz.move_home()        # back into crrestart's cgroup, the crelf one removed

@@ -211,14 +211,18 @@ class Live:
     def conns(self) -> list:
         return [netlock.Conn.of(i["local"], i["peer"]) for _p, _f, i in self.where]
 
-    def lift(self) -> None:
+    def lift(self) -> list[str]:
+        """Lift the lock; [] or the warning to give (the rules then stay until
+        they expire, docs/NETWORK.md)."""
         for dup, _info in self.dups:
             os.close(dup)
         self.dups = []
         try:
             netlock.lift(self.conns())
-        except OSError:
-            pass        # (owned by the statefile: it expires, docs/NETWORK.md)
+        except OSError as e:
+            return [f"the firewall lock of the restored TCP connections was not lifted: "
+                    f"{e.strerror or e}"]
+        return []
 
     def abort(self) -> None:
         for dup, _info in self.dups:
