@@ -71,7 +71,9 @@ def open_inet(f: dict) -> int:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
                         1 if info.get("listening") else info.get("reuseaddr", 0))
-        if info.get("reuseport"):
+        # (a listener that shared its port with SO_REUSEPORT may have cleared it
+        # since: every listener binds with it, then gets its own value back)
+        if info.get("reuseport") or info.get("listening"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if fam == socket.AF_INET6 and "v6only" in info:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
@@ -84,6 +86,8 @@ def open_inet(f: dict) -> int:
                 sock.listen(int(s.read()))
             if not info.get("reuseaddr"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            if not info.get("reuseport"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
         sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
         return sock.detach()
     except BaseException:
