@@ -48,6 +48,9 @@ srv = socket.socket(fam, socket.SOCK_STREAM)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((sys.argv[2], 0))
 srv.listen(4)
+if len(sys.argv) > 3:              # a half-closed connection too
+    half = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
+    half.shutdown(socket.SHUT_WR)
 print("port", srv.getsockname()[1], flush=True)
 c, _ = srv.accept()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -128,12 +131,13 @@ class Client:
         self.sock.close()
 
 
-def _echo(procs, tmp_path, v6=False):
+def _echo(procs, tmp_path, v6=False, half=None):
     prog = tmp_path / "echo.py"
     prog.write_text(ECHO_SERVER)
     out = tmp_path / "echo.out"
     addr = "::1" if v6 else "127.0.0.1"
-    proc = procs.spawn([sys.executable, prog, "6" if v6 else "4", addr], stdout=out)
+    proc = procs.spawn([sys.executable, prog, "6" if v6 else "4", addr,
+                        *([str(half)] if half else [])], stdout=out)
     port = int(wait_for_line(out, r"^port ", proc=proc).split()[1])
     client = Client(socket.AF_INET6 if v6 else socket.AF_INET, addr, port)
     wait_for_line(out, "^accepted$", proc=proc)
@@ -433,3 +437,45 @@ def test_redis_keeps_its_clients(procs, tmp_path):
     assert _ask(idle, b"GET counter") == f"${len(str(loop.last))}\r\n{loop.last}\r\n".encode()
     idle.close()
     loop.sock.close()
+
+
+def test_failed_checkpoint_leaves_the_connection_unharmed(procs, tmp_path):
+    """A tree with a live connection (read in repair mode, locked) and a
+    half-closed one: refused once all is read, so the live one must leave
+    repair mode and its lock go: it keeps working, nothing is written."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(30)
+    try:
+        proc, out, client = _echo(procs, tmp_path, half=srv.getsockname()[1])
+        peer, _ = srv.accept()
+        res = checkpoint(proc.pid, tmp_path / "x.cr", check=False)
+        assert res.returncode == 6, res.stderr
+        assert "(fin_wait2)" in res.stderr and "(established)" not in res.stderr, res.stderr
+        assert not (tmp_path / "x.cr").exists()
+        assert netlock.rules() == []
+        client.progress(5000)
+        client.finish()
+        wait_for_line(out, r"^done ", timeout=30)
+        assert read_lines(out)[-1].split()[2:] == ["1", "77"]   # (SO_REUSEADDR... as they were)
+        peer.close()
+    finally:
+        srv.close()
+
+
+def test_rules_of_a_dead_crelf_are_swept(procs, tmp_path):
+    """A crelf that died with a connection locked leaves its rule only until
+    the next run that uses the lock."""
+    code = ("from statefile.control import netlock\n"
+            "netlock.NetLock().lock(netlock.Conn('127.0.0.1', 1, '127.0.0.1', 2))\n"
+            "print('locked', flush=True)\nimport time; time.sleep(60)")
+    out = tmp_path / "l.out"
+    p = procs.spawn([sys.executable, "-c", code], stdout=out, close_fds=True)
+    wait_for_line(out, "^locked$", proc=p, timeout=30)
+    assert len(netlock.rules()) == 1
+    assert netlock.sweep() == 0            # (its owner lives: kept)
+    p.kill()
+    p.wait()
+    assert netlock.sweep() == 1
+    assert netlock.rules() == []
