@@ -5,7 +5,6 @@ inside the tree or outside it, sees a pause and nothing else: no reset, no
 byte lost, none twice.  Every test checks that no firewall rule is left."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -479,3 +478,43 @@ def test_rules_of_a_dead_crelf_are_swept(procs, tmp_path):
     p.wait()
     assert netlock.sweep() == 1
     assert netlock.rules() == []
+
+
+SHUT_RD = r"""
+import os, socket, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print("port", srv.getsockname()[1], flush=True)
+c, _ = srv.accept()
+c.shutdown(socket.SHUT_RD)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+print("recv", c.recv(10), flush=True)
+c.sendall(b"ok")
+time.sleep(60)
+"""
+
+
+def test_shut_rd_comes_back(procs, tmp_path):
+    """shutdown(SHUT_RD) leaves the connection established: after the restart
+    the program still reads end-of-file, and still writes."""
+    prog = tmp_path / "shut.py"
+    prog.write_text(SHUT_RD)
+    out = tmp_path / "shut.out"
+    go = tmp_path / "go"
+    proc = procs.spawn([sys.executable, prog, go], stdout=out)
+    port = int(wait_for_line(out, r"^port ", proc=proc).split()[1])
+    c = socket.create_connection(("127.0.0.1", port), timeout=30)
+    wait_for_line(out, "^ready$", proc=proc)
+    sf = tmp_path / "shut.cr"
+    checkpoint(proc.pid, sf, "--kill")
+    proc.wait(timeout=10)
+    rr = restart(procs, sf, "--detach")
+    code, err = finish(rr)
+    assert code == 0, err
+    go.touch()
+    assert c.recv(10) == b"ok"
+    assert wait_for_line(out, "^recv ", timeout=10) == "recv b''"
+    c.close()

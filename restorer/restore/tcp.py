@@ -159,6 +159,8 @@ def open_tcp(f: dict) -> int:
         w = tcp["window"]
         sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW,
                         struct.pack("5I", *(w[k] for k in WINDOW_FIELDS)))
+        if tcp.get("shut_rd"):
+            sock.shutdown(socket.SHUT_RD)     # (a flag only: nothing is sent)
         cc = tcp.get("congestion")
         if cc and sock.getsockopt(SOL_TCP, TCP_CONGESTION, 16).split(b"\0")[0].decode() != cc:
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import socket
 import struct
 
@@ -180,6 +181,13 @@ def dump(sock: socket.socket) -> dict:
             "5I", sock.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))))
         tcp["congestion"] = sock.getsockopt(SOL_TCP, TCP_CONGESTION, 16) \
             .split(b"\0")[0].decode()
+        # shutdown(SHUT_RD) changes no TCP state: poll() shows it (POLLRDHUP;
+        # on an established connection only SHUT_RD sets it, a FIN received
+        # would have made it CLOSE_WAIT)
+        p = select.poll()
+        p.register(fd, select.POLLRDHUP)
+        if any(ev & select.POLLRDHUP for _fd, ev in p.poll(0)):
+            tcp["shut_rd"] = True
         tcp["sndbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         tcp["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     except OSError as e:
