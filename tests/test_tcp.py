@@ -47,9 +47,8 @@ srv = socket.socket(fam, socket.SOCK_STREAM)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((sys.argv[2], 0))
 srv.listen(4)
-if len(sys.argv) > 3:              # a half-closed connection too
+if len(sys.argv) > 3:              # a connection the test half-closes too
     half = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
-    half.shutdown(socket.SHUT_WR)
 print("port", srv.getsockname()[1], flush=True)
 c, _ = srv.accept()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -316,9 +315,12 @@ def test_queues_full_both_ways(procs, tmp_path):
     c.close()
 
 
-def _refused(procs, tmp_path, code: str, state: str):
+def _refused(procs, tmp_path, code: str, state: str, srv=None):
     out = tmp_path / "t.out"
     proc = procs.spawn([sys.executable, "-c", code], stdout=out)
+    if srv is not None:       # the peer closes its end: ours is in CLOSE_WAIT
+        peer, _ = srv.accept()
+        peer.shutdown(socket.SHUT_WR)
     wait_for_line(out, "^ready$", proc=proc, timeout=20)
     res = checkpoint(proc.pid, tmp_path / "t.cr", check=False)
     assert res.returncode == 6, res.stderr
@@ -330,7 +332,7 @@ def _refused(procs, tmp_path, code: str, state: str):
     return res.stderr
 
 
-def test_half_closed_connection_refused_with_its_reason(procs, tmp_path):
+def test_half_closed_by_the_peer_refused_with_its_reason(procs, tmp_path):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -338,11 +340,87 @@ def test_half_closed_connection_refused_with_its_reason(procs, tmp_path):
     try:
         err = _refused(procs, tmp_path, "import socket, time\n"
                        f"c = socket.create_connection(('127.0.0.1', {srv.getsockname()[1]}))\n"
-                       "c.shutdown(socket.SHUT_WR)\ntime.sleep(0.3)\n"
-                       "print('ready', flush=True)\ntime.sleep(60)", "fin_wait2")
-        assert "a FIN sent or received cannot be put back" in err
+                       "time.sleep(0.5)\n"
+                       "print('ready', flush=True)\ntime.sleep(60)", "close_wait", srv)
+        assert "a FIN received cannot be put back" in err
     finally:
         srv.close()
+
+
+HALF = r"""
+import os, socket, sys, time
+def pattern(start, n):
+    return bytes((i * 7 + i // 251) & 0xFF for i in range(start, start + n))
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c.setblocking(False)
+sent, idle = 0, 0
+while sent < int(sys.argv[2]) and idle < 50:    # (up to a full buffer, for FIN_WAIT1)
+    try:
+        sent += c.send(pattern(sent, min(65536, int(sys.argv[2]) - sent)))
+        idle = 0
+    except BlockingIOError:
+        idle += 1
+        time.sleep(0.01)
+c.setblocking(True)
+c.shutdown(socket.SHUT_WR)
+print("ready", sent, flush=True)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.05)
+got = b""
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    got += d
+print("got", got.decode(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("state", ["fin_wait2", "fin_wait1"])
+def test_shut_down_for_writing_comes_back(procs, tmp_path, state):
+    """A connection the program shut down for writing: its FIN acknowledged
+    (FIN_WAIT2), or not even sent, behind a full send queue the peer does
+    not read (FIN_WAIT1).  After the restart the peer gets every byte then
+    end-of-file, and the program still reads what the peer sends."""
+    from statefile.format.reader import load
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(30)
+    prog = tmp_path / "half.py"
+    prog.write_text(HALF)
+    out = tmp_path / "half.out"
+    go = tmp_path / "go"
+    size = 1000 if state == "fin_wait2" else 50 << 20
+    proc = procs.spawn([sys.executable, prog, srv.getsockname()[1], size, go], stdout=out)
+    peer, _ = srv.accept()
+    srv.close()
+    got = b""
+    if state == "fin_wait2":
+        while len(got) < size:
+            got += peer.recv(65536)
+    sent = int(wait_for_line(out, "^ready ", proc=proc, timeout=60).split()[1])
+    time.sleep(0.2)
+    sf = tmp_path / "half.cr"
+    checkpoint(proc.pid, sf, "--kill")
+    proc.wait(timeout=10)
+    tcp = [f["socket"]["tcp"] for f in load(str(sf)).files
+           if (f.get("socket") or {}).get("tcp")][0]
+    assert tcp["state"] == state
+    rr = restart(procs, sf, "--detach")
+    code, err = finish(rr)
+    assert code == 0, err
+    while True:
+        d = peer.recv(1 << 20)
+        if not d:
+            break
+        got += d
+    assert len(got) == sent and got == pattern(0, sent)
+    go.touch()
+    peer.sendall(b"after the restart")
+    peer.shutdown(socket.SHUT_WR)
+    assert wait_for_line(out, "^got ", timeout=30) == "got after the restart"
+    peer.close()
 
 
 def test_connect_in_progress_refused_with_its_reason(procs, tmp_path):
@@ -449,9 +527,11 @@ def test_failed_checkpoint_leaves_the_connection_unharmed(procs, tmp_path):
     try:
         proc, out, client = _echo(procs, tmp_path, half=srv.getsockname()[1])
         peer, _ = srv.accept()
+        peer.shutdown(socket.SHUT_WR)
+        time.sleep(0.2)
         res = checkpoint(proc.pid, tmp_path / "x.cr", check=False)
         assert res.returncode == 6, res.stderr
-        assert "(fin_wait2)" in res.stderr and "(established)" not in res.stderr, res.stderr
+        assert "(close_wait)" in res.stderr and "(established)" not in res.stderr, res.stderr
         assert not (tmp_path / "x.cr").exists()
         assert netlock.rules() == []
         client.progress(5000)

@@ -27,7 +27,7 @@ import struct
 
 from statefile.control import netlock
 from statefile.control import ptrace as pt
-from statefile.dump.tcp import (SOL_TCP, TCP_CONGESTION, TCP_NO_QUEUE, TCP_QUEUE_SEQ,
+from statefile.dump.tcp import (REPAIRED, SOL_TCP, TCP_CONGESTION, TCP_NO_QUEUE, TCP_QUEUE_SEQ,
                                 TCP_RECV_QUEUE, TCP_REPAIR, TCP_REPAIR_OFF,
                                 TCP_REPAIR_OFF_NO_WP, TCP_REPAIR_ON, TCP_REPAIR_OPTIONS,
                                 TCP_REPAIR_QUEUE, TCP_REPAIR_WINDOW, TCP_SEND_QUEUE,
@@ -41,7 +41,7 @@ _LIVE_STATES = {"01", "02", "03", "04", "05", "08", "09", "0B"}   # /proc/net/tc
 def is_connection(f: dict) -> bool:
     """An established connection this module restores."""
     tcp = (f.get("socket") or {}).get("tcp")
-    return bool(tcp) and tcp.get("state") == "established" and "send_seq" in tcp \
+    return bool(tcp) and tcp.get("state") in REPAIRED and "send_seq" in tcp \
         and not f.get("skipped")
 
 
@@ -159,6 +159,12 @@ def open_tcp(f: dict) -> int:
         w = tcp["window"]
         sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW,
                         struct.pack("5I", *(w[k] for k in WINDOW_FIELDS)))
+        if tcp.get("fin_sent"):
+            # FIN_WAIT1/2: our FIN after the queue, transmitted by the kernel
+            # (again: a peer that had it acknowledges it, and FIN_WAIT2 follows)
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+            sock.shutdown(socket.SHUT_WR)
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         if tcp.get("shut_rd"):
             sock.shutdown(socket.SHUT_RD)     # (a flag only: nothing is sent)
         cc = tcp.get("congestion")

@@ -38,6 +38,12 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 WINDOW_FIELDS = ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")
 
+# Read and restored in repair mode: established connections, and those that
+# sent their FIN and received none (FIN_WAIT1: not acknowledged yet, or
+# FIN_WAIT2).  A FIN received cannot be put back without a packet.
+REPAIRED = ("established", "fin_wait1", "fin_wait2")
+FIN_UNACKED = ("fin_wait1", "closing", "last_ack")
+
 STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2",
           6: "time_wait", 7: "close", 8: "close_wait", 9: "last_ack", 10: "listen",
           11: "closing", 12: "new_syn_recv"}
@@ -134,7 +140,7 @@ def dump(sock: socket.socket) -> dict:
     ti = sock.getsockopt(SOL_TCP, TCP_INFO, 8)
     tcp: dict = {"state": STATES.get(ti[0], str(ti[0]))}
     fd = sock.fileno()
-    if tcp["state"] != "established":
+    if tcp["state"] not in REPAIRED:
         return tcp
     try:
         tcp["inq"], tcp["outq"] = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ)
@@ -166,7 +172,16 @@ def dump(sock: socket.socket) -> dict:
         # (nothing moves now: the task is frozen, the connection's packets dropped)
         tcp["inq"], tcp["outq"] = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ)
         tcp["unsent"] = _ioctl_int(fd, SIOCOUTQNSD)
+        if tcp["state"] != "established":
+            # our FIN takes a sequence number but no byte of the queue; the
+            # restart puts it back with shutdown(SHUT_WR)
+            tcp["fin_sent"] = True
+            if tcp["state"] in FIN_UNACKED:
+                tcp["outq"] -= 1
+                tcp["unsent"] = max(tcp["unsent"] - 1, 0)
         tcp["send_seq"], sendq = _queue(sock, TCP_SEND_QUEUE, tcp["outq"])
+        if tcp.get("fin_sent"):
+            tcp["send_seq"] = (tcp["send_seq"] - 1) & 0xFFFFFFFF
         tcp["recv_seq"], recvq = _queue(sock, TCP_RECV_QUEUE, tcp["inq"])
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
         tcp["send_queue"], tcp["recv_queue"] = sendq.hex(), recvq.hex()
