@@ -47,8 +47,10 @@ srv = socket.socket(fam, socket.SOCK_STREAM)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((sys.argv[2], 0))
 srv.listen(4)
-if len(sys.argv) > 3:              # a connection the test half-closes too
-    half = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
+if len(sys.argv) > 3:              # a connection that never gets through too (SYN_SENT)
+    half = socket.socket()
+    half.setblocking(False)
+    half.connect_ex(("127.0.0.1", int(sys.argv[3])))
 print("port", srv.getsockname()[1], flush=True)
 c, _ = srv.accept()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -332,19 +334,63 @@ def _refused(procs, tmp_path, code: str, state: str, srv=None):
     return res.stderr
 
 
-def test_half_closed_by_the_peer_refused_with_its_reason(procs, tmp_path):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
+CLOSE_WAIT = r"""
+import os, socket, sys, time
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+got = b""
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    got += d
+print("got", got.decode(), flush=True)
+c.sendall(b"still writing")
+c.close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_closed_by_the_peer_comes_back(procs, tmp_path, v6):
+    """The peer sent its bytes and its FIN (CLOSE_WAIT), the program has not
+    read them: after the restart it reads them, then end-of-file (the peer's
+    FIN replayed), and its own bytes and FIN still reach the peer."""
+    fam, addr = (socket.AF_INET6, "::1") if v6 else (socket.AF_INET, "127.0.0.1")
+    srv = socket.socket(fam)
+    srv.bind((addr, 0))
     srv.listen(1)
     srv.settimeout(30)
-    try:
-        err = _refused(procs, tmp_path, "import socket, time\n"
-                       f"c = socket.create_connection(('127.0.0.1', {srv.getsockname()[1]}))\n"
-                       "time.sleep(0.5)\n"
-                       "print('ready', flush=True)\ntime.sleep(60)", "close_wait", srv)
-        assert "a FIN received cannot be put back" in err
-    finally:
-        srv.close()
+    prog = tmp_path / "cw.py"
+    prog.write_text(CLOSE_WAIT.replace('"127.0.0.1"', repr(addr)))
+    out = tmp_path / "cw.out"
+    go = tmp_path / "go"
+    proc = procs.spawn([sys.executable, prog, srv.getsockname()[1], go], stdout=out)
+    peer, _ = srv.accept()
+    srv.close()
+    wait_for_line(out, "^ready$", proc=proc)
+    peer.sendall(b"bytes then FIN")
+    peer.shutdown(socket.SHUT_WR)
+    time.sleep(0.2)
+    sf = tmp_path / "cw.cr"
+    checkpoint(proc.pid, sf, "--kill")
+    proc.wait(timeout=10)
+    rr = restart(procs, sf, "--detach")
+    code, err = finish(rr)
+    assert code == 0, err
+    assert netlock.rules() == [], err
+    go.touch()
+    assert wait_for_line(out, "^got ", timeout=30) == "got bytes then FIN"
+    got = b""
+    while True:
+        d = peer.recv(100)
+        if not d:
+            break
+        got += d
+    assert got == b"still writing"
+    peer.close()
 
 
 HALF = r"""
@@ -517,29 +563,27 @@ def test_redis_keeps_its_clients(procs, tmp_path):
 
 
 def test_failed_checkpoint_leaves_the_connection_unharmed(procs, tmp_path):
-    """A tree with a live connection (read in repair mode, locked) and a
-    half-closed one: refused once all is read, so the live one must leave
+    """A tree with a live connection (read in repair mode, locked) and one
+    still connecting: refused once all is read, so the live one must leave
     repair mode and its lock go: it keeps working, nothing is written."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    srv.settimeout(30)
+    srv.listen(0)                  # one connection fills its queue: the next stays SYN_SENT
+    first = socket.create_connection(srv.getsockname(), timeout=10)
     try:
         proc, out, client = _echo(procs, tmp_path, half=srv.getsockname()[1])
-        peer, _ = srv.accept()
-        peer.shutdown(socket.SHUT_WR)
         time.sleep(0.2)
         res = checkpoint(proc.pid, tmp_path / "x.cr", check=False)
         assert res.returncode == 6, res.stderr
-        assert "(close_wait)" in res.stderr and "(established)" not in res.stderr, res.stderr
+        assert "(syn_sent)" in res.stderr and "(established)" not in res.stderr, res.stderr
         assert not (tmp_path / "x.cr").exists()
         assert netlock.rules() == []
         client.progress(5000)
         client.finish()
         wait_for_line(out, r"^done ", timeout=30)
-        assert read_lines(out)[-1].split()[2:] == ["1", "77"]   # (SO_REUSEADDR... as they were)
-        peer.close()
+        assert read_lines(out)[-1].split()[2:] == ["1", "77"]   # (its options as they were)
     finally:
+        first.close()
         srv.close()
 
 

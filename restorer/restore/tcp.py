@@ -24,10 +24,11 @@ import errno
 import os
 import socket
 import struct
+import time
 
 from statefile.control import netlock
 from statefile.control import ptrace as pt
-from statefile.dump.tcp import (REPAIRED, SOL_TCP, TCP_CONGESTION, TCP_NO_QUEUE, TCP_QUEUE_SEQ,
+from statefile.dump.tcp import (REPAIRED, SOL_TCP, STATES, TCP_CONGESTION, TCP_NO_QUEUE, TCP_QUEUE_SEQ,
                                 TCP_RECV_QUEUE, TCP_REPAIR, TCP_REPAIR_OFF,
                                 TCP_REPAIR_OFF_NO_WP, TCP_REPAIR_ON, TCP_REPAIR_OPTIONS,
                                 TCP_REPAIR_QUEUE, TCP_REPAIR_WINDOW, TCP_SEND_QUEUE,
@@ -85,6 +86,54 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
                 continue
             raise
         off += n
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _replay_fin(sock: socket.socket, tcp: dict, local, peer, sent_len: int) -> None:
+    """The peer's FIN, sent again as the peer's own packet through a raw
+    socket (marked: it passes the lock, statefile/control/netlock.py): the
+    restored socket takes it as it took the original (end of file for the
+    program, CLOSE_WAIT).  Its sequence number is rcv_nxt, it acknowledges
+    nothing new (snd_una) and repeats the peer's window."""
+    conn = netlock.Conn.of(local, peer)
+    seq = tcp["recv_seq"]
+    ack = (tcp["send_seq"] - sent_len) & 0xFFFFFFFF
+    win = tcp["window"]["snd_wnd"] >> tcp.get("snd_wscale", 0)
+    hdr = struct.pack("!HHIIBBHHH", conn.rport, conn.lport, seq, ack, 5 << 4, 0x11,
+                      min(win, 0xFFFF), 0, 0)
+    if conn.v6:
+        src, dst = (socket.inet_pton(socket.AF_INET6, a) for a in (conn.remote, conn.local))
+        pseudo = src + dst + struct.pack("!IxxxB", len(hdr), socket.IPPROTO_TCP)
+        seg = hdr[:16] + struct.pack("!H", _csum(pseudo + hdr)) + hdr[18:]
+        pkt = struct.pack("!IHBB", 6 << 28, len(seg), socket.IPPROTO_TCP, 64) + src + dst + seg
+        raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        to = (conn.local, 0)
+    else:
+        src, dst = socket.inet_aton(conn.remote), socket.inet_aton(conn.local)
+        pseudo = src + dst + struct.pack("!xBH", socket.IPPROTO_TCP, len(hdr))
+        seg = hdr[:16] + struct.pack("!H", _csum(pseudo + hdr)) + hdr[18:]
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(seg), 0, 0x4000, 64,
+                         socket.IPPROTO_TCP, 0) + src + dst
+        pkt = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:] + seg
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        to = (conn.local, 0)
+    with raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netlock.MARK)
+        before = sock.getsockopt(SOL_TCP, 11, 8)[0]
+        raw.sendto(pkt, to)
+    for _ in range(100):           # (delivered at once over loopback; a moment at most)
+        if sock.getsockopt(SOL_TCP, 11, 8)[0] != before:
+            return
+        time.sleep(0.002)
+    raise OSError(0, "the peer's FIN, sent again, was not taken")
 
 
 def open_tcp(f: dict) -> int:
@@ -156,15 +205,27 @@ def open_tcp(f: dict) -> int:
             sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
         sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, lock)
-        w = tcp["window"]
+        w = dict(tcp["window"])
+        if (w["rcv_wup"] - tcp["recv_seq"]) & 0x80000000 == 0:
+            w["rcv_wup"] = tcp["recv_seq"]   # (it may count a FIN: replayed below)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW,
                         struct.pack("5I", *(w[k] for k in WINDOW_FIELDS)))
+        # FINs: the peer's replayed as its packet (CLOSE_WAIT; before ours for
+        # LAST_ACK, after ours for CLOSING); ours with shutdown(SHUT_WR)
+        if tcp.get("fin_received") and tcp["state"] != "closing":
+            _replay_fin(sock, tcp, local, peer, len(sendq))
         if tcp.get("fin_sent"):
-            # FIN_WAIT1/2: our FIN after the queue, transmitted by the kernel
-            # (again: a peer that had it acknowledges it, and FIN_WAIT2 follows)
+            # our FIN after the queue, transmitted by the kernel (again: a peer
+            # that had it acknowledges it again, and FIN_WAIT2 follows)
             sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
             sock.shutdown(socket.SHUT_WR)
             sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        if tcp.get("fin_received") and tcp["state"] == "closing":
+            _replay_fin(sock, tcp, local, peer, len(sendq))
+        state = sock.getsockopt(SOL_TCP, 11, 8)[0]
+        # (FIN_WAIT2 comes back FIN_WAIT1: its FIN is acknowledged again)
+        if STATES.get(state) != {"fin_wait2": "fin_wait1"}.get(tcp["state"], tcp["state"]):
+            raise OSError(0, f"came back {STATES.get(state, state)}, not {tcp['state']}")
         if tcp.get("shut_rd"):
             sock.shutdown(socket.SHUT_RD)     # (a flag only: nothing is sent)
         cc = tcp.get("congestion")

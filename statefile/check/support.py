@@ -288,8 +288,9 @@ TABLE: tuple[Resource, ...] = (
     Resource("fd:socket:inet-fresh", "TCP socket never connected nor listening (bound "
              "again if it was bound; its options as they were)", SUPPORTED),
     Resource("fd:socket:tcp", "established TCP connection, IPv4 or IPv6, to a peer inside "
-             "or outside the tree, also one the program shut down for writing (FIN_WAIT1, "
-             "FIN_WAIT2: its FIN sent again) (sequence numbers, both queues, window, MSS, "
+             "or outside the tree, also one shut down in one direction or both (FIN_WAIT1, "
+             "FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: the program's FIN sent again, the "
+             "peer's replayed) (sequence numbers, both queues, window, MSS, "
              "window scale, SACK, timestamps and socket options restored with the kernel's "
              "TCP repair mode; its packets held back by a firewall rule until the restored socket is "
              "live: docs/NETWORK.md)", SUPPORTED),
@@ -298,12 +299,6 @@ TABLE: tuple[Resource, ...] = (
              "reading and restoring a connection needs TCP_REPAIR (root: CAP_NET_ADMIN) and "
              "nftables (the nft command) to hold its packets back; policy 'network' restores "
              "it as a new unconnected socket", "network"),
-    Resource("fd:socket:tcp-halfclosed", "TCP connection whose peer has shut it down "
-             "(a FIN received: CLOSE_WAIT, LAST_ACK, CLOSING)", SKIPPABLE,
-             "the kernel's repair mode recreates established connections only: a FIN "
-             "received cannot be put back without injecting the peer's packet, which this "
-             "version does not do; policy 'network' restores it as a new unconnected socket",
-             "network"),
     Resource("fd:socket:tcp-connecting", "TCP socket in the middle of its handshake "
              "(SYN_SENT: connect() in progress; SYN_RECV)", SKIPPABLE,
              "repair mode cannot resume a handshake (connect() in repair mode makes the "
@@ -676,10 +671,8 @@ def fd_key(f: dict) -> str:
 def _tcp_key(tcp: dict) -> str:
     """The row of a TCP connection (its `tcp` record, statefile/dump/tcp.py)."""
     state = tcp.get("state")
-    if state in ("established", "fin_wait1", "fin_wait2"):
+    if state in ("established", "fin_wait1", "fin_wait2", "close_wait", "last_ack", "closing"):
         return "fd:socket:tcp-norepair" if tcp.get("error") else "fd:socket:tcp"
-    if state in ("close_wait", "last_ack", "closing"):
-        return "fd:socket:tcp-halfclosed"
     if state in ("syn_sent", "syn_recv", "new_syn_recv"):
         return "fd:socket:tcp-connecting"
     return "fd:socket:tcp-closed"

@@ -36,6 +36,9 @@ LOCKFILE = "/run/crelf-netlock.lock"
 # default), so a lock older than this protects nothing.
 HANDOVER_SECONDS = 3600
 COMMENT_MAX = 127
+# Packets crelf itself sends for a locked connection (restorer/restore/tcp.py:
+# the peer's FIN, replayed) carry this mark (SO_MARK) and pass the lock.
+MARK = 0x63726C66
 
 
 class NetLockError(OSError):
@@ -133,6 +136,7 @@ def _ensure_table() -> None:
         pass
     hooks = "".join(
         f"add chain inet {TABLE} {h} {{ type filter hook {h} priority -300 ; policy accept ; }}\n"
+        f"add rule inet {TABLE} {h} meta mark {MARK:#x} accept\n"
         f"add rule inet {TABLE} {h} jump {CHAIN}\n" for h in ("input", "output"))
     _nft("-f", "-", stdin=f"add table inet {TABLE}\nadd chain inet {TABLE} {CHAIN}\n{hooks}")
 

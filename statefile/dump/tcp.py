@@ -41,8 +41,10 @@ WINDOW_FIELDS = ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")
 # Read and restored in repair mode: established connections, and those that
 # sent their FIN and received none (FIN_WAIT1: not acknowledged yet, or
 # FIN_WAIT2).  A FIN received cannot be put back without a packet.
-REPAIRED = ("established", "fin_wait1", "fin_wait2")
+REPAIRED = ("established", "fin_wait1", "fin_wait2", "close_wait", "last_ack", "closing")
+FIN_SENT = ("fin_wait1", "fin_wait2", "last_ack", "closing")
 FIN_UNACKED = ("fin_wait1", "closing", "last_ack")
+FIN_RECEIVED = ("close_wait", "last_ack", "closing")
 
 STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2",
           6: "time_wait", 7: "close", 8: "close_wait", 9: "last_ack", 10: "listen",
@@ -172,7 +174,7 @@ def dump(sock: socket.socket) -> dict:
         # (nothing moves now: the task is frozen, the connection's packets dropped)
         tcp["inq"], tcp["outq"] = _ioctl_int(fd, SIOCINQ), _ioctl_int(fd, SIOCOUTQ)
         tcp["unsent"] = _ioctl_int(fd, SIOCOUTQNSD)
-        if tcp["state"] != "established":
+        if tcp["state"] in FIN_SENT:
             # our FIN takes a sequence number but no byte of the queue; the
             # restart puts it back with shutdown(SHUT_WR)
             tcp["fin_sent"] = True
@@ -183,6 +185,10 @@ def dump(sock: socket.socket) -> dict:
         if tcp.get("fin_sent"):
             tcp["send_seq"] = (tcp["send_seq"] - 1) & 0xFFFFFFFF
         tcp["recv_seq"], recvq = _queue(sock, TCP_RECV_QUEUE, tcp["inq"])
+        if tcp["state"] in FIN_RECEIVED:
+            # the peer's FIN too (rcv_nxt counts it); the restart replays it
+            tcp["fin_received"] = True
+            tcp["recv_seq"] = (tcp["recv_seq"] - 1) & 0xFFFFFFFF
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
         tcp["send_queue"], tcp["recv_queue"] = sendq.hex(), recvq.hex()
         tcp["mss"] = _int(sock, TCP_MAXSEG)          # (the MSS clamp, in repair mode)
