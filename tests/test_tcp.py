@@ -145,18 +145,19 @@ def _echo(procs, tmp_path, v6=False, half=None):
     return proc, out, client
 
 
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_outside_client_sees_no_reset_after_kill_and_restart(procs, tmp_path, v6):
+@pytest.mark.parametrize("v6,args", [(False, ()), (True, ()), (False, ("--pidns",))],
+                         ids=["ipv4", "ipv6", "ipv4-pidns"])
+def test_outside_client_sees_no_reset_after_kill_and_restart(procs, tmp_path, v6, args):
     """A server in the tree, its client outside: checkpoint --kill in the middle
-    of the stream, restart; the client sees a pause, then every byte echoed
-    back in order (the socket options with it)."""
+    of the stream, restart (also into a new pid namespace); the client sees a
+    pause, then every byte echoed back in order (the socket options with it)."""
     proc, out, client = _echo(procs, tmp_path, v6)
     sf = tmp_path / "echo.cr"
     checkpoint(proc.pid, sf, "--kill")
     proc.wait(timeout=10)
     assert any("crelf c=" in r["comment"] for r in netlock.rules())   # held until restart
     time.sleep(0.5)          # the client keeps sending into the lock
-    rr = restart(procs, sf, "--detach")
+    rr = restart(procs, sf, "--detach", *args)
     code, err = finish(rr)
     assert code == 0, err
     assert netlock.rules() == [], err      # lifted once the socket is live
