@@ -237,6 +237,11 @@ def test_pair_inside_the_tree_streams_on(procs, tmp_path, v6):
     wait_for_line(out, r"^child got [1-9]", proc=proc, timeout=30)
     sf = tmp_path / "pair.cr"
     checkpoint_tree(proc, sf)          # (--kill; the old tree reaped)
+    shown = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crinspect"),
+                            "shared", str(sf)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.stdout.count("TCP established") == 2, shown.stdout + shown.stderr
+    assert shown.stdout.count("peer in the tree") == 2, shown.stdout
     before = {w: _got(out, w) for w in ("parent", "child")}
     rr = restart(procs, sf, "--detach")
     code, err = finish(rr)
