@@ -92,12 +92,15 @@ def available() -> str | None:
     return None
 
 
-def _nft(*args: str, stdin: str | None = None) -> str:
+def _nft(*args: str, stdin: str | None = None, tries: int = 1) -> str:
     exe = shutil.which("nft") or "/usr/sbin/nft"
-    r = subprocess.run([exe, *args], input=stdin, capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        raise NetLockError(0, f"nft {' '.join(args)}: {r.stderr.strip() or 'failed'}")
-    return r.stdout
+    for i in range(tries):
+        r = subprocess.run([exe, *args], input=stdin, capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode == 0:
+            return r.stdout
+        time.sleep(0.05 * (i + 1))      # (a change of the ruleset by someone else)
+    raise NetLockError(0, f"nft {' '.join(args)}: {r.stderr.strip() or 'failed'}")
 
 
 class _Flock:
@@ -115,10 +118,16 @@ class _Flock:
 
 def _rules() -> list[dict]:
     """crelf's rules: [{"handle", "comment"}] ([] without the table)."""
-    try:
-        out = _nft("-j", "-a", "list", "chain", "inet", TABLE, CHAIN)
-    except NetLockError:
-        return []
+    for i in range(3):
+        try:
+            out = _nft("-j", "-a", "list", "chain", "inet", TABLE, CHAIN)
+            break
+        except NetLockError as e:
+            if "No such file or directory" in str(e):
+                return []               # (no table: no rule)
+            if i == 2:
+                raise
+            time.sleep(0.05)
     return [{"handle": o["rule"]["handle"], "comment": o["rule"].get("comment", "")}
             for o in json.loads(out).get("nftables", []) if "rule" in o]
 
@@ -138,7 +147,8 @@ def _ensure_table() -> None:
         f"add chain inet {TABLE} {h} {{ type filter hook {h} priority -300 ; policy accept ; }}\n"
         f"add rule inet {TABLE} {h} meta mark {MARK:#x} accept\n"
         f"add rule inet {TABLE} {h} jump {CHAIN}\n" for h in ("input", "output"))
-    _nft("-f", "-", stdin=f"add table inet {TABLE}\nadd chain inet {TABLE} {CHAIN}\n{hooks}")
+    _nft("-f", "-", stdin=f"add table inet {TABLE}\nadd chain inet {TABLE} {CHAIN}\n{hooks}",
+         tries=3)
 
 
 def _drop_table_if_empty() -> None:
@@ -182,7 +192,7 @@ def _stale(comment: str) -> bool:
 def _delete(handles: list[int]) -> None:
     if handles:
         _nft("-f", "-", stdin="".join(f"delete rule inet {TABLE} {CHAIN} handle {h}\n"
-                                      for h in handles))
+                                      for h in handles), tries=3)
 
 
 def sweep() -> int:
@@ -216,7 +226,7 @@ def _add(conns, owner: str) -> None:
             comment = comment[:COMMENT_MAX].rsplit(" ", 1)[0]
         batch += f"add rule inet {TABLE} {CHAIN} {c.rule()} comment \"{comment}\"\n"
     if batch:
-        _nft("-f", "-", stdin=batch)
+        _nft("-f", "-", stdin=batch, tries=3)
 
 
 class NetLock:
