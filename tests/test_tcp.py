@@ -648,3 +648,41 @@ def test_shut_rd_comes_back(procs, tmp_path):
     assert c.recv(10) == b"ok"
     assert wait_for_line(out, "^recv ", timeout=10) == "recv b''"
     c.close()
+
+
+def test_local_address_gone_refused_then_restored_when_back(procs, tmp_path):
+    """A connection whose local address this host no longer has: the restart
+    fails with one line naming the address, leaves nothing running and keeps
+    the lock; once the address is back, the same statefile restarts and the
+    client goes on as if nothing happened."""
+    addr = "10.231.77.1"
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    subprocess.run([ip, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
+    try:
+        prog = tmp_path / "echo.py"
+        prog.write_text(ECHO_SERVER)
+        out = tmp_path / "echo.out"
+        proc = procs.spawn([sys.executable, prog, "4", addr], stdout=out)
+        port = int(wait_for_line(out, r"^port ", proc=proc).split()[1])
+        client = Client(socket.AF_INET, addr, port)
+        wait_for_line(out, "^accepted$", proc=proc)
+        client.progress(2000)
+        sf = tmp_path / "gone.cr"
+        checkpoint(proc.pid, sf, "--kill")
+        proc.wait(timeout=10)
+        subprocess.run([ip, "addr", "del", f"{addr}/32", "dev", "lo"], check=True)
+        rr = restart(procs, sf, "--detach")
+        code, err = finish(rr)
+        assert code != 0
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and f"the local address {addr} does not exist" in lines[0], err
+        assert netlock.rules() != []          # (kept: the statefile may restart later)
+        subprocess.run([ip, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
+        rr = restart(procs, sf, "--detach")
+        code, err = finish(rr)
+        assert code == 0, err
+        assert netlock.rules() == [], err
+        client.progress(5000)
+        client.finish()
+    finally:
+        subprocess.run([ip, "addr", "del", f"{addr}/32", "dev", "lo"], capture_output=True)
