@@ -275,8 +275,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
     files.scm.close()      # crcheckpoint's fds of the files in flight (dump_scm)
     t_written = time.monotonic()
     if t_thawed is None:
-        if not kill:
-            dump_tcp.release()
+        dump_tcp.release(keep=kill)   # (--kill: in repair mode, they die silently)
         freezer.thaw(kill=kill)
         t_thawed = time.monotonic()
     dump_tcp.hand_over(output)  # --kill: the lock waits for crrestart (docs/NETWORK.md)

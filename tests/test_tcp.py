@@ -686,3 +686,31 @@ def test_local_address_gone_refused_then_restored_when_back(procs, tmp_path):
         client.finish()
     finally:
         subprocess.run([ip, "addr", "del", f"{addr}/32", "dev", "lo"], capture_output=True)
+
+
+def test_killed_checkpoints_leave_the_connection_unharmed(procs, tmp_path):
+    """crcheckpoint SIGKILLed at moments spread over its run, and just after
+    it locked the connection and read it in repair mode: its guard removes
+    the rule at once, and the connection goes on (a socket left in repair
+    mode would fail the server's recv with EPERM)."""
+    from test_checkpoint import CRCHECKPOINT
+    proc, out, client = _echo(procs, tmp_path)
+    # (None: it dies right after it locked the connection and read it in repair mode)
+    for i, delay in enumerate((None, 0.25, 0.35, 0.45, 0.55, 0.65, 0.8, 1.0, None)):
+        env = {**os.environ, "CRELF_CHECKPOINT_DIE_AT": "tcp-locked" if delay is None else ""}
+        cr = subprocess.Popen([CRCHECKPOINT, str(proc.pid), "-o", str(tmp_path / f"k{i}.cr")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        if delay is not None:
+            time.sleep(delay)
+            cr.kill()
+        assert cr.wait() != 0 or delay is not None
+        time.sleep(0.2)         # (the guard's work, after its crcheckpoint is gone)
+        if delay is None:
+            assert netlock.rules() == []      # (the guard removed it)
+        client.progress(3000, timeout=60)
+        assert proc.poll() is None
+        for f in tmp_path.glob(f"k{i}.cr"):
+            f.unlink()          # (one that finished first: not this test's subject)
+    netlock.sweep()             # (what the next crelf run does)
+    assert netlock.rules() == []
+    client.finish()

@@ -205,8 +205,18 @@ def sweep() -> int:
     return len(stale)
 
 
-def _owner_self() -> str:
+def owner_self() -> str:
+    """This process as the owner of rules (their comment's pid=)."""
     return f"pid={os.getpid()}/{_start_time(os.getpid())}"
+
+
+def remove_owner(owner: str) -> None:
+    """Remove every rule of that owner (statefile/dump/tcp.py's guard, when
+    its crcheckpoint died)."""
+    with _Flock():
+        _delete([r["handle"] for r in _rules() if f" {owner}" in r["comment"]
+                 and r["comment"].endswith(owner)])
+        _drop_table_if_empty()
 
 
 def _owner_statefile(path: str) -> str:
@@ -244,7 +254,7 @@ class NetLock:
             sweep()
         with _Flock():
             _ensure_table()
-            _add([conn], _owner_self())
+            _add([conn], owner_self())
         self.conns[conn.ident] = conn
 
     def _mine(self, owner: str) -> list[int]:
@@ -257,7 +267,7 @@ class NetLock:
         if not self.conns:
             return
         with _Flock():
-            _delete(self._mine(_owner_self()))
+            _delete(self._mine(owner_self()))
             _drop_table_if_empty()
         self.conns.clear()
 
@@ -268,7 +278,7 @@ class NetLock:
         if not self.conns:
             return
         with _Flock():
-            old = self._mine(_owner_self())
+            old = self._mine(owner_self())
             _add(self.conns.values(), _owner_statefile(statefile))
             _delete(old)
         self.conns.clear()

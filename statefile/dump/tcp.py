@@ -8,12 +8,16 @@ mode), how much of the send queue was never sent (SIOCOUTQNSD), the options
 the handshake agreed (TCP_INFO, the MSS clamp from TCP_MAXSEG in repair mode),
 the windows (TCP_REPAIR_WINDOW) and the timestamp clock (TCP_TIMESTAMP).
 
-A checkpoint keeps the sockets in repair mode until it ends: a --kill
-checkpoint kills the tree with them in it, so closing them sends nothing (no
-FIN, no reset) and the lock passes to the statefile; a leave-running one turns
-repair off again (and puts SO_REUSEADDR back: leaving repair mode clears it)
-before the tree runs, and lifts the lock.  Outside a checkpoint (crcheck) only
-the state and queue sizes are read; nothing is changed.
+Each socket leaves repair mode as soon as it is read (and gets SO_REUSEADDR
+back: leaving repair mode clears it): the task is frozen and the lock holds
+its packets, so nothing changes, and a crcheckpoint that dies leaves no socket
+in repair mode under a task the kernel resumes at once.  A --kill checkpoint
+puts them back into repair mode just before it kills the tree, so closing them
+sends nothing (no FIN, no reset), and the lock passes to the statefile; a
+leave-running one lifts the lock before the thaw.  A guard process (_guard)
+holds a duplicate of each socket and removes the lock if crcheckpoint dies.
+Outside a checkpoint (crcheck) only the state and queue sizes are read;
+nothing is changed.
 
 The `tcp` record of the socket's info (docs/FORMAT.md); restored by
 restorer/restore/tcp.py; what each state gets: docs/NETWORK.md."""
@@ -60,11 +64,106 @@ def _int(sock: socket.socket, opt: int) -> int:
 
 
 class _Session:
-    """The sockets one checkpoint put in repair mode, and its lock."""
+    """The sockets one checkpoint put in repair mode, its lock, and the guard
+    that puts both right if crcheckpoint dies (_guard)."""
 
     def __init__(self):
         self.lock = netlock.NetLock()
         self.repaired: list[tuple[int, int]] = []    # (our dup, SO_REUSEADDR to put back)
+        self.guard: socket.socket | None = None
+        self.guard_pid = 0
+
+    def start_guard(self) -> None:
+        if self.guard is not None:
+            return
+        owner = netlock.owner_self()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:                      # (the guard: nothing of crcheckpoint's but this)
+            try:
+                keep = theirs.fileno()
+                null = os.open(os.devnull, os.O_RDWR)
+                for std in (0, 1, 2):   # (not the caller's pipes: they must see EOF)
+                    os.dup2(null, std)
+                for name in os.listdir("/proc/self/fd"):
+                    if int(name) not in (keep, 0, 1, 2):
+                        try:
+                            os.close(int(name))
+                        except OSError:
+                            pass
+                _guard(theirs, owner)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.guard, self.guard_pid = ours, pid
+
+    def tell(self, what: bytes, fd: int | None = None) -> None:
+        if self.guard is None:
+            return
+        try:
+            if fd is None:
+                self.guard.send(what)
+            else:
+                self.guard.sendmsg([what], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             struct.pack("i", fd))])
+        except OSError:
+            pass
+
+    def end_guard(self) -> None:
+        if self.guard is None:
+            return
+        self.tell(b"D")
+        self.guard.close()
+        self.guard = None
+        try:
+            os.waitpid(self.guard_pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _guard(ctl: socket.socket, owner: str) -> None:
+    """A process of its own (its own session: a signal to crcheckpoint's group
+    does not reach it) holding a duplicate of every socket put in repair mode.
+    If crcheckpoint dies before it says the checkpoint is over ("D"), the
+    guard takes every socket out of repair mode and removes the lock's rules
+    (docs/NETWORK.md); after "K" (the tree is being killed with the sockets
+    in repair mode, on purpose) it only lets them go."""
+    import signal
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    held: list[tuple[int, int]] = []
+    killing = False
+    while True:
+        try:
+            msg, anc, _flags, _addr = ctl.recvmsg(32, socket.CMSG_SPACE(4))
+        except OSError:
+            msg, anc = b"", []
+        if msg == b"D":
+            return
+        if not msg:
+            break
+        if msg == b"K":
+            killing = True
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                held.append((struct.unpack("i", data[:4])[0], int(msg[1:] or 0)))
+    if killing:
+        return
+    for fd, reuse in held:
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    try:
+        netlock.remove_owner(owner)
+    except OSError:
+        pass
 
 
 _session: _Session | None = None
@@ -77,33 +176,42 @@ def begin() -> None:
     _session = _Session()
 
 
-def _leave_repair() -> None:
-    s = _session
-    while s.repaired:
-        dup, reuse = s.repaired.pop()
-        try:
-            sock = socket.socket(fileno=dup)
-            try:
-                sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
-                sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
-            finally:
-                sock.close()
-        except OSError:
-            pass
+def _repair(dup: int, on: bool, reuse: int = 0) -> None:
+    sock = socket.socket(fileno=dup)
+    try:
+        if on:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        else:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+    finally:
+        sock.detach()
 
 
-def release() -> None:
-    """The tree runs on (leave-running, or a checkpoint that failed): every
-    connection leaves repair mode, then the lock goes.  Before the thaw."""
+def release(keep: bool = False) -> None:
+    """The checkpoint is over and the tree runs on (leave-running, or a
+    checkpoint that failed): the lock goes (the connections left repair mode
+    as soon as they were read).  Before the thaw.  keep (--kill): they go
+    back into repair mode, to die with the tree silently (then hand_over)."""
     global _session
     if _session is None:
         return
+    if keep:
+        _session.tell(b"K")
+        for dup, _reuse in _session.repaired:
+            try:
+                _repair(dup, True)
+            except OSError:
+                pass
+        return
+    s, _session = _session, None
+    for dup, _reuse in s.repaired:
+        os.close(dup)
     try:
-        _leave_repair()
+        s.lock.unlock()
     finally:
-        lock, _session = _session.lock, None
-        lock.unlock()
+        s.end_guard()
 
 
 def hand_over(statefile: str) -> None:
@@ -120,6 +228,7 @@ def hand_over(statefile: str) -> None:
         s.lock.hand_over(statefile)
     except OSError:
         pass        # (the rules stay ours: the next crelf run removes them)
+    s.end_guard()
 
 
 def _queue(sock: socket.socket, which: int, size: int) -> tuple[int, bytes]:
@@ -156,6 +265,7 @@ def dump(sock: socket.socket) -> dict:
         return tcp            # crcheck: nothing more is read from a running task
     try:
         conn = netlock.Conn.of(sock.getsockname(), sock.getpeername())
+        _session.start_guard()      # (before anything it would have to undo)
         _session.lock.lock(conn)
     except (OSError, ValueError) as e:
         tcp["error"] = f"cannot lock the connection with nftables: {e.strerror or e}" \
@@ -163,6 +273,7 @@ def dump(sock: socket.socket) -> dict:
         return tcp
     reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
     dup = os.dup(fd)
+    _session.tell(b"F%d" % reuse, dup)      # (the guard holds it before it is repaired)
     try:
         sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
     except OSError as e:
@@ -213,4 +324,13 @@ def dump(sock: socket.socket) -> dict:
         tcp["rcvbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     except OSError as e:
         tcp["error"] = f"reading it in repair mode: {e.strerror or e}"
+    # Out of repair mode at once (the task is frozen and the lock holds every
+    # packet: nothing changes now): if crcheckpoint dies, the task resumes at
+    # once, and a recv() or send() on a socket still in repair mode would fail.
+    try:
+        _repair(dup, False, reuse)
+    except OSError as e:
+        tcp["error"] = f"leaving repair mode: {e.strerror}"
+    if os.environ.get("CRELF_CHECKPOINT_DIE_AT") == "tcp-locked":
+        os.kill(os.getpid(), 9)     # test hook: crcheckpoint dies here (tests/test_tcp.py)
     return tcp
