@@ -345,7 +345,7 @@ class LazyServer:
         # everything copied: closing the uffd unregisters every range (kernel);
         # the guard lets go first (it would kill the tree if we died in between)
         if g is not None and all(c.left == 0 for c in self.ctxs):
-            g.done()
+            g.done(self.pid)
         for ctx in self.ctxs:
             if ctx.left == 0:
                 os.close(ctx.uffd)
@@ -378,7 +378,7 @@ class LazyServer:
         self.killed = kill_tree(self.pidfd, self.pid)
         g = current_guard()
         if g is not None:
-            g.done()
+            g.done(self.pid)
 
     def as_error(self) -> RestoreError:
         """The serving failure as the restore failure it is (step "lazy memory")."""
@@ -445,7 +445,7 @@ class LazyServer:
         self.stop()
         g = current_guard()
         if g is not None and not (self.thread and self.thread.is_alive()):
-            g.done()
+            g.done(self.pid)
 
     def stop(self) -> None:
         """Foreground end (the process exited): stop serving."""

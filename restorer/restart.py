@@ -454,8 +454,9 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             os.write(rel_w, b"R")
             if os.read(ack_r, 1) != b"A":
                 raise RestoreError("pid namespace", "the namespace's init died")
-        if lazy:
-            g.served(res.pid)     # from now on the guard keeps the lazy memory safe
+        for tr in trs:
+            if tr.lazy_server is not None:
+                g.served(tr.rpid)   # from now on the guard keeps its lazy memory safe
         t_rel = time.perf_counter()
         for tr in trs:
             if tr.task.get("group_stopped"):

@@ -245,7 +245,6 @@ def _set_notes(data: bytearray, lay: Layout, records: list[bytes]) -> bytearray:
 def _forge_json(data: bytearray, lay: Layout, rng: random.Random) -> tuple[bytearray, str]:
     """Edit one JSON note (a value replaced, a key dropped, an item added)
     and fix its checksum in CR_INTEGRITY: every checksum passes."""
-    from statefile.format import notes as nt
     records = _records(data, lay)
     json_idx = [i for i, n in enumerate(lay.notes)
                 if n[4] == "CRELF" and n[5] in JSON_TYPES and n[5] != CR_INTEGRITY]
@@ -280,7 +279,7 @@ def _forge_json(data: bytearray, lay: Layout, rng: random.Random) -> tuple[bytea
             target[rng.choice(["junk", "pid", "fd", "file", "start"])] = junk
         else:
             target.append(junk)
-    desc = nt.encode_json(obj)
+    desc = forged_json(obj)   # (any content: the loader must refuse what is wrong)
     new = _pack(owner, ntype, desc)
     records[i] = new
     # the integrity note lists (owner, type, crc32(desc)) for every other note in order
@@ -288,8 +287,14 @@ def _forge_json(data: bytearray, lay: Layout, rng: random.Random) -> tuple[bytea
     integ = json.loads(bytes(data[lay.notes[ii][2]:lay.notes[ii][3]]).rstrip(b"\0"))
     others = [k for k in range(len(lay.notes)) if k != ii]
     integ["notes"][others.index(i)][2] = zlib.crc32(desc)
-    records[ii] = _pack("CRELF", CR_INTEGRITY, nt.encode_json(integ))
+    records[ii] = _pack("CRELF", CR_INTEGRITY, forged_json(integ))
     return _set_notes(data, lay, records), f"note {i} {'/'.join(map(str, path))} {op} {junk!r}"
+
+
+def forged_json(obj) -> bytes:
+    """A JSON note's payload as a forger writes it: whatever obj holds, not
+    checked against the format's records (nt.encode_json would refuse it)."""
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _pack(owner: str, ntype: int, desc: bytes) -> bytes:

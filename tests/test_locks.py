@@ -461,7 +461,6 @@ def _forge(path, ntype: int, edit) -> None:
     import zlib
 
     import fuzzing as fz
-    from statefile.format import notes as nt
     data = bytearray(open(path, "rb").read())
     lay = fz.layout(str(path))
     records = fz._records(data, lay)
@@ -473,14 +472,13 @@ def _forge(path, ntype: int, edit) -> None:
             break
     else:
         raise AssertionError("nothing to forge")
-    desc = nt.encode_json({k: v for k, v in obj.items() if k != "v"})
+    desc = fz.forged_json(obj)
     records[i] = fz._pack("CRELF", ntype, desc)
     ii = next(k for k, n in enumerate(lay.notes) if n[5] == fz.CR_INTEGRITY)
     integ = json.loads(bytes(data[lay.notes[ii][2]:lay.notes[ii][3]]).rstrip(b"\0"))
     others = [k for k in range(len(lay.notes)) if k != ii]
     integ["notes"][others.index(i)][2] = zlib.crc32(desc)
-    records[ii] = fz._pack("CRELF", fz.CR_INTEGRITY, nt.encode_json(
-        {k: v for k, v in integ.items() if k != "v"}))
+    records[ii] = fz._pack("CRELF", fz.CR_INTEGRITY, fz.forged_json(integ))
     open(path, "wb").write(fz._set_notes(data, lay, records))
 
 

@@ -126,8 +126,8 @@ def corrupt(src: Path, dst: Path, edits: list[tuple[int, bytes]]) -> Path:
 
 def malformed_but_consistent(src: Path, dst: Path) -> Path:
     """CR_TASK #1 with a mapping's "kind" renamed AND the integrity note
-    updated to match: checksums pass, the restorer meets a note that lacks a
-    field."""
+    updated to match: checksums pass, the note lacks a field and has one the
+    format does not define."""
     data = src.read_bytes()
     notes = notes_of(src)
     toff, tdesc = note_at(data, notes, "CRELF", CR_TASK)
@@ -206,13 +206,18 @@ def test_corrupted_statefile_refused_in_one_line(sample_bin, procs, tmp_path):
         assert v.returncode in (1, 5) and "checksum mismatch" in v.stdout + v.stderr, (name, v)
         assert "Traceback" not in v.stderr
 
+    # checksums match, but the note does not fit its record: refused at load,
+    # by crinspect and crrestart alike, in one line naming note, task and field
     bad = malformed_but_consistent(good, tmp_path / "consistent.cr")
-    assert run([CRINSPECT, "verify", bad]).returncode == 0   # checksums match
+    task1 = f"CR_TASK #1 (pid {pids[0]})"
+    v = run([CRINSPECT, "verify", bad])
+    assert v.returncode == 5 and task1 in v.stderr and "$.mappings[" in v.stderr, v
+    assert "Traceback" not in v.stderr
     since = _now_ticks()
     r = run([*CRRESTART, bad])
     line = one_line(r.stderr)
-    assert r.returncode == 3 and line.startswith("crrestart: failed at plan: malformed "
-                                                 "statefile") and "'kind'" in line, line
+    assert r.returncode == 3 and line.startswith("crrestart: failed at load: ") \
+        and task1 in line and "unknown field `ki" in line and "$.mappings[" in line, line
     nothing_left(pids, since)
 
     from statefile.format import reader

@@ -39,10 +39,10 @@ BIN = Path(sys.executable).parent
 CRCHECKPOINT = str(BIN / "crcheckpoint")
 # crcheckpoint in-process (statefile.cli.run) with the writer's internal
 # switch set: no O_TMPFILE
-NAMED = "from statefile import writer\nwriter.USE_O_TMPFILE = False\n"
+NAMED = "from statefile.format import writer\nwriter.USE_O_TMPFILE = False\n"
 # every fallocate fails as it would over a quota (EDQUOT)
 QUOTA = ("import ctypes, errno\n"
-         "from statefile import writer\n"
+         "from statefile.format import writer\n"
          "class Quota:\n"
          "    def fallocate(self, *args):\n"
          "        ctypes.set_errno(errno.EDQUOT)\n"

@@ -162,9 +162,10 @@ def test_external_datagram_peer_connected_again(procs, tmp_path):
         assert [s["why"] for s in summary["skipped"]] == ["external-unix"], summary["skipped"]
         proc.wait(timeout=10)
         from statefile.format.reader import load
-        f = next(f for f in load(str(sf)).files if f.get("socket", {}).get("peer_name"))
-        assert f["socket"]["peer_name"] == {"name": ext.path, "abstract": False}
-        assert f["skipped"] == "external-unix"
+        f = next(f for f in load(str(sf)).files
+                 if f.kind == "socket" and f.socket.family == "unix" and f.socket.peer_name)
+        assert (f.socket.peer_name.name, f.socket.peer_name.abstract) == (ext.path, False)
+        assert f.skipped == "external-unix"
         r = restart(procs, sf)
         _serve_rest(ext, where)
         code, err = finish(r)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 import click
+import msgspec
 
 from statefile import __version__
 from statefile.format import reader
@@ -49,7 +50,7 @@ def _load(path: str):
 
 def _emit(obj: dict, as_json: bool, lines) -> None:
     if as_json:
-        click.echo(json.dumps(obj, indent=2, default=str))
+        click.echo(json.dumps(msgspec.to_builtins(obj), indent=2, default=str))
     else:
         for line in lines():
             click.echo(line)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+from statefile.format.records import Record  # (transitional: issue 15)
+
 O_ACCMODE, O_NONBLOCK = 3, 0o4000
 SHM_DEST = 0o1000
 _ACCESS = ("read", "write", "read-write", "?")
@@ -184,7 +186,7 @@ def objects(sf) -> dict:
     ptys: dict[int, list[int]] = {}
     for f in sf.files:
         rec = f.get("pty")
-        if f.get("kind") in ("pty-master", "pty-slave") and isinstance(rec, dict) \
+        if f.get("kind") in ("pty-master", "pty-slave") and isinstance(rec, (dict, Record)) \
                 and isinstance(rec.get("index"), int):
             ptys.setdefault(rec["index"], []).append(f["id"])
     for index, fids in sorted(ptys.items()):
@@ -194,7 +196,7 @@ def objects(sf) -> dict:
         q = next((files[i].get("pty_queue") for i in fids
                   if files[i]["kind"] == "pty-master"), None) or {}
         saved = None
-        if isinstance(q, dict) and q:       # the bytes saved (statefile/dump/tty.py)
+        if isinstance(q, (dict, Record)) and q:       # the bytes saved (statefile/dump/tty.py)
             lines = [x for x in q.get("lines", ()) if isinstance(x, str)]
             saved = {"to_master": len(str(q.get("to_master", ""))) // 2,
                      "to_slave": (len(str(q.get("to_slave", ""))) + sum(map(len, lines))
@@ -297,7 +299,7 @@ def objects(sf) -> dict:
         users = fd_users.get(f["id"], [])
         if f["id"] in used_files or len(users) < 2:
             continue
-        details = {k: v for k, v in f.items() if isinstance(v, dict) and k != "fdinfo"}
+        details = {k: v for k, v in f.items() if isinstance(v, (dict, Record)) and k != "fdinfo"}
         out.append({"kind": f.get("kind") or "other", "id": f"file:{f['id']}",
                     "file": f["id"], "path": f.get("path"), "offset": f.get("pos"),
                     "flags": f.get("flags"), "deleted": bool(f.get("deleted")),

@@ -18,8 +18,9 @@ write, below PIPE_BUF, so it is in the pipe whole or not at all):
     S <kind> <id> <key> <t0>  a SysV object about to be created
     N <kind> <id>         (the id written to /proc/sys/kernel/<kind>_next_id)
     P <t0> <path>         a path about to be created (socket, FIFO, file)
-    K <pidfd> <pid>       the lazily served process (killed with its
-                          descendants if its server dies before every page is in)
+    K <pidfd> <pid>       a lazily served process (killed with its descendants
+                          if its server dies before every page is in); one per
+                          served task: each has a server of its own
     W <pidfd> <pid> / U <pidfd>  watch / stop watching a serving process
     F <kind> <path>\t<home>  the release freezer's cgroup (restorer/release/freezer.py)
     Q <fd> <n>            the release gate's write end and its n waiting threads
@@ -27,7 +28,7 @@ write, below PIPE_BUF, so it is in the pipe whole or not at all):
     C                     the tree is released: it owns everything now
     G                     the release freezer's cgroup is thawed, emptied, removed
     A                     crrestart ended the restore itself (failed, cleaned up)
-    D                     every lazy page is in, or the served tree is gone
+    D <pid>               every lazy page of that task is in, or it is gone
 
 The guard watches crrestart (then the lazy daemon) through a pidfd.  When a
 watched process dies, the guard first reads every line already written, then:
@@ -39,15 +40,15 @@ watched process dies, the guard first reads every line already written, then:
   files, FIFOs and files the restore created (only those whose change time is
   not older than the line announcing them), says so on stderr and in the
   kernel log, and exits;
-* after C with a K: the server of lazy memory died before every page was in:
-  it stops and SIGKILLs the served process and its descendants *before* its
-  copy of the userfaultfds goes (a task blocked on a fault dies instead of
-  getting a zero page), says so, and exits;
+* after C with a K not yet ended by its D: a server of lazy memory died before
+  every page of its task was in: it SIGKILLs each such task and its
+  descendants *before* its copy of the userfaultfds goes (a task blocked on a
+  fault dies instead of getting a zero page), says so, and exits;
 * after C, before G: thaws the release freezer's cgroup (the whole tree runs
   on), moves its processes back to crrestart's cgroup and removes it; after
   C, before O: opens the release gate (writes its n GO bytes);
-* after A, or after C with no lazy memory missing (no K, or D read: a D
-  before C ends only the lazy duty, the rest stays): exits quietly.
+* after A, or after C with no lazy memory missing (no K, or each K's D read: a
+  D before C ends only that task's lazy duty, the rest stays): exits quietly.
 
 The other way round, the lazy server watches the guard's pidfd: a guard that
 dies while pages are missing makes the server kill the tree (lazy.py), since
@@ -230,9 +231,12 @@ class Guard:
         self.note("A")
         self.forget()
 
-    def done(self) -> None:
-        """No lazy page is missing any more (or the served tree is gone)."""
-        self.note("D")
+    def done(self, pid: int) -> None:
+        """No lazy page of served task pid is missing any more (or it is gone).
+        The guard process stays for the other served tasks (and, before the
+        release, for the rest); this process, whose only server this is (a
+        tree is restored lazily only when it is one task), lets it go."""
+        self.note(f"D {pid}")
         self.forget()
 
     def forget(self) -> None:
@@ -246,17 +250,17 @@ class Guard:
         sysv: list[tuple[str, int, int, int]] = []
         paths: list[tuple[int, str]] = []
         watch = {self.me: self.owner}   # pidfd -> pid of each process we watch
-        served: tuple[int, int] | None = None
+        served: dict[int, int] = {}    # pid -> pidfd of each lazily served task, until its D
+        lazy_done: set[int] = set()     # the pids whose D was read
         committed = False
         fz = None                       # the release freezer, until G
         gate_fd = None                  # (write end, threads waiting) of the release gate, until O
-        lazy_done = False               # D read
         os.set_blocking(self.r, False)
         buf = b""
 
         def drain() -> str:
             """Apply every complete line in the pipe; "A" or "C" when read."""
-            nonlocal buf, served, committed, fz, gate_fd, lazy_done
+            nonlocal buf, committed, fz, gate_fd
             end = ""
             while True:
                 try:
@@ -276,8 +280,8 @@ class Guard:
                     sysv.append((kind, int(ident), int(key), int(t0)))
                 elif w[0] == "P":
                     paths.append((int(w[1]), w[2]))
-                elif w[0] == "K" and not lazy_done:
-                    served = (int(w[1]), int(w[2]))
+                elif w[0] == "K" and int(w[2]) not in lazy_done:
+                    served[int(w[2])] = int(w[1])
                 elif w[0] == "W":
                     watch[int(w[1])] = int(w[2])
                 elif w[0] == "U":
@@ -295,11 +299,13 @@ class Guard:
                 elif w[0] == "C":
                     committed, end = True, end or "C"
                 elif w[0] == "D":
-                    # every lazy page is in (or the served tree is gone): only
-                    # the lazy duty ends, for good (a K crrestart sends later,
-                    # when the pages were all in before the release, is moot);
-                    # before the release the rest remains
-                    served, lazy_done = None, True
+                    # every lazy page of that task is in (or it is gone): only
+                    # its lazy duty ends, for good (a K crrestart sends later,
+                    # when its pages were all in before the release, is moot);
+                    # the other served tasks, and before the release the
+                    # rest, remain
+                    served.pop(int(w[1]), None)
+                    lazy_done.add(int(w[1]))
                 elif w[0] == "A":
                     return w[0]
             return end
@@ -307,13 +313,13 @@ class Guard:
         while True:
             poll_fds([self.r, *watch], None)
             end = drain()
-            if end == "A" or (committed and served is None and fz is None and gate_fd is None):
+            if end == "A" or (committed and not served and fz is None and gate_fd is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
                 continue
             end = drain()     # what the dead one wrote before it died
-            if end == "A" or (committed and served is None and fz is None and gate_fd is None):
+            if end == "A" or (committed and not served and fz is None and gate_fd is None):
                 return
             dead = [w for w in watch if gone(w)]
             if not dead:
@@ -323,7 +329,7 @@ class Guard:
                 if fz is not None:
                     fz.kill_all()     # frozen: nothing of it runs again
                 self._undo(who, tasks, sysv, paths)
-            elif served is None:
+            elif not served:
                 if gate_fd is not None:
                     from restorer.release.gate import open_gate
                     open_gate(*gate_fd)   # released: all of the tree runs on
@@ -337,12 +343,13 @@ class Guard:
                 if fz is not None:
                     fz.kill_all()
                 from restorer.lazy import kill_tree
-                fd, pid = served
-                kill_tree(fd, pid)
-                report(f"the server of the lazy memory of pid {pid} (pid {who}) "
-                       "died before every page was in: pid "
-                       f"{pid} and its descendants were killed (a task must never run on "
-                       f"memory it did not get; restart {self.statefile} again)")
+                for pid, fd in served.items():
+                    kill_tree(fd, pid)
+                pids = ", ".join(map(str, served))
+                report(f"the server of the lazy memory of pid {pids} (pid {who}) "
+                       f"died before every page was in: pid {pids} and descendants were "
+                       f"killed (a task must never run on memory it did not get; restart "
+                       f"{self.statefile} again)")
             return
 
     def _undo(self, who, tasks, sysv, paths) -> None:

@@ -40,6 +40,7 @@ import fcntl
 import os
 import struct
 
+from statefile.format.records import Record  # (transitional: issue 15)
 from statefile.dump.locks import FASYNC
 
 from restorer.errors import RestoreError
@@ -83,21 +84,21 @@ def check(sf) -> None:
     for t in sf.tasks:
         fds = {d["fd"] for d in t["fds"]}
         for lk in t.get("locks", []):
-            if not (isinstance(lk, dict) and lk.get("type") in LOCK_TYPE and _range_ok(lk)
+            if not (isinstance(lk, (dict, Record)) and lk.get("type") in LOCK_TYPE and _range_ok(lk)
                     and lk.get("fd") in fds and _int(lk.get("file"), 0, nfiles - 1)):
                 raise bad(f"POSIX lock of pid {t['pid']}")
     for f in sf.files:
         for lk in f.get("locks", []):
-            if not (isinstance(lk, dict) and lk.get("type") in LOCK_TYPE and (
+            if not (isinstance(lk, (dict, Record)) and lk.get("type") in LOCK_TYPE and (
                     lk.get("kind") == "flock" or (lk.get("kind") == "ofd" and _range_ok(lk)))):
                 raise bad(f"lock of {f['path']}")
         le = f.get("lease")
-        if le is not None and not (isinstance(le, dict) and (
+        if le is not None and not (isinstance(le, (dict, Record)) and (
                 (le.get("state") == "active" and le.get("type") in LOCK_TYPE)
                 or (le.get("state") == "breaking" and le.get("type") in ("read", "unlck")))):
             raise bad(f"lease of {f['path']}")
         fo = f.get("fown")
-        if fo is not None and not (isinstance(fo, dict) and fo.get("pid_type") in OWNER_TYPE
+        if fo is not None and not (isinstance(fo, (dict, Record)) and fo.get("pid_type") in OWNER_TYPE
                                    and _int(fo.get("pid"), 0, 2**31 - 1)
                                    and _int(fo.get("signum", 0), 0, 64)
                                    and all(_int(fo.get(k, 0), 0, 2**32 - 2)

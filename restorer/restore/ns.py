@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from statefile.format.records import Record  # (transitional: issue 15)
 from statefile.dump.ns import CLONE_NEWIPC, CLONE_NEWUTS, IPC_SYSCTLS, setns
 
 from restorer.errors import RestoreError
@@ -90,13 +91,13 @@ def to_inner(sf) -> dict[int, int]:
     done: set[int] = set()
     for f in sf.files:
         pty = f.get("pty")
-        if isinstance(pty, dict) and id(pty) not in done:
+        if isinstance(pty, (dict, Record)) and id(pty) not in done:
             done.add(id(pty))
             for key in ("sid", "fg_pgrp"):   # a pty's session and foreground group
                 if pty.get(key):
                     pty[key] = ids.get(pty[key], 0)
         pidfd = f.get("pidfd")
-        if isinstance(pidfd, dict) and isinstance(pidfd.get("pid"), int) and pidfd["pid"] > 0:
+        if isinstance(pidfd, (dict, Record)) and isinstance(pidfd.get("pid"), int) and pidfd["pid"] > 0:
             pidfd["pid"] = ids.get(pidfd["pid"], 0)   # (restore_pidfd)
     return ids
 

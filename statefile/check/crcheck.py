@@ -52,6 +52,7 @@ def check(pid: int, policy: Policy | None = None) -> dict:
         if "already traced" not in str(e):
             raise
     files = FileTable()
+    files.pipes.live = True               # (the tree runs: its pipes' contents move)
     tasks, zombies = [], []
     for p in procfs.descendants(pid):
         try:

@@ -848,7 +848,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
         # seccomp is per thread: a thread's own `creds` when they differ (crcheck's
         # tasks list thread ids only)
         modes = {t["creds"].get("seccomp")} | {th["creds"].get("seccomp") for th in t["threads"]
-                                               if isinstance(th, dict) and th.get("creds")}
+                                               if not isinstance(th, int) and th.get("creds")}
         if 2 in modes and not t.get("crrun"):
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
         elif 1 in modes:

@@ -34,7 +34,7 @@ def differences(tasks: list[dict], live: bool = True) -> list[tuple[int, int, st
     out = []
     for t in tasks:
         for th in t["threads"]:
-            if not isinstance(th, dict):      # (crcheck's tasks list bare tids)
+            if isinstance(th, int):      # (crcheck's tasks list bare tids)
                 th = {"tid": th}
             if "cgroups" not in th:
                 if not live:

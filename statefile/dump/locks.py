@@ -150,7 +150,7 @@ def findings(tasks: list[dict], files: list[dict], zombies: list[dict]):
     """(key, pid, where, detail) for every lock, lease and SIGIO owner of the tree."""
     pids = {t["pid"] for t in tasks} | {z["pid"] for z in zombies}
     pgids = {t["pgid"] for t in tasks} | {z.get("pgid") for z in zombies}
-    thread_of = {(th["tid"] if isinstance(th, dict) else th): t["pid"]
+    thread_of = {(th if isinstance(th, int) else th["tid"]): t["pid"]
                  for t in tasks for th in t.get("threads", [])}
     seen: set[int] = set()
     for t in tasks:

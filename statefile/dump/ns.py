@@ -110,7 +110,7 @@ def pid_namespace(tasks: list[dict]) -> dict:
     for t in tasks:
         add(t["pid"])
         for th in t.get("threads", []):
-            tid = th["tid"] if isinstance(th, dict) else th     # (crcheck: bare tids)
+            tid = th if isinstance(th, int) else th["tid"]     # (crcheck: bare tids)
             if tid != t["pid"]:
                 add(t["pid"], tid)
         for c in _unreaped_children(t["pid"]):

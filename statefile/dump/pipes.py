@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import struct
+import time
 
 from statefile.control import procfs
 from statefile.control import ptrace as pt
@@ -86,6 +87,9 @@ class PipeTable:
     def __init__(self):
         self.by_inode: dict[tuple[int, int], dict] = {}
         self._keep: list = []          # memfds holding captured bytes until written
+        # crcheck surveys a tree that runs: its pipes' contents change while
+        # they are read (in a frozen tree only an outside process could do that)
+        self.live = False
 
     def add(self, files, entry: dict, pid: int, fd: int) -> None:
         """Describe the pipe/FIFO behind task pid's fd in entry (a new CR_FILES
@@ -105,15 +109,20 @@ class PipeTable:
                 self.by_inode[key] = info
             entry["pipe"] = info
             if info["unread"] == "unknown" and readable(entry["flags"]):
-                want = in_flight(dup)
-                try:
-                    data = tee_copy(dup, info["size"])
-                except OSError as e:
-                    info["error"] = f"tee: {e.strerror}"
-                    return
-                if len(data) != want:
-                    info["error"] = f"tee copied {len(data)} of {want} bytes in flight"
-                    return
+                for _ in range(5):
+                    want = in_flight(dup)
+                    try:
+                        data = tee_copy(dup, info["size"])
+                    except OSError as e:
+                        info["error"] = f"tee: {e.strerror}"
+                        return
+                    if len(data) == want == in_flight(dup):
+                        break       # a copy of what is in the pipe, and it held still
+                    time.sleep(0.001)
+                else:
+                    if not self.live:
+                        info["error"] = f"tee copied {len(data)} of {want} bytes in flight"
+                        return
                 info["unread"] = len(data)
                 info["bytes"] = len(data)
                 if data:

@@ -15,11 +15,11 @@ docs/FORMAT.md is the prose version of this module; keep them in step.
 from __future__ import annotations
 
 import ctypes
-import json
 import struct
 from dataclasses import dataclass
 
 from statefile.format import elfcore as ec
+from statefile.format import records
 from statefile.format import xsave
 
 OWNER_CORE = b"CORE"
@@ -37,6 +37,7 @@ class NoteKind:
     n_type: int
     encoding: str  # "json", "binary" or "struct"
     what: str
+    record: type | None = None   # a JSON note's record (statefile/format/records.py)
 
 
 CR_HEADER = 0x43520001
@@ -69,21 +70,27 @@ NOTE_KINDS: tuple[NoteKind, ...] = (
     # crelf's notes.
     NoteKind("CR_HEADER", OWNER_CRELF, CR_HEADER, "json",
              "format version, creator, host, kernel, root pid, tree, skipped resources, "
-             "namespaces (the tree's own UTS/IPC state, its pid namespace's inner ids)"),
+             "namespaces (the tree's own UTS/IPC state, its pid namespace's inner ids)",
+             record=records.HeaderNote),
     NoteKind("CR_TASK", OWNER_CRELF, CR_TASK, "json",
-             "one per task: ids, creds, rlimits, signals, mm, mappings, fds, threads"),
+             "one per task: ids, creds, rlimits, signals, mm, mappings, fds, threads",
+             record=records.TaskNote),
     NoteKind("CR_THREAD_REGS", OWNER_CRELF, CR_THREAD_REGS, "binary",
              "one per thread of every task: user_regs_struct, fxsave, xstate"),
     NoteKind("CR_FILES", OWNER_CRELF, CR_FILES, "json",
              "open file descriptions of the whole tree, referenced by the fd tables, and "
-             "the memfds and shared file objects (shmem) its fds and mappings use"),
+             "the memfds and shared file objects (shmem) its fds and mappings use",
+             record=records.FilesNote),
     NoteKind("CR_SEGMENTS", OWNER_CRELF, CR_SEGMENTS, "json",
-             "every data segment: owner task, stored runs, crc32, one crc32 per chunk"),
+             "every data segment: owner task, stored runs, crc32, one crc32 per chunk",
+             record=records.SegmentsNote),
     NoteKind("CR_IPC", OWNER_CRELF, CR_IPC, "json",
              "SysV IPC objects of the tree (of its own IPC namespace, if it has one): shm "
-             "segments, semaphore sets, message queues"),
+             "segments, semaphore sets, message queues",
+             record=records.IpcNote),
     NoteKind("CR_INTEGRITY", OWNER_CRELF, CR_INTEGRITY, "json",
-             "last note: crc32 of every note before it"),
+             "last note: crc32 of every note before it",
+             record=records.IntegrityNote),
 )
 BY_TYPE = {(k.owner, k.n_type): k for k in NOTE_KINDS}
 BY_NAME = {k.name: k for k in NOTE_KINDS}
@@ -95,16 +102,30 @@ def kind_of(owner: bytes, n_type: int) -> NoteKind | None:
 
 # --- JSON notes -------------------------------------------------------------
 
-def encode_json(obj: dict) -> bytes:
-    obj = {"v": NOTE_LAYOUT_VERSION, **obj}
-    return json.dumps(obj, separators=(",", ":"), sort_keys=False).encode()
+# Their records: statefile/format/records.py (one typed record per note and
+# per thing a note holds).
+
+def encode_json(n_type: int, obj) -> bytes:
+    """The payload of JSON note n_type: its record (statefile/format/records.py),
+    given as one or as the dict the dump side built (checked against the record
+    type here: a field of the wrong type or a key the format does not define is
+    an error at checkpoint time, not a surprise at restart)."""
+    return records.encode(BY_TYPE[(OWNER_CRELF, n_type)].record, obj, NOTE_LAYOUT_VERSION)
 
 
-def decode_json(desc: bytes) -> dict:
-    obj = json.loads(bytes(desc).rstrip(b"\0").decode())
-    if not isinstance(obj, dict) or obj.get("v") != NOTE_LAYOUT_VERSION:
-        raise ValueError(f"unsupported note layout version {obj.get('v') if isinstance(obj, dict) else '?'}")
-    return obj
+def record_of(n_type: int, obj):
+    """The typed record of JSON note n_type from the dict the dump side built
+    (msgspec.ValidationError, naming the field, if it does not fit)."""
+    return records.convert(BY_TYPE[(OWNER_CRELF, n_type)].record, obj, NOTE_LAYOUT_VERSION)
+
+
+def decode_json(n_type: int, desc: bytes):
+    """The typed record of JSON note n_type (msgspec.ValidationError or
+    DecodeError if it does not decode; ValueError for another layout version)."""
+    rec = records.decode(BY_TYPE[(OWNER_CRELF, n_type)].record, desc)
+    if rec.v != NOTE_LAYOUT_VERSION:
+        raise ValueError(f"unsupported note layout version {rec.v}")
+    return rec
 
 
 # --- CR_THREAD_REGS ------------------------------------------------------------

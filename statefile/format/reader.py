@@ -11,11 +11,13 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+import msgspec
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from statefile.format import elfcore as ec
 from statefile.format import notes as nt
+from statefile.format import records
 from statefile.format.checksum import crc32
 from statefile import FORMAT_VERSION
 from statefile.errors import FormatError
@@ -35,40 +37,42 @@ class Note:
 
 @dataclass
 class Statefile:
+    """A loaded statefile: every note's typed record (statefile/format/records.py)."""
     path: str
-    header: dict
-    tasks: list[dict]                      # CR_TASK payloads, root first
+    header: records.HeaderNote
+    tasks: list[records.TaskNote]          # CR_TASK, root first
     regs: dict[int, nt.ThreadRegs]         # by tid (unique inside one tree)
-    files: list[dict]                      # CR_FILES
-    segments: list[dict]                   # CR_SEGMENTS, indexed by phdr-1
+    files: list[records.File]              # CR_FILES files, by id
+    segments: list[records.Segment]        # CR_SEGMENTS, indexed by phdr-1
     notes: list[Note] = field(default_factory=list)
-    integrity: dict = field(default_factory=dict)
+    integrity: records.IntegrityNote | None = None
     phdrs: list[dict] = field(default_factory=list)
-    ipc: dict = field(default_factory=lambda: {"shm": [], "sem": [], "msg": []})  # CR_IPC
-    shmem: list[dict] = field(default_factory=list)   # CR_FILES "shmem": memfds...
+    ipc: records.IpcNote = field(
+        default_factory=lambda: records.IpcNote(v=nt.NOTE_LAYOUT_VERSION))   # CR_IPC
+    shmem: list[records.Shmem] = field(default_factory=list)   # CR_FILES shmem: memfds...
     format: int = FORMAT_VERSION
     chunk_size: int = 0           # CR_SEGMENTS chunk_size (0: format 1, whole segments only)
 
     @property
-    def root(self) -> dict:
+    def root(self) -> records.TaskNote:
         return self.tasks[0]
 
-    def task(self, pid: int) -> dict:
+    def task(self, pid: int) -> records.TaskNote:
         for t in self.tasks:
-            if t["pid"] == pid:
+            if t.pid == pid:
                 return t
         raise KeyError(pid)
 
-    def segment(self, phdr: int) -> dict:
+    def segment(self, phdr: int) -> records.Segment:
         return self.segments[phdr - 1]
 
     def open(self):
         return open(self.path, "rb", buffering=0)
 
-    def read_segment(self, f, seg: dict, rel: int, size: int) -> bytes:
+    def read_segment(self, f, seg: records.Segment, rel: int, size: int) -> bytes:
         """Bytes [rel, rel+size) of a segment's memory image (holes read as zeros)."""
-        end = min(rel + size, seg["filesz"])
-        data = os.pread(f.fileno(), max(0, end - rel), seg["offset"] + rel) if end > rel else b""
+        end = min(rel + size, seg.filesz)
+        data = os.pread(f.fileno(), max(0, end - rel), seg.offset + rel) if end > rel else b""
         return data + b"\0" * (size - len(data))
 
 
@@ -319,14 +323,14 @@ def _decode(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
         raise
 
 
-def _integrity_of(raw: list[Note]) -> dict:
+def _integrity_of(raw: list[Note]) -> records.IntegrityNote | None:
     for n in raw:
         if n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY:
             try:
-                return nt.decode_json(n.desc)
-            except (ValueError, UnicodeDecodeError):
-                return {}
-    return {}
+                return nt.decode_json(nt.CR_INTEGRITY, n.desc)
+            except (ValueError, msgspec.MsgspecError):
+                return None
+    return None
 
 
 # What reading malformed notes raises (here, and in the restorer, which reads
@@ -335,106 +339,107 @@ MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError, StopIt
              struct.error)
 
 
+_JSON_NOTES = {k.n_type for k in nt.NOTE_KINDS if k.owner == nt.OWNER_CRELF and k.record}
+
+
 def _decode_notes(path: str, raw: list[Note], phdrs: list[dict]) -> Statefile:
-    header, tasks, regs, files, segments, integrity = None, [], {}, [], [], {}
-    chunk_size = 0
-    ipc = {"shm": [], "sem": [], "msg": []}
-    shmem: list[dict] = []
-    try:
-        for n in raw:
-            if n.owner != "CRELF":
-                continue
-            if n.n_type == nt.CR_HEADER:
-                header = nt.decode_json(n.desc)
-            elif n.n_type == nt.CR_TASK:
-                tasks.append(nt.decode_json(n.desc))
+    """Every crelf note decoded into its typed record and validated (types,
+    required fields, no unknown key: statefile/format/records.py), then the
+    notes checked against each other and the program headers."""
+    header, tasks, regs, integrity = None, [], {}, None
+    files_note, segments_note, ipc = None, None, records.IpcNote(v=nt.NOTE_LAYOUT_VERSION)
+    for i, n in enumerate(raw):
+        if n.owner != "CRELF":
+            continue
+        try:
+            if n.n_type in _JSON_NOTES:
+                rec = nt.decode_json(n.n_type, n.desc)
             elif n.n_type == nt.CR_THREAD_REGS:
                 r = nt.decode_regs(n.desc)
                 regs[r.tid] = r
-            elif n.n_type == nt.CR_FILES:
-                obj = nt.decode_json(n.desc)
-                files, shmem = obj["files"], obj.get("shmem", [])
-            elif n.n_type == nt.CR_SEGMENTS:
-                obj = nt.decode_json(n.desc)
-                segments, chunk_size = obj["segments"], obj.get("chunk_size", 0)
-            elif n.n_type == nt.CR_INTEGRITY:
-                integrity = nt.decode_json(n.desc)
-            elif n.n_type == nt.CR_IPC:
-                ipc = nt.decode_json(n.desc)
-    except MALFORMED as e:
-        raise FormatError(f"{path}: corrupted crelf note ({type(e).__name__}: {e})") from None
+                continue
+            else:
+                continue
+        except (ValueError, msgspec.MsgspecError, struct.error) as e:
+            where = note_name(raw, i)
+            if n.n_type == nt.CR_TASK and records.task_pid(n.desc) is not None:
+                where += f" (pid {records.task_pid(n.desc)})"
+            raise FormatError(f"{path}: corrupted crelf note {where}: {e}") from None
+        if n.n_type == nt.CR_HEADER:
+            header = rec
+        elif n.n_type == nt.CR_TASK:
+            tasks.append(rec)
+        elif n.n_type == nt.CR_FILES:
+            files_note = rec
+        elif n.n_type == nt.CR_SEGMENTS:
+            segments_note = rec
+        elif n.n_type == nt.CR_INTEGRITY:
+            integrity = rec
+        elif n.n_type == nt.CR_IPC:
+            ipc = rec
     if header is None:
         raise FormatError(f"{path}: no CR_HEADER note (truncated or not a crelf statefile)")
-    fmt = header.get("format")
+    fmt = header.format
     if fmt not in FORMATS:
         raise FormatError(f"{path}: statefile format {fmt} is not supported "
                           "by this crelf")
-    if not tasks or not integrity:
-        raise FormatError(f"{path}: incomplete statefile (missing task or integrity notes)")
-    try:
-        problem = _structure_problem(tasks, regs, files, segments, phdrs)
-        if not problem and fmt >= 2:
-            problem = _chunk_problem(segments, chunk_size)
-        if not isinstance(ipc, dict) or not isinstance(shmem, list):
-            problem = problem or "malformed CR_IPC or CR_FILES note"
-    except MALFORMED as e:
-        problem = f"malformed notes ({type(e).__name__}: {e})"
+    if not tasks or integrity is None or files_note is None or segments_note is None:
+        raise FormatError(f"{path}: incomplete statefile (missing task, files, segments or "
+                          "integrity notes)")
+    files, segments = files_note.files, segments_note.segments
+    chunk_size = segments_note.chunk_size
+    problem = _structure_problem(tasks, regs, files, segments, phdrs)
+    if not problem and fmt >= 2:
+        problem = _chunk_problem(segments, chunk_size)
     if problem:
         raise FormatError(f"{path}: corrupted statefile ({problem})")
     sf = Statefile(path, header, tasks, regs, files, segments, raw, integrity, phdrs)
     sf.format, sf.chunk_size = fmt, chunk_size if fmt >= 2 else 0
-    sf.ipc = {k: ipc.get(k, []) for k in ("shm", "sem", "msg")}
-    sf.shmem = shmem
+    sf.ipc = ipc
+    sf.shmem = files_note.shmem
     return sf
 
 
-_TASK_KEYS = ("pid", "ppid", "pgid", "sid", "comm", "creds", "mm", "threads", "mappings", "fds")
-_SEG_KEYS = ("phdr", "pid", "vaddr", "memsz", "offset", "filesz", "runs", "mapping")
-
-
 def _structure_problem(tasks, regs, files, segments, phdrs) -> str:
-    """The first inconsistency between notes and program headers, or ''."""
+    """The first inconsistency between notes and program headers, or ''
+    (each note's own fields were checked when it was decoded)."""
     if len(segments) != len(phdrs) - 1:
         return f"{len(segments)} segment entries for {len(phdrs) - 1} data program headers"
     for i, seg in enumerate(segments, start=1):
-        if not isinstance(seg, dict) or any(k not in seg for k in _SEG_KEYS):
-            return f"segment entry {i} lacks a field"
         ph = phdrs[i]
-        if (seg["phdr"], seg["offset"], seg["filesz"], seg["vaddr"], seg["memsz"]) != (
+        if (seg.phdr, seg.offset, seg.filesz, seg.vaddr, seg.memsz) != (
                 i, ph["offset"], ph["filesz"], ph["vaddr"], ph["memsz"]):
             return f"segment entry {i} does not match its program header"
-        if seg["filesz"] and seg["offset"] % 4096:
+        if seg.filesz and seg.offset % 4096:
             return f"segment {i} is not page aligned"
-        if any(o < 0 or n < 0 or o + n > seg["filesz"] for o, n in seg["runs"]):
+        if any(o < 0 or n < 0 or o + n > seg.filesz for o, n in seg.runs):
             return f"segment {i} has a run outside its data"
+    ids = [f.id for f in files]
+    if ids != list(range(len(files))):
+        return "file entries are not numbered in order"
     for t in tasks:
-        missing = [k for k in _TASK_KEYS if k not in t]
-        if missing:
-            return f"task note lacks {missing[0]!r}"
-        for th in t["threads"]:
-            if th.get("tid") not in regs:
-                return f"no registers for thread {th.get('tid')} of pid {t['pid']}"
-        for m in t["mappings"]:
-            if any(not 1 <= j < len(phdrs) for j in m.get("segments", [])):
-                return f"pid {t['pid']} mapping at {m.get('start', 0):#x} names a missing segment"
-        for fd in t["fds"]:
-            if not 0 <= fd.get("file", -1) < len(files):
-                return f"pid {t['pid']} fd {fd.get('fd')} names a missing file"
+        for th in t.threads:
+            if th.tid not in regs:
+                return f"no registers for thread {th.tid} of pid {t.pid}"
+        for m in t.mappings:
+            if any(not 1 <= j < len(phdrs) for j in m.segments):
+                return f"pid {t.pid} mapping at {m.start:#x} names a missing segment"
+        for fd in t.fds:
+            if not 0 <= fd.file < len(files):
+                return f"pid {t.pid} fd {fd.fd} names a missing file"
     return ""
 
 
 def _chunk_problem(segments, chunk_size) -> str:
     """Format 2: a chunk size and one CRC per chunk of every stored segment."""
-    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % PAGE:
+    if chunk_size <= 0 or chunk_size % PAGE:
         return f"CR_SEGMENTS chunk_size {chunk_size!r} is not a positive multiple of {PAGE}"
     for seg in segments:
-        if not seg["filesz"]:
+        if not seg.filesz:
             continue
-        chunks = seg.get("chunks")
-        if not isinstance(chunks, list) or len(chunks) != nchunks(seg["filesz"], chunk_size) \
-                or not all(isinstance(c, int) for c in chunks) \
-                or not isinstance(seg.get("crc32"), int):
-            return f"segment {seg['phdr']} lacks its chunk checksums"
+        if seg.chunks is None or len(seg.chunks) != nchunks(seg.filesz, chunk_size) \
+                or seg.crc32 is None:
+            return f"segment {seg.phdr} lacks its chunk checksums"
     return ""
 
 
@@ -452,13 +457,12 @@ def note_name(notes: list[Note], i: int) -> str:
     return f"{name} #{rank}"
 
 
-def _note_problems(raw: list[Note], integrity: dict) -> list[str]:
+def _note_problems(raw: list[Note], integrity: records.IntegrityNote | None) -> list[str]:
     """Every note against the CR_INTEGRITY note's list of checksums."""
     notes = [n for n in raw if not (n.owner == "CRELF" and n.n_type == nt.CR_INTEGRITY)]
-    listed = integrity.get("notes") if isinstance(integrity, dict) else None
-    if not isinstance(listed, list) or not all(
-            isinstance(x, list) and len(x) == 3 for x in listed):
+    if integrity is None:
         return ["integrity note (CR_INTEGRITY) is missing or malformed"]
+    listed = integrity.notes
     if len(listed) != len(notes):
         return [f"integrity note lists {len(listed)} notes, file has {len(notes)}"]
     return [f"note {note_name(notes, i)} checksum mismatch (note {i} of the file)"

@@ -28,11 +28,13 @@ import stat
 import threading
 import time
 
+import msgspec
+
 from statefile.format import elfcore as ec
 from statefile.control import ptrace, snapshot
 from statefile.format import notes as nt
 from statefile.dump.memory import PAGE, SegmentPlan
-from statefile.errors import OutputError
+from statefile.errors import CrelfError, OutputError
 from statefile.format.checksum import crc32
 from statefile.format.integrity import CHUNK_SIZE, assemble, split
 
@@ -295,6 +297,16 @@ class StatefileWriter:
         into the statefile (snapshot.SelfWriter), falling back to reading it.
         """
         snapshots = snapshots or {}
+        # Every record checked against its type (statefile/format/records.py)
+        # before a byte is written.
+        try:
+            header = nt.record_of(nt.CR_HEADER, header)
+            tasks = [nt.record_of(nt.CR_TASK, t) for t in tasks]
+            files_note = nt.record_of(nt.CR_FILES, {"files": files, "shmem": shmem or []})
+            ipc = nt.record_of(nt.CR_IPC, ipc) if ipc is not None else None
+        except msgspec.ValidationError as e:
+            raise CrelfError(f"internal error: a record does not fit the statefile format: "
+                             f"{e}") from None
         root = tasks[0]
         nph = 1 + len(segments)
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
@@ -372,18 +384,17 @@ class StatefileWriter:
         regs_by_tid = {r.tid: r for r in regs}
         root_regs = {t["tid"]: regs_by_tid[t["tid"]] for t in root["threads"]}
         note_list = nt.standard_notes(root, root_regs, PAGE, header.get("xsave_layout"))
-        crelf = [(nt.OWNER_CRELF, nt.CR_HEADER, nt.encode_json(header))]
-        crelf += [(nt.OWNER_CRELF, nt.CR_TASK, nt.encode_json(t)) for t in tasks]
+        crelf = [(nt.OWNER_CRELF, nt.CR_HEADER, nt.encode_json(nt.CR_HEADER, header))]
+        crelf += [(nt.OWNER_CRELF, nt.CR_TASK, nt.encode_json(nt.CR_TASK, t)) for t in tasks]
         crelf += [(nt.OWNER_CRELF, nt.CR_THREAD_REGS, nt.encode_regs(r)) for r in regs]
-        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json(
-            {"files": files, **({"shmem": shmem} if shmem else {})})))
+        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json(nt.CR_FILES, files_note)))
         crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json(
-            {"chunk_size": CHUNK_SIZE, "segments": seg_desc})))
+            nt.CR_SEGMENTS, {"chunk_size": CHUNK_SIZE, "segments": seg_desc})))
         if ipc is not None:
-            crelf.append((nt.OWNER_CRELF, nt.CR_IPC, nt.encode_json(ipc)))
+            crelf.append((nt.OWNER_CRELF, nt.CR_IPC, nt.encode_json(nt.CR_IPC, ipc)))
         note_list += crelf
         integrity = {"notes": [[o.decode(), t, crc32(d)] for o, t, d in note_list]}
-        note_list.append((nt.OWNER_CRELF, nt.CR_INTEGRITY, nt.encode_json(integrity)))
+        note_list.append((nt.OWNER_CRELF, nt.CR_INTEGRITY, nt.encode_json(nt.CR_INTEGRITY, integrity)))
         blob = b"".join(ec.pack_note(o, t, d) for o, t, d in note_list)
         note_off = _align(cur, 8)
         ph = phdrs[0]
