@@ -26,7 +26,7 @@ from statefile.control import netlock
 def no_rule_left():
     require_root()
     if shutil.which("nft") is None and not os.path.exists("/usr/sbin/nft"):
-        pytest.skip("nftables (nft) is not installed: scripts/setup.sh installs it")
+        pytest.fail("nftables (nft) is not installed: scripts/setup.sh installs it")
     yield
     ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     if "crelf c=" in ruleset:     # (a failed test: its lock must not outlive it)
@@ -536,7 +536,7 @@ def test_redis_keeps_its_clients(procs, tmp_path):
     on with no increment lost or doubled, and the idle client is answered."""
     redis = shutil.which("redis-server")
     if redis is None:
-        pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
