@@ -17,7 +17,7 @@ from statefile.format.reader import MALFORMED, load, verify_notes
 
 from restorer.errors import RestoreError
 from restorer.release import freezer, gate
-from restorer.restore import pidfd as restore_pidfd
+from restorer.restore import pidfd as restore_pidfd, tcp as restore_tcp
 from restorer.release.guard import Guard
 from restorer.kernel import (CLONE_NEWPID, CLONE_NEWUSER, PR_SET_PDEATHSIG,
                              children_back_in_own_pidns, close_all, fork_with_pid, prctl, unshare)
@@ -328,6 +328,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     ipc = SharedIPC(sf)
     objs = SharedObjects(sf)
     ns = Namespaces(sf)
+    live = None               # the tree's TCP connections (restorer/restore/tcp.py)
     try:
         # --- the tree's own UTS/IPC namespaces, shared resources, the tree with its pids --
         _journal_task_paths(sf, g)
@@ -466,6 +467,8 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             except OSError as e:
                 raise RestoreError("release", f"cannot freeze the tree for its release: {e}") \
                     from None
+        live = restore_tcp.Live(sf, res.pids)
+        live.go_live()            # out of repair mode before anything of the tree runs
         gated = sum(len(tr.gate) for tr in trs)
         if gate_w >= 0:
             g.gate(gate_w, gated)     # (after "released", the guard opens it if we die)
@@ -485,6 +488,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             except OSError:
                 pass              # (moving them home below thaws them one by one)
         res.timings["release"] = time.perf_counter() - t_rel   # (docs/RESTORE.md)
+        res.warnings += live.lift()   # the connections' firewall lock (docs/NETWORK.md)
         if fz is not None:
             _die_here("home")
             fz.move_home()        # back into crrestart's cgroup, the crelf one removed
@@ -508,6 +512,8 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                 pass
             fz.kill_all()     # (a frozen task dies only once thawed)
         end_dead_procs()
+        if live is not None:
+            live.abort()          # repair mode again: killing them sends nothing
         for tr in trs:
             tr.kill()
         for pid in created:

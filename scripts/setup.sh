@@ -10,10 +10,12 @@ command -v gdb >/dev/null || need+=(gdb)
 command -v eu-stack >/dev/null || need+=(elfutils)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v strace >/dev/null || need+=(strace)
+# The firewall lock of TCP connections (statefile/control/netlock.py).
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # Real programs the tests checkpoint and restart.
 for tool in xz:xz-utils bzip2:bzip2 zstd:zstd sqlite3:sqlite3 perl:perl node:nodejs \
-            gzip:gzip gcc:gcc java:openjdk-17-jdk-headless; do
+            gzip:gzip gcc:gcc java:openjdk-17-jdk-headless redis-server:redis-server; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 # A database (tests/test_postgres.py runs its own server in a temp dir).

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 
 from statefile import FORMAT_VERSION, __version__, hooks
-from statefile.dump import fdt as dump_fdt, ns as dump_ns, tty as dump_tty
+from statefile.dump import fdt as dump_fdt, ns as dump_ns, tcp as dump_tcp, tty as dump_tty
 from statefile.check import flags, support
 from statefile.control import procfs, snapshot
 from statefile.format import xsave
@@ -161,10 +161,12 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
 
     def thaw():
         nonlocal t_thawed
+        dump_tcp.release()      # TCP connections out of repair mode, unlocked
         freezer.thaw()
         t_thawed = time.monotonic()
 
     files = FileTable()
+    dump_tcp.begin()            # connections met are locked and read in repair mode
     try:
         told = _hooks_before(pid, hook_timeout)
         freezer.freeze()
@@ -265,6 +267,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
         # Nothing is lost: no half-written file, the tree runs on.
         files.scm.close()
         writer.abort()
+        dump_tcp.release()
         freezer.thaw()
         _release_snapshots(snaps)
         _hooks_after(told, hook_timeout)
@@ -272,8 +275,10 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
     files.scm.close()      # crcheckpoint's fds of the files in flight (dump_scm)
     t_written = time.monotonic()
     if t_thawed is None:
+        dump_tcp.release(keep=kill)   # (--kill: in repair mode, they die silently)
         freezer.thaw(kill=kill)
         t_thawed = time.monotonic()
+    dump_tcp.hand_over(output)  # --kill: the lock waits for crrestart (docs/NETWORK.md)
     _release_snapshots(snaps)
     t_end = time.monotonic()
     if not kill:

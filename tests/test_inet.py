@@ -1,7 +1,8 @@
 """Network sockets without connection state: a server's listening TCP socket
 and its bound UDP socket are restarted listening and bound on the same
-ports, so clients reach the restarted server as before.  A TCP connection is
-still refused (unless the 'network' policy skips it)."""
+ports, so clients reach the restarted server as before.  A TCP connection
+(tests/test_tcp.py) needs root: without, it is refused (unless the 'network'
+policy skips it)."""
 from __future__ import annotations
 
 import json
@@ -87,29 +88,37 @@ def test_server_listens_on_the_same_ports_after_restart(procs, tmp_path):
                                    "options True 1"]
 
 
-def test_tcp_connection_still_refused(procs, tmp_path):
-    """An established TCP connection has state crelf does not restore yet:
-    refused with the reason, no file, the program runs on."""
+def test_tcp_connection_refused_without_root(procs, tmp_path):
+    """An established connection needs TCP repair mode and the firewall lock
+    (root): an unprivileged user checkpointing its own program is refused
+    with that reason (tests/test_tcp.py restores them as root), no file, the
+    program runs on."""
     require_root()
+    import os
+    import tempfile
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     srv.settimeout(30)        # a lost connection fails the test instead of hanging it
     port = srv.getsockname()[1]
-    try:
-        proc = procs.spawn([sys.executable, "-c",
-                            "import socket, time\n"
-                            f"c = socket.create_connection(('127.0.0.1', {port}))\n"
-                            "print('connected', flush=True)\ntime.sleep(60)"],
-                           stdout=tmp_path / "c.out")
-        conn, _ = srv.accept()
-        wait_for_line(tmp_path / "c.out", "^connected$", proc=proc)
-        res = checkpoint(proc.pid, tmp_path / "c.cr", check=False)
-        assert res.returncode == 6, res.stderr
-        assert "TCP connections" in res.stderr and "policy 'network'" in res.stderr
-        assert not (tmp_path / "c.cr").exists()
-        time.sleep(0.2)
-        assert proc.poll() is None
-        conn.close()
-    finally:
-        srv.close()
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o777)
+        try:
+            proc = procs.spawn(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                sys.executable, "-c",
+                                "import socket, time\n"
+                                f"c = socket.create_connection(('127.0.0.1', {port}))\n"
+                                "print('connected', flush=True)\ntime.sleep(60)"],
+                               stdout=tmp_path / "c.out")
+            conn, _ = srv.accept()
+            wait_for_line(tmp_path / "c.out", "^connected$", proc=proc)
+            res = checkpoint(proc.pid, f"{d}/c.cr", check=False, user=65534)
+            assert res.returncode == 6, res.stderr
+            assert "(established)" in res.stderr and "need root" in res.stderr, res.stderr
+            assert "policy 'network'" in res.stderr
+            assert os.listdir(d) == []
+            time.sleep(0.2)
+            assert proc.poll() is None
+            conn.close()
+        finally:
+            srv.close()

@@ -38,6 +38,20 @@ def _shutdown(bits: int) -> str:
     return {0: "none", 1: "read", 2: "write", 3: "read+write"}.get(bits or 0, str(bits))
 
 
+def _tcp_view(s: dict, socks: dict) -> dict:
+    """A TCP connection's state, bytes queued each way, and whether its peer
+    is a socket of the tree (statefile/dump/tcp.py; {} for other sockets)."""
+    tcp = s.get("tcp")
+    if not tcp:
+        return {}
+    inside = any((g.get("socket") or {}).get("local") == s.get("peer")
+                 and (g.get("socket") or {}).get("peer") == s.get("local")
+                 for g in socks.values())
+    return {"tcp_state": tcp.get("state"), "queued_in": tcp.get("inq"),
+            "queued_out": tcp.get("outq"),
+            "peer_where": "in the tree" if inside else "outside the tree"}
+
+
 def _queued(sock: dict) -> tuple[int | None, int | None]:
     """(bytes, messages) waiting in a socket's receive queue, None if not recorded."""
     q = sock.get("queue")
@@ -163,6 +177,7 @@ def objects(sf) -> dict:
                         "family": s.get("family"), "type": s.get("type"),
                         "local": s.get("local"), "peer": s.get("peer"),
                         "listening": bool(s.get("listening")),
+                        **_tcp_view(s, socks),
                         "holders": fd_holders(fids, lambda f: "listening" if (
                             f.get("socket") or {}).get("listening") else "socket")})
 
@@ -354,7 +369,10 @@ def _title(o: dict) -> str:
         return (f"{o.get('family')} {o.get('type')} socket"
                 + (f" local {o['local']}" if o.get("local") else "")
                 + (f" peer {o['peer']}" if o.get("peer") else "")
-                + (", listening" if o.get("listening") else ""))
+                + (", listening" if o.get("listening") else "")
+                + (f", TCP {o['tcp_state']}, {_size(o.get('queued_in'))} to read, "
+                   f"{_size(o.get('queued_out'))} not acknowledged, peer {o['peer_where']}"
+                   if o.get("tcp_state") else ""))
     if k == "pty":
         t = f"pseudo-terminal {o['path']}" + ("" if o["master"] else ", master not in the tree")
         if o.get("sid"):

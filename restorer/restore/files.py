@@ -597,8 +597,10 @@ def _open_file(plan: ChildPlan, f: File) -> int | None:
             return restore_inet.open_inet(f)
         except OSError as e:
             local = f.socket.local or ["?", "?"]
-            raise ChildError("sockets", f"cannot listen on or bind {local[0]} port {local[1]} "
-                             f"again: {e.strerror or e}") from None
+            what = e.strerror or str(e)
+            if not what.startswith("TCP connection"):     # (restore/tcp.py names it)
+                what = f"cannot listen on or bind {local[0]} port {local[1]} again: {what}"
+            raise ChildError("sockets", what) from None
     if kind in restore_tty.KINDS:   # made by the initiator (restore_tty.open_ptys)
         raise ChildError("files", f"pseudo-terminal {path} was not created for this task")
     if kind == "tty":

@@ -1,6 +1,7 @@
 """TCP and UDP sockets (statefile/dump/inet.py): a listening TCP or unconnected
 UDP socket is bound (and listening) again on its saved address with its saved
-options; a network socket the policy skipped comes back as a new socket."""
+options; an established TCP connection is restorer/restore/tcp.py's; a network
+socket the policy skipped comes back as a new socket."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import os
 import socket
 
+from restorer.restore import tcp as restore_tcp
 from restorer.restore.sockets import set_sockopts
 
 
@@ -62,12 +64,16 @@ def open_inet(f: dict) -> int:
     on its saved address with its saved options (support: fd:socket:inet-listen,
     fd:socket:inet-udp).  Raises OSError (EADDRINUSE...) if it cannot."""
     info = f["socket"]
+    if restore_tcp.is_connection(f):
+        return restore_tcp.open_tcp(f)      # an established connection
     fam = _FAMILY[info["family"]]
     sock = socket.socket(fam, _SOCKTYPE[info["type"]])
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
                         1 if info.get("listening") else info.get("reuseaddr", 0))
-        if info.get("reuseport"):
+        # (a listener that shared its port with SO_REUSEPORT may have cleared it
+        # since: every listener binds with it, then gets its own value back)
+        if info.get("reuseport") or info.get("listening"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if fam == socket.AF_INET6 and "v6only" in info:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
@@ -80,6 +86,8 @@ def open_inet(f: dict) -> int:
                 sock.listen(int(s.read()))
             if not info.get("reuseaddr"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            if not info.get("reuseport"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
         sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
         return sock.detach()
     except BaseException:

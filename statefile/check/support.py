@@ -287,9 +287,30 @@ TABLE: tuple[Resource, ...] = (
              "again to its address)", SUPPORTED),
     Resource("fd:socket:inet-fresh", "TCP socket never connected nor listening (bound "
              "again if it was bound; its options as they were)", SUPPORTED),
-    Resource("fd:socket:inet", "TCP connection, or a listening or UDP socket with "
-             "connections or datagrams queued", SKIPPABLE,
-             f"TCP connections and queued connections or datagrams are {_NOT_YET}; policy "
+    Resource("fd:socket:tcp", "established TCP connection, IPv4 or IPv6, to a peer inside "
+             "or outside the tree, also one shut down in one direction or both (FIN_WAIT1, "
+             "FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: the program's FIN sent again, the "
+             "peer's replayed) (sequence numbers, both queues, window, MSS, "
+             "window scale, SACK, timestamps and socket options restored with the kernel's "
+             "TCP repair mode; its packets held back by a firewall rule until the restored socket is "
+             "live: docs/NETWORK.md)", SUPPORTED),
+    Resource("fd:socket:tcp-norepair", "established TCP connection where TCP repair mode or "
+             "the firewall lock cannot be used", SKIPPABLE,
+             "reading and restoring a connection needs TCP_REPAIR (root: CAP_NET_ADMIN) and "
+             "nftables (the nft command) to hold its packets back; policy 'network' restores "
+             "it as a new unconnected socket", "network"),
+    Resource("fd:socket:tcp-connecting", "TCP socket in the middle of its handshake "
+             "(SYN_SENT: connect() in progress; SYN_RECV)", SKIPPABLE,
+             "repair mode cannot resume a handshake (connect() in repair mode makes the "
+             "connection established at once); policy 'network' restores it as a new "
+             "unconnected socket (the program's connect() then fails)", "network"),
+    Resource("fd:socket:tcp-closed", "TCP socket whose connection ended (closed by both "
+             "ends or reset) while the program still holds it", SKIPPABLE,
+             f"an ended connection's socket (what its read and write then return) is {_NOT_YET}; "
+             "policy 'network' restores it as a new unconnected socket", "network"),
+    Resource("fd:socket:inet", "listening or UDP socket with connections or datagrams "
+             "queued", SKIPPABLE,
+             f"queued connections or datagrams are {_NOT_YET}; policy "
              "'network' restores a connection as a new unconnected socket of the same family "
              "and type on the same fd (as after a network failure: recv/read fail with "
              "ENOTCONN, send/write with EPIPE, SIGPIPE too unless ignored; connect() on it "
@@ -633,6 +654,8 @@ def fd_key(f: dict) -> str:
                 return "fd:socket:inet-listen"
             if info.get("type") == "dgram" and "peer" not in info:
                 return "fd:socket:inet-udp"
+        if fam in ("inet", "inet6") and info.get("tcp"):
+            return _tcp_key(info["tcp"])
         return {"unix": "fd:socket:unix", "inet": "fd:socket:inet", "inet6": "fd:socket:inet",
                 "netlink": "fd:socket:netlink"}.get(fam, "fd:socket:other")
     if kind.startswith("anon:"):
@@ -643,6 +666,16 @@ def fd_key(f: dict) -> str:
             return "fd:bpf"
         return _ANON.get(name, "fd:other")
     return "fd:other"
+
+
+def _tcp_key(tcp: dict) -> str:
+    """The row of a TCP connection (its `tcp` record, statefile/dump/tcp.py)."""
+    state = tcp.get("state")
+    if state in ("established", "fin_wait1", "fin_wait2", "close_wait", "last_ack", "closing"):
+        return "fd:socket:tcp-norepair" if tcp.get("error") else "fd:socket:tcp"
+    if state in ("syn_sent", "syn_recv", "new_syn_recv"):
+        return "fd:socket:tcp-connecting"
+    return "fd:socket:tcp-closed"
 
 
 def is_scratch(m: dict) -> bool:
@@ -853,6 +886,11 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
             elif key == "fd:fanotify" and (f.get("anon") or {}).get("unread"):
                 add("fd:fanotify-unread", pid, where, f"fanotify fd {fd['fd']} has unread "
                     f"events ({f['anon']['unread']} bytes queued)")
+            if key.startswith("fd:socket:tcp"):
+                si = f["socket"]
+                detail = f"{detail}: TCP {':'.join(map(str, si.get('local', ['?'])[:2]))} -> " \
+                    f"{':'.join(map(str, si.get('peer', ['?'])[:2]))} ({si['tcp']['state']})" \
+                    + (f": {si['tcp']['error']}" if si["tcp"].get("error") else "")
             if key == "fd:bpf" and f.get("bpf", {}).get("unsupported"):
                 detail = f"{detail}: {f['bpf']['unsupported']}"
             if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):

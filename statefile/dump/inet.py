@@ -1,6 +1,7 @@
 """TCP and UDP sockets (AF_INET, AF_INET6): what a listening TCP socket or an
 unconnected UDP socket needs to be bound again (reuse flags, v6only, queued
-connections or datagrams), and whether a TCP socket was never used.  Restored by
+connections or datagrams), whether a TCP socket was never used, and a TCP
+connection's `tcp` record (statefile/dump/tcp.py).  Restored by
 restorer/restore/inet.py."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import struct
 
 from statefile.control import procfs
 from statefile.dump import sockets as dump_sockets
+from statefile.dump import tcp as dump_tcp
 
 SOL_TCP = 6
 
@@ -43,6 +45,8 @@ def details(pid: int, sock: socket.socket, ino: int) -> dict:
         info["listening"] = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
         if not info["listening"] and tcp_fresh(sock):
             info["fresh"] = True        # never connected (support: fd:socket:inet-fresh)
+        elif not info["listening"]:
+            info["tcp"] = dump_tcp.dump(sock)     # a connection (statefile/dump/tcp.py)
     info["sockopts"] = dump_sockets.sockopts(sock)
     table = f"/proc/{pid}/net/{proto}{'6' if sock.family == socket.AF_INET6 else ''}"
     try:

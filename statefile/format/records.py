@@ -932,6 +932,51 @@ class UnixSocket(SocketBase, tag="unix", kw_only=True):
                                                  "unnamed)")] = field(default_factory=list)
 
 
+class TcpWindow(Record, kw_only=True):
+    """TCP_REPAIR_WINDOW of a connection (struct tcp_repair_window)."""
+    snd_wl1: Annotated[int, Doc("sequence number of the segment that last updated snd_wnd")]
+    snd_wnd: Annotated[int, Doc("the peer's window")]
+    max_window: Annotated[int, Doc("the largest window the peer offered")]
+    rcv_wnd: Annotated[int, Doc("our window")]
+    rcv_wup: Annotated[int, Doc("rcv_nxt when our window was last announced")]
+
+
+class TcpConnection(Record, kw_only=True):
+    """A TCP socket neither listening nor new (statefile/dump/tcp.py, docs/NETWORK.md):
+    its state, and for a connection read in TCP repair mode what a restart
+    needs to recreate it."""
+    state: Annotated[str, Doc("the kernel's TCP state in lower case: established, syn_sent, "
+                              "fin_wait1, fin_wait2, close_wait, last_ack, closing, close...")]
+    error: Annotated[str | None, Doc("why it could not be read (refused: "
+                                     "fd:socket:tcp-norepair)")] = None
+    inq: Annotated[int | None, Doc("bytes received not read (SIOCINQ)")] = None
+    outq: Annotated[int | None, Doc("bytes sent not acknowledged (SIOCOUTQ; our FIN not "
+                                    "counted)")] = None
+    unsent: Annotated[int | None, Doc("bytes at the end of the send queue never sent "
+                                      "(SIOCOUTQNSD)")] = None
+    send_seq: Annotated[int | None, Doc("sequence number after the send queue's last byte "
+                                        "(write_seq; our FIN not counted)")] = None
+    recv_seq: Annotated[int | None, Doc("sequence number after the last byte received "
+                                        "(rcv_nxt; the peer's FIN not counted)")] = None
+    send_queue: Annotated[Hex | None, Doc("the send queue's bytes")] = None
+    recv_queue: Annotated[Hex | None, Doc("the receive queue's bytes")] = None
+    fin_sent: Annotated[bool, Doc("the program sent its FIN (shutdown for writing)")] = False
+    fin_received: Annotated[bool, Doc("the peer sent its FIN")] = False
+    mss: Annotated[int | None, Doc("the MSS clamp (TCP_MAXSEG in repair mode)")] = None
+    sack: Annotated[bool, Doc("SACK agreed")] = False
+    timestamps: Annotated[bool, Doc("timestamps agreed")] = False
+    snd_wscale: Annotated[int | None, Doc("the peer's window scale (absent: no scaling)")] = \
+        None
+    rcv_wscale: Annotated[int | None, Doc("our window scale")] = None
+    timestamp: Annotated[int | None, Doc("the connection's timestamp clock (TCP_TIMESTAMP)")] = \
+        None
+    window: Annotated[TcpWindow | None, Doc("TCP_REPAIR_WINDOW")] = None
+    congestion: Annotated[str | None, Doc("TCP_CONGESTION")] = None
+    sndbuf: Annotated[int | None, Doc("SO_SNDBUF then (autotuned or not)")] = None
+    rcvbuf: Annotated[int | None, Doc("SO_RCVBUF then")] = None
+    shut_rd: Annotated[bool, Doc("the program called shutdown(SHUT_RD)")] = False
+
+
 class InetSocket(SocketBase, tag="inet", kw_only=True):
     """An AF_INET socket."""
     local: Annotated[tuple[str, int] | None, Doc("[address, port]")] = None
@@ -940,6 +985,8 @@ class InetSocket(SocketBase, tag="inet", kw_only=True):
     reuseport: Annotated[int | None, Doc("SO_REUSEPORT")] = None
     listening: Annotated[bool, Doc("TCP: SO_ACCEPTCONN")] = False
     fresh: Annotated[bool, Doc("TCP, never connected")] = False
+    tcp: Annotated[TcpConnection | None, Doc("TCP: a connection (or what is left of one)")] = \
+        None
     sockopts: Annotated[Sockopts | None, Doc("socket options")] = None
     queued: Annotated[int | None, Doc("rx_queue of /proc/PID/net/{tcp,udp}")] = None
 
@@ -955,6 +1002,8 @@ class Inet6Socket(SocketBase, tag="inet6", kw_only=True):
     v6only: Annotated[int | None, Doc("IPV6_V6ONLY")] = None
     listening: Annotated[bool, Doc("TCP: SO_ACCEPTCONN")] = False
     fresh: Annotated[bool, Doc("TCP, never connected")] = False
+    tcp: Annotated[TcpConnection | None, Doc("TCP: a connection (or what is left of one)")] = \
+        None
     sockopts: Annotated[Sockopts | None, Doc("socket options")] = None
     queued: Annotated[int | None, Doc("rx_queue of /proc/PID/net/{tcp6,udp6}")] = None
 
