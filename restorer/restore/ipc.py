@@ -137,7 +137,7 @@ def _stat_set(ctl, ident: int, uid: int, gid: int, perms: int, what: str,
         raise _err(f"IPC_SET of {what}")
 
 
-def _write_runs(rd: SegmentReader, seg: dict, write, base: int) -> None:
+def _write_runs(rd: SegmentReader, seg: R.Segment, write, base: int) -> None:
     """Write a memory segment's stored runs through write(offset, bytes),
     at base + (address - segment start), each chunk verified first."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from statefile.control.inject import find_syscall_insn
+from statefile.format import records as R
 from statefile.format.integrity import DamagedError, SegmentReader, read_ahead
 
 from restorer.errors import RestoreError
@@ -48,7 +49,7 @@ def prot_of(perms: str) -> int:
             | (PROT_EXEC if perms[2] == "x" else 0))
 
 
-def file_path(m: dict) -> str:
+def file_path(m: R.Mapping) -> str:
     p = m.path
     return p[: -len(" (deleted)")] if m.deleted and p.endswith(" (deleted)") else p
 
@@ -58,12 +59,12 @@ def _dev(devstr: str) -> tuple[int, int]:
     return int(maj, 16), int(mnr, 16)
 
 
-def shared_key(m: dict) -> str:
+def shared_key(m: R.Mapping) -> str:
     """ExtraOpen key of the memfd that holds a MAP_SHARED anonymous object."""
     return f"shm:{m.dev}:{m.inode}"
 
 
-def plan_extras(task: dict, first_fd: int,
+def plan_extras(task: R.TaskNote, first_fd: int,
                 shared_ids: dict[tuple, int] | None = None) -> list[ExtraOpen]:
     """The files the task must hold open while its mappings are rebuilt (and
     the memfds of its shared anonymous memory, inherited from the initiator:
@@ -110,7 +111,7 @@ def plan_extras(task: dict, first_fd: int,
 class Memory:
     """Builds one task's address space through an injector."""
 
-    def __init__(self, sf, task: dict, memfd: int, fds: dict[str, int]):
+    def __init__(self, sf, task: R.TaskNote, memfd: int, fds: dict[str, int]):
         self.sf = sf
         self.task = task
         self.memfd = memfd            # /proc/PID/mem of the task, O_RDWR
@@ -287,7 +288,7 @@ class Memory:
                 self.mlock_after.append((start, size, MLOCK_ONFAULT if "lf" in vmf else 0))
         return anon_ranges
 
-    def _shmat(self, inj, m: dict, prot: int) -> int:
+    def _shmat(self, inj, m: R.Mapping, prot: int) -> int:
         """Attach SysV segment m.inode (recreated with its id by the
         initiator, content in) at its address; a later piece of the same
         attach (the vma split by mprotect) only gets its protection."""
@@ -338,10 +339,10 @@ class Memory:
                     jobs.append((seg, 0, seg.filesz))
         self._copy(jobs)
 
-    def copy_range(self, m: dict, a: int, b: int) -> None:
+    def copy_range(self, m: R.Mapping, a: int, b: int) -> None:
         self._copy(self._range_jobs(m, a, b))
 
-    def _range_jobs(self, m: dict, a: int, b: int) -> list:
+    def _range_jobs(self, m: R.Mapping, a: int, b: int) -> list:
         jobs = []
         for p in m.segments:
             seg = self.sf.segment(p)
@@ -351,7 +352,7 @@ class Memory:
                 jobs.append((seg, lo - seg.vaddr, hi - seg.vaddr))
         return jobs
 
-    def _write(self, seg: dict, rel: int, ln: int) -> None:
+    def _write(self, seg: R.Segment, rel: int, ln: int) -> None:
         self._copy([(seg, rel, rel + ln)])
 
     def _copy(self, jobs: list) -> None:
@@ -405,7 +406,7 @@ PREMAP_BASE = 0x400000000000
 MADV_DONTNEED = 4
 
 
-def plan_premaps(tasks: list[dict]) -> None:
+def plan_premaps(tasks: list[R.TaskNote]) -> None:
     """Set task._premap = [{"mapping", "addr", "create"}] on the tasks
     that take part in copy-on-write sharing (tasks parents-first)."""
     by_pid = {t.pid: t for t in tasks}
@@ -461,7 +462,7 @@ def premaps(task) -> list[dict]:
     return getattr(task, "_premap", None) or []
 
 
-def own_jobs(sf, m: dict) -> list:
+def own_jobs(sf, m: R.Mapping) -> list:
     """[(segment, lo, hi)]: the bytes of mapping m the task itself writes
     (a file or memfd mapping: its copied-on-write pages; else every stored byte)."""
     if m.shmem is not None or m.kind == "shmem-private" or (
@@ -479,7 +480,7 @@ def own_jobs(sf, m: dict) -> list:
             if sf.segment(p).filesz]
 
 
-def premap_in_python(sf, task: dict) -> None:
+def premap_in_python(sf, task: R.TaskNote) -> None:
     """Run by the task's own Python (restore_tree.task_main) before it forks
     its children: build its premapped regions (see above)."""
     import ctypes

@@ -335,7 +335,7 @@ class TaskRestorer:
         task = self.task
         mm = task.mm
         auxv = bytes.fromhex(task.auxv)
-        m = prctl_mm_map(**{k: mm[k] for k in (
+        m = prctl_mm_map(**{k: getattr(mm, k) for k in (
             "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
             "start_stack", "arg_start", "arg_end", "env_start", "env_end")})
         m.auxv = self.scratch + 512
