@@ -26,6 +26,7 @@ import threading
 import time
 
 from statefile.control import procfs
+from statefile.format import records as R
 from statefile.format.integrity import DamagedError, SegmentReader, nchunks
 
 from .errors import RestoreError
@@ -112,9 +113,9 @@ class ChunkGuard:
     (statefile/format/integrity.py SegmentReader.chunk) before any page of it is
     installed, once (the statefile must not change while it is served)."""
 
-    def __init__(self, sf, seg: dict):
+    def __init__(self, sf, seg: R.Segment):
         self.sf, self.seg = sf, seg
-        self.ok = bytearray(nchunks(seg["filesz"], sf.chunk_size))
+        self.ok = bytearray(nchunks(seg.filesz, sf.chunk_size))
 
     def ensure(self, reader: SegmentReader, lo: int, hi: int) -> None:
         """Verify every chunk that holds stored bytes in segment offsets [lo, hi)."""
@@ -125,7 +126,7 @@ class ChunkGuard:
                 reader.chunk(self.seg, k)
             except DamagedError as e:
                 if e.truncated_at is not None:
-                    raise ServeError(_copy_failure(self.seg["vaddr"] + e.truncated_at,
+                    raise ServeError(_copy_failure(self.seg.vaddr + e.truncated_at,
                                                    errno.EFAULT)) from None
                 raise ServeError(str(e)) from None
             self.ok[k] = 1
@@ -212,7 +213,7 @@ class LazyServer:
         if r.guard is not None:
             if self.reader is None:        # one chunk buffer for every guard
                 self.reader = SegmentReader(r.guard.sf, self.sfd)
-            rel = r.src - r.guard.seg["offset"] + i * PAGE
+            rel = r.src - r.guard.seg.offset + i * PAGE
             r.guard.ensure(self.reader, rel, rel + n * PAGE)
         c = uffdio_copy(dst, self.base + r.src + i * PAGE, n * PAGE, 0, 0)
         res = _ioctl(ctx.uffd, UFFDIO_COPY, c)
@@ -530,19 +531,19 @@ def start_lazy(tr, inj, anon_ranges: list[tuple[int, int]]) -> LazyServer:
         raise RestoreError("lazy", f"UFFDIO_API: {os.strerror(-res)}")
     regions = []
     for start, end in anon_ranges:
-        m = next(m for m in tr.task["mappings"] if m["start"] == start)
-        segs = [tr.sf.segment(p) for p in m["segments"]]
-        segs = [s for s in segs if s["filesz"]]
-        if len(segs) != 1 or segs[0]["vaddr"] != start:
+        m = next(m for m in tr.task.mappings if m.start == start)
+        segs = [tr.sf.segment(p) for p in m.segments]
+        segs = [s for s in segs if s.filesz]
+        if len(segs) != 1 or segs[0].vaddr != start:
             # unusual layout: copy it eagerly
             tr.mem.copy_range(m, start, end)
             for s in segs:
-                for rel, ln in s["runs"]:
+                for rel, ln in s.runs:
                     tr.mem._write(s, rel, ln)
             continue
         seg = segs[0]
-        r = Region(start, end, seg["offset"], guard=ChunkGuard(tr.sf, seg))
-        for rel, ln in seg["runs"]:
+        r = Region(start, end, seg.offset, guard=ChunkGuard(tr.sf, seg))
+        for rel, ln in seg.runs:
             i, j = rel // PAGE, (rel + ln + PAGE - 1) // PAGE
             r.pending[i:j] = b"\x01" * (j - i)
         r.left = r.pending.count(1)

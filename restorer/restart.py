@@ -11,9 +11,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from msgspec.structs import replace
+
 from statefile.control import ptrace as pt
 from statefile.errors import FormatError
-from statefile.format.reader import MALFORMED, load, verify_notes
+from statefile.format import records as R
+from statefile.format.reader import load, verify_notes
 
 from restorer.errors import RestoreError
 from restorer.release import freezer, gate
@@ -64,12 +67,16 @@ class Options:
 # restore eagerly in milliseconds, so lazy only pays off for big ones.
 AUTO_LAZY_BYTES = 256 << 20
 
+# What planning raises on notes each valid on its own but inconsistent with
+# each other (an index or a pid that is not there, restore/locks.py's check)
+_INCONSISTENT = (ValueError, KeyError, IndexError)
 
-def stored_anon_bytes(sf, task: dict) -> int:
+
+def stored_anon_bytes(sf, task: R.TaskNote) -> int:
     total = 0
-    for m in task["mappings"]:
-        if m["kind"] in ("heap", "stack", "anon-private"):
-            total += sum(sf.segment(p)["filesz"] for p in m["segments"])
+    for m in task.mappings:
+        if m.kind in ("heap", "stack", "anon-private"):
+            total += sum(sf.segment(p).filesz for p in m.segments)
     return total
 
 
@@ -172,7 +179,7 @@ def _init_main(root: Node, status_w: int, inherited: dict[int, int], parent_pidf
 def _blobs(sf) -> dict:
     """file id -> the CR_SEGMENTS entry of its blob (read verified:
     statefile/format/integrity.py SegmentReader)."""
-    return {f["id"]: sf.segment(f["blob"]) for f in sf.files if "blob" in f}
+    return {f.id: sf.segment(f.blob) for f in sf.files if f.blob is not None}
 
 
 def _journal_task_paths(sf, g: Guard) -> None:
@@ -181,19 +188,19 @@ def _journal_task_paths(sf, g: Guard) -> None:
     statefile, the scratch name of a deleted file), before they exist: the
     guard removes them if crrestart dies before the release."""
     for t in sf.tasks:
-        cwd = t.get("cwd") or "/"
-        for d in t["fds"]:
-            f = sf.files[d["file"]]
-            info = f.get("socket", {})
-            if f["kind"] == "socket" and info.get("family") == "unix" and info.get("name") \
-                    and not info.get("abstract"):
-                g.path(os.path.join(cwd, info["name"]))
-            elif f["kind"] == "regular" and f.get("deleted"):
-                name = f["path"].removesuffix(" (deleted)")
+        cwd = t.cwd or "/"
+        for d in t.fds:
+            f = sf.files[d.file]
+            if isinstance(f, R.SocketFile) and isinstance(f.socket, R.UnixSocket):
+                if f.socket.name and not f.socket.abstract:
+                    g.path(os.path.join(cwd, f.socket.name))
+            elif isinstance(f, R.RegularFile) and f.deleted:
+                name = f.path.removesuffix(" (deleted)")
                 for where in (os.path.dirname(name) or "/", "/tmp"):
-                    g.path(os.path.join(where, f".{os.path.basename(name)}.crelf-{t['pid']}"))
-            elif f["kind"] == "regular" and "blob" in f and not os.path.exists(f["path"]):
-                g.path(f["path"])
+                    g.path(os.path.join(where, f".{os.path.basename(name)}.crelf-{t.pid}"))
+            elif isinstance(f, R.RegularFile) and f.blob is not None \
+                    and not os.path.exists(f.path):
+                g.path(f.path)
 
 
 def restore(path: str, opts: Options, log=None) -> Result:
@@ -205,11 +212,13 @@ def restore(path: str, opts: Options, log=None) -> Result:
     sf = load_verified(path)
     try:
         return _restore(path, sf, opts, log, t0, res)
-    except MALFORMED as e:
+    except _INCONSISTENT as e:
         if res.planned:
             raise
-        # notes whose checksums match but that lack a field or hold a wrong
-        # type (a foreign or buggy writer): one line, never a traceback
+        # notes each valid on its own (the loader checked their fields) but
+        # inconsistent with each other (a foreign or buggy writer): an fd on a
+        # file entry, a mapping on a segment that is not there, a lock on an
+        # fd the task lacks (restore/locks.py check): one line, never a traceback
         raise RestoreError("plan", f"malformed statefile {path} ({type(e).__name__}: {e})") \
             from None
 
@@ -232,7 +241,7 @@ def load_verified(path: str):
 
 
 def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Result:
-    res.saved_pids = [t["pid"] for t in sf.tasks]
+    res.saved_pids = [t.pid for t in sf.tasks]
     res.warnings = validate(sf, opts.force_files)
     unpriv = os.geteuid() != 0
     # A tree in a pid namespace of its own (its root that namespace's init)
@@ -244,7 +253,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                                "recreating it with its pids needs root (CAP_SYS_ADMIN)")
         remap_proc_pids(sf, to_inner(sf))   # (and the pids in the tree's /proc paths)
     tasks = sf.tasks
-    res.vpid = sf.root["pid"]
+    res.vpid = sf.root.pid
     lazy = opts.lazy
     if len(tasks) > 1 and lazy:
         res.warnings.append("lazy restore of process trees comes later: restored eagerly")
@@ -266,7 +275,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     pidns = opts.pidns or unpriv or own_pidns
     # plan what every task does itself
     blobs = _blobs(sf)
-    has_tty = any(sf.files[d["file"]]["kind"] == "tty" for t in tasks for d in t["fds"])
+    has_tty = any(isinstance(sf.files[d.file], R.TtyFile) for t in tasks for d in t.fds)
     tty = _tty_fd()
     if has_tty and tty is None:
         res.warnings.append("the process used a terminal and crrestart has none: "
@@ -276,29 +285,29 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     extras_of: dict[int, list] = {}
     shared_ids = shared_anon_ids(tasks)
     plan_premaps(tasks)    # memory shared copy-on-write by parents and children
-    fdt_groups: dict[int, list[dict]] = {}     # fd tables shared (CLONE_FILES)
+    fdt_groups: dict[int, list[R.TaskNote]] = {}     # fd tables shared (CLONE_FILES)
     for t in tasks:
-        if t.get("fdt"):
-            fdt_groups.setdefault(t["fdt"], []).append(t)
+        if t.fdt:
+            fdt_groups.setdefault(t.fdt, []).append(t)
     for t in tasks:
-        target_fds = [d["fd"] for d in t["fds"]]
-        group = fdt_groups.get(t.get("fdt"), [t])
+        target_fds = [d.fd for d in t.fds]
+        group = fdt_groups.get(t.fdt, [t])
         if len(group) > 1:
             # one table: the owner places the mapped files of all of them
             # (restorer/tree.py); the same fd numbers for every member
-            target_fds = [d["fd"] for g in group for d in g["fds"]]
-            t_all = {**group[0], "mappings": [m for g in group for m in g["mappings"]]}
-            extras_of[t["pid"]] = plan_extras(t_all, max(target_fds + [2]) + 1, shared_ids)
+            target_fds = [d.fd for g in group for d in g.fds]
+            t_all = replace(group[0], mappings=[m for g in group for m in g.mappings])
+            extras_of[t.pid] = plan_extras(t_all, max(target_fds + [2]) + 1, shared_ids)
         else:
-            extras_of[t["pid"]] = plan_extras(t, max(target_fds + [2]) + 1, shared_ids)
-        plans[t["pid"]] = ChildPlan(
+            extras_of[t.pid] = plan_extras(t, max(target_fds + [2]) + 1, shared_ids)
+        plans[t.pid] = ChildPlan(
             task=t, files=sf.files, statefile=os.path.abspath(path), blobs=blobs, sf=sf,
-            extras=extras_of[t["pid"]], tty_fd=tty if has_tty else None,
+            extras=extras_of[t.pid], tty_fd=tty if has_tty else None,
             shell_job=shell_job and t is sf.root, force_files=opts.force_files,
-            in_pidns=pidns, tree_pids=frozenset(x["pid"] for x in tasks))
+            in_pidns=pidns, tree_pids=frozenset(x.pid for x in tasks))
     plan_ctty(tasks, sf.files, plans)   # session leaders take their pty again
     assign_locks(sf)                    # which task takes each lock, lease, SIGIO owner
-    root, order = plan_tree(tasks, sf.header.get("zombies", []), plans,
+    root, order = plan_tree(tasks, sf.header.zombies, plans,
                             root_keeps_session=shell_job)
     res.planned = True
     # Before anything exists: the guard (restorer/release/guard.py) undoes the restore
@@ -318,7 +327,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
     if fz is None and gate.wanted():
         gate_r, gate_w = gate.make()
         for t in tasks:
-            ex = extras_of[t["pid"]]
+            ex = extras_of[t.pid]
             ex.append(ExtraOpen("gate", "", os.O_RDONLY, gate.extra_fd(ex), shared=gate.GATE_ID))
     status_r, status_w = os.pipe()
     rel_r = rel_w = ack_r = ack_w = -1      # the release handshake with a --pidns init
@@ -435,11 +444,11 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
             g.task(rpids[n.pid])
         res.timings["fork+files"] = time.perf_counter() - t0
         # --- every task rebuilt by injection ---------------------------------------------------
-        last_of_fdt = {n.task["fdt"]: n.pid for n in order if n.task.get("fdt")}
+        last_of_fdt = {n.task.fdt: n.pid for n in order if n.task.fdt}
         for n in order:
             fds = {e.key: e.fd for e in extras_of[n.pid]}
             tr = TaskRestorer(sf, n.task, rpids[n.pid], fds, lazy=lazy, log=log)
-            if last_of_fdt.get(n.task.get("fdt"), n.pid) != n.pid:
+            if last_of_fdt.get(n.task.fdt, n.pid) != n.pid:
                 tr.keep_fds = True      # one fd table: the last of its tasks closes them
             tr.pids = res.pids        # (its fds on the tree's /proc files)
             trs.append(tr)
@@ -459,7 +468,7 @@ def _restore(path: str, sf, opts: Options, log, t0: float, res: Result) -> Resul
                 g.served(tr.rpid)   # from now on the guard keeps its lazy memory safe
         t_rel = time.perf_counter()
         for tr in trs:
-            if tr.task.get("group_stopped"):
+            if tr.task.group_stopped:
                 tr.release_stopped()    # stopped again before anything of the tree runs
         if fz is not None:
             try:

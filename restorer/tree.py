@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from statefile.dump.pipes import stdio_passthrough
+from statefile.format import records as R
 
 from restorer.restore import scm as restore_scm
 from restorer.errors import RestoreError, ValidationError
@@ -43,7 +44,7 @@ from restorer.kernel import (CLONE_FILES, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHS
                              fork_with_pid, pidfd_open, prctl)
 from restorer.restore.files import (ChildError, ChildPlan, _open_file, child_setup,
                                     open_ghost_nodes, open_ghosts)
-from restorer.restore.memory import premap_in_python
+from restorer.restore.memory import premap_in_python, premaps
 from restorer.restore.pipes import open_pipes
 from restorer.restore.unix import open_named
 from restorer.restore.tty import open_ptys
@@ -52,87 +53,102 @@ _FAIL_AT = os.environ.get("CRELF_RESTORE_FAIL_AT", "")
 
 
 @dataclass
+class Ghost:
+    """A helper task that exists only while the tree is forked (CRIU calls
+    them helpers): with the pid of a session or group leader that had exited,
+    it recreates that session or group for the tasks still in it.  Not in the
+    statefile: plan_tree makes it, in the place of a task."""
+    pid: int
+    ppid: int
+    sid: int
+    pgid: int
+    ghost: str                    # "session" or "group"
+    fdt: int | None = None        # (never shares an fd table)
+
+    @property
+    def comm(self) -> str:
+        return f"crelf-{self.ghost}-helper"
+
+
+@dataclass
 class Node:
     """One task of the tree, as its parent forks it."""
-    task: dict
+    task: R.TaskNote | Ghost
     plan: ChildPlan
     session: str = ""             # "setsid", "setpgid" (own group), "join" (pgid), ""
     children: list["Node"] = field(default_factory=list)
-    zombies: list[dict] = field(default_factory=list)
-    early_zombies: list[dict] = field(default_factory=list)   # forked before the children
+    zombies: list[R.Zombie] = field(default_factory=list)
+    early_zombies: list[R.Zombie] = field(default_factory=list)   # forked before the children
     adopted_by: int = 0           # parent that adopts it when its session helper exits
     share_files: bool = False     # cloned with CLONE_FILES: its parent's fd table
 
     @property
     def pid(self) -> int:
-        return self.task["pid"]
+        return self.task.pid
 
 
-def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan],
+def plan_tree(tasks: list[R.TaskNote], zombies: list[R.Zombie], plans: dict[int, ChildPlan],
               root_keeps_session: bool) -> tuple[Node, list[Node]]:
     """The fork tree (root node, and every node in fork order).  Raises
     ValidationError, naming the task, for trees this crrestart cannot rebuild."""
-    by_pid = {t["pid"]: t for t in tasks}
+    by_pid = {t.pid: t for t in tasks}
     root = tasks[0]
-    kids: dict[int, list[dict]] = {}
-    used = set(by_pid) | {z["pid"] for z in zombies}
-    ghosts: dict[int, dict] = {}
+    kids: dict[int, list] = {}
+    used = set(by_pid) | {z.pid for z in zombies}
+    ghosts: dict[int, Ghost] = {}
 
-    def ghost(pid: int, ppid: int, sid: int, kind: str) -> dict:
-        """A helper task that exists only while the tree is forked (CRIU calls
-        them helpers): with the pid of a session or group leader that had
-        exited, it recreates that session or group for the tasks still in it."""
+    def ghost(pid: int, ppid: int, sid: int, kind: str) -> Ghost:
+        """The helper (Ghost) that recreates session or group `pid`."""
         g = ghosts.get(pid)
         if g is None:
             if pid in used:
                 raise ValidationError(f"pid {pid} leads a session or group of the tree but "
                                       "is not one of its tasks; not restored by this version")
-            g = ghosts[pid] = {"pid": pid, "ppid": ppid, "sid": sid, "pgid": pid,
-                               "ghost": kind, "comm": f"crelf-{kind}-helper"}
+            g = ghosts[pid] = Ghost(pid, ppid, sid, pid, kind)
             kids.setdefault(ppid, []).append(g)
-        elif g["ppid"] != ppid:
+        elif g.ppid != ppid:
             raise ValidationError(f"the tasks of {kind} {pid} have different parents; "
                                   "not restored by this version")
         return g
 
     for t in tasks[1:]:
-        parent = by_pid.get(t["ppid"])
+        parent = by_pid.get(t.ppid)
         if parent is None:
-            raise ValidationError(f"pid {t['pid']} has parent {t['ppid']}, which is not in the "
+            raise ValidationError(f"pid {t.pid} has parent {t.ppid}, which is not in the "
                                   "tree (orphans reparented to a subreaper outside the tree are "
                                   "not restored)")
         holder = parent
-        if t["sid"] not in (t["pid"], parent["sid"]) and t["sid"] not in by_pid:
+        if t.sid not in (t.pid, parent.sid) and t.sid not in by_pid:
             # An orphan whose session leader exited (a daemon's double fork):
             # a helper with the session's id setsid()s, forks it and exits,
             # and the orphan is adopted by its parent, a child subreaper, again.
-            holder = ghost(t["sid"], t["ppid"], t["sid"], "session")
-        if (t["pgid"] not in (t["pid"], holder["pgid"]) and t["pgid"] not in used
-                and t["sid"] == holder["sid"]):
+            holder = ghost(t.sid, t.ppid, t.sid, "session")
+        if (t.pgid not in (t.pid, holder.pgid) and t.pgid not in used
+                and t.sid == holder.sid):
             # Its process group's leader exited (the first command of a
             # pipeline): a helper recreates the group for the tasks to join.
-            ghost(t["pgid"], holder["pid"], t["sid"], "group")
-        kids.setdefault(holder["pid"], []).append(t)
-    dead: dict[int, list[dict]] = {}
+            ghost(t.pgid, holder.pid, t.sid, "group")
+        kids.setdefault(holder.pid, []).append(t)
+    dead: dict[int, list[R.Zombie]] = {}
     for z in zombies:
-        if z["ppid"] not in by_pid:
-            raise ValidationError(f"zombie pid {z['pid']} has parent {z['ppid']}, which is not "
+        if z.ppid not in by_pid:
+            raise ValidationError(f"zombie pid {z.pid} has parent {z.ppid}, which is not "
                                   "in the tree")
-        dead.setdefault(z["ppid"], []).append(z)
-        parent = by_pid[z["ppid"]]
-        if (z["pgid"] not in (z["pid"], parent["pgid"]) and z["pgid"] not in used
-                and z["sid"] == parent["sid"]):
+        dead.setdefault(z.ppid, []).append(z)
+        parent = by_pid[z.ppid]
+        if (z.pgid not in (z.pid, parent.pgid) and z.pgid not in used
+                and z.sid == parent.sid):
             # A zombie whose process group's leader has exited and been reaped
             # (it kept the group alive): a helper recreates the group for it.
-            ghost(z["pgid"], z["ppid"], z["sid"], "group")
+            ghost(z.pgid, z.ppid, z.sid, "group")
 
-    def leads_group(t: dict) -> bool:
-        return t["pgid"] == t["pid"] or any(leads_group(c) for c in kids.get(t["pid"], []))
+    def leads_group(t) -> bool:
+        return t.pgid == t.pid or any(leads_group(c) for c in kids.get(t.pid, []))
 
     groups: dict[int, int] = {}   # pgid created by a task forked earlier -> its session
 
-    def session_of(t: dict, parent: dict | None) -> str:
-        pid, sid, pgid = t["pid"], t["sid"], t["pgid"]
+    def session_of(t, parent) -> str:
+        pid, sid, pgid = t.pid, t.sid, t.pgid
         if parent is None:
             if root_keeps_session:
                 return ""
@@ -149,11 +165,11 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
                                       f"{pgid}; not restored by this version")
             groups[pgid] = sid
             return "setsid"
-        if sid != parent["sid"]:
+        if sid != parent.sid:
             raise ValidationError(f"pid {pid} is in session {sid}, neither its own nor its "
-                                  f"parent's ({parent['sid']}): its session leader is gone; "
+                                  f"parent's ({parent.sid}): its session leader is gone; "
                                   "not restored by this version")
-        if pgid == parent["pgid"]:
+        if pgid == parent.pgid:
             return ""
         if pgid == pid:
             groups[pgid] = sid
@@ -165,37 +181,37 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
 
     order: list[Node] = []
 
-    def zombie(z: dict, t: dict) -> dict:
-        z = dict(z)
+    def zombie(z: R.Zombie, t) -> R.Zombie:
+        """z, with how it joins its session or group (z._session)."""
         try:
-            z["session"] = session_of(z, t)
+            z._session = session_of(z, t)
         except ValidationError:
-            z["session"] = ""     # best effort: a zombie keeps only its status
+            z._session = ""     # best effort: a zombie keeps only its status
         return z
 
-    def build(t: dict, parent: dict | None) -> Node:
-        node = Node(t, plans.get(t["pid"]), session_of(t, parent))
-        if parent is not None and parent.get("ghost") == "session":
-            node.adopted_by = parent["ppid"]
-        if t.get("fdt") and t["fdt"] != t["pid"]:
+    def build(t, parent) -> Node:
+        node = Node(t, plans.get(t.pid), session_of(t, parent))
+        if isinstance(parent, Ghost) and parent.ghost == "session":
+            node.adopted_by = parent.ppid
+        if t.fdt and t.fdt != t.pid:
             # shares the fd table of its parent (statefile/dump/fdt.py)
-            if parent is None or parent.get("fdt") != t["fdt"]:
-                raise ValidationError(f"pid {t['pid']} shares the fd table of pid {t['fdt']} "
+            if parent is None or parent.fdt != t.fdt:
+                raise ValidationError(f"pid {t.pid} shares the fd table of pid {t.fdt} "
                                       "but is not forked by a task that shares it; not "
                                       "restored by this version")
             node.share_files = True
             if node.plan is not None:
                 node.plan.shares_files = True
-        if not t.get("ghost"):
+        if not isinstance(t, Ghost):
             order.append(node)    # ghosts are gone before the tree is rebuilt
         # A zombie that leads its process group is forked first: live
         # siblings may still be in that group (a pipeline whose first command
         # exited) and join it.
-        mine = dead.get(t["pid"], [])
-        node.early_zombies = [zombie(z, t) for z in mine if z["pgid"] == z["pid"]]
-        for c in sorted(kids.get(t["pid"], []), key=lambda c: (not leads_group(c), c["pid"])):
+        mine = dead.get(t.pid, [])
+        node.early_zombies = [zombie(z, t) for z in mine if z.pgid == z.pid]
+        for c in sorted(kids.get(t.pid, []), key=lambda c: (not leads_group(c), c.pid)):
             node.children.append(build(c, t))
-        node.zombies = [zombie(z, t) for z in mine if z["pgid"] != z["pid"]]
+        node.zombies = [zombie(z, t) for z in mine if z.pgid != z.pid]
         return node
 
     return build(root, None), order
@@ -203,15 +219,15 @@ def plan_tree(tasks: list[dict], zombies: list[dict], plans: dict[int, ChildPlan
 
 # --------------------------------------------------------------- shared resources
 
-def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
+def open_shared(files: list[R.File], tasks: list[R.TaskNote], plan: ChildPlan,
                 warnings: list[str]) -> dict[int, int]:
     """Create, in the initiator, every open file description the tasks will
     inherit: pipes and FIFOs (with their bytes in flight), and every other
     description used by more than one task.  Returns {file id: fd}."""
     users: dict[int, set[int]] = {}
     for t in tasks:
-        for d in t["fds"]:
-            users.setdefault(d["file"], set()).add(t["pid"])
+        for d in t.fds:
+            users.setdefault(d.file, set()).add(t.pid)
     scm = restore_scm.prepare(files, tasks, users)   # fds in flight in unix sockets
     out: dict[int, int] = {}
     try:
@@ -230,19 +246,20 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
         out.update(open_named(files, tasks, warnings))
         out.update(open_pipes(plan, files, users, out, warnings))   # (restore/pipes.py)
         for f in files:
-            if f["id"] in out or f["id"] not in users or f.get("shmem") is not None:
+            if f.id in out or f.id not in users \
+                    or (isinstance(f, R.RegularFile) and f.shmem is not None):
                 continue    # (memfds and shared file objects: restorer/restore/memfd.py)
-            if len(users[f["id"]]) < 2 and not _unix_pair_across(f, files, users) \
-                    and f["id"] not in scm.make:
+            if len(users[f.id]) < 2 and not _unix_pair_across(f, files, users) \
+                    and f.id not in scm.make:
                 continue
             try:
                 fd = _open_file(plan, f)
             except ChildError as e:
                 raise RestoreError("files", str(e).partition(": ")[2] or str(e)) from None
             except OSError as e:
-                raise RestoreError("files", f"{f['path']}: {e.strerror or e}") from None
+                raise RestoreError("files", f"{f.path}: {e.strerror or e}") from None
             if fd is not None:
-                out[f["id"]] = fd
+                out[f.id] = fd
         restore_scm.fill(scm, files, out)   # queues with fds in flight, now all exist
     except BaseException:
         close_all(out)
@@ -250,14 +267,16 @@ def open_shared(files: list[dict], tasks: list[dict], plan: ChildPlan,
     return out
 
 
-def _unix_pair_across(f: dict, files: list[dict], users: dict[int, set[int]]) -> bool:
+def _unix_pair_across(f: R.File, files: list[R.File], users: dict[int, set[int]]) -> bool:
     """A unix socket whose peer is held by another task: both ends are made
     here, as one socketpair (restore/unix.py), and inherited."""
-    info = f.get("socket", {})
-    if info.get("family") != "unix" or not info.get("peer_ino"):
+    if not (isinstance(f, R.SocketFile) and isinstance(f.socket, R.UnixSocket)
+            and f.socket.peer_ino):
         return False
-    peer = next((g for g in files if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
-    return peer is not None and users.get(peer["id"]) != users.get(f["id"])
+    peer = next((g for g in files if isinstance(g, R.SocketFile)
+                 and isinstance(g.socket, R.UnixSocket)
+                 and g.socket.ino == f.socket.peer_ino), None)
+    return peer is not None and users.get(peer.id) != users.get(f.id)
 
 
 # --------------------------------------------------------------- in every task
@@ -351,14 +370,14 @@ def _fork_child(pid: int, flags: int = 0) -> int:
         raise ChildError("pid", f"cannot create pid {pid}: {e.strerror}") from None
 
 
-def _wait_group(pid: int, z: dict) -> None:
+def _wait_group(pid: int, z: R.Zombie) -> None:
     """Make sure a zombie is in its process group (one it leads, created
     before siblings join it, or one it joins) before it is left: setpgid from
     both sides, as shells do."""
-    how = z.get("session")
+    how = z._session
     if how not in ("setpgid", "join"):
         return
-    pgid = pid if how == "setpgid" else z["pgid"]
+    pgid = pid if how == "setpgid" else z.pgid
     try:
         os.setpgid(pid, pgid)
     except OSError:
@@ -371,18 +390,18 @@ def _wait_group(pid: int, z: dict) -> None:
         except OSError:
             break
         time.sleep(0.001)
-    raise ChildError("zombies", f"zombie {z['pid']} could not be put in its process group "
-                     f"{z['pgid']}")
+    raise ChildError("zombies", f"zombie {z.pid} could not be put in its process group "
+                     f"{z.pgid}")
 
 
-def _zombie_main(z: dict) -> None:
+def _zombie_main(z: R.Zombie) -> None:
     """A child that exits at once with the saved wait status, never reaped
     until the restored parent wait()s for it."""
     try:
-        _set_session(z.get("session", ""), z["pgid"])
+        _set_session(z._session, z.pgid)
     except OSError:
         pass
-    status = z.get("exit_code", 0)
+    status = z.exit_code
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         import resource
@@ -439,13 +458,13 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
         me = -1
         step = "session"
         try:
-            _set_session(node.session, node.task["pgid"])
+            _set_session(node.session, node.task.pgid)
         except OSError as e:
             raise ChildError(step, f"{e.strerror} ({node.session} "
-                             f"pgid {node.task['pgid']})") from None
-        if any(c.task.get("ghost") == "session" for c in node.children):
+                             f"pgid {node.task.pgid})") from None
+        if any(isinstance(c.task, Ghost) and c.task.ghost == "session" for c in node.children):
             prctl(PR_SET_CHILD_SUBREAPER, 1)   # adopt the orphans again (saved flag later)
-        if node.task.get("_premap"):
+        if premaps(node.task):
             step = "premap"
             # memory shared copy-on-write with the children: before they fork
             try:
@@ -453,7 +472,7 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
             except RestoreError as e:
                 raise ChildError(step, str(e)) from None
         for z in node.early_zombies:
-            pid = _fork_child(z["pid"])
+            pid = _fork_child(z.pid)
             if pid == 0:
                 _zombie_main(z)
             forked.append(pid)
@@ -482,19 +501,19 @@ def task_main(node: Node, status_w: int, inherited: dict[int, int],
                                  f"({msg!r})")
         kids = forked[len(node.early_zombies):]
         for z in node.zombies:
-            pid = _fork_child(z["pid"])
+            pid = _fork_child(z.pid)
             if pid == 0:
                 _zombie_main(z)
             forked.append(pid)
             _wait_group(pid, z)
         for child, pid in zip(node.children, kids):
-            if child.task.get("ghost"):
+            if isinstance(child.task, Ghost):
                 # Its work is done and it has exited; reaped only now that
                 # every sibling (and zombie) that joins its group is in it.
                 os.waitpid(pid, 0)
                 forked.remove(pid)
         os.close(me)
-        if node.task.get("ghost"):
+        if isinstance(node.task, Ghost):
             # A session or group helper: the session or group exists now and
             # its members are parked; leave them (the session's orphans are
             # adopted by our parent, a child subreaper).

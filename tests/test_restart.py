@@ -448,8 +448,9 @@ def test_vdso_of_another_kernel_is_refused(sample_bin, procs, tmp_path, monkeypa
     monkeypatch.setattr(validate, "SegmentReader", OtherBuild)
     assert "vDSO code differs" in vdso_problem(task, sf)
     monkeypatch.undo()
-    other = dict(task, mappings=[dict(m, end=m["end"] + 4096) if m["path"] == "[vvar]" else m
-                                 for m in task["mappings"]])
+    from msgspec.structs import replace
+    other = replace(task, mappings=[replace(m, end=m.end + 4096) if m.path == "[vvar]" else m
+                                    for m in task.mappings])
     msg = vdso_problem(other, sf)
     assert "vDSO layout" in msg and "[vvar] 5p" in msg and "[vvar] 4p" in msg, msg
 

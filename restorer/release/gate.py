@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 import struct
 
-from statefile.format import elfcore as ec
+from statefile.format import elfcore as ec, records as R
 from statefile.control import ptrace as pt
 from statefile.control import procfs, wayback
 
@@ -87,15 +87,15 @@ def _pread(memfd: int, n: int, addr: int, touch) -> bytes:
         return os.pread(memfd, n, addr)
 
 
-def _in_rseq_cs(memfd: int, th: dict, touch) -> bool:
+def _in_rseq_cs(memfd: int, th: R.Thread, touch) -> bool:
     """Whether the thread's rseq area names a critical section (a rseq_cs
     pointer, cleared by the kernel once the thread returns elsewhere: the
     gate's detour would let it go on inside the section unaborted)."""
-    r = th.get("rseq") or {}
-    if not r.get("ptr"):
+    r = th.rseq
+    if r is None or not r.ptr:
         return False
     try:
-        cs = _pread(memfd, 8, r["ptr"] + 8, touch)
+        cs = _pread(memfd, 8, r.ptr + 8, touch)
     except OSError:
         return True
     return len(cs) != 8 or struct.unpack("<Q", cs)[0] != 0
@@ -109,16 +109,17 @@ def _frames(final, xstate_len: int) -> tuple[wayback.Frame, int, int]:
     return f, close_frame, (close_frame - wayback.LINK_SIZE) & ~15
 
 
-def check(th: dict, final: ec.user_regs_struct, xstate_len: int, memfd: int,
+def check(th: R.Thread, final: ec.user_regs_struct, xstate_len: int, memfd: int,
           mappings: list[dict], touch) -> str | None:
-    """Why this thread cannot be gated, or None (before anything is changed)."""
+    """Why this thread cannot be gated, or None (before anything is changed).
+    `mappings`: the task's now (restore/memory.parse_maps)."""
     if _in_rseq_cs(memfd, th, touch):
         return "inside an rseq critical section"
     if not xstate_len:
         return "no XSAVE state"
     _, _, low = _frames(final, xstate_len)
-    ss = th.get("sigaltstack") or {}
-    if ss and ss["sp"] <= final.rsp < ss["sp"] + ss["size"] and low < ss["sp"]:
+    ss = th.sigaltstack
+    if ss is not None and ss.sp <= final.rsp < ss.sp + ss.size and low < ss.sp:
         return "its alternate signal stack has no room for the gate"
     stack = [m for m in mappings if m["start"] < final.rsp <= m["end"]]
     if not stack or low < stack[0]["start"] or "w" not in stack[0]["perms"]:
@@ -126,7 +127,7 @@ def check(th: dict, final: ec.user_regs_struct, xstate_len: int, memfd: int,
     return None
 
 
-def write_frames(th: dict, vpid: int, final: ec.user_regs_struct, xstate: bytes, gfd: int,
+def write_frames(th: R.Thread, vpid: int, final: ec.user_regs_struct, xstate: bytes, gfd: int,
                  g: wayback.Gadgets, memfd: int, touch) -> tuple[int, int]:
     """Write the three frames of a thread that passed check().  The read
     puts the byte it gets (GO) into the low byte of the first frame's rax,
@@ -137,10 +138,10 @@ def write_frames(th: dict, vpid: int, final: ec.user_regs_struct, xstate: bytes,
     (lazy memory, which /proc/PID/mem cannot fault: EIO).  Returns (stack
     pointer, read buffer) for enter()."""
     f, close_frame, go_frame = _frames(final, len(xstate))
-    ss = th.get("sigaltstack")
-    altstack = (ss["sp"], ss["flags"] & ~1, ss["size"]) if ss else (0, wayback.SS_DISABLE, 0)
+    ss = th.sigaltstack
+    altstack = (ss.sp, ss.flags & ~1, ss.size) if ss is not None else (0, wayback.SS_DISABLE, 0)
     # (final's syscall restart is done already: orig_rax -1, build changes nothing)
-    writes = wayback.build(g, final, th.get("sigmask", 0), xstate, f, altstack) + [
+    writes = wayback.build(g, final, th.sigmask, xstate, f, altstack) + [
         (close_frame, wayback.link(g, rip=g.syscall, rsp=f.frame, rax=NR_CLOSE, args=(gfd,))),
         (go_frame, wayback.link(g, rip=g.syscall, rsp=close_frame, rax=NR_KILL,
                                 args=(vpid, 9)))]

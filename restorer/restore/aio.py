@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import struct
 
+from statefile.format import records as R
 from statefile.dump.aio import EVENT, HEADER
 
 from restorer.errors import RestoreError
@@ -42,44 +43,44 @@ def _possible_cpus() -> int:
     return n
 
 
-def restore_ring(inj, m: dict, scratch: int, page: int) -> None:
-    rec = m.get("aio") or {}
-    if "events" not in rec:
-        raise RestoreError("aio", f"AIO ring at {m['start']:#x}: "
-                           f"{rec.get('unsupported', 'no saved state')}")
-    size = m["end"] - m["start"]
+def restore_ring(inj, m: R.Mapping, scratch: int, page: int) -> None:
+    rec = m.aio
+    if rec is R.UNSET or rec.unsupported:
+        raise RestoreError("aio", f"AIO ring at {m.start:#x}: "
+                           f"{rec.unsupported if rec is not R.UNSET else 'no saved state'}")
+    size = m.end - m.start
     pages, cpus = size // page, _possible_cpus()
-    want = next((n for n in range(1, rec["nr"] + 2) if _ring_pages(n, cpus, page) == pages), 0)
+    want = next((n for n in range(1, rec.nr + 2) if _ring_pages(n, cpus, page) == pages), 0)
     if not want:
-        raise RestoreError("aio", f"AIO ring at {m['start']:#x}: no io_setup size gives "
+        raise RestoreError("aio", f"AIO ring at {m.start:#x}: no io_setup size gives "
                            f"{pages} pages here")
     ctx_p, evt_p, iocb_p, iocbpp_p, path_p = (scratch + o for o in (0, 8, 64, 128, 136))
     inj.write(ctx_p, b"\0" * 8)
     inj.check("io_setup", want, ctx_p)
     (ctx,) = struct.unpack("<Q", inj.read(ctx_p, 8))
-    if ctx != m["start"]:
-        inj.check("mremap", ctx, size, size, 3, m["start"])     # MAYMOVE | FIXED
-    ctx = m["start"]
+    if ctx != m.start:
+        inj.check("mremap", ctx, size, size, 3, m.start)     # MAYMOVE | FIXED
+    ctx = m.start
     nr = struct.unpack("<I", inj.read(ctx + 4, 4))[0]
-    if nr != rec["nr"]:
-        raise RestoreError("aio", f"AIO ring at {ctx:#x}: {nr} events here, {rec['nr']} saved")
+    if nr != rec.nr:
+        raise RestoreError("aio", f"AIO ring at {ctx:#x}: {nr} events here, {rec.nr} saved")
     inj.write(path_p, b"/dev/null\0")
     fd = inj.check("openat", AT_FDCWD, path_p, O_WRONLY, 0)
     try:
         inj.write(iocb_p, _IOCB.pack(0, 0, 0, IOCB_CMD_PWRITE, 0, fd, iocb_p, 1, 0, 0, 0, 0))
         inj.write(iocbpp_p, struct.pack("<Q", iocb_p))
-        for _ in range(rec["head"]):
+        for _ in range(rec.head):
             inj.check("io_submit", ctx, 1, iocbpp_p)
             inj.check("io_getevents", ctx, 1, 1, evt_p, 0)
-        for _ in rec["events"]:
+        for _ in rec.events:
             inj.check("io_submit", ctx, 1, iocbpp_p)
     finally:
         inj.call("close", fd)
     head, tail = struct.unpack("<II", inj.read(ctx + 8, 8))
-    if (head, tail) != (rec["head"], rec["tail"]):
+    if (head, tail) != (rec.head, rec.tail):
         raise RestoreError("aio", f"AIO ring at {ctx:#x}: head/tail {head}/{tail}, "
-                           f"saved {rec['head']}/{rec['tail']}")
+                           f"saved {rec.head}/{rec.tail}")
     i = head
-    for ev in rec["events"]:
+    for ev in rec.events:
         inj.write(ctx + HEADER.size + i * EVENT, bytes.fromhex(ev))
         i = (i + 1) % nr

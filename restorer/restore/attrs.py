@@ -10,6 +10,8 @@ import ctypes
 import os
 import struct
 
+from statefile.format import records as R
+
 from restorer.errors import RestoreError
 
 NR_SCHED_SETATTR, NR_SCHED_GETATTR = 314, 315
@@ -29,20 +31,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def locked(m: dict) -> bool:
+def locked(m: R.Mapping) -> bool:
     """A mapping that was mlock()ed (restore_memory locks it again): under
     --lazy its content is copied at once rather than served on fault."""
-    return "lo" in m.get("vmflags", [])
+    return "lo" in m.vmflags
 
 
-def process_state(inj, task: dict) -> None:
+def process_state(inj, task: R.TaskNote) -> None:
     """THP-disable (PR_GET_THP_DISABLE's value: bit 0 disabled, the rest its
     flags) and the membarrier registrations of the task's mm."""
-    a = task.get("attrs") or {}
-    thp = a.get("thp_disable", 0)
+    a = task.attrs
+    if a is None:
+        return
+    thp = a.thp_disable
     if thp:
         inj.check("prctl", PR_SET_THP_DISABLE, 1, thp & ~1, 0, 0)
-    mb = a.get("membarrier", 0)
+    mb = a.membarrier
     for cmd in MEMBARRIER_REGISTER:
         if mb & cmd:
             inj.check(NR_MEMBARRIER, cmd, 0, 0)
@@ -51,13 +55,13 @@ def process_state(inj, task: dict) -> None:
         raise RestoreError("membarrier", f"unknown membarrier registrations {left:#x}")
 
 
-def dumpable(inj, task: dict) -> None:
+def dumpable(inj, task: R.TaskNote) -> None:
     """The dumpable flag, last of all that is injected: the credentials set
     before it reset it (to fs.suid_dumpable) on any uid or gid change, and a
     task that is not dumpable has its /proc files owned by root.  prctl sets
     only 0 or 1; a saved 2 (suid_dumpable's root-only dumps) is what the
     kernel set after the credentials where fs.suid_dumpable is 2."""
-    want = (task.get("attrs") or {}).get("dumpable")
+    want = task.attrs.dumpable if task.attrs is not None else None
     if want is None:
         return
     if want in (0, 1):
@@ -73,10 +77,10 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def thread_loginuid(inj, rpid: int, rtid: int, th: dict, scratch: int) -> None:
+def thread_loginuid(inj, rpid: int, rtid: int, th: R.Thread, scratch: int) -> None:
     """The audit login uid: /proc/self/loginuid is writable only by the thread
     itself (with CAP_AUDIT_CONTROL), so it is written by injection."""
-    want = (th.get("attrs") or {}).get("loginuid")
+    want = th.attrs.loginuid if th.attrs is not None else None
     if want is None:
         return
     try:
@@ -119,18 +123,18 @@ def _unpack(raw: bytes) -> dict:
     return dict(zip(FIELDS, struct.unpack("<IIQiIQQQII", raw)))
 
 
-def _wanted(s: dict, cur: dict) -> dict | None:
+def _wanted(s: R.Sched, cur: dict) -> dict | None:
     """The sched_attr to set for saved `s` over current `cur`, None if equal.
     For the fair policies sched_getattr's runtime is the time slice: a slice
     equal to the current (default) one is left default (runtime 0), another
     one is a custom slice.  Utilization clamps are set only if they differ
     (a kernel without them reports 0 and refuses the flags)."""
-    w = {k: s.get(k, 0) for k in FIELDS[1:]}
+    w = {k: getattr(s, k) for k in FIELDS[1:]}
     w["flags"] &= FLAG_MASK
-    same_rt = s["runtime"] == cur["runtime"]
-    if s["policy"] in FAIR and same_rt:
+    same_rt = s.runtime == cur["runtime"]
+    if s.policy in FAIR and same_rt:
         w["runtime"] = 0
-    same_util = (s.get("util_min"), s.get("util_max")) == (cur["util_min"], cur["util_max"])
+    same_util = (s.util_min, s.util_max) == (cur["util_min"], cur["util_max"])
     if not same_util:
         w["flags"] |= SCHED_FLAG_UTIL_CLAMP
     if (same_rt and same_util and all(w[k] == cur[k] & (FLAG_MASK if k == "flags" else ~0)
@@ -144,35 +148,35 @@ _POLICY = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH",
            5: "SCHED_IDLE", 6: "SCHED_DEADLINE"}
 
 
-def thread_sched(rtid: int, th: dict) -> None:
+def thread_sched(rtid: int, th: R.Thread) -> None:
     """Policy, priority and nice of one thread, by sched_setattr from the tracer."""
-    s = (th.get("attrs") or {}).get("sched")
-    if not s:
+    s = th.attrs.sched if th.attrs is not None else None
+    if s is None:
         return
     cur = _unpack(_getattr(rtid))
-    if s["policy"] not in FAIR and s["nice"] != cur["nice"]:
+    if s.policy not in FAIR and s.nice != cur["nice"]:
         # a real-time or deadline policy keeps the nice value (used again if
         # the policy goes back to SCHED_OTHER) but does not set it: set it first
-        _setattr(rtid, th, s, dict(dict.fromkeys(FIELDS[1:], 0), nice=s["nice"]))
+        _setattr(rtid, th, s, dict(dict.fromkeys(FIELDS[1:], 0), nice=s.nice))
         cur = _unpack(_getattr(rtid))
     w = _wanted(s, cur)
     if w is not None:
         _setattr(rtid, th, s, w)
 
 
-def _setattr(rtid: int, th: dict, s: dict, w: dict) -> None:
+def _setattr(rtid: int, th: R.Thread, s: R.Sched, w: dict) -> None:
     raw = struct.pack("<IIQiIQQQII", SCHED_ATTR_SIZE, *(w[k] for k in FIELDS[1:]))
     buf = ctypes.create_string_buffer(raw, SCHED_ATTR_SIZE)
     if _libc.syscall(ctypes.c_long(NR_SCHED_SETATTR), ctypes.c_int(rtid), buf,
                      ctypes.c_uint(0)) < 0:
         e = ctypes.get_errno()
-        pol = _POLICY.get(s["policy"], str(s["policy"]))
-        raise RestoreError("scheduling", f"thread {th['tid']}: cannot set {pol} priority "
-                           f"{s['priority']} nice {s['nice']}: {os.strerror(e)}")
+        pol = _POLICY.get(s.policy, str(s.policy))
+        raise RestoreError("scheduling", f"thread {th.tid}: cannot set {pol} priority "
+                           f"{s.priority} nice {s.nice}: {os.strerror(e)}")
 
 
-def oom_score_adj(rpid: int, task: dict) -> None:
-    want = (task.get("attrs") or {}).get("oom_score_adj")
+def oom_score_adj(rpid: int, task: R.TaskNote) -> None:
+    want = task.attrs.oom_score_adj if task.attrs is not None else None
     if want is None:
         return
     path = f"/proc/{rpid}/oom_score_adj"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+from statefile.format import records as R
 from statefile.format.integrity import DamagedError, SegmentReader
 
 from restorer.errors import RestoreError, ValidationError
@@ -70,42 +71,43 @@ def _table(kind: str) -> list[dict]:
     return rows
 
 
-def stale(kind: str, obj: dict, cur: dict, killed: bool) -> bool:
+def stale(kind: str, obj, cur: dict, killed: bool) -> bool:
     """Is the live object `cur` the very object `obj` was saved from, left
     behind by a tree that crcheckpoint --kill ended (SysV objects outlive
     their processes: postgres's segment, say)?  Same key, id, creator, owner,
     mode and change time, and, for a segment, attached by nobody."""
     idname = dict((k, i) for k, i, _ in KINDS)[kind]
-    return (killed and "ctime" in obj
-            and all(cur.get(k) == obj.get(k) for k in ("key", idname, "cuid", "cgid", "ctime",
-                                                      "uid", "gid", "perms"))
+    return (killed and obj.ctime != 0     # (0: a statefile from before ctime was saved)
+            and all(cur.get(k) == getattr(obj, k) for k in ("key", idname, "cuid", "cgid",
+                                                            "ctime", "uid", "gid", "perms"))
             and (kind != "shm" or cur.get("nattch") == 0))
 
 
-def check(ipc: dict | None, killed: bool = False) -> list[str]:
+def check(ipc: R.IpcNote | None, killed: bool = False) -> list[str]:
     """Refuse (ValidationError naming it) a saved object whose key or id is
     taken by an existing object, unless that one is the saved object itself
     left behind by the killed tree: those are listed (create_sysv replaces
     them)."""
     replaced = []
     for kind, idname, _ in KINDS:
-        saved = (ipc or {}).get(kind, [])
+        saved = getattr(ipc, kind) if ipc is not None else []
         if not saved:
             continue
         live = _table(kind)
         for obj in saved:
+            ident = getattr(obj, idname)
             for cur in live:
                 if stale(kind, obj, cur, killed):
-                    replaced.append(f"SysV {kind} id {obj[idname]} (key {obj['key']:#x}) left "
+                    replaced.append(f"SysV {kind} id {ident} (key {obj.key:#x}) left "
                                     "behind by the killed original is replaced by the saved one")
                     continue
-                if obj["key"] and cur["key"] == obj["key"]:
+                if obj.key and cur["key"] == obj.key:
                     raise ValidationError(
-                        f"SysV {kind} key {obj['key']:#x} (saved id {obj[idname]}) exists "
+                        f"SysV {kind} key {obj.key:#x} (saved id {ident}) exists "
                         f"already (id {cur[idname]}); remove it (ipcrm) to restart")
-                if cur[idname] == obj[idname]:
+                if cur[idname] == ident:
                     raise ValidationError(
-                        f"SysV {kind} id {obj[idname]} (key {obj['key']:#x}) is taken by an "
+                        f"SysV {kind} id {ident} (key {obj.key:#x}) is taken by an "
                         f"existing object (key {cur['key']:#x}); remove it (ipcrm) to restart")
     return replaced
 
@@ -119,14 +121,15 @@ def _ctl(ctl, ident: int, cmd: int, buf) -> int:
     return ctl(ident, 0, cmd, buf) if ctl is _libc.semctl else ctl(ident, cmd, buf)
 
 
-def _stat_set(ctl, ident: int, obj: dict, what: str, qbytes: int = 0) -> None:
+def _stat_set(ctl, ident: int, uid: int, gid: int, perms: int, what: str,
+              qbytes: int = 0) -> None:
     buf = ctypes.create_string_buffer(256)
     if _ctl(ctl, ident, IPC_STAT, buf) < 0:
         raise _err(f"IPC_STAT of {what}")
     raw = bytearray(buf.raw)
-    raw[UID_OFF:UID_OFF + 4] = obj["uid"].to_bytes(4, "little")
-    raw[GID_OFF:GID_OFF + 4] = obj["gid"].to_bytes(4, "little")
-    raw[MODE_OFF:MODE_OFF + 4] = (obj["perms"] & 0o777).to_bytes(4, "little")
+    raw[UID_OFF:UID_OFF + 4] = uid.to_bytes(4, "little")
+    raw[GID_OFF:GID_OFF + 4] = gid.to_bytes(4, "little")
+    raw[MODE_OFF:MODE_OFF + 4] = (perms & 0o777).to_bytes(4, "little")
     if qbytes:
         raw[MSG_QBYTES_OFF:MSG_QBYTES_OFF + 8] = qbytes.to_bytes(8, "little")
     buf = ctypes.create_string_buffer(bytes(raw), 256)
@@ -134,7 +137,7 @@ def _stat_set(ctl, ident: int, obj: dict, what: str, qbytes: int = 0) -> None:
         raise _err(f"IPC_SET of {what}")
 
 
-def _write_runs(rd: SegmentReader, seg: dict, write, base: int) -> None:
+def _write_runs(rd: SegmentReader, seg: R.Segment, write, base: int) -> None:
     """Write a memory segment's stored runs through write(offset, bytes),
     at base + (address - segment start), each chunk verified first."""
     try:
@@ -179,85 +182,87 @@ class SharedIPC:
         one per distinct range of the segment."""
         seen = set()
         for t in self.sf.tasks:
-            for m in t["mappings"]:
-                if m["kind"] == "sysv-shm" and m["inode"] == shmid:
-                    rng = (m["offset"], m["end"] - m["start"])
+            for m in t.mappings:
+                if m.kind == "sysv-shm" and m.inode == shmid:
+                    rng = (m.offset, m.end - m.start)
                     if rng not in seen:
                         seen.add(rng)
                         yield m
 
-    def _remove_stale(self, ipc: dict) -> None:
+    def _remove_stale(self, ipc: R.IpcNote) -> None:
         """Remove the objects validation found to be the saved ones left
         behind by the killed tree (restore_ipc.stale, checked again here)."""
-        killed = not self.sf.header.get("leave_running", True)
+        killed = not self.sf.header.leave_running
         for kind, idname, _ in KINDS:
             ctl = {"shm": _libc.shmctl, "sem": _libc.semctl, "msg": _libc.msgctl}[kind]
-            live = _table(kind) if ipc.get(kind) else []
-            for obj in ipc.get(kind, []):
+            live = _table(kind) if getattr(ipc, kind) else []
+            for obj in getattr(ipc, kind):
                 for cur in live:
                     if stale(kind, obj, cur, killed) and _ctl(ctl, cur[idname], IPC_RMID,
                                                               None) < 0:
                         raise _err(f"removing the stale SysV {kind} id {cur[idname]}")
 
     def create_sysv(self) -> None:
-        ipc = self.sf.ipc or {}
+        ipc = self.sf.ipc
+        if ipc is None:
+            return
         g = current_guard()
         for kind, idname, _ in KINDS if g is not None else ():
-            for obj in ipc.get(kind, []):       # removed if crrestart dies before the release
-                g.sysv(kind, obj[idname], obj["key"])
+            for obj in getattr(ipc, kind):      # removed if crrestart dies before the release
+                g.sysv(kind, getattr(obj, idname), obj.key)
         self._remove_stale(ipc)
         rd = SegmentReader(self.sf)
         try:
-            for s in ipc.get("shm", []):
-                flags = IPC_CREAT | IPC_EXCL | (s["perms"] & 0o777)
-                shmid = self._create("shm", "shm_next_id", s["shmid"],
-                                     lambda: _libc.shmget(s["key"], s["size"], flags))
+            for s in ipc.shm:
+                flags = IPC_CREAT | IPC_EXCL | (s.perms & 0o777)
+                shmid = self._create("shm", "shm_next_id", s.shmid,
+                                     lambda: _libc.shmget(s.key, s.size, flags))
                 addr = _libc.shmat(shmid, None, 0)
                 if addr in (None, ctypes.c_void_p(-1).value):
                     raise _err(f"shmat of SysV shm id {shmid}")
                 try:
                     def write(off: int, data: bytes) -> None:
-                        n = max(0, min(len(data), s["size"] - off))
+                        n = max(0, min(len(data), s.size - off))
                         ctypes.memmove(addr + off, bytes(data[:n]), n)
-                    if s.get("content"):
-                        write(0, bytes.fromhex(s["content"]))
+                    if s.content:
+                        write(0, bytes.fromhex(s.content))
                     for m in self._attached_content(shmid):
-                        for p in m["segments"]:
+                        for p in m.segments:
                             seg = self.sf.segment(p)
-                            _write_runs(rd, seg, write, m["offset"] + seg["vaddr"] - m["start"])
+                            _write_runs(rd, seg, write, m.offset + seg.vaddr - m.start)
                 finally:
                     _libc.shmdt(ctypes.c_void_p(addr))
-                _stat_set(_libc.shmctl, shmid, s, f"SysV shm id {shmid}")
-                if s["perms"] & SHM_DEST:
+                _stat_set(_libc.shmctl, shmid, s.uid, s.gid, s.perms, f"SysV shm id {shmid}")
+                if s.perms & SHM_DEST:
                     self.remove_after.append(shmid)
-            for s in ipc.get("sem", []):
-                flags = IPC_CREAT | IPC_EXCL | (s["perms"] & 0o777)
-                semid = self._create("sem", "sem_next_id", s["semid"],
-                                     lambda: _libc.semget(s["key"], s["nsems"], flags))
-                vals = (ctypes.c_ushort * s["nsems"])(*s["values"])
+            for s in ipc.sem:
+                flags = IPC_CREAT | IPC_EXCL | (s.perms & 0o777)
+                semid = self._create("sem", "sem_next_id", s.semid,
+                                     lambda: _libc.semget(s.key, s.nsems, flags))
+                vals = (ctypes.c_ushort * s.nsems)(*s.values)
                 if _libc.semctl(semid, 0, SETALL, vals) < 0:
                     raise _err(f"semctl(SETALL) of SysV sem id {semid}")
-                _stat_set(_libc.semctl, semid, s, f"SysV sem id {semid}")
-            for q in ipc.get("msg", []):
-                flags = IPC_CREAT | IPC_EXCL | (q["perms"] & 0o777)
-                msqid = self._create("msg", "msg_next_id", q["msqid"],
-                                     lambda: _libc.msgget(q["key"], flags))
-                total = sum(len(x["data"]) // 2 for x in q["messages"])
+                _stat_set(_libc.semctl, semid, s.uid, s.gid, s.perms, f"SysV sem id {semid}")
+            for q in ipc.msg:
+                flags = IPC_CREAT | IPC_EXCL | (q.perms & 0o777)
+                msqid = self._create("msg", "msg_next_id", q.msqid,
+                                     lambda: _libc.msgget(q.key, flags))
+                total = sum(len(x.data) // 2 for x in q.messages)
                 # raise the queue's byte limit when the saved messages need it
                 buf = ctypes.create_string_buffer(256)
                 if _libc.msgctl(msqid, IPC_STAT, buf) < 0:
                     raise _err(f"IPC_STAT of SysV msg id {msqid}")
                 cur = int.from_bytes(buf.raw[MSG_QBYTES_OFF:MSG_QBYTES_OFF + 8], "little")
                 if total > cur:
-                    _stat_set(_libc.msgctl, msqid, {**q, "perms": 0o600, "uid": 0, "gid": 0},
-                              f"SysV msg id {msqid}", qbytes=total)
-                for msg in q["messages"]:
-                    data = bytes.fromhex(msg["data"])
-                    mb = ctypes.create_string_buffer(msg["type"].to_bytes(8, "little", signed=True)
+                    _stat_set(_libc.msgctl, msqid, 0, 0, 0o600, f"SysV msg id {msqid}",
+                              qbytes=total)
+                for msg in q.messages:
+                    data = bytes.fromhex(msg.data)
+                    mb = ctypes.create_string_buffer(msg.type.to_bytes(8, "little", signed=True)
                                                      + data, 8 + len(data))
                     if _libc.msgsnd(msqid, mb, len(data), IPC_NOWAIT) < 0:
                         raise _err(f"msgsnd to SysV msg id {msqid}")
-                _stat_set(_libc.msgctl, msqid, q, f"SysV msg id {msqid}")
+                _stat_set(_libc.msgctl, msqid, q.uid, q.gid, q.perms, f"SysV msg id {msqid}")
         finally:
             rd.close()
 
@@ -268,27 +273,27 @@ class SharedIPC:
         rd = SegmentReader(self.sf)
         try:
             for key, fid in shared_ids.items():
-                maps = [m for t in self.sf.tasks for m in t["mappings"]
-                        if m["kind"] in SHARED_KINDS and anon_shared_key(m) == key]
+                maps = [m for t in self.sf.tasks for m in t.mappings
+                        if m.kind in SHARED_KINDS and anon_shared_key(m) == key]
                 # its size when the checkpoint could see it (root), else what
                 # the mappings reach
-                size = max(m.get("object_size") or m["offset"] + m["end"] - m["start"]
+                size = max(m.object_size or m.offset + m.end - m.start
                            for m in maps)
                 fd = os.memfd_create(f"crelf-shared-{key[1]}", MFD_CLOEXEC)
                 self.memfds[fid] = fd
                 os.ftruncate(fd, size)
                 seen = set()
                 # MAP_PRIVATE ones first: a MAP_SHARED mapping's bytes win
-                for m in sorted(maps, key=lambda m: m["kind"] == "anon-shared"):
-                    rng = (m["offset"], m["end"] - m["start"], m["kind"])
+                for m in sorted(maps, key=lambda m: m.kind == "anon-shared"):
+                    rng = (m.offset, m.end - m.start, m.kind)
                     if rng in seen:
                         continue   # the same bytes, seen by another task
                     seen.add(rng)
-                    for p in m["segments"]:
+                    for p in m.segments:
                         seg = self.sf.segment(p)
                         try:
-                            if m["kind"] == "anon-shared":
-                                rd.write_into(fd, seg, m["offset"] + seg["vaddr"] - m["start"])
+                            if m.kind == "anon-shared":
+                                rd.write_into(fd, seg, m.offset + seg.vaddr - m.start)
                             else:
                                 self._object_bytes(rd, fd, m, seg)
                         except DamagedError as e:
@@ -303,30 +308,30 @@ class SharedIPC:
         from the object's memfd: {file id: fd} for the tasks to inherit."""
         out: dict[int, int] = {}
         for f in self.sf.files:
-            if f.get("kind") != "regular" or not f.get("path", "").startswith("/dev/zero"):
+            if f.kind != "regular" or not f.path.startswith("/dev/zero"):
                 continue
-            key = (f"{os.major(f['dev']):02x}:{os.minor(f['dev']):02x}", f["ino"])   # as in maps
+            key = (f"{os.major(f.dev):02x}:{os.minor(f.dev):02x}", f.ino)   # as in maps
             fid = shared_ids.get(key)
             if fid is None or fid not in memfds:
                 continue
-            flags = f["flags"] & (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK) | os.O_CLOEXEC
+            flags = f.flags & (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK) | os.O_CLOEXEC
             try:
                 fd = os.open(f"/proc/self/fd/{memfds[fid]}", flags)
-                if f.get("pos"):
-                    os.lseek(fd, f["pos"], os.SEEK_SET)
+                if f.pos:
+                    os.lseek(fd, f.pos, os.SEEK_SET)
             except OSError as e:
-                raise RestoreError("memfds", f"{f['path']}: {e.strerror or e}") from None
-            out[f["id"]] = fd
+                raise RestoreError("memfds", f"{f.path}: {e.strerror or e}") from None
+            out[f.id] = fd
         return out
 
     @staticmethod
-    def _object_bytes(rd: SegmentReader, fd: int, m: dict, seg: dict) -> None:
+    def _object_bytes(rd: SegmentReader, fd: int, m: R.Mapping, seg: R.Segment) -> None:
         """The bytes a MAP_PRIVATE mapping of the object saw of it: its
         saved pages but the ones it copied-on-write (cow_runs, its own)."""
-        cow = [(m["start"] + o, m["start"] + o + n) for o, n in m.get("cow_runs", [])]
-        base = m["offset"] - m["start"]
+        cow = [(m.start + o, m.start + o + n) for o, n in m.cow_runs]
+        base = m.offset - m.start
         for off, view in rd.pieces(seg):
-            lo, hi = seg["vaddr"] + off, seg["vaddr"] + off + len(view)
+            lo, hi = seg.vaddr + off, seg.vaddr + off + len(view)
             for a, b in _minus(lo, hi, cow):
                 part = view[a - lo:b - lo]
                 pos = base + a
@@ -378,15 +383,15 @@ def _minus(lo: int, hi: int, holes: list[tuple[int, int]]) -> list[tuple[int, in
     return out
 
 
-def anon_shared_key(m: dict) -> tuple:
-    return (m.get("dev", ""), m["inode"])
+def anon_shared_key(m: R.Mapping) -> tuple:
+    return (m.dev, m.inode)
 
 
-def shared_anon_ids(tasks: list[dict]) -> dict[tuple, int]:
+def shared_anon_ids(tasks: list[R.TaskNote]) -> dict[tuple, int]:
     """{(dev, inode): synthetic file id} of every MAP_SHARED anonymous object."""
     out: dict[tuple, int] = {}
     for t in tasks:
-        for m in t["mappings"]:
-            if m["kind"] in SHARED_KINDS:
+        for m in t.mappings:
+            if m.kind in SHARED_KINDS:
                 out.setdefault(anon_shared_key(m), SHARED_ID_BASE - len(out))
     return out

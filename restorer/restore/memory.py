@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from statefile.control.inject import find_syscall_insn
+from statefile.format import records as R
 from statefile.format.integrity import DamagedError, SegmentReader, read_ahead
 
 from restorer.errors import RestoreError
@@ -48,9 +49,9 @@ def prot_of(perms: str) -> int:
             | (PROT_EXEC if perms[2] == "x" else 0))
 
 
-def file_path(m: dict) -> str:
-    p = m["path"]
-    return p[: -len(" (deleted)")] if m.get("deleted") and p.endswith(" (deleted)") else p
+def file_path(m: R.Mapping) -> str:
+    p = m.path
+    return p[: -len(" (deleted)")] if m.deleted and p.endswith(" (deleted)") else p
 
 
 def _dev(devstr: str) -> tuple[int, int]:
@@ -58,58 +59,59 @@ def _dev(devstr: str) -> tuple[int, int]:
     return int(maj, 16), int(mnr, 16)
 
 
-def shared_key(m: dict) -> str:
+def shared_key(m: R.Mapping) -> str:
     """ExtraOpen key of the memfd that holds a MAP_SHARED anonymous object."""
-    return f"shm:{m.get('dev', '')}:{m['inode']}"
+    return f"shm:{m.dev}:{m.inode}"
 
 
-def plan_extras(task: dict, first_fd: int,
+def plan_extras(task: R.TaskNote, first_fd: int,
                 shared_ids: dict[tuple, int] | None = None) -> list[ExtraOpen]:
     """The files the task must hold open while its mappings are rebuilt (and
     the memfds of its shared anonymous memory, inherited from the initiator:
     restorer/restore/ipc.py; shared_ids is {(dev, inode): inherited file id})."""
     extras: dict[tuple[str, int], ExtraOpen] = {}
     fd = first_fd
-    for m in task["mappings"]:
-        if m.get("shmem") is not None:
+    for m in task.mappings:
+        if m.shmem is not None:
             # a memfd or shared file object, made by the initiator (restorer/restore/memfd.py)
             rw = mapped_rw(m)
-            key = (extra_key(m["shmem"], rw), -1)
+            key = (extra_key(m.shmem, rw), -1)
             if key not in extras:
                 extras[key] = ExtraOpen(key[0], "", os.O_RDWR if rw else os.O_RDONLY, fd,
-                                        shared=inherited_id(m["shmem"], rw))
+                                        shared=inherited_id(m.shmem, rw))
                 fd += 1
             continue
-        if m["kind"] in ("anon-shared", "shmem-private") and shared_ids:
+        if m.kind in ("anon-shared", "shmem-private") and shared_ids:
             key = (shared_key(m), -1)
             if key not in extras:
                 extras[key] = ExtraOpen(key[0], "", os.O_RDWR, fd,
-                                        shared=shared_ids[(m.get("dev", ""), m["inode"])])
+                                        shared=shared_ids[(m.dev, m.inode)])
                 fd += 1
             continue
-        if m["kind"] not in ("file-private", "file-shared") or m.get("deleted"):
+        if m.kind not in ("file-private", "file-shared") or m.deleted:
             continue
-        rw = m["kind"] == "file-shared" and "mw" in m.get("vmflags", [])
+        rw = m.kind == "file-shared" and "mw" in m.vmflags
         flags = os.O_RDWR if rw else os.O_RDONLY
         key = (file_path(m), flags)
         if key not in extras:
             extras[key] = ExtraOpen(f"map:{key[0]}:{flags}", key[0], flags, fd, None,
-                                    m.get("inode") or None)
+                                    m.inode or None)
             fd += 1
-    if task.get("exe"):
-        exe = task["exe"]
-        exe_id = task.get("exe_id") or {}
+    if task.exe:
+        exe = task.exe
+        exe_id = task.exe_id
         if exe.endswith(" (deleted)"):
             raise RestoreError("validation", f"the executable {exe} was deleted")
-        extras[("exe", 0)] = ExtraOpen("exe", exe, os.O_RDONLY, fd, exe_id.get("dev"),
-                                       exe_id.get("ino"))
+        extras[("exe", 0)] = ExtraOpen("exe", exe, os.O_RDONLY, fd,
+                                       exe_id.dev if exe_id else None,
+                                       exe_id.ino if exe_id else None)
     return list(extras.values())
 
 
 class Memory:
     """Builds one task's address space through an injector."""
 
-    def __init__(self, sf, task: dict, memfd: int, fds: dict[str, int]):
+    def __init__(self, sf, task: R.TaskNote, memfd: int, fds: dict[str, int]):
         self.sf = sf
         self.task = task
         self.memfd = memfd            # /proc/PID/mem of the task, O_RDWR
@@ -124,8 +126,8 @@ class Memory:
     # --- the restorer's own mappings out, the vDSO to its place --------------------
     def clear_and_move_vdso(self, inj, rpid: int) -> None:
         cur = vdso_layout(parse_maps(rpid))
-        saved = {m["path"]: (m["start"], m["end"] - m["start"]) for m in self.task["mappings"]
-                 if m["path"] in VDSO_NAMES}
+        saved = {m.path: (m.start, m.end - m.start) for m in self.task.mappings
+                 if m.path in VDSO_NAMES}
         lo = min(s for s, _ in cur.values())
         hi = max(s + n for s, n in cur.values())
         # Everything but the vDSO area (and the premapped regions) goes.
@@ -140,7 +142,7 @@ class Memory:
             # The task had unmapped its vDSO: this one is unmapped once the
             # task's own code is in (drop_vdso); till then it must not be in
             # the way of the saved mappings.
-            used = [(m["start"], m["end"]) for m in self.task["mappings"]] + self._premapped()
+            used = [(m.start, m.end) for m in self.task.mappings] + self._premapped()
             if any(lo < b and a < hi for a, b in used):
                 dst = self._free_range(hi - lo, avoid=[(lo, hi)])
                 self._mremap_all(inj, cur, {k: dst + (s - lo) for k, (s, _) in cur.items()})
@@ -160,7 +162,7 @@ class Memory:
         """A task that had unmapped its vDSO: injections go through a
         `syscall` of its own code from here, and the vDSO crrestart's fork
         gave it is unmapped ([vvar] and [vvar_vclock] with it)."""
-        if any(m["path"] in VDSO_NAMES for m in self.task["mappings"]):
+        if any(m.path in VDSO_NAMES for m in self.task.mappings):
             return
         maps = parse_maps(rpid)
         inj.addr = find_syscall_insn(rpid, maps, vdso=False)
@@ -187,13 +189,13 @@ class Memory:
     def _premapped(self) -> list[tuple[int, int]]:
         """[addr, end) of this task's premapped regions (plan_premaps)."""
         out = []
-        for p in self.task.get("_premap", []):
-            m = self.task["mappings"][p["mapping"]]
-            out.append((p["addr"], p["addr"] + m["end"] - m["start"]))
+        for p in premaps(self.task):
+            m = self.task.mappings[p["mapping"]]
+            out.append((p["addr"], p["addr"] + m.end - m.start))
         return out
 
     def _free_range(self, size: int, avoid: list[tuple[int, int]]) -> int:
-        used = [(m["start"], m["end"]) for m in self.task["mappings"]] + avoid \
+        used = [(m.start, m.end) for m in self.task.mappings] + avoid \
             + self._premapped()
         for cand in (0x100000000000, 0x200000000000, 0x300000000000, 0x500000000000,
                      0x10000000000):
@@ -205,14 +207,14 @@ class Memory:
     def map_all(self, inj, lazy: bool = False) -> list[tuple[int, int]]:
         """mmap every saved mapping; returns the anonymous ranges with saved content."""
         anon_ranges = []
-        premap = {p["mapping"]: p["addr"] for p in self.task.get("_premap", [])}
-        for i, m in enumerate(self.task["mappings"]):
-            kind = m["kind"]
+        premap = {p["mapping"]: p["addr"] for p in premaps(self.task)}
+        for i, m in enumerate(self.task.mappings):
+            kind = m.kind
             if kind in SKIP_KINDS:
                 continue
-            start, size = m["start"], m["end"] - m["start"]
-            prot = prot_of(m["perms"])
-            vmf = m.get("vmflags", [])
+            start, size = m.start, m.end - m.start
+            prot = prot_of(m.perms)
+            vmf = m.vmflags
             if i in premap:
                 # built (content in) by the task's Python before the fork:
                 # moved, not copied, so its pages stay shared
@@ -220,38 +222,38 @@ class Memory:
                                 start)
                 if res == start and prot != PROT_READ | PROT_WRITE:
                     inj.check("mprotect", start, size, prot)
-            elif m.get("shmem") is not None:
+            elif m.shmem is not None:
                 # a memfd or shared file, one object for every task (restorer/restore/memfd.py)
-                flags = ((MAP_SHARED if m["perms"][3] == "s" else MAP_PRIVATE) | MAP_FIXED
+                flags = ((MAP_SHARED if m.perms[3] == "s" else MAP_PRIVATE) | MAP_FIXED
                          | (MAP_NORESERVE if "nr" in vmf else 0))
                 res = inj.check("mmap", start, size, prot, flags,
-                                self.fds[extra_key(m["shmem"], mapped_rw(m))], m["offset"])
-            elif kind in ("file-private", "file-shared") and not m.get("deleted"):
+                                self.fds[extra_key(m.shmem, mapped_rw(m))], m.offset)
+            elif kind in ("file-private", "file-shared") and not m.deleted:
                 rw = kind == "file-shared" and "mw" in vmf
                 fd = self.fds[f"map:{file_path(m)}:{os.O_RDWR if rw else os.O_RDONLY}"]
                 flags = (MAP_SHARED if kind == "file-shared" else MAP_PRIVATE) | MAP_FIXED
-                res = inj.check("mmap", start, size, prot, flags, fd, m["offset"])
+                res = inj.check("mmap", start, size, prot, flags, fd, m.offset)
             elif kind == "anon-shared":
                 # one memfd for every task that shares it (restorer/restore/ipc.py); its
                 # content is in already
                 flags = MAP_SHARED | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
                 res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
-                                m["offset"])
+                                m.offset)
             elif kind == "shmem-private":
                 # the object again (restorer/restore/ipc.py), privately: its own pages
                 # on top (copy_all)
                 flags = MAP_PRIVATE | MAP_FIXED | (MAP_NORESERVE if "nr" in vmf else 0)
                 res = inj.check("mmap", start, size, prot, flags, self.fds[shared_key(m)],
-                                m["offset"])
+                                m.offset)
             elif kind == "sysv-shm":
                 res = self._shmat(inj, m, prot)
             elif kind == "aio":
                 continue      # its range stays free: rebuilt by restore_aio (restore_task)
             elif kind == "special":
-                raise RestoreError("memory", f"special mapping {m['path']} at {start:#x} "
+                raise RestoreError("memory", f"special mapping {m.path} at {start:#x} "
                                    "cannot be restored")
             else:
-                shared = m["perms"][3] == "s"
+                shared = m.perms[3] == "s"
                 flags = ((MAP_SHARED if shared else MAP_DROPPABLE if "dp" in vmf
                           else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED)
                 if "gd" in vmf:
@@ -260,9 +262,9 @@ class Memory:
                     flags |= MAP_NORESERVE
                 if "ht" in vmf:
                     # MAP_HUGETLB memory (its deleted file-private view, /anon_hugepage)
-                    flags |= MAP_HUGETLB | ((m.get("page_kb", 2048) << 10).bit_length() - 1) \
+                    flags |= MAP_HUGETLB | ((m.page_kb << 10).bit_length() - 1) \
                         << MAP_HUGE_SHIFT
-                has_data = any(self.sf.segment(p)["filesz"] for p in m["segments"])
+                has_data = any(self.sf.segment(p).filesz for p in m.segments)
                 map_prot = prot
                 if has_data and shared and not (prot & PROT_WRITE) and not lazy:
                     # /proc/PID/mem cannot write through a read-only shared mapping
@@ -270,13 +272,13 @@ class Memory:
                     self.mprotect_after.append((start, size, prot))
                 res = inj.check("mmap", start, size, map_prot, flags, 2**64 - 1, 0)
                 if has_data and not shared and "ht" not in vmf:
-                    anon_ranges.append((start, m["end"]))
+                    anon_ranges.append((start, m.end))
             if res != start:
                 raise RestoreError("memory", f"mapping {start:#x} landed at {res:#x}")
             for flag, advice in MADV.items():
                 if flag in vmf:
                     inj.call("madvise", start, size, advice)
-            for rel, ln in m.get("guards", []):
+            for rel, ln in m.guards:
                 # never written by the copy (their pages are not stored)
                 inj.check("madvise", start + rel, ln, MADV_GUARD_INSTALL)
             if "lo" in vmf:
@@ -286,23 +288,23 @@ class Memory:
                 self.mlock_after.append((start, size, MLOCK_ONFAULT if "lf" in vmf else 0))
         return anon_ranges
 
-    def _shmat(self, inj, m: dict, prot: int) -> int:
-        """Attach SysV segment m["inode"] (recreated with its id by the
+    def _shmat(self, inj, m: R.Mapping, prot: int) -> int:
+        """Attach SysV segment m.inode (recreated with its id by the
         initiator, content in) at its address; a later piece of the same
         attach (the vma split by mprotect) only gets its protection."""
-        start, shmid = m["start"], m["inode"]
+        start, shmid = m.start, m.inode
         prev = self._attached.get(shmid)
-        if prev is not None and prev[0] + (m["offset"] - prev[1]) == start:
-            inj.check("mprotect", start, m["end"] - start, prot)
+        if prev is not None and prev[0] + (m.offset - prev[1]) == start:
+            inj.check("mprotect", start, m.end - start, prot)
             return start
-        if m["offset"] != 0:
+        if m.offset != 0:
             raise RestoreError("memory", f"SysV shm id {shmid} attached in part at {start:#x} "
-                               f"(offset {m['offset']:#x}); not restored by this version")
+                               f"(offset {m.offset:#x}); not restored by this version")
         flags = (0 if prot & PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & PROT_EXEC else 0)
         res = inj.check("shmat", shmid, start, flags)
         self._attached[shmid] = (start, 0)
         if res == start and prot != PROT_READ | (prot & (PROT_WRITE | PROT_EXEC)):
-            inj.check("mprotect", start, m["end"] - start, prot)
+            inj.check("mprotect", start, m.end - start, prot)
         return res
 
     def finish(self, inj) -> None:
@@ -316,41 +318,41 @@ class Memory:
         """Write every saved page into the task (anonymous private memory too
         unless skip_anon: the lazy server brings it then)."""
         jobs = []
-        premap = {p["mapping"] for p in self.task.get("_premap", [])}
-        for i, m in enumerate(self.task["mappings"]):
-            kind = m["kind"]
+        premap = {p["mapping"] for p in premaps(self.task)}
+        for i, m in enumerate(self.task.mappings):
+            kind = m.kind
             if kind in SKIP_KINDS or i in premap:
                 continue
-            if m.get("shmem") is not None or kind == "shmem-private" or (
-                    kind in ("file-private", "file-shared") and not m.get("deleted")):
+            if m.shmem is not None or kind == "shmem-private" or (
+                    kind in ("file-private", "file-shared") and not m.deleted):
                 # the object holds the content; a private mapping's own pages on top
-                for rel, ln in m.get("cow_runs", []):
-                    jobs += self._range_jobs(m, m["start"] + rel, m["start"] + rel + ln)
+                for rel, ln in m.cow_runs:
+                    jobs += self._range_jobs(m, m.start + rel, m.start + rel + ln)
                 continue
             if kind in ("anon-shared", "sysv-shm"):
                 continue   # the initiator wrote it into the shared object (restorer/restore/ipc.py)
-            if skip_anon and m["perms"][3] == "p" and "ht" not in m.get("vmflags", []):
+            if skip_anon and m.perms[3] == "p" and "ht" not in m.vmflags:
                 continue      # (hugetlb memory is copied eagerly: never served lazily)
-            for p in m["segments"]:
+            for p in m.segments:
                 seg = self.sf.segment(p)
-                if seg["filesz"]:
-                    jobs.append((seg, 0, seg["filesz"]))
+                if seg.filesz:
+                    jobs.append((seg, 0, seg.filesz))
         self._copy(jobs)
 
-    def copy_range(self, m: dict, a: int, b: int) -> None:
+    def copy_range(self, m: R.Mapping, a: int, b: int) -> None:
         self._copy(self._range_jobs(m, a, b))
 
-    def _range_jobs(self, m: dict, a: int, b: int) -> list:
+    def _range_jobs(self, m: R.Mapping, a: int, b: int) -> list:
         jobs = []
-        for p in m["segments"]:
+        for p in m.segments:
             seg = self.sf.segment(p)
-            lo = max(a, seg["vaddr"])
-            hi = min(b, seg["vaddr"] + seg["filesz"])
+            lo = max(a, seg.vaddr)
+            hi = min(b, seg.vaddr + seg.filesz)
             if lo < hi:
-                jobs.append((seg, lo - seg["vaddr"], hi - seg["vaddr"]))
+                jobs.append((seg, lo - seg.vaddr, hi - seg.vaddr))
         return jobs
 
-    def _write(self, seg: dict, rel: int, ln: int) -> None:
+    def _write(self, seg: R.Segment, rel: int, ln: int) -> None:
         self._copy([(seg, rel, rel + ln)])
 
     def _copy(self, jobs: list) -> None:
@@ -372,7 +374,7 @@ class Memory:
             it = ((seg, off, view) for seg, lo, hi in jobs for off, view in rd.pieces(seg, lo, hi))
         try:
             for seg, off, view in it:
-                dst, pos = seg["vaddr"] + off, 0
+                dst, pos = seg.vaddr + off, 0
                 while pos < len(view):
                     w = os.pwrite(self.memfd, view[pos:], dst + pos)
                     if w <= 0:
@@ -404,11 +406,11 @@ PREMAP_BASE = 0x400000000000
 MADV_DONTNEED = 4
 
 
-def plan_premaps(tasks: list[dict]) -> None:
-    """Set task["_premap"] = [{"mapping", "addr", "create"}] on the tasks
+def plan_premaps(tasks: list[R.TaskNote]) -> None:
+    """Set task._premap = [{"mapping", "addr", "create"}] on the tasks
     that take part in copy-on-write sharing (tasks parents-first)."""
-    by_pid = {t["pid"]: t for t in tasks}
-    used = sorted((m["start"], m["end"]) for t in tasks for m in t["mappings"])
+    by_pid = {t.pid: t for t in tasks}
+    used = sorted((m.start, m.end) for t in tasks for m in t.mappings)
     nxt = PREMAP_BASE
 
     def alloc(size: int) -> int:
@@ -423,61 +425,66 @@ def plan_premaps(tasks: list[dict]) -> None:
 
     need: dict[tuple[int, int, int], bool] = {}   # (parent pid, start, end) -> a child shares
     for t in tasks:
-        for m in t["mappings"]:
-            if m.get("cow_parent"):
-                need[(t["ppid"], m["start"], m["end"])] = True
+        for m in t.mappings:
+            if m.cow_parent:
+                need[(t.ppid, m.start, m.end)] = True
     where: dict[tuple[int, int, int], int] = {}   # (pid, start, end) -> premap address
 
     def depth(t):
         d = 0
-        while t["ppid"] in by_pid and d < len(tasks):
-            t, d = by_pid[t["ppid"]], d + 1
+        while t.ppid in by_pid and d < len(tasks):
+            t, d = by_pid[t.ppid], d + 1
         return d
 
     for t in sorted(tasks, key=depth):
         pre = []
-        for i, m in enumerate(t["mappings"]):
-            key = (m["start"], m["end"])
-            inherited = where.get((t["ppid"], *key)) if m.get("cow_parent") else None
-            if m.get("cow_parent") and inherited is None:
-                raise RestoreError("memory", f"pid {t['pid']} shares pages at {key[0]:#x} "
-                                   f"with its parent {t['ppid']}, which does not map them")
+        for i, m in enumerate(t.mappings):
+            key = (m.start, m.end)
+            inherited = where.get((t.ppid, *key)) if m.cow_parent else None
+            if m.cow_parent and inherited is None:
+                raise RestoreError("memory", f"pid {t.pid} shares pages at {key[0]:#x} "
+                                   f"with its parent {t.ppid}, which does not map them")
             if inherited is not None:
-                where[(t["pid"], *key)] = inherited
+                where[(t.pid, *key)] = inherited
                 pre.append({"mapping": i, "addr": inherited, "create": False})
-            elif need.get((t["pid"], *key)):
+            elif need.get((t.pid, *key)):
                 a = alloc(key[1] - key[0])
-                where[(t["pid"], *key)] = a
+                where[(t.pid, *key)] = a
                 pre.append({"mapping": i, "addr": a, "create": True})
         if pre:
-            t["_premap"] = pre
+            t._premap = pre
         else:
-            t.pop("_premap", None)
+            vars(t).pop("_premap", None)
 
 
-def own_jobs(sf, m: dict) -> list:
+def premaps(task) -> list[dict]:
+    """The premapped regions plan_premaps gave the task ([] for none)."""
+    return getattr(task, "_premap", None) or []
+
+
+def own_jobs(sf, m: R.Mapping) -> list:
     """[(segment, lo, hi)]: the bytes of mapping m the task itself writes
     (a file or memfd mapping: its copied-on-write pages; else every stored byte)."""
-    if m.get("shmem") is not None or m["kind"] == "shmem-private" or (
-            m["kind"] in ("file-private", "file-shared") and not m.get("deleted")):
+    if m.shmem is not None or m.kind == "shmem-private" or (
+            m.kind in ("file-private", "file-shared") and not m.deleted):
         jobs = []
-        for rel, ln in m.get("cow_runs", []):
-            a, b = m["start"] + rel, m["start"] + rel + ln
-            for p in m["segments"]:
+        for rel, ln in m.cow_runs:
+            a, b = m.start + rel, m.start + rel + ln
+            for p in m.segments:
                 seg = sf.segment(p)
-                lo, hi = max(a, seg["vaddr"]), min(b, seg["vaddr"] + seg["filesz"])
+                lo, hi = max(a, seg.vaddr), min(b, seg.vaddr + seg.filesz)
                 if lo < hi:
-                    jobs.append((seg, lo - seg["vaddr"], hi - seg["vaddr"]))
+                    jobs.append((seg, lo - seg.vaddr, hi - seg.vaddr))
         return jobs
-    return [(sf.segment(p), 0, sf.segment(p)["filesz"]) for p in m["segments"]
-            if sf.segment(p)["filesz"]]
+    return [(sf.segment(p), 0, sf.segment(p).filesz) for p in m.segments
+            if sf.segment(p).filesz]
 
 
-def premap_in_python(sf, task: dict) -> None:
+def premap_in_python(sf, task: R.TaskNote) -> None:
     """Run by the task's own Python (restore_tree.task_main) before it forks
     its children: build its premapped regions (see above)."""
     import ctypes
-    pre = task.get("_premap")
+    pre = premaps(task)
     if not pre:
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -488,17 +495,17 @@ def premap_in_python(sf, task: dict) -> None:
     rd = SegmentReader(sf)
     try:
         for p in pre:
-            m = task["mappings"][p["mapping"]]
-            start, size, addr = m["start"], m["end"] - m["start"], p["addr"]
-            vmf = m.get("vmflags", [])
+            m = task.mappings[p["mapping"]]
+            start, size, addr = m.start, m.end - m.start, p["addr"]
+            vmf = m.vmflags
             if p["create"]:
                 flags = MAP_PRIVATE | MAP_FIXED_NOREPLACE | (MAP_GROWSDOWN if "gd" in vmf else 0) \
                     | (MAP_NORESERVE if "nr" in vmf else 0)
                 fd = -1
-                if m["kind"] == "file-private":
+                if m.kind == "file-private":
                     fd = os.open(file_path(m), os.O_RDONLY | os.O_CLOEXEC)
                     st = os.fstat(fd)
-                    if m.get("inode") and st.st_ino != m["inode"]:
+                    if m.inode and st.st_ino != m.inode:
                         os.close(fd)
                         raise RestoreError("memory", f"{file_path(m)} changed since the "
                                            "checkpoint (different inode)")
@@ -506,7 +513,7 @@ def premap_in_python(sf, task: dict) -> None:
                     flags |= MAP_ANONYMOUS
                 try:
                     res = libc.mmap(addr, size, PROT_READ | PROT_WRITE, flags, fd,
-                                    m["offset"] if fd >= 0 else 0)
+                                    m.offset if fd >= 0 else 0)
                 finally:
                     if fd >= 0:
                         os.close(fd)
@@ -515,15 +522,15 @@ def premap_in_python(sf, task: dict) -> None:
                                        f"({os.strerror(ctypes.get_errno())})")
             else:
                 # inherited from the parent: drop what this task did not share
-                shared = [(start + o, start + o + n) for o, n in m["cow_parent"]]
+                shared = [(start + o, start + o + n) for o, n in m.cow_parent]
                 pos = start
-                for a, b in shared + [(m["end"], m["end"])]:
+                for a, b in shared + [(m.end, m.end)]:
                     if a > pos:
                         libc.madvise(addr + pos - start, a - pos, MADV_DONTNEED)
                     pos = max(pos, b)
             for seg, lo, hi in own_jobs(sf, m):
                 for off, view in rd.pieces(seg, lo, hi):
-                    dst = addr + seg["vaddr"] + off - start
+                    dst = addr + seg.vaddr + off - start
                     ctypes.memmove(dst, bytes(view), len(view))
     except DamagedError as e:
         raise RestoreError("verify", f"{e}: not restarted") from None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from statefile.format.records import Record  # (transitional: issue 15)
+from statefile.format import records as R
 from statefile.dump.ns import CLONE_NEWIPC, CLONE_NEWUTS, IPC_SYSCTLS, setns
 
 from restorer.errors import RestoreError
@@ -37,20 +37,23 @@ from restorer.kernel import unshare
 FLAGS = {"uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC}
 
 
-def saved(sf) -> dict:
-    return sf.header.get("namespaces") or {}
+def saved(sf) -> R.HeaderNamespaces | None:
+    """CR_HEADER namespaces (None: a statefile without them)."""
+    ns = sf.header.namespaces
+    return None if ns is R.UNSET else ns
 
 
 def private_kinds(sf) -> list[str]:
     """The namespace kinds the tree had of its own and a restart recreates."""
     ns = saved(sf)
-    return [k for k in ("uts", "ipc") if k in ns]
+    return [k for k in ("uts", "ipc") if ns is not None and getattr(ns, k) is not None]
 
 
-def own_pidns(sf) -> dict | None:
+def own_pidns(sf) -> R.PidNamespace | None:
     """CR_HEADER namespaces `pid`: the tree ran in a pid namespace of its own."""
-    pid = saved(sf).get("pid")
-    return pid if pid and pid.get("ids") else None
+    ns = saved(sf)
+    pid = ns.pid if ns is not None else None
+    return pid if pid is not None and pid.ids else None
 
 
 def to_inner(sf) -> dict[int, int]:
@@ -58,8 +61,8 @@ def to_inner(sf) -> dict[int, int]:
     loaded statefile that the restart uses from crelf's view at checkpoint
     time to the tasks' own (CR_HEADER namespaces `pid` `ids`).  Returns the
     map {outer: inner}.  Raises RestoreError for an id missing from it."""
-    info = own_pidns(sf) or {}
-    ids = {int(k): int(v) for k, v in info.get("ids", {}).items()}
+    info = own_pidns(sf)
+    ids = {int(k): int(v) for k, v in info.ids.items()} if info is not None else {}
 
     def inner(pid: int, what: str) -> int:
         if pid in ids:
@@ -67,38 +70,36 @@ def to_inner(sf) -> dict[int, int]:
         raise RestoreError("pid namespace", f"{what} {pid} has no id inside the tree's pid "
                            "namespace in the statefile")
     for t in sf.tasks:
-        outer = t["pid"]
-        for key in ("pid", "tgid", "ppid", "pgid", "sid"):
-            if key in t:
-                t[key] = inner(t[key], f"pid {outer}: {key}")
-        for th in t.get("threads", []):
-            th["tid"] = inner(th["tid"], f"pid {outer}: thread")
+        outer = t.pid
+        t.pid, t.tgid, t.ppid, t.pgid, t.sid = (
+            inner(getattr(t, key), f"pid {outer}: {key}")
+            for key in ("pid", "tgid", "ppid", "pgid", "sid"))
+        for th in t.threads:
+            th.tid = inner(th.tid, f"pid {outer}: thread")
     regs = {}
     for tid, r in sf.regs.items():
         regs[inner(tid, "registers of thread")] = replace(r, pid=ids.get(r.pid, r.pid),
                                                           tid=inner(tid, "thread"))
     sf.regs = regs
     hdr = sf.header
-    for z in hdr.get("zombies", []):
-        outer = z["pid"]
-        for key in ("pid", "ppid", "pgid", "sid"):
-            if key in z:
-                z[key] = inner(z[key], f"zombie {outer}: {key}")
-    for e in hdr.get("tree", []):
-        e["pid"], e["ppid"] = ids.get(e["pid"], e["pid"]), ids.get(e["ppid"], e["ppid"])
-    if "root_pid" in hdr:
-        hdr["root_pid"] = ids.get(hdr["root_pid"], hdr["root_pid"])
+    for z in hdr.zombies:
+        outer = z.pid
+        z.pid, z.ppid, z.pgid, z.sid = (inner(getattr(z, key), f"zombie {outer}: {key}")
+                                        for key in ("pid", "ppid", "pgid", "sid"))
+    for e in hdr.tree:
+        e.pid, e.ppid = ids.get(e.pid, e.pid), ids.get(e.ppid, e.ppid)
+    hdr.root_pid = ids.get(hdr.root_pid, hdr.root_pid)
     done: set[int] = set()
     for f in sf.files:
-        pty = f.get("pty")
-        if isinstance(pty, (dict, Record)) and id(pty) not in done:
+        pty = f.pty if isinstance(f, (R.PtyMasterFile, R.PtySlaveFile, R.TtyFile)) else None
+        if pty is not None and id(pty) not in done:
             done.add(id(pty))
-            for key in ("sid", "fg_pgrp"):   # a pty's session and foreground group
-                if pty.get(key):
-                    pty[key] = ids.get(pty[key], 0)
-        pidfd = f.get("pidfd")
-        if isinstance(pidfd, (dict, Record)) and isinstance(pidfd.get("pid"), int) and pidfd["pid"] > 0:
-            pidfd["pid"] = ids.get(pidfd["pid"], 0)   # (restore_pidfd)
+            if pty.sid:         # a pty's session and foreground group (null, unset: none)
+                pty.sid = ids.get(pty.sid, 0)
+            if pty.fg_pgrp:
+                pty.fg_pgrp = ids.get(pty.fg_pgrp, 0)
+        if isinstance(f, R.PidfdFile) and f.pidfd is not None and f.pidfd.pid > 0:
+            f.pidfd.pid = ids.get(f.pidfd.pid, 0)   # (restore_pidfd)
     return ids
 
 
@@ -135,11 +136,11 @@ class Namespaces:
             raise RestoreError("namespaces", f"cannot create a new {what} namespace "
                                f"({e.strerror})") from None
         try:
-            uts = self.ns.get("uts")
-            if uts:
-                _write("/proc/sys/kernel/hostname", uts.get("hostname", ""))
-                _write("/proc/sys/kernel/domainname", uts.get("domainname", ""))
-            for name, value in (self.ns.get("ipc") or {}).get("sysctl", {}).items():
+            uts = self.ns.uts
+            if uts is not None:
+                _write("/proc/sys/kernel/hostname", uts.hostname)
+                _write("/proc/sys/kernel/domainname", uts.domainname)
+            for name, value in self.ns.ipc.sysctl.items() if self.ns.ipc is not None else ():
                 if name in IPC_SYSCTLS:
                     _write(f"/proc/sys/kernel/{name}", value)
         except OSError as e:

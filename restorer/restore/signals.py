@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import struct
 
+from statefile.format import records as R
+
 from restorer.kernel import pack_sigaction
 
 NSIG = 64
@@ -21,26 +23,26 @@ def _current_nondefault(rpid: int) -> set[int]:
     return {s for s in range(1, NSIG + 1) if bits >> (s - 1) & 1}
 
 
-def restore_sigactions(inj, rpid: int, task: dict, scratch: int) -> None:
-    saved = {a["sig"]: a for a in task.get("sigactions", [])}
+def restore_sigactions(inj, rpid: int, task: R.TaskNote, scratch: int) -> None:
+    saved = {a.sig: a for a in task.sigactions}
     todo = sorted((_current_nondefault(rpid) | set(saved)) - {9, 19})
     if not todo:
         return
     # One write for every struct, then one rt_sigaction each.
-    blob = b"".join(pack_sigaction(saved[s]["handler"], saved[s]["flags"], saved[s]["restorer"],
-                                   saved[s]["mask"]) if s in saved else pack_sigaction(0, 0, 0, 0)
+    blob = b"".join(pack_sigaction(saved[s].handler, saved[s].flags, saved[s].restorer,
+                                   saved[s].mask) if s in saved else pack_sigaction(0, 0, 0, 0)
                     for s in todo)
     inj.write(scratch, blob)
     for i, s in enumerate(todo):
         inj.check("rt_sigaction", s, scratch + 32 * i, 0, 8)
 
 
-def restore_itimers(inj, task: dict, scratch: int) -> None:
+def restore_itimers(inj, task: R.TaskNote, scratch: int) -> None:
     for which, name in enumerate(("real", "virtual", "prof")):
-        t = task.get("itimers", {}).get(name)
-        if not t:
+        t = getattr(task.itimers, name)
+        if t is None:
             continue
-        value = t["value"]
+        value = t.value
         if name == "real" and value == [0, 0]:
             # Expired, its SIGALRM not taken yet: the kernel arms a periodic
             # ITIMER_REAL again only when that SIGALRM is dequeued, and
@@ -48,7 +50,7 @@ def restore_itimers(inj, task: dict, scratch: int) -> None:
             # at once leaves it so again (the SIGALRM it sends merges with the
             # pending one queued after).
             value = [0, 1]
-        inj.write(scratch, struct.pack("<qqqq", *t["interval"], *value))
+        inj.write(scratch, struct.pack("<qqqq", *t.interval, *value))
         inj.check("setitimer", which, scratch, 0)
 
 

@@ -10,7 +10,7 @@ import signal
 import struct
 import time
 
-from statefile.format import elfcore as ec
+from statefile.format import elfcore as ec, records as R
 from statefile.control import procfs
 from statefile.control import ptrace as pt
 from statefile.control.inject import InjectError, find_syscall_insn
@@ -76,7 +76,7 @@ def seize_stopped(tid: int, options: int) -> None:
 NR_POLL = 7
 
 
-def fixup_restart(r: ec.user_regs_struct, sysinfo: dict | None) -> None:
+def fixup_restart(r: ec.user_regs_struct, sysinfo: R.Syscall | None) -> None:
     """Turn "stopped inside a syscall" into registers that re-enter it (NOTES.md:
     syscall-restart fixup; the kernel's own restart logic is disabled with
     orig_rax = -1)."""
@@ -125,12 +125,12 @@ def _collect_dead_tracee(tid: int) -> None:
 
 
 class TaskRestorer:
-    def __init__(self, sf, task: dict, rpid: int, fds: dict[str, int],
+    def __init__(self, sf, task: R.TaskNote, rpid: int, fds: dict[str, int],
                  lazy: bool = False, log=None):
         self.sf = sf
         self.task = task
         self.rpid = rpid                  # pid as the tracer sees it
-        self.vpid = task["pid"]           # pid inside the task's namespace
+        self.vpid = task.pid           # pid inside the task's namespace
         self.fds = fds
         self.lazy = lazy
         self.log = log or (lambda *a: None)
@@ -175,7 +175,7 @@ class TaskRestorer:
         t = time.perf_counter()
         self.step = "seize"
         seize_stopped(rpid, pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_EXITKILL)
-        self.tids[task["threads"][0]["tid"]] = rpid
+        self.tids[task.threads[0].tid] = rpid
         pt.setsigmask(rpid, ALL_SIGNALS)
         self.memfd = os.open(f"/proc/{rpid}/mem", os.O_RDWR | os.O_CLOEXEC)
         inj = RestoreInjector(rpid, find_syscall_insn(rpid, parse_maps(rpid)), self.memfd)
@@ -195,8 +195,8 @@ class TaskRestorer:
         anon = mem.map_all(inj, lazy=self.lazy)
         self.scratch = inj.check("mmap", 0, SCRATCH_PAGES * PAGE, PROT_READ | PROT_WRITE,
                                  MAP_PRIVATE | MAP_ANONYMOUS, 2**64 - 1, 0)
-        for m in task["mappings"]:
-            if m["kind"] == "aio":
+        for m in task.mappings:
+            if m.kind == "aio":
                 self.step = "aio"
                 restore_aio.restore_ring(inj, m, self.scratch, PAGE)
         t = self._t("mmap", t)
@@ -205,10 +205,10 @@ class TaskRestorer:
             from restorer.lazy import start_lazy
             mem.copy_all(skip_anon=True)
             # locked memory is resident anyway: copied now, not served on fault
-            for m in task["mappings"]:
-                if ra.locked(m) and (m["start"], m["end"]) in anon:
-                    anon.remove((m["start"], m["end"]))
-                    mem.copy_range(m, m["start"], m["end"])
+            for m in task.mappings:
+                if ra.locked(m) and (m.start, m.end) in anon:
+                    anon.remove((m.start, m.end))
+                    mem.copy_range(m, m.start, m.end)
             self.lazy_server = start_lazy(self, inj, anon)
         else:
             mem.copy_all()
@@ -228,38 +228,38 @@ class TaskRestorer:
         rs.restore_sigactions(inj, rpid, task, self.scratch)
         rs.restore_itimers(inj, task, self.scratch)
         self.step = "threads"
-        injs = {task["threads"][0]["tid"]: inj}
-        for th in task["threads"][1:]:
-            injs[th["tid"]] = self._clone_thread(inj, th)
+        injs = {task.threads[0].tid: inj}
+        for th in task.threads[1:]:
+            injs[th.tid] = self._clone_thread(inj, th)
         self.step = "pidfds"
         restore_pidfd.inject(inj, task, self.sf.files)
         self.step = "thread state"
-        for th in task["threads"]:
-            self._thread_state(injs[th["tid"]], th)
-            ra.thread_loginuid(injs[th["tid"]], rpid, self.tids[th["tid"]], th, self.scratch)
+        for th in task.threads:
+            self._thread_state(injs[th.tid], th)
+            ra.thread_loginuid(injs[th.tid], rpid, self.tids[th.tid], th, self.scratch)
         self.step = "pending signals"
-        sig = task.get("signals", {})
-        rs.queue_signals(inj, self.vpid, None, sig.get("shared_pending", []), self.scratch)
-        for th in task["threads"]:
-            rs.queue_signals(injs[th["tid"]], self.vpid, th["tid"], th.get("pending", []),
+        sig = task.signals
+        rs.queue_signals(inj, self.vpid, None, sig.shared_pending, self.scratch)
+        for th in task.threads:
+            rs.queue_signals(injs[th.tid], self.vpid, th.tid, th.pending,
                              self.scratch)
         self.step = "file owners"   # SIGIO owners (with their uid/euid), before the creds
         restore_locks.set_owners(inj, task, self.sf.files, rpid, self.scratch + 3 * PAGE)
         self.step = "credentials"
-        for th in task["threads"]:
-            self._creds(injs[th["tid"]], th)
+        for th in task.threads:
+            self._creds(injs[th.tid], th)
         self.step = "cleanup"
         # PR_SET_PDEATHSIG was SIGKILL while the tree was forked: the saved one
         # now (after the credentials, whose change clears it).
-        pr = task.get("prctl", {})
-        inj.check("prctl", PR_SET_PDEATHSIG, pr.get("pdeathsig", 0), 0, 0, 0)
-        inj.check("prctl", PR_SET_CHILD_SUBREAPER, 1 if pr.get("child_subreaper") else 0,
+        pr = task.prctl
+        inj.check("prctl", PR_SET_PDEATHSIG, pr.pdeathsig, 0, 0, 0)
+        inj.check("prctl", PR_SET_CHILD_SUBREAPER, 1 if pr.child_subreaper else 0,
                   0, 0, 0)
         self.step = "scheduling"
-        for th in task["threads"]:
-            ra.thread_sched(self.tids[th["tid"]], th)
+        for th in task.threads:
+            ra.thread_sched(self.tids[th.tid], th)
         ra.oom_score_adj(rpid, task)
-        if "gate" in self.fds and not task.get("group_stopped"):
+        if "gate" in self.fds and not task.group_stopped:
             self.step = "release gate"
             self._gate_fds(inj)
         self.step = "cleanup"
@@ -272,7 +272,7 @@ class TaskRestorer:
         self.scratch = 0
         t = self._t("state", t)
         self.step = "registers"
-        for th in task["threads"]:
+        for th in task.threads:
             self._registers(th)
         os.close(self.memfd)
         self.memfd = -1
@@ -286,13 +286,13 @@ class TaskRestorer:
             return
         self.released = True
         self.step = "detach"
-        if self.task.get("group_stopped"):
+        if self.task.group_stopped:
             # The signal that stopped it (a parent's waitid sees it again),
             # sent while every thread is still held: it is pending when they
             # resume, so the task stops before it runs a single instruction
             # (sent after the detach, a task blocked in read() on a pipe that
             # had data would read it and run on first).
-            sig = self.task.get("stop_signal") or signal.SIGSTOP
+            sig = self.task.stop_signal or signal.SIGSTOP
             if sig != signal.SIGSTOP and _orphaned_group(self.rpid):
                 sig = signal.SIGSTOP    # (the kernel drops SIGTSTP/TTIN/TTOU there)
             try:
@@ -326,16 +326,16 @@ class TaskRestorer:
             if all(s in ("T", "t") for s in states):
                 return
             if time.monotonic() > end:
-                raise RestoreError(f"task {self.task['pid']}",
+                raise RestoreError(f"task {self.task.pid}",
                                    f"did not stop again within {timeout:g} s of its release")
             time.sleep(0.0002)
 
     # --- pieces ------------------------------------------------------------------------
     def _set_mm(self, inj) -> None:
         task = self.task
-        mm = task["mm"]
-        auxv = bytes.fromhex(task.get("auxv", ""))
-        m = prctl_mm_map(**{k: mm[k] for k in (
+        mm = task.mm
+        auxv = bytes.fromhex(task.auxv)
+        m = prctl_mm_map(**{k: getattr(mm, k) for k in (
             "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
             "start_stack", "arg_start", "arg_end", "env_start", "env_end")})
         m.auxv = self.scratch + 512
@@ -357,16 +357,16 @@ class TaskRestorer:
     def _amx(self, inj) -> None:
         """A thread with AMX tile data in its saved XSAVE area needs the
         permission (ARCH_REQ_XCOMP_PERM) before PTRACE_SETREGSET accepts it."""
-        for th in self.task["threads"]:
-            regs = self.sf.regs.get(th["tid"])
+        for th in self.task.threads:
+            regs = self.sf.regs.get(th.tid)
             if regs and len(regs.xstate) >= 520:
                 (xstate_bv,) = struct.unpack_from("<Q", regs.xstate, 512)
                 if xstate_bv & (1 << XFEATURE_XTILEDATA):
                     inj.check("arch_prctl", ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
                     return
 
-    def _clone_thread(self, inj, th: dict) -> RestoreInjector:
-        vtid = th["tid"]
+    def _clone_thread(self, inj, th: R.Thread) -> RestoreInjector:
+        vtid = th.tid
         args = clone_args(flags=THREAD_FLAGS, exit_signal=0, set_tid=self.scratch + 256,
                           set_tid_size=1)
         inj.write(self.scratch + 256, struct.pack("<i", vtid))
@@ -388,56 +388,53 @@ class TaskRestorer:
         pt.setsigmask(rtid, ALL_SIGNALS)
         return RestoreInjector(rtid, inj.addr, self.memfd)
 
-    def _thread_state(self, inj, th: dict) -> None:
+    def _thread_state(self, inj, th: R.Thread) -> None:
         sc = self.scratch
-        r = th.get("rseq")
-        if r and r.get("ptr"):
-            inj.check("rseq", r["ptr"], r["len"], 0, r["sig"])
-        rl = th.get("robust_list") or {}
-        if rl.get("head"):
-            inj.check("set_robust_list", rl["head"], rl["len"])
-        inj.call("set_tid_address", th.get("clear_child_tid", 0))
-        ss = th.get("sigaltstack")
+        r = th.rseq
+        if r and r.ptr:
+            inj.check("rseq", r.ptr, r.len, 0, r.sig)
+        rl = th.robust_list
+        if rl is not None and rl.head:
+            inj.check("set_robust_list", rl.head, rl.len)
+        inj.call("set_tid_address", th.clear_child_tid)
+        ss = th.sigaltstack
         if ss:
-            inj.write(sc + 1024, struct.pack("<Qi4xQ", ss["sp"], ss["flags"] & ~1, ss["size"]))
+            inj.write(sc + 1024, struct.pack("<Qi4xQ", ss.sp, ss.flags & ~1, ss.size))
             inj.check("sigaltstack", sc + 1024, 0)
-        comm = th.get("comm")
+        comm = th.comm
         if comm:
             # /proc/PID/task/TID/comm is writable only from the thread group
             # itself: the thread names itself (PR_SET_NAME).
             inj.write(sc + 1536, comm.encode(errors="surrogateescape")[:15] + b"\0")
             inj.check("prctl", 15, sc + 1536, 0, 0, 0)
 
-    def _creds(self, inj, th: dict) -> None:
+    def _creds(self, inj, th: R.Thread) -> None:
         """The thread's own credentials (`creds` of the thread, when they
         differ from the leader's), else the task's."""
-        vtid = th["tid"]
-        c = th.get("creds") or self.task.get("creds")
-        if not c:
-            return
+        vtid = th.tid
+        c = th.creds if th.creds is not None else self.task.creds
         cur = _status_caps(self.rpid, inj.tid)
         ids = lambda k: [int(x) for x in cur[k].split()]  # noqa: E731
         sc = self.scratch + 2048
         cap = lambda k: int(cur[k], 16)  # noqa: E731
-        if c.get("groups") is not None and sorted(ids("Groups") if cur.get("Groups") else []) \
-                != sorted(c["groups"]):
-            inj.write(sc, struct.pack(f"<{len(c['groups'])}I", *c["groups"]))
-            inj.check("setgroups", len(c["groups"]), sc)
+        if sorted(ids("Groups") if cur.get("Groups") else []) != sorted(c.groups):
+            inj.write(sc, struct.pack(f"<{len(c.groups)}I", *c.groups))
+            inj.check("setgroups", len(c.groups), sc)
         for bit in range(64):
-            if cap("CapBnd") >> bit & 1 and not c["cap_bnd"] >> bit & 1:
+            if cap("CapBnd") >> bit & 1 and not c.cap_bnd >> bit & 1:
                 inj.check("prctl", PR_CAPBSET_DROP, bit, 0, 0, 0)
-        if ids("Gid")[:3] != c["gid"][:3]:
-            inj.check("setresgid", *c["gid"][:3])
-        if len(c["gid"]) > 3:
+        if ids("Gid")[:3] != c.gid[:3]:
+            inj.check("setresgid", *c.gid[:3])
+        if len(c.gid) > 3:
             # fsgid after setresgid (which sets it to the egid), while CAP_SETGID holds
-            inj.call(ra.NR_SETFSGID, c["gid"][3])
-        uid_change = ids("Uid")[:3] != c["uid"][:3]
+            inj.call(ra.NR_SETFSGID, c.gid[3])
+        uid_change = ids("Uid")[:3] != c.uid[:3]
         if uid_change:
             # keep-caps over the change even when the saved permitted set is
             # empty: securebits, ambient capabilities and fsuid are set after
             # it and need capabilities; the last capset drops them
             inj.check("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
-            inj.check("setresuid", *c["uid"][:3])
+            inj.check("setresuid", *c.uid[:3])
             inj.check("prctl", PR_SET_KEEPCAPS, 0, 0, 0, 0)
         lo = lambda v: v & 0xFFFFFFFF  # noqa: E731
 
@@ -447,25 +444,25 @@ class TaskRestorer:
             inj.write(sc, struct.pack("<Ii", 0x20080522, 0) + data)
             inj.check("capset", sc, sc + 8)
         cur = _status_caps(self.rpid, inj.tid)
-        if len(c["uid"]) > 3 and ids("Uid")[3] != c["uid"][3]:
+        if len(c.uid) > 3 and ids("Uid")[3] != c.uid[3]:
             # setresuid set the fsuid to the euid; setfsuid needs CAP_SETUID
             # unless it is one of the ids: the kept permitted set, effective
             # for this call (the saved sets come next)
             if cap("CapEff") != cap("CapPrm"):
                 capset(cap("CapPrm"), cap("CapPrm"), cap("CapInh"))
-            inj.call(ra.NR_SETFSUID, c["uid"][3])
+            inj.call(ra.NR_SETFSUID, c.uid[3])
             cur = _status_caps(self.rpid, inj.tid)
-        amb = c.get("cap_amb", 0)
-        sb = c["securebits"] if "securebits" in c else \
-            (self.task.get("attrs") or {}).get("securebits")
+        amb = c.cap_amb
+        sb = c.securebits if isinstance(c, R.ThreadCreds) and c.securebits is not None \
+            else self.task.attrs.securebits if self.task.attrs is not None else None
         cur_sb = inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) if sb is not None else None
         if cap("CapAmb") != amb or cur_sb != sb:
             # Ambient capabilities and securebits while the permitted set is
             # still the restorer's: raising an ambient one needs it permitted
             # and inheritable, securebits need CAP_SETPCAP, and
             # SECBIT_NO_CAP_AMBIENT_RAISE forbids raising after it is set.
-            if (cap("CapEff"), cap("CapInh")) != (cap("CapPrm"), c["cap_inh"]):
-                capset(cap("CapPrm"), cap("CapPrm"), c["cap_inh"])
+            if (cap("CapEff"), cap("CapInh")) != (cap("CapPrm"), c.cap_inh):
+                capset(cap("CapPrm"), cap("CapPrm"), c.cap_inh)
             if cap("CapAmb") != amb:
                 inj.check("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
                 for bit in range(64):
@@ -478,9 +475,9 @@ class TaskRestorer:
                 else:
                     inj.check("prctl", PR_SET_SECUREBITS, sb, 0, 0, 0)
             cur = _status_caps(self.rpid, inj.tid)
-        if (cap("CapEff"), cap("CapPrm"), cap("CapInh")) != (c["cap_eff"], c["cap_prm"],
-                                                             c["cap_inh"]):
-            capset(c["cap_eff"], c["cap_prm"], c["cap_inh"])
+        if (cap("CapEff"), cap("CapPrm"), cap("CapInh")) != (c.cap_eff, c.cap_prm,
+                                                             c.cap_inh):
+            capset(c.cap_eff, c.cap_prm, c.cap_inh)
         cur = _status_caps(self.rpid, inj.tid)
         if sb is not None and inj.check("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0) != sb:
             raise RestoreError("credentials", f"thread {vtid}: securebits are not the saved "
@@ -488,31 +485,31 @@ class TaskRestorer:
         got = {"uid": ids("Uid"), "gid": ids("Gid"), "cap_eff": cap("CapEff"),
                "cap_prm": cap("CapPrm"), "cap_inh": cap("CapInh"), "cap_amb": cap("CapAmb")}
         for k, v in got.items():
-            if k in c and c[k] != v:
+            if getattr(c, k) != v:
                 show = (lambda x: " ".join(map(str, x))) if k in ("uid", "gid") else hex
                 raise RestoreError("credentials", f"thread {vtid}: {k} is {show(v)}, "
-                                   f"not the saved {show(c[k])}")
-        if c.get("no_new_privs"):
+                                   f"not the saved {show(getattr(c, k))}")
+        if c.no_new_privs:
             inj.check("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
-    def _registers(self, th: dict) -> None:
-        rtid = self.tids[th["tid"]]
-        saved = self.sf.regs.get(th["tid"])
+    def _registers(self, th: R.Thread) -> None:
+        rtid = self.tids[th.tid]
+        saved = self.sf.regs.get(th.tid)
         if saved is None:
-            raise RestoreError("registers", f"no registers saved for thread {th['tid']}")
+            raise RestoreError("registers", f"no registers saved for thread {th.tid}")
         r = self._final_regs(th)
         pt.setregs(rtid, r)
         if saved.xstate:
             pt.setregset(rtid, ec.NT_X86_XSTATE, saved.xstate)
         elif saved.fpregs:
             pt.setregset(rtid, ec.NT_PRFPREG, saved.fpregs)
-        pt.setsigmask(rtid, th.get("sigmask", 0))
-        if th["tid"] in self.gate:
-            gate.enter(rtid, r, self.gadgets, *self.gate[th["tid"]])
+        pt.setsigmask(rtid, th.sigmask)
+        if th.tid in self.gate:
+            gate.enter(rtid, r, self.gadgets, *self.gate[th.tid])
 
-    def _final_regs(self, th: dict):
-        r = self.sf.regs[th["tid"]].user_regs()
-        fixup_restart(r, th.get("syscall"))
+    def _final_regs(self, th: R.Thread):
+        r = self.sf.regs[th.tid].user_regs()
+        fixup_restart(r, th.syscall)
         return r
 
     def _gate_fds(self, inj) -> None:
@@ -525,11 +522,11 @@ class TaskRestorer:
                                  "rt_sigreturn instruction in its code)")
             return
         maps = parse_maps(self.rpid)
-        low = max([d["fd"] for d in self.task["fds"]] + [2]) + 1
+        low = max([d.fd for d in self.task.fds] + [2]) + 1
         # a page of lazy memory faulted in by the task itself, reading it
         touch = lambda page: inj.call(gate.NR_ACCESS, page, 0)  # noqa: E731
-        for th in self.task["threads"]:
-            saved, rtid = self.sf.regs.get(th["tid"]), self.tids[th["tid"]]
+        for th in self.task.threads:
+            saved, rtid = self.sf.regs.get(th.tid), self.tids[th.tid]
             xstate = b""
             if saved is not None and saved.xstate:
                 # the kernel's own layout of it (what rt_sigreturn checks);
@@ -540,13 +537,13 @@ class TaskRestorer:
             why = gate.check(th, final, len(xstate), self.memfd, maps, touch) if final else \
                 "no registers"
             if why:
-                self.warnings.append(f"pid {self.vpid} thread {th['tid']}: released without "
+                self.warnings.append(f"pid {self.vpid} thread {th.tid}: released without "
                                      f"the gate ({why})")
                 continue
             gfd = inj.check("fcntl", self.fds["gate"], gate.F_DUPFD_CLOEXEC, low)
             sp, buf = gate.write_frames(th, self.vpid, final, xstate, gfd, self.gadgets,
                                         self.memfd, touch)
-            self.gate[th["tid"]] = (gfd, sp, buf)
+            self.gate[th.tid] = (gfd, sp, buf)
 
     def kill(self) -> None:
         """SIGKILL the task and reap every thread we trace (a traced thread must
