@@ -128,8 +128,8 @@ def crrun_policy(pid: int, directory: str | None = None) -> tuple[str, int] | No
         except (FileNotFoundError, ProcessLookupError):
             break
     for fl in flags.read(pid, directory):
-        if fl.get("policy_file"):
-            return fl["policy_file"], pid
+        if fl.policy_file:
+            return fl.policy_file, pid
     return None
 
 
