@@ -264,7 +264,7 @@ def checkpoint(pid: int, output: str, *, kill: bool = False, fsync: bool = False
             "tree": [records.TreeEntry(pid=t.pid, ppid=t.ppid) for t in tasks],
             "zombies": zombies,
             "checkpoint_uid": os.geteuid(),
-            "policy": policy.as_dict(),
+            "policy": policy.record(),
             "skipped": skipped,
             "restartable": not bad,
             "not_restartable": [f.line() for f in bad],
