@@ -420,6 +420,9 @@ TABLE: tuple[Resource, ...] = (
     Resource("mem:device", "device (I/O or PFN) mapping", UNSUPPORTED,
              "device mappings cannot be checkpointed"),
 )
+# (a Struct's constructor does not check types: the table is checked once here,
+# so a row with a status that is not one of the three fails at import)
+msgspec.convert(msgspec.to_builtins(TABLE), tuple[Resource, ...])
 BY_KEY = {r.key: r for r in TABLE}
 POLICY_CLASSES = sorted({r.policy for r in TABLE if r.policy})
 SCRATCH_NAME = "[anon:crelf-scratch]"
