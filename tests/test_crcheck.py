@@ -166,7 +166,7 @@ def test_crrun_flag_is_seen_by_crcheck_and_skippable(sample_bin, procs, tmp_path
     flag = flags.read(pid)[0]
     hit = report["findings"][[f["key"] for f in report["findings"]].index("task:flagged")]
     assert (hit["row"], hit["status"], hit["policy"], hit["time"]) == \
-        ("fd:io_uring", "skippable", "io_uring", flag["time"])
+        ("fd:io_uring", "skippable", "io_uring", flag.time)
     assert f"flagged by crrun at {support.flag_time(flag)}: io_uring_setup" in hit["line"]
     text = subprocess.run([str(BIN / "crcheck"), str(pid)], capture_output=True, text=True,
                           timeout=60)

@@ -11,6 +11,7 @@ import pytest
 from helpers import REPO_ROOT, require_root, wait_for_line
 
 from statefile.check import monitor, policy, support
+from statefile.format import records
 
 BIN = Path(sys.executable).parent
 CRRUN = [sys.executable, "-m", "statefile.check.crrun"]
@@ -103,8 +104,8 @@ def test_watched_syscalls_take_their_reason_from_the_table():
     ("no:such-row", "flagged", set(), support.UNSUPPORTED, False),
 ])
 def test_flag_verdict_is_its_table_row(resource, action, skip, status, skipped):
-    fl = {"pid": 7, "tid": 7, "time": 1700000000.25, "syscall": "x", "call": "x()",
-          "resource": resource, "reason": "x(): why", "action": action}
+    fl = records.CrrunFlag(pid=7, tid=7, time=1700000000.25, syscall="x", call="x()", nr=0,
+                           resource=resource, reason="x(): why", action=action)
     f = support.flag_finding(fl, 7, skip)
     row = support.flag_row(fl)
     assert row.key == (resource if action == "flagged" and resource in support.BY_KEY

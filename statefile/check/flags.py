@@ -16,7 +16,10 @@ import json
 import os
 import time
 
+import msgspec
+
 from statefile.control import procfs
+from statefile.format import records
 
 
 def flag_dir() -> str:
@@ -40,16 +43,18 @@ def add(pid: int, record: dict, directory: str | None = None) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def read(pid: int, directory: str | None = None) -> list[dict]:
-    """Flags recorded for the live task `pid` (empty when none or not running)."""
+def read(pid: int, directory: str | None = None) -> list[records.CrrunFlag]:
+    """Flags recorded for the live task `pid` (empty when none or not running;
+    typed as the CR_TASK record that keeps them: records.CrrunFlag)."""
     try:
         start = procfs.stat(pid)["starttime"]
     except (FileNotFoundError, ProcessLookupError):
         return []
     try:
         with open(_path(pid, start, directory)) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (FileNotFoundError, ValueError):
+            return [msgspec.json.decode(line, type=records.CrrunFlag) for line in f
+                    if line.strip()]
+    except (FileNotFoundError, msgspec.DecodeError):
         return []
 
 

@@ -24,6 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from statefile.errors import CrelfError
+from statefile.format import records
 from statefile.check.support import POLICY_CLASSES
 
 
@@ -39,7 +40,14 @@ class Policy:
     source: str = ""
     crrun_pid: int | None = None  # the policy file is the one crrun ran this task under
 
+    def record(self) -> records.PolicyRecord:
+        """As CR_HEADER keeps it."""
+        return records.PolicyRecord(skip=sorted(self.skip), dump_tmpfs=self.dump_tmpfs,
+                                    on_unsupported="snapshot" if self.snapshot else "refuse",
+                                    source=self.source, from_crrun=self.crrun_pid)
+
     def as_dict(self) -> dict:
+        """As crcheck --json shows it: every field (from_crrun only when set)."""
         d = {"skip": sorted(self.skip), "dump_tmpfs": self.dump_tmpfs,
              "on_unsupported": "snapshot" if self.snapshot else "refuse",
              "source": self.source}
@@ -128,8 +136,8 @@ def crrun_policy(pid: int, directory: str | None = None) -> tuple[str, int] | No
         except (FileNotFoundError, ProcessLookupError):
             break
     for fl in flags.read(pid, directory):
-        if fl.get("policy_file"):
-            return fl["policy_file"], pid
+        if fl.policy_file:
+            return fl.policy_file, pid
     return None
 
 

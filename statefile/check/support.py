@@ -12,16 +12,25 @@ here plus its dump/restore modules.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET
+
+from statefile.format import records as rec
 
 SUPPORTED, SKIPPABLE, UNSUPPORTED = "supported", "skippable", "unsupported"
+Status = Literal["supported", "skippable", "unsupported"]
 
 
-@dataclass(frozen=True)
-class Resource:
+# msgspec Structs, as the statefile's records (statefile/format/records.py):
+# one typed library for both, msgspec.to_builtins for crcheck --json, and a
+# row frozen (hashable, never changed once the table is built).
+class Resource(msgspec.Struct, frozen=True):
+    """One row of the support table."""
     key: str
     what: str
-    status: str
+    status: Status
     reason: str = ""
     policy: str | None = None  # the policy class that may skip it
 
@@ -432,6 +441,9 @@ TABLE: tuple[Resource, ...] = (
     Resource("mem:device", "device (I/O or PFN) mapping", UNSUPPORTED,
              "device mappings cannot be checkpointed"),
 )
+# (a Struct's constructor does not check types: the table is checked once here,
+# so a row with a status that is not one of the three fails at import)
+msgspec.convert(msgspec.to_builtins(TABLE), tuple[Resource, ...])
 BY_KEY = {r.key: r for r in TABLE}
 POLICY_CLASSES = sorted({r.policy for r in TABLE if r.policy})
 SCRATCH_NAME = "[anon:crelf-scratch]"
@@ -447,68 +459,74 @@ _ANON = {"eventfd": "fd:eventfd", "eventpoll": "fd:epoll", "timerfd": "fd:timerf
 _ANON_KEYS = {"fd:eventfd", "fd:epoll", "fd:timerfd", "fd:signalfd", "fd:inotify"}
 
 
-def _unix_key(f: dict, files: list[dict], holders: dict, fid: int) -> str:
-    info = f.get("socket", {})
+def _unix(f: rec.File) -> rec.UnixSocket | None:
+    """The unix socket of file f, if it is one."""
+    if isinstance(f, rec.SocketFile) and isinstance(f.socket, rec.UnixSocket):
+        return f.socket
+    return None
 
-    def held() -> list[dict]:
-        return [g for i, g in enumerate(files) if holders.get(i) and "socket" in g]
-    if info.get("diag") is False or "ino" not in info:
+
+def _unix_key(f: rec.SocketFile, files: list[rec.File], holders: dict, fid: int) -> str:
+    info = f.socket
+
+    def held() -> list[rec.UnixSocket]:
+        return [u for i, g in enumerate(files) if holders.get(i) and (u := _unix(g))]
+    if not info.diag or info.ino is None:
         return "fd:socket:unix"
-    if info.get("listening") or info.get("backlog_of"):
+    if info.listening or info.backlog_of:
         return _backlog_key(info, held)
-    if info.get("fds_in_flight"):
+    if info.fds_in_flight:
         return "fd:socket:unix-fds" if not scm_problem(f, files, holders) else \
             "fd:socket:unix-fds-other"
-    if info.get("senders") and _unreproducible_sender(info, held()):
+    if info.senders and _unreproducible_sender(info, held()):
         return "fd:socket:unix-sender"
-    if not info.get("peer_ino"):
-        if info.get("type") != "dgram" and info.get("state") == 1:   # TCP_ESTABLISHED
+    if not info.peer_ino:
+        if info.type != "dgram" and info.state == 1:   # TCP_ESTABLISHED
             return "fd:socket:unix-peerless"
         return "fd:socket:unix-dgram"
     peer = next((i for i, g in enumerate(files)
-                 if g.get("socket", {}).get("ino") == info["peer_ino"]), None)
+                 if (u := _unix(g)) and u.ino == info.peer_ino), None)
     if peer is None or not holders.get(peer):
         return _external_key(info)
-    if info.get("name") or files[peer]["socket"].get("name"):
+    if info.name or files[peer].socket.name:
         return "fd:socket:unix-connected"
     return "fd:socket:unix-pair"
 
 
-def _external_key(info: dict) -> str:
+def _external_key(info: rec.UnixSocket) -> str:
     """A unix socket connected to a socket no task of the tree holds: a
     datagram one to a name that still leads to its peer can be connected to
     that name again; any other can only come back as a connection its peer
     closed (both under policy 'external-unix')."""
-    name = info.get("peer_name")
-    if info.get("type") == "dgram" and name and not name.get("file_gone"):
+    name = info.peer_name
+    if info.type == "dgram" and name is not None and not name.file_gone:
         return "fd:socket:unix-external-dgram"
     return "fd:socket:unix-external"
 
 
-def _backlog_key(info: dict, held) -> str:
+def _backlog_key(info: rec.UnixSocket, held) -> str:
     """A listening socket, or a socket whose connection waits in a
     listener's queue (dump/unix.py backlog_details)."""
-    if info.get("listening") and not info.get("backlog_queued") and not info.get("backlog"):
+    if info.listening and not info.backlog_queued and not info.backlog:
         return "fd:socket:unix-listen"
-    tree = {g["socket"].get("ino") for g in held()}
-    if info.get("listening"):
-        waiting = info.get("backlog")
-        if waiting is None or len(waiting) != info.get("backlog_queued") \
-                or not set(waiting) <= tree:
+    tree = {u.ino for u in held()}
+    if info.listening:
+        waiting = info.backlog
+        if len(waiting) != info.backlog_queued or not set(waiting) <= tree:
             return "fd:socket:unix-backlog-external"
         return "fd:socket:unix-backlog"
-    if info["backlog_of"] not in tree:
+    if info.backlog_of not in tree:
         return "fd:socket:unix-external"    # (waiting on a listener outside the tree)
-    if info.get("backlog_data"):
+    if info.backlog_data:
         return "fd:socket:unix-backlog-data"
     return "fd:socket:unix-backlog"
 
 
-def _unreproducible_sender(info: dict, held: list[dict]) -> bool:
+def _unreproducible_sender(info: rec.UnixSocket, held: list[rec.UnixSocket]) -> bool:
     """A queued datagram whose sender's name is bound by a socket outside the
     tree: a restart could not send it again from that name."""
-    tree = {g["socket"].get("ino") for g in held}
-    return any(s and set(s.get("bound", ())) - tree for s in info.get("senders", ()))
+    tree = {u.ino for u in held}
+    return any(s is not None and set(s.bound) - tree for s in info.senders)
 
 
 # Files a restart can make in crrestart (before the tree is forked) and send
@@ -519,26 +537,26 @@ _SCM_KINDS = {"fd:regular", "fd:directory", "fd:dev", "fd:chr", "fd:pipe", "fd:f
               "fd:socket:unix"}
 
 
-def scm_problem(f: dict, files: list[dict], holders: dict) -> str:
+def scm_problem(f: rec.SocketFile, files: list[rec.File], holders: dict) -> str:
     """Why the messages in flight in unix socket f (its `scm`, statefile/dump/scm.py)
     cannot be sent again ("" when they can)."""
-    info = f.get("socket", {})
-    if info.get("scm") is None:
+    info = f.socket
+    if not info.scm:
         return "the files in flight could not be told apart"
-    if info.get("scm_truncated"):
+    if info.scm_truncated:
         return "a message carries more file descriptors than crelf could receive"
-    if (info.get("sockopts") or {}).get("passcred"):
+    if info.sockopts is not None and info.sockopts.passcred:
         return "its reader gets each message's sender credentials (SO_PASSCRED, " \
             "SCM_CREDENTIALS): crrestart cannot send them again as the original sender's"
-    peer = info.get("peer_ino")
+    peer = info.peer_ino
     if peer:
-        p = next((g for g in files if g.get("socket", {}).get("ino") == peer), None)
-        if p is None or not holders.get(p["id"]) or p["socket"].get("peer_ino") != info["ino"]:
+        p = next((g for g in files if (u := _unix(g)) and u.ino == peer), None)
+        if p is None or not holders.get(p.id) or p.socket.peer_ino != info.ino:
             return "its messages were not sent by a peer connected to it in the tree"
-    elif info.get("state") != 1 or (info.get("type") == "dgram" and info.get("name")):
+    elif info.state != 1 or (info.type == "dgram" and info.name):
         return "datagrams sent to its name by other sockets (crrestart sends them again " \
             "from its peer only)"
-    for ids in info["scm"]:
+    for ids in info.scm:
         for fid in ids:
             why = _scm_file_problem(files[fid], files, holders)
             if why:
@@ -546,121 +564,121 @@ def scm_problem(f: dict, files: list[dict], holders: dict) -> str:
     return ""
 
 
-def _scm_file_problem(g: dict, files: list[dict], holders: dict) -> str:
+def _scm_file_problem(g: rec.File, files: list[rec.File], holders: dict) -> str:
     """Why file g cannot be sent again in flight ("" when it can)."""
     key = fd_key(g)
-    what = f"{g['path']} in flight"
-    if key not in _SCM_KINDS or g.get("proc"):
-        return f"{what}: a {g['kind']} file ({key}) is not sent again by this version"
-    if any(g.get(k) for k in ("locks", "lease", "fown", "locks_other")):
+    what = f"{g.path} in flight"
+    if key not in _SCM_KINDS or _proc(g) is not None:
+        return f"{what}: a {g.kind} file ({key}) is not sent again by this version"
+    if g.locks or g.lease or g.fown or g.locks_other:
         return f"{what}: it has locks, a lease or a SIGIO owner"
     if key == "fd:socket:unix":
-        si = g.get("socket", {})
-        if si.get("diag") is False or "ino" not in si:
+        si = g.socket
+        if not si.diag or si.ino is None:
             return f"{what}: a unix socket that could not be inspected"
-        if si.get("backlog_queued"):
+        if si.backlog_queued:
             return f"{what}: a listening socket with connections waiting"
-        peer = si.get("peer_ino")
-        if peer and not any(holders.get(h["id"]) for h in files
-                            if h.get("socket", {}).get("ino") == peer):
+        peer = si.peer_ino
+        peers = [h for h in files if peer and (u := _unix(h)) and u.ino == peer]
+        if peer and not any(holders.get(h.id) for h in peers):
             return f"{what}: a unix socket connected outside the tree"
-        named = si.get("name") or any(h.get("socket", {}).get("name") for h in files
-                                      if peer and h.get("socket", {}).get("ino") == peer)
-        if g.get("in_flight") and named and not si.get("listening"):
+        named = si.name or any(h.socket.name for h in peers)
+        if g.in_flight and named and not si.listening:
             return f"{what}: a named socket or one connected to a name, held only in flight"
-    if key == "fd:epoll" and g.get("in_flight"):
-        targets = (g.get("anon") or {}).get("targets", [])
-        if any("file" not in t for t in targets):
+    if key == "fd:epoll" and g.in_flight:
+        targets = g.anon.targets
+        if any(t.file is None for t in targets):
             return f"{what}: an epoll watching a file outside the tree"
         for t in targets:       # (made by crrestart too: restorer/restore/scm.py)
-            if t["file"] != g["id"] and not files[t["file"]].get("in_flight"):
-                why = _scm_file_problem(files[t["file"]], files, holders)
+            if t.file != g.id and not files[t.file].in_flight:
+                why = _scm_file_problem(files[t.file], files, holders)
                 if why:
                     return f"{what}: it watches {why}"
     return ""
 
 
-def scm_carriers(tasks: list[dict], files: list[dict]) -> dict[int, tuple[int, int, int]]:
+def scm_carriers(tasks, files: list[rec.File]) -> dict[int, tuple[int, int, int]]:
     """{file id: (pid, fd, socket file id)} for every file held only in
     flight (no task holds it): the task and fd of a socket of the tree whose
     queue holds it (maybe through sockets in flight in each other's queues),
     and the socket whose queue holds it."""
     held: dict[int, tuple[int, int]] = {}
     for t in tasks:
-        for d in t["fds"]:
-            held.setdefault(d["file"], (t["pid"], d["fd"]))
+        for d in t.fds:
+            held.setdefault(d.file, (t.pid, d.fd))
     out: dict[int, tuple[int, int, int]] = {}
-    todo = [(fid, at) for fid, at in held.items()
-            if files[fid].get("socket", {}).get("scm")]
+    todo = [(fid, at) for fid, at in held.items() if (u := _unix(files[fid])) and u.scm]
     while todo:
         via, at = todo.pop()
-        for ids in files[via]["socket"]["scm"]:
+        for ids in files[via].socket.scm:
             for fid in ids:
                 if fid in held or fid in out:
                     continue
                 out[fid] = (*at, via)
-                if files[fid].get("socket", {}).get("scm"):
+                if (u := _unix(files[fid])) and u.scm:
                     todo.append((fid, at))
     return out
 
 
-def fd_key(f: dict) -> str:
-    kind = f["kind"]
-    if f.get("proc") and kind in ("regular", "directory"):
-        if f["proc"].get("dead"):
-            return "fd:proc-dead"
+def _proc(f: rec.File) -> rec.ProcRef | None:
+    """The /proc/PID reference of a regular file or directory, if it has one."""
+    return f.proc if isinstance(f, (rec.RegularFile, rec.DirectoryFile)) else None
+
+
+def fd_key(f: rec.File) -> str:
+    kind = f.kind
+    proc = _proc(f)
+    if proc is not None and proc.dead:
+        return "fd:proc-dead"
         # (a /proc file of a process outside the tree: by its path, as any file)
-    if f.get("nsfs"):
-        return "fd:nsfs" if f["nsfs"].get("name") else "fd:nsfs-other"
-    if f.get("linked") is not None:
-        return "fd:deleted-linked" if f["linked"].get("handle") else "fd:deleted-lost"
-    if kind == "directory" and f.get("deleted"):
-        return "fd:deleted-dir"
-    if kind == "fifo" and f.get("deleted"):
-        return "fd:fifo-deleted"
-    if kind == "regular":
-        if f.get("deleted") and f["path"].startswith("/memfd:"):
+    if isinstance(f, rec.RegularFile):
+        if f.nsfs is not None:
+            return "fd:nsfs" if f.nsfs.name else "fd:nsfs-other"
+        if f.linked is not None:
+            return "fd:deleted-linked" if f.linked.handle else "fd:deleted-lost"
+        if f.deleted and f.path.startswith("/memfd:"):
             return "fd:memfd"
-        return "fd:deleted" if f.get("deleted") else "fd:regular"
-    if kind == "directory":
-        return "fd:directory"
+        return "fd:deleted" if f.deleted else "fd:regular"
+    if isinstance(f, rec.DirectoryFile):
+        return "fd:deleted-dir" if f.deleted else "fd:directory"
+    if isinstance(f, rec.FifoFile) and f.deleted:
+        return "fd:fifo-deleted"
     if kind == "tty":
         return "fd:tty"
     if kind in ("pty-master", "pty-slave"):
         return "fd:pty"
-    if kind == "symlink":
-        if f.get("proc_link"):
+    if isinstance(f, rec.SymlinkFile):
+        if f.proc_link:
             return "fd:symlink-proc"
-        if f.get("deleted"):    # (made again from its target: unknown, it cannot be)
-            return "fd:symlink-deleted" if f.get("symlink") is not None else "fd:other"
+        if f.deleted:    # (made again from its target: unknown, it cannot be)
+            return "fd:symlink-deleted" if f.symlink is not None else "fd:other"
         return "fd:symlink"
-    if kind in ("chr", "blk"):
-        memdev = kind == "chr" and f.get("rdev") in DEV_RDEVS
-        if f.get("deleted"):
+    if isinstance(f, (rec.CharDevice, rec.BlockDevice)):
+        memdev = kind == "chr" and f.rdev in DEV_RDEVS
+        if f.deleted:
             return "fd:dev-deleted" if memdev else "fd:chr"
-        if f.get("tty_device") and kind == "chr":
+        if isinstance(f, rec.CharDevice) and f.tty_device:
             return "fd:tty-device"
-        return "fd:dev" if f["path"] in DEV_FILES or memdev else "fd:chr"
+        return "fd:dev" if f.path in DEV_FILES or memdev else "fd:chr"
     if kind in ("pipe", "fifo"):
         return f"fd:{kind}"
-    if kind == "socket":
-        info = f.get("socket", {})
-        fam = info.get("family")
-        if fam in ("inet", "inet6") and info.get("type") == "stream" and info.get("fresh") \
-                and "peer" not in info:
-            return "fd:socket:inet-fresh"
-        if fam in ("inet", "inet6") and info.get("queued") == 0:
-            if info.get("type") == "stream" and info.get("listening"):
-                return "fd:socket:inet-listen"
-            if info.get("type") == "dgram" and "peer" not in info:
-                return "fd:socket:inet-udp"
-        if fam in ("inet", "inet6") and info.get("tcp"):
-            return _tcp_key(info["tcp"])
+    if isinstance(f, rec.SocketFile):
+        info = f.socket
+        if isinstance(info, (rec.InetSocket, rec.Inet6Socket)):
+            if info.type == "stream" and info.fresh and info.peer is None:
+                return "fd:socket:inet-fresh"
+            if info.queued == 0:
+                if info.type == "stream" and info.listening:
+                    return "fd:socket:inet-listen"
+                if info.type == "dgram" and info.peer is None:
+                    return "fd:socket:inet-udp"
+            if info.tcp is not None:
+                return _tcp_key(info.tcp)
         return {"unix": "fd:socket:unix", "inet": "fd:socket:inet", "inet6": "fd:socket:inet",
-                "netlink": "fd:socket:netlink"}.get(fam, "fd:socket:other")
+                "netlink": "fd:socket:netlink"}.get(info.family, "fd:socket:other")
     if kind.startswith("anon:"):
         name = kind[5:]
-        if name == "bpf-map" and "entries" in f.get("bpf", {}):
+        if isinstance(f, rec.BpfMapFile) and f.bpf.entries is not UNSET:
             return "fd:bpf-map"
         if name.startswith("bpf"):
             return "fd:bpf"
@@ -668,49 +686,49 @@ def fd_key(f: dict) -> str:
     return "fd:other"
 
 
-def _tcp_key(tcp: dict) -> str:
+def _tcp_key(tcp: rec.TcpConnection) -> str:
     """The row of a TCP connection (its `tcp` record, statefile/dump/tcp.py)."""
-    state = tcp.get("state")
-    if state in ("established", "fin_wait1", "fin_wait2", "close_wait", "last_ack", "closing"):
-        return "fd:socket:tcp-norepair" if tcp.get("error") else "fd:socket:tcp"
-    if state in ("syn_sent", "syn_recv", "new_syn_recv"):
+    if tcp.state in ("established", "fin_wait1", "fin_wait2", "close_wait", "last_ack",
+                     "closing"):
+        return "fd:socket:tcp-norepair" if tcp.error else "fd:socket:tcp"
+    if tcp.state in ("syn_sent", "syn_recv", "new_syn_recv"):
         return "fd:socket:tcp-connecting"
     return "fd:socket:tcp-closed"
 
 
-def is_scratch(m: dict) -> bool:
+def is_scratch(m: rec.Mapping) -> bool:
     """Memory the application marked as not worth saving: MADV_DONTDUMP (the
     kernel's own "leave out of core dumps" mark) or an anonymous mapping named
     'crelf-scratch' with PR_SET_VMA_ANON_NAME (kernels with ANON_VMA_NAME)."""
-    return m["path"] == SCRATCH_NAME or (
-        "dd" in m.get("vmflags", []) and m["kind"] in ("anon-private", "heap"))
+    return m.path == SCRATCH_NAME or (
+        "dd" in m.vmflags and m.kind in ("anon-private", "heap"))
 
 
-def mapping_key(m: dict) -> str:
-    if m["kind"] in ("vdso", "vvar", "vsyscall"):
+def mapping_key(m: rec.Mapping) -> str:
+    if m.kind in ("vdso", "vvar", "vsyscall"):
         return "mem:vdso"
-    if m["kind"] == "aio":
-        return "mem:aio-other" if "unsupported" in m.get("aio", {}) else "mem:aio"
-    if "io" in m.get("vmflags", []) or "pf" in m.get("vmflags", []):
+    if m.kind == "aio":
+        return "mem:aio-other" if m.aio is not UNSET and m.aio.unsupported else "mem:aio"
+    if "io" in m.vmflags or "pf" in m.vmflags:
         return "mem:device"
     if is_scratch(m):
         return "mem:scratch"
-    kind = m["kind"]
+    kind = m.kind
     if kind in ("anon-shared", "sysv-shm"):
         return "mem:shared-anon"
-    if kind == "memfd" or (kind == "file-shared" and m.get("deleted")):
+    if kind == "memfd" or (kind == "file-shared" and m.deleted):
         return "mem:shared-memfd"
     if kind == "file-shared":
         return "mem:file-shared"
     return "mem:private"
 
 
-@dataclass
-class Finding:
+class Finding(msgspec.Struct, frozen=True):
+    """One resource of a tree, with its row's verdict (crcheck --json "findings")."""
     key: str
     where: str
     detail: str
-    status: str
+    status: Status
     reason: str
     policy: str | None
     pid: int
@@ -725,36 +743,33 @@ class Finding:
             text += f" ({self.reason})"
         return text
 
-    def as_dict(self) -> dict:
-        return asdict(self)
 
-
-def flag_row(fl: dict) -> Resource:
+def flag_row(fl: rec.CrrunFlag) -> Resource:
     """The table row that decides a crrun flag: the resource the flagged
     syscall creates (statefile/check/monitor.py WATCHED), "task:flag-denied" when
     crrun --strict made it fail, "task:flagged" for a resource not in the table."""
-    if fl.get("action") == "denied":
+    if fl.action == "denied":
         return BY_KEY["task:flag-denied"]
-    return BY_KEY.get(fl.get("resource", ""), BY_KEY["task:flagged"])
+    return BY_KEY.get(fl.resource, BY_KEY["task:flagged"])
 
 
-def flag_time(fl: dict) -> str:
+def flag_time(fl: rec.CrrunFlag) -> str:
     from datetime import datetime
     try:
-        return datetime.fromtimestamp(float(fl["time"])).isoformat(timespec="milliseconds")
-    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return datetime.fromtimestamp(fl.time).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):
         return "an unknown time"
 
 
-def flag_finding(fl: dict, pid: int, skip: set[str]) -> Finding:
+def flag_finding(fl: rec.CrrunFlag, pid: int, skip: set[str]) -> Finding:
     """A crrun flag as a finding, with the verdict of its table row."""
     r = flag_row(fl)
-    what = "denied by crrun --strict" if fl.get("action") == "denied" else "flagged by crrun"
-    detail = f"{what} at {flag_time(fl)}: {fl.get('call') or fl.get('syscall', '?')}"
-    if fl.get("tid") not in (None, pid):
-        detail += f" (thread {fl['tid']})"
+    what = "denied by crrun --strict" if fl.action == "denied" else "flagged by crrun"
+    detail = f"{what} at {flag_time(fl)}: {fl.call or fl.syscall or '?'}"
+    if fl.tid != pid:
+        detail += f" (thread {fl.tid})"
     return Finding("task:flagged", f"pid {pid}", detail, r.status, r.reason, r.policy, pid,
-                   skipped=bool(r.policy and r.policy in skip), time=fl.get("time"), row=r.key)
+                   skipped=bool(r.policy and r.policy in skip), time=fl.time, row=r.key)
 
 
 def finding(key: str, pid: int, where: str, detail: str) -> Finding:
@@ -802,127 +817,139 @@ def seccomp_findings(tids: list[tuple[int, int]]) -> list[Finding]:
     return out
 
 
-def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
-           flags_by_pid: dict[int, list[dict]], skip: set[str],
-           ipc: dict | None = None, shmem: list[dict] | None = None,
+def decide(tasks: list[dict], files: list[dict]) -> None:
+    """The dump side's decisions that assess() reads from the records, taken
+    on its dicts before they become records, from what the processes hold
+    now: terminals paired (their kinds become pty-master/-slave, `tty_check`)
+    and pipes' ends looked for outside the tree (`pipe.checked`/`external`).
+    A restart reads them as they were decided (restorer/validate.py)."""
+    from statefile.dump import pipes as dump_pipes, tty as dump_tty
+    dump_tty.pair_up(tasks, files)
+    dump_pipes.external(tasks, files)
+
+
+def assess(tasks, files: list[rec.File], zombies: list[rec.Zombie],
+           flags_by_pid: dict[int, list[rec.CrrunFlag]], skip: set[str],
+           ipc: rec.IpcNote | None = None, shmem: list[rec.Shmem] | None = None,
            live: bool = True) -> list[Finding]:
-    """One finding per resource of the tree, with its verdict under `skip`
-    (`shmem`: the memfd and shared file objects, statefile/dump/memfd.py)."""
+    """One finding per resource of the tree, with its verdict under `skip`.
+
+    Everything is read from records (statefile/format/records.py), at
+    checkpoint as at restart (restorer/validate.py): `tasks` are
+    records.TaskNote, or crcheck's SurveyTask for a task surveyed live
+    (statefile/check/crcheck.py); `shmem` the memfd and shared file objects
+    (statefile/dump/memfd.py); `flags_by_pid` crrun's flags of tasks whose
+    record holds none."""
+    from statefile.check.crcheck import SurveyTask
     out: list[Finding] = []
 
     def add(key, pid, where, detail):
         r = BY_KEY[key]
-        reason = r.reason
-        out.append(Finding(key, where, detail, r.status, reason, r.policy, pid,
+        out.append(Finding(key, where, detail, r.status, r.reason, r.policy, pid,
                            skipped=bool(r.policy and r.policy in skip)))
 
     holders: dict[int, set[int]] = {}
     for t in tasks:
-        for fd in t["fds"]:
-            holders.setdefault(fd["file"], set()).add(t["pid"])
+        for fd in t.fds:
+            holders.setdefault(fd.file, set()).add(t.pid)
     carriers = scm_carriers(tasks, files)   # files held only in flight (statefile/dump/scm.py)
     for fid, (pid, _fd, _via) in carriers.items():
         holders.setdefault(fid, {pid})
+    from statefile.dump import pipes as dump_pipes, tty as dump_tty
     from statefile.dump.fanotify import problem as fanotify_problem
     from statefile.dump.pidfd import in_tree
-    from statefile.dump.pipes import external, stdio_passthrough
-    external_pipes = external(tasks, files)
-    passthrough = stdio_passthrough(tasks, files)
-    from statefile.dump.tty import pair_up
-    tty_problems = pair_up(tasks, files)    # before fd_key: pairs become pty-master/-slave
+    external_pipes = dump_pipes.problems(tasks, files)
+    passthrough = dump_pipes.stdio_passthrough(tasks, files)
+    tty_problems = dump_tty.problems(tasks, files)
     from statefile.dump.ns import KINDS as NS_KINDS
     own_ns = {ns: _readlink(f"/proc/self/ns/{ns}") for ns in NS_KINDS}
     out += _ns_findings(tasks, own_ns)
     from statefile.dump.cgroup import differences
     for pid, tid, what in differences(tasks, live):
         add("task:cgroup", pid, f"pid {pid}" + (f" thread {tid}" if tid != pid else ""), what)
-    tree_pids = {t["pid"] for t in tasks}
+    tree_pids = {t.pid for t in tasks}
     for t in tasks:
-        pid = t["pid"]
-        add("task:process", pid, f"pid {pid}", f"{t['comm']} ({len(t['threads'])} threads)")
+        pid = t.pid
+        add("task:process", pid, f"pid {pid}", f"{t.comm} ({len(t.threads)} threads)")
         if t is not tasks[0]:
-            add("task:tree", pid, f"pid {pid}", f"child of pid {t['ppid']}")
-        if t.get("tracer"):
-            add("task:traced", pid, f"pid {pid}", f"traced by pid {t['tracer']}"
-                + (f" ({t['tracer_comm']})" if t.get("tracer_comm") else ""))
-        # seccomp is per thread: a thread's own `creds` when they differ (crcheck's
-        # tasks list thread ids only)
-        modes = {t["creds"].get("seccomp")} | {th["creds"].get("seccomp") for th in t["threads"]
-                                               if not isinstance(th, int) and th.get("creds")}
-        if 2 in modes and not t.get("crrun"):
+            add("task:tree", pid, f"pid {pid}", f"child of pid {t.ppid}")
+        if isinstance(t, SurveyTask) and t.tracer:
+            add("task:traced", pid, f"pid {pid}", f"traced by pid {t.tracer}"
+                + (f" ({t.tracer_comm})" if t.tracer_comm else ""))
+        # seccomp is per thread: a thread's own `creds` when they differ
+        modes = {t.creds.seccomp} | {th.creds.seccomp for th in t.threads if th.creds}
+        if 2 in modes and not t.crrun:
             add("task:seccomp", pid, f"pid {pid}", "seccomp filter mode")
         elif 1 in modes:
             add("task:seccomp-strict", pid, f"pid {pid}", "seccomp strict mode")
-        if t.get("fdt_unsupported"):
-            add("task:fdt-shared-other", pid, f"pid {pid}", t["fdt_unsupported"])
-        elif t.get("fdt") and t["fdt"] != pid:
-            add("task:fdt-shared", pid, f"pid {pid}", f"shares the fd table of pid {t['fdt']}")
-            if t.get("locks") or t.get("cwd_ghost") or any(
-                    files[d["file"]].get(k) for d in t["fds"] for k in ("locks", "lease")):
+        if t.fdt_unsupported:
+            add("task:fdt-shared-other", pid, f"pid {pid}", t.fdt_unsupported)
+        elif t.fdt and t.fdt != pid:
+            add("task:fdt-shared", pid, f"pid {pid}", f"shares the fd table of pid {t.fdt}")
+            if t.locks or t.cwd_ghost is not None or any(
+                    files[d.file].locks or files[d.file].lease for d in t.fds):
                 add("task:fdt-shared-state", pid, f"pid {pid}", "locks, a lease or a deleted "
-                    f"working directory in the fd table it shares with pid {t['fdt']}")
-        if t.get("posix_timers"):
-            add("task:posix-timer", pid, f"pid {pid}", f"{t['posix_timers']} POSIX timer(s)")
-        if t.get("attrs"):
+                    f"working directory in the fd table it shares with pid {t.fdt}")
+        if t.posix_timers:
+            add("task:posix-timer", pid, f"pid {pid}", f"{t.posix_timers} POSIX timer(s)")
+        if t.attrs is not None:
             from statefile.dump.attrs import attr_problems
             for key, detail in attr_problems(t):
                 add(key, pid, f"pid {pid}", detail)
-        for fl in t.get("crrun_flags", flags_by_pid.get(pid, [])):
+        for fl in t.crrun_flags or flags_by_pid.get(pid, []):
             out.append(flag_finding(fl, pid, skip))
-        for fd in t["fds"]:
-            f = files[fd["file"]]
-            where, detail = f"pid {pid} fd {fd['fd']}", f"{f['path']} ({f['kind']})"
+        for fd in t.fds:
+            f = files[fd.file]
+            where, detail = f"pid {pid} fd {fd.fd}", f"{f.path} ({f.kind})"
             key = fd_key(f)
-            if f.get("proc") and not f["proc"].get("dead") and f["proc"]["pid"] in tree_pids \
-                    and f["kind"] in ("regular", "directory"):
+            proc = _proc(f)
+            if proc is not None and not proc.dead and proc.pid in tree_pids:
                 key = "fd:proc-tree"
             if key == "fd:socket:unix":
-                key = _unix_key(f, files, holders, fd["file"])
+                key = _unix_key(f, files, holders, fd.file)
                 if key == "fd:socket:unix-fds-other":
                     detail = f"{detail}: {scm_problem(f, files, holders)}"
-            if key == "fd:fanotify" and fanotify_problem(f.get("anon") or {}):
+            if key == "fd:fanotify" and fanotify_problem(f.anon):
                 key = "fd:fanotify-other"
-                detail = f"{detail}: {fanotify_problem(f.get('anon') or {})}"
-            elif key == "fd:fanotify" and (f.get("anon") or {}).get("unread"):
-                add("fd:fanotify-unread", pid, where, f"fanotify fd {fd['fd']} has unread "
-                    f"events ({f['anon']['unread']} bytes queued)")
+                detail = f"{detail}: {fanotify_problem(f.anon)}"
+            elif key == "fd:fanotify" and f.anon.unread:
+                add("fd:fanotify-unread", pid, where, f"fanotify fd {fd.fd} has unread "
+                    f"events ({f.anon.unread} bytes queued)")
             if key.startswith("fd:socket:tcp"):
-                si = f["socket"]
-                detail = f"{detail}: TCP {':'.join(map(str, si.get('local', ['?'])[:2]))} -> " \
-                    f"{':'.join(map(str, si.get('peer', ['?'])[:2]))} ({si['tcp']['state']})" \
-                    + (f": {si['tcp']['error']}" if si["tcp"].get("error") else "")
-            if key == "fd:bpf" and f.get("bpf", {}).get("unsupported"):
-                detail = f"{detail}: {f['bpf']['unsupported']}"
-            if key == "fd:pidfd" and not in_tree(f.get("pidfd", {}), tasks, zombies):
+                si = f.socket
+                ends = [":".join(map(str, (a or ["?"])[:2])) for a in (si.local, si.peer)]
+                detail = f"{detail}: TCP {ends[0]} -> {ends[1]} ({si.tcp.state})" \
+                    + (f": {si.tcp.error}" if si.tcp.error else "")
+            if key == "fd:bpf" and isinstance(f, rec.BpfMapFile) and f.bpf.unsupported:
+                detail = f"{detail}: {f.bpf.unsupported}"
+            if key == "fd:pidfd" and not in_tree(f.pidfd, tasks, zombies):
                 key = "fd:pidfd-external"
-                detail = f"{detail}: refers to pid {f.get('pidfd', {}).get('pid', '?')}"
+                detail = f"{detail}: refers to pid {f.pidfd.pid if f.pidfd else '?'}"
             add(key, pid, where, detail)
-            if fd["file"] in passthrough:
-                add("fd:stdio-external", pid, where, external_pipes[fd["file"]])
-            elif fd["file"] in external_pipes:
-                add("fd:pipe-external", pid, where, external_pipes[fd["file"]])
-            if fd["file"] in tty_problems:
-                add(*tty_problems[fd["file"]][:1], pid, where, tty_problems[fd["file"]][1])
-            if key in _ANON_KEYS and len(holders.get(fd["file"], ())) > 1:
+            if fd.file in passthrough:
+                add("fd:stdio-external", pid, where, external_pipes[fd.file])
+            elif fd.file in external_pipes:
+                add("fd:pipe-external", pid, where, external_pipes[fd.file])
+            if fd.file in tty_problems:
+                add(*tty_problems[fd.file][:1], pid, where, tty_problems[fd.file][1])
+            if key in _ANON_KEYS and len(holders.get(fd.file, ())) > 1:
                 add("fd:anon-shared", pid, where, detail)
             if _shmem_problem(f, shmem):
                 add("mem:shared-other", pid, where, f"{detail}: {_shmem_problem(f, shmem)}")
-            if key == "fd:epoll" and any("fd" in t and t["fd"] is None
-                                         for t in f.get("anon", {}).get("targets", [])):
-                add("fd:epoll-elsewhere", pid, where, f"epoll fd {fd['fd']} watches a file "
+            if key == "fd:epoll" and any(tg.fd is None for tg in f.anon.targets):
+                add("fd:epoll-elsewhere", pid, where, f"epoll fd {fd.fd} watches a file "
                     "no fd of the task holds")
             if key == "fd:inotify":
                 _inotify_deleted_watches(f, t, files)
-            if key == "fd:inotify" and any(not w.get("path") and w.get("file") is None
-                                           for w in f.get("anon", {}).get("watches", [])):
-                add("fd:inotify-lost", pid, where, detail)
-            if key == "fd:inotify" and f.get("anon", {}).get("unread"):
-                add("fd:inotify-unread", pid, where, f"inotify fd {fd['fd']} has unread "
-                    f"events ({f['anon']['unread']} bytes queued)")
-        for m in t["mappings"]:
+                if any(not w.path and w.file is None for w in f.anon.watches):
+                    add("fd:inotify-lost", pid, where, detail)
+                if f.anon.unread:
+                    add("fd:inotify-unread", pid, where, f"inotify fd {fd.fd} has unread "
+                        f"events ({f.anon.unread} bytes queued)")
+        for m in t.mappings:
             key = mapping_key(m)
-            where = f"pid {pid} {m['start']:#x}-{m['end']:#x}"
-            detail = f"{m['path'] or 'anonymous'} ({m['kind']})"
+            where = f"pid {pid} {m.start:#x}-{m.end:#x}"
+            detail = f"{m.path or 'anonymous'} ({m.kind})"
             if _shmem_problem(m, shmem):
                 add("mem:shared-other", pid, where, f"{detail}: {_shmem_problem(m, shmem)}")
             if key in ("mem:private", "mem:file-shared", "mem:vdso"):
@@ -931,7 +958,7 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for fid, (pid, fd, via) in carriers.items():
         g = files[fid]
         where = f"pid {pid} fd {fd} (in flight)"
-        detail = f"{g['path']} ({g['kind']}) in flight in {files[via]['path']}"
+        detail = f"{g.path} ({g.kind}) in flight in {files[via].path}"
         key = fd_key(g)
         if key == "fd:socket:unix":
             key = _unix_key(g, files, holders, fid)
@@ -944,20 +971,23 @@ def assess(tasks: list[dict], files: list[dict], zombies: list[dict],
     for key, p, where, detail in lock_findings(tasks, files, zombies):
         add(key, p, where, detail)     # file locks, leases, SIGIO owners
     for z in zombies:
-        add("task:zombie", z["pid"], f"pid {z['pid']}", f"{z['comm']} (exited, not reaped)")
-    root = tasks[0]["pid"] if tasks else 0
-    for kind, idname in (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid")):
-        for obj in (ipc or {}).get(kind, []):
-            add(f"ipc:{kind}", root, f"SysV {kind} id {obj[idname]}", f"key {obj['key']:#x}")
-    for u in (ipc or {}).get("sem_undo", []):
-        p = u["pid"]
-        add("ipc:sem-undo", p, f"pid {p}", f"pid {p} holds SEM_UNDO adjustments"
-            if u["threads"] <= 1 else f"pid {p} may hold SEM_UNDO adjustments (its "
-            f"{u['threads']} threads share an undo list, which cannot be told empty)")
+        add("task:zombie", z.pid, f"pid {z.pid}", f"{z.comm} (exited, not reaped)")
+    if ipc is not None:
+        root = tasks[0].pid if tasks else 0
+        for kind, ids in (("shm", [(o.shmid, o.key) for o in ipc.shm]),
+                          ("sem", [(o.semid, o.key) for o in ipc.sem]),
+                          ("msg", [(o.msqid, o.key) for o in ipc.msg])):
+            for ident, key in ids:
+                add(f"ipc:{kind}", root, f"SysV {kind} id {ident}", f"key {key:#x}")
+        for u in ipc.sem_undo:
+            p = u.pid
+            add("ipc:sem-undo", p, f"pid {p}", f"pid {p} holds SEM_UNDO adjustments"
+                if u.threads <= 1 else f"pid {p} may hold SEM_UNDO adjustments (its "
+                f"{u.threads} threads share an undo list, which cannot be told empty)")
     return out
 
 
-def _ns_findings(tasks: list[dict], own: dict[str, str]) -> list[Finding]:
+def _ns_findings(tasks, own: dict[str, str]) -> list[Finding]:
     """Namespaces: a UTS/IPC namespace of the tree's own is restored when the
     whole tree shares it (restorer/restore/ns.py); every other namespace kind
     must be crelf's own."""
@@ -969,15 +999,15 @@ def _ns_findings(tasks: list[dict], own: dict[str, str]) -> list[Finding]:
         r = BY_KEY[key]
         out.append(Finding(key, f"pid {pid}", detail, r.status, reason or r.reason, None, pid))
     root = tasks[0]
-    rpid, rns = root["pid"], root.get("namespaces", {})
+    rpid, rns = root.pid, root.namespaces
     for kind in ("uts", "ipc"):
-        rlink = rns.get(kind, "")
-        odd = [t for t in tasks if t.get("namespaces", {}).get(kind, "") != rlink]
+        rlink = getattr(rns, kind)
+        odd = [t for t in tasks if getattr(t.namespaces, kind) != rlink]
         for t in odd:
-            add("task:ns-mixed", t["pid"], f"{kind} namespace "
-                f"{t.get('namespaces', {}).get(kind) or '?'}, the root's is {rlink or '?'}")
+            add("task:ns-mixed", t.pid, f"{kind} namespace "
+                f"{getattr(t.namespaces, kind) or '?'}, the root's is {rlink or '?'}")
         if rlink and own.get(kind) and rlink != own[kind] and not odd:
-            err = root.get("ns_errors", {}).get(kind)
+            err = root.ns_errors.get(kind)
             if err:
                 out.append(Finding("task:namespace", f"pid {rpid}", f"own {kind} namespace "
                                    f"{rlink}", UNSUPPORTED, f"its state cannot be read: {err} "
@@ -987,69 +1017,67 @@ def _ns_findings(tasks: list[dict], own: dict[str, str]) -> list[Finding]:
                     f"(shared by the {len(tasks)} task(s) of the tree)")
     _pidns_findings(tasks, own, add)
     for t in tasks:
-        for kind, link in t.get("namespaces", {}).items():
+        for kind, link in msgspec.structs.asdict(t.namespaces).items():
             if kind in ("uts", "ipc", "pid") or kind not in own:
                 continue
             if link and own[kind] and link != own[kind]:
-                add("task:namespace", t["pid"], f"own {kind} namespace {link}")
+                add("task:namespace", t.pid, f"own {kind} namespace {link}")
     return out
 
 
-def _pidns_findings(tasks: list[dict], own: dict[str, str], add) -> None:
+def _pidns_findings(tasks, own: dict[str, str], add) -> None:
     """A pid namespace other than crelf's is restored when it is the tree's
     own: its init is the root and every task is in it, one level below
     crelf's (CR_HEADER namespaces `pid`, restorer/restore/ns.py)."""
     root = tasks[0]
-    rpid, rlink, mine = root["pid"], root.get("namespaces", {}).get("pid", ""), own.get("pid")
+    rpid, rlink, mine = root.pid, root.namespaces.pid, own.get("pid")
     if not mine:
         return
     from statefile.dump.ns import nspid
     depth = len(nspid(os.getpid()))
-    others = [t for t in tasks if t.get("namespaces", {}).get("pid", "") not in ("", mine)]
+    others = [t for t in tasks if t.namespaces.pid not in ("", mine)]
     if rlink in ("", mine):
         for t in others:        # e.g. `unshare --pid --fork` checkpointed instead of its child
-            ns = t.get("nspid") or [t["pid"]]
-            hint = (f"; checkpoint pid {t['pid']}, its init, instead" if ns[-1] == 1 else "")
-            add("task:ns-pid-other", t["pid"], f"pid {ns[-1]} of pid namespace "
-                f"{t['namespaces']['pid']}, the root pid {rpid} is in crelf's{hint}")
+            ns = t.nspid or [t.pid]
+            hint = (f"; checkpoint pid {t.pid}, its init, instead" if ns[-1] == 1 else "")
+            add("task:ns-pid-other", t.pid, f"pid {ns[-1]} of pid namespace "
+                f"{t.namespaces.pid}, the root pid {rpid} is in crelf's{hint}")
         return
-    odd = [t for t in tasks if t.get("namespaces", {}).get("pid", "") != rlink]
-    rns = root.get("nspid") or [rpid]
+    odd = [t for t in tasks if t.namespaces.pid != rlink]
+    rns = root.nspid or [rpid]
     if rns[-1] != 1 or len(rns) != depth + 1:
         why = (f"the root is pid {rns[-1]} there, not its init" if rns[-1] != 1
                else f"nested {len(rns) - depth} levels below crelf's")
         add("task:ns-pid-other", rpid, f"pid namespace {rlink}: {why}")
     for t in odd:
-        add("task:ns-pid-other", t["pid"], f"pid namespace {t['namespaces'].get('pid') or '?'}, "
+        add("task:ns-pid-other", t.pid, f"pid namespace {t.namespaces.pid or '?'}, "
             f"the root's is {rlink}")
     if rns[-1] == 1 and len(rns) == depth + 1 and not odd:
         add("task:ns-pid", rpid, f"own pid namespace {rlink}, the root is its init (pid 1), "
             f"shared by the {len(tasks)} task(s) of the tree")
 
 
-def _inotify_deleted_watches(f: dict, task: dict, files: list[dict]) -> None:
+def _inotify_deleted_watches(f: rec.InotifyFile, task, files: list[rec.File]) -> None:
     """A watch on a file deleted since can be restored on the same inode
     through an fd of the task still open on it: `file` names that entry
     (restorer/restore_anon.finish_inotify watches /proc/self/fd/N)."""
-    for w in (f.get("anon") or {}).get("watches", []):
-        if w.get("path") or not w.get("deleted") or w.get("file") is not None:
+    for w in f.anon.watches:
+        if w.path or not w.deleted or w.file is not None:
             continue
-        sdev = w.get("sdev", -1)
-        for d in task["fds"]:
-            g = files[d["file"]]
-            if g.get("kind") == "regular" and g.get("deleted") and g.get("ino") == w["ino"] \
-                    and (os.major(g.get("dev", 0)), os.minor(g.get("dev", 0))) == \
-                    (sdev >> 20, sdev & 0xFFFFF):
-                w["file"] = d["file"]
+        for d in task.fds:
+            g = files[d.file]
+            if isinstance(g, rec.RegularFile) and g.deleted and g.ino == w.ino \
+                    and (os.major(g.dev), os.minor(g.dev)) == (w.sdev >> 20, w.sdev & 0xFFFFF):
+                w.file = d.file
                 break
 
 
-def _shmem_problem(entry: dict, shmem: list[dict] | None) -> str:
+def _shmem_problem(entry: rec.File | rec.Mapping, shmem: list[rec.Shmem] | None) -> str:
     """Why the memfd/shared file object of a file entry or mapping cannot be saved."""
-    i = entry.get("shmem")
+    i = entry.shmem if isinstance(entry, (rec.RegularFile, rec.Mapping)) else None
     if i is None or not shmem or not 0 <= i < len(shmem):
         return ""
-    return shmem[i].get("unsupported", "")
+    return shmem[i].unsupported
 
 
 def problems(findings: list[Finding]) -> list[Finding]:

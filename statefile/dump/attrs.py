@@ -90,27 +90,28 @@ def _has_cap(bit: int) -> bool:
         return False
 
 
-def attr_problems(task: dict) -> list[tuple[str, str]]:
-    """(support key, detail) for attributes a restart here could not set back."""
+def attr_problems(task) -> list[tuple[str, str]]:
+    """(support key, detail) for attributes of a records.TaskNote (one with
+    `attrs`) a restart here could not set back."""
     out = []
-    oom = task["attrs"].get("oom_score_adj")
-    if oom is not None and oom_floor_problem(oom):
+    oom = task.attrs.oom_score_adj
+    if oom_floor_problem(oom):
         out.append(("task:oom-score-low", oom_floor_problem(oom)))
     if not _has_cap(23):           # CAP_SYS_NICE
-        lim = task.get("rlimits", {})
-        rtprio = (lim.get("rtprio") or [0])[0]
-        nice_rlim = (lim.get("nice") or [0])[0]
-        for th in task["threads"]:
-            s = (th.get("attrs") or {}).get("sched")
-            if not s:
+        lim = task.rlimits
+        rtprio = lim.rtprio[0] if lim is not None else 0
+        nice_rlim = lim.nice[0] if lim is not None else 0
+        for th in task.threads:
+            s = th.attrs.sched if th.attrs is not None else None
+            if s is None:
                 continue
-            if s["policy"] in (1, 2) and s["priority"] > rtprio:
-                out.append(("task:sched-privileged", f"thread {th['tid']}: real-time priority "
-                            f"{s['priority']} above its RLIMIT_RTPRIO {rtprio}"))
-            elif s["policy"] == 6:
-                out.append(("task:sched-privileged", f"thread {th['tid']}: SCHED_DEADLINE"))
-            elif 20 - s["nice"] > nice_rlim and s["nice"] < _own_nice():
-                out.append(("task:sched-privileged", f"thread {th['tid']}: nice {s['nice']} "
+            if s.policy in (1, 2) and s.priority > rtprio:
+                out.append(("task:sched-privileged", f"thread {th.tid}: real-time priority "
+                            f"{s.priority} above its RLIMIT_RTPRIO {rtprio}"))
+            elif s.policy == 6:
+                out.append(("task:sched-privileged", f"thread {th.tid}: SCHED_DEADLINE"))
+            elif 20 - s.nice > nice_rlim and s.nice < _own_nice():
+                out.append(("task:sched-privileged", f"thread {th.tid}: nice {s.nice} "
                             f"below what its RLIMIT_NICE {nice_rlim} allows"))
     return out
 

@@ -24,7 +24,7 @@ def membership(pid: int | str, tid: int | None = None) -> dict[str, str]:
     return out
 
 
-def differences(tasks: list[dict], live: bool = True) -> list[tuple[int, int, str]]:
+def differences(tasks, live: bool = True) -> list[tuple[int, int, str]]:
     """(pid, tid, what) for each thread not in crcheckpoint's own cgroups.
     Each thread's membership is read once, live, and kept in its CR_TASK
     thread record (`cgroups`); a loaded statefile's records are compared as
@@ -32,20 +32,18 @@ def differences(tasks: list[dict], live: bool = True) -> list[tuple[int, int, st
     that, the check is the checkpoint's)."""
     mine = membership("self")
     out = []
-    for t in tasks:
-        for th in t["threads"]:
-            if isinstance(th, int):      # (crcheck's tasks list bare tids)
-                th = {"tid": th}
-            if "cgroups" not in th:
+    for t in tasks:         # (records.TaskNote, or crcheck's SurveyTask)
+        for th in t.threads:
+            if not th.cgroups:
                 if not live:
                     continue      # (a loaded statefile's task: /proc shows another process)
                 try:
-                    th["cgroups"] = membership(t["pid"], th["tid"])
+                    th.cgroups = membership(t.pid, th.tid)
                 except OSError:
                     continue
-            theirs = th["cgroups"]
+            theirs = th.cgroups
             diff = [f"{h or 'cgroup2'}:{p} (crelf: {mine.get(h, 'absent')})"
                     for h, p in sorted(theirs.items()) if mine.get(h) != p]
             if diff:
-                out.append((t["pid"], th["tid"], ", ".join(diff)))
+                out.append((t.pid, th.tid, ", ".join(diff)))
     return out

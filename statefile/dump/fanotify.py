@@ -70,11 +70,11 @@ def parse(pid: int, fd: int, lines: list[str]) -> dict:
     return out
 
 
-def problem(rec: dict) -> str | None:
-    """Why a fanotify group cannot be restored, or None."""
-    if rec.get("flags", 0) & FAN_CLASS_MASK:
+def problem(rec) -> str | None:
+    """Why a fanotify group (its records.FanotifyState) cannot be restored, or None."""
+    if rec.flags & FAN_CLASS_MASK:
         return "a permission-class group (FAN_CLASS_CONTENT or PRE_CONTENT)"
-    lost = [m for m in rec.get("marks", []) if not m.get("path")]
+    lost = [m for m in rec.marks if not m.path]
     if lost:
         return f"the object of {len(lost)} mark(s) was not found (deleted, or not visible)"
     return None

@@ -22,6 +22,7 @@ from statefile.dump import (anon as dump_anon, bpf as dump_bpf, fanotify as dump
 from statefile.control import procfs
 from statefile.control import ptrace as pt
 from statefile.dump.memory import SegmentPlan
+from statefile.format import records
 
 TTY_MAJORS = {4, 5} | set(range(136, 144))
 PROC_SUPER_MAGIC = 0x9FA0
@@ -304,11 +305,15 @@ class FileTable:
             g["proc"] = proc
         task["cwd_ghost"] = g
 
-    def add_blob(self, entry: dict, what: str) -> None:
-        """Keep the content of an open file (sparse, by SEEK_DATA) in a blob segment."""
-        pid, fd = entry["owner_pid"], entry["owner_fd"]
+    def add_blob(self, entry, what: str) -> None:
+        """Keep the content of an open file (sparse, by SEEK_DATA) in a blob
+        segment: `entry` a dict of the dump side, or a record (a tmpfs file's,
+        dump_tmpfs_contents)."""
+        if isinstance(entry, dict):
+            pid, fd, size = entry["owner_pid"], entry["owner_fd"], entry["size"]
+        else:
+            pid, fd, size = entry.owner_pid, entry.owner_fd, entry.size
         path = f"/proc/{pid}/fd/{fd}"
-        size = entry["size"]
         runs, pos = [], 0
         with open(path, "rb") as f:
             while pos < size:
@@ -319,18 +324,22 @@ class FileTable:
                 h = min(os.lseek(f.fileno(), d, os.SEEK_HOLE), size)
                 runs.append((d, h - d))
                 pos = h
-        entry["blob"] = len(self.blobs)
+        if isinstance(entry, dict):
+            entry["blob"] = len(self.blobs)
+        else:
+            entry.blob = len(self.blobs)
         self.blobs.append(SegmentPlan(pid, 0, size, "r--p", True, runs, src="file",
                                       src_path=path, src_offset=0,
                                       blob=what))
 
     def dump_tmpfs_contents(self) -> None:
-        """Policy dump_tmpfs: keep the content of regular files on tmpfs (/dev/shm...)."""
+        """Policy dump_tmpfs: keep the content of regular files on tmpfs (/dev/shm...);
+        the files are records by then (statefile/checkpoint.py)."""
         for entry in self.files:
-            if entry["kind"] == "regular" and "blob" not in entry and "shmem" not in entry \
-                    and not dump_locks.open_breaks_lease(entry) \
-                    and fstype(entry["owner_pid"], entry["mnt_id"]) in ("tmpfs", "ramfs"):
-                self.add_blob(entry, f"content of tmpfs file {entry['path']}")
+            if isinstance(entry, records.RegularFile) and entry.blob is None \
+                    and entry.shmem is None and not dump_locks.open_breaks_lease(entry.lease) \
+                    and fstype(entry.owner_pid, entry.mnt_id) in ("tmpfs", "ramfs"):
+                self.add_blob(entry, f"content of tmpfs file {entry.path}")
 
 
 def fstype(pid: int, mnt_id: int) -> str:

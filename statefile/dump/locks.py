@@ -28,6 +28,8 @@ import fcntl
 import os
 import struct
 
+from msgspec import UNSET
+
 from statefile.control import procfs
 from statefile.control import ptrace as pt
 
@@ -136,69 +138,71 @@ def add_fd(files, task_locks: list[dict], entry: dict, fid: int, pid: int, fd: i
             entry["fown"] = fown
 
 
-def open_breaks_lease(entry: dict) -> bool:
+def open_breaks_lease(le) -> bool:
     """Whether opening the file to read its content (a deleted file's blob)
-    would break its lease, and wait for the frozen holder to give it up: any
+    would break its lease `le` (a file's "lease": a dict of the dump side, a
+    records.Lease, or None), and wait for the frozen holder to give it up: any
     lease but an active read lease conflicts with a reader."""
-    le = entry.get("lease")
-    return bool(le) and not (le["state"] == "active" and le["type"] == "read")
+    if not le:
+        return False
+    state, kind = (le["state"], le["type"]) if isinstance(le, dict) else (le.state, le.type)
+    return not (state == "active" and kind == "read")
 
 
 # --- what the support table says about them (statefile/check/support.py) -------------------
 
-def findings(tasks: list[dict], files: list[dict], zombies: list[dict]):
-    """(key, pid, where, detail) for every lock, lease and SIGIO owner of the tree."""
-    pids = {t["pid"] for t in tasks} | {z["pid"] for z in zombies}
-    pgids = {t["pgid"] for t in tasks} | {z.get("pgid") for z in zombies}
-    thread_of = {(th if isinstance(th, int) else th["tid"]): t["pid"]
-                 for t in tasks for th in t.get("threads", [])}
+def findings(tasks, files, zombies):
+    """(key, pid, where, detail) for every lock, lease and SIGIO owner of the
+    tree (records: the tasks' and files' of statefile/format/records.py)."""
+    pids = {t.pid for t in tasks} | {z.pid for z in zombies}
+    pgids = {t.pgid for t in tasks} | {z.pgid for z in zombies}
+    thread_of = {th.tid: t.pid for t in tasks for th in t.threads}
     seen: set[int] = set()
     for t in tasks:
-        pid = t["pid"]
-        for lk in t.get("locks", []):
-            f = files[lk["file"]] if 0 <= lk.get("file", -1) < len(files) else {}
-            yield ("fd:lock", pid, f"pid {pid} fd {lk['fd']}",
-                   f"POSIX {lk['type']} lock on {f.get('path', '?')} {_range(lk)}")
-        for d in t["fds"]:
-            fid = d["file"]
+        pid = t.pid
+        for lk in t.locks:
+            f = files[lk.file] if 0 <= lk.file < len(files) else None
+            yield ("fd:lock", pid, f"pid {pid} fd {lk.fd}",
+                   f"POSIX {lk.type} lock on {f.path if f is not None else '?'} {_range(lk)}")
+        for d in t.fds:
+            fid = d.file
             if fid in seen:
                 continue
             seen.add(fid)
             f = files[fid]
-            where = f"pid {pid} fd {d['fd']}"
-            for lk in f.get("locks", []):
-                what = "flock" if lk["kind"] == "flock" else f"OFD lock {_range(lk)}"
-                yield ("fd:lock", pid, where, f"{what} ({lk['type']}) on {f['path']}")
-            for text in f.get("locks_other", []):
-                yield ("fd:lock-other", pid, where, f"{f['path']}: {text}")
-            le = f.get("lease")
-            if le:
-                yield ("fd:lease", pid, where, f"{le['state']} lease ({le['type']}) on "
-                       f"{f['path']}")
-                if f.get("deleted") and f["kind"] == "regular" and open_breaks_lease(f) \
-                        and "shmem" not in f and not f["path"].startswith("/memfd:"):
-                    what = (f"a {le['type']} lease" if le["state"] == "active"
-                            else f"a lease being broken (to {le['type']})")
-                    yield ("fd:lease-deleted", pid, where, f"{f['path']}: deleted, under "
+            where = f"pid {pid} fd {d.fd}"
+            for lk in f.locks:
+                what = "flock" if lk.kind == "flock" else f"OFD lock {_range(lk)}"
+                yield ("fd:lock", pid, where, f"{what} ({lk.type}) on {f.path}")
+            for text in f.locks_other:
+                yield ("fd:lock-other", pid, where, f"{f.path}: {text}")
+            le = f.lease
+            if le is not None:
+                yield ("fd:lease", pid, where, f"{le.state} lease ({le.type}) on {f.path}")
+                if f.deleted and f.kind == "regular" and open_breaks_lease(le) \
+                        and f.shmem is None and not f.path.startswith("/memfd:"):
+                    what = (f"a {le.type} lease" if le.state == "active"
+                            else f"a lease being broken (to {le.type})")
+                    yield ("fd:lease-deleted", pid, where, f"{f.path}: deleted, under "
                            f"{what}")
-            fo = f.get("fown")
-            if fo:
-                o, ty = fo.get("pid", 0), fo.get("pid_type")
-                holders = {t2["pid"] for t2 in tasks
-                           if any(d2["file"] == fid for d2 in t2["fds"])}
+            fo = f.fown
+            if fo is not None:
+                o, ty = fo.pid, fo.pid_type
+                holders = {t2.pid for t2 in tasks if any(d2.file == fid for d2 in t2.fds)}
                 inside = (not o or (ty == "pid" and o in pids) or (ty == "pgrp" and o in pgids)
                           or (ty == "tid" and o in thread_of))
                 if not inside:
-                    yield ("fd:fown-external", pid, where, f"{f['path']}: SIGIO goes to "
+                    yield ("fd:fown-external", pid, where, f"{f.path}: SIGIO goes to "
                            f"{ty} {o}, outside the tree")
                 elif ty == "tid" and o and thread_of[o] not in holders:
-                    yield ("fd:fown-thread", pid, where, f"{f['path']}: SIGIO goes to thread "
+                    yield ("fd:fown-thread", pid, where, f"{f.path}: SIGIO goes to thread "
                            f"{o} of pid {thread_of[o]}, which does not hold the file")
                 else:
-                    yield ("fd:fown", pid, where, f"{f['path']}: SIGIO owner {ty} {o}, "
-                           f"signal {fo.get('signum', 0)}")
+                    yield ("fd:fown", pid, where, f"{f.path}: SIGIO owner {ty} {o}, "
+                           f"signal {fo.signum}")
 
 
-def _range(lk: dict) -> str:
-    end = "EOF" if lk.get("end") is None else lk["end"]
-    return f"bytes {lk.get('start', 0)}-{end}"
+def _range(lk) -> str:
+    """A records.PosixLock's or records.FileLock's byte range."""
+    end = "EOF" if lk.end is None or lk.end is UNSET else lk.end
+    return f"bytes {lk.start}-{end}"

@@ -129,7 +129,7 @@ def collect(tasks: list[dict], files, dump_tmpfs: bool = False) -> list[dict]:
         key = _file_key(f)
         if is_memfd_path(f["path"]) and f.get("deleted"):
             o = obj(key, "memfd", f["path"])
-        elif f.get("deleted") and "proc" not in f and not open_breaks_lease(f) \
+        elif f.get("deleted") and "proc" not in f and not open_breaks_lease(f.get("lease")) \
                 and key not in anon_objects:
             # (an fd on a shared anonymous object a task maps, "/dev/zero
             # (deleted)" through map_files, is restore_ipc's: one memfd)

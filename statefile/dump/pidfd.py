@@ -34,13 +34,15 @@ def parse(info: dict[str, str], ino: int) -> dict | None:
     return {"pid": pid, "thread": bool(flags & PIDFD_THREAD), "ino": ino}
 
 
-def in_tree(rec: dict, tasks: list[dict], zombies: list[dict]) -> bool:
-    """Whether a pidfd can be restored: it refers to a process or thread of
-    the tree (zombies included), or to one that has exited (-1)."""
-    pid = rec.get("pid", 0)
-    if pid == -1:
+def in_tree(rec, tasks, zombies) -> bool:
+    """Whether a pidfd (its records.PidfdInfo, None when it was not read) can
+    be restored: it refers to a process or thread of the tree (zombies
+    included), or to one that has exited (-1)."""
+    if rec is None:
+        return False
+    if rec.pid == -1:
         return True
-    ids = {t["pid"] for t in tasks} | {z["pid"] for z in zombies}
-    if rec.get("thread"):
-        ids |= {th["tid"] for t in tasks for th in t["threads"]}
-    return pid in ids
+    ids = {t.pid for t in tasks} | {z.pid for z in zombies}
+    if rec.thread:
+        ids |= {th.tid for t in tasks for th in t.threads}
+    return rec.pid in ids

@@ -25,6 +25,7 @@ import time
 
 from statefile.control import procfs
 from statefile.control import ptrace as pt
+from statefile.format import records
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 FIONREAD = 0x541B
@@ -171,10 +172,13 @@ def pipe_key(f: dict) -> tuple:
 
 
 def external(tasks: list[dict], files: list[dict]) -> dict[int, str]:
-    """{file id: why} for pipe/FIFO descriptions a restart cannot rebuild: an
-    end is held by a process outside the tree (an "external" pipe), or the
-    pipe could not be inspected.  A pipe with an end missing that nobody else
-    holds is fine: the restart rebuilds it without that end, as it was."""
+    """The dump side, before its dicts become records: {file id: why} for
+    pipe/FIFO descriptions a restart cannot rebuild: an end is held by a
+    process outside the tree (an "external" pipe), or the pipe could not be
+    inspected.  A pipe with an end missing that nobody else holds is fine: the
+    restart rebuilds it without that end, as it was.  Decided once, at
+    checkpoint time, and kept in each entry (`pipe.checked`, `pipe.external`:
+    problems() reads them), so a restart never looks at today's processes."""
     ends: dict[tuple, set[str]] = {}
     by_key: dict[tuple, list[dict]] = {}
     used = {d["file"] for t in tasks for d in t["fds"]}
@@ -189,10 +193,6 @@ def external(tasks: list[dict], files: list[dict]) -> dict[int, str]:
         if writable(f["flags"]):
             e.add("w")
     why: dict[int, str] = {}
-    if by_key and all(f.get("pipe", {}).get("checked") for fs in by_key.values() for f in fs):
-        # Decided at checkpoint time (a restart must not look at today's processes).
-        return {f["id"]: f["pipe"]["external"] for fs in by_key.values() for f in fs
-                if f["pipe"].get("external")}
     for k, fs in by_key.items():
         err = next((f["pipe"]["error"] for f in fs if "error" in f.get("pipe", {})), None)
         if err:
@@ -217,36 +217,50 @@ def external(tasks: list[dict], files: list[dict]) -> dict[int, str]:
     return why
 
 
+def _pipes(tasks: list[records.TaskNote], files: list[records.File]) \
+        -> list[records.PipeFile | records.FifoFile]:
+    used = {d.file for t in tasks for d in t.fds}
+    return [f for f in files if isinstance(f, (records.PipeFile, records.FifoFile))
+            and f.id in used]
+
+
+def problems(tasks: list[records.TaskNote], files: list[records.File]) -> dict[int, str]:
+    """{file id: why} for the pipe/FIFO descriptions of the tree a restart
+    cannot rebuild: what external() decided, kept in the records."""
+    return {f.id: f.pipe.external for f in _pipes(tasks, files) if f.pipe.external}
+
+
 STDIO = frozenset((0, 1, 2))
 
 
-def stdio_passthrough(tasks: list[dict], files: list[dict]) -> dict[int, int]:
+def stdio_passthrough(tasks: list[records.TaskNote],
+                      files: list[records.File]) -> dict[int, int]:
     """{file id: fd number} for the external pipes a restart can still give
     back: a pipe whose other end a process outside the tree holds (the
     harness that started the program, the shell reading its output), held in
     the tree only as stdin, stdout or stderr.  crrestart connects them to its
     own fd of that number, as it does with a terminal (CRIU's inherit-fd);
     the bytes in flight stay in the old pipe, with the outside process."""
-    ext = external(tasks, files)
+    ext = problems(tasks, files)
     if not ext:
         return {}
-    by_id = {f["id"]: f for f in files}
+    by_id = {f.id: f for f in files}
     numbers: dict[int, set[int]] = {}
     for t in tasks:
-        for d in t["fds"]:
-            if d["file"] in ext:
-                numbers.setdefault(d["file"], set()).add(d["fd"])
-    groups: dict[tuple, list[dict]] = {}
+        for d in t.fds:
+            if d.file in ext:
+                numbers.setdefault(d.file, set()).add(d.fd)
+    groups: dict[int, list[records.PipeFile]] = {}
     for fid in numbers:
         f = by_id[fid]
-        if f["kind"] == "pipe" and "error" not in f.get("pipe", {}):
-            groups.setdefault(pipe_key(f), []).append(f)
+        if isinstance(f, records.PipeFile) and f.pipe.error is None:
+            groups.setdefault(f.ino, []).append(f)
     out: dict[int, int] = {}
     for group in groups.values():
-        nums = set().union(*(numbers[f["id"]] for f in group))
-        ends = {e for f in group for e, ok in (("r", readable(f["flags"])),
-                                               ("w", writable(f["flags"]))) if ok}
+        nums = set().union(*(numbers[f.id] for f in group))
+        ends = {e for f in group for e, ok in (("r", readable(f.flags)),
+                                               ("w", writable(f.flags))) if ok}
         if nums <= STDIO and len(ends) == 1:    # one end only, at stdio numbers only
             for f in group:
-                out[f["id"]] = min(numbers[f["id"]])
+                out[f.id] = min(numbers[f.id])
     return out

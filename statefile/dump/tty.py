@@ -45,9 +45,12 @@ import signal
 import struct
 import termios
 
+import msgspec
+
 from statefile.control import procfs
 from statefile.control import ptrace as pt
 from statefile.errors import TargetError
+from statefile.format import records
 
 TIOCGPTN = 0x80045430
 TIOCGPKT = 0x80045438
@@ -182,11 +185,23 @@ def _slave_held_outside(indices: set[int], tree: set[int]) -> dict[int, list[int
     return out
 
 
+def problems(tasks: list[records.TaskNote], files: list[records.File]) \
+        -> dict[int, tuple[str, str]]:
+    """{file id: (support key, why)} for the terminal entries of the tree a
+    restart cannot rebuild: what pair_up decided, kept in the records."""
+    used = {d.file for t in tasks for d in t.fds}
+    return {f.id: tuple(f.tty_check) for f in files if f.id in used
+            and isinstance(f, (records.TtyFile, records.PtyMasterFile, records.PtySlaveFile))
+            and f.tty_check}
+
+
 def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
-    """Pair masters and slaves of the tree; return {file id: (support key,
-    why)} for the terminal entries a restart cannot rebuild.  Decided once, at
-    checkpoint time (each decision is kept in the entry: `tty_check`), so a
-    restart never looks at today's processes."""
+    """The dump side, before its dicts become records: pair masters and slaves
+    of the tree (their kinds become pty-master/-slave); return {file id:
+    (support key, why)} for the terminal entries a restart cannot rebuild.
+    Decided once, at checkpoint time (each decision is kept in the entry:
+    `tty_check`, read by problems()), so a restart never looks at today's
+    processes."""
     used = {d["file"] for t in tasks for d in t["fds"]}
     # A console or serial line that is the controlling terminal of a session
     # whose leader is outside the tree (a shell job on it): crrestart's own
@@ -201,8 +216,6 @@ def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
                 del f["tty_device"], f["ctty"]
     ttys = [f for f in files if f["id"] in used
             and f["kind"] in ("tty", "pty-master", "pty-slave")]
-    if ttys and all("tty_check" in f for f in ttys):
-        return {f["id"]: tuple(f["tty_check"]) for f in ttys if f["tty_check"]}
     masters: dict[int, dict] = {}
     why: dict[int, tuple[str, str]] = {}
     for f in ttys:
@@ -245,10 +258,11 @@ def pair_up(tasks: list[dict], files: list[dict]) -> dict[int, tuple[str, str]]:
             problem = (K_EXTERNAL, f"the slave /dev/pts/{i} is open in pid {held} outside "
                                    "the tree")
         elif (info.get("unread") or info.get("slave_unread") or info.get("packet_status")) \
-                and queue_problem(info):
+                and queue_problem(msgspec.convert(info, records.PtyInfo)):
             problem = (K_UNREAD, f"pty {i} holds {info.get('unread', 0)} byte(s) the master "
                                  f"has not read and {info.get('slave_unread', 0)} the slave "
-                                 f"has not read, which crelf cannot save: {queue_problem(info)}")
+                                 "has not read, which crelf cannot save: "
+                                 f"{queue_problem(msgspec.convert(info, records.PtyInfo))}")
         elif info.get("sid") and info["sid"] not in sessions:
             problem = (K_SESSION, f"pty {i} is the controlling terminal of session "
                                   f"{info['sid']}, whose leader is not in the tree")
@@ -299,19 +313,19 @@ def can_inject() -> bool:
     return _CAN_INJECT[0]
 
 
-def queue_problem(info: dict) -> str | None:
+def queue_problem(info: records.PtyInfo) -> str | None:
     """Why the bytes queued in the pair of master record `info` cannot be
     saved and put back, or None."""
-    if info.get("packet"):
+    if info.packet:
         return "the master is in packet mode"
-    if info.get("locked"):
+    if info.locked:
         return "the pair is locked (TIOCSPTLCK): no slave can be opened to read them"
-    if info.get("ldisc", N_TTY) != N_TTY or info.get("slave_ldisc", N_TTY) != N_TTY:
+    if info.ldisc != N_TTY or info.slave_ldisc != N_TTY:
         return "a line discipline other than N_TTY"
-    if (info.get("termios") or {}).get("lflag", 0) & EXTPROC:
+    if info.termios is not None and info.termios.lflag & EXTPROC:
         return "EXTPROC (line editing done outside the kernel)"
-    if info.get("slave_unread", 0) >= N_TTY_BUF - NEAR_FULL:
-        return (f"the slave's line discipline buffer is (nearly) full ({info['slave_unread']} "
+    if info.slave_unread >= N_TTY_BUF - NEAR_FULL:
+        return (f"the slave's line discipline buffer is (nearly) full ({info.slave_unread} "
                 "bytes): bytes may wait behind it, which reading would run through it")
     if not can_inject():
         return "putting them back needs TIOCSTI, which needs CAP_SYS_ADMIN"
@@ -336,12 +350,13 @@ def _read_all(fd: int, out: bytearray, master: bool) -> None:
         out += b
 
 
-def _setattr(fd: int, t: dict) -> None:
-    termios.tcsetattr(fd, termios.TCSANOW, [t["iflag"], t["oflag"], t["cflag"], t["lflag"],
-                                           t["ispeed"], t["ospeed"], list(t["cc"])])
+def _setattr(fd: int, t: records.Termios) -> None:
+    termios.tcsetattr(fd, termios.TCSANOW, [t.iflag, t.oflag, t.cflag, t.lflag,
+                                           t.ispeed, t.ospeed, list(t.cc)])
 
 
-def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
+def read_queues(master: int, slave: int | None, t: records.Termios,
+                q: records.PtyQueue) -> None:
     """Read (consuming them) the bytes queued in a pair: `master` a descriptor
     of its master (O_NONBLOCK is set on it for the time it takes), `slave` a
     slave opened O_NONBLOCK for this (None: the slave is closed), `t` its
@@ -359,23 +374,23 @@ def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
     try:
         _read_all(master, buf, True)
     finally:
-        q["to_master"] = buf.hex()
+        q.to_master = buf.hex()
         fcntl.fcntl(master, fcntl.F_SETFL, fl)
     if slave is None:               # no slave is open: nothing waits for one
         return
-    if not t["lflag"] & termios.ICANON:
+    if not t.lflag & termios.ICANON:
         buf = bytearray()
         try:
             _read_all(slave, buf, False)
         finally:
-            q["to_slave"] = buf.hex()
+            q.to_slave = buf.hex()
         return
     lines: list[bytes] = []
     try:
         _read_lines(slave, lines)
     finally:
-        q["lines"] = [x.hex() for x in lines]
-    r, _ = _refill(t, {})
+        q.lines = [x.hex() for x in lines]
+    r, _ = _refill(t, records.PtyQueue())
     old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
     try:
         _setattr(slave, r)
@@ -391,9 +406,9 @@ def read_queues(master: int, slave: int | None, t: dict, q: dict) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if not tail.endswith(b"\n" * n):
         raise OSError(errno.EIO, "the line being typed could not be read")
-    q["partial"] = tail[:-n].hex()
+    q.partial = tail[:-n].hex()
     if n == 2:
-        q["lnext"] = True
+        q.lnext = True
 
 
 def _read_lines(fd: int, out: list[bytes]) -> None:
@@ -406,24 +421,24 @@ def _read_lines(fd: int, out: list[bytes]) -> None:
             return
 
 
-def queue_slots(q: dict, t: dict) -> int:
+def queue_slots(q: records.PtyQueue, t: records.Termios) -> int:
     """How much of the slave's line-discipline buffer queue q fills (an
     end-of-file mark takes a byte)."""
-    if "to_slave" in q:
-        return len(q["to_slave"]) // 2
-    lines = [bytes.fromhex(x) for x in q.get("lines", ())]
-    return sum(len(x) + (_ending(x, t) is None) for x in lines) + len(q.get("partial", "")) // 2
+    if not t.lflag & termios.ICANON:
+        return len(q.to_slave) // 2
+    lines = [bytes.fromhex(x) for x in q.lines]
+    return sum(len(x) + (_ending(x, t) is None) for x in lines) + len(q.partial) // 2
 
 
-def _ending(line: bytes, t: dict) -> bytes | None:
+def _ending(line: bytes, t: records.Termios) -> bytes | None:
     """The character that ended a line read in canonical mode, or None when
     it was ended by EOF (which read() does not return)."""
-    cc = t["cc"]
+    cc = t.cc
     if line.endswith(b"\n"):
         return b"\n"
     if line and cc[termios.VEOL] and line[-1] == cc[termios.VEOL]:
         return line[-1:]
-    if line and cc[termios.VEOL2] and t["lflag"] & termios.IEXTEN \
+    if line and cc[termios.VEOL2] and t.lflag & termios.IEXTEN \
             and line[-1] == cc[termios.VEOL2]:
         return line[-1:]
     return None
@@ -437,43 +452,44 @@ _LFLAG_OFF = (termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | te
               | termios.FLUSHO | termios.PENDIN | EXTPROC | termios.TOSTOP)
 
 
-def _refill(t: dict, q: dict) -> tuple[dict, bytes]:
+def _refill(t: records.Termios, q: records.PtyQueue) -> tuple[records.Termios, bytes]:
     """The settings under which the slave's saved queue goes back unchanged,
     and the bytes to inject under them."""
-    canon = bool(t["lflag"] & termios.ICANON)
-    cc = list(t["cc"])
-    r = dict(t, iflag=t["iflag"] & ~_IFLAG_OFF, oflag=t["oflag"] & ~termios.OPOST,
-             lflag=t["lflag"] & ~_LFLAG_OFF, cc=cc)
+    canon = bool(t.lflag & termios.ICANON)
+    cc = list(t.cc)
+    r = msgspec.structs.replace(t, iflag=t.iflag & ~_IFLAG_OFF, oflag=t.oflag & ~termios.OPOST,
+                                lflag=t.lflag & ~_LFLAG_OFF, cc=cc)
     for i in (termios.VERASE, termios.VKILL, termios.VWERASE, termios.VREPRINT,
               termios.VDISCARD):
         cc[i] = 0
     if not canon:
-        return r, bytes.fromhex(q.get("to_slave", ""))
+        return r, bytes.fromhex(q.to_slave)
     # Canonical: IEXTEN for a literal-next; an EOF and a literal-next character
     # that end no saved line; the saved EOL and EOL2 end their lines.
     eol = cc[termios.VEOL]
-    eol2 = cc[termios.VEOL2] if t["lflag"] & termios.IEXTEN else 0
+    eol2 = cc[termios.VEOL2] if t.lflag & termios.IEXTEN else 0
     free = [c for c in range(1, 32) if c not in (10, eol, eol2)]
     cc[termios.VEOF], cc[termios.VLNEXT] = free[0], free[1]
     cc[termios.VEOL2] = eol2
-    r["lflag"] |= termios.IEXTEN
+    r.lflag |= termios.IEXTEN
     special = {10, free[0], free[1]} | ({eol} - {0}) | ({eol2} - {0})
     lnext = bytes([free[1]])
 
     def literal(b: bytes) -> bytes:
         return b"".join(lnext + bytes([c]) if c in special else bytes([c]) for c in b)
     out = bytearray()
-    for x in q.get("lines", ()):
+    for x in q.lines:
         line = bytes.fromhex(x)
         end = _ending(line, t)
         out += literal(line[:-1]) + end if end else literal(line) + bytes([free[0]])
-    out += literal(bytes.fromhex(q.get("partial", "")))
-    if q.get("lnext"):
+    out += literal(bytes.fromhex(q.partial))
+    if q.lnext:
         out += lnext
     return r, bytes(out)
 
 
-def put_back(master: int, slave: int | None, t: dict, q: dict) -> None:
+def put_back(master: int, slave: int | None, t: records.Termios,
+             q: records.PtyQueue) -> None:
     """Put the bytes of queue record q (read_queues) into a pair whose
     termios is `t`: the slave's into its line discipline by TIOCSTI on
     `slave` under settings that keep them as they were, the master's by
@@ -483,7 +499,7 @@ def put_back(master: int, slave: int | None, t: dict, q: dict) -> None:
     beyond the master's buffer).  The saved termios is set again last.
     Raises OSError."""
     r, inject = _refill(t, q)
-    to_master = bytes.fromhex(q.get("to_master", ""))
+    to_master = bytes.fromhex(q.to_master)
     head, rest = to_master[:N_TTY_BUF - 1], to_master[N_TTY_BUF - 1:]
     if slave is None and (inject or rest):
         raise OSError(errno.EINVAL, "no slave to put the bytes back through")
@@ -503,8 +519,8 @@ def put_back(master: int, slave: int | None, t: dict, q: dict) -> None:
                 _setattr(slave, t)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    want_slave = (len(q["to_slave"]) // 2 if "to_slave" in q else
-                  sum(len(bytes.fromhex(x)) for x in q.get("lines", ())))
+    want_slave = (len(q.to_slave) // 2 if not t.lflag & termios.ICANON else
+                  sum(len(bytes.fromhex(x)) for x in q.lines))
     got_master = _int_ioctl(master, termios.FIONREAD)
     got_slave = _int_ioctl(slave, termios.FIONREAD) if slave is not None else 0
     if got_master != len(head) or got_slave != want_slave:
@@ -528,33 +544,35 @@ def _background(slave: int) -> str | None:
     return "it is crcheckpoint's own terminal, and crcheckpoint runs in its background"
 
 
-def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
+def save_queues(tasks: list[records.TaskNote], files: list[records.File]) \
+        -> list[tuple[records.PtyMasterFile, str]]:
     """crcheckpoint, the tree frozen and assessed: read the bytes queued in
     every pair of the tree into its master's entry (`pty_queue`) and put them
     back at once (a leave-running tree, or one whose checkpoint fails later,
     finds them as they were).  Returns [(master entry, detail)] for the pairs
     whose bytes turned out not restorable (support key fd:pty-unread)."""
-    used = {d["file"] for t in tasks for d in t["fds"]}
-    out: list[tuple[dict, str]] = []
+    used = {d.file for t in tasks for d in t.fds}
+    out: list[tuple[records.PtyMasterFile, str]] = []
     for f in files:
-        info = f.get("pty") or {}
-        if f["kind"] != "pty-master" or f["id"] not in used or f.get("tty_check") \
-                or queue_problem(info) or "termios" not in info:
+        if not isinstance(f, records.PtyMasterFile) or f.id not in used or f.tty_check:
             continue
-        t = info["termios"]
-        dup = pt.dup_fd_of(f["owner_pid"], f["owner_fd"])
+        info = f.pty
+        if queue_problem(info) or info.termios is None:
+            continue
+        t = info.termios
+        dup = pt.dup_fd_of(f.owner_pid, f.owner_fd)
         slave = None
         try:
-            if not info.get("slave_closed"):
+            if not info.slave_closed:
                 slave = fcntl.ioctl(dup, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK
                                     | os.O_CLOEXEC)
                 why = ("its slave has a line discipline other than N_TTY"
                        if _int_ioctl(slave, TIOCGETD) != N_TTY else _background(slave))
                 if why:
-                    if info.get("unread") or info.get("slave_unread"):
-                        out.append((f, f"pty {info['index']}: {why}"))
+                    if info.unread or info.slave_unread:
+                        out.append((f, f"pty {info.index}: {why}"))
                     continue
-            q: dict = {}
+            q = records.PtyQueue()
             full = failed = None
             try:
                 read_queues(dup, slave, t, q)
@@ -562,16 +580,16 @@ def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
                 failed = f"reading its queued bytes: {e.strerror or e}"
             slots = queue_slots(q, t)
             if failed is None and slots >= N_TTY_BUF - 2:
-                full = (f, f"pty {info['index']}: the slave's line discipline buffer was full "
+                full = (f, f"pty {info.index}: the slave's line discipline buffer was full "
                            f"({slots} bytes, most of them a line being typed): bytes waiting "
                            "behind it were run through it by the checkpoint's reading; those "
                            "beyond its 4095 bytes are lost")
                 out.append(full)
             elif failed is None and slave is None \
-                    and len(q.get("to_master", "")) // 2 >= N_TTY_BUF:
-                out.append((f, f"pty {info['index']}: more than {N_TTY_BUF - 1} bytes the "
+                    and len(q.to_master) // 2 >= N_TTY_BUF:
+                out.append((f, f"pty {info.index}: more than {N_TTY_BUF - 1} bytes the "
                                "master has not read, and no slave to write them again"))
-                q = dict(q, to_master=q["to_master"][:2 * (N_TTY_BUF - 1)])
+                q = msgspec.structs.replace(q, to_master=q.to_master[:2 * (N_TTY_BUF - 1)])
             try:
                 put_back(dup, slave, t, q)      # (whatever happened: what was read goes back)
             except OSError as e:
@@ -579,11 +597,10 @@ def save_queues(tasks: list[dict], files: list[dict]) -> list[tuple[dict, str]]:
                     failed = failed or f"its queued bytes could not be put back: " \
                                        f"{e.strerror or e}"
             if failed:
-                raise TargetError(f"pid {f['owner_pid']} fd {f['owner_fd']}: pty "
-                                  f"{info['index']}: {failed}")
-            q = {k: v for k, v in q.items() if v}
-            if q:
-                f["pty_queue"] = q
+                raise TargetError(f"pid {f.owner_pid} fd {f.owner_fd}: pty "
+                                  f"{info.index}: {failed}")
+            if q != records.PtyQueue():
+                f.pty_queue = q
         finally:
             os.close(dup)
             if slave is not None:

@@ -1,13 +1,13 @@
 """Every record of crelf's JSON notes (owner CRELF), defined once, as msgspec Structs.
 
-The dump side's records are converted to these types before they are checked and
-written (statefile/checkpoint.py: records_of), the writer encodes them, and the
-reader (statefile/format/reader.py) decodes and validates every note once, at
-load: a wrong type, a missing field or an unknown key is an error naming the
-note, the task and the field.  The restorer, crinspect and the support table
-then read attributes, never `.get(key, default)`.  docs/FORMAT.md's tables of
-records are generated from these definitions (`python -m statefile.format.records`)
-and a test fails when the two differ.
+The dump side's records are converted to these types as soon as they are
+gathered (statefile/checkpoint.py), before they are assessed and written; the
+writer encodes them, and the reader (statefile/format/reader.py) decodes and
+validates every note once, at load: a wrong type, a missing field or an unknown
+key is an error naming the note, the task and the field.  The restorer,
+crinspect and the support table then read attributes, never `.get(key, default)`.
+docs/FORMAT.md's tables of records are generated from these definitions
+(`python -m statefile.format.records`) and a test fails when the two differ.
 
 Why msgspec: it is made for exactly this (typed structs decoded from JSON with
 validation in one pass, tagged unions, defaults, JSON Schema out of the same

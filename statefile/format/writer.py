@@ -28,13 +28,11 @@ import stat
 import threading
 import time
 
-import msgspec
-
 from statefile.format import elfcore as ec
 from statefile.control import ptrace, snapshot
-from statefile.format import notes as nt
+from statefile.format import notes as nt, records
 from statefile.dump.memory import PAGE, SegmentPlan
-from statefile.errors import CrelfError, OutputError
+from statefile.errors import OutputError
 from statefile.format.checksum import crc32
 from statefile.format.integrity import CHUNK_SIZE, assemble, split
 
@@ -281,14 +279,17 @@ class StatefileWriter:
         self.out.abort()
         self.fd = -1
 
-    def write(self, *, header: dict, tasks: list[dict], regs: list[nt.ThreadRegs],
-              files: list[dict], segments: list[SegmentPlan], progress=None,
+    def write(self, *, header: records.HeaderNote, tasks: list[records.TaskNote],
+              regs: list[nt.ThreadRegs], files: records.FilesNote,
+              segments: list[SegmentPlan], progress=None,
               snapshots: dict[int, int] | None = None, thaw=None,
-              ipc: dict | None = None, shmem: list[dict] | None = None,
+              ipc: records.IpcNote | None = None,
               syscall_addrs: dict[int, int] | None = None) -> dict:
         """Write everything; return statistics.  The caller calls abort() on failure.
 
-        With `snapshots` (task pid -> pid of its copy-on-write snapshot) the
+        The notes are the dump side's records (statefile/format/records.py,
+        checked when statefile/checkpoint.py made them).  With `snapshots`
+        (task pid -> pid of its copy-on-write snapshot) the
         segments that must be read while the tree is frozen (shared memory,
         MADV_DONTFORK/WIPEONFORK memory, file contents) are copied first, then
         `thaw()` releases the tree, and private memory is read from the
@@ -297,16 +298,6 @@ class StatefileWriter:
         into the statefile (snapshot.SelfWriter), falling back to reading it.
         """
         snapshots = snapshots or {}
-        # Every record checked against its type (statefile/format/records.py)
-        # before a byte is written.
-        try:
-            header = nt.record_of(nt.CR_HEADER, header)
-            tasks = [nt.record_of(nt.CR_TASK, t) for t in tasks]
-            files_note = nt.record_of(nt.CR_FILES, {"files": files, "shmem": shmem or []})
-            ipc = nt.record_of(nt.CR_IPC, ipc) if ipc is not None else None
-        except msgspec.ValidationError as e:
-            raise CrelfError(f"internal error: a record does not fit the statefile format: "
-                             f"{e}") from None
         root = tasks[0]
         nph = 1 + len(segments)
         phdrs = [ec.Elf64_Phdr() for _ in range(nph)]
@@ -316,7 +307,7 @@ class StatefileWriter:
         for i, p in enumerate(segments, start=1):
             ph = phdrs[i]
             ph.p_type = (ec.PT_CRELF_BLOB if p.blob else
-                         ec.PT_LOAD if p.pid == root["pid"] else ec.PT_CRELF_TASKMEM)
+                         ec.PT_LOAD if p.pid == root.pid else ec.PT_CRELF_TASKMEM)
             ph.p_flags = _pflags(p.flags)
             ph.p_vaddr = p.vaddr
             ph.p_memsz = p.memsz
@@ -325,11 +316,10 @@ class StatefileWriter:
             ph.p_offset = cur
             ph.p_filesz = filesz
             offsets[i] = cur
-            desc = {"phdr": i, "pid": p.pid, "vaddr": p.vaddr, "memsz": p.memsz,
-                    "offset": cur, "filesz": filesz, "mapping": p.mapping,
-                    "runs": [[o, n] for o, n in p.runs] if p.store else []}
-            if p.blob:
-                desc["blob"] = p.blob
+            desc = records.Segment(phdr=i, pid=p.pid, vaddr=p.vaddr, memsz=p.memsz,
+                                   offset=cur, filesz=filesz, mapping=p.mapping,
+                                   runs=[[o, n] for o, n in p.runs] if p.store else [],
+                                   blob=p.blob or None)
             seg_desc.append(desc)
             if filesz:
                 later = p.src == "mem" and not p.frozen_only and p.pid in snapshots
@@ -377,23 +367,25 @@ class StatefileWriter:
                 src.close()
         copy_seconds = time.monotonic() - t0
         for d in seg_desc:
-            if d["filesz"]:
-                d["crc32"], d["chunks"] = crcs[d["phdr"]]
+            if d.filesz:
+                d.crc32, d.chunks = crcs[d.phdr]
 
         # Notes: the gdb baseline for the root task, then ours.
         regs_by_tid = {r.tid: r for r in regs}
-        root_regs = {t["tid"]: regs_by_tid[t["tid"]] for t in root["threads"]}
-        note_list = nt.standard_notes(root, root_regs, PAGE, header.get("xsave_layout"))
+        root_regs = {t.tid: regs_by_tid[t.tid] for t in root.threads}
+        note_list = nt.standard_notes(root, root_regs, PAGE, header.xsave_layout)
         crelf = [(nt.OWNER_CRELF, nt.CR_HEADER, nt.encode_json(nt.CR_HEADER, header))]
         crelf += [(nt.OWNER_CRELF, nt.CR_TASK, nt.encode_json(nt.CR_TASK, t)) for t in tasks]
         crelf += [(nt.OWNER_CRELF, nt.CR_THREAD_REGS, nt.encode_regs(r)) for r in regs]
-        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json(nt.CR_FILES, files_note)))
+        crelf.append((nt.OWNER_CRELF, nt.CR_FILES, nt.encode_json(nt.CR_FILES, files)))
         crelf.append((nt.OWNER_CRELF, nt.CR_SEGMENTS, nt.encode_json(
-            nt.CR_SEGMENTS, {"chunk_size": CHUNK_SIZE, "segments": seg_desc})))
+            nt.CR_SEGMENTS, records.SegmentsNote(v=nt.NOTE_LAYOUT_VERSION,
+                                                 chunk_size=CHUNK_SIZE, segments=seg_desc))))
         if ipc is not None:
             crelf.append((nt.OWNER_CRELF, nt.CR_IPC, nt.encode_json(nt.CR_IPC, ipc)))
         note_list += crelf
-        integrity = {"notes": [[o.decode(), t, crc32(d)] for o, t, d in note_list]}
+        integrity = records.IntegrityNote(v=nt.NOTE_LAYOUT_VERSION, notes=[
+            (o.decode(), t, crc32(d)) for o, t, d in note_list])
         note_list.append((nt.OWNER_CRELF, nt.CR_INTEGRITY, nt.encode_json(nt.CR_INTEGRITY, integrity)))
         blob = b"".join(ec.pack_note(o, t, d) for o, t, d in note_list)
         note_off = _align(cur, 8)
