@@ -146,32 +146,11 @@ def shared(statefile: str, as_json: bool) -> None:
     tree), every SysV IPC object, every MAP_SHARED object mapped more than
     once, and any other open file description held by several fds.
     --json prints {"statefile": ..., "objects": [OBJECT, ...]}; OBJECT has
-    "kind", "id" (unique in the file), "pids" and "holders", a list of
+    "object" (its class: pipe, unix-pair, unix-listen, unix-socket, socket,
+    pty, sysv-shm, sysv-sem, sysv-msg, shared-memory, file), "kind", "id"
+    (unique in the file), "pids" and "holders", a list of
       {"pid", "fd", "file" (CR_FILES id), "role", "start", "end", "perms"}
-    (fd holders: "fd", "file", role e.g. "read end", "write end", "end A",
-    "listening", "read-write"; mapping holders: "start", "end", "perms", role
-    "maps" or "attached"; the keys that do not apply are null), and per kind:
-      pipe, fifo   ino, path (FIFO), capacity, bytes (in flight), unread
-                   (bytes saved or "unknown"), readers, writers, nonblock,
-                   external
-      unix-pair    type, ends [{label A|B, ino, name, abstract, queued
-                   (bytes), messages, fds_in_flight, in_flight_files (the
-                   CR_FILES ids the queued messages carry), shutdown}]
-      unix-listen  type, ino, name, abstract, backlog_queued
-      unix-socket  type, ino, name, abstract, peer_ino, peer, queued,
-                   messages, shutdown
-      socket       family, type, ino, local, peer, listening
-      pty          index, path, master, unread, slave_unread, slave_closed,
-                   sid, fg_pgrp, saved (bytes queued that were saved: to_master,
-                   to_slave, lines, partial) (holders: master, slave)
-      sysv-shm     shmid, key, size, perms, cpid, nattch, outside, removed
-      sysv-sem     semid, key, nsems, values (holders: last semop)
-      sysv-msg     msqid, key, qnum, cbytes (holders: last sent, received)
-      anon-shared, memfd, file-shared, ...   dev, inode, path, size, shmem
-                   (the CR_FILES shmem record: name, seals...), holders
-                   "maps" and the fds open on it
-      any other file kind (regular, chr, tty, anon:eventfd, ...)
-                   file, path, offset, flags, deleted, details
+    and the keys of its class: docs/CRINSPECT-JSON.md, `crinspect schema`.
     """
     objs = shared_view.objects(_load(statefile))
     _emit(views.SharedView(statefile=statefile, objects=objs), as_json,
