@@ -528,7 +528,7 @@ def _crinspect_direct(path: str, rec: dict, work: str) -> None:
     """Bench mode: one load, then what each subcommand computes and prints."""
     from statefile.format import reader
     from statefile.errors import CrelfError
-    from crinspect import model, render, shared as shared_view
+    from crinspect import model, render, shared as shared_view, views
     from crinspect.corefile import write_core
     try:
         sf = reader.load(path)
@@ -541,16 +541,16 @@ def _crinspect_direct(path: str, rec: dict, work: str) -> None:
         return
     try:
         model.note_problems(sf)
-        s = model.summary(sf)
-        list(render.header(s["header"], path))
-        for part in (render.ps(s["tasks"]), render.threads(s["threads"]),
-                     render.memory(s["memory"]), render.files(s["files"]),
-                     shared_view.render(s["shared"]), render.notes(model.note_list(sf))):
+        s = model.summary(sf, path)
+        list(render.header(s.header, path))
+        for part in (render.ps(s.tasks), render.threads(s.threads),
+                     render.memory(s.memory), render.files(s.files),
+                     shared_view.render(s.shared), render.notes(model.note_list(sf))):
             list(part)
-        json.dumps(s, default=str)
+        views.encode(s)
         core = os.path.join(work, f"core-{os.getpid()}")
         try:
-            write_core(sf, sf.root["pid"], core)
+            write_core(sf, sf.root.pid, core)
         finally:
             if os.path.exists(core):
                 os.unlink(core)

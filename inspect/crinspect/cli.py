@@ -8,7 +8,6 @@ ELF, a plain core such as gcore's, truncated, corrupted notes).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from statefile import __version__
 from statefile.format import reader
 from statefile.errors import CrelfError, FormatError
 
-from . import model, render, shared as shared_view
+from . import model, render, shared as shared_view, views
 from .corefile import write_core
 
 PROG = "crinspect"
@@ -48,9 +47,10 @@ def _load(path: str):
     return sf
 
 
-def _emit(obj: dict, as_json: bool, lines) -> None:
+def _emit(view: views.View, as_json: bool, lines) -> None:
+    """Print a view (views.py): as JSON (its schema: `crinspect schema`), or as text."""
     if as_json:
-        click.echo(json.dumps(msgspec.to_builtins(obj), indent=2, default=str))
+        click.echo(views.encode(view))
     else:
         for line in lines():
             click.echo(line)
@@ -87,20 +87,20 @@ def cli() -> None:
 def summary(statefile: str, as_json: bool) -> None:
     """Everything: header, process tree, threads, memory, fds, shared objects (the default)."""
     sf = _load(statefile)
-    s = model.summary(sf)
+    s = model.summary(sf, statefile)
 
     def lines():
-        yield from render.header(s["header"], statefile)
-        for title, part in (("process tree", render.ps(s["tasks"])),
-                            ("threads", render.threads(s["threads"])),
-                            ("memory", render.memory(s["memory"])),
-                            ("files", render.files(s["files"])),
-                            ("shared objects", shared_view.render(s["shared"]))):
+        yield from render.header(s.header, statefile)
+        for title, part in (("process tree", render.ps(s.tasks)),
+                            ("threads", render.threads(s.threads)),
+                            ("memory", render.memory(s.memory)),
+                            ("files", render.files(s.files)),
+                            ("shared objects", shared_view.render(s.shared))):
             yield ""
             yield title
             yield from part
 
-    _emit({"statefile": statefile, **s}, as_json, lines)
+    _emit(s, as_json, lines)
 
 
 @cli.command()
@@ -108,7 +108,7 @@ def summary(statefile: str, as_json: bool) -> None:
 def ps(statefile: str, as_json: bool) -> None:
     """The process tree: pid, ppid, pgid, sid, uid, command line."""
     tasks = model.ps(_load(statefile))
-    _emit({"statefile": statefile, "tasks": tasks}, as_json, lambda: render.ps(tasks))
+    _emit(views.PsView(statefile=statefile, tasks=tasks), as_json, lambda: render.ps(tasks))
 
 
 @cli.command()
@@ -116,7 +116,7 @@ def ps(statefile: str, as_json: bool) -> None:
 def threads(statefile: str, as_json: bool) -> None:
     """Every thread: the symbol its instruction pointer is in, its syscall."""
     ths = model.threads(_load(statefile))
-    _emit({"statefile": statefile, "threads": ths}, as_json, lambda: render.threads(ths))
+    _emit(views.ThreadsView(statefile=statefile, threads=ths), as_json, lambda: render.threads(ths))
 
 
 @cli.command()
@@ -124,7 +124,7 @@ def threads(statefile: str, as_json: bool) -> None:
 def mem(statefile: str, as_json: bool) -> None:
     """Every mapping of every task: range, perms, kind, size and bytes stored."""
     maps = model.memory(_load(statefile))
-    _emit({"statefile": statefile, "memory": maps}, as_json, lambda: render.memory(maps))
+    _emit(views.MemView(statefile=statefile, memory=maps), as_json, lambda: render.memory(maps))
 
 
 @cli.command()
@@ -132,7 +132,7 @@ def mem(statefile: str, as_json: bool) -> None:
 def files(statefile: str, as_json: bool) -> None:
     """The fd table of every task: kind, path or target, flags, offset."""
     fds = model.files(_load(statefile))
-    _emit({"statefile": statefile, "files": fds}, as_json, lambda: render.files(fds))
+    _emit(views.FilesView(statefile=statefile, files=fds), as_json, lambda: render.files(fds))
 
 
 @cli.command()
@@ -146,35 +146,14 @@ def shared(statefile: str, as_json: bool) -> None:
     tree), every SysV IPC object, every MAP_SHARED object mapped more than
     once, and any other open file description held by several fds.
     --json prints {"statefile": ..., "objects": [OBJECT, ...]}; OBJECT has
-    "kind", "id" (unique in the file), "pids" and "holders", a list of
+    "object" (its class: pipe, unix-pair, unix-listen, unix-socket, socket,
+    pty, sysv-shm, sysv-sem, sysv-msg, shared-memory, file), "kind", "id"
+    (unique in the file), "pids" and "holders", a list of
       {"pid", "fd", "file" (CR_FILES id), "role", "start", "end", "perms"}
-    (fd holders: "fd", "file", role e.g. "read end", "write end", "end A",
-    "listening", "read-write"; mapping holders: "start", "end", "perms", role
-    "maps" or "attached"; the keys that do not apply are null), and per kind:
-      pipe, fifo   ino, path (FIFO), capacity, bytes (in flight), unread
-                   (bytes saved or "unknown"), readers, writers, nonblock,
-                   external
-      unix-pair    type, ends [{label A|B, ino, name, abstract, queued
-                   (bytes), messages, fds_in_flight, in_flight_files (the
-                   CR_FILES ids the queued messages carry), shutdown}]
-      unix-listen  type, ino, name, abstract, backlog_queued
-      unix-socket  type, ino, name, abstract, peer_ino, peer, queued,
-                   messages, shutdown
-      socket       family, type, ino, local, peer, listening
-      pty          index, path, master, unread, slave_unread, slave_closed,
-                   sid, fg_pgrp, saved (bytes queued that were saved: to_master,
-                   to_slave, lines, partial) (holders: master, slave)
-      sysv-shm     shmid, key, size, perms, cpid, nattch, outside, removed
-      sysv-sem     semid, key, nsems, values (holders: last semop)
-      sysv-msg     msqid, key, qnum, cbytes (holders: last sent, received)
-      anon-shared, memfd, file-shared, ...   dev, inode, path, size, shmem
-                   (the CR_FILES shmem record: name, seals...), holders
-                   "maps" and the fds open on it
-      any other file kind (regular, chr, tty, anon:eventfd, ...)
-                   file, path, offset, flags, deleted, details
+    and the keys of its class: docs/CRINSPECT-JSON.md, `crinspect schema`.
     """
-    objs = shared_view.objects(_load(statefile))["objects"]
-    _emit({"statefile": statefile, "objects": objs}, as_json,
+    objs = shared_view.objects(_load(statefile))
+    _emit(views.SharedView(statefile=statefile, objects=objs), as_json,
           lambda: shared_view.render(objs))
 
 
@@ -183,7 +162,7 @@ def shared(statefile: str, as_json: bool) -> None:
 def notes(statefile: str, as_json: bool) -> None:
     """Every ELF note: owner, type name and size."""
     ns = model.note_list(_load(statefile))
-    _emit({"statefile": statefile, "notes": ns}, as_json, lambda: render.notes(ns))
+    _emit(views.NotesView(statefile=statefile, notes=ns), as_json, lambda: render.notes(ns))
 
 
 @cli.command()
@@ -205,12 +184,12 @@ def verify(statefile: str, as_json: bool) -> None:
         sf = reader.load(statefile)
     except CrelfError as e:
         if as_json:
-            click.echo(json.dumps({"statefile": statefile, "ok": False, "problems": [str(e)]},
-                                  indent=2))
+            click.echo(views.encode(views.VerifyView(statefile=statefile, ok=False,
+                                                     problems=[str(e)])))
         raise click.exceptions.Exit(_fail(str(e), e.exit_code))
     problems = reader.verify(sf)
-    result = {"statefile": statefile, "ok": not problems, "problems": problems,
-              "notes": len(sf.notes), "segments": len(sf.segments)}
+    result = views.VerifyView(statefile=statefile, ok=not problems, problems=problems,
+                              notes=len(sf.notes), segments=len(sf.segments))
     _emit(result, as_json, lambda: (
         [f"{statefile}: OK ({len(sf.notes)} notes, {len(sf.segments)} segments checked)"]
         if not problems else [f"{statefile}: {len(problems)} problem(s):"]
@@ -227,11 +206,11 @@ def verify(statefile: str, as_json: bool) -> None:
 def core(statefile: str, as_json: bool, pid: int | None, output: str) -> None:
     """Write a standalone gdb core file of one task of the tree."""
     sf = _load(statefile)
-    res = write_core(sf, sf.root["pid"] if pid is None else pid, output)
+    res = write_core(sf, sf.root.pid if pid is None else pid, output)
     _emit(res, as_json, lambda: [
-        f"{output}: core of pid {res['pid']} ({res['threads']} thread(s), "
-        f"{res['segments']} segments, {render.size(res['bytes_stored'])} stored); "
-        f"open it with: gdb {res['exe'] or 'PROGRAM'} -c {output}"])
+        f"{output}: core of pid {res.pid} ({res.threads} thread(s), "
+        f"{res.segments} segments, {render.size(res.bytes_stored)} stored); "
+        f"open it with: gdb {res.exe or 'PROGRAM'} -c {output}"])
 
 
 @cli.command("gdb", context_settings={"ignore_unknown_options": True})
@@ -244,18 +223,33 @@ def gdb(statefile: str, pid: int | None, gdb_args: tuple[str, ...]) -> None:
     gdb_bin = shutil.which("gdb")
     if gdb_bin is None:
         raise CrelfError("gdb is not installed")
-    task = sf.root if pid is None else next((t for t in sf.tasks if t["pid"] == pid), None)
+    task = sf.root if pid is None else next((t for t in sf.tasks if t.pid == pid), None)
     if task is None:
         raise CrelfError(f"no task {pid} in {statefile}")
-    exe = [task["exe"]] if task.get("exe") and os.path.isfile(task["exe"]) else []
+    exe = [task.exe] if task.exe and os.path.isfile(task.exe) else []
     if task is sf.root:
         sys.stdout.flush()
         os.execv(gdb_bin, ["gdb", *exe, "-c", statefile, *gdb_args])
     with tempfile.TemporaryDirectory(prefix="crinspect-") as tmp:
-        path = os.path.join(tmp, f"{task['pid']}.core")
-        write_core(sf, task["pid"], path)
+        path = os.path.join(tmp, f"{task.pid}.core")
+        write_core(sf, task.pid, path)
         rc = subprocess.call([gdb_bin, *exe, "-c", path, *gdb_args])
     raise click.exceptions.Exit(rc)
+
+
+@cli.command()
+@click.option("--view", type=click.Choice(list(views.VIEWS)),
+              help="The schema of one view only (default: the document of every view).")
+def schema(view: str | None) -> None:
+    """Print the JSON Schema of `--json` output (docs/CRINSPECT-JSON.md).
+
+    \b
+    Made from the output types (inspect/crinspect/views.py) and the statefile's
+    records they embed; docs/crinspect-schema.json is this output, committed.
+    """
+    doc = views.schema()
+    out = doc if view is None else views.view_schema(doc, view)
+    click.echo(msgspec.json.format(msgspec.json.encode(out), indent=2).decode())
 
 
 def _fail(message: str, code: int) -> int:

@@ -16,6 +16,8 @@ from statefile.format import elfcore as ec
 from statefile.format import notes as nt
 from statefile.errors import CrelfError, FormatError, OutputError
 
+from .views import CoreView
+
 CHUNK = 1 << 20
 
 
@@ -46,67 +48,68 @@ def _copy(src: int, dst: int, src_off: int, dst_off: int, n: int) -> None:
         dst_off += done
 
 
-def task_segments(sf, pid: int) -> list[dict]:
+def task_segments(sf, pid: int) -> list:
     """Memory segments of one task (not blobs), in address order."""
-    return sorted((s for s in sf.segments
-                   if s["pid"] == pid and "blob" not in s and s.get("mapping") is not None),
-                  key=lambda s: s["vaddr"])
+    return sorted((s for s in sf.segments if s.pid == pid and s.blob is None),
+                  key=lambda s: s.vaddr)
 
 
-def _from_parent(sf, pid: int, m: dict, a: int, b: int, depth: int = 0) -> list:
+def _from_parent(sf, pid: int, m, a: int, b: int, depth: int = 0) -> list:
     """[(lo, hi, statefile offset)]: where the bytes of [a, b) of mapping m
     of task pid live when the task shares them copy-on-write with its parent
     (mapping "cow_parent": stored once, in the parent, or further up)."""
     try:
-        parent = sf.task(sf.task(pid)["ppid"])
+        parent = sf.task(sf.task(pid).ppid)
     except KeyError:
         return []
-    idx, pm = next(((i, x) for i, x in enumerate(parent["mappings"])
-                    if (x["start"], x["end"]) == (m["start"], m["end"])), (None, None))
+    idx, pm = next(((i, x) for i, x in enumerate(parent.mappings)
+                    if (x.start, x.end) == (m.start, m.end)), (None, None))
     if pm is None or depth > len(sf.tasks):
         return []
     out = []
     for seg in sf.segments:
-        if seg["pid"] != parent["pid"] or seg.get("mapping") != idx or "blob" in seg:
+        if seg.pid != parent.pid or seg.mapping != idx or seg.blob is not None:
             continue
-        for rel, ln in seg.get("runs", []):
-            lo, hi = max(a, seg["vaddr"] + rel), min(b, seg["vaddr"] + rel + ln)
+        for rel, ln in seg.runs:
+            lo, hi = max(a, seg.vaddr + rel), min(b, seg.vaddr + rel + ln)
             if lo < hi:
-                out.append((lo, hi, seg["offset"] + lo - seg["vaddr"]))
-    for rel, ln in pm.get("cow_parent", []):
-        lo, hi = max(a, pm["start"] + rel), min(b, pm["start"] + rel + ln)
+                out.append((lo, hi, seg.offset + lo - seg.vaddr))
+    for rel, ln in pm.cow_parent:
+        lo, hi = max(a, pm.start + rel), min(b, pm.start + rel + ln)
         if lo < hi:
-            out += _from_parent(sf, parent["pid"], pm, lo, hi, depth + 1)
+            out += _from_parent(sf, parent.pid, pm, lo, hi, depth + 1)
     return out
 
 
-def _pieces(sf, pid: int, task: dict, s: dict) -> list[tuple[int, int, int]]:
+def _pieces(sf, pid: int, task, s) -> list[tuple[int, int, int]]:
     """[(offset in segment, length, statefile offset)] of a segment's data:
     its own runs, and the pages it shares with its parent."""
-    out = [(rel, ln, s["offset"] + rel) for rel, ln in s.get("runs", [])]
-    m = task["mappings"][s["mapping"]] if 0 <= s["mapping"] < len(task["mappings"]) else {}
-    for rel, ln in m.get("cow_parent", []):
-        a = max(s["vaddr"], m["start"] + rel)
-        b = min(s["vaddr"] + s["memsz"], m["start"] + rel + ln)
+    out = [(rel, ln, s.offset + rel) for rel, ln in s.runs]
+    if not 0 <= s.mapping < len(task.mappings):
+        return sorted(out)
+    m = task.mappings[s.mapping]
+    for rel, ln in m.cow_parent:
+        a = max(s.vaddr, m.start + rel)
+        b = min(s.vaddr + s.memsz, m.start + rel + ln)
         if a < b:
-            out += [(lo - s["vaddr"], hi - lo, off) for lo, hi, off in
+            out += [(lo - s.vaddr, hi - lo, off) for lo, hi, off in
                     _from_parent(sf, pid, m, a, b)]
     return sorted(out)
 
 
-def write_core(sf, pid: int, out_path: str) -> dict:
+def write_core(sf, pid: int, out_path: str) -> CoreView:
     try:
         task = sf.task(pid)
     except KeyError:
         raise CrelfError(f"no task {pid} in {sf.path} (tasks: "
-                         f"{', '.join(str(t['pid']) for t in sf.tasks)})") from None
-    page = sf.header.get("page_size") or 4096
-    missing = [t["tid"] for t in task["threads"] if t["tid"] not in sf.regs]
+                         f"{', '.join(str(t.pid) for t in sf.tasks)})") from None
+    page = sf.header.page_size or 4096
+    missing = [t.tid for t in task.threads if t.tid not in sf.regs]
     if missing:
         raise FormatError(f"{sf.path}: no registers for thread(s) {missing} of task {pid}")
     notes = b"".join(ec.pack_note(o, t, d)
                      for o, t, d in nt.standard_notes(task, sf.regs, page,
-                                                         sf.header.get("xsave_layout")))
+                                                         sf.header.xsave_layout))
     segs = task_segments(sf, pid)
     flags = {i: p["flags"] for i, p in enumerate(sf.phdrs)}
 
@@ -115,15 +118,11 @@ def write_core(sf, pid: int, out_path: str) -> dict:
     pos = _align(phdrs[0].p_offset + len(notes), page)
     placed = []
     for s in segs:
-        for rel, ln in s.get("runs", []):
-            if rel < 0 or rel + ln > s["filesz"]:
-                raise FormatError(f"{sf.path}: segment {s['phdr']} has a run "
-                                  "outside its data")
-        pieces = _pieces(sf, pid, task, s)
-        filesz = max([s["filesz"]] + [rel + ln for rel, ln, _ in pieces])
-        phdrs.append(ec.Elf64_Phdr(p_type=ec.PT_LOAD, p_flags=flags.get(s["phdr"], ec.PF_R),
-                                   p_offset=pos, p_vaddr=s["vaddr"], p_filesz=filesz,
-                                   p_memsz=s["memsz"], p_align=page))
+        pieces = _pieces(sf, pid, task, s)     # (the loader checked every run is in its data)
+        filesz = max([s.filesz] + [rel + ln for rel, ln, _ in pieces])
+        phdrs.append(ec.Elf64_Phdr(p_type=ec.PT_LOAD, p_flags=flags.get(s.phdr, ec.PF_R),
+                                   p_offset=pos, p_vaddr=s.vaddr, p_filesz=filesz,
+                                   p_memsz=s.memsz, p_align=page))
         placed.append((pieces, pos))
         pos = _align(pos + filesz, page)
     head = bytearray(ec.build_headers(phdrs))
@@ -155,6 +154,5 @@ def write_core(sf, pid: int, out_path: str) -> dict:
             os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {"core": out_path, "pid": pid, "threads": len(task["threads"]),
-            "segments": len(segs), "bytes_stored": stored, "file_size": pos,
-            "exe": task.get("exe", "")}
+    return CoreView(core=out_path, pid=pid, threads=len(task.threads), segments=len(segs),
+                    bytes_stored=stored, file_size=pos, exe=task.exe)

@@ -1,14 +1,19 @@
-"""The views crinspect shows, as plain JSON-able dicts with stable keys.
+"""The views crinspect shows, built from the statefile's records.
 
 Every function takes a loaded Statefile (statefile.format.reader.load) and returns
-lists/dicts; render.py turns them into text, cli.py into JSON.
+the typed views of views.py; render.py turns them into text, cli.py into JSON.
 """
 
 from __future__ import annotations
 
-from statefile.format import notes as nt
-from statefile.format import reader
+from datetime import datetime
 
+from msgspec import UNSET
+
+from statefile.format import notes as nt
+from statefile.format import reader, records
+
+from . import views as v
 from .symbols import Symbolizer
 
 try:
@@ -28,46 +33,40 @@ def open_flags(flags: int) -> str:
     return "|".join(names)
 
 
-def header(sf) -> dict:
+def header(sf) -> v.HeaderView:
     h = sf.header
-    return {
-        "created": h.get("created"), "created_unix": h.get("created_unix"),
-        "host": h.get("host"), "kernel": h.get("kernel"), "machine": h.get("machine"),
-        "crelf": h.get("crelf"), "format": h.get("format"), "page_size": h.get("page_size"),
-        "root_pid": h.get("root_pid", sf.root["pid"]),
-        "restartable": h.get("restartable", True),
-        "not_restartable": list(h.get("not_restartable", [])),
-        "skipped": list(h.get("skipped", [])),
-        "zombies": list(h.get("zombies", [])),
-    }
+    return v.HeaderView(
+        created=h.created, created_unix=h.created_unix, host=h.host, kernel=h.kernel,
+        machine=h.machine, crelf=h.crelf, format=h.format, page_size=h.page_size,
+        root_pid=h.root_pid, restartable=h.restartable,
+        not_restartable=list(h.not_restartable), skipped=list(h.skipped),
+        zombies=list(h.zombies))
 
 
-def ps(sf) -> list[dict]:
+def ps(sf) -> list[v.PsTask]:
     """Tasks in tree order (depth-first from the root), with their depth."""
-    by_pid = {t["pid"]: t for t in sf.tasks}
+    by_pid = {t.pid: t for t in sf.tasks}
     kids: dict[int, list[int]] = {}
     roots = []
     for t in sf.tasks:
-        if t["ppid"] in by_pid and t["ppid"] != t["pid"]:
-            kids.setdefault(t["ppid"], []).append(t["pid"])
+        if t.ppid in by_pid and t.ppid != t.pid:
+            kids.setdefault(t.ppid, []).append(t.pid)
         else:
-            roots.append(t["pid"])
-    out: list[dict] = []
+            roots.append(t.pid)
+    out: list[v.PsTask] = []
+    seen: set[int] = set()
 
     def walk(pid: int, depth: int) -> None:
-        if any(e["pid"] == pid for e in out):
+        if pid in seen:
             return
+        seen.add(pid)
         t = by_pid[pid]
-        creds = t.get("creds", {})
-        out.append({
-            "pid": pid, "ppid": t["ppid"], "pgid": t["pgid"], "sid": t["sid"],
-            "uid": creds.get("uid", [None])[0], "euid": creds.get("uid", [None, None])[1],
-            "comm": t.get("comm", ""), "cmdline": list(t.get("cmdline", [])),
-            "exe": t.get("exe", ""), "cwd": t.get("cwd", ""), "state": t.get("state", ""),
-            "threads": len(t.get("threads", [])), "depth": depth,
-            "children": sorted(kids.get(pid, [])),
-            "crrun": bool(t.get("crrun")), "crrun_flags": crrun_flags(t),
-        })
+        out.append(v.PsTask(
+            pid=pid, ppid=t.ppid, pgid=t.pgid, sid=t.sid,
+            uid=t.creds.uid[0], euid=t.creds.uid[1],
+            comm=t.comm, cmdline=list(t.cmdline), exe=t.exe, cwd=t.cwd, state=t.state,
+            threads=len(t.threads), depth=depth, children=sorted(kids.get(pid, [])),
+            crrun=t.crrun, crrun_flags=crrun_flags(t)))
         for k in sorted(kids.get(pid, [])):
             walk(k, depth + 1)
 
@@ -76,14 +75,20 @@ def ps(sf) -> list[dict]:
     return out
 
 
-def crrun_flags(t: dict) -> list[dict]:
+def _iso_time(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):
+        return "an unknown time"
+
+
+def crrun_flags(t) -> list[v.CrrunFlagView]:
     """What crrun saw the task create (statefile/check/flags.py), with the time."""
-    from statefile.check.support import flag_time
-    return [{"syscall": f.get("syscall"), "call": f.get("call") or f.get("syscall"),
-             "reason": f.get("reason", ""), "time": f.get("time"), "iso_time": flag_time(f),
-             "denied": f.get("action") == "denied", "errno": f.get("errno"),
-             "resource": f.get("resource"), "tid": f.get("tid"), "policy": f.get("policy")}
-            for f in t.get("crrun_flags", [])]
+    return [v.CrrunFlagView(syscall=f.syscall, call=f.call or f.syscall, reason=f.reason,
+                            time=f.time, iso_time=_iso_time(f.time),
+                            denied=f.action == "denied", errno=f.errno,
+                            resource=f.resource, tid=f.tid, policy=f.policy)
+            for f in t.crrun_flags]
 
 
 def syscall_name(nr) -> str | None:
@@ -92,79 +97,65 @@ def syscall_name(nr) -> str | None:
     return SYSCALL_NAMES.get(nr, f"syscall_{nr}")
 
 
-def threads(sf, symbolizer: Symbolizer | None = None) -> list[dict]:
+def threads(sf, symbolizer: Symbolizer | None = None) -> list[v.ThreadView]:
     sym = symbolizer or Symbolizer(sf)
     out = []
     for t in sf.tasks:
-        for th in t["threads"]:
-            regs = sf.regs.get(th["tid"])
+        for th in t.threads:
+            regs = sf.regs.get(th.tid)
             rip = regs.user_regs().rip if regs else None
             loc = sym.locate(t, rip) if rip is not None else {
                 "object": None, "symbol": None, "offset": None, "where": "no registers"}
-            sc = th.get("syscall")
-            out.append({
-                "pid": t["pid"], "tid": th["tid"], "comm": th.get("comm", ""),
-                "rip": rip, "where": loc["where"], "object": loc["object"],
-                "symbol": loc["symbol"], "symbol_offset": loc["offset"],
-                "syscall": None if not sc else {
-                    "nr": sc.get("nr"), "name": syscall_name(sc.get("nr")),
-                    "restart": sc.get("restart") or None},
-                "sigmask": th.get("sigmask", 0), "sigpend": th.get("sigpend", 0),
-            })
+            sc = th.syscall
+            out.append(v.ThreadView(
+                pid=t.pid, tid=th.tid, comm=th.comm, rip=rip, where=loc["where"],
+                object=loc["object"], symbol=loc["symbol"], symbol_offset=loc["offset"],
+                syscall=None if sc is None else v.SyscallView(
+                    nr=sc.nr, name=syscall_name(sc.nr), restart=sc.restart or None),
+                sigmask=th.sigmask, sigpend=th.sigpend))
     return out
 
 
-def memory(sf) -> list[dict]:
+def memory(sf) -> list[v.MappingView]:
     out = []
     for t in sf.tasks:
-        for m in t["mappings"]:
-            segs = [sf.segment(p) for p in m.get("segments", [])]
-            out.append({
-                "pid": t["pid"], "start": m["start"], "end": m["end"],
-                "size": m["end"] - m["start"], "perms": m["perms"], "kind": m.get("kind", ""),
-                "path": m.get("path", ""), "offset": m.get("offset", 0),
-                "deleted": bool(m.get("deleted")),
-                "stored": sum(ln for s in segs for _, ln in s.get("runs", [])),
-                "resident": m.get("rss_kb", 0) * 1024,
-                "segments": [s["phdr"] for s in segs],
-                "skipped": m.get("skipped"),
-            })
+        for m in t.mappings:
+            segs = [sf.segment(p) for p in m.segments]
+            out.append(v.MappingView(
+                pid=t.pid, start=m.start, end=m.end, size=m.end - m.start, perms=m.perms,
+                kind=m.kind, path=m.path, offset=m.offset, deleted=m.deleted,
+                stored=sum(ln for s in segs for _, ln in s.runs),
+                resident=m.rss_kb * 1024, segments=[s.phdr for s in segs],
+                skipped=m.skipped))
     return out
 
 
-def files(sf) -> list[dict]:
-    by_id = {f["id"]: f for f in sf.files}
-    users: dict[int, list[dict]] = {}
+def files(sf) -> list[v.FdView]:
+    by_id = {f.id: f for f in sf.files}
+    users: dict[int, list[v.FdUser]] = {}
     for t in sf.tasks:
-        for fd in t.get("fds", []):
-            users.setdefault(fd["file"], []).append({"pid": t["pid"], "fd": fd["fd"]})
+        for fd in t.fds:
+            users.setdefault(fd.file, []).append(v.FdUser(pid=t.pid, fd=fd.fd))
     out = []
     for t in sf.tasks:
-        for fd in t.get("fds", []):
-            f = by_id.get(fd["file"], {})
-            entry = {
-                "pid": t["pid"], "fd": fd["fd"], "file": fd["file"],
-                "kind": f.get("kind", "?"), "path": f.get("path", ""),
-                "flags": f.get("flags", 0), "flags_text": open_flags(f.get("flags", 0)),
-                "offset": f.get("pos", 0), "cloexec": bool(fd.get("cloexec")),
-                "deleted": bool(f.get("deleted")), "size": f.get("size"),
-                "shared_with": [o for o in users[fd["file"]]
-                                if (o["pid"], o["fd"]) != (t["pid"], fd["fd"])],
-            }
-            if "socket" in f:
-                entry["socket"] = f["socket"]
-            if "skipped" in f:
-                entry["skipped"] = f["skipped"]
-            out.append(entry)
+        for fd in t.fds:
+            f = by_id[fd.file]      # (the loader checked every fd names a file)
+            out.append(v.FdView(
+                pid=t.pid, fd=fd.fd, file=fd.file, kind=f.kind, path=f.path,
+                flags=f.flags, flags_text=open_flags(f.flags), offset=f.pos,
+                cloexec=fd.cloexec, deleted=f.deleted, size=f.size,
+                shared_with=[o for o in users[fd.file] if (o.pid, o.fd) != (t.pid, fd.fd)],
+                socket=f.socket if isinstance(f, records.SocketFile) else UNSET,
+                skipped=f.skipped))
     return out
 
 
-def note_list(sf) -> list[dict]:
+def note_list(sf) -> list[v.NoteView]:
     out = []
     for i, n in enumerate(sf.notes):
         kind = nt.kind_of(n.owner.encode(), n.n_type)
-        out.append({"index": i, "owner": n.owner, "type": n.n_type,
-                    "name": kind.name if kind else "unknown", "size": len(n.desc)})
+        out.append(v.NoteView(index=i, owner=n.owner, type=n.n_type,
+                              name=kind.name if kind else "unknown", size=len(n.desc)))
     return out
 
 
@@ -173,7 +164,7 @@ def note_problems(sf) -> list[str]:
     return reader.verify_notes(sf)
 
 
-def summary(sf) -> dict:
+def summary(sf, path: str) -> v.SummaryView:
     from .shared import objects
-    return {"header": header(sf), "tasks": ps(sf), "threads": threads(sf),
-            "memory": memory(sf), "files": files(sf), "shared": objects(sf)["objects"]}
+    return v.SummaryView(statefile=path, header=header(sf), tasks=ps(sf), threads=threads(sf),
+                         memory=memory(sf), files=files(sf), shared=objects(sf))

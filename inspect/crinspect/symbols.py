@@ -85,13 +85,13 @@ class Symbolizer:
         self.sf = sf
         self._images: dict[tuple, _Image | None] = {}
 
-    def _file_image(self, m: dict) -> tuple[_Image | None, str]:
-        path = m["path"]
+    def _file_image(self, m) -> tuple[_Image | None, str]:
+        path = m.path
         try:
             st = os.stat(path)
         except OSError:
             return None, "file missing"
-        if m.get("inode") and st.st_ino != m["inode"]:
+        if m.inode and st.st_ino != m.inode:
             return None, "file replaced since the checkpoint"
         key = (path, st.st_ino, st.st_mtime_ns)
         if key not in self._images:
@@ -100,32 +100,32 @@ class Symbolizer:
         img = self._images[key]
         return img, "" if img else "not an ELF file"
 
-    def _vdso_image(self, pid: int, m: dict) -> _Image | None:
-        key = ("[vdso]", pid, m["start"])
+    def _vdso_image(self, pid: int, m) -> _Image | None:
+        key = ("[vdso]", pid, m.start)
         if key not in self._images:
             data = b""
             with self.sf.open() as f:
-                for p in m.get("segments", []):
+                for p in m.segments:
                     seg = self.sf.segment(p)
-                    data += self.sf.read_segment(f, seg, 0, seg["memsz"])
+                    data += self.sf.read_segment(f, seg, 0, seg.memsz)
             b = _parse(list(data)) if data[:4] == b"\x7fELF" else None
             self._images[key] = _Image(b) if b is not None else None
         return self._images[key]
 
-    def locate(self, task: dict, addr: int) -> dict:
+    def locate(self, task, addr: int) -> dict:
         """{"object", "symbol", "offset", "where"} for addr in task's address space."""
         out = {"object": None, "symbol": None, "offset": None, "where": f"{addr:#x}"}
-        m = next((m for m in task["mappings"] if m["start"] <= addr < m["end"]), None)
+        m = next((m for m in task.mappings if m.start <= addr < m.end), None)
         if m is None:
             out["where"] += " (unmapped)"
             return out
-        path = m.get("path") or "[anon]"
+        path = m.path or "[anon]"
         out["object"] = path
         if path == "[vdso]":
-            img, why, file_off = self._vdso_image(task["pid"], m), "", addr - m["start"]
-        elif path.startswith("/") and not m.get("deleted"):
+            img, why, file_off = self._vdso_image(task.pid, m), "", addr - m.start
+        elif path.startswith("/") and not m.deleted:
             img, why = self._file_image(m)
-            file_off = addr - m["start"] + m["offset"]
+            file_off = addr - m.start + m.offset
         else:
             img, why, file_off = None, "", 0
         found = None

@@ -20,6 +20,7 @@ import threading
 
 from statefile.format.checksum import crc32, crc32_combine
 from statefile.errors import FormatError
+from statefile.format import records
 
 CHUNK_SIZE = 1 << 20
 
@@ -85,36 +86,34 @@ class Runs:
         self.starts = [o for o, _ in runs]
 
 
-def describe(sf, seg: dict, lo: int, hi: int) -> str:
+def describe(sf, seg: records.Segment, lo: int, hi: int) -> str:
     """What segment bytes [lo, hi) are, for the user: 'memory of pid 1234 at
     0x7f00...-0x7f00...' or 'the content of deleted file /tmp/x'."""
-    phdr = seg["phdr"]
-    if "blob" not in seg and seg.get("mapping", -1) >= 0:
-        return (f"memory of pid {seg['pid']} at {seg['vaddr'] + lo:#x}-"
-                f"{seg['vaddr'] + hi:#x}")
+    phdr = seg.phdr
+    if seg.blob is None and seg.mapping >= 0:
+        return (f"memory of pid {seg.pid} at {seg.vaddr + lo:#x}-"
+                f"{seg.vaddr + hi:#x}")
     what = f"blob segment {phdr}"
     for f in sf.files:
-        if f.get("blob") == phdr:
-            pipe = f.get("pipe")
-            if pipe and pipe.get("data_file") == f.get("id"):
-                what = f"the bytes in flight of pipe {f.get('path')}"
-            elif f.get("deleted"):
-                what = f"the content of deleted file {f.get('path')}"
+        if f.blob == phdr:
+            if isinstance(f, (records.PipeFile, records.FifoFile)) and f.pipe.data_file == f.id:
+                what = f"the bytes in flight of pipe {f.path}"
+            elif f.deleted:
+                what = f"the content of deleted file {f.path}"
             else:
-                what = f"the saved content of file {f.get('path')}"
+                what = f"the saved content of file {f.path}"
             break
     else:
         for o in sf.shmem:
-            if o.get("blob") == phdr:
-                name = o.get("name") if o.get("kind") == "memfd" else o.get("path")
-                kind = {"deleted": "deleted file", "tmpfs": "tmpfs file"}.get(
-                    o.get("kind"), o.get("kind"))
+            if o.blob == phdr:
+                name = o.name if isinstance(o, records.MemfdObject) else o.path
+                kind = {"deleted": "deleted file", "tmpfs": "tmpfs file"}.get(o.kind, o.kind)
                 what = f"the content of {kind} {name}"
                 break
     return f"{what} (bytes {lo:#x}-{hi:#x})"
 
 
-def damaged(sf, seg: dict, lo: int, hi: int, why: str = "checksum mismatch") -> str:
+def damaged(sf, seg: records.Segment, lo: int, hi: int, why: str = "checksum mismatch") -> str:
     return f"{sf.path}: {describe(sf, seg, lo, hi)} is damaged ({why})"
 
 
@@ -144,65 +143,65 @@ class SegmentReader:
     def __exit__(self, *exc):
         self.close()
 
-    def _runs_of(self, seg: dict) -> Runs:
-        r = self._runs.get(seg["phdr"])
+    def _runs_of(self, seg: records.Segment) -> Runs:
+        r = self._runs.get(seg.phdr)
         if r is None:
-            r = self._runs[seg["phdr"]] = Runs(seg["runs"])
+            r = self._runs[seg.phdr] = Runs(seg.runs)
         return r
 
-    def _read(self, seg: dict, parts, base: int) -> int:
+    def _read(self, seg: records.Segment, parts, base: int) -> int:
         """Read parts into the buffer at (offset - base); their running CRC."""
         crc = 0
         for o, n in parts:
             view = self.mv[o - base:o - base + n]
-            if os.preadv(self.fd, [view], seg["offset"] + o) != n:
+            if os.preadv(self.fd, [view], seg.offset + o) != n:
                 raise DamagedError(damaged(self.sf, seg, o, o + n,
                                            "the statefile is truncated there"), o)
             crc = crc32(view, crc)
         return crc
 
-    def _check_whole(self, seg: dict) -> None:
+    def _check_whole(self, seg: records.Segment) -> None:
         """Format 1: the whole segment against its crc32, once."""
-        if seg["phdr"] in self._whole_ok:
+        if seg.phdr in self._whole_ok:
             return
         crc = 0
-        for o, n in seg["runs"]:
+        for o, n in seg.runs:
             for a, k in split(o, n, self.size):
                 view = self.mv[:k]
-                if os.preadv(self.fd, [view], seg["offset"] + a) != k:
+                if os.preadv(self.fd, [view], seg.offset + a) != k:
                     raise DamagedError(damaged(self.sf, seg, a, a + k,
                                                "the statefile is truncated there"), a)
                 crc = crc32(view, crc)
-        if crc != seg.get("crc32"):
-            raise DamagedError(damaged(self.sf, seg, 0, seg["filesz"]))
-        self._whole_ok.add(seg["phdr"])
+        if crc != seg.crc32:
+            raise DamagedError(damaged(self.sf, seg, 0, seg.filesz))
+        self._whole_ok.add(seg.phdr)
 
-    def pieces(self, seg: dict, lo: int = 0, hi: int | None = None):
+    def pieces(self, seg: records.Segment, lo: int = 0, hi: int | None = None):
         """Yield (segment offset, memoryview) for the stored bytes within
         [lo, hi), in order, each from a verified chunk."""
         for k in self.chunk_numbers(seg, lo, hi):
             yield from self.chunk(seg, k, lo, hi)
 
-    def chunk_numbers(self, seg: dict, lo: int = 0, hi: int | None = None) -> range:
-        hi = seg["filesz"] if hi is None else min(hi, seg["filesz"])
-        if lo >= hi or not seg["runs"]:
+    def chunk_numbers(self, seg: records.Segment, lo: int = 0, hi: int | None = None) -> range:
+        hi = seg.filesz if hi is None else min(hi, seg.filesz)
+        if lo >= hi or not seg.runs:
             return range(0)
         return range(lo // self.size, nchunks(hi, self.size))
 
-    def chunk(self, seg: dict, k: int, lo: int = 0, hi: int | None = None) -> list:
+    def chunk(self, seg: records.Segment, k: int, lo: int = 0, hi: int | None = None) -> list:
         """Read chunk k whole into the buffer, verify it, and return its stored
         bytes within [lo, hi) as [(segment offset, memoryview)]."""
-        hi = seg["filesz"] if hi is None else hi
+        hi = seg.filesz if hi is None else hi
         parts = chunk_parts(self._runs_of(seg), k, self.size)
         if not parts:
             return []
-        chunks = seg.get("chunks")
+        chunks = seg.chunks
         if chunks is None:
             self._check_whole(seg)
         base = k * self.size
         crc = self._read(seg, parts, base)
         if chunks is not None and (k >= len(chunks) or crc != chunks[k]):
-            end = min(base + self.size, seg["filesz"])
+            end = min(base + self.size, seg.filesz)
             raise DamagedError(damaged(self.sf, seg, base, end))
         out = []
         for o, n in parts:
@@ -211,7 +210,7 @@ class SegmentReader:
                 out.append((a, self.mv[a - base:b - base]))
         return out
 
-    def write_into(self, fd: int, seg: dict, base: int = 0) -> None:
+    def write_into(self, fd: int, seg: records.Segment, base: int = 0) -> None:
         """pwrite every stored byte of seg at base + its segment offset in fd
         (holes stay holes), each chunk verified before a byte of it is written."""
         for pos, view in self.pieces(seg):
@@ -220,7 +219,7 @@ class SegmentReader:
                 n = os.pwrite(fd, view, pos)
                 view, pos = view[n:], pos + n
 
-    def read_all(self, seg: dict) -> list[tuple[int, bytes]]:
+    def read_all(self, seg: records.Segment) -> list[tuple[int, bytes]]:
         """Every stored run of a (small) segment as bytes, verified."""
         out: list[tuple[int, bytearray]] = []
         for o, view in self.pieces(seg):
@@ -289,30 +288,30 @@ def read_ahead(sf, fd: int, jobs):
         thread.join()
 
 
-def chunk_problems(sf, seg: dict, fd: int) -> list[str]:
+def chunk_problems(sf, seg: records.Segment, fd: int) -> list[str]:
     """crinspect verify: every chunk (format 2) and the whole segment's crc32."""
-    if not seg["filesz"]:
+    if not seg.filesz:
         return []
     size = sf.chunk_size or CHUNK_SIZE
-    runs = Runs(seg["runs"])
-    chunks = seg.get("chunks")
+    runs = Runs(seg.runs)
+    chunks = seg.chunks
     buf = bytearray(size)
     mv = memoryview(buf)
     problems, whole = [], 0
-    for k in range(nchunks(seg["filesz"], size)):
+    for k in range(nchunks(seg.filesz, size)):
         crc = 0
         for o, n in chunk_parts(runs, k, size):
             view = mv[:n]
-            if os.preadv(fd, [view], seg["offset"] + o) != n:
-                return problems + [f"segment {seg['phdr']} truncated ({damaged(sf, seg, o, o + n)})"]
+            if os.preadv(fd, [view], seg.offset + o) != n:
+                return problems + [f"segment {seg.phdr} truncated ({damaged(sf, seg, o, o + n)})"]
             crc = crc32(view, crc)
             whole = crc32(view, whole)
         if chunks is not None and (k >= len(chunks) or crc != chunks[k]):
-            lo, hi = k * size, min((k + 1) * size, seg["filesz"])
-            problems.append(f"segment {seg['phdr']} ({describe(sf, seg, lo, hi)}) "
+            lo, hi = k * size, min((k + 1) * size, seg.filesz)
+            problems.append(f"segment {seg.phdr} ({describe(sf, seg, lo, hi)}) "
                             "checksum mismatch")
-    if whole != seg.get("crc32") and (chunks is None or not problems):
-        problems.append(f"segment {seg['phdr']} ({describe(sf, seg, 0, seg['filesz'])}) "
+    if whole != seg.crc32 and (chunks is None or not problems):
+        problems.append(f"segment {seg.phdr} ({describe(sf, seg, 0, seg.filesz)}) "
                         "checksum mismatch")
     return problems
 

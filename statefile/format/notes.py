@@ -169,39 +169,39 @@ def _tv(seconds: float) -> ec.timeval:
     return ec.timeval(int(seconds), int((seconds - int(seconds)) * 1e6))
 
 
-def prstatus(task: dict, thread: dict, regs: ThreadRegs) -> bytes:
+def prstatus(task: records.TaskNote, thread: records.Thread, regs: ThreadRegs) -> bytes:
     p = ec.elf_prstatus()
     p.si_signo = 19  # SIGSTOP: the checkpoint's stop
     p.pr_cursig = 19
-    p.pr_sigpend = int(thread.get("sigpend", 0))
-    p.pr_sighold = int(thread.get("sigmask", 0))
-    p.pr_pid = thread["tid"]
-    p.pr_ppid = task["ppid"]
-    p.pr_pgrp = task["pgid"]
-    p.pr_sid = task["sid"]
-    p.pr_utime = _tv(thread.get("utime", 0.0))
-    p.pr_stime = _tv(thread.get("stime", 0.0))
+    p.pr_sigpend = thread.sigpend
+    p.pr_sighold = thread.sigmask
+    p.pr_pid = thread.tid
+    p.pr_ppid = task.ppid
+    p.pr_pgrp = task.pgid
+    p.pr_sid = task.sid
+    p.pr_utime = _tv(thread.utime)
+    p.pr_stime = _tv(thread.stime)
     p.pr_reg = regs.user_regs()
     p.pr_fpvalid = 1
     return bytes(p)
 
 
-def prpsinfo(task: dict) -> bytes:
+def prpsinfo(task: records.TaskNote) -> bytes:
     p = ec.elf_prpsinfo()
-    state = task.get("state", "S")[:1] or "S"
+    state = task.state[:1] or "S"
     p.pr_sname = state.encode()
     p.pr_state = "RSDTZW".find(state) if state in "RSDTZW" else 1
     p.pr_zomb = 1 if state == "Z" else 0
-    p.pr_nice = task.get("nice", 0) & 0xFF
-    p.pr_flag = task.get("flags", 0)
-    p.pr_uid = task["creds"]["uid"][0]
-    p.pr_gid = task["creds"]["gid"][0]
-    p.pr_pid = task["pid"]
-    p.pr_ppid = task["ppid"]
-    p.pr_pgrp = task["pgid"]
-    p.pr_sid = task["sid"]
-    p.pr_fname = task["comm"].encode()[:15]
-    p.pr_psargs = " ".join(task.get("cmdline", [])).encode()[:79]
+    p.pr_nice = task.nice & 0xFF
+    p.pr_flag = task.flags
+    p.pr_uid = task.creds.uid[0]
+    p.pr_gid = task.creds.gid[0]
+    p.pr_pid = task.pid
+    p.pr_ppid = task.ppid
+    p.pr_pgrp = task.pgid
+    p.pr_sid = task.sid
+    p.pr_fname = task.comm.encode()[:15]
+    p.pr_psargs = " ".join(task.cmdline).encode()[:79]
     return bytes(p)
 
 
@@ -211,16 +211,16 @@ def siginfo_stop() -> bytes:
     return bytes(s)
 
 
-def nt_file(task: dict, page_size: int) -> bytes:
-    files = [m for m in task["mappings"] if m.get("path", "").startswith("/") and m["inode"]]
+def nt_file(task: records.TaskNote, page_size: int) -> bytes:
+    files = [m for m in task.mappings if m.path.startswith("/") and m.inode]
     head = struct.pack("<QQ", len(files), page_size)
-    table = b"".join(struct.pack("<QQQ", m["start"], m["end"], m["offset"] // page_size)
+    table = b"".join(struct.pack("<QQQ", m.start, m.end, m.offset // page_size)
                      for m in files)
-    names = b"".join(m["path"].encode() + b"\0" for m in files)
+    names = b"".join(m.path.encode() + b"\0" for m in files)
     return head + table + names
 
 
-def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs], page_size: int,
+def standard_notes(task: records.TaskNote, regs_by_tid: dict[int, ThreadRegs], page_size: int,
                    xsave_layout: dict | None) -> list[tuple[bytes, int, bytes]]:
     """The gdb baseline notes of one task: per thread NT_PRSTATUS, NT_PRFPREG,
     NT_X86_XSTATE and NT_SIGINFO (as gcore writes them); once NT_PRPSINFO,
@@ -235,18 +235,18 @@ def standard_notes(task: dict, regs_by_tid: dict[int, ThreadRegs], page_size: in
     NT_SIGINFO to the NT_PRSTATUS before it, so every SIGINFO follows its own
     thread's PRSTATUS.
     """
-    threads = task["threads"]
+    threads = task.threads
     # The thread group leader first, as the kernel does.
-    threads = sorted(threads, key=lambda t: (t["tid"] != task["pid"], t["tid"]))
+    threads = sorted(threads, key=lambda t: (t.tid != task.pid, t.tid))
     out: list[tuple[bytes, int, bytes]] = []
     layout_note = None
     for i, t in enumerate(threads):
-        r = regs_by_tid[t["tid"]]
+        r = regs_by_tid[t.tid]
         out.append((OWNER_CORE, ec.NT_PRSTATUS, prstatus(task, t, r)))
         if i == 0:
             out.append((OWNER_CORE, ec.NT_PRPSINFO, prpsinfo(task)))
             out.append((OWNER_CORE, ec.NT_SIGINFO, siginfo_stop()))
-            out.append((OWNER_CORE, ec.NT_AUXV, bytes.fromhex(task.get("auxv", ""))))
+            out.append((OWNER_CORE, ec.NT_AUXV, bytes.fromhex(task.auxv)))
             out.append((OWNER_CORE, ec.NT_FILE, nt_file(task, page_size)))
         out.append((OWNER_CORE, ec.NT_PRFPREG, r.fpregs))
         if r.xstate:
