@@ -26,10 +26,13 @@ import socket
 import struct
 import time
 
+import msgspec
+
 from statefile.control import netlock
 from statefile.control import ptrace as pt
-from statefile.dump.tcp import (REPAIRED, SOL_TCP, STATES, TCP_CONGESTION, TCP_NO_QUEUE, TCP_QUEUE_SEQ,
-                                TCP_RECV_QUEUE, TCP_REPAIR, TCP_REPAIR_OFF,
+from statefile.format import records
+from statefile.dump.tcp import (REPAIRED, SOL_TCP, STATES, TCP_CONGESTION, TCP_NO_QUEUE,
+                                TCP_QUEUE_SEQ, TCP_RECV_QUEUE, TCP_REPAIR, TCP_REPAIR_OFF,
                                 TCP_REPAIR_OFF_NO_WP, TCP_REPAIR_ON, TCP_REPAIR_OPTIONS,
                                 TCP_REPAIR_QUEUE, TCP_REPAIR_WINDOW, TCP_SEND_QUEUE,
                                 TCP_TIMESTAMP, WINDOW_FIELDS)
@@ -39,11 +42,11 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_BUF_LOCK = 32, 33, 72
 _LIVE_STATES = {"01", "02", "03", "04", "05", "08", "09", "0B"}   # /proc/net/tcp st
 
 
-def is_connection(f: dict) -> bool:
+def is_connection(f: records.File) -> bool:
     """An established connection this module restores."""
-    tcp = (f.get("socket") or {}).get("tcp")
-    return bool(tcp) and tcp.get("state") in REPAIRED and "send_seq" in tcp \
-        and not f.get("skipped")
+    tcp = getattr(getattr(f, "socket", None), "tcp", None)
+    return tcp is not None and tcp.state in REPAIRED and tcp.send_seq is not None \
+        and not f.skipped
 
 
 def _addr_hex(addr: str, port: int, v6: bool) -> str:
@@ -97,16 +100,17 @@ def _csum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def _replay_fin(sock: socket.socket, tcp: dict, local, peer, sent_len: int) -> None:
+def _replay_fin(sock: socket.socket, tcp: records.TcpConnection, local, peer,
+                sent_len: int) -> None:
     """The peer's FIN, sent again as the peer's own packet through a raw
     socket (marked: it passes the lock, statefile/control/netlock.py): the
     restored socket takes it as it took the original (end of file for the
     program, CLOSE_WAIT).  Its sequence number is rcv_nxt, it acknowledges
     nothing new (snd_una) and repeats the peer's window."""
     conn = netlock.Conn.of(local, peer)
-    seq = tcp["recv_seq"]
-    ack = (tcp["send_seq"] - sent_len) & 0xFFFFFFFF
-    win = tcp["window"]["snd_wnd"] >> tcp.get("snd_wscale", 0)
+    seq = tcp.recv_seq
+    ack = (tcp.send_seq - sent_len) & 0xFFFFFFFF
+    win = tcp.window.snd_wnd >> (tcp.snd_wscale or 0)
     hdr = struct.pack("!HHIIBBHHH", conn.rport, conn.lport, seq, ack, 5 << 4, 0x11,
                       min(win, 0xFFFF), 0, 0)
     if conn.v6:
@@ -140,10 +144,10 @@ def open_tcp(f: dict) -> int:
     """The restored socket of an established connection, in repair mode.
     Raises OSError with a one-line reason."""
     from restorer.restore.sockets import set_sockopts
-    info = f["socket"]
-    tcp = info["tcp"]
-    v6 = info["family"] == "inet6"
-    local, peer = tuple(info["local"]), tuple(info["peer"])
+    info = f.socket
+    tcp = info.tcp
+    v6 = info.family == "inet6"
+    local, peer = tuple(info.local), tuple(info.peer)
     where = f"TCP connection {local[0]} port {local[1]} -> {peer[0]} port {peer[1]}"
     why = netlock.available()
     if why:
@@ -154,12 +158,12 @@ def open_tcp(f: dict) -> int:
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
-        if v6 and "v6only" in info:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info["v6only"])
-        if info.get("reuseport"):
+        if v6 and info.v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, info.v6only)
+        if info.reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         set_sockopts(sock, info)
-        if (info.get("sockopts") or {}).get("freebind"):
+        if info.sockopts is not None and info.sockopts.freebind:
             sock.setsockopt(socket.SOL_IP, 15, 1)
         try:
             sock.bind(local)
@@ -169,34 +173,34 @@ def open_tcp(f: dict) -> int:
                               "on this host") from None
             raise OSError(e.errno, f"{where}: binding {local[0]} port {local[1]}: "
                           f"{e.strerror}") from None
-        sendq = bytes.fromhex(tcp["send_queue"])
-        recvq = bytes.fromhex(tcp["recv_queue"])
+        sendq = bytes.fromhex(tcp.send_queue or "")
+        recvq = bytes.fromhex(tcp.recv_queue or "")
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _u32(tcp["recv_seq"] - len(recvq)))
+        sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _u32(tcp.recv_seq - len(recvq)))
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _u32(tcp["send_seq"] - len(sendq)))
+        sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _u32(tcp.send_seq - len(sendq)))
         sock.connect(peer)            # (repair mode: established, nothing sent)
-        opts = [(TCPOPT_MAXSEG, tcp["mss"])]
-        if tcp.get("sack"):
+        opts = [(TCPOPT_MAXSEG, tcp.mss)]
+        if tcp.sack:
             opts.append((TCPOPT_SACK_PERM, 0))
         if "snd_wscale" in tcp:
-            opts.append((TCPOPT_WINDOW, tcp["snd_wscale"] | tcp["rcv_wscale"] << 16))
-        if tcp.get("timestamps"):
+            opts.append((TCPOPT_WINDOW, tcp.snd_wscale | tcp.rcv_wscale << 16))
+        if tcp.timestamps:
             opts.append((TCPOPT_TIMESTAMP, 0))
         sock.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS,
                         b"".join(struct.pack("II", c, v) for c, v in opts))
-        if tcp.get("timestamps"):
-            sock.setsockopt(SOL_TCP, TCP_TIMESTAMP, _u32(tcp["timestamp"]))
+        if tcp.timestamps:
+            sock.setsockopt(SOL_TCP, TCP_TIMESTAMP, _u32(tcp.timestamp))
         # room for the queues (the saved sizes, or more); the buffer locks as
         # they were afterwards (autotuning again where it was on)
         lock = sock.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK)
-        for opt, size in ((SO_SNDBUFFORCE, max(tcp.get("sndbuf", 0), 2 * len(sendq))),
-                          (SO_RCVBUFFORCE, max(tcp.get("rcvbuf", 0), 2 * len(recvq)))):
+        for opt, size in ((SO_SNDBUFFORCE, max(tcp.sndbuf or 0, 2 * len(sendq))),
+                          (SO_RCVBUFFORCE, max(tcp.rcvbuf or 0, 2 * len(recvq)))):
             if size:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size // 2 + 4096)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         _send_all(sock, recvq)
-        sent = len(sendq) - min(tcp.get("unsent", 0), len(sendq))
+        sent = len(sendq) - min(tcp.unsent or 0, len(sendq))
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _send_all(sock, sendq[:sent])
         if sent < len(sendq):
@@ -205,37 +209,37 @@ def open_tcp(f: dict) -> int:
             sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
         sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, lock)
-        w = dict(tcp["window"])
-        if (w["rcv_wup"] - tcp["recv_seq"]) & 0x80000000 == 0:
-            w["rcv_wup"] = tcp["recv_seq"]   # (it may count a FIN: replayed below)
+        w = msgspec.structs.asdict(tcp.window)
+        if (w["rcv_wup"] - tcp.recv_seq) & 0x80000000 == 0:
+            w["rcv_wup"] = tcp.recv_seq   # (it may count a FIN: replayed below)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW,
                         struct.pack("5I", *(w[k] for k in WINDOW_FIELDS)))
         # FINs: the peer's replayed as its packet (CLOSE_WAIT; before ours for
         # LAST_ACK, after ours for CLOSING); ours with shutdown(SHUT_WR)
-        if tcp.get("fin_received") and tcp["state"] != "closing":
+        if tcp.fin_received and tcp.state != "closing":
             _replay_fin(sock, tcp, local, peer, len(sendq))
-        if tcp.get("fin_sent"):
+        if tcp.fin_sent:
             # our FIN after the queue, transmitted by the kernel (again: a peer
             # that had it acknowledges it again, and FIN_WAIT2 follows)
             sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
             sock.shutdown(socket.SHUT_WR)
             sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
-        if tcp.get("fin_received") and tcp["state"] == "closing":
+        if tcp.fin_received and tcp.state == "closing":
             _replay_fin(sock, tcp, local, peer, len(sendq))
         state = sock.getsockopt(SOL_TCP, 11, 8)[0]
         # (FIN_WAIT2 comes back FIN_WAIT1: its FIN is acknowledged again)
-        if STATES.get(state) != {"fin_wait2": "fin_wait1"}.get(tcp["state"], tcp["state"]):
-            raise OSError(0, f"came back {STATES.get(state, state)}, not {tcp['state']}")
-        if tcp.get("shut_rd"):
+        if STATES.get(state) != {"fin_wait2": "fin_wait1"}.get(tcp.state, tcp.state):
+            raise OSError(0, f"came back {STATES.get(state, state)}, not {tcp.state}")
+        if tcp.shut_rd:
             sock.shutdown(socket.SHUT_RD)     # (a flag only: nothing is sent)
-        cc = tcp.get("congestion")
+        cc = tcp.congestion
         if cc and sock.getsockopt(SOL_TCP, TCP_CONGESTION, 16).split(b"\0")[0].decode() != cc:
             try:
                 sock.setsockopt(SOL_TCP, TCP_CONGESTION, cc.encode())
             except OSError as e:
                 raise OSError(e.errno, f"{where}: congestion control {cc}: "
                               f"{e.strerror}") from None
-        sock.setblocking(not f.get("flags", 0) & os.O_NONBLOCK)
+        sock.setblocking(not f.flags & os.O_NONBLOCK)
         return sock.detach()
     except OSError as e:
         sock.close()
@@ -254,15 +258,16 @@ class Live:
     that killing the tree sends nothing to the peers."""
 
     def __init__(self, sf, pids: dict[int, int]):
-        self.where: list[tuple[int, int, dict]] = []    # (tracer-view pid, fd, info)
-        self.dups: list[tuple[int, dict]] = []
+        # (tracer-view pid, fd, socket record)
+        self.where: list[tuple[int, int, records.InetSocket | records.Inet6Socket]] = []
+        self.dups: list[tuple[int, records.InetSocket | records.Inet6Socket]] = []
         seen: set[int] = set()
         for t in sf.tasks:
-            for d in t["fds"]:
-                f = sf.files[d["file"]]
-                if d["file"] not in seen and is_connection(f) and t["pid"] in pids:
-                    seen.add(d["file"])
-                    self.where.append((pids[t["pid"]], d["fd"], f["socket"]))
+            for d in t.fds:
+                f = sf.files[d.file]
+                if d.file not in seen and is_connection(f) and t.pid in pids:
+                    seen.add(d.file)
+                    self.where.append((pids[t.pid], d.fd, f.socket))
 
     def go_live(self) -> None:
         for pid, fd, info in self.where:
@@ -273,12 +278,12 @@ class Live:
                 sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)   # (a window probe)
                 # leaving repair mode clears SO_REUSEADDR: as the program had it
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
-                                info.get("reuseaddr", 0))
+                                info.reuseaddr)
             finally:
                 sock.detach()
 
     def conns(self) -> list:
-        return [netlock.Conn.of(i["local"], i["peer"]) for _p, _f, i in self.where]
+        return [netlock.Conn.of(i.local, i.peer) for _p, _f, i in self.where]
 
     def lift(self) -> list[str]:
         """Lift the lock; [] or the warning to give (the rules then stay until

@@ -33,8 +33,6 @@ is kept so that older statefiles decode: UnixSocket.sock_file (now file_owner).
 
 from __future__ import annotations
 
-import os
-import sys
 import types
 from typing import Annotated, Literal
 
@@ -47,91 +45,7 @@ def Doc(text: str) -> msgspec.Meta:
     return msgspec.Meta(description=text)
 
 
-_COMPAT_LOG = os.environ.get("CRELF_RECORDS_LOG")
-
-
-def _compat_used(what: str) -> None:
-    """With CRELF_RECORDS_LOG=FILE, note each dict-style use of a record and
-    where it is (file:line), to find the code still to convert."""
-    if _COMPAT_LOG:
-        f = sys._getframe(2)
-        try:
-            with open(_COMPAT_LOG, "a") as log:
-                log.write(f"{f.f_code.co_filename}:{f.f_lineno}: {what}\n")
-        except OSError:
-            pass
-
-
-class _DictCompat:
-    """TRANSITIONAL, removed once every reader uses attributes (issue 15): lets
-    code not yet converted read a record as it read the dict it was."""
-
-    def __getitem__(self, key):
-        _compat_used(f"[{key!r}] on {type(self).__name__}")
-        v = getattr(self, key, UNSET)
-        if v is UNSET:
-            raise KeyError(key)
-        return v
-
-    def __setitem__(self, key, value):
-        _compat_used(f"[{key!r}] = on {type(self).__name__}")
-        if key == type(self).__struct_config__.tag_field and value == getattr(self, key):
-            return      # (the tag is the record's type: it cannot change)
-        setattr(self, key, value)
-
-    def __contains__(self, key) -> bool:
-        # (a key the writer would have left out: absent, null, or at its default)
-        _compat_used(f"{key!r} in {type(self).__name__}")
-        v = getattr(self, key, UNSET)
-        if v is UNSET or v is None:
-            return False
-        for fi in msgspec.structs.fields(type(self)):
-            if fi.name == key:
-                if fi.default is not msgspec.NODEFAULT:
-                    return v != fi.default
-                if fi.default_factory is not msgspec.NODEFAULT:
-                    return v != fi.default_factory()
-        return True
-
-    def get(self, key, default=None):
-        _compat_used(f".get({key!r}) on {type(self).__name__}")
-        v = getattr(self, key, UNSET)
-        return default if v is UNSET or (v is None and default is not None) else v
-
-    def keys(self):
-        _compat_used(f".keys() on {type(self).__name__}")
-        return [k for k in self.__struct_fields__ if getattr(self, k) not in (UNSET, None)]
-
-    def __iter__(self):
-        _compat_used(f"iter() on {type(self).__name__}")
-        return iter([k for k in self.__struct_fields__ if getattr(self, k) not in (UNSET, None)])
-
-    def items(self):
-        _compat_used(f".items() on {type(self).__name__}")
-        return [(k, getattr(self, k)) for k in self.__struct_fields__
-                if getattr(self, k) not in (UNSET, None)]
-
-    def values(self):
-        _compat_used(f".values() on {type(self).__name__}")
-        return [getattr(self, k) for k in self.__struct_fields__
-                if getattr(self, k) not in (UNSET, None)]
-
-    def copy(self):
-        _compat_used(f".copy() on {type(self).__name__}")
-        return msgspec.structs.replace(self)
-
-    def pop(self, key, *default):
-        _compat_used(f".pop({key!r}) on {type(self).__name__}")
-        return self.__dict__.pop(key, *default)    # (the restorer's own attributes)
-
-    def setdefault(self, key, default=None):
-        _compat_used(f".setdefault({key!r}) on {type(self).__name__}")
-        if getattr(self, key, UNSET) is UNSET:
-            setattr(self, key, default)
-        return getattr(self, key)
-
-
-class Record(_DictCompat, msgspec.Struct, kw_only=True, omit_defaults=True,
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True,
              forbid_unknown_fields=True, dict=True):
     """Base of every record: keyword-only, defaults left out when encoding,
     unknown keys refused.  (dict=True: the restorer may hang its own working
