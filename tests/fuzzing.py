@@ -214,8 +214,8 @@ def layout(path: str) -> Layout:
     sf = reader.load(path)
     memory, blobs = [], []
     for seg in sf.segments:
-        for rel, ln in seg["runs"]:
-            (blobs if "blob" in seg else memory).append((seg["offset"] + rel, ln))
+        for rel, ln in seg.runs:
+            (blobs if seg.blob is not None else memory).append((seg.offset + rel, ln))
     return Layout(len(data), phoff, phnum, note_ph, note_off, notes, memory, blobs)
 
 
@@ -375,8 +375,8 @@ def fingerprint(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
             for seg in sf.segments:
-                for rel, ln in seg.get("runs", []):
-                    f.seek(seg["offset"] + rel)
+                for rel, ln in seg.runs:
+                    f.seek(seg.offset + rel)
                     h.update(f.read(ln))
     except (TypeError, ValueError, OverflowError, OSError):
         return None         # runs that are not byte ranges (a forged note)

@@ -145,7 +145,7 @@ def test_gdb_reads_vector_registers_and_pkru_as_from_gcore(sample_bin, procs, tm
     assert values[:2] == [as_gdb_prints(held[:32]), as_gdb_prints(held[32:])], values
     # pkru: where CPUID puts it in the area PTRACE_GETREGSET gave (CR_THREAD_REGS)
     sf = reader.load(str(cr))
-    layout = sf.header["xsave_layout"]               # root reads CPUID through /dev/cpu
+    layout = sf.header.xsave_layout                  # root reads CPUID through /dev/cpu
     assert layout and layout["2"] == [576, 256], layout
     if "9" in layout:
         off, size = layout["9"]
@@ -159,7 +159,7 @@ def test_gdb_reads_vector_registers_and_pkru_as_from_gcore(sample_bin, procs, tm
     validate.validate(sf)
     comp = max(layout, key=int)
     off, size = layout[comp]
-    sf.header["xsave_layout"][comp] = [off + 256, size]
+    sf.header.xsave_layout[comp] = [off + 256, size]
     with pytest.raises(ValidationError, match=rf"XSAVE component {comp} is at offset {off + 256} "):
         validate.validate(sf)
     (d / "go").touch()
@@ -230,7 +230,7 @@ def test_python_program_keeps_running_and_is_readable(sample_bin, procs, tmp_pat
     sf = reader.load(str(cr))
     assert reader.verify(sf) == []
     python = os.path.realpath(sys.executable)
-    assert sf.root["exe"] == python
+    assert sf.root.exe == python
     text = gdb(python, cr, "info threads", "thread apply all bt", "info sharedlibrary")
     assert len(re.findall(r"^\*?\s+\d+\s+Thread ", text, re.M)) == 3, text
     blocks = _gdb_thread_blocks(text)
@@ -274,10 +274,10 @@ def test_parent_with_two_children(sample_bin, procs, tmp_path):
     assert summary["restartable"] and summary["not_restartable"] == []
     assert len(summary["pids"]) == 3 and summary["pids"][0] == proc.pid
     sf = reader.load(str(cr))
-    assert [t["ppid"] for t in sf.tasks[1:]] == [proc.pid, proc.pid]
+    assert [t.ppid for t in sf.tasks[1:]] == [proc.pid, proc.pid]
     assert reader.verify(sf) == []
     # Every task's memory is in the file: the children have their own segments.
-    owners = {s["pid"] for s in sf.segments if s["filesz"]}
+    owners = {s.pid for s in sf.segments if s.filesz}
     assert owners == set(summary["pids"])
     # The tree runs on unharmed: the parent still reaps both children normally.
     assert proc.wait(timeout=20) == 0
@@ -436,7 +436,7 @@ def test_real_pipeline_output_unchanged_by_leave_running_checkpoints(procs, tmp_
     assert proc.wait(timeout=120) == 0
     assert out.read_bytes() == ref
     sf = reader.load(str(tmp_path / "p0.cr"))
-    assert {t["comm"] for t in sf.tasks} >= {"sh", "seq", "awk", "gzip"}
+    assert {t.comm for t in sf.tasks} >= {"sh", "seq", "awk", "gzip"}
 
 
 GEN_PROGRAM = r"""
@@ -460,8 +460,8 @@ int main(void) {
 
 def _read_mem(sf, f, pid, addr, size):
     for seg in sf.segments:
-        if seg["pid"] == pid and seg["vaddr"] <= addr < seg["vaddr"] + seg["memsz"]:
-            return sf.read_segment(f, seg, addr - seg["vaddr"], size)
+        if seg.pid == pid and seg.vaddr <= addr < seg.vaddr + seg.memsz:
+            return sf.read_segment(f, seg, addr - seg.vaddr, size)
     raise AssertionError(f"{addr:#x} not in the statefile")
 
 

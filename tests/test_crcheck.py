@@ -89,9 +89,9 @@ def test_policy_skips_it_and_the_statefile_says_so(unsupported, tmp_path):
     assert summary["restartable"]
     assert [s["where"] for s in summary["skipped"]] == [f"pid {proc.pid} fd {fd}"]
     sf = reader.load(str(cr))
-    assert sf.header["skipped"][0]["why"] == policy_class
-    entry = sf.files[next(d["file"] for d in sf.root["fds"] if d["fd"] == fd)]
-    assert entry["skipped"] == policy_class
+    assert sf.header.skipped[0].why == policy_class
+    entry = sf.files[next(d.file for d in sf.root.fds if d.fd == fd)]
+    assert entry.skipped == policy_class
     assert_keeps_ticking(out, proc)
 
 
@@ -142,9 +142,9 @@ def test_scratch_memory_is_left_out_by_policy(procs, tmp_path):
     lean = checkpoint(proc.pid, tmp_path / "lean.cr", "--skip", "scratch")
     assert full["bytes_stored"] - lean["bytes_stored"] >= 64 << 20
     sf = reader.load(str(tmp_path / "lean.cr"))
-    scratch = [m for m in sf.root["mappings"] if m.get("skipped")]
-    assert len(scratch) == 1 and scratch[0]["skipped"] == "scratch"
-    assert sf.header["skipped"][0]["why"] == "scratch"
+    scratch = [m for m in sf.root.mappings if m.skipped]
+    assert len(scratch) == 1 and scratch[0].skipped == "scratch"
+    assert sf.header.skipped[0].why == "scratch"
 
 
 def test_crrun_flag_is_seen_by_crcheck_and_skippable(sample_bin, procs, tmp_path):
@@ -176,8 +176,8 @@ def test_crrun_flag_is_seen_by_crcheck_and_skippable(sample_bin, procs, tmp_path
     summary = checkpoint(pid, tmp_path / "u.cr", "--skip", "io_uring")
     assert len(summary["skipped"]) == 2
     sf = reader.load(str(tmp_path / "u.cr"))
-    assert sf.root["crrun"] is True
-    assert [f["syscall"] for f in sf.root["crrun_flags"]] == ["io_uring_setup"]
+    assert sf.root.crrun is True
+    assert [f.syscall for f in sf.root.crrun_flags] == ["io_uring_setup"]
 
 
 # --- skipped resources come back as the policy says --------------------------

@@ -274,22 +274,22 @@ def test_symbols_in_the_executable_and_the_vdso(mt_cr, sample_bin):
     with open(sample_bin / "mt_values", "rb") as f:
         sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("crelf_wait_point")
         value = sym[0]["st_value"]
-    base = next(m["start"] for m in task["mappings"]
-                if m["path"] == str(sample_bin / "mt_values") and m["offset"] == 0)
+    base = next(m.start for m in task.mappings
+                if m.path == str(sample_bin / "mt_values") and m.offset == 0)
     symbolizer = Symbolizer(sf)
     loc = symbolizer.locate(task, base + value + 4)
     assert (loc["symbol"], loc["offset"]) == ("crelf_wait_point", 4)
 
-    vdso = next(m for m in task["mappings"] if m["path"] == "[vdso]")
-    img = symbolizer._vdso_image(task["pid"], vdso)
+    vdso = next(m for m in task.mappings if m.path == "[vdso]")
+    img = symbolizer._vdso_image(task.pid, vdso)
     assert img is not None and img.addrs
-    loc = symbolizer.locate(task, vdso["start"] + img.addrs[0] + 1)
+    loc = symbolizer.locate(task, vdso.start + img.addrs[0] + 1)
     assert loc["object"] == "[vdso]" and loc["offset"] == 1
     assert loc["symbol"] in {"clock_gettime", "gettimeofday", "time", "getcpu",
                              "clock_getres", "getrandom"} or loc["symbol"].startswith("__vdso")
 
-    anon = next(m for m in task["mappings"] if m["kind"] == "heap")
-    assert symbolizer.locate(task, anon["start"])["symbol"] is None
+    anon = next(m for m in task.mappings if m.kind == "heap")
+    assert symbolizer.locate(task, anon.start)["symbol"] is None
 
 
 def test_python_program_threads_and_syscalls(sample_bin, procs, tmp_path):
@@ -342,12 +342,12 @@ def test_verify_fails_on_corrupted_memory(mt_cr, tmp_path):
     bad = tmp_path / "bad.cr"
     shutil.copyfile(cr, bad)
     sf = reader.load(str(bad))
-    seg = next(sf.segment(p) for m in sf.root["mappings"] if m["kind"] == "heap"
-               for p in m["segments"] if sf.segment(p)["runs"])
-    _flip(bad, seg["offset"] + seg["runs"][0][0] + 16)
+    seg = next(sf.segment(p) for m in sf.root.mappings if m.kind == "heap"
+               for p in m.segments if sf.segment(p).runs)
+    _flip(bad, seg.offset + seg.runs[0][0] + 16)
     data = json.loads(crinspect("verify", bad, "--json").stdout)
     assert data["ok"] is False
-    assert any(f"segment {seg['phdr']} " in p for p in data["problems"]), data
+    assert any(f"segment {seg.phdr} " in p for p in data["problems"]), data
 
 
 # -------------------------------------------------------- cores for gdb

@@ -275,7 +275,7 @@ def test_sysv_shm_semaphores_and_shared_anonymous_memory(procs, tmp_path):
         shm_maps = {p: _maps(p, r"/SYSV%08x " % key) for p in tasks}
         anon_maps = {p: _maps(p, r" /dev/zero \(deleted\)") for p in tasks}
         assert all(len(m) == 1 for m in [*shm_maps.values(), *anon_maps.values()])
-        shmid = reader.load(str(cr)).ipc["shm"][0]["shmid"]
+        shmid = reader.load(str(cr)).ipc.shm[0].shmid
 
         objs = crinspect_json("shared", cr)["objects"]
         (shm,) = [o for o in objs if o["kind"] == "sysv-shm"]

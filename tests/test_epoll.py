@@ -69,12 +69,12 @@ def test_epoll_items_under_closed_and_reused_numbers(procs, tmp_path):
     wait_for_line(out, "^ready$", proc=proc)
     checkpoint(proc.pid, tmp_path / "e.cr", "--kill")
     proc.wait(timeout=10)
-    eps = [f["anon"]["targets"] for f in reader.load(str(tmp_path / "e.cr")).files
-           if f["kind"] == "anon:eventpoll"]
-    tfds = sorted(t["tfd"] for ts in eps for t in ts)
+    eps = [f.anon.targets for f in reader.load(str(tmp_path / "e.cr")).files
+           if f.kind == "anon:eventpoll"]
+    tfds = sorted(t.tfd for ts in eps for t in ts)
     assert tfds.count(901) == 3 and 900 in tfds, tfds
-    assert all(t["fd"] is not None for ts in eps for t in ts)
-    assert [t for ts in eps for t in ts if t["tfd"] == 900][0]["fd"] != 900
+    assert all(isinstance(t.fd, int) for ts in eps for t in ts)     # not None nor UNSET
+    assert [t for ts in eps for t in ts if t.tfd == 900][0].fd != 900
     (run_dir / "go").touch()
     res = subprocess.run([str(BIN / "crrestart"), str(tmp_path / "e.cr")],
                          capture_output=True, timeout=60)

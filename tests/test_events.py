@@ -70,7 +70,7 @@ def _checkpoint_and_restart(procs, prog, tmp_path, name: str, ready: str = "read
 
 
 def _anon(sf, kind: str) -> list[dict]:
-    return [f["anon"] for f in sf.files if f["kind"] == kind]
+    return [f.anon for f in sf.files if f.kind == kind]
 
 
 # ----------------------------------------------------------------- timerfd
@@ -93,8 +93,8 @@ def test_timerfd_keeps_its_remaining_time(procs, tmp_path):
     prog = _program(tmp_path, "tremain", TIMER_REMAINING)
     r, out, go, sf = _checkpoint_and_restart(procs, prog, tmp_path, "tremain")
     [t] = _anon(sf, "anon:timerfd")
-    saved = t["value"][0] * 10**9 + t["value"][1]
-    assert t["interval"] == [10, 0] and t["ticks"] == 0
+    saved = t.value[0] * 10**9 + t.value[1]
+    assert t.interval == [10, 0] and t.ticks == 0
     assert 0 < saved <= 10 * 10**9
     go.touch()
     code, err = finish(r)
@@ -128,21 +128,21 @@ def test_timerfd_unread_expirations_read_back(procs, tmp_path):
     wait_for_line(out, "^ready$", proc=proc)
     checkpoint(proc.pid, tmp_path / "peek.cr")        # leave running
     [peek] = _anon(reader.load(str(tmp_path / "peek.cr")), "anon:timerfd")
-    assert peek["ticks"] >= 6, peek
+    assert peek.ticks >= 6, peek
     go.touch()
     wait_for_line(out, "^read ", proc=proc)
-    assert int(read_lines(out)[-1].split()[1]) >= peek["ticks"]
+    assert int(read_lines(out)[-1].split()[1]) >= peek.ticks
     proc.wait(timeout=10)
 
     r, out, go, sf = _checkpoint_and_restart(procs, prog, tmp_path, "tunread")
     [t] = _anon(sf, "anon:timerfd")
-    assert t["ticks"] >= 6 and t["interval"] == [0, 50_000_000], t
+    assert t.ticks >= 6 and t.interval == [0, 50_000_000], t
     go.touch()
     code, err = finish(r)
     assert code == 0, err
     assert read_lines(out)[-2:-1] == ["go seen"]
     got = int(read_lines(out)[-1].split()[1])
-    assert got >= t["ticks"], (got, t)
+    assert got >= t.ticks, (got, t)
 
 
 # ----------------------------------------------------------------- eventfd
@@ -172,7 +172,7 @@ def test_eventfd_counter_and_semaphore_mode(procs, tmp_path):
     ref = _run_ref(prog, tmp_path)
     assert ref.count(b"sem 1\n") == 5 and b"sem EAGAIN\nbig 1099511627776\n" in ref
     r, out, go, sf = _checkpoint_and_restart(procs, prog, tmp_path, "efd")
-    assert sorted((a["count"], a["semaphore"]) for a in _anon(sf, "anon:eventfd")) == \
+    assert sorted((a.count, a.semaphore) for a in _anon(sf, "anon:eventfd")) == \
         [(5, True), (1 << 40, False)]
     go.touch()
     code, err = finish(r)
@@ -214,8 +214,8 @@ def test_inotify_watch_reports_a_file_created_after_restart(procs, tmp_path):
     checkpoint(proc.pid, cr, "--kill")
     proc.wait(timeout=10)
     [a] = _anon(reader.load(str(cr)), "anon:inotify")
-    assert [(w["wd"], w["path"]) for w in a["watches"]] == [(1, str(watched))]
-    assert "unread" not in a
+    assert [(w.wd, w.path) for w in a.watches] == [(1, str(watched))]
+    assert a.unread is None
     r = restart(procs, cr)
     go.touch()
     wait_for_line(out, "^go seen$", timeout=30, proc=r)
@@ -283,9 +283,9 @@ def test_inotify_watch_on_a_deleted_open_file(procs, tmp_path):
     checkpoint(proc.pid, cr, "--kill")
     proc.wait(timeout=10)
     [a] = _anon(reader.load(str(cr)), "anon:inotify")
-    ws = sorted(a["watches"], key=lambda w: w["wd"])
-    assert [w["path"] for w in ws] == [str(watched), None]
-    assert ws[1]["deleted"] == str(watched / "victim") and ws[1]["file"] is not None
+    ws = sorted(a.watches, key=lambda w: w.wd)
+    assert [w.path for w in ws] == [str(watched), None]
+    assert ws[1].deleted == str(watched / "victim") and ws[1].file is not None
     r = restart(procs, cr)
     go.touch()
     code, err = finish(r)
@@ -338,8 +338,8 @@ def test_signalfd_delivers_a_signal_sent_after_restart(procs, tmp_path):
     prog = _program(tmp_path, "sfd", SIGNALFD)
     r, out, go, sf = _checkpoint_and_restart(procs, prog, tmp_path, "sfd")
     [a] = _anon(sf, "anon:signalfd")
-    assert a["sigmask"] == 1 << (signal.SIGUSR2 - 1)
-    pid = sf.tasks[0]["pid"]
+    assert a.sigmask == 1 << (signal.SIGUSR2 - 1)
+    pid = sf.tasks[0].pid
     go.touch()
     wait_for_line(out, "^go seen$", timeout=30, proc=r)
     os.kill(pid, signal.SIGUSR2)                      # the restarted task, same pid
@@ -384,7 +384,7 @@ def test_epoll_reports_events_with_their_data(procs, tmp_path):
     assert ref.endswith(b"epoll 0xdeadbeef00000001/0x1\n")
     r, out, go, sf = _checkpoint_and_restart(procs, prog, tmp_path, "ep")
     [a] = _anon(sf, "anon:eventpoll")
-    assert sorted(t["data"] for t in a["targets"]) == [0x1122334455667788, 0xdeadbeef00000001]
+    assert sorted(t.data for t in a.targets) == [0x1122334455667788, 0xdeadbeef00000001]
     go.touch()
     code, err = finish(r)
     assert code == 0, err

@@ -52,7 +52,7 @@ def flip(src: Path, dst: Path, off: int) -> Path:
 
 def heap_segment(cr: Path) -> dict:
     sf = reader.load(str(cr))
-    return max(sf.segments, key=lambda s: s["filesz"])
+    return max(sf.segments, key=lambda s: s.filesz)
 
 
 def refused(bad: Path, pids, mode: str, *, step: str, what: str) -> str:
@@ -89,11 +89,11 @@ def test_damaged_memory_run_is_never_restored(sample_bin, procs, tmp_path):
     require_root()
     cr, out, pid, argv = ticker_statefile(sample_bin, procs, tmp_path)
     seg = heap_segment(cr)
-    rel = seg["runs"][0][0] + 8 * 2**20 + 12345
-    bad = flip(cr, tmp_path / "heap.cr", seg["offset"] + rel)
+    rel = seg.runs[0][0] + 8 * 2**20 + 12345
+    bad = flip(cr, tmp_path / "heap.cr", seg.offset + rel)
     sf = reader.load(str(cr))
     size = sf.chunk_size
-    lo = seg["vaddr"] + rel // size * size
+    lo = seg.vaddr + rel // size * size
     rng = f"memory of pid {pid} at {lo:#x}-{lo + size:#x} is damaged (checksum mismatch)"
     v = run([CRINSPECT, "verify", bad])
     assert v.returncode == 1 and f"memory of pid {pid} at {lo:#x}-{lo + size:#x}" in v.stdout, v
@@ -123,14 +123,14 @@ def test_lazy_damage_is_found_at_fault_time(sample_bin, procs, tmp_path):
     require_root()
     cr, out, pid = _bigheap_statefile(sample_bin, procs, tmp_path)
     sf = reader.load(str(cr))
-    stack = next(sf.segment(p) for m in sf.root["mappings"] if m["kind"] == "stack"
-                 for p in m["segments"] if sf.segment(p)["filesz"])
-    assert stack["offset"] == _stack_offset(cr)
-    o, n = stack["runs"][-1]
-    bad = flip(cr, tmp_path / "stack.cr", stack["offset"] + o + n - 64)
+    stack = next(sf.segment(p) for m in sf.root.mappings if m.kind == "stack"
+                 for p in m.segments if sf.segment(p).filesz)
+    assert stack.offset == _stack_offset(cr)
+    o, n = stack.runs[-1]
+    bad = flip(cr, tmp_path / "stack.cr", stack.offset + o + n - 64)
     k = (o + n - 64) // sf.chunk_size
-    lo = stack["vaddr"] + k * sf.chunk_size
-    hi = stack["vaddr"] + min((k + 1) * sf.chunk_size, stack["filesz"])
+    lo = stack.vaddr + k * sf.chunk_size
+    hi = stack.vaddr + min((k + 1) * sf.chunk_size, stack.filesz)
     rng = f"memory of pid {pid} at {lo:#x}-{hi:#x} is damaged (checksum mismatch)"
     since = _now_ticks()
     r = run([*CRRESTART, "--lazy", "-v", bad], timeout=120)
@@ -219,17 +219,17 @@ def test_damaged_blobs_are_never_used(procs, tmp_path):
     sf = reader.load(str(cr))
     blobs = {}
     for f in sf.files:
-        if "blob" in f and f["kind"] == "pipe":
-            blobs["pipe"] = sf.segment(f["blob"])
+        if f.blob is not None and f.kind == "pipe":
+            blobs["pipe"] = sf.segment(f.blob)
     for o in sf.shmem:      # (a deleted file's content is its object's: statefile/dump/memfd.py)
-        if "blob" in o and (o["kind"] == "memfd" or o.get("path", "").endswith("gone.txt")):
-            blobs["memfd" if o["kind"] == "memfd" else "deleted"] = sf.segment(o["blob"])
+        if o.blob is not None and (o.kind == "memfd" or getattr(o, "path", "").endswith("gone.txt")):
+            blobs["memfd" if o.kind == "memfd" else "deleted"] = sf.segment(o.blob)
     assert set(blobs) == {"deleted", "pipe", "memfd"}, blobs
     names = {"deleted": "the content of deleted file ", "pipe": "the bytes in flight of pipe ",
              "memfd": "the content of memfd crelf blob"}
     for key, seg in blobs.items():
-        o, n = seg["runs"][0]
-        bad = flip(cr, tmp_path / f"{key}.cr", seg["offset"] + o + n // 2)
+        o, n = seg.runs[0]
+        bad = flip(cr, tmp_path / f"{key}.cr", seg.offset + o + n // 2)
         v = run([CRINSPECT, "verify", bad])
         assert v.returncode == 1 and names[key] in v.stdout, (key, v.stdout)
         for mode in MODES:
@@ -384,13 +384,13 @@ def test_format1_statefile_restarts_eagerly_verified_whole(sample_bin, procs, tm
     old = to_format1(cr, tmp_path / "f1.cr")
     sf = reader.load(str(old))
     assert sf.format == 1 and sf.chunk_size == 0
-    assert all("chunks" not in s for s in sf.segments)
+    assert all(s.chunks is None for s in sf.segments)
     assert run([CRINSPECT, "verify", old]).returncode == 0
     line = refused(old, [pid], "--lazy", step="verify", what="is a format 1 statefile")
     assert "--eager" in line and "checkpoint it again" in line, line
     seg = heap_segment(old)
-    bad = flip(old, tmp_path / "f1-bad.cr", seg["offset"] + seg["runs"][0][0] + 3 * 2**20)
-    whole = f"memory of pid {pid} at {seg['vaddr']:#x}-{seg['vaddr'] + seg['filesz']:#x}"
+    bad = flip(old, tmp_path / "f1-bad.cr", seg.offset + seg.runs[0][0] + 3 * 2**20)
+    whole = f"memory of pid {pid} at {seg.vaddr:#x}-{seg.vaddr + seg.filesz:#x}"
     assert run([CRINSPECT, "verify", bad]).returncode == 1
     refused(bad, [pid], "--eager", step="verify", what=whole + " is damaged")
     before = out.read_bytes()
@@ -417,7 +417,7 @@ def test_random_mutants_never_run_wrong(sample_bin, procs, tmp_path, seed):
     data = cr.read_bytes()
     head = 64 + 56 * (1 + len(sf.segments))
     ranges = [(0, head), (sf.phdrs[0]["offset"], sf.phdrs[0]["offset"] + sf.phdrs[0]["filesz"])]
-    ranges += [(s["offset"] + o, s["offset"] + o + n) for s in sf.segments for o, n in s["runs"]]
+    ranges += [(s.offset + o, s.offset + o + n) for s in sf.segments for o, n in s.runs]
     weights = [b - a for a, b in ranges]
     weights[0] = weights[1] = max(weights)        # headers and notes as often as memory
     rnd = random.Random(seed)

@@ -131,12 +131,12 @@ def test_parent_and_child_alternate_on_sysv_sem_shm_and_shared_anon(procs, tmp_p
         wait_for_line(out, r"child turn 10 ", proc=proc)
         checkpoint_tree(proc, tmp_path / "pp.cr")
         sf = reader.load(str(tmp_path / "pp.cr"))
-        assert [s["key"] for s in sf.ipc["shm"]] == [key]
-        assert [s["key"] for s in sf.ipc["sem"]] == [key]
-        assert sorted(m["kind"] for t in sf.tasks for m in t["mappings"]
-                      if m["kind"] in ("sysv-shm", "anon-shared")) == \
+        assert [s.key for s in sf.ipc.shm] == [key]
+        assert [s.key for s in sf.ipc.sem] == [key]
+        assert sorted(m.kind for t in sf.tasks for m in t.mappings
+                      if m.kind in ("sysv-shm", "anon-shared")) == \
             ["anon-shared", "anon-shared", "sysv-shm", "sysv-shm"]
-        shmid, semid = sf.ipc["shm"][0]["shmid"], sf.ipc["sem"][0]["semid"]
+        shmid, semid = sf.ipc.shm[0].shmid, sf.ipc.sem[0].semid
         # the killed tree's semaphore set, changed since (mode 0600 -> 0640):
         # not the saved one any more, refused, nothing created
         _semctl_mode(semid, 0o640)
@@ -172,8 +172,8 @@ def test_message_queue_with_queued_messages(procs, tmp_path):
         proc = procs.spawn([prog, hex(key), go], stdout=out)
         wait_for_line(out, r"tick 10", proc=proc)
         checkpoint_tree(proc, tmp_path / "q.cr")
-        q = reader.load(str(tmp_path / "q.cr")).ipc["msg"]
-        assert [(m["key"], m["qnum"], m["perms"] & 0o777) for m in q] == [(key, 4, 0o620)]
+        q = reader.load(str(tmp_path / "q.cr")).ipc.msg
+        assert [(m.key, m.qnum, m.perms & 0o777) for m in q] == [(key, 4, 0o620)]
         _ipcrm("-Q", hex(key))
         r = restart(procs, tmp_path / "q.cr")
         wait_for_line(out, r"^tick 39$", timeout=60, proc=r)   # restarted, waiting for go
@@ -182,7 +182,7 @@ def test_message_queue_with_queued_messages(procs, tmp_path):
         row = next((x for x in rows if x and int(x[0]) == key), None)
         assert row is not None, rows
         # key, msqid, perms, cbytes, qnum: the saved queue, messages still queued
-        assert (int(row[1]), row[2], int(row[4])) == (q[0]["msqid"], "620", 4), row
+        assert (int(row[1]), row[2], int(row[4])) == (q[0].msqid, "620", 4), row
         go.touch()
         code, err = finish(r)
         assert code == 0, err
@@ -318,8 +318,8 @@ def test_removed_shm_segment_still_shared_after_restart(procs, tmp_path):
         shmid = int(wait_for_line(out, r"^ready ", proc=proc).split()[1])
         wait_for_line(out, r"^child saw 10$", proc=proc)
         checkpoint_tree(proc, cr)
-        [s] = reader.load(str(cr)).ipc["shm"]
-        assert s["shmid"] == shmid and s["key"] == 0 and s["perms"] & 0o1000   # SHM_DEST
+        [s] = reader.load(str(cr)).ipc.shm
+        assert s.shmid == shmid and s.key == 0 and s.perms & 0o1000   # SHM_DEST
         assert _shm_row(shmid) is None           # the killed tree's segment is gone
         r = restart(procs, cr)
         wait_for_line(out, r"^parent got 20$", timeout=60, proc=r)

@@ -349,14 +349,14 @@ def test_posix_ofd_and_flock_locks_of_a_tree(procs, tmp_path):
     wait_for_line(out, r"parent tick 10", proc=proc)
     _checkpoint(proc, tmp_path / "locks.cr")
     sf = reader.load(str(tmp_path / "locks.cr"))
-    by_pid = {t["pid"]: t for t in sf.tasks}
-    assert [(lk["type"], lk["start"], lk["end"]) for lk in by_pid[proc.pid]["locks"]] == \
+    by_pid = {t.pid: t for t in sf.tasks}
+    assert [(lk.type, lk.start, lk.end) for lk in by_pid[proc.pid].locks] == \
         [("write", 0, 9), ("read", 20, 29)]
     kid = next(p for p in by_pid if p != proc.pid)
-    assert [(lk["type"], lk["start"], lk["end"]) for lk in by_pid[kid]["locks"]] == \
+    assert [(lk.type, lk.start, lk.end) for lk in by_pid[kid].locks] == \
         [("read", 40, 49)]
-    held = sorted((f["path"].rsplit("/", 1)[1], lk["kind"], lk["type"])
-                  for f in sf.files for lk in f.get("locks", []))
+    held = sorted((f.path.rsplit("/", 1)[1], lk.kind, lk.type)
+                  for f in sf.files for lk in f.locks)
     assert held == [("b", "flock", "write"), ("c", "ofd", "write")]
     code, err = finish(restart(procs, tmp_path / "locks.cr"))
     assert code == 0, err
@@ -382,11 +382,11 @@ def test_leases_and_sigio_owner(procs, tmp_path):
     wait_for_line(out, r"tick 10", proc=proc)
     _checkpoint(proc, tmp_path / "leases.cr")
     sf = reader.load(str(tmp_path / "leases.cr"))
-    leases = {f["path"].rsplit("/", 1)[1]: f["lease"] for f in sf.files if "lease" in f}
-    assert {k: (v["state"], v["type"]) for k, v in leases.items()} == \
+    leases = {f.path.rsplit("/", 1)[1]: f.lease for f in sf.files if f.lease is not None}
+    assert {k: (v.state, v.type) for k, v in leases.items()} == \
         {"d": ("active", "read"), "e": ("breaking", "read")}
-    fown = next(f["fown"] for f in sf.files if f["kind"] == "pipe" and "fown" in f)
-    assert (fown["pid"], fown["pid_type"], fown["uid"], fown["euid"], fown["signum"]) == \
+    fown = next(f.fown for f in sf.files if f.kind == "pipe" and f.fown is not None)
+    assert (fown.pid, fown.pid_type, fown.uid, fown.euid, fown.signum) == \
         (proc.pid, "pid", 0, 1, 10)
     code, err = finish(restart(procs, tmp_path / "leases.cr"))
     assert code == 0, err

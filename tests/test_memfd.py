@@ -256,14 +256,14 @@ def test_parent_and_child_share_memfd_and_posix_shm(procs, tmp_path):
         sf = reader.load(str(tmp_path / "pp.cr"))
         # one record per object, whatever the number of tasks, fds and mappings
         # (every deleted-but-open file is an object too: pytest's capture file)
-        assert sorted((o["kind"], o.get("name") or o["path"]) for o in sf.shmem
-                      if o["kind"] == "memfd" or o["path"].startswith("/dev/shm")) == \
+        assert sorted((o.kind, o.name if o.kind == "memfd" else o.path) for o in sf.shmem
+                      if o.kind == "memfd" or o.path.startswith("/dev/shm")) == \
             [("deleted", f"/dev/shm{name}-gone"), ("memfd", "crelf counter")]
-        memfd = next(o for o in sf.shmem if o["kind"] == "memfd")
-        assert memfd["size"] == 4 << 20 and memfd["seals"] == 0
-        blob = sf.segment(memfd["blob"])
-        assert sum(n for _, n in blob["runs"]) < 1 << 20     # sparse: data ranges only
-        users = [m for t in sf.tasks for m in t["mappings"] if m.get("shmem") == memfd["id"]]
+        memfd = next(o for o in sf.shmem if o.kind == "memfd")
+        assert memfd.size == 4 << 20 and memfd.seals == 0
+        blob = sf.segment(memfd.blob)
+        assert sum(n for _, n in blob.runs) < 1 << 20     # sparse: data ranges only
+        users = [m for t in sf.tasks for m in t.mappings if m.shmem == memfd.id]
         assert len(users) == 4                                # 2 tasks x (shared, private)
         assert os.path.exists(f"/dev/shm{name}")              # same host: still there
         code, err = finish(restart(procs, tmp_path / "pp.cr"))
@@ -291,7 +291,7 @@ def test_sealed_memfds_keep_their_seals(procs, tmp_path):
     wait_for_line(out, r"tick 10 ", proc=proc)
     _checkpoint(proc, tmp_path / "sealed.cr")
     sf = reader.load(str(tmp_path / "sealed.cr"))
-    assert {o["name"]: o["seals"] for o in sf.shmem if o["kind"] == "memfd"} == {
+    assert {o.name: o.seals for o in sf.shmem if o.kind == "memfd"} == {
         "sealed": 0xe, "future": 0x11, "plain": 0x1}
     code, err = finish(restart(procs, tmp_path / "sealed.cr"))
     assert code == 0, err
@@ -317,7 +317,7 @@ def test_dev_shm_recreated_from_the_statefile(procs, tmp_path):
         wait_for_line(out, r"tick 15 ", proc=proc)
         _checkpoint(proc, tmp_path / "tmpfs.cr", "--dump-tmpfs")
         sf = reader.load(str(tmp_path / "tmpfs.cr"))
-        assert sorted((o["kind"], o["path"]) for o in sf.shmem if o["kind"] == "tmpfs") == \
+        assert sorted((o.kind, o.path) for o in sf.shmem if o.kind == "tmpfs") == \
             [("tmpfs", f"/dev/shm{a}"), ("tmpfs", f"/dev/shm{b}")]
         _rm_shm(a, b)                                    # "another host"
         r = subprocess.run([*CRRESTART, str(tmp_path / "plain.cr")], capture_output=True,

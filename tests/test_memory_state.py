@@ -203,9 +203,9 @@ def test_cow_pages_shared_again(procs, tmp_path):
     sf = reader.load(str(tmp_path / "state.cr"))
     child = int(ready.split()[2])
     anon = int(ready.split()[1], 16)
-    m = next(m for m in sf.task(child)["mappings"] if m["start"] == anon)
-    assert m["cow_parent"], m
-    stored = sum(n for p in m["segments"] for _, n in sf.segment(p)["runs"])
+    m = next(m for m in sf.task(child).mappings if m.start == anon)
+    assert m.cow_parent, m
+    stored = sum(n for p in m.segments for _, n in sf.segment(p).runs)
     # only the 4 pages it rewrote and the 4 the parent rewrote after the fork
     assert stored == 8 * 4096, stored
     core = tmp_path / "child.core"
@@ -508,7 +508,7 @@ def test_guard_pages_droppable_and_vmflags(procs, tmp_path):
     assert code == 0 and "PASS" in lines, (lines, err)
     from statefile.format import reader
     sf = reader.load(str(tmp_path / "state.cr"))
-    guarded = [m for m in sf.root["mappings"] if m.get("guards")]
+    guarded = [m for m in sf.root.mappings if m.guards]
     assert len(guarded) == 2, guarded
 
 
@@ -544,8 +544,8 @@ def test_fd_table_shared_with_clone_files(procs, tmp_path):
     assert code == 0 and "PASS" in lines, (lines, err)
     from statefile.format import reader
     sf = reader.load(str(tmp_path / "state.cr"))
-    root = sf.root["pid"]
-    assert sorted(t.get("fdt") == root for t in sf.tasks) == [False, True, True, True]
+    root = sf.root.pid
+    assert sorted(t.fdt == root for t in sf.tasks) == [False, True, True, True]
 
 
 def test_fd_table_shared_by_orphans_is_refused(procs, tmp_path):

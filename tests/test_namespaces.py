@@ -146,13 +146,13 @@ def test_uts_and_ipc_namespace_restored(procs, tmp_path, pidns):
     summary = checkpoint_tree(proc, tmp_path / "ns.cr")
     assert len(summary["pids"]) == 2
     sf = reader.load(str(tmp_path / "ns.cr"))
-    ns = sf.header["namespaces"]
-    assert (ns["uts"]["hostname"], ns["uts"]["domainname"]) == ("crelf-test", "crelf.example")
-    assert {t["namespaces"]["uts"] for t in sf.tasks} == {ns["uts"]["ns"]}
-    assert {t["namespaces"]["ipc"] for t in sf.tasks} == {ns["ipc"]["ns"]}
+    ns = sf.header.namespaces
+    assert (ns.uts.hostname, ns.uts.domainname) == ("crelf-test", "crelf.example")
+    assert {t.namespaces.uts for t in sf.tasks} == {ns.uts.ns}
+    assert {t.namespaces.ipc for t in sf.tasks} == {ns.ipc.ns}
     # the objects of the tree's namespace (ids from 0 there), not the host's
-    assert [(s["key"], s["semid"]) for s in sf.ipc["sem"]] == [(KEY, 0)]
-    assert [(q["key"], q["msqid"], q["perms"] & 0o777) for q in sf.ipc["msg"]] == \
+    assert [(s.key, s.semid) for s in sf.ipc.sem] == [(KEY, 0)]
+    assert [(q.key, q.msqid, q.perms & 0o777) for q in sf.ipc.msg] == \
         [(KEY, 0, 0o640)]
     assert KEY not in _host_keys("msg") | _host_keys("sem")
 

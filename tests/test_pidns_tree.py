@@ -164,14 +164,14 @@ def _ns(pid, kind: str = "pid") -> str:
 
 def _check_saved(cr: Path, init: int) -> None:
     sf = reader.load(str(cr))
-    pidns = sf.header["namespaces"]["pid"]
-    assert pidns["init"] == init and pidns["level"] == 1
-    ids = {int(k): v for k, v in pidns["ids"].items()}
-    assert sorted(ids[t["pid"]] for t in sf.tasks) == [1, 3, 4]
-    assert sorted(ids[th["tid"]] for t in sf.tasks for th in t["threads"]) == [1, 3, 4, 5]
-    assert [(ids[z["pid"]], ids[z["ppid"]], z["exit_code"] >> 8) for z in sf.header["zombies"]] \
+    pidns = sf.header.namespaces.pid
+    assert pidns.init == init and pidns.level == 1
+    ids = {int(k): v for k, v in pidns.ids.items()}
+    assert sorted(ids[t.pid] for t in sf.tasks) == [1, 3, 4]
+    assert sorted(ids[th.tid] for t in sf.tasks for th in t.threads) == [1, 3, 4, 5]
+    assert [(ids[z.pid], ids[z.ppid], z.exit_code >> 8) for z in sf.header.zombies] \
         == [(2, 1, 5)]
-    assert ids[sf.root["ppid"]] == ids[sf.root["pgid"]] == ids[sf.root["sid"]] == 0
+    assert ids[sf.root.ppid] == ids[sf.root.pgid] == ids[sf.root.sid] == 0
 
 
 def test_checkpointing_unshare_itself_names_the_init(procs, tmp_path):

@@ -33,7 +33,7 @@ def test_event_loop_restarts(mode, sample_bin, procs, tmp_path):
     summary = checkpoint(proc.pid, cr, "--kill")
     assert summary["restartable"]
     proc.wait(timeout=10)
-    kinds = sorted(f["kind"] for f in reader.load(str(cr)).files if f["kind"].startswith("anon:"))
+    kinds = sorted(f.kind for f in reader.load(str(cr)).files if f.kind.startswith("anon:"))
     assert kinds == ["anon:eventfd", "anon:eventpoll", "anon:inotify", "anon:signalfd",
                      "anon:timerfd"]
     res = subprocess.run([str(BIN / "crrestart"), mode, str(cr)], capture_output=True,
@@ -78,7 +78,8 @@ def test_unix_sockets_with_data_in_flight(sample_bin, procs, tmp_path):
     checkpoint(proc.pid, tmp_path / "s.cr", "--kill")
     proc.wait(timeout=10)
     sf = reader.load(str(tmp_path / "s.cr"))
-    queues = sorted(q for f in sf.files for q in f.get("socket", {}).get("queue", []))
+    queues = sorted(q for f in sf.files if f.kind == "socket"
+                    for q in getattr(f.socket, "queue", []))
     assert bytes.fromhex(queues[-1]) in (b"datagram 1", b"datagram 2", b"b->a",
                                          b"a->b one;a->b two;")
     (run_dir / "go").touch()

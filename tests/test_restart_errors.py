@@ -221,11 +221,11 @@ def test_corrupted_statefile_refused_in_one_line(sample_bin, procs, tmp_path):
     nothing_left(pids, since)
 
     from statefile.format import reader
-    seg = max(reader.load(str(good)).segments, key=lambda s: s["filesz"])
-    off = seg["offset"] + seg["runs"][0][0]
+    seg = max(reader.load(str(good)).segments, key=lambda s: s.filesz)
+    off = seg.offset + seg.runs[0][0]
     bad = corrupt(good, tmp_path / "segment.cr", [(off, bytes([data[off] ^ 0xFF]))])
     v = run([CRINSPECT, "verify", bad])
-    assert v.returncode == 1 and f"segment {seg['phdr']} " in v.stdout \
+    assert v.returncode == 1 and f"segment {seg.phdr} " in v.stdout \
         and "checksum mismatch" in v.stdout, v
 
     # the intact statefile is fine: the tree finishes like an uninterrupted run
@@ -379,11 +379,11 @@ def _stack_offset(cr: Path) -> int:
     process touches it first when it runs again."""
     from statefile.format import reader
     sf = reader.load(str(cr))
-    segs = [sf.segment(p) for m in sf.root["mappings"] if m["kind"] == "stack"
-            for p in m["segments"] if sf.segment(p)["filesz"]]
-    assert len(segs) == 1 and segs[0]["offset"] == max(s["offset"] for s in sf.segments
-                                                        if s["filesz"])
-    return segs[0]["offset"]
+    segs = [sf.segment(p) for m in sf.root.mappings if m.kind == "stack"
+            for p in m.segments if sf.segment(p).filesz]
+    assert len(segs) == 1 and segs[0].offset == max(s.offset for s in sf.segments
+                                                        if s.filesz)
+    return segs[0].offset
 
 
 @pytest.mark.parametrize("where", ["restore", "running"])

@@ -193,8 +193,9 @@ def _restart(cr: Path, *extra) -> None:
 def _in_flight_files(sf) -> dict:
     """Which files the statefile holds only in flight, by kind; the `scm`
     of every socket."""
-    only = sorted(f["kind"] for f in sf.files if f.get("in_flight"))
-    scm = [f["socket"]["scm"] for f in sf.files if f.get("socket", {}).get("scm")]
+    only = sorted(f.kind for f in sf.files if f.in_flight)
+    scm = [f.socket.scm for f in sf.files
+           if f.kind == "socket" and getattr(f.socket, "scm", None)]
     return {"only": only, "scm": scm}
 
 

@@ -61,7 +61,7 @@ def test_task_attributes_survive_restart(taskattrs, procs, tmp_path, mode):
     checkpoint(p.pid, cr, proc=p)
     from statefile.format import reader
     sf = reader.load(str(cr))
-    for pid in [t["pid"] for t in sf.tasks[1:]] + [z["pid"] for z in sf.header["zombies"]]:
+    for pid in [t.pid for t in sf.tasks[1:]] + [z.pid for z in sf.header.zombies]:
         reap(pid)       # killed with the tree, re-parented to us (a subreaper)
     r = restart(procs, cr, mode)
     wait_restored(p.pid, taskattrs, r)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import msgspec
 import pytest
 
 from helpers import read_lines, require_root, wait_for_line
@@ -304,10 +305,10 @@ def test_queues_full_both_ways(procs, tmp_path):
     sf = tmp_path / "q.cr"
     checkpoint(proc.pid, sf, "--kill")
     proc.wait(timeout=10)
-    tcp = [f["socket"]["tcp"] for f in load(str(sf)).files
-           if (f.get("socket") or {}).get("tcp")][0]
-    assert tcp["inq"] == want and tcp["outq"] > 0 and tcp["unsent"] > 0, \
-        {k: v for k, v in tcp.items() if "queue" not in k}
+    tcp = [f.socket.tcp for f in load(str(sf)).files
+           if f.kind == "socket" and getattr(f.socket, "tcp", None)][0]
+    assert tcp.inq == want and tcp.outq > 0 and tcp.unsent > 0, \
+        {k: v for k, v in msgspec.structs.asdict(tcp).items() if "queue" not in k}
     rr = restart(procs, sf, "--detach")
     code, err = finish(rr)
     assert code == 0, err
@@ -456,9 +457,9 @@ def test_shut_down_for_writing_comes_back(procs, tmp_path, state):
     sf = tmp_path / "half.cr"
     checkpoint(proc.pid, sf, "--kill")
     proc.wait(timeout=10)
-    tcp = [f["socket"]["tcp"] for f in load(str(sf)).files
-           if (f.get("socket") or {}).get("tcp")][0]
-    assert tcp["state"] == state
+    tcp = [f.socket.tcp for f in load(str(sf)).files
+           if f.kind == "socket" and getattr(f.socket, "tcp", None)][0]
+    assert tcp.state == state
     rr = restart(procs, sf, "--detach")
     code, err = finish(rr)
     assert code == 0, err

@@ -52,9 +52,9 @@ def test_thread_credentials_survive_restart(threadcreds, procs, tmp_path, mode):
 
     checkpoint(p.pid, cr, proc=p)
     from statefile.format import reader
-    threads = reader.load(str(cr)).tasks[0]["threads"]
-    assert "creds" not in threads[0]             # the leader's are the task's
-    assert [th["creds"]["uid"] for th in threads[1:]] == [[1, 2, 3, 2], [30, 31, 32, 31]]
+    threads = reader.load(str(cr)).tasks[0].threads
+    assert threads[0].creds is None              # the leader's are the task's
+    assert [th.creds.uid for th in threads[1:]] == [[1, 2, 3, 2], [30, 31, 32, 31]]
     r = restart(procs, cr, mode)
     wait_restored(p.pid, threadcreds, r)
     (d / "go").touch()

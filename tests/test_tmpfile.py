@@ -496,7 +496,7 @@ def kill_trials(sample_bin, tmp_path_factory):
                 st = os.stat(cr)
                 final = ("old" if st.st_ino == old_ino else
                          "new" if not verified(cr) and
-                         reader.load(str(cr)).header["root_pid"] == p.pid else "BROKEN")
+                         reader.load(str(cr)).header.root_pid == p.pid else "BROKEN")
             trials.append({"named": named, "over_old": over_old, "delay": round(delay, 3),
                            "finished": rc == 0, "rc": rc, "listing": listing, "final": final,
                            "leftovers": [e for e in listing if e != "k.cr"],

@@ -118,7 +118,7 @@ def test_shell_pipeline_killed_mid_stream(procs, tmp_path):
     summary = checkpoint_tree(proc, tmp_path / "p.cr")
     assert len(summary["pids"]) == 4
     sf = reader.load(str(tmp_path / "p.cr"))
-    assert {t["comm"] for t in sf.tasks} == {"sh", "seq", "awk", "gzip"}
+    assert {t.comm for t in sf.tasks} == {"sh", "seq", "awk", "gzip"}
     code, err = finish(restart(procs, tmp_path / "p.cr"))
     assert code == 0, err
     assert out.read_bytes() == ref
@@ -139,9 +139,9 @@ def test_bytes_in_flight_in_a_pipe(procs, tmp_path):
     assert proc.poll() is None
     checkpoint_tree(proc, tmp_path / "slow.cr")
     sf = reader.load(str(tmp_path / "slow.cr"))
-    pipes = [f for f in sf.files if f["kind"] == "pipe"]
-    in_flight = [f["pipe"]["unread"] for f in pipes if "blob" in f]
-    assert in_flight and in_flight[0] > 4096, [f.get("pipe") for f in pipes]
+    pipes = [f for f in sf.files if f.kind == "pipe"]
+    in_flight = [f.pipe.unread for f in pipes if f.blob is not None]
+    assert in_flight and in_flight[0] > 4096, [f.pipe for f in pipes]
     assert reader.verify(sf) == []
     code, err = finish(restart(procs, tmp_path / "slow.cr"))
     assert code == 0, err
@@ -237,7 +237,7 @@ def test_zombie_child_recreated(procs, tmp_path):
     assert stat_ids(kid)[3] == "Z"
     checkpoint_tree(proc, tmp_path / "z.cr")
     sf = reader.load(str(tmp_path / "z.cr"))
-    assert [z["pid"] for z in sf.header["zombies"]] == [kid]
+    assert [z.pid for z in sf.header.zombies] == [kid]
     reap([kid])
     r = restart(procs, tmp_path / "z.cr", "--detach")
     code, err = finish(r)
@@ -376,10 +376,10 @@ def test_pipe_or_fifo_size_nonblock_and_bytes_in_flight(procs, tmp_path, mode):
     assert proc.poll() is None
     checkpoint_tree(proc, tmp_path / "c.cr")
     sf = reader.load(str(tmp_path / "c.cr"))
-    chan = [f for f in sf.files if f["kind"] == mode]
-    assert chan and all(f["pipe"]["size"] == 1 << 17 for f in chan)
-    held = next(f for f in chan if "blob" in f)
-    assert held["pipe"]["unread"] > 65536          # more than a default pipe holds
+    chan = [f for f in sf.files if f.kind == mode]
+    assert chan and all(f.pipe.size == 1 << 17 for f in chan)
+    held = next(f for f in chan if f.blob is not None)
+    assert held.pipe.unread > 65536          # more than a default pipe holds
     r = restart(procs, tmp_path / "c.cr", "--detach")
     code, e = finish(r)
     assert code == 0, e

@@ -158,10 +158,10 @@ def _start(procs, prog: Path, where: Path, out: Path, mode: str = "ok"):
     return proc
 
 
-def _sockets(sf: Path) -> list[dict]:
+def _sockets(sf: Path) -> list:
     from statefile.format.reader import load
-    return [f["socket"] for f in load(str(sf)).files
-            if f.get("socket", {}).get("family") == "unix"]
+    return [f.socket for f in load(str(sf)).files
+            if f.kind == "socket" and f.socket.family == "unix"]
 
 
 EXPECTED = [
@@ -188,12 +188,12 @@ EXPECTED = [
 def _check_saved(sf: Path) -> None:
     """The checkpoint saw the connections waiting (it came in time)."""
     socks = _sockets(sf)
-    listeners = [s for s in socks if s.get("listening")]
-    assert sorted(len(s.get("backlog", [])) for s in listeners) == [1, 2, 3]
-    lst = next(s for s in listeners if len(s.get("backlog", [])) == 3)
-    assert lst["max_backlog"] == 1 and lst["file_owner"][2] == 0o640
-    waiting = [s for s in socks if s.get("backlog_of")]
-    assert len(waiting) == 6 and not any(s.get("backlog_data") for s in waiting)
+    listeners = [s for s in socks if s.listening]
+    assert sorted(len(s.backlog) for s in listeners) == [1, 2, 3]
+    lst = next(s for s in listeners if len(s.backlog) == 3)
+    assert lst.max_backlog == 1 and lst.file_owner[2] == 0o640
+    waiting = [s for s in socks if s.backlog_of]
+    assert len(waiting) == 6 and not any(s.backlog_data for s in waiting)
 
 
 @pytest.mark.parametrize("how", ["", "--pidns"])
@@ -230,7 +230,7 @@ def test_backlog_leave_running_then_restart(procs, tmp_path):
     # The restart writes its output from where the program was at the
     # checkpoint: cut the file back there, so what follows is the restart's.
     from statefile.format.reader import load
-    pos = next(f["pos"] for f in load(str(sf)).files if f["path"] == str(out))
+    pos = next(f.pos for f in load(str(sf)).files if f.path == str(out))
     os.truncate(out, pos)
     assert len(read_lines(out)) < len(ref)
     code, err = finish(restart(procs, sf, "--force-files"))   # (its output file changed)

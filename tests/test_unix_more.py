@@ -227,8 +227,8 @@ def test_sockets_whose_file_is_gone(procs, tmp_path):
     require_root()
 
     def gone(sf):
-        g = sorted(f["socket"]["name"].rsplit("/", 1)[-1] for f in sf.files
-                   if f.get("socket", {}).get("file_gone"))
+        g = sorted(f.socket.name.rsplit("/", 1)[-1] for f in sf.files
+                   if f.kind == "socket" and getattr(f.socket, "file_gone", False))
         assert g == ["f.sock", "l.sock", "s.sock", "s.sock"], g
     _run(GHOSTS, tmp_path, procs, gone)
     ref = (tmp_path / "p.out").read_text()
@@ -258,9 +258,9 @@ def test_socket_options_fresh_tcp_and_freebind(procs, tmp_path):
     require_root()
 
     def fresh(sf):
-        tcp = [f["socket"] for f in sf.files if f.get("socket", {}).get("type") == "stream"
-               and f["socket"].get("family") == "inet"]
-        assert tcp and tcp[0].get("fresh") and tcp[0]["sockopts"]["mark"] == 77
+        tcp = [f.socket for f in sf.files if f.kind == "socket" and f.socket.type == "stream"
+               and f.socket.family == "inet"]
+        assert tcp and tcp[0].fresh and tcp[0].sockopts.mark == 77
     _run(OPTIONS, tmp_path, procs, fresh)
     ref = (tmp_path / "p.out").read_text()
     assert "tcp 5 9 77 1 1 131072 (3, 500000) (1, 4) 1 33" in ref
@@ -282,8 +282,9 @@ print("recv", c.recv(10), flush=True)
 """
 
     def not_fresh(sf):
-        tcp = [f["socket"] for f in sf.files if (f.get("socket") or {}).get("tcp")]
-        assert tcp and not tcp[0].get("fresh") and tcp[0]["tcp"]["state"] == "close_wait"
+        tcp = [f.socket for f in sf.files
+               if f.kind == "socket" and getattr(f.socket, "tcp", None)]
+        assert tcp and not tcp[0].fresh and tcp[0].tcp.state == "close_wait"
     _run(prog, tmp_path, procs, not_fresh)
     assert "recv b''" in (tmp_path / "p.out").read_text()
 

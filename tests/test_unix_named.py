@@ -258,10 +258,10 @@ def _checkpointed(procs, prog: Path, where: Path, tmp_path: Path):
     return read_lines(out), sf
 
 
-def _unix_files(sf: Path) -> list[dict]:
+def _unix_files(sf: Path) -> list:
     from statefile.format.reader import load
-    return [f["socket"] for f in load(str(sf)).files
-            if f.get("socket", {}).get("family") == "unix"]
+    return [f.socket for f in load(str(sf)).files
+            if f.kind == "socket" and f.socket.family == "unix"]
 
 
 def _run_both(procs, tmp_path, name, src):
@@ -281,11 +281,11 @@ def test_named_datagram_server_client_and_queued_senders(procs, tmp_path):
     still connected to the path and the path still reaches the server."""
     ref, sf = _run_both(procs, tmp_path, "dgram", DGRAM)
     socks = _unix_files(sf)
-    srv = next(s for s in socks if (s.get("name") or "").endswith("/srv.sock"))
-    assert len(srv["queue"]) == 6, "the checkpoint came too late to test anything"
-    assert [s and s["name"].rsplit("/", 1)[-1] for s in srv["senders"]] == \
-        [None, "n1.sock", None, "n2.sock", srv["senders"][4]["name"], "n1.sock"]
-    assert srv["senders"][4]["abstract"]
+    srv = next(s for s in socks if (s.name or "").endswith("/srv.sock"))
+    assert len(srv.queue) == 6, "the checkpoint came too late to test anything"
+    assert [s and s.name.rsplit("/", 1)[-1] for s in srv.senders] == \
+        [None, "n1.sock", None, "n2.sock", srv.senders[4].name, "n1.sock"]
+    assert srv.senders[4].abstract
     assert "got 'from n2 (closed)' from DIR/n2.sock" in ref
     assert "got 'from an abstract name' from @abstract" in ref
     assert "got 'from an unnamed socket' from unnamed" in ref
@@ -300,8 +300,8 @@ def test_named_stream_connection_keeps_its_names(procs, tmp_path):
     the server's path, the client's peer name too."""
     ref, sf = _run_both(procs, tmp_path, "stream", STREAM)
     socks = _unix_files(sf)
-    accepted = next(s for s in socks if not s.get("listening") and s.get("name"))
-    assert bytes.fromhex(accepted["queue"][0]) == b"hello from the client\n"
+    accepted = next(s for s in socks if not s.listening and s.name)
+    assert bytes.fromhex(accepted.queue[0]) == b"hello from the client\n"
     assert "accepted sock DIR/srv.sock peer unnamed (accept gave unnamed)" in ref
     assert ("server read client got 'welcome'; peer DIR/srv.sock sock unnamed") in ref
     assert ("second connection: b'ping', sock DIR/srv.sock, client peer DIR/srv.sock"
@@ -310,7 +310,7 @@ def test_named_stream_connection_keeps_its_names(procs, tmp_path):
 
 def test_seqpacket_pairs_and_listener(procs, tmp_path):
     ref, sf = _run_both(procs, tmp_path, "seqpacket", SEQPACKET)
-    assert any(s["type"] == "seqpacket" and len(s.get("queue", [])) == 3
+    assert any(s.type == "seqpacket" and len(s.queue) == 3
                for s in _unix_files(sf)), "the checkpoint came too late"
     assert [x for x in ref if not x.startswith("tick")] == ["b got b'one'", "b got b'two two'", "b got b''", "a got b'back'",
                         "x got b'child record 1'", "x got b'child record 2'",
@@ -324,8 +324,8 @@ def test_shutdown_states(procs, tmp_path):
     cannot send; also across two tasks."""
     ref, sf = _run_both(procs, tmp_path, "shutdown", SHUTDOWN)
     socks = _unix_files(sf)
-    assert any(s.get("shutdown") == 2 for s in socks)
-    assert any(bytes.fromhex(q) == b"last words" for s in socks for q in s.get("queue", [])), \
+    assert any(s.shutdown == 2 for s in socks)
+    assert any(bytes.fromhex(q) == b"last words" for s in socks for q in s.queue), \
         "the checkpoint came too late"
     assert "stream: r reads b'last words' then b''; w send: EPIPE" in ref
     assert "seqpacket: r reads b'last words' then b''; w send: EPIPE" in ref

@@ -183,7 +183,7 @@ def open_tcp(f: dict) -> int:
         opts = [(TCPOPT_MAXSEG, tcp.mss)]
         if tcp.sack:
             opts.append((TCPOPT_SACK_PERM, 0))
-        if "snd_wscale" in tcp:
+        if tcp.snd_wscale is not None:
             opts.append((TCPOPT_WINDOW, tcp.snd_wscale | tcp.rcv_wscale << 16))
         if tcp.timestamps:
             opts.append((TCPOPT_TIMESTAMP, 0))
