@@ -10,7 +10,7 @@ each session leader whose controlling terminal it was takes it again.
    leader that makes it its controlling terminal (key `ctty_key(index)`).  A
    master whose slave was closed gets its slave opened and closed once, so a
    read on it sees EIO as before.  The bytes that were queued in the pair
-   (`pty_queue`) go back with statefile/dump_tty.put_back, the code the
+   (`pty_queue`) go back with statefile/dump/tty.py put_back, the code the
    checkpoint put them back with (TIOCSTI: crrestart must be root).  A saved
    lock is put back last.
 2. `plan_ctty` (initiator): which task takes which pair as controlling
@@ -32,7 +32,6 @@ import signal
 import struct
 import termios
 
-import msgspec
 from msgspec import UNSET
 
 from statefile.dump.tty import put_back
@@ -114,12 +113,10 @@ def _open_slave(master: int, flags: int) -> int:
 def _put_back(master: int, info: PtyInfo, q: PtyQueue) -> None:
     """The bytes that were queued in the pair (statefile/dump/tty.py
     `pty_queue`), put back as they were, through a slave opened for it (by
-    the checkpoint's own code, which takes the dicts it saved)."""
+    the checkpoint's own code, which takes the records it saved)."""
     slave = None if info.slave_closed else _open_slave(master, os.O_RDWR | os.O_NONBLOCK)
     try:
-        # (every termios field; the queue without its empty parts, as it was saved)
-        t = msgspec.structs.asdict(info.termios) if info.termios is not None else None
-        put_back(master, slave, t, msgspec.to_builtins(q))
+        put_back(master, slave, info.termios, q)
     except OSError as e:
         if e.errno == errno.EPERM:
             raise RestoreError("pseudo-terminals", f"pty {info.index}: putting back the "
@@ -162,6 +159,9 @@ def _make_pair(p: dict, ctty: bool, warnings: list[str]) -> dict[int, int]:
         if not p["slaves"] and not ctty and info.slave_closed:
             os.close(_open_slave(master, os.O_RDWR))   # hung up, as it was
         if m is not None and m.pty_queue is not None:
+            if info.termios is None:
+                raise RestoreError("pseudo-terminals", f"pty {info.index}: bytes were "
+                                   "saved queued in it but not its termios")
             _put_back(master, info, m.pty_queue)
         if info.locked:
             fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 1))
