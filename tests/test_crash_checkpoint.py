@@ -104,6 +104,9 @@ def kill_checkpoints(pid: int, tmp_path: Path, trials: int, seed: int) -> list[i
     before = snapshot_of(pid)
     statuses = []
     for i in range(trials):
+        # (a target that ended would show as one without mappings: say so)
+        assert procfs.stat(pid)["state"] not in ("Z", "X"), \
+            f"the target ended before trial {i}: make it run longer"
         delay = rng.uniform(0, 0.9 * full)
         p = subprocess.Popen([CRCHECKPOINT, str(pid), "-o", str(out)], close_fds=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -120,9 +123,16 @@ def kill_checkpoints(pid: int, tmp_path: Path, trials: int, seed: int) -> list[i
     return statuses
 
 
-def reference(argv, timeout=300) -> bytes:
-    return subprocess.run([str(a) for a in argv], capture_output=True, timeout=timeout,
-                          close_fds=True, check=True).stdout
+def reference(procs, argv, tmp_path: Path):
+    """An uninterrupted run of argv alongside the target (it takes as long as
+    the target: run both at once); returns (process, its output file)."""
+    out = tmp_path / "reference.out"
+    return procs.spawn(argv, stdout=out, close_fds=True), out
+
+
+def same_as_reference(proc, out: Path, ref) -> None:
+    assert proc.wait(timeout=180) == 0 and ref[0].wait(timeout=180) == 0
+    assert out.read_bytes() == ref[1].read_bytes()
 
 
 @pytest.mark.parametrize("seed", [1])
@@ -130,30 +140,28 @@ def test_killed_checkpoints_of_a_big_heap(sample_bin, procs, tmp_path, seed):
     """ticker with a 256 MiB heap (copy-on-write snapshots that write
     themselves, the longest phase of a checkpoint)."""
     require_root()
-    argv = [sample_bin / "ticker", 400, 256, 25]
-    ref = reference(argv)
+    argv = [sample_bin / "ticker", 1600, 256, 25]     # 40 s: longer than the trials
+    ref = reference(procs, argv, tmp_path)
     out = tmp_path / "ticker.out"
     proc = procs.spawn(argv, stdout=out, close_fds=True)
     wait_for_line(out, r"^tick 2 ", proc=proc, timeout=60)
     statuses = kill_checkpoints(proc.pid, tmp_path, 20, seed)
     # most were killed mid-way (a later checkpoint can be faster than the first)
     assert statuses.count(-signal.SIGKILL) >= len(statuses) // 2, statuses
-    assert proc.wait(timeout=120) == 0
-    assert out.read_bytes() == ref
+    same_as_reference(proc, out, ref)
 
 
 def test_killed_checkpoints_of_threads(sample_bin, procs, tmp_path):
     """mt_sync: four threads that synchronise through mutexes and condition
     variables, killed checkpoints among them while they wait and run."""
     require_root()
-    argv = [sample_bin / "mt_sync", 400, 20]
-    ref = reference(argv)
+    argv = [sample_bin / "mt_sync", 1500, 20]         # 30 s: longer than the trials
+    ref = reference(procs, argv, tmp_path)
     out = tmp_path / "mt.out"
     proc = procs.spawn(argv, stdout=out, close_fds=True)
     wait_for_line(out, r"^tick 2 ", proc=proc, timeout=60)
     kill_checkpoints(proc.pid, tmp_path, 15, 2)
-    assert proc.wait(timeout=120) == 0
-    assert out.read_bytes() == ref
+    same_as_reference(proc, out, ref)
 
 
 def test_killed_checkpoints_keep_every_state(sample_bin, procs, tmp_path):
