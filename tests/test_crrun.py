@@ -146,7 +146,7 @@ def run_watched(procs, watched, tmp_path, mode, *crrun_args):
     return proc, parse(wait_for_line(out, r"^pid=.* result=", proc=proc)), err, log
 
 
-def wait_flags(pid: int, timeout: float = 1.0) -> list[dict]:
+def wait_flags(pid: int, timeout: float = 1.0) -> list:
     deadline = time.monotonic() + timeout
     while not (got := flags.read(pid)) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -191,11 +191,11 @@ def test_io_uring_flagged_at_once(procs, watched, tmp_path, flag_pids):
     got = wait_flags(pid)
     assert len(got) == 1, got
     f = got[0]
-    assert (f["syscall"], f["nr"], f["action"], f["resource"]) == \
+    assert (f.syscall, f.nr, f.action, f.resource) == \
         ("io_uring_setup", 425, "flagged", "fd:io_uring")
-    assert f["pid"] == f["tid"] == pid
-    assert "io_uring" in f["reason"]
-    assert 0 <= f["time"] - rep["t"] < 1.0                  # at the moment of the call
+    assert f.pid == f.tid == pid
+    assert "io_uring" in f.reason
+    assert 0 <= f.time - rep["t"] < 1.0                  # at the moment of the call
     line = wait_for_line(err, r"^crrun: pid \d+: io_uring_setup at ")
     assert f"pid {pid}:" in line and "not checkpointable" in line
     logged = [json.loads(x) for x in log.read_text().splitlines()]
@@ -212,7 +212,7 @@ def test_io_uring_strict_denied(procs, watched, tmp_path, flag_pids):
     assert rep["result"] == -errno.ENOSYS
     assert "anon_inode:[io_uring]" not in fd_targets(pid)
     got = wait_flags(pid)
-    assert [(f["syscall"], f["action"], f["errno"]) for f in got] == \
+    assert [(f.syscall, f.action, f.errno) for f in got] == \
         [("io_uring_setup", "denied", "ENOSYS")]
     assert "denied with ENOSYS" in wait_for_line(err, r"^crrun: pid \d+: io_uring_setup")
 
@@ -223,7 +223,7 @@ def test_flag_of_a_thread_goes_to_its_process(procs, watched, tmp_path, flag_pid
     flag_pids.append(rep["pid"])
     assert rep["tid"] != rep["pid"] and rep["result"] >= 0
     got = wait_flags(rep["pid"])
-    assert [(f["pid"], f["tid"]) for f in got] == [(rep["pid"], rep["tid"])]
+    assert [(f.pid, f.tid) for f in got] == [(rep["pid"], rep["tid"])]
 
 
 def test_descendants_are_watched(procs, watched, tmp_path, flag_pids):
@@ -234,7 +234,7 @@ def test_descendants_are_watched(procs, watched, tmp_path, flag_pids):
                 stderr=tmp_path / "err")
     rep = parse(wait_for_line(out, r"^pid="))
     flag_pids.append(rep["pid"])
-    assert [f["syscall"] for f in wait_flags(rep["pid"])] == ["io_uring_setup"]
+    assert [f.syscall for f in wait_flags(rep["pid"])] == ["io_uring_setup"]
 
 
 def test_orphans_stay_watched_after_command_exits(procs, watched, tmp_path, flag_pids):
@@ -248,7 +248,7 @@ def test_orphans_stay_watched_after_command_exits(procs, watched, tmp_path, flag
     rep = parse(wait_for_line(out, r"^pid=", timeout=5))
     flag_pids.append(rep["pid"])
     assert rep["result"] >= 0
-    assert [f["action"] for f in wait_flags(rep["pid"])] == ["flagged"]
+    assert [f.action for f in wait_flags(rep["pid"])] == ["flagged"]
 
 
 # ----------------------------------------------------- other watched syscalls
@@ -259,8 +259,8 @@ def test_ptrace_attach_flagged(procs, watched, tmp_path, flag_pids):
     flag_pids.append(rep["pid"])
     assert rep["result"] == 0
     got = wait_flags(rep["pid"])
-    assert [(f["syscall"], f["resource"]) for f in got] == [("ptrace", "task:ptrace")]
-    assert "PTRACE_ATTACH" in got[0]["reason"]                 # PEEKDATA was not flagged
+    assert [(f.syscall, f.resource) for f in got] == [("ptrace", "task:ptrace")]
+    assert "PTRACE_ATTACH" in got[0].reason                 # PEEKDATA was not flagged
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -279,12 +279,12 @@ def test_unsupported_socket_family(procs, tmp_path, flag_pids, strict):
     rep = parse(wait_for_line(out, r"^pid="))
     flag_pids.append(rep["pid"])
     got = wait_flags(rep["pid"])
-    assert [(f["syscall"], f["resource"]) for f in got] == [("socket", "fd:socket:other")]
-    assert "AF_PACKET" in got[0]["reason"]
+    assert [(f.syscall, f.resource) for f in got] == [("socket", "fd:socket:other")]
+    assert "AF_PACKET" in got[0].reason
     if strict:
-        assert rep["result"] == -errno.EAFNOSUPPORT and got[0]["action"] == "denied"
+        assert rep["result"] == -errno.EAFNOSUPPORT and got[0].action == "denied"
     else:
-        assert rep["result"] >= 0 and got[0]["action"] == "flagged"
+        assert rep["result"] >= 0 and got[0].action == "flagged"
 
 
 @pytest.mark.parametrize("mode,expect", [("i386", "io_uring_setup"), ("sockcall", "socketcall"),
@@ -297,7 +297,7 @@ def test_i386_syscalls(procs, watched, tmp_path, flag_pids, mode, expect):
     flag_pids.append(rep["pid"])
     assert rep["result"] >= 0
     if expect:
-        assert [f["syscall"] for f in wait_flags(rep["pid"])] == [expect]
+        assert [f.syscall for f in wait_flags(rep["pid"])] == [expect]
     else:
         time.sleep(0.2)
         assert flags.read(rep["pid"]) == [] and log.read_text() == ""
@@ -394,17 +394,17 @@ def test_strict_spares_what_the_policy_skips(procs, watched, tmp_path, flag_pids
     pid = rep["pid"]
     flag_pids.append(pid)
     got = wait_flags(pid)
-    assert len(got) == 1 and got[0]["policy_file"] == str(pfile)
+    assert len(got) == 1 and got[0].policy_file == str(pfile)
     if allowed:
         assert rep["result"] >= 0 and "anon_inode:[io_uring]" in fd_targets(pid)
-        assert got[0]["action"] == "flagged" and got[0]["policy"] == "io_uring"
+        assert got[0].action == "flagged" and got[0].policy == "io_uring"
         time.sleep(0.2)
         assert "io_uring_setup" not in err.read_text()      # not announced as a warning
         assert [x["policy"] for x in map(json.loads, log.read_text().splitlines())] == \
             ["io_uring"]
     else:
         assert rep["result"] == -errno.ENOSYS
-        assert got[0]["action"] == "denied" and "policy" not in got[0]
+        assert got[0].action == "denied" and got[0].policy is None
         assert "denied with ENOSYS" in wait_for_line(err, r"^crrun: pid \d+: io_uring_setup")
 
 
@@ -447,7 +447,7 @@ def test_crrun_policy_is_used_later_and_crinspect_shows_the_flag(procs, sample_b
     assert sorted(s["key"] for s in summary["skipped"]) == ["fd:io_uring", "task:flagged"]
     wait_for_line(out, r"^tick 3$", proc=crrun)           # it runs on
 
-    iso = datetime.datetime.fromtimestamp(flag["time"]).isoformat(timespec="milliseconds")
+    iso = datetime.datetime.fromtimestamp(flag.time).isoformat(timespec="milliseconds")
     text = subprocess.run([str(BIN / "crinspect"), str(cr)], capture_output=True, text=True,
                           timeout=60)
     assert text.returncode == 0, text.stderr
@@ -464,4 +464,4 @@ def test_crrun_policy_is_used_later_and_crinspect_shows_the_flag(procs, sample_b
     assert task["crrun"] is True
     assert [(f["syscall"], f["time"], f["iso_time"], f["denied"], f["reason"])
             for f in task["crrun_flags"]] == \
-        [("io_uring_setup", flag["time"], iso, False, flag["reason"])]
+        [("io_uring_setup", flag.time, iso, False, flag.reason)]
