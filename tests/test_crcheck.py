@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import read_lines, require_root, trace_with_another_tracer, wait_for_line
 from test_checkpoint import assert_keeps_ticking, checkpoint
+from test_restart_unpriv import NOBODY, as_nobody, nobody_dir  # noqa: F401 (a fixture)
 
 from statefile.check import flags, support
 from statefile.control import procfs
@@ -352,7 +353,7 @@ while True:
 """
 
 
-def test_skipped_tcp_connection_is_broken_and_can_reconnect(procs, tmp_path):
+def test_skipped_tcp_connection_is_broken_and_can_reconnect(procs, tmp_path, nobody_dir):
     """What docs/SUPPORT.md says about policy 'network' (fd:socket:tcp-norepair):
     a client run and checkpointed by user 65534, who may not use TCP repair
     mode, with `--skip network`: the restarted client's connected socket is a
@@ -368,18 +369,15 @@ def test_skipped_tcp_connection_is_broken_and_can_reconnect(procs, tmp_path):
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     srv.settimeout(30)
-    shared = Path(tempfile.mkdtemp())       # where user 65534 writes its statefile
-    os.chmod(shared, 0o777)
     try:
         out = tmp_path / "c.out"
-        proc = procs.spawn(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            sys.executable, "-c", TCP_CLIENT, str(srv.getsockname()[1])],
+        proc = procs.spawn(as_nobody(sys.executable, "-c", TCP_CLIENT, srv.getsockname()[1]),
                            stdout=out, stderr=tmp_path / "c.err")
         first, _ = srv.accept()
         fd = int(wait_for_line(out, r"^ready fd=", proc=proc).split("=")[1])
         wait_for_line(out, r"^tick 3 sent$", proc=proc)
-        cr = shared / "c.cr"
-        summary = checkpoint(proc.pid, cr, "--kill", "--skip", "network", user=65534)
+        cr = nobody_dir / "c.cr"
+        summary = checkpoint(proc.pid, cr, "--kill", "--skip", "network", user=NOBODY)
         assert [s["where"] for s in summary["skipped"]] == [f"pid {proc.pid} fd {fd}"]
         proc.wait(timeout=10)
         first.close()
@@ -406,7 +404,6 @@ def test_skipped_tcp_connection_is_broken_and_can_reconnect(procs, tmp_path):
         second.close()
     finally:
         srv.close()
-        shutil.rmtree(shared, ignore_errors=True)
 
 
 # --- crcheck does not disturb the target ----------------------------------------
